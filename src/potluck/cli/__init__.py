@@ -1,0 +1,1 @@
+"""Command-line interface (thin: parse, call one library function, render, exit code)."""

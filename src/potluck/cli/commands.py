@@ -1,0 +1,212 @@
+"""User-facing subcommands."""
+
+from __future__ import annotations
+
+import click
+
+from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import emit_json, file_diff_text, human_bytes, table
+from potluck.git import attributes, setup
+from potluck.git import inspect as insp
+from potluck.git import maintenance as maint
+from potluck.git.merge_driver import resolve as resolve_conflict
+from potluck.git.repo import Repo
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+@cli.command()
+@handle_errors
+def init() -> None:
+    """Configure this git repository for potluck (idempotent, repo-local)."""
+    repo = Repo(".")
+    changed = setup.install(repo.git)
+    repo.store.root.mkdir(parents=True, exist_ok=True)
+    click.echo(f"potluck: configured {repo.root}" + (f" ({len(changed)} settings)" if changed
+                                                       else " (already configured)"))
+
+
+@cli.command()
+@click.argument("patterns", nargs=-1, required=True)
+@handle_errors
+def track(patterns: tuple[str, ...]) -> None:
+    """Track files matching PATTERNS with potluck (writes .gitattributes)."""
+    repo = Repo(".")
+    added = attributes.add_patterns(repo.root, list(patterns))
+    for p in added:
+        click.echo(f"tracking {p}")
+    if not added:
+        click.echo("already tracked")
+
+
+@cli.command()
+@click.argument("patterns", nargs=-1, required=True)
+@handle_errors
+def untrack(patterns: tuple[str, ...]) -> None:
+    """Stop tracking PATTERNS (removes their .gitattributes lines)."""
+    repo = Repo(".")
+    for p in attributes.remove_patterns(repo.root, list(patterns)):
+        click.echo(f"untracked {p}")
+
+
+@cli.command(name="ls")
+@click.argument("spec")
+@json_opt
+@handle_errors
+def ls_cmd(spec: str, as_json: bool) -> None:
+    """List tensors of FILE or FILE@REV: name, dtype, shape, bytes."""
+    repo = Repo(".")
+    path, rev = insp.split_rev(spec)
+    if rev is not None:
+        path = repo.relpath(path)
+    rows = insp.ls(repo, path, rev)
+    if as_json:
+        emit_json(rows)
+        return
+    body = [[r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "()",
+             human_bytes(r["bytes"]) if "view_of" not in r else f"view of {r['view_of']}"]
+            for r in rows]
+    click.echo(table(body, ["name", "dtype", "shape", "bytes"]))
+    click.echo(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
+
+
+@cli.command(name="diff")
+@click.argument("args", nargs=-1)
+@click.option("--no-stats", is_flag=True, help="Only names and shapes (no tensor decoding).")
+@json_opt
+@handle_errors
+def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
+    """Tensor-level diff: [REV_A [REV_B]] [-- PATHS]."""
+    argv = list(args)
+    paths: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, paths = argv[:i], argv[i + 1 :]
+    if len(argv) > 2:
+        raise click.UsageError("at most two revisions")
+    repo = Repo(".")
+    paths = [repo.relpath(p) for p in paths]
+    rev_a = argv[0] if argv else None
+    rev_b = argv[1] if len(argv) > 1 else None
+    diffs = insp.diff(repo, rev_a, rev_b, paths, stats=not no_stats)
+    if as_json:
+        emit_json([d.to_dict() for d in diffs])
+        return
+    for d in diffs:
+        click.echo(file_diff_text(d))
+
+
+@cli.command(name="log")
+@click.argument("path")
+@click.option("-n", "--max-count", type=int, default=None)
+@json_opt
+@handle_errors
+def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
+    """One summary line per commit that changed PATH."""
+    rows = insp.log(Repo("."), path, max_count)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        c = r["counts"]
+        what = "deleted" if r["deleted"] else ", ".join(
+            f"{v} {k}" for k, v in c.items() if v) or "no tensor changes"
+        click.echo(f"{r['commit'][:10]} {r['subject'][:50]:<50} {what}; "
+                   f"{human_bytes(r['changed_bytes'])} of {human_bytes(r['size'])} changed")
+
+
+@cli.command()
+@json_opt
+@handle_errors
+def du(as_json: bool) -> None:
+    """Logical bytes (full copy per version) vs bytes stored, per file and in total."""
+    rep = insp.du(Repo("."))
+    if as_json:
+        emit_json(rep)
+        return
+    rows = [[f["path"], f["versions"], human_bytes(f["logical"]), human_bytes(f["stored"])]
+            for f in rep["files"]]
+    rows.append(["TOTAL (deduplicated)", "", human_bytes(rep["logical"]),
+                 human_bytes(rep["stored"])])
+    click.echo(table(rows, ["path", "versions", "logical", "stored"]))
+    if rep["missing"]:
+        click.echo(f"{rep['missing']} referenced objects are not present locally")
+
+
+@cli.command()
+@click.option("-n", "--dry-run", is_flag=True, help="Only report what would be removed.")
+@json_opt
+@handle_errors
+def gc(dry_run: bool, as_json: bool) -> None:
+    """Delete objects no ref, reflog entry, stash, index or conflict references."""
+    rep = maint.gc(Repo("."), dry_run=dry_run)
+    if as_json:
+        emit_json(rep.__dict__)
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {rep.removed} objects ({human_bytes(rep.freed)}), kept {rep.kept}")
+
+
+@cli.command()
+@json_opt
+@handle_errors
+def fsck(as_json: bool) -> None:
+    """Re-hash every object; name each corrupt or missing object's tensors and revisions."""
+    problems = maint.fsck(Repo("."))
+    if as_json:
+        emit_json([p.to_dict() for p in problems])
+    else:
+        for p in problems:
+            click.echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
+            for u in p.uses:
+                click.echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
+        click.echo("ok: all objects verified" if not problems else
+                   f"{len(problems)} bad objects; restore them from a remote or another clone")
+    raise SystemExit(1 if problems else 0)
+
+
+@cli.command()
+@json_opt
+@handle_errors
+def status(as_json: bool) -> None:
+    """Tensor-level merge conflicts and files whose tensor data is not present."""
+    st = maint.status(Repo("."))
+    if as_json:
+        emit_json(st)
+        return
+    for c in st["conflicts"]:
+        click.echo(f"conflict: {c['path']}: {len(c['tensors'])} tensors changed on both sides")
+        for t in c["tensors"]:
+            why = c["reasons"].get(t)
+            click.echo(f"    {t}" + (f"  ({why})" if why else ""))
+        click.echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
+    for p in st["not_materialized"]:
+        click.echo(f"not materialized: {p['path']} (manifest only; "
+                   f"{p['missing_objects']} objects missing)")
+    if not st["conflicts"] and not st["not_materialized"]:
+        click.echo("potluck: nothing to report")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--take", type=click.Choice(["ours", "theirs"]), required=True)
+@click.option("--tensors", "pattern", default=None, help="Only conflicted tensors matching GLOB.")
+@handle_errors
+def resolve(path: str, take: str, pattern: str | None) -> None:
+    """Finish a tensor-level merge conflict by taking one side."""
+    repo = Repo(".")
+    left = resolve_conflict(repo, repo.relpath(path), take, pattern)
+    if left:
+        click.echo(f"{len(left)} tensors still conflicted: {', '.join(left)}")
+    else:
+        click.echo(f"resolved {path} (staged)")
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the demo repository instead of deleting it.")
+@handle_errors
+def demo(keep: bool) -> None:
+    """Run the built-in example: a tiny transformer's history versioned with potluck."""
+    from potluck.demo import main as demo_main
+
+    raise SystemExit(demo_main(keep=keep))

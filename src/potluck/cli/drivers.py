@@ -1,0 +1,84 @@
+"""Subcommands git calls: the filter process, per-file filters, diff and merge drivers.
+
+stdout of these is git's protocol channel; every log line goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import err, file_diff_text
+from potluck.errors import PotluckError
+from potluck.git import inspect as insp
+from potluck.git.filter import PotluckFilter
+from potluck.git.filter_process import serve
+from potluck.git.merge_driver import run_merge_driver
+from potluck.git.plumbing import CatFileBatch
+from potluck.git.repo import Repo
+
+
+@cli.command(name="filter-process", hidden=True)
+@handle_errors
+def filter_process() -> None:
+    """git's long-running clean/smudge filter (filter.potluck.process)."""
+    repo = Repo(".")
+    with CatFileBatch(repo.root) as batch:
+        code = serve(PotluckFilter(repo, batch), sys.stdin.buffer, sys.stdout.buffer, err)
+    sys.exit(code)
+
+
+@cli.command(name="clean", hidden=True)
+@click.argument("path", required=False, default="")
+@handle_errors
+def clean(path: str) -> None:
+    """Per-file clean filter (stdin checkpoint → stdout manifest)."""
+    repo = Repo(".")
+    with CatFileBatch(repo.root) as batch:
+        PotluckFilter(repo, batch).clean(path, sys.stdin.buffer, sys.stdout.buffer)
+
+
+@cli.command(name="smudge", hidden=True)
+@click.argument("path", required=False, default="")
+@handle_errors
+def smudge(path: str) -> None:
+    """Per-file smudge filter (stdin manifest → stdout checkpoint)."""
+    PotluckFilter(Repo(".")).smudge(path, sys.stdin.buffer, sys.stdout.buffer)
+
+
+@cli.command(name="diff-driver", hidden=True)
+@click.argument("args", nargs=-1)
+@handle_errors
+def diff_driver(args: tuple[str, ...]) -> None:
+    """git external diff: PATH OLD-FILE OLD-HEX OLD-MODE NEW-FILE NEW-HEX NEW-MODE."""
+    if len(args) < 7:
+        click.echo(f"* Unmerged path {args[0] if args else '?'}")
+        return
+    repo = Repo(".")
+    path, old_file, new_file = args[0], args[1], args[4]
+    d = insp.diff_sides(path, insp.file_side(repo, old_file), insp.file_side(repo, new_file))
+    click.echo(file_diff_text(d))
+
+
+@cli.command(name="merge-driver", hidden=True)
+@click.argument("base")
+@click.argument("ours")
+@click.argument("theirs")
+@click.argument("path")
+def merge_driver(base: str, ours: str, theirs: str, path: str) -> None:
+    """git merge driver: %O %A %B %P. Exit 0 merged, 1 conflict."""
+    try:
+        result = run_merge_driver(Repo("."), base, ours, theirs, path)
+    except PotluckError as e:
+        err(f"potluck: merge of {path} failed: {e}")
+        sys.exit(1)
+    if result.from_theirs or result.combined:
+        err(f"potluck: {path}: took {len(result.from_theirs)} tensors from theirs, "
+            f"combined {len(result.combined)}")
+    if result.conflicts:
+        err(f"potluck: CONFLICT {path}: {len(result.conflicts)} tensors changed on both sides "
+            f"(the file holds ours); see `potluck status`, finish with "
+            f"`potluck resolve {path} --take ours|theirs`")
+        sys.exit(1)

@@ -1,0 +1,260 @@
+"""``potluck demo``: a short, realistic history of a tiny transformer versioned with potluck.
+
+Runs in a fresh temporary directory with no network: builds a small numpy transformer, commits
+a dense fine-tune step, a sparse edit and a partial retrain, branches and merges, then reports
+bytes stored by potluck against a full copy per version, and the tensor-level diffs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from potluck.git.inspect import diff as diff_revs
+from potluck.git.inspect import load
+from potluck.git.repo import Repo
+
+Params = dict[str, np.ndarray]
+FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Shape of the demo transformer."""
+
+    vocab: int = 2048
+    d: int = 256
+    layers: int = 4
+    ffn: int = 1024
+    ctx: int = 64
+
+
+def init_params(cfg: TinyConfig, rng: np.random.Generator) -> Params:
+    """GPT-style parameters, N(0, 0.02) weights, unit norms."""
+    p: Params = {
+        "wte": rng.normal(0, 0.02, (cfg.vocab, cfg.d)),
+        "wpe": rng.normal(0, 0.01, (cfg.ctx, cfg.d)),
+        "ln_f.weight": np.ones(cfg.d),
+        "ln_f.bias": np.zeros(cfg.d),
+    }
+    for i in range(cfg.layers):
+        h = f"h.{i}."
+        p[h + "ln_1.weight"], p[h + "ln_1.bias"] = np.ones(cfg.d), np.zeros(cfg.d)
+        p[h + "attn.qkv.weight"] = rng.normal(0, 0.02, (cfg.d, 3 * cfg.d))
+        p[h + "attn.proj.weight"] = rng.normal(0, 0.02, (cfg.d, cfg.d))
+        p[h + "ln_2.weight"], p[h + "ln_2.bias"] = np.ones(cfg.d), np.zeros(cfg.d)
+        p[h + "mlp.fc.weight"] = rng.normal(0, 0.02, (cfg.d, cfg.ffn))
+        p[h + "mlp.proj.weight"] = rng.normal(0, 0.02, (cfg.ffn, cfg.d))
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * w + b
+
+
+def forward(p: Params, tokens: np.ndarray, heads: int = 4) -> np.ndarray:
+    """Logits of a causal transformer over ``tokens`` (1-D int array)."""
+    n = len(tokens)
+    x = p["wte"][tokens] + p["wpe"][:n]
+    mask = np.triu(np.full((n, n), -1e9, dtype=np.float32), 1)
+    layers = len({k.split(".")[1] for k in p if k.startswith("h.")})
+    for i in range(layers):
+        h = f"h.{i}."
+        a = _layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        q, k, v = np.split(a @ p[h + "attn.qkv.weight"], 3, axis=-1)
+        dh = q.shape[-1] // heads
+        q, k, v = (t.reshape(n, heads, dh).transpose(1, 0, 2) for t in (q, k, v))
+        att = q @ k.transpose(0, 2, 1) / np.sqrt(dh) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        x = x + (att @ v).transpose(1, 0, 2).reshape(n, -1) @ p[h + "attn.proj.weight"]
+        m = _layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        x = x + np.maximum(m @ p[h + "mlp.fc.weight"], 0) @ p[h + "mlp.proj.weight"]
+    x = _layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
+    return np.asarray(x @ p["wte"].T)
+
+
+def save_safetensors(p: Params, path: Path) -> None:
+    """Write ``p`` as safetensors (sorted names, F32) without the safetensors package."""
+    from potluck.formats.safetensors import build_header
+
+    names = sorted(p)
+    header = build_header([(n, "F32", tuple(p[n].shape)) for n in names], {"format": "np"})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for n in names:
+            f.write(np.ascontiguousarray(p[n], dtype="<f4").tobytes())
+    os.replace(tmp, path)
+
+
+def dense_step(p: Params, rng: np.random.Generator) -> Params:
+    """One fine-tuning step: every weight moves by a tiny relative amount."""
+    return {k: (v + 1e-3 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in p.items()}
+
+
+def sparse_edit(p: Params, rng: np.random.Generator, layer: int = 2) -> Params:
+    """A knowledge edit: 0.5 % of one MLP matrix changes (ROME-like, localised)."""
+    q = dict(p)
+    w = p[f"h.{layer}.mlp.proj.weight"].copy()
+    idx = rng.choice(w.size, size=w.size // 200, replace=False)
+    w.reshape(-1)[idx] += rng.normal(0, 0.01, idx.size).astype(np.float32)
+    q[f"h.{layer}.mlp.proj.weight"] = w
+    return q
+
+
+def retrain(p: Params, rng: np.random.Generator, prefixes: tuple[str, ...]) -> Params:
+    """Some tensors retrained from scratch (new values, same shapes)."""
+    return {k: (rng.normal(0, 0.02, v.shape).astype(np.float32)
+                if k.startswith(prefixes) and v.ndim == 2 else v) for k, v in p.items()}
+
+
+class _Shell:
+    """Runs git in the demo repository, with potluck's scripts on PATH."""
+
+    def __init__(self, root: Path, log: Callable[[str], None]) -> None:
+        self.root = root
+        self.log = log
+        bindir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                        GIT_AUTHOR_NAME="potluck demo", GIT_AUTHOR_EMAIL="demo@potluck.invalid",
+                        GIT_COMMITTER_NAME="potluck demo",
+                        GIT_COMMITTER_EMAIL="demo@potluck.invalid")
+
+    def __call__(self, *args: str) -> str:
+        r = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+        return r.stdout
+
+
+def _store_bytes(root: Path) -> int:
+    objects = root / ".git" / "potluck" / "objects"
+    return sum(p.stat().st_size for p in objects.rglob("*") if p.is_file())
+
+
+@dataclass
+class Row:
+    """One commit of the demo history."""
+
+    label: str
+    logical: int
+    stored_growth: int
+    seconds: float
+
+
+def _commit(sh: _Shell, p: Params, label: str, rows: list[Row]) -> str:
+    before = _store_bytes(sh.root)
+    t0 = time.perf_counter()
+    save_safetensors(p, sh.root / FILE)
+    sh("git", "add", FILE)
+    sh("git", "commit", "-q", "-m", label)
+    rows.append(Row(label, (sh.root / FILE).stat().st_size, _store_bytes(sh.root) - before,
+                    time.perf_counter() - t0))
+    return sh("git", "rev-parse", "HEAD").strip()
+
+
+def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) -> dict[str, object]:
+    """Run the demo; returns the numbers it printed (for tests)."""
+    rng = np.random.default_rng(0)
+    root = Path(workdir or tempfile.mkdtemp(prefix="potluck-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    sh = _Shell(root, log)
+    sh("git", "init", "-q", "-b", "main")
+    sh("potluck", "init")
+    sh("potluck", "track", "*.safetensors")
+    sh("git", "add", ".gitattributes")
+    sh("git", "commit", "-q", "-m", "track checkpoints with potluck")
+    rows: list[Row] = []
+    p0 = init_params(TinyConfig(), rng)
+    tokens = rng.integers(0, TinyConfig().vocab, 32)
+    revs = {"v1": _commit(sh, p0, "v1: pre-trained base", rows)}
+    p1 = dense_step(p0, rng)
+    revs["v2"] = _commit(sh, p1, "v2: dense fine-tune step", rows)
+    p2 = sparse_edit(p1, rng)
+    revs["v3"] = _commit(sh, p2, "v3: sparse knowledge edit (0.5% of one matrix)", rows)
+    sh("git", "switch", "-q", "-c", "embeddings")
+    revs["emb"] = _commit(sh, retrain(p2, rng, ("wte", "wpe")),
+                          "branch: embeddings retrained", rows)
+    sh("git", "switch", "-q", "main")
+    p3 = retrain(p2, rng, ("h.3.",))
+    revs["v4"] = _commit(sh, p3, "v4: last layer retrained", rows)
+    t0 = time.perf_counter()
+    sh("git", "merge", "-q", "--no-edit", "embeddings")
+    merged = load(str(root / FILE))
+    rows.append(Row("merge of branch 'embeddings' (git merge)", (root / FILE).stat().st_size,
+                    0, time.perf_counter() - t0))
+    return _report(sh, rows, revs, merged, p3, tokens, log)
+
+
+def _check_merge(merged: Params, main: Params, branch: Params) -> bool:
+    """The merge took embeddings from the branch and everything else from main, exactly."""
+    return all(np.array_equal(merged[k], branch[k] if k in ("wte", "wpe") else main[k])
+               for k in main)
+
+
+def _report(sh: _Shell, rows: list[Row], revs: dict[str, str], merged: Params, main: Params,
+            tokens: np.ndarray, log: Callable[[str], None]) -> dict[str, object]:
+    repo = Repo(sh.root)
+    branch = load(str(sh.root / FILE), rev="embeddings")
+    ok = _check_merge(merged, main, branch)
+    old = load(str(sh.root / FILE), rev=revs["v1"])
+    sh("git", "checkout", "-q", revs["v1"], "--", FILE)
+    same = np.array_equal(forward(load(str(sh.root / FILE)), tokens), forward(old, tokens))
+    sh("git", "checkout", "-q", "HEAD", "--", FILE)
+    full = sum(r.logical for r in rows[:-1])
+    stored = sum(r.stored_growth for r in rows)
+    log(f"potluck demo in {sh.root}\n")
+    log(f"{'commit':<50} {'file MiB':>9} {'stored MiB':>11} {'stored %':>9} {'s':>6}")
+    for r in rows:
+        log(f"{r.label:<50} {r.logical / 2**20:>9.2f} {r.stored_growth / 2**20:>11.2f} "
+            f"{100 * r.stored_growth / r.logical:>8.1f}% {r.seconds:>6.2f}")
+    log(f"{'TOTAL: full copy per version vs potluck':<50} {full / 2**20:>9.2f} "
+        f"{stored / 2**20:>11.2f} {100 * stored / full:>8.1f}%\n")
+    for a, b in (("v1", "v2"), ("v2", "v3"), ("v3", "v4"), ("v4", "HEAD")):
+        ra, rb = revs[a], revs.get(b, b)
+        log(f"$ potluck diff {a} {b}")
+        for d in diff_revs(repo, ra, rb, []):
+            _log_diff(d, log)
+    log(f"merge kept both sides' tensors exactly: {ok}")
+    log(f"checkout of v1 reproduces v1's logits exactly: {same}")
+    return {"rows": rows, "full": full, "stored": stored, "merge_ok": ok, "checkout_ok": same,
+            "root": str(sh.root)}
+
+
+def _log_diff(d: object, log: Callable[[str], None]) -> None:
+    from potluck.git.inspect import FileDiff
+
+    assert isinstance(d, FileDiff)
+    shown = d.changes[:4]
+    for c in shown:
+        s = c.stats
+        extra = (f" ‖Δ‖/‖W‖={s.rel:.2e} changed={100 * s.frac_changed:.2f}%" if s else "")
+        log(f"  {c.status:<8} {c.name:<24} {c.new or c.old}{extra}")
+    if len(d.changes) > len(shown):
+        log(f"  … and {len(d.changes) - len(shown)} more changed tensors")
+    log(f"  ({d.unchanged} tensors unchanged)")
+
+
+def main(keep: bool = False) -> int:
+    """Entry point of ``potluck demo``."""
+    t0 = time.perf_counter()
+    res = run_demo()
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s")
+    if not keep:
+        shutil.rmtree(str(res["root"]), ignore_errors=True)
+    else:
+        print(f"repository kept at {res['root']}")
+    return 0 if res["merge_ok"] and res["checkout_ok"] else 1

@@ -1,0 +1,63 @@
+"""Checkpoint formats: detect a file's format and describe it as segments (see ``base``).
+
+Built in: ``safetensors``, ``pytorch`` (``torch.save`` zip files) and ``npz``. Third-party formats
+register through the ``potluck.formats`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from potluck.errors import FormatError
+from potluck.formats.base import CheckpointFormat, Layout
+from potluck.formats.npz import NpzFormat
+from potluck.formats.safetensors import SafetensorsFormat
+from potluck.formats.torch_zip import TorchZipFormat
+from potluck.registry import Registry
+
+__all__ = [
+    "FORMATS",
+    "NpzFormat",
+    "SafetensorsFormat",
+    "TorchZipFormat",
+    "detect",
+    "scan_file",
+]
+
+#: Bytes of a file's beginning that ``sniff`` gets to see.
+HEAD_SIZE = 4096
+
+FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", "potluck.formats")
+FORMATS.register("safetensors", SafetensorsFormat())
+FORMATS.register("pytorch", TorchZipFormat())
+FORMATS.register("npz", NpzFormat())
+
+
+def detect(head: bytes, size: int) -> CheckpointFormat | None:
+    """The first registered format whose ``sniff`` accepts the file, or None.
+
+    Built-ins are tried in the order safetensors, pytorch, npz; plugins after them.
+    """
+    for _name, fmt in FORMATS.items():
+        try:
+            if fmt.sniff(head, size):
+                return fmt
+        except Exception:  # a sniff must not raise; a broken plugin just does not match
+            continue
+    return None
+
+
+def scan_file(path: str | os.PathLike[str]) -> Layout:
+    """Detect the format of the file at ``path`` and scan it."""
+    with Path(path).open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEAD_SIZE)
+        fmt = detect(head, size)
+        if fmt is None:
+            raise FormatError(
+                f"{path}: not a checkpoint potluck knows (safetensors, PyTorch zip, npz)",
+                hint="track only checkpoint files, or add a format plugin",
+            )
+        f.seek(0)
+        return fmt.scan(f, size)

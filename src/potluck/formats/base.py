@@ -1,0 +1,125 @@
+"""The checkpoint-format plugin interface.
+
+A format never loads tensor data. It reads a file's small structural parts (headers, zip
+directories, pickles) and describes the whole file as an ordered list of byte *segments* that
+exactly tile it: ``RawSegment`` (structure: headers, padding, pickles; stored verbatim) and
+``TensorSegment`` (the little-endian bytes of one tensor or storage). Concatenating the segments'
+bytes in order gives the file back byte for byte, which is how potluck reproduces checkpoints
+exactly. ``View`` records describe tensors that live inside a shared storage (PyTorch views,
+tied weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from potluck.errors import FormatError
+
+
+@dataclass(frozen=True)
+class RawSegment:
+    """Bytes ``[offset, offset+length)`` of the file, kept verbatim."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorSegment:
+    """Bytes ``[offset, offset+length)`` hold the tensor ``name`` (little-endian, C order)."""
+
+    offset: int
+    length: int
+    name: str
+    dtype: str  # canonical name, see potluck.tensors.dtypes
+    shape: tuple[int, ...]
+
+
+Segment = RawSegment | TensorSegment
+
+
+@dataclass(frozen=True)
+class View:
+    """A tensor that is a strided view into the storage held by the segment named ``storage``.
+
+    ``offset`` and ``stride`` are in elements of ``dtype``, as in PyTorch.
+    """
+
+    name: str
+    storage: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a format found in a file: its name, total size, segments and views."""
+
+    format: str
+    size: int
+    segments: tuple[Segment, ...]
+    views: tuple[View, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def tensor_segments(self) -> list[TensorSegment]:
+        """Only the tensor segments, in file order."""
+        return [s for s in self.segments if isinstance(s, TensorSegment)]
+
+
+class CheckpointFormat(Protocol):
+    """A checkpoint file format (safetensors, PyTorch zip, npz, …)."""
+
+    name: str
+    #: True when ``scan`` needs to seek anywhere in the file (zip central directory at the end);
+    #: False when it reads only a prefix and tensor data follows in segment order (safetensors).
+    needs_random_access: bool
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """True if a file starting with ``head`` (first ≤ 4096 bytes) and of ``size`` bytes is
+        in this format. Must be cheap and must not raise."""
+        ...
+
+    def scan(self, f: BinaryIO, size: int) -> Layout:
+        """Describe the file open as ``f`` (positioned at 0) of ``size`` bytes.
+
+        Raises ``FormatError`` with a precise message on anything malformed: truncated data,
+        header lengths past the end, overlapping or out-of-order tensors, unknown dtypes,
+        pickles that would need code execution. Must not read tensor data when
+        ``needs_random_access`` is False (it reads only up to the first tensor's offset).
+        """
+        ...
+
+
+def check_tiling(fmt: str, size: int, segments: list[Segment]) -> tuple[Segment, ...]:
+    """Validate that ``segments`` tile ``[0, size)`` exactly, in order; merge adjacent raw ones.
+
+    Zero-length raw segments are dropped. Raises ``FormatError`` on a gap or an overlap.
+    """
+    out: list[Segment] = []
+    pos = 0
+    for seg in segments:
+        if seg.offset != pos:
+            kind = "overlaps" if seg.offset < pos else "leaves a gap before"
+            raise FormatError(
+                f"{fmt}: segment at byte {seg.offset} {kind} byte {pos}",
+                hint="the file is malformed (overlapping or out-of-range offsets)",
+            )
+        if seg.length < 0:
+            raise FormatError(f"{fmt}: negative length at byte {seg.offset}")
+        pos += seg.length
+        if isinstance(seg, RawSegment):
+            if seg.length == 0:
+                continue
+            if out and isinstance(out[-1], RawSegment):
+                prev = out.pop()
+                seg = RawSegment(prev.offset, prev.length + seg.length)
+        out.append(seg)
+    if pos != size:
+        raise FormatError(
+            f"{fmt}: segments end at byte {pos} but the file has {size} bytes",
+            hint="the file is truncated or has trailing data the format does not describe",
+        )
+    return tuple(out)

@@ -1,0 +1,243 @@
+"""The safetensors format: ``u64 N`` + ``N`` bytes of JSON header + tensor data.
+
+Layout: one raw segment for the length prefix and header, then one tensor segment per tensor in
+data-offset order. Only the header is read; tensor data is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any, BinaryIO
+
+from potluck.errors import FormatError
+from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment, check_tiling
+from potluck.tensors.dtypes import dtype_names, itemsize
+
+#: The safetensors library refuses headers larger than this (100 MB).
+MAX_HEADER_SIZE = 100_000_000
+
+#: Rank of each dtype in the safetensors library's ``Dtype`` enum (increasing alignment). The
+#: library writes tensors sorted by descending rank, then by name. ``C128`` is not a safetensors
+#: dtype; potluck places it last (largest alignment).
+_DTYPE_RANK: dict[str, int] = {
+    name: rank
+    for rank, name in enumerate(
+        [
+            "BOOL",
+            "U8",
+            "I8",
+            "F8_E5M2",
+            "F8_E4M3",
+            "F8_E8M0",
+            "F8_E4M3FNUZ",
+            "F8_E5M2FNUZ",
+            "I16",
+            "U16",
+            "F16",
+            "BF16",
+            "I32",
+            "U32",
+            "F32",
+            "C64",
+            "F64",
+            "I64",
+            "U64",
+            "C128",
+        ]
+    )
+}
+
+_FMT = "safetensors"
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise FormatError(
+            f"{_FMT}: file ends after {len(data)} of the {n} bytes of the {what}",
+            hint="the file is truncated; re-download or re-save it",
+        )
+    return data
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """Validate one header entry; return ``(dtype, shape, begin, end)``."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{_FMT}: header entry for tensor {name!r} is not an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_RANK:
+        raise FormatError(
+            f"{_FMT}: tensor {name!r} has unknown dtype {dtype!r}",
+            hint=f"known dtypes: {', '.join(dtype_names())}",
+        )
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{_FMT}: tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise FormatError(f"{_FMT}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * itemsize(dtype)
+    if end - begin != expected:
+        raise FormatError(
+            f"{_FMT}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes "
+            f"but its data_offsets [{begin}, {end}] span {end - begin}",
+            hint="the header is inconsistent; the file is corrupt",
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _parse_metadata(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise FormatError(f"{_FMT}: __metadata__ must map strings to strings")
+    return dict(value)
+
+
+def _decode_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(
+            f"{_FMT}: header is not valid UTF-8 JSON ({exc})",
+            hint="the file is corrupt or not a safetensors file",
+        ) from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{_FMT}: header is not a JSON object")
+    return header
+
+
+def _tensor_segments(header: dict[str, Any], data_start: int, size: int) -> list[TensorSegment]:
+    """Tensor segments in offset order, checking they cover the data region exactly."""
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end = _parse_entry(name, entry)
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    pos = 0
+    out: list[TensorSegment] = []
+    for begin, end, name, dtype, shape in entries:
+        if begin < pos:
+            raise FormatError(
+                f"{_FMT}: tensor {name!r} at data offset {begin} is overlapping the "
+                f"previous tensor, which ends at {pos}",
+                hint="the header is corrupt (overlapping data_offsets)",
+            )
+        if begin > pos:
+            raise FormatError(
+                f"{_FMT}: {begin - pos} bytes before tensor {name!r} belong to no tensor",
+                hint="the header is corrupt (a gap between data_offsets)",
+            )
+        out.append(TensorSegment(data_start + begin, end - begin, name, dtype, shape))
+        pos = end
+    if data_start + pos > size:
+        raise FormatError(
+            f"{_FMT}: tensor data ends at byte {data_start + pos} but the file has only "
+            f"{size} bytes (truncated data)",
+            hint="the file is truncated; re-download or re-save it",
+        )
+    if data_start + pos < size:
+        raise FormatError(
+            f"{_FMT}: {size - data_start - pos} trailing bytes after the last tensor",
+            hint="the file has data its header does not describe",
+        )
+    return out
+
+
+class SafetensorsFormat:
+    """Hugging Face safetensors files."""
+
+    name: str = "safetensors"
+    needs_random_access: bool = False
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """8-byte header length ``N`` with ``8 + N <= size``, followed by ``{``."""
+        if len(head) < 9:
+            return False
+        (n,) = struct.unpack_from("<Q", head)
+        return 2 <= n < MAX_HEADER_SIZE and 8 + n <= size and head[8:9] == b"{"
+
+    def scan(self, f: BinaryIO, size: int) -> Layout:
+        """Read the header (only) and describe the file."""
+        (n,) = struct.unpack("<Q", _read_exact(f, 8, "header length"))
+        if n > MAX_HEADER_SIZE:
+            raise FormatError(
+                f"{_FMT}: header length {n} is larger than the {MAX_HEADER_SIZE}-byte limit",
+                hint="the file is corrupt or not a safetensors file",
+            )
+        if 8 + n > size:
+            raise FormatError(
+                f"{_FMT}: header length {n} runs past the end of the {size}-byte file",
+                hint="the file is truncated or not a safetensors file",
+            )
+        header = _decode_header(_read_exact(f, n, "header"))
+        metadata = _parse_metadata(header["__metadata__"]) if "__metadata__" in header else {}
+        segments: list[Segment] = [RawSegment(0, 8 + n)]
+        segments.extend(_tensor_segments(header, 8 + n, size))
+        return Layout(_FMT, size, check_tiling(_FMT, size, segments), metadata=metadata)
+
+
+def canonical_order(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]],
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Order ``(name, dtype, shape)`` triples the way the safetensors library writes them.
+
+    The library (``safetensors.serialize``, used by ``safetensors.numpy.save``/``torch.save_file``)
+    sorts tensors by *descending* dtype rank in its ``Dtype`` enum (which lists dtypes in
+    increasing alignment: BOOL, U8, I8, F8_*, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64,
+    U64), then by name (byte-wise, which equals code-point order). Writing data in this order
+    keeps every tensor aligned to its item size.
+    """
+    items = list(tensors)
+    for name, dtype, _ in items:
+        if dtype not in _DTYPE_RANK:
+            raise FormatError(f"{_FMT}: tensor {name!r} has unknown dtype {dtype!r}")
+    return sorted(items, key=lambda t: (-_DTYPE_RANK[t[1]], t[0]))
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> bytes:
+    """The complete safetensors prefix (8-byte length + padded JSON) for ``tensors`` in order.
+
+    ``tensors`` are ``(name, dtype, shape)``; their data is laid out back to back in the given
+    order. The JSON is compact, non-ASCII characters are written as UTF-8, and it is padded with
+    spaces to a multiple of 8 bytes — byte for byte what the safetensors library writes when the
+    tensors are given in ``canonical_order``. ``__metadata__`` comes first, keys in the mapping's
+    order (the library writes them in hash order, so files with several metadata keys match
+    only up to that order).
+    """
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in tensors:
+        if name in header:
+            raise FormatError(f"{_FMT}: tensor name {name!r} is used twice or is reserved")
+        if dtype not in _DTYPE_RANK:
+            raise FormatError(f"{_FMT}: tensor {name!r} has unknown dtype {dtype!r}")
+        length = math.prod(shape) * itemsize(dtype)
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + length],
+        }
+        offset += length
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw

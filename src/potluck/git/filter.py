@@ -1,0 +1,63 @@
+"""git's clean/smudge for potluck: bytes in, bytes out (the protocol lives in filter_process)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import BinaryIO
+
+from potluck.errors import FormatError
+from potluck.git.plumbing import CatFileBatch
+from potluck.git.repo import Repo
+from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
+from potluck.ops.materialize import write_file
+from potluck.ops.snapshot import snapshot
+
+COPY = 1 << 20
+
+
+class PotluckFilter:
+    """Clean (checkpoint → manifest, objects stored) and smudge (manifest → checkpoint)."""
+
+    def __init__(self, repo: Repo, batch: CatFileBatch | None = None) -> None:
+        self.repo = repo
+        self.batch = batch
+
+    def _previous(self, pathname: str) -> Manifest | None:
+        """The manifest last staged for this path: its tensors are the delta bases."""
+        blob = self.batch.get(f":{pathname}") if self.batch else None
+        if blob is None:
+            blob = self.batch.get(f"HEAD:{pathname}") if self.batch else None
+        if blob is None or not is_manifest(blob):
+            return None
+        try:
+            return parse(blob)
+        except FormatError:
+            return None
+
+    def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
+        head = src.read(len(MAGIC))
+        if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
+            dst.write(head)
+            shutil.copyfileobj(src, dst, COPY)
+            return
+        with tempfile.TemporaryFile(dir=self.repo.tmp_dir) as spill:
+            spill.write(head)
+            shutil.copyfileobj(src, spill, COPY)
+            size = spill.tell()
+            spill.seek(0)
+            manifest, _ = snapshot(
+                spill, size, self.repo.odb, self._previous(pathname), name=pathname
+            )
+        dst.write(dumps(manifest))
+
+    def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """Write the checkpoint whose manifest is read from ``src`` to ``dst``."""
+        head = src.read(len(MAGIC))
+        if not is_manifest(head):  # committed before it was tracked: pass through
+            dst.write(head)
+            shutil.copyfileobj(src, dst, COPY)
+            return
+        manifest = parse(head + src.read())
+        write_file(manifest, self.repo.odb, dst, path=pathname)

@@ -1,0 +1,169 @@
+"""Git's long-running filter process protocol (gitattributes(5), "Long Running Filter Process").
+
+``serve`` speaks protocol version 2 with the ``clean`` and ``smudge`` capabilities (never
+``delay``). Each request's content is streamed to the handler through a ``PacketReader``; the
+handler's output is spooled (in memory up to 64 MiB, then on disk) so that a failure can still
+be reported as ``status=error`` instead of half-sent content. stdout is the protocol channel:
+nothing but packets is ever written to it; diagnostics go through ``log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO, Protocol, cast
+
+from potluck.errors import PotluckError
+from potluck.git.pktline import (
+    MAX_DATA,
+    PacketReader,
+    PacketWriter,
+    read_key_values,
+    read_text_list,
+    write_flush,
+    write_text,
+    write_text_list,
+)
+
+SPOOL_MAX_MEMORY = 64 * 1024 * 1024
+IO_BUFFER = 1 << 20
+CAPABILITIES = ("clean", "smudge")
+
+
+class FilterHandler(Protocol):
+    """What the filter does to one file's content."""
+
+    def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """Turn worktree content (``src``) into the blob git stores (written to ``dst``)."""
+
+    def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """Turn a stored blob (``src``) into worktree content (written to ``dst``)."""
+
+
+class ProtocolError(PotluckError):
+    """Git sent something this filter does not understand."""
+
+
+def _stderr_log(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def handshake(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Perform the version and capability negotiation; raise ``ProtocolError`` on mismatch."""
+    hint = "this git is too old or too new for potluck's filter; use git >= 2.11"
+    welcome = read_text_list(stdin)
+    if not welcome or welcome[0] != "git-filter-client":
+        raise ProtocolError(f"unexpected filter handshake {welcome!r}", hint=hint)
+    if "version=2" not in welcome[1:]:
+        raise ProtocolError(f"git offers filter protocol {welcome[1:]!r}, need 2", hint=hint)
+    write_text_list(stdout, ["git-filter-server", "version=2"])
+    stdout.flush()
+    offered = {line.removeprefix("capability=") for line in read_text_list(stdin)}
+    ours = [c for c in CAPABILITIES if c in offered]
+    if not ours:
+        raise ProtocolError(f"git offers no usable filter capability: {offered!r}", hint=hint)
+    write_text_list(stdout, [f"capability={c}" for c in ours])
+    stdout.flush()
+
+
+def _send_success(stdout: BinaryIO, spool: BinaryIO) -> None:
+    """Send ``status=success``, the spooled content, and the trailing flushes."""
+    spool.seek(0)
+    write_text(stdout, "status=success")
+    write_flush(stdout)
+    with PacketWriter(stdout) as writer:
+        shutil.copyfileobj(spool, writer, 16 * MAX_DATA)
+    write_flush(stdout)  # end of content
+    write_flush(stdout)  # empty list: keep status=success
+    stdout.flush()
+
+
+def _send_error(stdout: BinaryIO) -> None:
+    write_text(stdout, "status=error")
+    write_flush(stdout)
+    stdout.flush()
+
+
+def _handle(
+    handler: FilterHandler,
+    request: dict[str, str],
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    log: Callable[[str], None],
+) -> None:
+    """Answer one request (its key/values already read)."""
+    command = request.get("command", "")
+    pathname = request.get("pathname", "")
+    if command not in CAPABILITIES:
+        log(f"potluck filter: unsupported command {command!r} for {pathname!r}")
+        _send_error(stdout)
+        return
+    src = PacketReader(stdin)
+    action = handler.clean if command == "clean" else handler.smudge
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_MEMORY) as spool:
+        dst = cast(BinaryIO, spool)
+        try:
+            action(pathname, cast(BinaryIO, src), dst)
+        except Exception as e:  # report any handler failure to git, then keep serving
+            src.drain()  # re-raises EOFError / framing errors when the stream itself broke
+            detail = str(e) if isinstance(e, PotluckError) else f"{type(e).__name__}: {e}"
+            log(f"potluck {command} failed for {pathname}: {detail}")
+            _send_error(stdout)
+            return
+        src.drain()
+        _send_success(stdout, dst)
+
+
+def serve(
+    handler: FilterHandler,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    log: Callable[[str], None] = _stderr_log,
+) -> int:
+    """Run the filter protocol until git closes ``stdin``; return the process exit code.
+
+    ``stdin``/``stdout`` should be buffered binary streams (see ``serve_stdio``). Handler
+    exceptions are reported to git as ``status=error`` and logged; serving continues.
+    """
+    try:
+        handshake(stdin, stdout)
+    except EOFError:
+        log("potluck filter: git closed the pipe during the handshake")
+        return 1
+    except PotluckError as e:
+        log(f"potluck filter: {e}")
+        return 1
+    while True:
+        try:
+            request = read_key_values(stdin)
+        except EOFError:
+            return 0
+        try:
+            _handle(handler, request, stdin, stdout, log)
+        except EOFError:
+            log("potluck filter: git closed the pipe in the middle of a request")
+            return 1
+        except BrokenPipeError:
+            log("potluck filter: git stopped reading the filter's output")
+            return 1
+        except PotluckError as e:  # broken framing: the stream cannot be resynchronised
+            log(f"potluck filter: {e}")
+            return 1
+
+
+def serve_stdio(handler: FilterHandler, log: Callable[[str], None] = _stderr_log) -> int:
+    """``serve`` on file descriptors 0 and 1 with large buffers.
+
+    Nothing else in the process may write to stdout (``print`` would corrupt the protocol).
+    """
+    stdin = open(0, "rb", buffering=IO_BUFFER, closefd=False)  # noqa: SIM115
+    stdout = open(1, "wb", buffering=IO_BUFFER, closefd=False)  # noqa: SIM115
+    try:
+        return serve(handler, stdin, stdout, log)
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stdout.flush()

@@ -1,0 +1,218 @@
+"""Read-only use cases over a repository: load, ls, diff, log, du."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.formats import scan_stream
+from potluck.git.repo import Repo, open_worktree_file
+from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
+from potluck.ops.diff import TensorChange, diff_manifests, unchanged_count
+from potluck.ops.filesource import read_tensors
+from potluck.ops.materialize import load_tensors, missing_objects
+from potluck.ops.snapshot import scan_manifest
+
+Loader = Callable[[str], np.ndarray]
+WORKTREE = None  # rev value meaning "the work tree"
+
+
+@dataclass
+class Side:
+    """One version of a file: its manifest and a way to load its tensors."""
+
+    manifest: Manifest | None
+    load: Loader | None
+
+
+def split_rev(spec: str) -> tuple[str, str | None]:
+    """``model.safetensors@v1`` → (path, rev); a path without ``@`` has rev None."""
+    if "@" in spec:
+        path, rev = spec.rsplit("@", 1)
+        if path and rev:
+            return path, rev
+    return spec, None
+
+
+def side(repo: Repo, path: str, rev: str | None) -> Side:
+    """The file ``path`` at ``rev`` (None = work tree, "" = index)."""
+    if rev is not None:
+        m = repo.manifest_at(rev, path)
+        if m is None:
+            return Side(None, None)
+        return Side(m, lambda n, m=m: load_tensors(m, repo.odb, [n])[n])
+    full = repo.root / path
+    if not full.exists():
+        return Side(None, None)
+    with open(full, "rb") as f:
+        head = f.read(len(MAGIC))
+        if is_manifest(head):
+            m = parse(head + f.read())
+            return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
+        size = full.stat().st_size
+        m = scan_manifest(f, size, name=path)
+    return Side(m, lambda n: _load_from_file(repo, path, [n])[n])
+
+
+def file_side(repo: Repo, file: str) -> Side:
+    """A side from any file on disk: a manifest, a checkpoint, or /dev/null (absent)."""
+    if file == "/dev/null":
+        return Side(None, None)
+    with open(file, "rb") as f:
+        head = f.read(len(MAGIC))
+        if is_manifest(head):
+            m = parse(head + f.read())
+            return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
+        f.seek(0, 2)
+        size = f.tell()
+        m = scan_manifest(f, size, name=file)
+
+    def loader(n: str) -> np.ndarray:
+        with open(file, "rb") as g:
+            return read_tensors(g, scan_stream(g, size, name=file), [n])[n]
+
+    return Side(m, loader)
+
+
+def _load_from_file(repo: Repo, path: str, names: list[str] | None) -> dict[str, np.ndarray]:
+    with open_worktree_file(repo, path) as (f, size):
+        layout = scan_stream(f, size, name=path)
+        return read_tensors(f, layout, names)
+
+
+def load(
+    path: str, rev: str | None = None, names: list[str] | None = None, *, cwd: str = "."
+) -> dict[str, np.ndarray]:
+    """Tensors of ``path`` (work tree, or ``rev``), decoding only ``names`` when given."""
+    repo = Repo(cwd)
+    rel = repo.relpath(path)
+    if rev is None:
+        full = repo.root / rel
+        with open(full, "rb") as f:
+            if not is_manifest(f.read(len(MAGIC))):
+                return _load_from_file(repo, rel, names)
+        m = parse(full.read_bytes())
+    else:
+        found = repo.manifest_at(rev, rel)
+        if found is None:
+            raise UserError(f"{rel} does not exist at {rev}")
+        m = found
+    return load_tensors(m, repo.odb, names)
+
+
+def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
+    """Rows (name, dtype, shape, bytes) of the tensors of a file."""
+    s = side(repo, repo.relpath(path) if rev is None else path, rev)
+    if s.manifest is None:
+        raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
+    rows = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
+            for e in s.manifest.tensors().values()]
+    rows += [{"name": v.name, "dtype": v.dtype, "shape": list(v.shape), "bytes": 0,
+              "view_of": v.storage} for v in s.manifest.views]
+    return rows
+
+
+@dataclass
+class FileDiff:
+    """Changes of one file between two versions."""
+
+    path: str
+    changes: list[TensorChange]
+    unchanged: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return {"path": self.path, "unchanged": self.unchanged,
+                "changes": [c.to_dict() for c in self.changes]}
+
+
+def diff_sides(path: str, a: Side, b: Side, stats: bool = True) -> FileDiff:
+    """Tensor-level diff between two versions of one file."""
+    changes = diff_manifests(a.manifest, b.manifest, a.load if stats else None,
+                             b.load if stats else None)
+    return FileDiff(path, changes, unchanged_count(a.manifest, b.manifest))
+
+
+def tracked_paths(repo: Repo, rev: str | None, paths: list[str]) -> list[str]:
+    """Files under potluck's filter at ``rev`` (or in the index), limited to ``paths``."""
+    files = (repo.git.ls_files(*paths) if rev is None
+             else [p for p, _ in repo.git.list_blobs(rev, paths or None)])
+    if not files:
+        return []
+    return [p for p in files if repo.git.check_attr("filter", p) == "potluck"]
+
+
+def diff(repo: Repo, rev_a: str | None, rev_b: str | None, paths: list[str],
+         stats: bool = True) -> list[FileDiff]:
+    """``potluck diff``: no revs = index vs work tree; one = rev vs work tree; two = a vs b."""
+    a_rev = "" if rev_a is None else rev_a
+    names = sorted(set(tracked_paths(repo, rev_a, paths)) | set(tracked_paths(repo, rev_b, paths)))
+    out = []
+    for p in names:
+        d = diff_sides(p, side(repo, p, a_rev), side(repo, p, rev_b), stats)
+        if d.changes:
+            out.append(d)
+    return out
+
+
+def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, Any]]:
+    """One summary per commit that changed ``path``: tensors added/removed/changed, bytes."""
+    rel = repo.relpath(path)
+    rows = []
+    for commit, subject, blob in repo.git.log_path(rel, max_count):
+        cur = parse(blob_bytes) if (blob_bytes := repo.git.show_blob(blob) if blob else None) and \
+            is_manifest(blob_bytes) else None
+        parent = repo.git.rev_parse(f"{commit}^")
+        prev = repo.manifest_at(parent, rel) if parent else None
+        changes = diff_manifests(prev, cur)
+        counts = {k: sum(1 for c in changes if c.status == k)
+                  for k in ("added", "removed", "changed", "reshaped", "retyped")}
+        changed_bytes = sum(e.size for n, e in (cur.tensors().items() if cur else [])
+                            if any(c.name == n for c in changes))
+        rows.append({"commit": commit, "subject": subject, "deleted": cur is None,
+                     "counts": counts, "changed_bytes": changed_bytes,
+                     "size": cur.size if cur else 0})
+    return rows
+
+
+def du(repo: Repo) -> dict[str, Any]:
+    """Logical bytes (a full copy per version) vs stored bytes, per path and in total."""
+    per_path: dict[str, dict[str, Any]] = {}
+    seen_blobs: set[str] = set()
+    all_oids: set[str] = set()
+    for blob, path in repo.git.reachable_blobs(None):
+        if blob in seen_blobs:
+            continue
+        seen_blobs.add(blob)
+        data = repo.git.show_blob(blob)
+        if data is None or not is_manifest(data):
+            continue
+        m = parse(data)
+        row = per_path.setdefault(path, {"versions": 0, "logical": 0, "oids": set()})
+        row["versions"] += 1
+        row["logical"] += m.size
+        row["oids"].update(m.oids())
+        all_oids.update(m.oids())
+    sizes = {o: repo.store.stored_size(o) for o in all_oids if repo.store.has(o)}
+    files = []
+    for path, row in sorted(per_path.items()):
+        stored = sum(sizes.get(o, 0) for o in row["oids"])
+        files.append({"path": path, "versions": row["versions"], "logical": row["logical"],
+                      "stored": stored})
+    return {"files": files, "logical": sum(f["logical"] for f in files),
+            "stored": sum(sizes.values()), "objects": len(sizes),
+            "missing": len(all_oids) - len(sizes)}
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """True when ``name`` matches any glob in ``patterns`` (or there are none)."""
+    return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+__all__ = ["FileDiff", "Side", "diff", "du", "load", "log", "ls", "missing_objects", "side",
+           "split_rev"]

@@ -1,0 +1,146 @@
+"""Repository maintenance: reachability, ``gc``, ``fsck`` and ``status``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError
+from potluck.git.merge_driver import load_records
+from potluck.git.repo import Repo
+from potluck.objects.manifest import Manifest, TensorEntry, is_manifest, parse
+
+
+def reachable_manifests(repo: Repo) -> dict[str, tuple[str, Manifest]]:
+    """blob id → (path, manifest) for every manifest reachable from refs, reflogs, stash and
+    the index, plus the sides of unresolved merge conflicts (keyed ``merge:<path>:<side>``)."""
+    out: dict[str, tuple[str, Manifest]] = {}
+    for blob, path in repo.git.reachable_blobs(None):
+        if blob in out:
+            continue
+        data = repo.git.show_blob(blob)
+        if data is not None and is_manifest(data):
+            out[blob] = (path, parse(data))
+    for rec in load_records(repo):
+        for name, m in (("base", rec.base), ("ours", rec.ours), ("theirs", rec.theirs)):
+            if m is not None:
+                out[f"merge:{rec.path}:{name}"] = (rec.path, m)
+    return out
+
+
+def live_objects(repo: Repo, manifests: dict[str, tuple[str, Manifest]]) -> set[str]:
+    """Objects the manifests need, closed over delta bases."""
+    live: set[str] = set()
+    todo = [o for _, m in manifests.values() for o in m.oids()]
+    while todo:
+        oid = todo.pop()
+        if oid in live:
+            continue
+        live.add(oid)
+        if repo.store.has(oid):
+            try:
+                base = repo.odb.header(oid).base_oid
+            except CorruptObjectError:
+                continue
+            if base:
+                todo.append(base)
+    return live
+
+
+@dataclass
+class GcReport:
+    """What gc removed (or would remove with ``dry_run``)."""
+
+    removed: int = 0
+    freed: int = 0
+    kept: int = 0
+    dry_run: bool = False
+
+
+def gc(repo: Repo, dry_run: bool = False, tmp_age_s: float = 3600.0) -> GcReport:
+    """Delete objects that nothing reachable (refs, reflogs, stash, index, conflicts) needs."""
+    live = live_objects(repo, reachable_manifests(repo))
+    rep = GcReport(dry_run=dry_run)
+    for oid in list(repo.store.iter_oids()):
+        if oid in live:
+            rep.kept += 1
+            continue
+        rep.removed += 1
+        rep.freed += repo.store.stored_size(oid)
+        if not dry_run:
+            repo.store.delete(oid)
+    if not dry_run:
+        repo.store.clean_tmp(tmp_age_s)
+        _clean_spills(repo, tmp_age_s)
+    return rep
+
+
+def _clean_spills(repo: Repo, age: float) -> None:
+    d = repo.potluck_dir / "tmp"
+    if d.exists():
+        for p in d.iterdir():
+            if p.is_file() and time.time() - p.stat().st_mtime > age:
+                p.unlink(missing_ok=True)
+
+
+@dataclass
+class Problem:
+    """A corrupt or missing object and everything that uses it."""
+
+    oid: str
+    kind: str  # "corrupt" | "missing"
+    detail: str
+    uses: list[dict[str, str]] = field(default_factory=list)  # path, tensor, revisions
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return {"oid": self.oid, "kind": self.kind, "detail": self.detail, "uses": self.uses}
+
+
+def fsck(repo: Repo) -> list[Problem]:
+    """Re-hash every stored object; check that every reachable manifest's objects exist."""
+    problems: dict[str, Problem] = {}
+    for oid in sorted(repo.store.iter_oids()):
+        try:
+            repo.odb.verify(oid)
+        except IntegrityError as e:
+            kind = "missing" if isinstance(e, MissingObjectError) else "corrupt"
+            problems[oid] = Problem(oid, kind, e.message)
+    manifests = reachable_manifests(repo)
+    for oid in live_objects(repo, manifests):
+        if oid not in problems and not repo.store.has(oid):
+            problems[oid] = Problem(oid, "missing", "object is not in the store")
+    for blob, (path, m) in manifests.items():
+        for e in m.entries:
+            if e.oid in problems:
+                tensor = e.name if isinstance(e, TensorEntry) else "(file structure)"
+                problems[e.oid].uses.append(
+                    {"path": path, "tensor": tensor, "revisions": _revisions(repo, blob, path)}
+                )
+    return list(problems.values())
+
+
+def _revisions(repo: Repo, blob: str, path: str) -> str:
+    if blob.startswith("merge:"):
+        return "unresolved merge"
+    commits = repo.git.commits_with_blob(blob, path)
+    return ", ".join(c[:10] for c in commits[:5]) + (" …" if len(commits) > 5 else "") or "index"
+
+
+def status(repo: Repo) -> dict[str, Any]:
+    """Unresolved tensor conflicts and tracked files left as manifests (data not present)."""
+    conflicts = [{"path": r.path, "tensors": r.conflicts, "reasons": r.reasons}
+                 for r in load_records(repo)]
+    placeholders = []
+    for path in repo.git.ls_files():
+        full = repo.root / path
+        if not full.is_file() or full.stat().st_size > 64 << 20:
+            continue
+        with open(full, "rb") as f:
+            head = f.read(64)
+        if is_manifest(head):
+            m = parse(full.read_bytes())
+            missing = [o for o in m.oids() if not repo.store.has(o)]
+            placeholders.append({"path": path, "missing_objects": len(set(missing))})
+    return {"conflicts": conflicts, "not_materialized": placeholders}

@@ -1,0 +1,134 @@
+"""git merge driver (``merge.potluck.driver``) and the conflict records behind ``resolve``.
+
+Called as ``git-potluck merge-driver %O %A %B %P``. The result manifest is written to %A; on a
+conflict it keeps "ours" for the conflicted tensors (so the checked-out file always loads), a
+record goes to ``.git/potluck/merge/`` and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from potluck.errors import UserError
+from potluck.git.repo import Repo
+from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
+from potluck.ops.materialize import write_file
+from potluck.ops.merge import MergeResult, merge_manifests, resolve_manifest
+
+
+@dataclass(frozen=True)
+class ConflictRecord:
+    """A tensor-level conflict waiting for ``potluck resolve``."""
+
+    path: str
+    base: Manifest | None
+    ours: Manifest
+    theirs: Manifest
+    conflicts: list[str]
+    reasons: dict[str, str]
+
+    def to_json(self) -> str:
+        """JSON text of the record."""
+        side = lambda m: dumps(m).decode() if m else None  # noqa: E731
+        return json.dumps(
+            {"path": self.path, "base": side(self.base), "ours": side(self.ours),
+             "theirs": side(self.theirs), "conflicts": self.conflicts, "reasons": self.reasons},
+            indent=1, sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ConflictRecord:
+        """Parse a record."""
+        d = json.loads(text)
+        load = lambda s: parse(s.encode()) if s else None  # noqa: E731
+        return cls(d["path"], load(d["base"]), load(d["ours"]), load(d["theirs"]),
+                   list(d["conflicts"]), dict(d["reasons"]))
+
+
+def record_path(repo: Repo, path: str) -> Path:
+    """Where the conflict record of ``path`` lives."""
+    return repo.merge_dir / (hashlib.sha1(path.encode()).hexdigest() + ".json")
+
+
+def save_record(repo: Repo, rec: ConflictRecord) -> None:
+    """Write a conflict record atomically."""
+    repo.merge_dir.mkdir(parents=True, exist_ok=True)
+    target = record_path(repo, rec.path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(rec.to_json())
+    os.replace(tmp, target)
+
+
+def load_records(repo: Repo) -> list[ConflictRecord]:
+    """All unresolved conflict records, sorted by path."""
+    if not repo.merge_dir.exists():
+        return []
+    recs = [ConflictRecord.from_json(p.read_text()) for p in repo.merge_dir.glob("*.json")]
+    return sorted(recs, key=lambda r: r.path)
+
+
+def run_merge_driver(repo: Repo, base_f: str, ours_f: str, theirs_f: str, path: str) -> MergeResult:
+    """Merge the three manifest files; write the result to ``ours_f``; record conflicts."""
+    blobs = [Path(p).read_bytes() for p in (base_f, ours_f, theirs_f)]
+    if not is_manifest(blobs[1]) or not is_manifest(blobs[2]):
+        raise UserError(
+            f"{path}: one side is not a potluck manifest; cannot merge tensor by tensor",
+            hint="check the file out from one side (`git checkout --ours/--theirs`) and commit",
+        )
+    base = parse(blobs[0]) if is_manifest(blobs[0]) else None
+    ours, theirs = parse(blobs[1]), parse(blobs[2])
+    result = merge_manifests(base, ours, theirs, repo.odb)
+    Path(ours_f).write_bytes(dumps(result.manifest))
+    rp = record_path(repo, path)
+    if result.conflicts:
+        save_record(repo, ConflictRecord(path, base, ours, theirs, result.conflicts, result.reason))
+    elif rp.exists():
+        rp.unlink()
+    return result
+
+
+def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> list[str]:
+    """Resolve conflicted tensors of ``path`` (all, or those matching ``pattern``) by taking a
+    side; when none remain, write the file and stage it. Returns the tensors still conflicted."""
+    if take not in ("ours", "theirs"):
+        raise UserError(f"--take must be ours or theirs, not {take!r}")
+    rp = record_path(repo, path)
+    if not rp.exists():
+        raise UserError(f"{path} has no tensor-level merge conflict", hint="see `potluck status`")
+    rec = ConflictRecord.from_json(rp.read_text())
+    picked = [n for n in rec.conflicts if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+    if not picked:
+        raise UserError(f"no conflicted tensor of {path} matches {pattern!r}",
+                        hint=f"conflicted: {', '.join(rec.conflicts)}")
+    decided = _decided(rec, picked, take)
+    left = [n for n in rec.conflicts if n not in picked]
+    manifest = resolve_manifest(rec.base, rec.ours, rec.theirs, decided, repo.odb)
+    _write_worktree(repo, path, manifest)
+    if left:
+        save_record(repo, ConflictRecord(path, rec.base, manifest, rec.theirs, left, rec.reasons))
+        return left
+    repo.git.run("add", "--", path)
+    rp.unlink()
+    return []
+
+
+def _decided(rec: ConflictRecord, picked: list[str], take: str) -> dict[str, str]:
+    return {n: take for n in picked}
+
+
+def _write_worktree(repo: Repo, path: str, manifest: Manifest) -> None:
+    """Materialise a manifest into the work tree atomically."""
+    target = repo.root / path
+    tmp = target.with_name(f".{target.name}.potluck-tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write_file(manifest, repo.odb, f, path=path)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,1 @@
+"""Objects: the physical encoding of content-addressed data (see ``encoding``)."""

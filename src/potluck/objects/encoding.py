@@ -1,0 +1,416 @@
+"""Physical encoding of stored objects (object file format v1).
+
+An object's id is the sha256 of its *logical* bytes; this module decides only how those bytes
+are laid out on disk. Decoding always yields the logical bytes back bit for bit.
+
+File layout (all integers little-endian)::
+
+    offset size  field
+    0      4     magic b"PLKO"
+    4      1     u8  version (1)
+    5      1     u8  itemsize: element width used for byte grouping (1, 2, 4 or 8)
+    6      1     u8  depth: 0 = standalone, n = length of the delta chain below this object
+    7      1     u8  reserved, 0
+    8      8     u64 logical size in bytes (a multiple of itemsize)
+    16     4     u32 chunk_size: logical bytes per chunk (a multiple of itemsize)
+    20     32    base oid as a raw sha256 digest (all zero when depth == 0)
+    52     ...   one record per chunk: u8 kind, u32 payload length, payload
+
+Chunk ``i`` holds logical bytes ``[i * chunk_size, min(size, (i + 1) * chunk_size))``, so the
+boundaries depend only on ``size`` and ``chunk_size``: a base and a delta of equal size line up
+chunk by chunk. Chunk kinds:
+
+* 0 ``KIND_RAW``: the logical bytes verbatim.
+* 1 ``KIND_GROUPED``: bytes grouped by position inside the element (byte 0 of every element,
+  then byte 1, …), then one zstd frame.
+* 2 ``KIND_XOR``: XOR with the same chunk of the base object's logical bytes, grouped, zstd.
+* 3 ``KIND_SAME``: identical to the base chunk; the payload is empty.
+
+zstd frames carry their content size and a checksum. Nothing here holds more than a couple of
+chunks in memory, whatever the object size or the depth of the delta chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+
+from potluck.errors import CorruptObjectError
+
+MAGIC = b"PLKO"
+VERSION = 1
+KIND_RAW = 0
+KIND_GROUPED = 1
+KIND_XOR = 2
+KIND_SAME = 3
+ITEMSIZES = (1, 2, 4, 8)
+MAX_DEPTH = 255
+
+_HEADER = struct.Struct("<4sBBBBQI32s")
+_CHUNK = struct.Struct("<BI")
+HEADER_SIZE = _HEADER.size
+CHUNK_HEADER_SIZE = _CHUNK.size
+_ZERO_DIGEST = bytes(32)
+_FSCK_HINT = "run `potluck fsck` to find damaged objects and restore them from a remote"
+# Keep a standalone candidate only when zstd saves more than 2%; stop trying once XOR saves half.
+_RAW_RATIO = 0.98
+_XOR_GOOD_ENOUGH = 0.5
+# Between those, a compressed sample of the chunk decides whether a full standalone try can pay.
+_SAMPLE_BYTES = 256 * 1024
+_SAMPLE_MARGIN = 0.05
+
+Chunk = bytes | bytearray | memoryview
+OpenBase = Callable[[str], Iterator[bytes]]
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """Fixed-size header of an object file."""
+
+    version: int
+    itemsize: int
+    depth: int
+    size: int
+    chunk_size: int
+    base_oid: str | None
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunk records that follow the header."""
+        return -(-self.size // self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """Logical length of chunk ``index`` (only the last one may be shorter)."""
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What ``encode_object`` wrote: sizes, resulting delta depth and chunk counts per kind."""
+
+    size: int
+    stored_size: int
+    depth: int
+    base_oid: str | None
+    raw_chunks: int
+    grouped_chunks: int
+    xor_chunks: int
+    same_chunks: int
+
+    @property
+    def chunks(self) -> int:
+        """Total number of chunks."""
+        return self.raw_chunks + self.grouped_chunks + self.xor_chunks + self.same_chunks
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def byte_group(buf: Chunk, itemsize: int) -> bytes:
+    """Transpose ``buf`` so byte 0 of every element comes first, then byte 1, and so on."""
+    if itemsize == 1:
+        return bytes(buf)
+    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def byte_ungroup(buf: Chunk, itemsize: int) -> bytes:
+    """Inverse of ``byte_group``."""
+    if itemsize == 1:
+        return bytes(buf)
+    planes = np.frombuffer(buf, np.uint8).reshape(itemsize, -1)
+    out = np.empty((planes.shape[1], itemsize), np.uint8)
+    for i in range(itemsize):  # one strided copy per plane beats a transposed tobytes()
+        out[:, i] = planes[i]
+    return out.tobytes()
+
+
+def xor_bytes(a: Chunk, b: Chunk) -> bytes:
+    """Bytewise XOR of two equally long buffers."""
+    if len(a) != len(b):
+        raise ValueError(f"xor_bytes needs equal lengths, got {len(a)} and {len(b)}")
+    x = np.frombuffer(a, np.uint8)
+    y = np.frombuffer(b, np.uint8)
+    n8 = len(x) // 8 * 8
+    out = np.empty(len(x), np.uint8)
+    np.bitwise_xor(x[:n8].view(np.uint64), y[:n8].view(np.uint64), out=out[:n8].view(np.uint64))
+    np.bitwise_xor(x[n8:], y[n8:], out=out[n8:])
+    return out.tobytes()
+
+
+def rechunk(pieces: Iterable[Chunk], chunk_size: int) -> Iterator[bytes]:
+    """Re-cut arbitrary byte pieces into ``chunk_size`` chunks (the last one may be shorter).
+
+    Pieces that already are whole chunks pass through without a copy.
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    pending = bytearray()
+    for piece in pieces:
+        if isinstance(piece, bytes) and not pending and len(piece) == chunk_size:
+            yield piece
+            continue
+        view = memoryview(piece).cast("B")
+        if pending:
+            take = chunk_size - len(pending)
+            pending += view[:take]
+            view = view[take:]
+            if len(pending) < chunk_size:
+                continue
+            yield bytes(pending)
+            pending.clear()
+        whole = len(view) // chunk_size * chunk_size
+        for off in range(0, whole, chunk_size):
+            yield bytes(view[off : off + chunk_size])
+        pending += view[whole:]
+    if pending:
+        yield bytes(pending)
+
+
+def sha256_of_chunks(chunks: Iterable[Chunk]) -> str:
+    """Lowercase hex sha256 of the concatenation of ``chunks`` (streamed)."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _digest(oid: str) -> bytes:
+    if len(oid) != 64:
+        raise ValueError(f"not a sha256 hex oid: {oid!r}")
+    return bytes.fromhex(oid)
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+class _ChunkEncoder:
+    """Chooses the cheapest representation of one chunk, compressing as little as possible."""
+
+    def __init__(self, itemsize: int, level: int) -> None:
+        self.itemsize = itemsize
+        self.cctx = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=True
+        )
+
+    def standalone(self, chunk: bytes) -> tuple[int, bytes]:
+        """Best of verbatim and grouped-zstd."""
+        packed = self.cctx.compress(byte_group(chunk, self.itemsize))
+        if len(packed) >= _RAW_RATIO * len(chunk):
+            return KIND_RAW, chunk
+        return KIND_GROUPED, packed
+
+    def standalone_looks_worse(self, chunk: bytes, xor_ratio: float) -> bool:
+        """Whether compressing a sample of ``chunk`` predicts no gain over ``xor_ratio``."""
+        if len(chunk) < 4 * _SAMPLE_BYTES:
+            return False
+        sample = byte_group(chunk[:_SAMPLE_BYTES], self.itemsize)
+        return len(self.cctx.compress(sample)) > (xor_ratio + _SAMPLE_MARGIN) * _SAMPLE_BYTES
+
+    def against(self, chunk: bytes, base: bytes) -> tuple[int, bytes]:
+        """Best of identical, XOR-delta and the standalone kinds."""
+        if chunk == base:
+            return KIND_SAME, b""
+        packed = self.cctx.compress(byte_group(xor_bytes(chunk, base), self.itemsize))
+        if len(packed) <= _XOR_GOOD_ENOUGH * len(chunk):
+            return KIND_XOR, packed
+        if self.standalone_looks_worse(chunk, len(packed) / len(chunk)):
+            kind, payload = KIND_RAW, chunk
+        else:
+            kind, payload = self.standalone(chunk)
+        if len(packed) < len(payload) and len(packed) < _RAW_RATIO * len(chunk):
+            return KIND_XOR, packed
+        return kind, payload
+
+
+def _check_params(size: int, itemsize: int, chunk_size: int) -> None:
+    if itemsize not in ITEMSIZES:
+        raise ValueError(f"itemsize must be one of {ITEMSIZES}, got {itemsize}")
+    if not 0 < chunk_size < 2**32 or chunk_size % itemsize:
+        raise ValueError(f"chunk_size {chunk_size} must be in (0, 2**32) and divisible by itemsize")
+    if size < 0 or size % itemsize:
+        raise ValueError(f"size {size} must be a non-negative multiple of itemsize {itemsize}")
+
+
+def _write_header(out: BinaryIO, h: ObjectHeader) -> None:
+    digest = _digest(h.base_oid) if h.base_oid else _ZERO_DIGEST
+    out.write(_HEADER.pack(MAGIC, h.version, h.itemsize, h.depth, 0, h.size, h.chunk_size, digest))
+
+
+def _write_chunks(
+    out: BinaryIO,
+    chunks: Iterator[bytes],
+    header: ObjectHeader,
+    enc: _ChunkEncoder,
+    base_chunks: Iterator[bytes] | None,
+) -> tuple[list[int], int]:
+    """Write one record per chunk; return the count per kind and the bytes written in all."""
+    counts = [0, 0, 0, 0]
+    stored = HEADER_SIZE
+    seen = 0
+    for i, chunk in enumerate(chunks):
+        if i >= header.n_chunks or len(chunk) != header.chunk_length(i):
+            raise ValueError(f"chunks hold more than the declared size {header.size}")
+        seen += len(chunk)
+        if base_chunks is not None:
+            base_chunk = next(base_chunks, b"")
+            if len(base_chunk) != len(chunk):
+                raise ValueError(f"base chunk {i} has length {len(base_chunk)}, not {len(chunk)}")
+            kind, payload = enc.against(chunk, base_chunk)
+        else:
+            kind, payload = enc.standalone(chunk)
+        out.write(_CHUNK.pack(kind, len(payload)))
+        out.write(payload)
+        counts[kind] += 1
+        stored += CHUNK_HEADER_SIZE + len(payload)
+    if seen != header.size:
+        raise ValueError(f"chunks hold {seen} bytes, declared size is {header.size}")
+    return counts, stored
+
+
+def encode_object(
+    chunks: Iterable[Chunk],
+    *,
+    size: int,
+    itemsize: int,
+    chunk_size: int,
+    level: int,
+    out: BinaryIO,
+    base: Iterator[bytes] | None = None,
+    base_oid: str | None = None,
+    base_depth: int = 0,
+) -> EncodeStats:
+    """Write the object whose logical bytes are ``chunks`` to ``out`` and return what it cost.
+
+    ``chunks`` should be cut at ``chunk_size`` boundaries (other cuts are re-cut). With ``base``
+    (the logical bytes of an object of the same ``size``, id ``base_oid``, itself at delta depth
+    ``base_depth``) each chunk may be stored as a delta. If no chunk ends up using the base and
+    ``out`` is seekable, the header is rewritten to depth 0 so the object stands alone.
+    """
+    _check_params(size, itemsize, chunk_size)
+    if base is not None and base_oid is None:
+        raise ValueError("a base needs its base_oid")
+    use_base = base is not None and size > 0
+    depth = base_depth + 1 if use_base else 0
+    if depth > MAX_DEPTH:
+        raise ValueError(f"delta depth {depth} exceeds {MAX_DEPTH}")
+    header = ObjectHeader(
+        VERSION, itemsize, depth, size, chunk_size, base_oid if use_base else None
+    )
+    start = out.tell() if out.seekable() else None
+    _write_header(out, header)
+    enc = _ChunkEncoder(itemsize, level)
+    base_chunks = rechunk(base, chunk_size) if use_base and base is not None else None
+    counts, stored = _write_chunks(out, rechunk(chunks, chunk_size), header, enc, base_chunks)
+    if use_base and counts[KIND_XOR] + counts[KIND_SAME] == 0 and start is not None:
+        end = out.tell()
+        out.seek(start)
+        header = ObjectHeader(VERSION, itemsize, 0, size, chunk_size, None)
+        _write_header(out, header)
+        out.seek(end)
+    return EncodeStats(size, stored, header.depth, header.base_oid, *counts)
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def _corrupt(message: str) -> CorruptObjectError:
+    return CorruptObjectError(f"corrupt object: {message}", hint=_FSCK_HINT)
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise _corrupt(f"truncated {what} (wanted {n} bytes, got {len(data)})")
+    return data
+
+
+def read_header(f: BinaryIO) -> ObjectHeader:
+    """Parse and validate the header at the current position of ``f``."""
+    raw = _read_exact(f, HEADER_SIZE, "header")
+    magic, version, itemsize, depth, reserved, size, chunk_size, digest = _HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise _corrupt(f"bad magic {magic!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise _corrupt(f"unsupported format version {version}")
+    if itemsize not in ITEMSIZES or reserved != 0:
+        raise _corrupt(f"bad itemsize {itemsize} or reserved byte {reserved}")
+    if chunk_size == 0 or chunk_size % itemsize or size % itemsize:
+        raise _corrupt(f"size {size} / chunk_size {chunk_size} do not fit itemsize {itemsize}")
+    if (depth == 0) != (digest == _ZERO_DIGEST):
+        raise _corrupt(f"depth {depth} does not match the base id")
+    base_oid = digest.hex() if depth else None
+    return ObjectHeader(version, itemsize, depth, size, chunk_size, base_oid)
+
+
+class _BaseCursor:
+    """Pulls base chunks in lockstep with the delta, opening the base only when first needed."""
+
+    def __init__(self, header: ObjectHeader, open_base: OpenBase) -> None:
+        self.header = header
+        self.open_base = open_base
+        self.chunks: Iterator[bytes] | None = None
+        self.pos = 0
+
+    def chunk(self, index: int) -> bytes:
+        """The base's logical chunk ``index`` (indices must not go backwards)."""
+        if self.header.base_oid is None:
+            raise _corrupt(f"chunk {index} refers to a base but the object has none")
+        if self.chunks is None:
+            self.chunks = rechunk(self.open_base(self.header.base_oid), self.header.chunk_size)
+        data = b""
+        while self.pos <= index:
+            data = next(self.chunks, b"")
+            self.pos += 1
+        if len(data) != self.header.chunk_length(index):
+            raise _corrupt(f"base {self.header.base_oid} is shorter than its delta")
+        return data
+
+
+def _unpack(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, index: int) -> bytes:
+    try:
+        if zstandard.frame_content_size(payload) != length:
+            raise _corrupt(f"chunk {index} frame does not declare {length} bytes")
+        data = dctx.decompress(payload, max_output_size=length)
+    except zstandard.ZstdError as e:
+        raise _corrupt(f"chunk {index} does not decompress: {e}") from e
+    if len(data) != length:
+        raise _corrupt(f"chunk {index} decompresses to {len(data)} bytes, not {length}")
+    return data
+
+
+def decode_object(f: BinaryIO, open_base: OpenBase) -> Iterator[bytes]:
+    """Yield the logical chunks of the object in ``f``.
+
+    Delta chunks pull the same chunk from ``open_base(base_oid)`` (an iterator over the base's
+    logical bytes, typically another ``decode_object``), so memory stays bounded by a couple of
+    chunks per chain level. Damage raises ``CorruptObjectError``.
+    """
+    header = read_header(f)
+    dctx = zstandard.ZstdDecompressor()
+    cursor = _BaseCursor(header, open_base)
+    k = header.itemsize
+    for i in range(header.n_chunks):
+        length = header.chunk_length(i)
+        kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
+        payload = _read_exact(f, n, f"chunk {i} payload")
+        if kind == KIND_RAW:
+            if n != length:
+                raise _corrupt(f"raw chunk {i} has {n} bytes, not {length}")
+            yield payload
+        elif kind == KIND_GROUPED:
+            yield byte_ungroup(_unpack(dctx, payload, length, i), k)
+        elif kind == KIND_XOR:
+            delta = byte_ungroup(_unpack(dctx, payload, length, i), k)
+            yield xor_bytes(delta, cursor.chunk(i))
+        elif kind == KIND_SAME and n == 0:
+            yield cursor.chunk(i)
+        else:
+            raise _corrupt(f"chunk {i} has unknown kind {kind} or bad length {n}")
+    if f.read(1):
+        raise _corrupt("trailing bytes after the last chunk")

@@ -1,0 +1,1 @@
+"""Use cases over manifests and an object store: snapshot, materialise, diff, merge, gc."""

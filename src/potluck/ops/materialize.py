@@ -1,0 +1,116 @@
+"""Materialise (git's *smudge*): manifest → the checkpoint's exact bytes, and tensor loading."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import BinaryIO
+
+import numpy as np
+
+from potluck.errors import CorruptObjectError, MissingObjectError, UserError
+from potluck.objects.manifest import Manifest, TensorEntry, ViewEntry
+from potluck.ops.odb import ObjectDB
+from potluck.tensors.dtypes import array_from_bytes, to_numpy
+
+
+def missing_objects(m: Manifest, odb: ObjectDB) -> list[str]:
+    """Ids of objects the manifest needs that the store does not have."""
+    return [oid for oid in dict.fromkeys(m.oids()) if not odb.has(oid)]
+
+
+def _describe(m: Manifest, oid: str) -> str:
+    names = [e.name for e in m.entries if isinstance(e, TensorEntry) and e.oid == oid]
+    return f"tensor {names[0]!r}" if names else "structural bytes"
+
+
+def write_file(m: Manifest, odb: ObjectDB, out: BinaryIO, *, path: str = "") -> int:
+    """Write the file ``m`` describes to ``out``; returns the number of bytes written.
+
+    Missing or corrupt objects raise an ``IntegrityError`` naming the tensor and the command to
+    run; the caller must discard what was written (git does so for a failed smudge).
+    """
+    missing = missing_objects(m, odb)
+    if missing:
+        raise MissingObjectError(
+            f"{path}: {len(missing)} object(s) missing, first: {_describe(m, missing[0])} "
+            f"(object {missing[0][:12]})",
+            hint="fetch them from a remote (`potluck fetch`) or run `potluck fsck` for details",
+            oids=missing,
+        )
+    n = 0
+    for e in m.entries:
+        try:
+            for chunk in odb.read_chunks(e.oid):
+                out.write(chunk)
+                n += len(chunk)
+        except CorruptObjectError as err:
+            raise CorruptObjectError(
+                f"{path}: {_describe(m, e.oid)} is corrupt in the store (object {e.oid[:12]})",
+                hint="run `potluck fsck` to list every affected tensor and revision, then "
+                "restore the object from a remote or another clone",
+                oid=e.oid,
+            ) from err
+    return n
+
+
+def tensor_names(m: Manifest) -> list[str]:
+    """Names of all loadable tensors (storages of views are included under their own name)."""
+    return [e.name for e in m.entries if isinstance(e, TensorEntry)] + [v.name for v in m.views]
+
+
+def view_array(
+    storage: np.ndarray,
+    name: str,
+    storage_name: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+) -> np.ndarray:
+    """Copy of the strided view (PyTorch semantics, strides in elements) into ``storage``."""
+    if any(d == 0 for d in shape):
+        return np.zeros(shape, dtype=storage.dtype)
+    need = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1
+    if offset < 0 or any(s < 0 for s in stride) or need > storage.size:
+        raise UserError(f"view {name!r} reaches past its storage {storage_name!r}")
+    item = storage.dtype.itemsize
+    arr = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=shape, strides=tuple(s * item for s in stride), writeable=False
+    )
+    return np.array(arr, copy=True)
+
+
+def load_tensors(
+    m: Manifest, odb: ObjectDB, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Decode the requested tensors (all when ``names`` is None) into numpy arrays."""
+    tensors = m.tensors()
+    views = {v.name: v for v in m.views}
+    wanted = list(tensors) + list(views) if names is None else list(names)
+    unknown = [n for n in wanted if n not in tensors and n not in views]
+    if unknown:
+        raise UserError(
+            f"no tensor named {unknown[0]!r} in this checkpoint",
+            hint="`potluck ls FILE` lists the names",
+            unknown=unknown,
+        )
+    out: dict[str, np.ndarray] = {}
+    cache: dict[str, np.ndarray] = {}
+    for name in wanted:
+        if name in tensors:
+            out[name] = _entry_array(tensors[name], odb)
+        else:
+            v = views[name]
+            if v.storage not in cache:
+                cache[v.storage] = _entry_array(tensors[v.storage], odb).reshape(-1)
+            storage = cache[v.storage].view(to_numpy(v.dtype))
+            out[name] = view_array(storage, v.name, v.storage, v.shape, v.stride, v.offset)
+    return out
+
+
+def _entry_array(e: TensorEntry, odb: ObjectDB) -> np.ndarray:
+    buf = bytearray(e.size)
+    pos = 0
+    for chunk in odb.read_chunks(e.oid):
+        buf[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return array_from_bytes(buf, e.dtype, e.shape)

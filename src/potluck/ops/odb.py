@@ -1,0 +1,159 @@
+"""The object database: the physical encoding (``objects.encoding``) over a store, with hashes.
+
+Every read verifies the sha256 of the logical bytes against the object id; every write is
+atomic (the store publishes an object only when it is complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from potluck.config import RepoConfig
+from potluck.errors import CorruptObjectError, MissingObjectError
+from potluck.objects.encoding import ObjectHeader, decode_object, encode_object, read_header, rechunk
+from potluck.store.base import ObjectStore
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What ``ObjectDB.put`` did: ``new`` is False when the object already existed."""
+
+    oid: str
+    new: bool
+    stored: int
+    depth: int
+
+
+class ObjectDB:
+    """Content-addressed tensors and raw byte strings over an ``ObjectStore``."""
+
+    def __init__(self, store: ObjectStore, config: RepoConfig) -> None:
+        self.store = store
+        self.config = config
+
+    def has(self, oid: str) -> bool:
+        """True when the object is present (its content is not checked)."""
+        return self.store.has(oid)
+
+    def header(self, oid: str) -> ObjectHeader:
+        """The stored object's header (size, depth, base)."""
+        with self.store.open(oid) as f:
+            return read_header(f)
+
+    def read_chunks(self, oid: str, *, verify: bool = True) -> Iterator[bytes]:
+        """Stream the object's logical bytes; with ``verify`` raise ``CorruptObjectError`` at the
+        end when they do not hash to ``oid`` (callers must not trust data before the end)."""
+        h = hashlib.sha256()
+        n = 0
+        with self.store.open(oid) as f:
+            for chunk in decode_object(f, self._open_base):
+                if verify:
+                    h.update(chunk)
+                n += len(chunk)
+                yield chunk
+        if verify and h.hexdigest() != oid:
+            raise CorruptObjectError(
+                f"object {oid[:12]} is corrupt: its content hashes to {h.hexdigest()[:12]}",
+                hint="run `potluck fsck` to find every affected tensor and revision",
+                oid=oid,
+            )
+
+    def _open_base(self, oid: str) -> Iterator[bytes]:
+        if not self.store.has(oid):
+            raise MissingObjectError(
+                f"delta base object {oid[:12]} is missing", hint="run `potluck fsck`", oid=oid
+            )
+        return self.read_chunks(oid, verify=False)
+
+    def read_bytes(self, oid: str) -> bytes:
+        """The whole logical content (use only for small or single tensors)."""
+        return b"".join(self.read_chunks(oid))
+
+    def verify(self, oid: str) -> None:
+        """Decode and re-hash one object; raises on corruption or a missing object."""
+        for _ in self.read_chunks(oid):
+            pass
+
+    def put(
+        self,
+        oid: str,
+        chunks: Callable[[], Iterable[bytes]],
+        *,
+        size: int,
+        itemsize: int,
+        base_oid: str | None = None,
+    ) -> PutResult:
+        """Store the content ``chunks()`` (already known to hash to ``oid``) if absent.
+
+        With ``base_oid`` (an earlier version of the same tensor, same size) the encoder may
+        store chunks as XOR deltas, unless that would make the chain deeper than allowed.
+        """
+        if self.store.has(oid):
+            return PutResult(oid, False, 0, 0)
+        base = self._usable_base(base_oid, size)
+        try:
+            return self._encode(oid, chunks, size, itemsize, base)
+        except CorruptObjectError:
+            if base is None:
+                raise
+            return self._encode(oid, chunks, size, itemsize, None)
+
+    def _usable_base(self, base_oid: str | None, size: int) -> tuple[str, int] | None:
+        if base_oid is None or size == 0 or not self.store.has(base_oid):
+            return None
+        try:
+            head = self.header(base_oid)
+        except CorruptObjectError:
+            return None
+        if head.size != size or head.depth >= self.config.max_delta_depth:
+            return None
+        if head.chunk_size != self.config.chunk_bytes:
+            return None
+        return base_oid, head.depth
+
+    def _encode(
+        self,
+        oid: str,
+        chunks: Callable[[], Iterable[bytes]],
+        size: int,
+        itemsize: int,
+        base: tuple[str, int] | None,
+    ) -> PutResult:
+        cs = self.config.chunk_bytes
+        base_iter = self.read_chunks(base[0]) if base else None
+        with self.store.writer(oid) as out:
+            stats = encode_object(
+                rechunk(chunks(), cs),
+                size=size,
+                itemsize=itemsize,
+                chunk_size=cs,
+                level=self.config.zstd_level,
+                out=out,
+                base=base_iter,
+                base_oid=base[0] if base else None,
+                base_depth=base[1] if base else 0,
+            )
+            if base_iter is not None:
+                for _ in base_iter:  # drain: runs the base's hash check
+                    pass
+        return PutResult(oid, True, stats.stored_size, stats.depth)
+
+    def put_bytes(self, data: bytes, itemsize: int = 1) -> PutResult:
+        """Store a small byte string; returns its id."""
+        oid = hashlib.sha256(data).hexdigest()
+        return self.put(oid, lambda: [data], size=len(data), itemsize=itemsize)
+
+
+def copy_range(f: BinaryIO, offset: int, length: int, piece: int) -> Iterator[bytes]:
+    """Yield ``length`` bytes of ``f`` from ``offset`` in pieces of at most ``piece`` bytes."""
+    f.seek(offset)
+    left = length
+    while left > 0:
+        buf = f.read(min(piece, left))
+        if not buf:
+            raise EOFError(f"file ended {left} bytes early at offset {offset + length - left}")
+        left -= len(buf)
+        yield buf

@@ -1,0 +1,71 @@
+"""The object store interface: opaque object files addressed by their id (oid).
+
+A store knows nothing about encodings or tensors; it keeps bytes under 64-hex-digit ids.
+Verifying that an object's logical bytes hash to its id is done by the caller (``ops``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from potluck.errors import MissingObjectError, UserError
+
+_OID = re.compile(r"[0-9a-f]{64}")
+MISSING_HINT = (
+    "the object is not in this store: fetch it from a remote that has it, "
+    "or run `potluck fsck` to list what is missing"
+)
+
+
+def validate_oid(oid: object) -> str:
+    """Return ``oid`` if it is a 64-character lowercase hex sha256 id, else raise ``UserError``."""
+    if not isinstance(oid, str) or not _OID.fullmatch(oid):
+        raise UserError(
+            f"invalid object id {oid!r}",
+            hint="object ids are 64 lowercase hex digits (a sha256)",
+            oid=oid,
+        )
+    return oid
+
+
+def missing(oid: str) -> MissingObjectError:
+    """The error raised when ``oid`` is asked for but not stored."""
+    return MissingObjectError(f"object {oid} is missing", hint=MISSING_HINT, oid=oid)
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Content-addressed object files.
+
+    ``writer`` is atomic: the bytes become visible under ``oid`` only when its ``with`` block
+    exits without an exception; on an exception nothing is left behind. Writing an ``oid`` that
+    already exists keeps the existing object and discards the new bytes. Every method rejects a
+    malformed ``oid`` with ``UserError``.
+    """
+
+    def has(self, oid: str) -> bool:
+        """Whether ``oid`` is stored."""
+        ...
+
+    def open(self, oid: str) -> BinaryIO:
+        """Open the stored bytes for reading; ``MissingObjectError`` if absent."""
+        ...
+
+    def stored_size(self, oid: str) -> int:
+        """Size in bytes of the stored object file; ``MissingObjectError`` if absent."""
+        ...
+
+    def writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
+        """A binary file to write ``oid`` into, published atomically on success."""
+        ...
+
+    def delete(self, oid: str) -> bool:
+        """Remove ``oid``; return whether it was there."""
+        ...
+
+    def iter_oids(self) -> Iterator[str]:
+        """Every stored oid, in no particular order."""
+        ...

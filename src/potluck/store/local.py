@@ -1,0 +1,138 @@
+"""Loose object files on the local disk, fanned out by the first two hex digits of the id.
+
+Layout: ``root/ab/cdef…`` holds object ``abcdef…``; ``root/tmp/`` holds writes in progress.
+A write goes to a fresh file in ``tmp/``, is fsynced and then renamed into place with
+``os.replace``, so a process killed mid-write never leaves a partial object visible; its
+leftover in ``tmp/`` is removed later by ``clean_tmp``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from potluck.store.base import missing, validate_oid
+
+_HEX = frozenset("0123456789abcdef")
+TMP_DIR = "tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """``ObjectStore`` of loose files under ``root`` (created on first write)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, oid: str) -> Path:
+        """Where ``oid`` lives (whether or not it exists)."""
+        validate_oid(oid)
+        return self.root / oid[:2] / oid[2:]
+
+    def has(self, oid: str) -> bool:
+        """Whether ``oid`` is stored."""
+        return self.path(oid).is_file()
+
+    def open(self, oid: str) -> BinaryIO:
+        """Open the object file for reading."""
+        try:
+            return open(self.path(oid), "rb")
+        except FileNotFoundError:
+            raise missing(oid) from None
+
+    def stored_size(self, oid: str) -> int:
+        """Size of the object file in bytes."""
+        try:
+            return self.path(oid).stat().st_size
+        except FileNotFoundError:
+            raise missing(oid) from None
+
+    def writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
+        """Write ``oid`` through a temporary file, renamed into place when the block succeeds."""
+        return self._writer(oid, self.path(oid))
+
+    @contextmanager
+    def _writer(self, oid: str, dest: Path) -> Iterator[BinaryIO]:
+        if dest.exists():
+            with open(os.devnull, "wb") as sink:  # first write wins; discard this one
+                yield sink
+            return
+        tmp_dir = self.root / TMP_DIR
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{oid[:16]}-", suffix=".tmp", dir=tmp_dir)
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            self._publish(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _publish(self, tmp: Path, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            return
+        os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+
+    def delete(self, oid: str) -> bool:
+        """Remove ``oid``; return whether it was there."""
+        path = self.path(oid)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # Windows refuses to delete read-only files
+            os.chmod(path, stat.S_IWRITE)
+            path.unlink()
+        return True
+
+    def iter_oids(self) -> Iterator[str]:
+        """Every stored oid; stray files and ``tmp/`` are skipped."""
+        if not self.root.is_dir():
+            return
+        for fan in sorted(self.root.iterdir()):
+            if len(fan.name) != 2 or not _HEX.issuperset(fan.name) or not fan.is_dir():
+                continue
+            for f in sorted(fan.iterdir()):
+                oid = fan.name + f.name
+                if len(oid) == 64 and _HEX.issuperset(f.name) and f.is_file():
+                    yield oid
+
+    def clean_tmp(self, older_than_s: float) -> int:
+        """Remove leftovers of interrupted writes older than ``older_than_s``; return the count."""
+        tmp_dir = self.root / TMP_DIR
+        if not tmp_dir.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for p in tmp_dir.iterdir():
+            try:
+                if p.stat().st_mtime <= cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,1 @@
+"""Pure numpy helpers: dtype names, comparisons and statistics. No I/O."""

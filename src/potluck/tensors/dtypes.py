@@ -1,0 +1,75 @@
+"""Canonical dtype names (safetensors spelling) ↔ numpy / ml_dtypes dtypes."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from potluck.errors import UserError
+
+# name -> (numpy dtype, item size in bytes). Little-endian throughout.
+_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+    "C128": np.dtype("<c16"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+
+
+def dtype_names() -> list[str]:
+    """All canonical dtype names potluck knows."""
+    return sorted(_DTYPES)
+
+
+def to_numpy(name: str) -> np.dtype:
+    """numpy dtype for a canonical name such as ``"BF16"``."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}", hint=f"known: {', '.join(dtype_names())}") from None
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a canonical dtype."""
+    return int(to_numpy(name).itemsize)
+
+
+def from_numpy(dtype: np.dtype) -> str:
+    """Canonical name of a numpy dtype (byte order normalised to little-endian)."""
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    for name, known in _DTYPES.items():
+        if known == dt:
+            return name
+    raise UserError(f"dtype {dt} is not supported", hint=f"supported: {', '.join(dtype_names())}")
+
+
+def array_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """View little-endian bytes as an array of ``dtype`` and ``shape`` (no copy when possible)."""
+    dt = to_numpy(dtype)
+    count = 1
+    for d in shape:
+        count *= d
+    if len(data) != count * dt.itemsize:
+        raise UserError(
+            f"{len(data)} bytes cannot hold a {dtype} tensor of shape {list(shape)}",
+            hint="the file or object is inconsistent; run `potluck fsck`",
+        )
+    return np.frombuffer(data, dtype=dt, count=count).reshape(shape)

@@ -1,0 +1,94 @@
+"""Shared fixtures: git identity, potluck's scripts on PATH, temp repositories, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=50)
+settings.load_profile("ci")
+
+BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(autouse=True)
+def _git_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test: a fixed git identity, no user/global config, potluck scripts on PATH."""
+    home = tmp_path / "_home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@example.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.invalid")
+    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator (never the global RNG)."""
+    return np.random.default_rng(1234)
+
+
+Run = Callable[..., str]
+
+
+def run_in(cwd: Path) -> Run:
+    """A runner of commands in ``cwd`` returning stdout; raises with stderr on failure."""
+
+    def run(*args: str, check: bool = True, input: bytes | None = None) -> str:
+        r = subprocess.run(args, cwd=cwd, capture_output=True, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {r.returncode}\nstdout:{r.stdout.decode()}\n"
+                f"stderr:{r.stderr.decode()}"
+            )
+        return r.stdout.decode() + (r.stderr.decode() if not check else "")
+
+    return run
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fresh git repository with potluck initialised and common checkpoint types tracked."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    run = run_in(root)
+    run("git", "init", "-q", "-b", "main")
+    run("potluck", "init")
+    run("potluck", "track", "*.safetensors", "*.pt", "*.bin", "*.npz")
+    run("git", "add", ".gitattributes")
+    run("git", "commit", "-q", "-m", "track")
+    return root
+
+
+@pytest.fixture
+def git(repo: Path) -> Run:
+    """Command runner in ``repo``."""
+    return run_in(repo)
+
+
+def save_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+            ) -> bytes:
+    """Write a safetensors file with the reference library; return its bytes."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path.read_bytes()
+
+
+def model(rng: np.random.Generator, n_layers: int = 3, d: int = 64) -> dict[str, np.ndarray]:
+    """A small MLP-ish state dict."""
+    out: dict[str, np.ndarray] = {"embed": rng.normal(0, 0.02, (256, d)).astype(np.float32)}
+    for i in range(n_layers):
+        out[f"layers.{i}.w"] = rng.normal(0, 0.02, (d, d)).astype(np.float32)
+        out[f"layers.{i}.b"] = np.zeros(d, np.float32)
+    return out

@@ -1,0 +1,46 @@
+"""The manifest is canonical text: golden bytes, strict parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from potluck.errors import FormatError
+from potluck.objects.manifest import Manifest, RawEntry, TensorEntry, ViewEntry, dumps, parse
+
+A = "a" * 64
+B = "b" * 64
+
+GOLDEN = (
+    b"potluck manifest v1\n"
+    b'{"format":"safetensors","size":104,"metadata":{"k":"v"}}\n'
+    b'{"raw":"' + A.encode() + b'","size":80}\n'
+    b'{"tensor":"w","dtype":"BF16","shape":[3,4],"oid":"' + B.encode() + b'","size":24}\n'
+    b'{"view":"w.T","storage":"w","dtype":"BF16","shape":[4,3],"stride":[1,4],"offset":0}\n'
+)
+
+
+def sample() -> Manifest:
+    return Manifest("safetensors", 104, (RawEntry(A, 80), TensorEntry("w", "BF16", (3, 4), B, 24)),
+                    (ViewEntry("w.T", "w", "BF16", (4, 3), (1, 4), 0),), {"k": "v"})
+
+
+def test_golden_bytes() -> None:
+    assert dumps(sample()) == GOLDEN
+    assert parse(GOLDEN) == sample()
+
+
+def test_non_canonical_text_is_refused() -> None:
+    with pytest.raises(FormatError, match="not in canonical form"):
+        parse(GOLDEN.replace(b'"size":80}', b'"size": 80}'))
+    with pytest.raises(FormatError, match="do not add up"):
+        parse(GOLDEN.replace(b'"size":104', b'"size":105'))
+    with pytest.raises(FormatError, match="bad object id"):
+        parse(GOLDEN.replace(A.encode(), b"z" * 64))
+    with pytest.raises(FormatError, match="not a potluck manifest"):
+        parse(b"hello")
+
+
+def test_metadata_order_does_not_change_bytes() -> None:
+    m1 = Manifest("npz", 0, (), (), {"b": "1", "a": "2"})
+    m2 = Manifest("npz", 0, (), (), {"a": "2", "b": "1"})
+    assert dumps(m1) == dumps(m2)
