@@ -350,7 +350,7 @@ TOOLS: dict[str, Tool] = {
 def thread_env(threads: int) -> dict[str, str]:
     n = str(threads)
     names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    extra = ("NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS", "GOMAXPROCS", "POTLUCK_THREADS")
+    extra = ("NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS", "GOMAXPROCS")
     return {k: n for k in (*names, *extra)}
 
 
@@ -406,7 +406,7 @@ def tool_versions() -> dict[str, str]:
         "git-lfs": capture(["git", "lfs", "version"]),
         "git-theta": capture([str(THETA_BIN / "python"), "-c", meta, "git-theta"]),
         "torch (git-theta venv)": capture([str(THETA_BIN / "python"), "-c", meta, "torch"]),
-        "potluck": capture([str(POTLUCK_BIN / "python"), "-c", meta, "potluck"]),
+        "potluck": capture([str(POTLUCK_BIN / "potluck"), "--version"]),
     }
 
 
@@ -719,7 +719,9 @@ def print_runs(runs: list[ToolRun], versions: list[Version]) -> None:
         if run.skipped:
             print(f"! {run.tool}: skipped: {run.skipped}")
         if run.error:
-            print(f"! {run.tool} ({run.dtype}) failed: {run.error}")
+            lines = run.error.splitlines()
+            tail = "\n    ".join(lines[:1] + lines[1:][-5:])
+            print(f"! {run.tool} ({run.dtype}) failed:\n    {tail}")
         for step in run.steps:
             if not step.ok:
                 print(f"! {run.tool} {step.step}: {step.note}")
@@ -788,8 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ["f32", "bf16"] if args.dtype == "both" else [args.dtype]
     results = {d: bench_dtype(d, tools, skips, args) for d in dtypes}
     if args.json is not None:
-        doc = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": info}
-        doc |= {"tool_versions": versions, "results": results}
+        doc: dict[str, object] = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": info,
+            "tool_versions": versions,
+            "results": results,
+        }
         args.json.write_text(json.dumps(doc, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -141,7 +141,7 @@ def test_safetensors_every_dtype(tmp_path: Path) -> None:
     assert set(segs) == set(tensors)
     assert segs["empty"].length == 0 and segs["empty"].shape == (0, 4)
     assert segs["scalar"].shape == ()
-    reference = dict(safetensors.deserialize(data))
+    reference = dict(safetensors.deserialize(data))  # type: ignore[no-untyped-call]
     ref_torch = safetensors.torch.load_file(path)
     for name, arr in tensors.items():
         seg = segs[name]
@@ -342,6 +342,8 @@ def test_torch_checkpoint(tmp_path: Path) -> None:
     data = check_tiles(path, layout)
     assert layout.format == "pytorch"
 
+    with zipfile.ZipFile(path) as zf:  # torch writes data descriptors after each member
+        assert any(info.flag_bits & 0x8 for info in zf.infolist())
     reference = torch_names(torch.load(path, weights_only=True))
     owned = {s.name: s for s in layout.tensor_segments() if not s.name.startswith("storage:")}
     views = {v.name: v for v in layout.views}
@@ -430,14 +432,14 @@ def test_torch_malformed(tmp_path: Path) -> None:
 
 def test_npz_stored(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "f32": rng.standard_normal((3, 4)).astype(np.float32),
         "f16": rng.standard_normal(5).astype(np.float16),
         "i8": rng.integers(-100, 100, (2, 2, 2), dtype=np.int8),
         "u64": rng.integers(0, 2**63, 3, dtype=np.uint64),
         "c128": (rng.standard_normal(2) + 1j).astype(np.complex128),
         "mask": rng.integers(0, 2, 6).astype(bool),
-        "scalar": np.float64(3.25),
+        "scalar": np.array(3.25),
         "empty": np.zeros((0, 2), np.int32),
         "fortran_1d": np.asfortranarray(np.arange(4.0)),
         "fortran": np.asfortranarray(rng.standard_normal((3, 2))),
@@ -445,7 +447,7 @@ def test_npz_stored(tmp_path: Path) -> None:
         "bf16": np.ones(2, ml_dtypes.bfloat16),  # np.save loses the type: stored as |V2
     }
     path = tmp_path / "a.npz"
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     layout = scan_file(path)
     data = check_tiles(path, layout)
     assert layout.format == "npz"
@@ -463,9 +465,12 @@ def test_npz_stored(tmp_path: Path) -> None:
 
 
 def test_npz_compressed(tmp_path: Path) -> None:
-    arrays = {"a": np.arange(1000, dtype=np.float32).reshape(10, 100), "b": np.zeros(3, np.int8)}
+    arrays: dict[str, np.ndarray] = {
+        "a": np.arange(1000, dtype=np.float32).reshape(10, 100),
+        "b": np.zeros(3, np.int8),
+    }
     path = tmp_path / "c.npz"
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
     layout = scan_file(path)
     check_tiles(path, layout)
     assert layout.tensor_segments() == []
@@ -491,3 +496,46 @@ def test_npz_malformed(tmp_path: Path) -> None:
     short = rewrite_zip(blob, {"x.npy": npy.getvalue()[:-8]})
     with pytest.raises(FormatError, match="holds 72 data bytes"):
         scan_bytes(tmp_path, short, "short.npz")
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _sample_files() -> dict[str, bytes]:
+    npz, npzc = io.BytesIO(), io.BytesIO()
+    np.savez(npz, x=np.arange(5.0), y=np.zeros((2, 2), np.int8))
+    np.savez_compressed(npzc, x=np.arange(5.0))
+    return {
+        "safetensors": safetensors.numpy.save(
+            {"a": np.zeros(3, np.float32), "b": np.ones(2, np.int8)}, metadata={"k": "v"}
+        ),
+        "pytorch": saved({"a": torch.zeros(3), "b": [torch.ones(2, 2).t()], "c": {1: (2, None)}}),
+        "npz": npz.getvalue(),
+        "npz_compressed": npzc.getvalue(),
+    }
+
+
+_SAMPLES = _sample_files()
+
+
+@pytest.mark.parametrize("kind", sorted(_SAMPLES))
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=4),
+    keep=st.floats(0.5, 1),
+)
+def test_corrupted_files_raise_only_format_errors(
+    kind: str, edits: list[tuple[float, int]], keep: float
+) -> None:
+    blob = bytearray(_SAMPLES[kind])
+    for where, value in edits:
+        blob[int(where * len(blob))] = value
+    data = bytes(blob[: max(1, int(keep * len(blob)))])
+    fmt = detect(data[:4096], len(data))
+    if fmt is None:
+        return
+    try:
+        layout = fmt.scan(io.BytesIO(data), len(data))
+    except FormatError:
+        return
+    assert b"".join(data[s.offset : s.offset + s.length] for s in layout.segments) == data

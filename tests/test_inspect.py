@@ -53,8 +53,11 @@ def test_git_diff_uses_tensor_driver(repo: Path, git: Run, rng) -> None:
     out = git("git", "diff")  # work tree vs index: the driver reads the checkpoint itself
     assert "changed  embed  F32[256,64]" in out and "changed=100.00%" in out
     commit(git, "m.safetensors", "v2")
-    out = git("git", "log", "-p", "-1")
-    assert "changed  embed" in out
+    out = git("git", "log", "-p", "--ext-diff", "-1")
+    assert "changed  embed  F32[256,64]" in out
+    out = git("git", "log", "-p", "-1")  # textconv: one line per tensor
+    assert "-embed  F32[256,64]  " in out and "+embed  F32[256,64]  " in out
+    assert "-layers.0.w" not in out and "+layers.0.w" not in out
 
 
 def test_log_and_du(repo: Path, git: Run, rng) -> None:

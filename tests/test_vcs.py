@@ -97,6 +97,8 @@ def test_history_operations(repo: Path, git: Run, rng, op: str) -> None:
         assert (repo / "m.safetensors").read_bytes() == v1
         git("git", "stash", "pop", "-q")
         assert (repo / "m.safetensors").read_bytes() == wip
+        assert git("git", "status", "--porcelain") == " M m.safetensors\n"
+        git("git", "checkout", "--", "m.safetensors")
     elif op == "cherry-pick":
         git("git", "cherry-pick", c_side)
         assert (repo / "m.safetensors").read_bytes() == v_side

@@ -10,13 +10,12 @@ import sys
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import err, file_diff_text
+from potluck.cli.render import err, file_diff_text, tensor_lines
 from potluck.errors import PotluckError
 from potluck.git import inspect as insp
 from potluck.git.filter import PotluckFilter
-from potluck.git.filter_process import serve
+from potluck.git.filter_process import serve_stdio
 from potluck.git.merge_driver import run_merge_driver
-from potluck.git.plumbing import CatFileBatch
 from potluck.git.repo import Repo
 
 
@@ -25,8 +24,8 @@ from potluck.git.repo import Repo
 def filter_process() -> None:
     """git's long-running clean/smudge filter (filter.potluck.process)."""
     repo = Repo(".")
-    with CatFileBatch(repo.root) as batch:
-        code = serve(PotluckFilter(repo, batch), sys.stdin.buffer, sys.stdout.buffer, err)
+    with repo.git.batch() as batch:
+        code = serve_stdio(PotluckFilter(repo, batch), err)
     sys.exit(code)
 
 
@@ -36,7 +35,7 @@ def filter_process() -> None:
 def clean(path: str) -> None:
     """Per-file clean filter (stdin checkpoint → stdout manifest)."""
     repo = Repo(".")
-    with CatFileBatch(repo.root) as batch:
+    with repo.git.batch() as batch:
         PotluckFilter(repo, batch).clean(path, sys.stdin.buffer, sys.stdout.buffer)
 
 
@@ -60,6 +59,14 @@ def diff_driver(args: tuple[str, ...]) -> None:
     path, old_file, new_file = args[0], args[1], args[4]
     d = insp.diff_sides(path, insp.file_side(repo, old_file), insp.file_side(repo, new_file))
     click.echo(file_diff_text(d))
+
+
+@cli.command(name="textconv", hidden=True)
+@click.argument("file")
+@handle_errors
+def textconv(file: str) -> None:
+    """One line per tensor (name, dtype[shape], content id) for `git log -p` and friends."""
+    click.echo(tensor_lines(insp.file_side(Repo("."), file).manifest))
 
 
 @cli.command(name="merge-driver", hidden=True)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from potluck.git.inspect import FileDiff
+from potluck.objects.manifest import Manifest
 
 
 def emit_json(obj: Any) -> None:
@@ -49,6 +50,18 @@ def file_diff_text(d: FileDiff) -> str:
         out.append(line)
     out.append(f"  ({len(d.changes)} tensors differ, {d.unchanged} unchanged)")
     return "\n".join(out)
+
+
+def tensor_lines(m: Manifest | None) -> str:
+    """Text form of a manifest for line diffs: ``name  dtype[shape]  oid-prefix`` per tensor."""
+    if m is None:
+        return ""
+    lines = [f"# {m.format}, {m.size} bytes"]
+    for name, e in sorted(m.tensors().items()):
+        lines.append(f"{name}  {e.dtype}[{','.join(map(str, e.shape))}]  {e.oid[:16]}")
+    for v in sorted(m.views, key=lambda v: v.name):
+        lines.append(f"{v.name}  {v.dtype}[{','.join(map(str, v.shape))}]  view of {v.storage}")
+    return "\n".join(lines)
 
 
 def err(msg: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from potluck.errors import FormatError
 from potluck.formats.base import CheckpointFormat, Layout
@@ -61,3 +62,38 @@ def scan_file(path: str | os.PathLike[str]) -> Layout:
             )
         f.seek(0)
         return fmt.scan(f, size)
+
+
+def scan_stream(f: BinaryIO, size: int, *, name: str = "<stream>") -> Layout:
+    """Detect the format of the open, seekable file ``f`` (``size`` bytes) and scan it.
+
+    Errors name the file as ``name``.
+    """
+    f.seek(0)
+    head = f.read(HEAD_SIZE)
+    fmt = detect(head, size) or _by_extension(name)
+    if fmt is None:
+        raise FormatError(
+            f"{name}: not a checkpoint potluck knows (safetensors, PyTorch zip, npz)",
+            hint="track only checkpoint files (`potluck untrack PATTERN`), or add a format plugin",
+        )
+    f.seek(0)
+    try:
+        return fmt.scan(f, size)
+    except FormatError as e:
+        if name in e.message:
+            raise
+        raise FormatError(f"{name}: {e.message}", hint=e.hint, **e.data) from e
+
+
+_EXTENSIONS = {".safetensors": "safetensors", ".pt": "pytorch", ".pth": "pytorch",
+               ".bin": "pytorch", ".npz": "npz"}
+
+
+def _by_extension(name: str) -> CheckpointFormat | None:
+    """Content decides the format; the extension only picks the parser whose error explains
+    why a file that looks like one of ours is not valid (e.g. a truncated safetensors)."""
+    for ext, fmt in _EXTENSIONS.items():
+        if name.endswith(ext):
+            return FORMATS.get(fmt)
+    return None

@@ -235,10 +235,11 @@ def load_weights_pickle(data: bytes) -> tuple[object, dict[str, StorageRef]]:
         obj = unpickler.load()
     except FormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, IndexError) as exc:
-        raise FormatError(f"{_FMT}: data.pkl is not a valid weights pickle ({exc})") from None
-    except (AttributeError, KeyError, MemoryError, RecursionError, OverflowError) as exc:
-        raise FormatError(f"{_FMT}: data.pkl is not a valid weights pickle ({exc!r})") from None
+    except Exception as exc:  # any failure of a hostile or corrupt pickle is a format error
+        raise FormatError(
+            f"{_FMT}: data.pkl is not a valid weights pickle ({type(exc).__name__}: {exc})",
+            hint="the checkpoint is corrupt or was not written by torch.save",
+        ) from None
     return obj, unpickler.storages
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 
 from potluck.errors import UserError
 from potluck.formats import scan_stream
+from potluck.git.maintenance import reachable_manifests
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.diff import TensorChange, diff_manifests, unchanged_count
@@ -86,11 +88,15 @@ def _load_from_file(repo: Repo, path: str, names: list[str] | None) -> dict[str,
 
 
 def load(
-    path: str, rev: str | None = None, names: list[str] | None = None, *, cwd: str = "."
+    path: str, rev: str | None = None, names: list[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """Tensors of ``path`` (work tree, or ``rev``), decoding only ``names`` when given."""
-    repo = Repo(cwd)
-    rel = repo.relpath(path)
+    """Tensors of ``path`` (work tree, or ``rev``), decoding only ``names`` when given.
+
+    The repository is the one that contains ``path``.
+    """
+    full_path = Path(path).absolute()
+    repo = Repo(full_path.parent if full_path.parent.exists() else Path.cwd())
+    rel = repo.relpath(full_path)
     if rev is None:
         full = repo.root / rel
         with open(full, "rb") as f:
@@ -111,7 +117,7 @@ def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
     if s.manifest is None:
         raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
     rows = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
-            for e in s.manifest.tensors().values()]
+            for e in sorted(s.manifest.tensors().values(), key=lambda e: e.name)]
     rows += [{"name": v.name, "dtype": v.dtype, "shape": list(v.shape), "bytes": 0,
               "view_of": v.storage} for v in s.manifest.views]
     return rows
@@ -183,16 +189,8 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
 def du(repo: Repo) -> dict[str, Any]:
     """Logical bytes (a full copy per version) vs stored bytes, per path and in total."""
     per_path: dict[str, dict[str, Any]] = {}
-    seen_blobs: set[str] = set()
     all_oids: set[str] = set()
-    for blob, path in repo.git.reachable_blobs(None):
-        if blob in seen_blobs:
-            continue
-        seen_blobs.add(blob)
-        data = repo.git.show_blob(blob)
-        if data is None or not is_manifest(data):
-            continue
-        m = parse(data)
+    for _blob, (path, m) in reachable_manifests(repo).items():
         row = per_path.setdefault(path, {"versions": 0, "logical": 0, "oids": set()})
         row["versions"] += 1
         row["logical"] += m.size

@@ -16,12 +16,13 @@ def reachable_manifests(repo: Repo) -> dict[str, tuple[str, Manifest]]:
     """blob id → (path, manifest) for every manifest reachable from refs, reflogs, stash and
     the index, plus the sides of unresolved merge conflicts (keyed ``merge:<path>:<side>``)."""
     out: dict[str, tuple[str, Manifest]] = {}
-    for blob, path in repo.git.reachable_blobs(None):
-        if blob in out:
-            continue
-        data = repo.git.show_blob(blob)
-        if data is not None and is_manifest(data):
-            out[blob] = (path, parse(data))
+    with repo.git.batch() as batch:
+        for blob, path in repo.git.reachable_blobs(None):
+            if blob in out:
+                continue
+            data = batch.get(blob)
+            if data is not None and is_manifest(data):
+                out[blob] = (path, parse(data))
     for rec in load_records(repo):
         for name, m in (("base", rec.base), ("ours", rec.ours), ("theirs", rec.theirs)):
             if m is not None:

@@ -24,6 +24,7 @@ def driver_config(command: str = "git-potluck") -> dict[str, str]:
         "filter.potluck.smudge": f"{command} smudge %f",
         "filter.potluck.required": "true",
         "diff.potluck.command": f"{command} diff-driver",
+        "diff.potluck.textconv": f"{command} textconv",
         "merge.potluck.name": "potluck tensor-level merge",
         "merge.potluck.driver": f"{command} merge-driver %O %A %B %P",
     }
