@@ -294,7 +294,7 @@ def test_install_idempotent_and_uninstall(repo: Path) -> None:
     assert git.config_get("merge.potluck.driver") == "git-potluck merge-driver %O %A %B %P"
     moved = [k for k, v in setup.driver_config("/opt/pl").items() if "/opt/pl" in v]
     assert setup.install(git, command="/opt/pl") == moved
-    assert len(moved) == 5
+    assert len(moved) == 6
     removed = setup.uninstall(git)
     assert set(removed) == set(setup.driver_config())
     assert setup.uninstall(git) == []
