@@ -76,8 +76,11 @@ def git(repo: Path) -> Run:
     return run_in(repo)
 
 
-def save_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
-            ) -> bytes:
+def save_st(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> bytes:
     """Write a safetensors file with the reference library; return its bytes."""
     from safetensors.numpy import save_file
 

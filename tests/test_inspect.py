@@ -16,8 +16,10 @@ def test_ls_worktree_and_revision(repo: Path, git: Run, rng) -> None:
     save_st(repo / "m.safetensors", t)
     commit(git, "m.safetensors", "v1")
     rows = json.loads(git("potluck", "ls", "m.safetensors@HEAD", "--json"))
-    assert rows == [{"name": "a", "dtype": "F32", "shape": [2, 3], "bytes": 24},
-                    {"name": "b", "dtype": "I64", "shape": [5], "bytes": 40}]
+    assert rows == [
+        {"name": "a", "dtype": "F32", "shape": [2, 3], "bytes": 24},
+        {"name": "b", "dtype": "I64", "shape": [5], "bytes": 40},
+    ]
     assert json.loads(git("potluck", "ls", "m.safetensors", "--json")) == rows
 
 
@@ -38,8 +40,9 @@ def test_diff_stats_match_numpy(repo: Path, git: Run, rng) -> None:
     s = ch["layers.1.w"]["stats"]
     d = w.astype(np.float64) - t["layers.1.w"].astype(np.float64)
     assert np.isclose(s["l2"], np.linalg.norm(d), rtol=1e-12)
-    assert np.isclose(s["rel"], np.linalg.norm(d) / np.linalg.norm(t["layers.1.w"].astype(
-        np.float64)), rtol=1e-12)
+    assert np.isclose(
+        s["rel"], np.linalg.norm(d) / np.linalg.norm(t["layers.1.w"].astype(np.float64)), rtol=1e-12
+    )
     assert s["frac_changed"] == 5 / w.size
     assert np.isclose(s["max_abs"], np.abs(d).max(), rtol=1e-12)
     assert out[0]["unchanged"] == len(t) - 2

@@ -25,8 +25,11 @@ def test_flipped_byte_is_named_by_fsck_and_fails_checkout(repo: Path, git: Run, 
     data = save_st(repo / "m.safetensors", t)
     c1 = commit(git, "m.safetensors", "v1")
     m = git("git", "cat-file", "-p", ":m.safetensors")
-    oid = next(json.loads(line)["oid"] for line in m.splitlines()[2:]
-               if json.loads(line).get("tensor") == "layers.1.w")
+    oid = next(
+        json.loads(line)["oid"]
+        for line in m.splitlines()[2:]
+        if json.loads(line).get("tensor") == "layers.1.w"
+    )
     obj = repo / ".git" / "potluck" / "objects" / oid[:2] / oid[2:]
     raw = bytearray(obj.read_bytes())
     raw[-10] ^= 0xFF
@@ -58,8 +61,9 @@ def _bad_safetensors(kind: str, good: bytes) -> bytes:
 
 
 def test_malformed_files_are_refused_and_nothing_is_stored(repo: Path, git: Run, rng) -> None:
-    good = save_st(repo / "ok.safetensors", {"a": np.ones(4, np.float32),
-                                            "b": np.zeros(4, np.float32)})
+    good = save_st(
+        repo / "ok.safetensors", {"a": np.ones(4, np.float32), "b": np.zeros(4, np.float32)}
+    )
     (repo / "ok.safetensors").unlink()
     before = _stored_oids(repo)
     cases = {"header_past_end": "past the end", "truncated": "", "overlap": "overlap"}
@@ -95,9 +99,13 @@ def test_killed_filter_leaves_no_partial_object(repo: Path, git: Run, rng) -> No
     big = {f"t{i}": rng.normal(size=(1024, 1024)).astype(np.float32) for i in range(12)}
     data = save_st(repo / "big.safetensors", big)
     for delay in (0.2, 0.5, 0.9):
-        p = subprocess.Popen(["potluck", "clean", "big.safetensors"], cwd=repo,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            ["potluck", "clean", "big.safetensors"],
+            cwd=repo,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             assert p.stdin is not None
             p.stdin.write(data)

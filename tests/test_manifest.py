@@ -20,8 +20,13 @@ GOLDEN = (
 
 
 def sample() -> Manifest:
-    return Manifest("safetensors", 104, (RawEntry(A, 80), TensorEntry("w", "BF16", (3, 4), B, 24)),
-                    (ViewEntry("w.T", "w", "BF16", (4, 3), (1, 4), 0),), {"k": "v"})
+    return Manifest(
+        "safetensors",
+        104,
+        (RawEntry(A, 80), TensorEntry("w", "BF16", (3, 4), B, 24)),
+        (ViewEntry("w.T", "w", "BF16", (4, 3), (1, 4), 0),),
+        {"k": "v"},
+    )
 
 
 def test_golden_bytes() -> None:

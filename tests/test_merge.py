@@ -28,9 +28,13 @@ def _branches(repo: Path, git: Run, rng, ours_change: dict, theirs_change: dict)
 
 
 def test_one_sided_changes_merge_cleanly_and_exactly(repo: Path, git: Run, rng) -> None:
-    base, ours, theirs = _branches(repo, git, rng,
-                                   {"layers.0.w": np.full((64, 64), 1, np.float32)},
-                                   {"layers.2.w": np.full((64, 64), 2, np.float32)})
+    base, ours, theirs = _branches(
+        repo,
+        git,
+        rng,
+        {"layers.0.w": np.full((64, 64), 1, np.float32)},
+        {"layers.2.w": np.full((64, 64), 2, np.float32)},
+    )
     git("git", "merge", "-q", "--no-edit", "theirs")
     got = potluck.load(str(repo / "m.safetensors"))
     want = dict(base, **{"layers.0.w": ours["layers.0.w"], "layers.2.w": theirs["layers.2.w"]})
@@ -62,10 +66,13 @@ def test_structural_one_sided_change_rebuilds_header(repo: Path, git: Run, rng) 
 
 
 def test_conflict_keeps_loadable_ours_and_resolve_finishes(repo: Path, git: Run, rng) -> None:
-    base, ours, theirs = _branches(
-        repo, git, rng,
+    _, ours, theirs = _branches(
+        repo,
+        git,
+        rng,
         {"layers.0.w": np.full((64, 64), 1, np.float32), "layers.1.b": np.ones(64, np.float32)},
-        {"layers.0.w": np.full((64, 64), 2, np.float32), "layers.2.b": np.ones(64, np.float32)})
+        {"layers.0.w": np.full((64, 64), 2, np.float32), "layers.2.b": np.ones(64, np.float32)},
+    )
     out = git("git", "merge", "--no-edit", "theirs", check=False)
     assert "CONFLICT" in out
     text = (repo / "m.safetensors").read_bytes()
@@ -93,10 +100,19 @@ def test_resolve_without_conflict_is_a_clear_error(repo: Path, git: Run) -> None
 
 @pytest.mark.parametrize("take", ["ours", "theirs"])
 def test_resolve_by_pattern(repo: Path, git: Run, rng, take: str) -> None:
-    base, ours, theirs = _branches(
-        repo, git, rng,
-        {"layers.0.w": np.full((64, 64), 1, np.float32), "layers.1.w": np.ones((64, 64), np.float32)},
-        {"layers.0.w": np.full((64, 64), 2, np.float32), "layers.1.w": np.zeros((64, 64), np.float32)})
+    _, ours, theirs = _branches(
+        repo,
+        git,
+        rng,
+        {
+            "layers.0.w": np.full((64, 64), 1, np.float32),
+            "layers.1.w": np.ones((64, 64), np.float32),
+        },
+        {
+            "layers.0.w": np.full((64, 64), 2, np.float32),
+            "layers.1.w": np.zeros((64, 64), np.float32),
+        },
+    )
     git("git", "merge", "--no-edit", "theirs", check=False)
     out = git("potluck", "resolve", "m.safetensors", "--take", take, "--tensors", "layers.0.*")
     assert "1 tensors still conflicted: layers.1.w" in out

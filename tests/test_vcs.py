@@ -66,9 +66,9 @@ def test_clean_is_idempotent(repo: Path, git: Run, rng) -> None:
     # cleaning a manifest again gives the same manifest
     again = run_in(repo)("potluck", "clean", "m.safetensors", input=manifest.encode())
     assert again == manifest
-    assert out1.strip() == hashlib.sha1(
-        b"blob %d\0" % len(manifest) + manifest.encode()
-    ).hexdigest()
+    assert (
+        out1.strip() == hashlib.sha1(b"blob %d\0" % len(manifest) + manifest.encode()).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("op", ["switch", "reset", "stash", "cherry-pick", "rebase"])

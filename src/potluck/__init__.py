@@ -10,7 +10,6 @@ Public API (everything else is internal):
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-
 from typing import TYPE_CHECKING
 
 from potluck.errors import FormatError, IntegrityError, PotluckError, UserError
@@ -22,7 +21,6 @@ try:
     __version__ = version("potluck")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
-
 
 
 def load(

@@ -60,7 +60,8 @@ def init_params(cfg: TinyConfig, rng: np.random.Generator) -> Params:
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = x.var(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + 1e-5) * w + b
+    out: np.ndarray = (x - mu) / np.sqrt(var + 1e-5) * w + b
+    return out
 
 
 def forward(p: Params, tokens: np.ndarray, heads: int = 4) -> np.ndarray:
@@ -82,7 +83,8 @@ def forward(p: Params, tokens: np.ndarray, heads: int = 4) -> np.ndarray:
         m = _layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
         x = x + np.maximum(m @ p[h + "mlp.fc.weight"], 0) @ p[h + "mlp.proj.weight"]
     x = _layer_norm(x, p["ln_f.weight"], p["ln_f.bias"])
-    return np.asarray(x @ p["wte"].T)
+    logits: np.ndarray = x @ p["wte"].T
+    return logits
 
 
 def save_safetensors(p: Params, path: Path) -> None:
@@ -101,8 +103,10 @@ def save_safetensors(p: Params, path: Path) -> None:
 
 def dense_step(p: Params, rng: np.random.Generator) -> Params:
     """One fine-tuning step: every weight moves by a tiny relative amount."""
-    return {k: (v + 1e-3 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
-            for k, v in p.items()}
+    return {
+        k: (v + 1e-3 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in p.items()
+    }
 
 
 def sparse_edit(p: Params, rng: np.random.Generator, layer: int = 2) -> Params:
@@ -117,8 +121,14 @@ def sparse_edit(p: Params, rng: np.random.Generator, layer: int = 2) -> Params:
 
 def retrain(p: Params, rng: np.random.Generator, prefixes: tuple[str, ...]) -> Params:
     """Some tensors retrained from scratch (new values, same shapes)."""
-    return {k: (rng.normal(0, 0.02, v.shape).astype(np.float32)
-                if k.startswith(prefixes) and v.ndim == 2 else v) for k, v in p.items()}
+    return {
+        k: (
+            rng.normal(0, 0.02, v.shape).astype(np.float32)
+            if k.startswith(prefixes) and v.ndim == 2
+            else v
+        )
+        for k, v in p.items()
+    }
 
 
 class _Shell:
@@ -128,10 +138,14 @@ class _Shell:
         self.root = root
         self.log = log
         bindir = str(Path(sys.executable).parent)
-        self.env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-                        GIT_AUTHOR_NAME="potluck demo", GIT_AUTHOR_EMAIL="demo@potluck.invalid",
-                        GIT_COMMITTER_NAME="potluck demo",
-                        GIT_COMMITTER_EMAIL="demo@potluck.invalid")
+        self.env = dict(
+            os.environ,
+            PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+            GIT_AUTHOR_NAME="potluck demo",
+            GIT_AUTHOR_EMAIL="demo@potluck.invalid",
+            GIT_COMMITTER_NAME="potluck demo",
+            GIT_COMMITTER_EMAIL="demo@potluck.invalid",
+        )
 
     def __call__(self, *args: str) -> str:
         r = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
@@ -161,8 +175,14 @@ def _commit(sh: _Shell, p: Params, label: str, rows: list[Row]) -> str:
     save_safetensors(p, sh.root / FILE)
     sh("git", "add", FILE)
     sh("git", "commit", "-q", "-m", label)
-    rows.append(Row(label, (sh.root / FILE).stat().st_size, _store_bytes(sh.root) - before,
-                    time.perf_counter() - t0))
+    rows.append(
+        Row(
+            label,
+            (sh.root / FILE).stat().st_size,
+            _store_bytes(sh.root) - before,
+            time.perf_counter() - t0,
+        )
+    )
     return sh("git", "rev-parse", "HEAD").strip()
 
 
@@ -186,27 +206,42 @@ def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) ->
     p2 = sparse_edit(p1, rng)
     revs["v3"] = _commit(sh, p2, "v3: sparse knowledge edit (0.5% of one matrix)", rows)
     sh("git", "switch", "-q", "-c", "embeddings")
-    revs["emb"] = _commit(sh, retrain(p2, rng, ("wte", "wpe")),
-                          "branch: embeddings retrained", rows)
+    revs["emb"] = _commit(
+        sh, retrain(p2, rng, ("wte", "wpe")), "branch: embeddings retrained", rows
+    )
     sh("git", "switch", "-q", "main")
     p3 = retrain(p2, rng, ("h.3.",))
     revs["v4"] = _commit(sh, p3, "v4: last layer retrained", rows)
     t0 = time.perf_counter()
     sh("git", "merge", "-q", "--no-edit", "embeddings")
     merged = load(str(root / FILE))
-    rows.append(Row("merge of branch 'embeddings' (git merge)", (root / FILE).stat().st_size,
-                    0, time.perf_counter() - t0))
+    rows.append(
+        Row(
+            "merge of branch 'embeddings' (git merge)",
+            (root / FILE).stat().st_size,
+            0,
+            time.perf_counter() - t0,
+        )
+    )
     return _report(sh, rows, revs, merged, p3, tokens, log)
 
 
 def _check_merge(merged: Params, main: Params, branch: Params) -> bool:
     """The merge took embeddings from the branch and everything else from main, exactly."""
-    return all(np.array_equal(merged[k], branch[k] if k in ("wte", "wpe") else main[k])
-               for k in main)
+    return all(
+        np.array_equal(merged[k], branch[k] if k in ("wte", "wpe") else main[k]) for k in main
+    )
 
 
-def _report(sh: _Shell, rows: list[Row], revs: dict[str, str], merged: Params, main: Params,
-            tokens: np.ndarray, log: Callable[[str], None]) -> dict[str, object]:
+def _report(
+    sh: _Shell,
+    rows: list[Row],
+    revs: dict[str, str],
+    merged: Params,
+    main: Params,
+    tokens: np.ndarray,
+    log: Callable[[str], None],
+) -> dict[str, object]:
     repo = Repo(sh.root)
     branch = load(str(sh.root / FILE), rev="embeddings")
     ok = _check_merge(merged, main, branch)
@@ -219,10 +254,14 @@ def _report(sh: _Shell, rows: list[Row], revs: dict[str, str], merged: Params, m
     log(f"potluck demo in {sh.root}\n")
     log(f"{'commit':<50} {'file MiB':>9} {'stored MiB':>11} {'stored %':>9} {'s':>6}")
     for r in rows:
-        log(f"{r.label:<50} {r.logical / 2**20:>9.2f} {r.stored_growth / 2**20:>11.2f} "
-            f"{100 * r.stored_growth / r.logical:>8.1f}% {r.seconds:>6.2f}")
-    log(f"{'TOTAL: full copy per version vs potluck':<50} {full / 2**20:>9.2f} "
-        f"{stored / 2**20:>11.2f} {100 * stored / full:>8.1f}%\n")
+        log(
+            f"{r.label:<50} {r.logical / 2**20:>9.2f} {r.stored_growth / 2**20:>11.2f} "
+            f"{100 * r.stored_growth / r.logical:>8.1f}% {r.seconds:>6.2f}"
+        )
+    log(
+        f"{'TOTAL: full copy per version vs potluck':<50} {full / 2**20:>9.2f} "
+        f"{stored / 2**20:>11.2f} {100 * stored / full:>8.1f}%\n"
+    )
     for a, b in (("v1", "v2"), ("v2", "v3"), ("v3", "v4"), ("v4", "HEAD")):
         ra, rb = revs[a], revs.get(b, b)
         log(f"$ potluck diff {a} {b}")
@@ -230,8 +269,14 @@ def _report(sh: _Shell, rows: list[Row], revs: dict[str, str], merged: Params, m
             _log_diff(d, log)
     log(f"merge kept both sides' tensors exactly: {ok}")
     log(f"checkout of v1 reproduces v1's logits exactly: {same}")
-    return {"rows": rows, "full": full, "stored": stored, "merge_ok": ok, "checkout_ok": same,
-            "root": str(sh.root)}
+    return {
+        "rows": rows,
+        "full": full,
+        "stored": stored,
+        "merge_ok": ok,
+        "checkout_ok": same,
+        "root": str(sh.root),
+    }
 
 
 def _log_diff(d: object, log: Callable[[str], None]) -> None:
@@ -241,7 +286,7 @@ def _log_diff(d: object, log: Callable[[str], None]) -> None:
     shown = d.changes[:4]
     for c in shown:
         s = c.stats
-        extra = (f" ‖Δ‖/‖W‖={s.rel:.2e} changed={100 * s.frac_changed:.2f}%" if s else "")
+        extra = f" ‖Δ‖/‖W‖={s.rel:.2e} changed={100 * s.frac_changed:.2f}%" if s else ""
         log(f"  {c.status:<8} {c.name:<24} {c.new or c.old}{extra}")
     if len(d.changes) > len(shown):
         log(f"  … and {len(d.changes) - len(shown)} more changed tensors")

@@ -1,4 +1,4 @@
-"""A generic, explicit registry: one per extension point (formats, codecs, merge methods, stores)."""
+"""A generic, explicit registry: one per extension point (formats, codecs, methods, stores)."""
 
 from __future__ import annotations
 

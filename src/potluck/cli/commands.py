@@ -22,8 +22,10 @@ def init() -> None:
     repo = Repo(".")
     changed = setup.install(repo.git)
     repo.store.root.mkdir(parents=True, exist_ok=True)
-    click.echo(f"potluck: configured {repo.root}" + (f" ({len(changed)} settings)" if changed
-                                                       else " (already configured)"))
+    click.echo(
+        f"potluck: configured {repo.root}"
+        + (f" ({len(changed)} settings)" if changed else " (already configured)")
+    )
 
 
 @cli.command()
@@ -63,9 +65,15 @@ def ls_cmd(spec: str, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    body = [[r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "()",
-             human_bytes(r["bytes"]) if "view_of" not in r else f"view of {r['view_of']}"]
-            for r in rows]
+    body = [
+        [
+            r["name"],
+            r["dtype"],
+            "x".join(map(str, r["shape"])) or "()",
+            human_bytes(r["bytes"]) if "view_of" not in r else f"view of {r['view_of']}",
+        ]
+        for r in rows
+    ]
     click.echo(table(body, ["name", "dtype", "shape", "bytes"]))
     click.echo(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
 
@@ -109,10 +117,15 @@ def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
         return
     for r in rows:
         c = r["counts"]
-        what = "deleted" if r["deleted"] else ", ".join(
-            f"{v} {k}" for k, v in c.items() if v) or "no tensor changes"
-        click.echo(f"{r['commit'][:10]} {r['subject'][:50]:<50} {what}; "
-                   f"{human_bytes(r['changed_bytes'])} of {human_bytes(r['size'])} changed")
+        what = (
+            "deleted"
+            if r["deleted"]
+            else ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no tensor changes"
+        )
+        click.echo(
+            f"{r['commit'][:10]} {r['subject'][:50]:<50} {what}; "
+            f"{human_bytes(r['changed_bytes'])} of {human_bytes(r['size'])} changed"
+        )
 
 
 @cli.command()
@@ -124,10 +137,13 @@ def du(as_json: bool) -> None:
     if as_json:
         emit_json(rep)
         return
-    rows = [[f["path"], f["versions"], human_bytes(f["logical"]), human_bytes(f["stored"])]
-            for f in rep["files"]]
-    rows.append(["TOTAL (deduplicated)", "", human_bytes(rep["logical"]),
-                 human_bytes(rep["stored"])])
+    rows = [
+        [f["path"], f["versions"], human_bytes(f["logical"]), human_bytes(f["stored"])]
+        for f in rep["files"]
+    ]
+    rows.append(
+        ["TOTAL (deduplicated)", "", human_bytes(rep["logical"]), human_bytes(rep["stored"])]
+    )
     click.echo(table(rows, ["path", "versions", "logical", "stored"]))
     if rep["missing"]:
         click.echo(f"{rep['missing']} referenced objects are not present locally")
@@ -160,8 +176,11 @@ def fsck(as_json: bool) -> None:
             click.echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
             for u in p.uses:
                 click.echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
-        click.echo("ok: all objects verified" if not problems else
-                   f"{len(problems)} bad objects; restore them from a remote or another clone")
+        click.echo(
+            "ok: all objects verified"
+            if not problems
+            else f"{len(problems)} bad objects; restore them from a remote or another clone"
+        )
     raise SystemExit(1 if problems else 0)
 
 
@@ -181,8 +200,9 @@ def status(as_json: bool) -> None:
             click.echo(f"    {t}" + (f"  ({why})" if why else ""))
         click.echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
     for p in st["not_materialized"]:
-        click.echo(f"not materialized: {p['path']} (manifest only; "
-                   f"{p['missing_objects']} objects missing)")
+        click.echo(
+            f"not materialized: {p['path']} (manifest only; {p['missing_objects']} objects missing)"
+        )
     if not st["conflicts"] and not st["not_materialized"]:
         click.echo("potluck: nothing to report")
 

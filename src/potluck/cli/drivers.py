@@ -82,10 +82,14 @@ def merge_driver(base: str, ours: str, theirs: str, path: str) -> None:
         err(f"potluck: merge of {path} failed: {e}")
         sys.exit(1)
     if result.from_theirs or result.combined:
-        err(f"potluck: {path}: took {len(result.from_theirs)} tensors from theirs, "
-            f"combined {len(result.combined)}")
+        err(
+            f"potluck: {path}: took {len(result.from_theirs)} tensors from theirs, "
+            f"combined {len(result.combined)}"
+        )
     if result.conflicts:
-        err(f"potluck: CONFLICT {path}: {len(result.conflicts)} tensors changed on both sides "
+        err(
+            f"potluck: CONFLICT {path}: {len(result.conflicts)} tensors changed on both sides "
             f"(the file holds ours); see `potluck status`, finish with "
-            f"`potluck resolve {path} --take ours|theirs`")
+            f"`potluck resolve {path} --take ours|theirs`"
+        )
         sys.exit(1)

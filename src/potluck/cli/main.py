@@ -35,8 +35,11 @@ def handle_errors(fn: F) -> F:
 @click.version_option(package_name="potluck")
 def cli(verbose: int, quiet: bool) -> None:
     """potluck: version, patch, merge and compose ML checkpoints with git."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
-                                         logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     logging.basicConfig(level=level, stream=sys.stderr, format="potluck: %(message)s")
 
 

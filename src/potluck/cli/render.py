@@ -45,8 +45,10 @@ def file_diff_text(d: FileDiff) -> str:
         line = f"  {c.status:<8} {c.name}  {sig}"
         if c.stats is not None:
             s = c.stats
-            line += (f"  ‖Δ‖₂={s.l2:.4g} ‖Δ‖/‖W‖={s.rel:.3g} changed={100 * s.frac_changed:.2f}%"
-                     f" max|Δ|={s.max_abs:.3g}")
+            line += (
+                f"  ‖Δ‖₂={s.l2:.4g} ‖Δ‖/‖W‖={s.rel:.3g} changed={100 * s.frac_changed:.2f}%"
+                f" max|Δ|={s.max_abs:.3g}"
+            )
         out.append(line)
     out.append(f"  ({len(d.changes)} tensors differ, {d.unchanged} unchanged)")
     return "\n".join(out)

@@ -86,8 +86,13 @@ def scan_stream(f: BinaryIO, size: int, *, name: str = "<stream>") -> Layout:
         raise FormatError(f"{name}: {e.message}", hint=e.hint, **e.data) from e
 
 
-_EXTENSIONS = {".safetensors": "safetensors", ".pt": "pytorch", ".pth": "pytorch",
-               ".bin": "pytorch", ".npz": "npz"}
+_EXTENSIONS = {
+    ".safetensors": "safetensors",
+    ".pt": "pytorch",
+    ".pth": "pytorch",
+    ".bin": "pytorch",
+    ".npz": "npz",
+}
 
 
 def _by_extension(name: str) -> CheckpointFormat | None:

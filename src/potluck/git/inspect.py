@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,21 +44,16 @@ def split_rev(spec: str) -> tuple[str, str | None]:
 def side(repo: Repo, path: str, rev: str | None) -> Side:
     """The file ``path`` at ``rev`` (None = work tree, "" = index)."""
     if rev is not None:
-        m = repo.manifest_at(rev, path)
-        if m is None:
-            return Side(None, None)
-        return Side(m, lambda n, m=m: load_tensors(m, repo.odb, [n])[n])
+        at = repo.manifest_at(rev, path)
+        return Side(None, None) if at is None else _store_side(repo, at)
     full = repo.root / path
     if not full.exists():
         return Side(None, None)
-    with open(full, "rb") as f:
-        head = f.read(len(MAGIC))
-        if is_manifest(head):
-            m = parse(head + f.read())
-            return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
-        size = full.stat().st_size
-        m = scan_manifest(f, size, name=path)
-    return Side(m, lambda n: _load_from_file(repo, path, [n])[n])
+    return file_side(repo, str(full))
+
+
+def _store_side(repo: Repo, m: Manifest) -> Side:
+    return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
 
 
 def file_side(repo: Repo, file: str) -> Side:
@@ -68,8 +63,7 @@ def file_side(repo: Repo, file: str) -> Side:
     with open(file, "rb") as f:
         head = f.read(len(MAGIC))
         if is_manifest(head):
-            m = parse(head + f.read())
-            return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
+            return _store_side(repo, parse(head + f.read()))
         f.seek(0, 2)
         size = f.tell()
         m = scan_manifest(f, size, name=file)
@@ -116,10 +110,14 @@ def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
     s = side(repo, repo.relpath(path) if rev is None else path, rev)
     if s.manifest is None:
         raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
-    rows = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
-            for e in sorted(s.manifest.tensors().values(), key=lambda e: e.name)]
-    rows += [{"name": v.name, "dtype": v.dtype, "shape": list(v.shape), "bytes": 0,
-              "view_of": v.storage} for v in s.manifest.views]
+    rows = [
+        {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
+        for e in sorted(s.manifest.tensors().values(), key=lambda e: e.name)
+    ]
+    rows += [
+        {"name": v.name, "dtype": v.dtype, "shape": list(v.shape), "bytes": 0, "view_of": v.storage}
+        for v in s.manifest.views
+    ]
     return rows
 
 
@@ -133,28 +131,36 @@ class FileDiff:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
-        return {"path": self.path, "unchanged": self.unchanged,
-                "changes": [c.to_dict() for c in self.changes]}
+        return {
+            "path": self.path,
+            "unchanged": self.unchanged,
+            "changes": [c.to_dict() for c in self.changes],
+        }
 
 
 def diff_sides(path: str, a: Side, b: Side, stats: bool = True) -> FileDiff:
     """Tensor-level diff between two versions of one file."""
-    changes = diff_manifests(a.manifest, b.manifest, a.load if stats else None,
-                             b.load if stats else None)
+    changes = diff_manifests(
+        a.manifest, b.manifest, a.load if stats else None, b.load if stats else None
+    )
     return FileDiff(path, changes, unchanged_count(a.manifest, b.manifest))
 
 
 def tracked_paths(repo: Repo, rev: str | None, paths: list[str]) -> list[str]:
     """Files under potluck's filter at ``rev`` (or in the index), limited to ``paths``."""
-    files = (repo.git.ls_files(*paths) if rev is None
-             else [p for p, _ in repo.git.list_blobs(rev, paths or None)])
+    files = (
+        repo.git.ls_files(*paths)
+        if rev is None
+        else [p for p, _ in repo.git.list_blobs(rev, paths or None)]
+    )
     if not files:
         return []
     return [p for p in files if repo.git.check_attr("filter", p) == "potluck"]
 
 
-def diff(repo: Repo, rev_a: str | None, rev_b: str | None, paths: list[str],
-         stats: bool = True) -> list[FileDiff]:
+def diff(
+    repo: Repo, rev_a: str | None, rev_b: str | None, paths: list[str], stats: bool = True
+) -> list[FileDiff]:
     """``potluck diff``: no revs = index vs work tree; one = rev vs work tree; two = a vs b."""
     a_rev = "" if rev_a is None else rev_a
     names = sorted(set(tracked_paths(repo, rev_a, paths)) | set(tracked_paths(repo, rev_b, paths)))
@@ -171,18 +177,34 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
     rel = repo.relpath(path)
     rows = []
     for commit, subject, blob in repo.git.log_path(rel, max_count):
-        cur = parse(blob_bytes) if (blob_bytes := repo.git.show_blob(blob) if blob else None) and \
-            is_manifest(blob_bytes) else None
+        cur = (
+            parse(blob_bytes)
+            if (blob_bytes := repo.git.show_blob(blob) if blob else None)
+            and is_manifest(blob_bytes)
+            else None
+        )
         parent = repo.git.rev_parse(f"{commit}^")
         prev = repo.manifest_at(parent, rel) if parent else None
         changes = diff_manifests(prev, cur)
-        counts = {k: sum(1 for c in changes if c.status == k)
-                  for k in ("added", "removed", "changed", "reshaped", "retyped")}
-        changed_bytes = sum(e.size for n, e in (cur.tensors().items() if cur else [])
-                            if any(c.name == n for c in changes))
-        rows.append({"commit": commit, "subject": subject, "deleted": cur is None,
-                     "counts": counts, "changed_bytes": changed_bytes,
-                     "size": cur.size if cur else 0})
+        counts = {
+            k: sum(1 for c in changes if c.status == k)
+            for k in ("added", "removed", "changed", "reshaped", "retyped")
+        }
+        changed_bytes = sum(
+            e.size
+            for n, e in (cur.tensors().items() if cur else [])
+            if any(c.name == n for c in changes)
+        )
+        rows.append(
+            {
+                "commit": commit,
+                "subject": subject,
+                "deleted": cur is None,
+                "counts": counts,
+                "changed_bytes": changed_bytes,
+                "size": cur.size if cur else 0,
+            }
+        )
     return rows
 
 
@@ -200,11 +222,16 @@ def du(repo: Repo) -> dict[str, Any]:
     files = []
     for path, row in sorted(per_path.items()):
         stored = sum(sizes.get(o, 0) for o in row["oids"])
-        files.append({"path": path, "versions": row["versions"], "logical": row["logical"],
-                      "stored": stored})
-    return {"files": files, "logical": sum(f["logical"] for f in files),
-            "stored": sum(sizes.values()), "objects": len(sizes),
-            "missing": len(all_oids) - len(sizes)}
+        files.append(
+            {"path": path, "versions": row["versions"], "logical": row["logical"], "stored": stored}
+        )
+    return {
+        "files": files,
+        "logical": sum(f["logical"] for f in files),
+        "stored": sum(sizes.values()),
+        "objects": len(sizes),
+        "missing": len(all_oids) - len(sizes),
+    }
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -212,5 +239,15 @@ def matches(name: str, patterns: list[str]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-__all__ = ["FileDiff", "Side", "diff", "du", "load", "log", "ls", "missing_objects", "side",
-           "split_rev"]
+__all__ = [
+    "FileDiff",
+    "Side",
+    "diff",
+    "du",
+    "load",
+    "log",
+    "ls",
+    "missing_objects",
+    "side",
+    "split_rev",
+]

@@ -113,10 +113,10 @@ def fsck(repo: Repo) -> list[Problem]:
         if oid not in problems and not repo.store.has(oid):
             problems[oid] = Problem(oid, "missing", "object is not in the store")
     for blob, (path, m) in manifests.items():
-        for e in m.entries:
-            if e.oid in problems:
-                tensor = e.name if isinstance(e, TensorEntry) else "(file structure)"
-                problems[e.oid].uses.append(
+        for entry in m.entries:
+            if entry.oid in problems:
+                tensor = entry.name if isinstance(entry, TensorEntry) else "(file structure)"
+                problems[entry.oid].uses.append(
                     {"path": path, "tensor": tensor, "revisions": _revisions(repo, blob, path)}
                 )
     return list(problems.values())
@@ -131,8 +131,9 @@ def _revisions(repo: Repo, blob: str, path: str) -> str:
 
 def status(repo: Repo) -> dict[str, Any]:
     """Unresolved tensor conflicts and tracked files left as manifests (data not present)."""
-    conflicts = [{"path": r.path, "tensors": r.conflicts, "reasons": r.reasons}
-                 for r in load_records(repo)]
+    conflicts = [
+        {"path": r.path, "tensors": r.conflicts, "reasons": r.reasons} for r in load_records(repo)
+    ]
     placeholders = []
     for path in repo.git.ls_files():
         full = repo.root / path

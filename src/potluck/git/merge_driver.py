@@ -34,20 +34,31 @@ class ConflictRecord:
 
     def to_json(self) -> str:
         """JSON text of the record."""
-        side = lambda m: dumps(m).decode() if m else None  # noqa: E731
         return json.dumps(
-            {"path": self.path, "base": side(self.base), "ours": side(self.ours),
-             "theirs": side(self.theirs), "conflicts": self.conflicts, "reasons": self.reasons},
-            indent=1, sort_keys=True,
+            {
+                "path": self.path,
+                "base": dumps(self.base).decode() if self.base else None,
+                "ours": dumps(self.ours).decode(),
+                "theirs": dumps(self.theirs).decode(),
+                "conflicts": self.conflicts,
+                "reasons": self.reasons,
+            },
+            indent=1,
+            sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> ConflictRecord:
         """Parse a record."""
         d = json.loads(text)
-        load = lambda s: parse(s.encode()) if s else None  # noqa: E731
-        return cls(d["path"], load(d["base"]), load(d["ours"]), load(d["theirs"]),
-                   list(d["conflicts"]), dict(d["reasons"]))
+        return cls(
+            d["path"],
+            parse(d["base"].encode()) if d["base"] else None,
+            parse(d["ours"].encode()),
+            parse(d["theirs"].encode()),
+            list(d["conflicts"]),
+            dict(d["reasons"]),
+        )
 
 
 def record_path(repo: Repo, path: str) -> Path:
@@ -103,8 +114,10 @@ def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> lis
     rec = ConflictRecord.from_json(rp.read_text())
     picked = [n for n in rec.conflicts if pattern is None or fnmatch.fnmatchcase(n, pattern)]
     if not picked:
-        raise UserError(f"no conflicted tensor of {path} matches {pattern!r}",
-                        hint=f"conflicted: {', '.join(rec.conflicts)}")
+        raise UserError(
+            f"no conflicted tensor of {path} matches {pattern!r}",
+            hint=f"conflicted: {', '.join(rec.conflicts)}",
+        )
     decided = _decided(rec, picked, take)
     left = [n for n in rec.conflicts if n not in picked]
     manifest = resolve_manifest(rec.base, rec.ours, rec.theirs, decided, repo.odb)

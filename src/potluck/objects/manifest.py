@@ -98,7 +98,13 @@ def _dumps(obj: dict[str, Any]) -> str:
 def _entry_record(e: Entry) -> dict[str, Any]:
     if isinstance(e, RawEntry):
         return {"raw": e.oid, "size": e.size}
-    return {"tensor": e.name, "dtype": e.dtype, "shape": list(e.shape), "oid": e.oid, "size": e.size}
+    return {
+        "tensor": e.name,
+        "dtype": e.dtype,
+        "shape": list(e.shape),
+        "oid": e.oid,
+        "size": e.size,
+    }
 
 
 def _view_record(v: ViewEntry) -> dict[str, Any]:
@@ -138,13 +144,20 @@ def _parse_record(rec: dict[str, Any]) -> Entry | ViewEntry:
         return RawEntry(_check_oid(rec["raw"]), int(rec["size"]))
     if "tensor" in rec:
         return TensorEntry(
-            str(rec["tensor"]), str(rec["dtype"]), _shape(rec["shape"]),
-            _check_oid(rec["oid"]), int(rec["size"]),
+            str(rec["tensor"]),
+            str(rec["dtype"]),
+            _shape(rec["shape"]),
+            _check_oid(rec["oid"]),
+            int(rec["size"]),
         )
     if "view" in rec:
         return ViewEntry(
-            str(rec["view"]), str(rec["storage"]), str(rec["dtype"]), _shape(rec["shape"]),
-            tuple(int(s) for s in rec["stride"]), int(rec["offset"]),
+            str(rec["view"]),
+            str(rec["storage"]),
+            str(rec["dtype"]),
+            _shape(rec["shape"]),
+            tuple(int(s) for s in rec["stride"]),
+            int(rec["offset"]),
         )
     raise FormatError(f"manifest: unknown record {rec!r}")
 
@@ -152,7 +165,9 @@ def _parse_record(rec: dict[str, Any]) -> Entry | ViewEntry:
 def parse(data: bytes) -> Manifest:
     """Parse canonical manifest bytes; anything non-canonical raises ``FormatError``."""
     if not is_manifest(data):
-        raise FormatError("not a potluck manifest", hint="the blob does not start with the magic line")
+        raise FormatError(
+            "not a potluck manifest", hint="the blob does not start with the magic line"
+        )
     try:
         lines = data.decode("ascii").split("\n")
         if lines[-1] != "":
@@ -167,5 +182,7 @@ def parse(data: bytes) -> Manifest:
     if dumps(m) != data:
         raise FormatError("manifest is not in canonical form", hint="run `potluck fsck`")
     if sum(e.size for e in entries) != m.size:
-        raise FormatError("manifest sizes do not add up to the file size", hint="run `potluck fsck`")
+        raise FormatError(
+            "manifest sizes do not add up to the file size", hint="run `potluck fsck`"
+        )
     return m

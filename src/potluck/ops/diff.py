@@ -26,8 +26,12 @@ class TensorChange:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
-        d: dict[str, Any] = {"name": self.name, "status": self.status, "old": self.old,
-                             "new": self.new}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "status": self.status,
+            "old": self.old,
+            "new": self.new,
+        }
         d["stats"] = self.stats.to_dict() if self.stats else None
         return d
 

@@ -22,8 +22,11 @@ def read_tensors(
     wanted = list(segs) + list(views) if names is None else list(names)
     unknown = [n for n in wanted if n not in segs and n not in views]
     if unknown:
-        raise UserError(f"no tensor named {unknown[0]!r} in this checkpoint",
-                        hint="`potluck ls FILE` lists the names", unknown=unknown)
+        raise UserError(
+            f"no tensor named {unknown[0]!r} in this checkpoint",
+            hint="`potluck ls FILE` lists the names",
+            unknown=unknown,
+        )
     out: dict[str, np.ndarray] = {}
     for name in wanted:
         if name in segs:

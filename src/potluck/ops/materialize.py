@@ -8,7 +8,7 @@ from typing import BinaryIO
 import numpy as np
 
 from potluck.errors import CorruptObjectError, MissingObjectError, UserError
-from potluck.objects.manifest import Manifest, TensorEntry, ViewEntry
+from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.odb import ObjectDB
 from potluck.tensors.dtypes import array_from_bytes, to_numpy
 

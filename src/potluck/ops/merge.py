@@ -47,7 +47,9 @@ def choose_tensors(
     chosen: dict[str, TensorEntry | None] = {}
     conflicts: list[str] = []
     from_theirs: list[str] = []
-    for name in list(o) + [n for n in t if n not in o] + [n for n in b if n not in o and n not in t]:
+    for name in (
+        list(o) + [n for n in t if n not in o] + [n for n in b if n not in o and n not in t]
+    ):
         kb, ko, kt = _key(b.get(name)), _key(o.get(name)), _key(t.get(name))
         if ko == kt or kt == kb:
             chosen[name] = o.get(name)
@@ -129,8 +131,13 @@ def _combine(
         merged = np.ascontiguousarray(combine(*arrays).astype(arrays[1].dtype, copy=False))
         data = merged.tobytes()
         oid = hashlib.sha256(data).hexdigest()
-        odb.put(oid, lambda d=data: [d], size=len(data), itemsize=merged.dtype.itemsize,
-                base_oid=o[name].oid)
+        odb.put(
+            oid,
+            _constant(data),
+            size=len(data),
+            itemsize=merged.dtype.itemsize,
+            base_oid=o[name].oid,
+        )
         chosen[name] = TensorEntry(name, from_numpy(merged.dtype), merged.shape, oid, len(data))
         result.combined.append(name)
     return left
@@ -187,3 +194,8 @@ def resolve_manifest(
         hint="take one whole side: `git checkout --ours FILE` or `git checkout --theirs FILE`, "
         "then `git add FILE`",
     )
+
+
+def _constant(data: bytes) -> Callable[[], list[bytes]]:
+    """A chunk source that yields ``data`` once per call."""
+    return lambda: [data]

@@ -13,7 +13,13 @@ from typing import BinaryIO
 
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, MissingObjectError
-from potluck.objects.encoding import ObjectHeader, decode_object, encode_object, read_header, rechunk
+from potluck.objects.encoding import (
+    ObjectHeader,
+    decode_object,
+    encode_object,
+    read_header,
+    rechunk,
+)
 from potluck.store.base import ObjectStore
 
 

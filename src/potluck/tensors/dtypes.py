@@ -42,7 +42,9 @@ def to_numpy(name: str) -> np.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise UserError(f"unknown dtype {name!r}", hint=f"known: {', '.join(dtype_names())}") from None
+        raise UserError(
+            f"unknown dtype {name!r}", hint=f"known: {', '.join(dtype_names())}"
+        ) from None
 
 
 def itemsize(name: str) -> int:
@@ -61,7 +63,9 @@ def from_numpy(dtype: np.dtype) -> str:
     raise UserError(f"dtype {dt} is not supported", hint=f"supported: {', '.join(dtype_names())}")
 
 
-def array_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+def array_from_bytes(
+    data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]
+) -> np.ndarray:
     """View little-endian bytes as an array of ``dtype`` and ``shape`` (no copy when possible)."""
     dt = to_numpy(dtype)
     count = 1
