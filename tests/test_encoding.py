@@ -445,3 +445,21 @@ def test_rechunk(pieces: list[bytes], chunk_size: int) -> None:
     assert all(len(c) == chunk_size for c in out[:-1])
     assert all(0 < len(c) <= chunk_size for c in out)
     assert sha256_of_chunks(out) == oid_of(b"".join(pieces))
+
+
+def test_thread_pool_gives_identical_bytes() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = np.random.default_rng(7)
+    base = (gen.standard_normal(300_000) * 0.02).astype(np.float32)
+    new = base.copy()
+    new[::7] += 1e-3
+    outs = []
+    for ex in (None, ThreadPoolExecutor(2)):
+        buf = io.BytesIO()
+        encode_object(
+            [new.tobytes()], size=new.nbytes, itemsize=4, chunk_size=65536, level=1, out=buf,
+            base=iter([base.tobytes()]), base_oid="ab" * 32, base_depth=0, executor=ex,
+        )
+        outs.append(buf.getvalue())
+    assert outs[0] == outs[1]

@@ -26,7 +26,7 @@ class RepoConfig:
     hash: str = "sha256"
     max_delta_depth: int = 8
     chunk_bytes: int = 4 * 1024 * 1024
-    zstd_level: int = 3
+    zstd_level: int = 1
     merge_method: str | None = None
 
     def to_json(self) -> str:

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -242,34 +245,82 @@ def _write_header(out: BinaryIO, h: ObjectHeader) -> None:
     out.write(_HEADER.pack(MAGIC, h.version, h.itemsize, h.depth, 0, h.size, h.chunk_size, digest))
 
 
-def _write_chunks(
-    out: BinaryIO,
-    chunks: Iterator[bytes],
-    header: ObjectHeader,
-    enc: _ChunkEncoder,
-    base_chunks: Iterator[bytes] | None,
-) -> tuple[list[int], int]:
-    """Write one record per chunk; return the count per kind and the bytes written in all."""
-    counts = [0, 0, 0, 0]
-    stored = HEADER_SIZE
+class _EncoderPool:
+    """One ``_ChunkEncoder`` per thread (zstd contexts are not shareable between threads)."""
+
+    def __init__(self, itemsize: int, level: int) -> None:
+        self.itemsize = itemsize
+        self.level = level
+        self._local = threading.local()
+
+    def get(self) -> _ChunkEncoder:
+        enc: _ChunkEncoder | None = getattr(self._local, "enc", None)
+        if enc is None:
+            enc = self._local.enc = _ChunkEncoder(self.itemsize, self.level)
+        return enc
+
+    def encode(self, chunk: bytes, base_chunk: bytes | None) -> tuple[int, bytes]:
+        enc = self.get()
+        return enc.standalone(chunk) if base_chunk is None else enc.against(chunk, base_chunk)
+
+
+def _paired(
+    chunks: Iterator[bytes], header: ObjectHeader, base_chunks: Iterator[bytes] | None
+) -> Iterator[tuple[bytes, bytes | None]]:
+    """(chunk, base chunk or None) pairs, checking lengths against the header."""
     seen = 0
     for i, chunk in enumerate(chunks):
         if i >= header.n_chunks or len(chunk) != header.chunk_length(i):
             raise ValueError(f"chunks hold more than the declared size {header.size}")
         seen += len(chunk)
+        base_chunk = None
         if base_chunks is not None:
             base_chunk = next(base_chunks, b"")
             if len(base_chunk) != len(chunk):
                 raise ValueError(f"base chunk {i} has length {len(base_chunk)}, not {len(chunk)}")
-            kind, payload = enc.against(chunk, base_chunk)
-        else:
-            kind, payload = enc.standalone(chunk)
+        yield chunk, base_chunk
+    if seen != header.size:
+        raise ValueError(f"chunks hold {seen} bytes, declared size is {header.size}")
+
+
+def _write_chunks(
+    out: BinaryIO,
+    chunks: Iterator[bytes],
+    header: ObjectHeader,
+    pool: _EncoderPool,
+    base_chunks: Iterator[bytes] | None,
+    executor: Executor | None = None,
+    window: int = 4,
+) -> tuple[list[int], int]:
+    """Write one record per chunk, in order; return the count per kind and the bytes written.
+
+    With an ``executor``, up to ``window`` chunks are encoded concurrently (zstd and numpy
+    release the GIL); output order and bytes are the same as without one.
+    """
+    counts = [0, 0, 0, 0]
+    stored = HEADER_SIZE
+    pending: deque[Future[tuple[int, bytes]]] = deque()
+
+    def emit(kind: int, payload: bytes) -> None:
+        nonlocal stored
         out.write(_CHUNK.pack(kind, len(payload)))
         out.write(payload)
         counts[kind] += 1
         stored += CHUNK_HEADER_SIZE + len(payload)
-    if seen != header.size:
-        raise ValueError(f"chunks hold {seen} bytes, declared size is {header.size}")
+
+    try:
+        for chunk, base_chunk in _paired(chunks, header, base_chunks):
+            if executor is None:
+                emit(*pool.encode(chunk, base_chunk))
+                continue
+            pending.append(executor.submit(pool.encode, chunk, base_chunk))
+            if len(pending) >= window:
+                emit(*pending.popleft().result())
+        while pending:
+            emit(*pending.popleft().result())
+    finally:
+        for fut in pending:
+            fut.cancel()
     return counts, stored
 
 
@@ -284,6 +335,7 @@ def encode_object(
     base: Iterator[bytes] | None = None,
     base_oid: str | None = None,
     base_depth: int = 0,
+    executor: Executor | None = None,
 ) -> EncodeStats:
     """Write the object whose logical bytes are ``chunks`` to ``out`` and return what it cost.
 
@@ -291,6 +343,7 @@ def encode_object(
     (the logical bytes of an object of the same ``size``, id ``base_oid``, itself at delta depth
     ``base_depth``) each chunk may be stored as a delta. If no chunk ends up using the base and
     ``out`` is seekable, the header is rewritten to depth 0 so the object stands alone.
+    An ``executor`` (thread pool) encodes several chunks at once; the bytes do not change.
     """
     _check_params(size, itemsize, chunk_size)
     if base is not None and base_oid is None:
@@ -304,9 +357,11 @@ def encode_object(
     )
     start = out.tell() if out.seekable() else None
     _write_header(out, header)
-    enc = _ChunkEncoder(itemsize, level)
+    pool = _EncoderPool(itemsize, level)
     base_chunks = rechunk(base, chunk_size) if use_base and base is not None else None
-    counts, stored = _write_chunks(out, rechunk(chunks, chunk_size), header, enc, base_chunks)
+    counts, stored = _write_chunks(
+        out, rechunk(chunks, chunk_size), header, pool, base_chunks, executor
+    )
     if use_base and counts[KIND_XOR] + counts[KIND_SAME] == 0 and start is not None:
         end = out.tell()
         out.seek(start)

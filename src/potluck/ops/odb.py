@@ -7,7 +7,9 @@ atomic (the store publishes an object only when it is complete).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -36,9 +38,19 @@ class PutResult:
 class ObjectDB:
     """Content-addressed tensors and raw byte strings over an ``ObjectStore``."""
 
-    def __init__(self, store: ObjectStore, config: RepoConfig) -> None:
+    def __init__(self, store: ObjectStore, config: RepoConfig, workers: int | None = None) -> None:
         self.store = store
         self.config = config
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _pool(self) -> ThreadPoolExecutor | None:
+        """Threads that encode chunks concurrently (None when ``workers`` is 1)."""
+        if self.workers <= 1:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="potluck-enc")
+        return self._executor
 
     def has(self, oid: str) -> bool:
         """True when the object is present (its content is not checked)."""
@@ -99,7 +111,7 @@ class ObjectDB:
         """
         if self.store.has(oid):
             return PutResult(oid, False, 0, 0)
-        base = self._usable_base(base_oid, size)
+        base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
             return self._encode(oid, chunks, size, itemsize, base)
         except CorruptObjectError:
@@ -141,6 +153,7 @@ class ObjectDB:
                 base=base_iter,
                 base_oid=base[0] if base else None,
                 base_depth=base[1] if base else 0,
+                executor=self._pool(),
             )
             if base_iter is not None:
                 for _ in base_iter:  # drain: runs the base's hash check
