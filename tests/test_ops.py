@@ -111,9 +111,9 @@ def test_corrupt_object_is_detected_on_read(rng) -> None:
     oid = m.tensors()["w"].oid
     store = db.store
     assert isinstance(store, MemoryStore)
-    raw = bytearray(store._objects[oid])  # noqa: SLF001 - flipping a byte on purpose
+    raw = bytearray(store._objects[oid])  # flip one byte of the stored object on purpose
     raw[-3] ^= 1
-    store._objects[oid] = bytes(raw)  # noqa: SLF001
+    store._objects[oid] = bytes(raw)
     with pytest.raises(CorruptObjectError, match="tensor 'w' is corrupt"):
         write_file(m, db, io.BytesIO(), path="x")
 
