@@ -146,3 +146,43 @@ def test_torch_and_npz_round_trip_through_git(repo: Path, git: Run, rng) -> None
     loaded = potluck.load(str(repo / "ckpt.pt"), rev="HEAD")
     assert np.array_equal(loaded["w"], sd["w"].numpy())
     assert np.array_equal(loaded["tied"], sd["w"].numpy())
+
+
+def test_status_after_checkout_does_not_reread_checkpoint(repo: Path, git: Run, rng) -> None:
+    import os
+    import subprocess
+    import time
+
+    t = model(rng)
+    save_st(repo / "m.safetensors", t)
+    c1 = commit(git, "m.safetensors", "v1")
+    save_st(repo / "m.safetensors", dict(t, embed=t["embed"] + 1))
+    commit(git, "m.safetensors", "v2")
+    git("git", "checkout", "-q", c1)
+
+    def traced_status() -> tuple[str, str]:
+        r = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                           text=True, env=dict(os.environ, GIT_TRACE="1"))
+        return r.stdout, r.stderr
+
+    # git without USE_NSEC re-checks files written in the same second as the index ("racily
+    # clean"); the first status refreshes the index, after which nothing is re-read.
+    time.sleep(1.1)
+    out, _ = traced_status()
+    assert out == ""
+    out, trace = traced_status()
+    assert out == "" and "filter-process" not in trace
+    time.sleep(1.1)
+    os.utime(repo / "m.safetensors")  # touch: git must look, and still finds no change
+    out, trace = traced_status()
+    assert out == "" and "filter-process" in trace
+    out, trace = traced_status()  # the index was refreshed: no re-read the second time
+    assert out == "" and "filter-process" not in trace
+
+
+def test_init_is_idempotent_and_uses_this_installation(repo: Path, git: Run) -> None:
+    import sys
+
+    assert "already configured" in git("potluck", "init")
+    proc = git("git", "config", "filter.potluck.process").strip()
+    assert proc == f"{Path(sys.executable).parent / 'git-potluck'} filter-process"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+
 import click
 
 from potluck.cli.main import cli, handle_errors
@@ -20,12 +24,19 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readabl
 def init() -> None:
     """Configure this git repository for potluck (idempotent, repo-local)."""
     repo = Repo(".")
-    changed = setup.install(repo.git)
+    changed = setup.install(repo.git, command=_driver_command())
     repo.store.root.mkdir(parents=True, exist_ok=True)
     click.echo(
         f"potluck: configured {repo.root}"
         + (f" ({len(changed)} settings)" if changed else " (already configured)")
     )
+
+
+def _driver_command() -> str:
+    """How git should start potluck: this installation's own script, by absolute path, so git
+    finds it without an activated virtual environment (re-run `potluck init` after moving it)."""
+    sibling = Path(sys.executable).parent / "git-potluck"
+    return shlex.quote(str(sibling)) if sibling.exists() else "git-potluck"
 
 
 @cli.command()
