@@ -93,3 +93,17 @@ def test_gc_keeps_reachable_and_drops_unreachable(repo: Path, git: Run, rng) -> 
     (repo / "m.safetensors").unlink()
     git("git", "checkout", "--", "m.safetensors")
     assert (repo / "m.safetensors").read_bytes() == data
+
+
+def test_diff_limits_to_paths_and_worktree(repo: Path, git: Run, rng) -> None:
+    t = model(rng)
+    save_st(repo / "a.safetensors", t)
+    save_st(repo / "b.safetensors", t)
+    commit(git, ".", "v1")
+    save_st(repo / "a.safetensors", dict(t, embed=t["embed"] * 2))
+    save_st(repo / "b.safetensors", dict(t, embed=t["embed"] * 3))
+    both = json.loads(git("potluck", "diff", "--json"))  # index vs work tree
+    assert [d["path"] for d in both] == ["a.safetensors", "b.safetensors"]
+    only_b = json.loads(git("potluck", "diff", "--json", "HEAD", "--", "b.safetensors"))
+    assert [d["path"] for d in only_b] == ["b.safetensors"]
+    assert np.isclose(only_b[0]["changes"][0]["stats"]["rel"], 2.0, rtol=1e-6)

@@ -95,18 +95,19 @@ def ls_cmd(spec: str, as_json: bool) -> None:
 @json_opt
 @handle_errors
 def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
-    """Tensor-level diff: [REV_A [REV_B]] [-- PATHS]."""
-    argv = list(args)
-    paths: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, paths = argv[:i], argv[i + 1 :]
-    if len(argv) > 2:
-        raise click.UsageError("at most two revisions")
+    """Tensor-level diff: [REV_A [REV_B]] [[--] PATHS…].
+
+    No revision: index vs work tree; one: REV_A vs work tree; two: REV_A vs REV_B. As in git,
+    leading arguments that name commits are revisions and the rest are paths.
+    """
     repo = Repo(".")
-    paths = [repo.relpath(p) for p in paths]
-    rev_a = argv[0] if argv else None
-    rev_b = argv[1] if len(argv) > 1 else None
+    revs: list[str] = []
+    rest = list(args)
+    while rest and len(revs) < 2 and repo.git.rev_parse(f"{rest[0]}^{{commit}}") is not None:
+        revs.append(rest.pop(0))
+    paths = [repo.relpath(p) for p in rest]
+    rev_a = revs[0] if revs else None
+    rev_b = revs[1] if len(revs) > 1 else None
     diffs = insp.diff(repo, rev_a, rev_b, paths, stats=not no_stats)
     if as_json:
         emit_json([d.to_dict() for d in diffs])
