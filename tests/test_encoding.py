@@ -458,8 +458,16 @@ def test_thread_pool_gives_identical_bytes() -> None:
     for ex in (None, ThreadPoolExecutor(2)):
         buf = io.BytesIO()
         encode_object(
-            [new.tobytes()], size=new.nbytes, itemsize=4, chunk_size=65536, level=1, out=buf,
-            base=iter([base.tobytes()]), base_oid="ab" * 32, base_depth=0, executor=ex,
+            [new.tobytes()],
+            size=new.nbytes,
+            itemsize=4,
+            chunk_size=65536,
+            level=1,
+            out=buf,
+            base=iter([base.tobytes()]),
+            base_oid="ab" * 32,
+            base_depth=0,
+            executor=ex,
         )
         outs.append(buf.getvalue())
     assert outs[0] == outs[1]

@@ -47,8 +47,9 @@ def odb(chunk: int = 4096, depth: int = 8) -> ObjectDB:
     shapes=st.lists(st.lists(st.integers(0, 40), max_size=3), min_size=5, max_size=5),
     seed=st.integers(0, 2**16),
 )
-@example(dtypes=["BF16", "F8_E4M3", "F8_E5M2", "F16", "BOOL"], shapes=[[], [0], [3, 0], [1], [7]],
-         seed=0)
+@example(
+    dtypes=["BF16", "F8_E4M3", "F8_E5M2", "F16", "BOOL"], shapes=[[], [0], [3, 0], [1], [7]], seed=0
+)
 def test_every_dtype_round_trips_bit_for_bit(dtypes, shapes, seed) -> None:
     rng = np.random.default_rng(seed)
     tensors = {f"t{i}.{d}": random_array(rng, d, tuple(shapes[i])) for i, d in enumerate(dtypes)}

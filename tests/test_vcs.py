@@ -161,8 +161,13 @@ def test_status_after_checkout_does_not_reread_checkpoint(repo: Path, git: Run, 
     git("git", "checkout", "-q", c1)
 
     def traced_status() -> tuple[str, str]:
-        r = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
-                           text=True, env=dict(os.environ, GIT_TRACE="1"))
+        r = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, GIT_TRACE="1"),
+        )
         return r.stdout, r.stderr
 
     # git without USE_NSEC re-checks files written in the same second as the index ("racily
@@ -186,3 +191,33 @@ def test_init_is_idempotent_and_uses_this_installation(repo: Path, git: Run) -> 
     assert "already configured" in git("potluck", "init")
     proc = git("git", "config", "filter.potluck.process").strip()
     assert proc == f"{Path(sys.executable).parent / 'git-potluck'} filter-process"
+
+
+def test_hf_sharded_directory_dedups_across_shards(repo: Path, git: Run, rng) -> None:
+    import json as _json
+
+    shared = rng.normal(size=(128, 128)).astype(np.float32)
+    d = repo / "model"
+    d.mkdir()
+    s1 = save_st(d / "model-00001-of-00002.safetensors", {"a": shared, "b": np.ones(3, np.float32)})
+    s2 = save_st(d / "model-00002-of-00002.safetensors", {"tied": shared.copy()})
+    index = {
+        "metadata": {"total_size": 2 * shared.nbytes + 12},
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00001-of-00002.safetensors",
+            "tied": "model-00002-of-00002.safetensors",
+        },
+    }
+    (d / "model.safetensors.index.json").write_text(_json.dumps(index))
+    before = len(objects(repo))
+    commit(git, "model", "sharded")
+    # 2 headers + a + b; `tied` is the same bytes as `a` and is stored once
+    assert len(objects(repo)) - before == 4
+    import shutil
+
+    shutil.rmtree(d)
+    git("git", "checkout", "--", "model")
+    assert (d / "model-00001-of-00002.safetensors").read_bytes() == s1
+    assert (d / "model-00002-of-00002.safetensors").read_bytes() == s2
+    assert _json.loads((d / "model.safetensors.index.json").read_text()) == index
