@@ -177,8 +177,8 @@ def test_status_after_checkout_does_not_reread_checkpoint(repo: Path, git: Run, 
     assert out == ""
     out, trace = traced_status()
     assert out == "" and "filter-process" not in trace
-    time.sleep(1.1)
     os.utime(repo / "m.safetensors")  # touch: git must look, and still finds no change
+    time.sleep(1.1)
     out, trace = traced_status()
     assert out == "" and "filter-process" in trace
     out, trace = traced_status()  # the index was refreshed: no re-read the second time
