@@ -176,36 +176,35 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
     """One summary per commit that changed ``path``: tensors added/removed/changed, bytes."""
     rel = repo.relpath(path)
     rows = []
-    for commit, subject, blob in repo.git.log_path(rel, max_count):
-        cur = (
-            parse(blob_bytes)
-            if (blob_bytes := repo.git.show_blob(blob) if blob else None)
-            and is_manifest(blob_bytes)
-            else None
-        )
-        parent = repo.git.rev_parse(f"{commit}^")
-        prev = repo.manifest_at(parent, rel) if parent else None
-        changes = diff_manifests(prev, cur)
-        counts = {
-            k: sum(1 for c in changes if c.status == k)
-            for k in ("added", "removed", "changed", "reshaped", "retyped")
-        }
-        changed_bytes = sum(
-            e.size
-            for n, e in (cur.tensors().items() if cur else [])
-            if any(c.name == n for c in changes)
-        )
-        rows.append(
-            {
-                "commit": commit,
-                "subject": subject,
-                "deleted": cur is None,
-                "counts": counts,
-                "changed_bytes": changed_bytes,
-                "size": cur.size if cur else 0,
-            }
-        )
+    with repo.git.batch() as batch:
+        for commit, subject, blob in repo.git.log_path(rel, max_count):
+            data = batch.get(blob) if blob else None
+            cur = parse(data) if data is not None and is_manifest(data) else None
+            prev_data = batch.get(f"{commit}^:{rel}")
+            prev = parse(prev_data) if prev_data is not None and is_manifest(prev_data) else None
+            rows.append(_log_row(commit, subject, prev, cur))
     return rows
+
+
+def _log_row(
+    commit: str, subject: str, prev: Manifest | None, cur: Manifest | None
+) -> dict[str, Any]:
+    changes = diff_manifests(prev, cur)
+    counts = {
+        k: sum(1 for c in changes if c.status == k)
+        for k in ("added", "removed", "changed", "reshaped", "retyped")
+    }
+    touched = {c.name for c in changes}
+    tensors = cur.tensors() if cur else {}
+    changed_bytes = sum(e.size for n, e in tensors.items() if n in touched)
+    return {
+        "commit": commit,
+        "subject": subject,
+        "deleted": cur is None,
+        "counts": counts,
+        "changed_bytes": changed_bytes,
+        "size": cur.size if cur else 0,
+    }
 
 
 def du(repo: Repo) -> dict[str, Any]:

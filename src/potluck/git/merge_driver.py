@@ -118,7 +118,7 @@ def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> lis
             f"no conflicted tensor of {path} matches {pattern!r}",
             hint=f"conflicted: {', '.join(rec.conflicts)}",
         )
-    decided = _decided(rec, picked, take)
+    decided = dict.fromkeys(picked, take)
     left = [n for n in rec.conflicts if n not in picked]
     manifest = resolve_manifest(rec.base, rec.ours, rec.theirs, decided, repo.odb)
     _write_worktree(repo, path, manifest)
@@ -128,10 +128,6 @@ def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> lis
     repo.git.run("add", "--", path)
     rp.unlink()
     return []
-
-
-def _decided(rec: ConflictRecord, picked: list[str], take: str) -> dict[str, str]:
-    return {n: take for n in picked}
 
 
 def _write_worktree(repo: Repo, path: str, manifest: Manifest) -> None:

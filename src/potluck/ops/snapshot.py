@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from potluck.errors import FormatError
 from potluck.formats import scan_stream
 from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment
 from potluck.objects.manifest import Entry, Manifest, RawEntry, TensorEntry, ViewEntry
@@ -113,11 +112,3 @@ def scan_manifest(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
     layout = scan_stream(f, size, name=name)
     oids = [hash_range(f, s.offset, s.length) for s in layout.segments]
     return layout_to_manifest(layout, oids)
-
-
-def check_not_manifest(head: bytes) -> None:
-    """Refuse to snapshot a manifest as if it were a checkpoint (callers pass it through)."""
-    from potluck.objects.manifest import is_manifest
-
-    if is_manifest(head):
-        raise FormatError("this is already a potluck manifest", hint="it is stored as it is")

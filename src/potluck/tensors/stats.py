@@ -24,9 +24,8 @@ class DeltaStats:
 
 
 def _as_float(a: np.ndarray) -> np.ndarray:
-    if a.dtype.kind in "biuf" and a.dtype.itemsize <= 8 and a.dtype.kind != "V":
-        return a.astype(np.float64)
-    return a.astype(np.float64)
+    """float64 copy (complex tensors keep their complex values as complex128)."""
+    return a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
 
 
 def delta_stats(old: np.ndarray, new: np.ndarray) -> DeltaStats:
@@ -44,8 +43,8 @@ def delta_stats(old: np.ndarray, new: np.ndarray) -> DeltaStats:
         changed = int(np.count_nonzero(_as_float(old) != _as_float(new)))
     d = _as_float(new) - _as_float(old)
     with np.errstate(invalid="ignore", over="ignore"):
-        l2 = float(np.sqrt(np.sum(d * d)))
-        base = float(np.sqrt(np.sum(_as_float(old) ** 2)))
+        l2 = float(np.sqrt(np.sum(np.abs(d) ** 2)))
+        base = float(np.sqrt(np.sum(np.abs(_as_float(old)) ** 2)))
         max_abs = float(np.max(np.abs(d)))
     rel = l2 / base if base > 0 else (0.0 if l2 == 0 else float("inf"))
     return DeltaStats(l2, rel, changed / n, max_abs, n)
