@@ -471,3 +471,36 @@ def test_thread_pool_gives_identical_bytes() -> None:
         )
         outs.append(buf.getvalue())
     assert outs[0] == outs[1]
+
+
+def test_thread_pool_decode_matches_sequential() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = np.random.default_rng(8)
+    base = (gen.standard_normal(200_000) * 0.02).astype(np.float32)
+    new = base.copy()
+    new[::5] += 1e-3
+    new[-1000:] = gen.standard_normal(1000)
+    b_buf, n_buf = io.BytesIO(), io.BytesIO()
+    encode_object(
+        [base.tobytes()], size=base.nbytes, itemsize=4, chunk_size=32768, level=1, out=b_buf
+    )
+    encode_object(
+        [new.tobytes()],
+        size=new.nbytes,
+        itemsize=4,
+        chunk_size=32768,
+        level=1,
+        out=n_buf,
+        base=iter([base.tobytes()]),
+        base_oid="cd" * 32,
+    )
+    pool = ThreadPoolExecutor(2)
+
+    def open_base(oid: str) -> Iterator[bytes]:
+        assert oid == "cd" * 32
+        return decode_object(io.BytesIO(b_buf.getvalue()), open_base, pool)
+
+    for ex in (None, pool):
+        got = b"".join(decode_object(io.BytesIO(n_buf.getvalue()), open_base, ex))
+        assert got == new.tobytes()

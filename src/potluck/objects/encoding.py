@@ -439,33 +439,70 @@ def _unpack(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, index
     return data
 
 
-def decode_object(f: BinaryIO, open_base: OpenBase) -> Iterator[bytes]:
-    """Yield the logical chunks of the object in ``f``.
+_DCTX = threading.local()
 
-    Delta chunks pull the same chunk from ``open_base(base_oid)`` (an iterator over the base's
-    logical bytes, typically another ``decode_object``), so memory stays bounded by a couple of
-    chunks per chain level. Damage raises ``CorruptObjectError``.
-    """
-    header = read_header(f)
-    dctx = zstandard.ZstdDecompressor()
-    cursor = _BaseCursor(header, open_base)
-    k = header.itemsize
+
+def _decode_chunk(
+    kind: int, payload: bytes, length: int, i: int, k: int, base_chunk: bytes | None
+) -> bytes:
+    """Logical bytes of one chunk record (``base_chunk`` given for XOR/SAME kinds)."""
+    if kind == KIND_RAW:
+        if len(payload) != length:
+            raise _corrupt(f"raw chunk {i} has {len(payload)} bytes, not {length}")
+        return payload
+    if kind == KIND_SAME and base_chunk is not None:
+        return base_chunk
+    dctx = getattr(_DCTX, "dctx", None)
+    if dctx is None:
+        dctx = _DCTX.dctx = zstandard.ZstdDecompressor()
+    data = byte_ungroup(_unpack(dctx, payload, length, i), k)
+    return data if base_chunk is None else xor_bytes(data, base_chunk)
+
+
+def _records(
+    f: BinaryIO, header: ObjectHeader, cursor: _BaseCursor
+) -> Iterator[tuple[int, bytes, int, int, bytes | None]]:
+    """(kind, payload, length, index, base chunk) per chunk record, validated."""
     for i in range(header.n_chunks):
         length = header.chunk_length(i)
         kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
         payload = _read_exact(f, n, f"chunk {i} payload")
-        if kind == KIND_RAW:
-            if n != length:
-                raise _corrupt(f"raw chunk {i} has {n} bytes, not {length}")
-            yield payload
-        elif kind == KIND_GROUPED:
-            yield byte_ungroup(_unpack(dctx, payload, length, i), k)
-        elif kind == KIND_XOR:
-            delta = byte_ungroup(_unpack(dctx, payload, length, i), k)
-            yield xor_bytes(delta, cursor.chunk(i))
-        elif kind == KIND_SAME and n == 0:
-            yield cursor.chunk(i)
-        else:
+        if kind not in (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME) or (
+            kind == KIND_SAME and n != 0
+        ):
             raise _corrupt(f"chunk {i} has unknown kind {kind} or bad length {n}")
+        base_chunk = cursor.chunk(i) if kind in (KIND_XOR, KIND_SAME) else None
+        yield kind, payload, length, i, base_chunk
     if f.read(1):
         raise _corrupt("trailing bytes after the last chunk")
+
+
+def decode_object(
+    f: BinaryIO, open_base: OpenBase, executor: Executor | None = None, window: int = 4
+) -> Iterator[bytes]:
+    """Yield the logical chunks of the object in ``f``.
+
+    Delta chunks pull the same chunk from ``open_base(base_oid)`` (an iterator over the base's
+    logical bytes, typically another ``decode_object``), so memory stays bounded by a couple of
+    chunks per chain level. With an ``executor``, up to ``window`` chunks are decoded at once
+    (workers never wait on other work, so a shared pool cannot deadlock). Damage raises
+    ``CorruptObjectError``.
+    """
+    header = read_header(f)
+    cursor = _BaseCursor(header, open_base)
+    k = header.itemsize
+    if executor is None:
+        for kind, payload, length, i, base_chunk in _records(f, header, cursor):
+            yield _decode_chunk(kind, payload, length, i, k, base_chunk)
+        return
+    pending: deque[Future[bytes]] = deque()
+    try:
+        for kind, payload, length, i, base_chunk in _records(f, header, cursor):
+            pending.append(executor.submit(_decode_chunk, kind, payload, length, i, k, base_chunk))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()

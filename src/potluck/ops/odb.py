@@ -67,7 +67,7 @@ class ObjectDB:
         h = hashlib.sha256()
         n = 0
         with self.store.open(oid) as f:
-            for chunk in decode_object(f, self._open_base):
+            for chunk in decode_object(f, self._open_base, self._pool()):
                 if verify:
                     h.update(chunk)
                 n += len(chunk)
