@@ -138,12 +138,16 @@ class CaseHandler:
         if "fail" in pathname:
             src.read(3)
             raise UserError(f"cannot clean {pathname}", hint="rename the file")
-        while chunk := src.read(1 << 20):
-            dst.write(chunk.upper())
+        data = src.read()  # the whole input before the first write (the handler contract)
+        for i in range(0, len(data), 1 << 20):
+            dst.write(data[i : i + (1 << 20)].upper())
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk.lower())
+        data = src.read()
+        if "late-fail" in pathname:
+            dst.write(data[:10])
+            raise UserError("failed after writing")
+        dst.write(data.lower())
 
 
 def git_side(requests: list[tuple[str, str, bytes]]) -> bytes:
@@ -222,12 +226,10 @@ class CaseHandler:
         if "fail" in pathname:
             src.read(3)
             raise UserError(f"cannot clean {{pathname}}", hint="rename the file")
-        while chunk := src.read(1 << 20):
-            dst.write(chunk.upper())
+        dst.write(src.read().upper())
 
     def smudge(self, pathname, src, dst):
-        while chunk := src.read(1 << 20):
-            dst.write(chunk.lower())
+        dst.write(src.read().lower())
 
 sys.exit(serve_stdio(CaseHandler()))
 """
@@ -306,3 +308,22 @@ def test_real_git_large_file(filtered_repo: Path) -> None:
     (root / "big.txt").unlink()
     git(root, "checkout", "--", "big.txt")
     assert (root / "big.txt").read_bytes() == data
+
+
+def test_failure_after_partial_output_is_reported_as_error() -> None:
+    stdin = io.BytesIO(
+        git_side([("smudge", "late-fail.bin", b"ABCDEFGHIJKLMNOP"), ("smudge", "next.bin", b"OK")])
+    )
+    stdout = io.BytesIO()
+    logs: list[str] = []
+    assert serve(CaseHandler(), stdin, stdout, logs.append) == 0
+    resp = io.BytesIO(stdout.getvalue())
+    pktline.read_text_list(resp)
+    pktline.read_text_list(resp)
+    assert pktline.read_text_list(resp) == ["status=success"]
+    assert PacketReader(resp).read() == b"ABCDEFGHIJ"  # partial content …
+    assert pktline.read_text_list(resp) == ["status=error"]  # … then the error: git discards it
+    assert pktline.read_text_list(resp) == ["status=success"]
+    assert PacketReader(resp).read() == b"ok"
+    assert pktline.read_text_list(resp) == []
+    assert "failed after writing" in logs[0]

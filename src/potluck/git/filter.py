@@ -17,7 +17,11 @@ COPY = 1 << 20
 
 
 class PotluckFilter:
-    """Clean (checkpoint → manifest, objects stored) and smudge (manifest → checkpoint)."""
+    """Clean (checkpoint → manifest, objects stored) and smudge (manifest → checkpoint).
+
+    Each method reads all of ``src`` before its first write to ``dst`` (the filter protocol
+    streams the answer back only after git has sent the whole content).
+    """
 
     def __init__(self, repo: Repo, batch: CatFileBatch | None = None) -> None:
         self.repo = repo
@@ -39,8 +43,7 @@ class PotluckFilter:
         """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
         head = src.read(len(MAGIC))
         if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
-            dst.write(head)
-            shutil.copyfileobj(src, dst, COPY)
+            dst.write(head + src.read())
             return
         with tempfile.TemporaryFile(dir=self.repo.tmp_dir) as spill:
             spill.write(head)
@@ -56,8 +59,11 @@ class PotluckFilter:
         """Write the checkpoint whose manifest is read from ``src`` to ``dst``."""
         head = src.read(len(MAGIC))
         if not is_manifest(head):  # committed before it was tracked: pass through
-            dst.write(head)
-            shutil.copyfileobj(src, dst, COPY)
+            with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.repo.tmp_dir) as spool:
+                spool.write(head)
+                shutil.copyfileobj(src, spool, COPY)  # all input first, then answer
+                spool.seek(0)
+                shutil.copyfileobj(spool, dst, COPY)
             return
         manifest = parse(head + src.read())
         write_file(manifest, self.repo.odb, dst, path=pathname)

@@ -2,23 +2,22 @@
 
 ``serve`` speaks protocol version 2 with the ``clean`` and ``smudge`` capabilities (never
 ``delay``). Each request's content is streamed to the handler through a ``PacketReader``; the
-handler's output is spooled (in memory up to 64 MiB, then on disk) so that a failure can still
-be reported as ``status=error`` instead of half-sent content. stdout is the protocol channel:
+handler's output is streamed back as it is written (a handler reads all the input it needs before
+its first write). A failure, even after part of the content was sent, is reported as
+``status=error`` so git discards the output. stdout is the protocol channel:
 nothing but packets is ever written to it; diagnostics go through ``log``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import io
 import sys
-import tempfile
 from collections.abc import Callable
-from typing import BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from potluck.errors import PotluckError
 from potluck.git.pktline import (
-    MAX_DATA,
     PacketReader,
     PacketWriter,
     read_key_values,
@@ -28,7 +27,6 @@ from potluck.git.pktline import (
     write_text_list,
 )
 
-SPOOL_MAX_MEMORY = 64 * 1024 * 1024
 IO_BUFFER = 1 << 20
 CAPABILITIES = ("clean", "smudge")
 
@@ -70,16 +68,49 @@ def handshake(stdin: BinaryIO, stdout: BinaryIO) -> None:
     stdout.flush()
 
 
-def _send_success(stdout: BinaryIO, spool: BinaryIO) -> None:
-    """Send ``status=success``, the spooled content, and the trailing flushes."""
-    spool.seek(0)
-    write_text(stdout, "status=success")
-    write_flush(stdout)
-    with PacketWriter(stdout) as writer:
-        shutil.copyfileobj(spool, writer, 16 * MAX_DATA)
-    write_flush(stdout)  # end of content
-    write_flush(stdout)  # empty list: keep status=success
-    stdout.flush()
+class _Response(io.RawIOBase):
+    """The handler's output, streamed to git as it is written.
+
+    The first write drains the request's remaining input (git sends all of it before reading
+    the answer, so a handler must have read what it needs by then) and sends ``status=success``.
+    A failure after that is still reported: the content is ended and ``status=error`` follows,
+    which makes git discard what it received.
+    """
+
+    def __init__(self, src: PacketReader, stdout: BinaryIO) -> None:
+        super().__init__()
+        self.src = src
+        self.stdout = stdout
+        self.writer: PacketWriter | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.writer is None:
+            self.src.drain()
+            write_text(self.stdout, "status=success")
+            write_flush(self.stdout)
+            self.writer = PacketWriter(self.stdout)
+        return self.writer.write(data)
+
+    def finish(self, ok: bool) -> None:
+        """End the answer: content flush plus the final status list."""
+        if self.writer is None:
+            self.src.drain()
+            if not ok:
+                _send_error(self.stdout)
+                return
+            write_text(self.stdout, "status=success")
+            write_flush(self.stdout)
+            self.writer = PacketWriter(self.stdout)
+        self.writer.close()
+        write_flush(self.stdout)  # end of content
+        if ok:
+            write_flush(self.stdout)  # empty list: keep status=success
+        else:
+            _send_error(self.stdout)
+        self.stdout.flush()
 
 
 def _send_error(stdout: BinaryIO) -> None:
@@ -98,24 +129,22 @@ def _handle(
     """Answer one request (its key/values already read)."""
     command = request.get("command", "")
     pathname = request.get("pathname", "")
+    src = PacketReader(stdin)
     if command not in CAPABILITIES:
         log(f"potluck filter: unsupported command {command!r} for {pathname!r}")
+        src.drain()
         _send_error(stdout)
         return
-    src = PacketReader(stdin)
     action = handler.clean if command == "clean" else handler.smudge
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_MEMORY) as spool:
-        dst = cast(BinaryIO, spool)
-        try:
-            action(pathname, cast(BinaryIO, src), dst)
-        except Exception as e:  # report any handler failure to git, then keep serving
-            src.drain()  # re-raises EOFError / framing errors when the stream itself broke
-            detail = str(e) if isinstance(e, PotluckError) else f"{type(e).__name__}: {e}"
-            log(f"potluck {command} failed for {pathname}: {detail}")
-            _send_error(stdout)
-            return
-        src.drain()
-        _send_success(stdout, dst)
+    dst = _Response(src, stdout)
+    try:
+        action(pathname, cast(BinaryIO, src), cast(BinaryIO, dst))
+    except Exception as e:  # report any handler failure to git, then keep serving
+        detail = str(e) if isinstance(e, PotluckError) else f"{type(e).__name__}: {e}"
+        log(f"potluck {command} failed for {pathname}: {detail}")
+        dst.finish(ok=False)
+        return
+    dst.finish(ok=True)
 
 
 def serve(
