@@ -19,7 +19,6 @@ class RepoConfig:
     ``max_delta_depth`` bounds delta chains so checkout cost does not grow with history.
     ``chunk_bytes`` is the unit of streaming and of encoding choice inside an object.
     ``zstd_level`` is the compression level of stored objects (does not change identity).
-    ``merge_method`` is the method the merge driver uses for tensors changed on both sides.
     """
 
     format_version: int = 1
@@ -27,7 +26,6 @@ class RepoConfig:
     max_delta_depth: int = 8
     chunk_bytes: int = 4 * 1024 * 1024
     zstd_level: int = 1
-    merge_method: str | None = None
 
     def to_json(self) -> str:
         """Canonical JSON text of these settings."""
