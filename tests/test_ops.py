@@ -126,3 +126,35 @@ def test_not_a_checkpoint_is_refused() -> None:
 
 def test_bf16_is_ml_dtypes() -> None:
     assert to_numpy("BF16") == np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("buffer", [1 << 30, 1000])  # in memory, and spilled per segment
+def test_stream_snapshot_matches_file_snapshot(rng, tmp_path, monkeypatch, buffer) -> None:
+    from potluck.ops import snapshot as snap
+
+    monkeypatch.setattr(snap, "STREAM_BUFFER", buffer)
+    t = {"a": rng.normal(size=(64, 64)).astype(np.float32), "b": np.arange(7, dtype=np.int16)}
+    data = st_bytes(t, {"a": "F32", "b": "I16"})
+    db = odb()
+    m, _ = snap.snapshot_stream(io.BytesIO(data), db, None, name="x", spill_dir=tmp_path)
+    m2, _ = snapshot(io.BytesIO(data), len(data), odb(), name="x")
+    assert dumps(m) == dumps(m2)
+    out = io.BytesIO()
+    write_file(m, db, out)
+    assert out.getvalue() == data
+
+
+@pytest.mark.parametrize(
+    ("cut", "match"),
+    [(-5, "ends 5 bytes short inside tensor 'b'"), (3, "continues past the")],
+)
+def test_stream_snapshot_rolls_back_on_bad_file(rng, tmp_path, cut, match) -> None:
+    from potluck.ops.snapshot import snapshot_stream
+
+    t = {"a": rng.normal(size=(64, 64)).astype(np.float32), "b": np.arange(7, dtype=np.int16)}
+    data = st_bytes(t, {"a": "F32", "b": "I16"})
+    data = data[:cut] if cut < 0 else data + b"\0" * cut
+    db = odb()
+    with pytest.raises(FormatError, match=match):
+        snapshot_stream(io.BytesIO(data), db, None, name="x", spill_dir=tmp_path)
+    assert list(db.store.iter_oids()) == []  # header and tensor `a` were stored, then removed

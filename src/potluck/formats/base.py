@@ -69,6 +69,21 @@ class Layout:
         return [s for s in self.segments if isinstance(s, TensorSegment)]
 
 
+class StreamableFormat(Protocol):
+    """A format whose structure is a prefix of the file, followed by its segments in order.
+
+    Such files are snapshotted straight from a stream (git's pipe) with no spill to disk.
+    """
+
+    def prefix_length(self, head: bytes) -> int:
+        """How many bytes from the start ``scan_prefix`` needs, judged from ``head``."""
+        ...
+
+    def scan_prefix(self, prefix: bytes) -> Layout:
+        """``scan`` from the prefix alone; ``Layout.size`` is the size the prefix implies."""
+        ...
+
+
 class CheckpointFormat(Protocol):
     """A checkpoint file format (safetensors, PyTorch zip, npz, …)."""
 

@@ -6,6 +6,7 @@ data-offset order. Only the header is read; tensor data is never touched.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -190,6 +191,23 @@ class SafetensorsFormat:
         segments: list[Segment] = [RawSegment(0, 8 + n)]
         segments.extend(_tensor_segments(header, 8 + n, size))
         return Layout(_FMT, size, check_tiling(_FMT, size, segments), metadata=metadata)
+
+    def prefix_length(self, head: bytes) -> int:
+        """Bytes at the start of the file that ``scan_prefix`` needs (8 + header length)."""
+        (n,) = struct.unpack_from("<Q", head)
+        return 8 + int(n)
+
+    def scan_prefix(self, prefix: bytes) -> Layout:
+        """Scan from the prefix alone; the file size is the one the header implies (the end of
+        the last tensor). The caller checks that the stream really has that many bytes."""
+        ends = [0]
+        try:
+            for key, entry in json.loads(prefix[8:]).items():
+                if key != "__metadata__":
+                    ends.append(int(entry["data_offsets"][1]))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            pass  # ``scan`` reports what is wrong with the header
+        return self.scan(io.BytesIO(prefix), len(prefix) + max(0, *ends))
 
 
 def canonical_order(

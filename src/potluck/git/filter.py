@@ -11,7 +11,7 @@ from potluck.git.plumbing import CatFileBatch
 from potluck.git.repo import Repo
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
 from potluck.ops.materialize import write_file
-from potluck.ops.snapshot import snapshot
+from potluck.ops.snapshot import snapshot_stream
 
 COPY = 1 << 20
 
@@ -45,21 +45,22 @@ class PotluckFilter:
         if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
             dst.write(head + src.read())
             return
-        with tempfile.TemporaryFile(dir=self.repo.tmp_dir) as spill:
-            spill.write(head)
-            shutil.copyfileobj(src, spill, COPY)
-            size = spill.tell()
-            spill.seek(0)
-            manifest, _ = snapshot(
-                spill, size, self.repo.odb, self._previous(pathname), name=pathname
-            )
+        manifest, _ = snapshot_stream(
+            _Prepend(head, src),
+            self.repo.odb,
+            self._previous(pathname),
+            name=pathname,
+            spill_dir=self.repo.tmp_dir,
+        )
         dst.write(dumps(manifest))
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Write the checkpoint whose manifest is read from ``src`` to ``dst``."""
         head = src.read(len(MAGIC))
         if not is_manifest(head):  # committed before it was tracked: pass through
-            with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.repo.tmp_dir) as spool:
+            with tempfile.SpooledTemporaryFile(
+                max_size=64 << 20, dir=str(self.repo.tmp_dir)
+            ) as spool:
                 spool.write(head)
                 shutil.copyfileobj(src, spool, COPY)  # all input first, then answer
                 spool.seek(0)
@@ -67,3 +68,21 @@ class PotluckFilter:
             return
         manifest = parse(head + src.read())
         write_file(manifest, self.repo.odb, dst, path=pathname)
+
+
+class _Prepend:
+    """``head`` followed by the rest of ``src`` (a minimal readable stream)."""
+
+    def __init__(self, head: bytes, src: BinaryIO) -> None:
+        self.head = head
+        self.src = src
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (all when negative)."""
+        if self.head:
+            if n < 0:
+                out, self.head = self.head + self.src.read(), b""
+                return out
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.src.read(n)

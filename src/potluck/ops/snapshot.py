@@ -9,12 +9,17 @@ that range, from the page cache). A tensor with an earlier version under the sam
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Protocol, cast
 
-from potluck.formats import scan_stream
-from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment
+from potluck.errors import FormatError
+from potluck.formats import HEAD_SIZE, detect, scan_stream
+from potluck.formats.base import Layout, RawSegment, Segment, StreamableFormat, TensorSegment
 from potluck.objects.manifest import Entry, Manifest, RawEntry, TensorEntry, ViewEntry
 from potluck.ops.odb import ObjectDB, copy_range
 from potluck.tensors.dtypes import itemsize
@@ -105,6 +110,175 @@ def snapshot(
         if on_segment is not None:
             on_segment(seg.length)
     return layout_to_manifest(layout, oids), stats
+
+
+STREAM_BUFFER = 32 << 20  # segments up to this size are held in memory while streaming
+
+
+class Readable(Protocol):
+    """Anything with ``read(n)`` returning bytes (a pipe, a file, a git packet reader)."""
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes; empty at the end."""
+        ...
+
+
+def _read_exact(src: Readable, n: int) -> bytes:
+    parts: list[bytes] = []
+    left = n
+    while left > 0:
+        b = src.read(left)
+        if not b:
+            break
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
+
+
+class _Chain:
+    """Bytes already read, then the rest of a stream."""
+
+    def __init__(self, first: bytes, rest: Readable) -> None:
+        self.first = first
+        self.rest = rest
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (n ≥ 0)."""
+        if self.first:
+            out, self.first = self.first[:n], self.first[n:]
+            return out
+        return self.rest.read(n)
+
+
+def snapshot_stream(
+    src: Readable,
+    odb: ObjectDB,
+    previous: Manifest | None,
+    *,
+    name: str,
+    spill_dir: Path,
+) -> tuple[Manifest, SnapshotStats]:
+    """Snapshot a checkpoint read once from a stream (git's pipe).
+
+    Streamable formats (safetensors) are hashed and stored segment by segment as the bytes
+    arrive; others are spilled to a temporary file first. If the file turns out to be malformed
+    (e.g. truncated), every object this call created is removed again.
+    """
+    head = _read_exact(src, HEAD_SIZE)
+    fmt = detect(head, sys.maxsize)
+    if fmt is not None and not fmt.needs_random_access and hasattr(fmt, "scan_prefix"):
+        sfmt = cast(StreamableFormat, fmt)
+        need = sfmt.prefix_length(head)
+        prefix = head[:need] + _read_exact(src, need - len(head)) if need > len(head) else head
+        if len(prefix) >= need:
+            layout = sfmt.scan_prefix(prefix[:need])
+            return _stream_segments(
+                _Chain(prefix[need:], src), layout, prefix[:need], odb, previous, name, spill_dir
+            )
+        head = prefix
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        spill.write(head)
+        while piece := src.read(PIECE):
+            spill.write(piece)
+        size = spill.tell()
+        return snapshot(spill, size, odb, previous, name=name)
+
+
+def _stream_segments(
+    data: _Chain,
+    layout: Layout,
+    prefix: bytes,
+    odb: ObjectDB,
+    previous: Manifest | None,
+    name: str,
+    spill_dir: Path,
+) -> tuple[Manifest, SnapshotStats]:
+    prev = previous.tensors() if previous else {}
+    stats = SnapshotStats()
+    created: list[str] = []
+    oids: list[str] = []
+    try:
+        for seg in layout.segments:
+            base = (
+                prev[seg.name].oid if isinstance(seg, TensorSegment) and seg.name in prev else None
+            )
+            oid, new = _stream_one(data, seg, prefix, odb, base, stats, name, spill_dir)
+            oids.append(oid)
+            if new:
+                created.append(oid)
+        if data.read(1):
+            raise FormatError(
+                f"{name}: the file continues past the {layout.size} bytes its header describes",
+                hint="the file is malformed (trailing data)",
+            )
+    except BaseException:
+        for oid in created:
+            odb.store.delete(oid)
+        raise
+    return layout_to_manifest(layout, oids), stats
+
+
+def _stream_one(
+    data: _Chain,
+    seg: Segment,
+    prefix: bytes,
+    odb: ObjectDB,
+    base: str | None,
+    stats: SnapshotStats,
+    name: str,
+    spill_dir: Path,
+) -> tuple[str, bool]:
+    """Hash and store one segment read from the stream; returns (oid, created)."""
+    if seg.offset < len(prefix):
+        return _put(io.BytesIO(prefix), RawSegment(0, seg.length), seg, odb, base, stats)
+    if seg.length <= STREAM_BUFFER:
+        buf = _read_exact(data, seg.length)
+        _check_length(buf, seg, name)
+        return _put(io.BytesIO(buf), RawSegment(0, seg.length), seg, odb, base, stats)
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        left = seg.length
+        while left > 0:
+            piece = data.read(min(PIECE, left))
+            if not piece:
+                break
+            spill.write(piece)
+            left -= len(piece)
+        _check_length(b"" if left else b"x", seg, name, short=left)
+        return _put(spill, RawSegment(0, seg.length), seg, odb, base, stats)
+
+
+def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None) -> None:
+    missing = short if short is not None else seg.length - len(buf)
+    if missing:
+        what = f"tensor {seg.name!r}" if isinstance(seg, TensorSegment) else "the header"
+        raise FormatError(
+            f"{name}: the file ends {missing} bytes short inside {what}",
+            hint="the file is truncated (an interrupted write or download?)",
+        )
+
+
+def _put(
+    f: BinaryIO,
+    where: RawSegment,
+    seg: Segment,
+    odb: ObjectDB,
+    base: str | None,
+    stats: SnapshotStats,
+) -> tuple[str, bool]:
+    oid = hash_range(f, where.offset, where.length)
+    res = odb.put(
+        oid,
+        lambda: copy_range(f, where.offset, where.length, PIECE),
+        size=seg.length,
+        itemsize=_element_size(seg),
+        base_oid=base,
+    )
+    stats.segments += 1
+    stats.logical_bytes += seg.length
+    if res.new:
+        stats.new_objects += 1
+        stats.stored_bytes += res.stored
+    return oid, res.new
 
 
 def scan_manifest(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
