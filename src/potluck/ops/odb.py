@@ -16,6 +16,7 @@ from typing import BinaryIO
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, MissingObjectError
 from potluck.objects.encoding import (
+    Chunk,
     ObjectHeader,
     decode_object,
     encode_object,
@@ -98,7 +99,7 @@ class ObjectDB:
     def put(
         self,
         oid: str,
-        chunks: Callable[[], Iterable[bytes]],
+        chunks: Callable[[], Iterable[Chunk]],
         *,
         size: int,
         itemsize: int,
@@ -135,7 +136,7 @@ class ObjectDB:
     def _encode(
         self,
         oid: str,
-        chunks: Callable[[], Iterable[bytes]],
+        chunks: Callable[[], Iterable[Chunk]],
         size: int,
         itemsize: int,
         base: tuple[str, int] | None,

@@ -9,7 +9,6 @@ that range, from the page cache). A tensor with an earlier version under the sam
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 import tempfile
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from potluck.errors import FormatError
 from potluck.formats import HEAD_SIZE, detect, scan_stream
 from potluck.formats.base import Layout, RawSegment, Segment, StreamableFormat, TensorSegment
 from potluck.objects.manifest import Entry, Manifest, RawEntry, TensorEntry, ViewEntry
-from potluck.ops.odb import ObjectDB, copy_range
+from potluck.ops.odb import ObjectDB, PutResult, copy_range
 from potluck.tensors.dtypes import itemsize
 
 PIECE = 1 << 22
@@ -55,20 +54,7 @@ def _element_size(seg: Segment) -> int:
 def _store_segment(
     f: BinaryIO, seg: Segment, odb: ObjectDB, base_oid: str | None, stats: SnapshotStats
 ) -> str:
-    oid = hash_range(f, seg.offset, seg.length)
-    res = odb.put(
-        oid,
-        lambda: copy_range(f, seg.offset, seg.length, PIECE),
-        size=seg.length,
-        itemsize=_element_size(seg),
-        base_oid=base_oid,
-    )
-    stats.segments += 1
-    stats.logical_bytes += seg.length
-    if res.new:
-        stats.new_objects += 1
-        stats.stored_bytes += res.stored
-    return oid
+    return _put(f, seg.offset, seg, odb, base_oid, stats)[0]
 
 
 def layout_to_manifest(layout: Layout, oids: list[str]) -> Manifest:
@@ -230,11 +216,11 @@ def _stream_one(
 ) -> tuple[str, bool]:
     """Hash and store one segment read from the stream; returns (oid, created)."""
     if seg.offset < len(prefix):
-        return _put(io.BytesIO(prefix), RawSegment(0, seg.length), seg, odb, base, stats)
+        return _put_buffer(prefix[seg.offset : seg.offset + seg.length], seg, odb, base, stats)
     if seg.length <= STREAM_BUFFER:
         buf = _read_exact(data, seg.length)
         _check_length(buf, seg, name)
-        return _put(io.BytesIO(buf), RawSegment(0, seg.length), seg, odb, base, stats)
+        return _put_buffer(buf, seg, odb, base, stats)
     with tempfile.TemporaryFile(dir=spill_dir) as spill:
         left = seg.length
         while left > 0:
@@ -244,7 +230,7 @@ def _stream_one(
             spill.write(piece)
             left -= len(piece)
         _check_length(b"" if left else b"x", seg, name, short=left)
-        return _put(spill, RawSegment(0, seg.length), seg, odb, base, stats)
+        return _put(spill, 0, seg, odb, base, stats)
 
 
 def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None) -> None:
@@ -257,28 +243,52 @@ def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None)
         )
 
 
-def _put(
-    f: BinaryIO,
-    where: RawSegment,
-    seg: Segment,
-    odb: ObjectDB,
-    base: str | None,
-    stats: SnapshotStats,
+def _put_buffer(
+    buf: bytes, seg: Segment, odb: ObjectDB, base: str | None, stats: SnapshotStats
 ) -> tuple[str, bool]:
-    oid = hash_range(f, where.offset, where.length)
-    res = odb.put(
-        oid,
-        lambda: copy_range(f, where.offset, where.length, PIECE),
-        size=seg.length,
-        itemsize=_element_size(seg),
-        base_oid=base,
+    """Like ``_put`` for a segment held in memory (no copies for hashing or chunking)."""
+    view = memoryview(buf)
+    pieces = lambda: (view[i : i + PIECE] for i in range(0, len(view), PIECE))  # noqa: E731
+    return _record(
+        odb.put(
+            hashlib.sha256(view).hexdigest(),
+            pieces,
+            size=seg.length,
+            itemsize=_element_size(seg),
+            base_oid=base,
+        ),
+        seg,
+        stats,
     )
+
+
+def _record(res: PutResult, seg: Segment, stats: SnapshotStats) -> tuple[str, bool]:
     stats.segments += 1
     stats.logical_bytes += seg.length
     if res.new:
         stats.new_objects += 1
         stats.stored_bytes += res.stored
-    return oid, res.new
+    return res.oid, res.new
+
+
+def _put(
+    f: BinaryIO,
+    offset: int,
+    seg: Segment,
+    odb: ObjectDB,
+    base: str | None,
+    stats: SnapshotStats,
+) -> tuple[str, bool]:
+    """Hash ``seg.length`` bytes of ``f`` from ``offset`` and store them if new."""
+    oid = hash_range(f, offset, seg.length)
+    res = odb.put(
+        oid,
+        lambda: copy_range(f, offset, seg.length, PIECE),
+        size=seg.length,
+        itemsize=_element_size(seg),
+        base_oid=base,
+    )
+    return _record(res, seg, stats)
 
 
 def scan_manifest(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
