@@ -11,7 +11,7 @@ from potluck.git.plumbing import CatFileBatch
 from potluck.git.repo import Repo
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
 from potluck.ops.materialize import write_file
-from potluck.ops.snapshot import snapshot_stream
+from potluck.ops.snapshot import Chain, snapshot_stream
 
 COPY = 1 << 20
 
@@ -46,7 +46,7 @@ class PotluckFilter:
             dst.write(head + src.read())
             return
         manifest, _ = snapshot_stream(
-            _Prepend(head, src),
+            Chain(head, src),
             self.repo.odb,
             self._previous(pathname),
             name=pathname,
@@ -68,21 +68,3 @@ class PotluckFilter:
             return
         manifest = parse(head + src.read())
         write_file(manifest, self.repo.odb, dst, path=pathname)
-
-
-class _Prepend:
-    """``head`` followed by the rest of ``src`` (a minimal readable stream)."""
-
-    def __init__(self, head: bytes, src: BinaryIO) -> None:
-        self.head = head
-        self.src = src
-
-    def read(self, n: int = -1, /) -> bytes:
-        """Up to ``n`` bytes (all when negative)."""
-        if self.head:
-            if n < 0:
-                out, self.head = self.head + self.src.read(), b""
-                return out
-            out, self.head = self.head[:n], self.head[n:]
-            return out
-        return self.src.read(n)

@@ -9,8 +9,8 @@ import numpy as np
 
 from potluck.errors import UserError
 from potluck.formats.base import Layout, TensorSegment
-from potluck.ops.materialize import view_array
-from potluck.tensors.dtypes import array_from_bytes, to_numpy
+from potluck.ops.materialize import collect_tensors
+from potluck.tensors.dtypes import array_from_bytes
 
 
 def read_tensors(
@@ -19,23 +19,7 @@ def read_tensors(
     """Load the requested tensors (all when None) from the open file ``f``."""
     segs = {s.name: s for s in layout.segments if isinstance(s, TensorSegment)}
     views = {v.name: v for v in layout.views}
-    wanted = list(segs) + list(views) if names is None else list(names)
-    unknown = [n for n in wanted if n not in segs and n not in views]
-    if unknown:
-        raise UserError(
-            f"no tensor named {unknown[0]!r} in this checkpoint",
-            hint="`potluck ls FILE` lists the names",
-            unknown=unknown,
-        )
-    out: dict[str, np.ndarray] = {}
-    for name in wanted:
-        if name in segs:
-            out[name] = _segment_array(f, segs[name])
-        else:
-            v = views[name]
-            storage = _segment_array(f, segs[v.storage]).reshape(-1).view(to_numpy(v.dtype))
-            out[name] = view_array(storage, v.name, v.storage, v.shape, v.stride, v.offset)
-    return out
+    return collect_tensors(names, segs, views, lambda n: _segment_array(f, segs[n]))
 
 
 def _segment_array(f: BinaryIO, seg: TensorSegment) -> np.ndarray:

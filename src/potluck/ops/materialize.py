@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Mapping
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -79,14 +79,34 @@ def view_array(
     return np.array(arr, copy=True)
 
 
-def load_tensors(
-    m: Manifest, odb: ObjectDB, names: Iterable[str] | None = None
+class ViewLike(Protocol):
+    """What a view record has (``ViewEntry`` in a manifest, ``View`` in a scanned layout)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def storage(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def stride(self) -> tuple[int, ...]: ...
+    @property
+    def offset(self) -> int: ...
+
+
+def collect_tensors(
+    names: Iterable[str] | None,
+    tensor_names: Iterable[str],
+    views: Mapping[str, ViewLike],
+    read: Callable[[str], np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Decode the requested tensors (all when ``names`` is None) into numpy arrays."""
-    tensors = m.tensors()
-    views = {v.name: v for v in m.views}
-    wanted = list(tensors) + list(views) if names is None else list(names)
-    unknown = [n for n in wanted if n not in tensors and n not in views]
+    """The requested tensors (all when ``names`` is None): plain tensors through ``read(name)``,
+    views as copies out of their storage (each storage read once)."""
+    known = list(tensor_names)
+    wanted = known + list(views) if names is None else list(names)
+    unknown = [n for n in wanted if n not in views and n not in known]
     if unknown:
         raise UserError(
             f"no tensor named {unknown[0]!r} in this checkpoint",
@@ -94,17 +114,26 @@ def load_tensors(
             unknown=unknown,
         )
     out: dict[str, np.ndarray] = {}
-    cache: dict[str, np.ndarray] = {}
+    storages: dict[str, np.ndarray] = {}
     for name in wanted:
-        if name in tensors:
-            out[name] = _entry_array(tensors[name], odb)
-        else:
-            v = views[name]
-            if v.storage not in cache:
-                cache[v.storage] = _entry_array(tensors[v.storage], odb).reshape(-1)
-            storage = cache[v.storage].view(to_numpy(v.dtype))
-            out[name] = view_array(storage, v.name, v.storage, v.shape, v.stride, v.offset)
+        if name not in views:
+            out[name] = read(name)
+            continue
+        v = views[name]
+        if v.storage not in storages:
+            storages[v.storage] = read(v.storage).reshape(-1)
+        storage = storages[v.storage].view(to_numpy(v.dtype))
+        out[name] = view_array(storage, v.name, v.storage, v.shape, v.stride, v.offset)
     return out
+
+
+def load_tensors(
+    m: Manifest, odb: ObjectDB, names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Decode the requested tensors (all when ``names`` is None) into numpy arrays."""
+    tensors = m.tensors()
+    views = {v.name: v for v in m.views}
+    return collect_tensors(names, tensors, views, lambda n: _entry_array(tensors[n], odb))
 
 
 def _entry_array(e: TensorEntry, odb: ObjectDB) -> np.ndarray:

@@ -121,7 +121,7 @@ def _read_exact(src: Readable, n: int) -> bytes:
     return b"".join(parts)
 
 
-class _Chain:
+class Chain:
     """Bytes already read, then the rest of a stream."""
 
     def __init__(self, first: bytes, rest: Readable) -> None:
@@ -129,11 +129,14 @@ class _Chain:
         self.rest = rest
 
     def read(self, n: int = -1, /) -> bytes:
-        """Up to ``n`` bytes (n ≥ 0)."""
-        if self.first:
-            out, self.first = self.first[:n], self.first[n:]
+        """Up to ``n`` bytes (everything left when negative)."""
+        if not self.first:
+            return self.rest.read(n)
+        if n < 0:
+            out, self.first = self.first + self.rest.read(), b""
             return out
-        return self.rest.read(n)
+        out, self.first = self.first[:n], self.first[n:]
+        return out
 
 
 def snapshot_stream(
@@ -159,7 +162,7 @@ def snapshot_stream(
         if len(prefix) >= need:
             layout = sfmt.scan_prefix(prefix[:need])
             return _stream_segments(
-                _Chain(prefix[need:], src), layout, prefix[:need], odb, previous, name, spill_dir
+                Chain(prefix[need:], src), layout, prefix[:need], odb, previous, name, spill_dir
             )
         head = prefix
     with tempfile.TemporaryFile(dir=spill_dir) as spill:
@@ -171,7 +174,7 @@ def snapshot_stream(
 
 
 def _stream_segments(
-    data: _Chain,
+    data: Chain,
     layout: Layout,
     prefix: bytes,
     odb: ObjectDB,
@@ -205,7 +208,7 @@ def _stream_segments(
 
 
 def _stream_one(
-    data: _Chain,
+    data: Chain,
     seg: Segment,
     prefix: bytes,
     odb: ObjectDB,
