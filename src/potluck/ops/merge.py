@@ -62,6 +62,10 @@ def choose_tensors(
     return chosen, conflicts, from_theirs
 
 
+METADATA = "__metadata__"  # safetensors' string metadata, merged like a tensor
+STRUCTURE = "(file structure)"  # non-tensor content of zip formats (pickled values, records)
+
+
 def merge_manifests(
     base: Manifest | None,
     ours: Manifest,
@@ -70,18 +74,36 @@ def merge_manifests(
     combine: Combine | None = None,
 ) -> MergeResult:
     """Merge ``theirs`` into ``ours`` against ``base`` (see the module docstring)."""
+    if ours == theirs or theirs == base:
+        return MergeResult(ours)
+    if ours == base:
+        return MergeResult(theirs, from_theirs=sorted(theirs.tensors()))
     chosen, conflicts, from_theirs = choose_tensors(base, ours, theirs)
     result = MergeResult(ours, [], from_theirs)
     if combine is not None and base is not None:
         conflicts = _combine(base, ours, theirs, odb, combine, chosen, conflicts, result)
-    if not from_theirs and not result.combined:
-        result.conflicts = conflicts
-        return result
     if ours.format != "safetensors" or ours.views or theirs.views:
-        return _whole_file_fallback(ours, theirs, chosen, conflicts, result)
-    result.manifest = _safetensors_manifest(ours, theirs, chosen, odb)
+        return _whole_file_fallback(ours, conflicts, result)
+    metadata = _merge_metadata(base, ours, theirs)
+    if metadata is None:
+        conflicts.append(METADATA)
+        result.reason[METADATA] = "changed on both sides"
+        metadata = ours.metadata
+    result.manifest = _safetensors_manifest(ours, chosen, metadata, odb)
     result.conflicts = conflicts
     return result
+
+
+def _merge_metadata(
+    base: Manifest | None, ours: Manifest, theirs: Manifest
+) -> dict[str, str] | None:
+    """Three-way merge of ``__metadata__``; None when both sides changed it differently."""
+    b = base.metadata if base else {}
+    if ours.metadata == theirs.metadata or theirs.metadata == b:
+        return ours.metadata
+    if ours.metadata == b:
+        return theirs.metadata
+    return None
 
 
 def _differs(chosen: dict[str, TensorEntry | None], m: Manifest) -> bool:
@@ -89,21 +111,16 @@ def _differs(chosen: dict[str, TensorEntry | None], m: Manifest) -> bool:
     return set(chosen) != set(t) or any(_key(chosen[n]) != _key(t.get(n)) for n in chosen)
 
 
-def _whole_file_fallback(
-    ours: Manifest,
-    theirs: Manifest,
-    chosen: dict[str, TensorEntry | None],
-    conflicts: list[str],
-    result: MergeResult,
-) -> MergeResult:
-    """Zip-based formats carry CRCs of tensor data in their structure: only whole sides merge."""
-    if not conflicts and not _differs(chosen, theirs) and not result.combined:
-        result.manifest = theirs
-        return result
+def _whole_file_fallback(ours: Manifest, conflicts: list[str], result: MergeResult) -> MergeResult:
+    """Zip-based formats carry CRCs of tensor data and pickled values in their records: when
+    both sides changed the file, only one whole side can be taken."""
     extra = [n for n in result.from_theirs + result.combined if n not in conflicts]
     for n in extra:
         result.reason[n] = f"{ours.format} files can only take whole sides (CRCs in zip records)"
     result.conflicts = sorted(set(conflicts) | set(extra))
+    if not result.conflicts:  # same tensors, different pickled values or records
+        result.conflicts = [STRUCTURE]
+        result.reason[STRUCTURE] = "non-tensor content changed on both sides"
     result.from_theirs, result.combined = [], []
     result.manifest = ours
     return result
@@ -144,26 +161,32 @@ def _combine(
 
 
 def _safetensors_manifest(
-    ours: Manifest, theirs: Manifest, chosen: dict[str, TensorEntry | None], odb: ObjectDB
+    ours: Manifest,
+    chosen: dict[str, TensorEntry | None],
+    metadata: dict[str, str],
+    odb: ObjectDB,
 ) -> Manifest:
-    """Re-lay out a safetensors file: same header when shapes allow, else a new header."""
+    """Lay out a safetensors file: ours' header when tensor shapes and metadata allow, else a new
+    header (ours' tensor order, then tensors new from theirs)."""
     o = ours.tensors()
-    same_layout = set(chosen) == set(o) and all(
-        e is not None and (e.dtype, e.shape) == (o[n].dtype, o[n].shape) for n, e in chosen.items()
+    same_layout = (
+        metadata == ours.metadata
+        and set(chosen) == set(o)
+        and all(
+            e is not None and (e.dtype, e.shape) == (o[n].dtype, o[n].shape)
+            for n, e in chosen.items()
+        )
     )
     if same_layout:
         entries: list[Entry] = []
         for e in ours.entries:
             entries.append(chosen[e.name] or e if isinstance(e, TensorEntry) else e)
         return ours.with_entries(tuple(entries))
-    order = [n for n in chosen if chosen[n] is not None]
-    kept = [chosen[n] for n in order]
-    tensors = [e for e in kept if e is not None]
-    meta = {k: v for k, v in ours.metadata.items()}
-    header = build_header([(e.name, e.dtype, e.shape) for e in tensors], meta or None)
+    tensors = [e for e in chosen.values() if e is not None]
+    header = build_header([(e.name, e.dtype, e.shape) for e in tensors], metadata or None)
     raw = odb.put_bytes(header)
     new_entries: list[Entry] = [RawEntry(raw.oid, len(header)), *tensors]
-    return Manifest("safetensors", 0, (), (), dict(ours.metadata)).with_entries(tuple(new_entries))
+    return Manifest("safetensors", 0, (), (), dict(metadata)).with_entries(tuple(new_entries))
 
 
 def resolve_manifest(
@@ -178,13 +201,17 @@ def resolve_manifest(
     chosen, _, from_theirs = choose_tensors(base, ours, theirs)
     t = theirs.tensors()
     for name, side in decided.items():
-        if side == "theirs":
+        if side == "theirs" and name not in (METADATA, STRUCTURE):
             chosen[name] = t.get(name)
+        if side == "theirs":
             from_theirs.append(name)
     if not from_theirs:
         return ours
     if ours.format == "safetensors" and not ours.views and not theirs.views:
-        return _safetensors_manifest(ours, theirs, chosen, odb)
+        metadata = _merge_metadata(base, ours, theirs)
+        if metadata is None:
+            metadata = theirs.metadata if decided.get(METADATA) == "theirs" else ours.metadata
+        return _safetensors_manifest(ours, chosen, metadata, odb)
     if not _differs(chosen, theirs):
         return theirs
     if not _differs(chosen, ours):
