@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -44,6 +45,15 @@ class ObjectDB:
         self.config = config
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+
+    def _hash_pool(self) -> ThreadPoolExecutor | None:
+        """One thread that hashes decoded chunks (in order) while the caller writes them."""
+        if self.workers <= 1:
+            return None
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="potluck-hash")
+        return self._hasher
 
     def _pool(self) -> ThreadPoolExecutor | None:
         """Threads that encode chunks concurrently (None when ``workers`` is 1)."""
@@ -65,17 +75,16 @@ class ObjectDB:
     def read_chunks(self, oid: str, *, verify: bool = True) -> Iterator[bytes]:
         """Stream the object's logical bytes; with ``verify`` raise ``CorruptObjectError`` at the
         end when they do not hash to ``oid`` (callers must not trust data before the end)."""
-        h = hashlib.sha256()
-        n = 0
+        h = _BackgroundHash(self._hash_pool() if verify else None)
         with self.store.open(oid) as f:
             for chunk in decode_object(f, self._open_base, self._pool()):
                 if verify:
                     h.update(chunk)
-                n += len(chunk)
                 yield chunk
-        if verify and h.hexdigest() != oid:
+        got = h.hexdigest() if verify else oid
+        if got != oid:
             raise CorruptObjectError(
-                f"object {oid[:12]} is corrupt: its content hashes to {h.hexdigest()[:12]}",
+                f"object {oid[:12]} is corrupt: its content hashes to {got[:12]}",
                 hint="run `potluck fsck` to find every affected tensor and revision",
                 oid=oid,
             )
@@ -165,6 +174,30 @@ class ObjectDB:
         """Store a small byte string; returns its id."""
         oid = hashlib.sha256(data).hexdigest()
         return self.put(oid, lambda: [data], size=len(data), itemsize=itemsize)
+
+
+class _BackgroundHash:
+    """sha256 of a stream of chunks, computed on a single worker thread (so in order) while the
+    caller goes on; at most ``window`` chunks wait. Without a pool it hashes inline."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None, window: int = 8) -> None:
+        self.h = hashlib.sha256()
+        self.pool = pool
+        self.window = window
+        self.pending: deque[Future[None]] = deque()
+
+    def update(self, chunk: bytes) -> None:
+        if self.pool is None:
+            self.h.update(chunk)
+            return
+        self.pending.append(self.pool.submit(self.h.update, chunk))
+        if len(self.pending) > self.window:
+            self.pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self.pending:
+            self.pending.popleft().result()
+        return self.h.hexdigest()
 
 
 def copy_range(f: BinaryIO, offset: int, length: int, piece: int) -> Iterator[bytes]:
