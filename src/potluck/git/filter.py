@@ -29,9 +29,9 @@ class PotluckFilter:
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
-        blob = self.batch.get(f":{pathname}") if self.batch else None
-        if blob is None:
-            blob = self.batch.get(f"HEAD:{pathname}") if self.batch else None
+        if self.batch is None:
+            return None
+        blob = self.batch.get(f":{pathname}") or self.batch.get(f"HEAD:{pathname}")
         if blob is None or not is_manifest(blob):
             return None
         try:
