@@ -107,3 +107,26 @@ def test_diff_limits_to_paths_and_worktree(repo: Path, git: Run, rng) -> None:
     only_b = json.loads(git("potluck", "diff", "--json", "HEAD", "--", "b.safetensors"))
     assert [d["path"] for d in only_b] == ["b.safetensors"]
     assert np.isclose(only_b[0]["changes"][0]["stats"]["rel"], 2.0, rtol=1e-6)
+
+
+def test_status_reports_files_left_as_manifests(repo: Path, git: Run, rng, tmp_path: Path) -> None:
+    from conftest import run_in
+
+    save_st(repo / "m.safetensors", model(rng))
+    commit(git, "m.safetensors", "v1")
+    clone = tmp_path / "clone"
+    run_in(tmp_path)("git", "clone", "-q", str(repo), str(clone))  # no potluck objects travel
+    c = run_in(clone)
+    assert (clone / "m.safetensors").read_bytes().startswith(b"potluck manifest v1\n")
+    c("potluck", "init")
+    st = json.loads(c("potluck", "status", "--json"))
+    n_objects = len(
+        set(
+            json.loads(line)["oid"] if "oid" in line else json.loads(line)["raw"]
+            for line in (clone / "m.safetensors").read_text().splitlines()[2:]
+        )
+    )
+    assert st["not_materialized"] == [{"path": "m.safetensors", "missing_objects": n_objects}]
+    (clone / "m.safetensors").unlink()
+    err = c("git", "checkout", "--", "m.safetensors", check=False)
+    assert "object(s) missing" in err and "m.safetensors" in err and "potluck fsck" in err

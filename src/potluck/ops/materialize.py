@@ -34,7 +34,8 @@ def write_file(m: Manifest, odb: ObjectDB, out: BinaryIO, *, path: str = "") -> 
         raise MissingObjectError(
             f"{path}: {len(missing)} object(s) missing, first: {_describe(m, missing[0])} "
             f"(object {missing[0][:12]})",
-            hint="fetch them from a remote (`potluck fetch`) or run `potluck fsck` for details",
+            hint="copy them from a repository that has them (its .git/potluck/objects), then "
+            "check the file out again; `potluck fsck` lists what is missing",
             oids=missing,
         )
     n = 0

@@ -1,0 +1,65 @@
+"""Update codecs: encode a fine-tuned tensor as a small payload against a pinned base.
+
+``CODECS`` holds the built-ins; third-party codecs register through the ``potluck.codecs``
+entry-point group. Exact: ``full``, ``exact_xor``, ``exact_sparse``. Lossy (each reports an
+``ErrorReport``): ``sparse_topk``, ``sparse_threshold``, ``dare``, ``ternary``, ``bitdelta``,
+``quant``, ``lowrank``, ``ia3``.
+"""
+
+from __future__ import annotations
+
+from potluck.codecs.base import (
+    PLAIN_DTYPES,
+    ErrorReport,
+    LossyCodec,
+    ParamSpec,
+    Payload,
+    UpdateCodec,
+    payload_nbytes,
+    payloads_equal,
+)
+from potluck.codecs.exact import ExactSparseCodec, ExactXorCodec, FullCodec
+from potluck.codecs.ia3 import IA3Codec
+from potluck.codecs.lowrank import LowRankCodec
+from potluck.codecs.quant import QuantCodec
+from potluck.codecs.rules import DEFAULT_RULES, choose_codec
+from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
+from potluck.codecs.sparse import DareCodec, ThresholdCodec, TopKCodec
+from potluck.registry import Registry
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_RULES",
+    "PLAIN_DTYPES",
+    "ErrorReport",
+    "LossyCodec",
+    "ParamSpec",
+    "Payload",
+    "UpdateCodec",
+    "choose_codec",
+    "get_codec",
+    "payload_nbytes",
+    "payloads_equal",
+]
+
+CODECS: Registry[UpdateCodec] = Registry("update codec", "potluck.codecs")
+for _codec in (
+    FullCodec(),
+    ExactXorCodec(),
+    ExactSparseCodec(),
+    TopKCodec(),
+    ThresholdCodec(),
+    DareCodec(),
+    TernaryCodec(),
+    BitDeltaCodec(),
+    QuantCodec(),
+    LowRankCodec(),
+    IA3Codec(),
+):
+    CODECS.register(_codec.name, _codec)
+del _codec
+
+
+def get_codec(name: str) -> UpdateCodec:
+    """The codec registered as ``name``; a ``UserError`` lists the known codecs."""
+    return CODECS.get(name)

@@ -1,0 +1,136 @@
+"""Sign codecs: Δ stored as signs plus one scale (ComPEFT ternary, BitDelta 1-bit)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from potluck.codecs.base import (
+    Arrays,
+    LossyCodec,
+    Meta,
+    ParamSpec,
+    ParamValue,
+    Payload,
+    get_array,
+    malformed,
+)
+from potluck.codecs.bits import pack_2bit, pack_bits, unpack_2bit, unpack_bits
+from potluck.codecs.sparse import keep_count, top_k_positions
+
+
+def ternary_signs(delta: np.ndarray, density: float) -> np.ndarray:
+    """ComPEFT step 1-2: signs (int8 in {−1, 0, +1}) of the top-``density`` magnitudes of Δ."""
+    flat = delta.reshape(-1)
+    positions = top_k_positions(np.abs(flat), keep_count(density, flat.size))
+    signs = np.zeros(flat.size, np.int8)
+    signs[positions] = np.sign(flat[positions]).astype(np.int8)
+    return signs.reshape(delta.shape)
+
+
+def ternary_scale(delta: np.ndarray, signs: np.ndarray, mode: str, alpha: float) -> float:
+    """ComPEFT step 3: the one magnitude per tensor, ``alpha`` times σ(Δ) or mean |kept Δ|.
+
+    ``std`` (the paper's choice) uses the standard deviation of the whole, unpruned Δ;
+    ``mean_abs`` the mean magnitude of the kept entries (the least-squares scale for the mask).
+    """
+    if delta.size == 0:
+        return 0.0
+    if mode == "std":
+        return alpha * float(np.std(delta.astype(np.float64)))
+    kept = np.abs(delta[signs != 0].astype(np.float64))
+    return alpha * float(kept.mean()) if kept.size else 0.0
+
+
+class TernaryCodec(LossyCodec):
+    """ComPEFT (Yadav et al. 2023): keep the top-``density`` |Δ|, store only their signs
+    (2 bits each, 0 → −1, 1 → 0, 2 → +1, four per byte) and one scale per tensor,
+    Δ̂ = scale · sign.
+
+    Follows the paper: scale = α · σ(Δ) with σ the std of the unpruned Δ and α = 1 (the paper
+    tunes α on validation data; 1 is its untuned setting); ``scale="mean_abs"`` uses the mean
+    |kept Δ| instead. Default density 0.1.
+    """
+
+    name: ClassVar[str] = "ternary"
+    reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2311.13171"
+    params: ClassVar[tuple[ParamSpec, ...]] = (
+        ParamSpec(
+            "density", float, 0.1, "fraction of signs kept", low=0.0, high=1.0, low_open=True
+        ),
+        ParamSpec("scale", str, "std", "magnitude statistic", choices=("std", "mean_abs")),
+        ParamSpec("alpha", float, 1.0, "multiplier of the magnitude statistic", low=0.0),
+    )
+
+    def _approximate(
+        self,
+        delta: np.ndarray,
+        base: np.ndarray,
+        *,
+        name: str,
+        seed: int,
+        params: dict[str, ParamValue],
+    ) -> tuple[Arrays, Meta, float]:
+        signs = ternary_signs(delta, float(params["density"]))
+        scale = ternary_scale(delta, signs, str(params["scale"]), float(params["alpha"]))
+        arrays = {
+            "signs": pack_2bit(signs.reshape(-1) + 1),
+            "scale": np.array([scale], dtype=delta.dtype),
+        }
+        kept = float(np.count_nonzero(signs)) / signs.size if signs.size else 1.0
+        return arrays, {}, kept
+
+    def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
+        codes = unpack_2bit(get_array(payload, "signs", np.uint8), base.size, self.name)
+        if np.any(codes > 2):
+            raise malformed(self.name, "sign code 3 is not used")
+        scale = get_array(payload, "scale", base.dtype, (1,))
+        signs = codes.astype(base.dtype) - base.dtype.type(1)
+        out: np.ndarray = (signs * scale[0]).reshape(base.shape)
+        return out
+
+
+def _matrices(a: np.ndarray) -> np.ndarray:
+    """``a`` as (k, m·n) rows, one per matrix: k = prod(shape[:-2]), or 1 when ndim ≤ 2."""
+    if a.ndim <= 2:
+        return a.reshape(1, a.size)
+    return a.reshape(int(np.prod(a.shape[:-2])), a.shape[-2] * a.shape[-1])
+
+
+class BitDeltaCodec(LossyCodec):
+    """BitDelta (Liu et al. 2024): Δ̂ = α · sign(Δ), 1 bit per element (sign(0) taken as +1),
+    packed eight per byte, and one scale α = mean |Δ| per matrix.
+
+    Tensors of ndim ≤ 2 get one scale; higher-rank tensors one per trailing 2-D matrix (scales
+    shape = shape[:-2]). mean |Δ| is the paper's initial scale (the L2-optimal one for the signs);
+    the paper's scale distillation step needs activations and is not done here.
+    """
+
+    name: ClassVar[str] = "bitdelta"
+    reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2402.10193"
+
+    def _approximate(
+        self,
+        delta: np.ndarray,
+        base: np.ndarray,
+        *,
+        name: str,
+        seed: int,
+        params: dict[str, ParamValue],
+    ) -> tuple[Arrays, Meta, float]:
+        mats = _matrices(delta)
+        if mats.shape[1]:
+            scales = np.abs(mats.astype(np.float64)).mean(axis=1).astype(delta.dtype)
+        else:
+            scales = np.zeros(mats.shape[0], delta.dtype)
+        arrays = {"signs": pack_bits(delta.reshape(-1) >= 0), "scales": scales}
+        return arrays, {}, 1.0
+
+    def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
+        positive = unpack_bits(get_array(payload, "signs", np.uint8), base.size, self.name)
+        mats = _matrices(base)
+        scales = get_array(payload, "scales", base.dtype, (mats.shape[0],))
+        signs = np.where(positive, base.dtype.type(1), base.dtype.type(-1)).astype(base.dtype)
+        out: np.ndarray = (signs.reshape(mats.shape) * scales[:, None]).reshape(base.shape)
+        return out

@@ -1,0 +1,42 @@
+"""Merge methods: pure numpy functions that combine one tensor of several fine-tunes.
+
+``MERGE_METHODS.get(name).merge(tensors, base, weights, name=..., seed=..., **params)`` validates
+its inputs and returns float64; casting back to the checkpoint's dtype is the caller's job.
+
+Built in: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``, ``slerp``, ``model_stock`` and
+``passthrough``. Third-party methods register through the ``potluck.merge_methods`` entry-point
+group (a ``MergeMethod`` instance per entry point).
+"""
+
+from __future__ import annotations
+
+from potluck.merging import average, task_arithmetic
+from potluck.merging.base import (
+    COMPUTE_DTYPE,
+    Combine,
+    MergeFn,
+    MergeInputs,
+    MergeMethod,
+    Param,
+    three_way_combine,
+)
+from potluck.merging.rng import keyed_generator
+from potluck.registry import Registry
+
+__all__ = [
+    "COMPUTE_DTYPE",
+    "MERGE_METHODS",
+    "Combine",
+    "MergeFn",
+    "MergeInputs",
+    "MergeMethod",
+    "Param",
+    "keyed_generator",
+    "three_way_combine",
+]
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", "potluck.merge_methods")
+for _method in (*average.METHODS, *task_arithmetic.METHODS):
+    MERGE_METHODS.register(_method.name, _method)
+del _method

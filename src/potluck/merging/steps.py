@@ -1,0 +1,190 @@
+"""The papers' steps as pure functions on float arrays (no I/O, randomness passed in).
+
+Task vectors (Ilharco et al., https://arxiv.org/abs/2212.04089), TIES' trim → elect sign →
+disjoint mean (Yadav et al., https://arxiv.org/abs/2306.01708), DARE's drop and rescale (Yu et al.,
+https://arxiv.org/abs/2311.03099), Model Breadcrumbs' two-tailed mask (Davari & Belilovsky,
+https://arxiv.org/abs/2312.06795) and DELLA's MagPrune keep probabilities (Deep et al.,
+https://arxiv.org/abs/2406.11617). Arrays of shape ``(k, *shape)`` hold one row per model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from potluck.errors import UserError
+
+#: Rescaling after a drop: divide by the keep probability (DARE/DELLA papers), match the L1 norm
+#: of the unpruned vector (mergekit ≥ 0.1), or nothing.
+RESCALE_MODES = ("inverse", "l1", "none")
+#: Sign election: sign of the summed (weighted) values (TIES paper, mergekit "sum"), or the sign
+#: held by most entries (mergekit "count").
+CONSENSUS_METHODS = ("sum", "count")
+
+
+def task_vectors(models: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """τᵢ = θᵢ − θ_base for every model row."""
+    return np.asarray(models - base[np.newaxis])
+
+
+def keep_count(density: float, size: int) -> int:
+    """How many of ``size`` entries a ``density`` keeps: floor, robust to float error.
+
+    (0.29 · 100 keeps 29; a bare ``int()``, as in mergekit, would keep 28.)
+    """
+    return min(size, int(density * size + 1e-9))
+
+
+def _need_some(kept: int, size: int, density: float, name: str) -> None:
+    if kept == 0:
+        raise UserError(
+            f"density {density:g} keeps none of the {size} entries of tensor {name!r}",
+            hint=f"raise density to at least {1 / size:.3g} (or leave this tensor out)",
+            tensor=name,
+            density=density,
+            size=size,
+        )
+
+
+def trim(tau: np.ndarray, density: float, *, name: str = "") -> np.ndarray:
+    """TIES step 1: keep the ``density`` fraction of largest magnitudes of one task vector.
+
+    Top-k by selection (``argpartition``), not a full sort; among equal magnitudes at the cut the
+    choice is arbitrary but deterministic. density ≥ 1 returns a copy.
+    """
+    size = tau.size
+    if density >= 1 or size == 0:
+        return tau.copy()
+    k = keep_count(density, size)
+    _need_some(k, size, density, name)
+    flat = tau.ravel()
+    keep = np.argpartition(np.abs(flat), size - k)[size - k :]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(tau.shape)
+
+
+def trim_outliers(tau: np.ndarray, density: float, gamma: float, *, name: str = "") -> np.ndarray:
+    """Model Breadcrumbs' mask (mergekit ``magnitude_outliers``): drop the ``gamma`` fraction of
+    largest magnitudes, then the smallest, so that ``density`` remains.
+
+    If density + gamma > 1, fewer large entries are dropped to reach the density. density ≥ 1
+    returns a copy (gamma is then unused, as in mergekit). Unlike mergekit, whose slice
+    ``[n_bot:-n_top]`` keeps nothing when ``n_top`` rounds to 0, that case keeps the top entries.
+    """
+    size = tau.size
+    if density >= 1 or size == 0:
+        return tau.copy()
+    target = keep_count(density, size)
+    _need_some(target, size, density, name)
+    n_top = min(int(gamma * size + 1e-9), size - target)
+    n_bot = size - target - n_top
+    flat = tau.ravel()
+    kth = [x for x in (n_bot, size - n_top) if x < size]
+    order = np.argpartition(np.abs(flat), kth)
+    keep = order[n_bot : size - n_top]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(tau.shape)
+
+
+def random_keep_mask(
+    gen: np.random.Generator, keep_prob: float | np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """DARE's drop: each entry kept independently with probability ``keep_prob`` (bool mask)."""
+    return gen.random(shape) < keep_prob
+
+
+def magprune_keep_probs(
+    tau: np.ndarray, density: float, epsilon: float, scope: str = "row"
+) -> np.ndarray:
+    """DELLA's MagPrune: keep probabilities rising linearly with magnitude rank.
+
+    Ranks (ascending magnitude, ties by position) are normalised to [0, 1] and mapped to
+    [density − ε, density + ε]: the smallest entry gets density − ε, the largest density + ε.
+    ``scope="row"`` ranks within each row (first axis vs the rest, as mergekit does for matrices);
+    ``"tensor"`` ranks the whole tensor. A single entry gets ``density``.
+    """
+    rows = tau.shape[0] if scope == "row" and tau.ndim >= 2 else 1
+    if tau.size == 0:
+        return np.zeros(tau.shape, dtype=np.float64)
+    mags = np.abs(tau).reshape(rows, -1)
+    n = mags.shape[1]
+    if n <= 1:
+        return np.full(tau.shape, density, dtype=np.float64)
+    order = np.argsort(mags, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(n)[np.newaxis].repeat(rows, axis=0), axis=1)
+    probs = (density - epsilon) + (ranks / (n - 1)) * (2 * epsilon)
+    return np.asarray(probs.reshape(tau.shape))
+
+
+def rescale(
+    masked: np.ndarray, tau: np.ndarray, keep_prob: float | np.ndarray, mode: str
+) -> np.ndarray:
+    """Undo the shrinkage of a drop (see ``RESCALE_MODES``).
+
+    ``"inverse"`` divides by the keep probability, so E[result] = τ; ``"l1"`` scales the kept
+    entries so that ‖result‖₁ = ‖τ‖₁ (skipped, as in mergekit, when either norm is below 1e-7).
+    """
+    if mode == "inverse":
+        return masked / keep_prob
+    if mode == "l1":
+        before, after = float(np.abs(tau).sum()), float(np.abs(masked).sum())
+        if before < 1e-7 or after < 1e-7:
+            return masked
+        return masked * (before / after)
+    if mode == "none":
+        return masked
+    raise ValueError(f"unknown rescale mode {mode!r}")
+
+
+def elect_sign(weighted: np.ndarray, method: str = "sum") -> np.ndarray:
+    """TIES step 2: the elected sign (+1/−1) per entry; a tie (0) elects +1, as in mergekit.
+
+    ``"sum"``: sign of Σᵢ wᵢτᵢ (the paper's total magnitude); ``"count"``: sign of Σᵢ sign(wᵢτᵢ).
+    """
+    if method == "sum":
+        total = weighted.sum(axis=0)
+    elif method == "count":
+        total = np.sign(weighted).sum(axis=0)
+    else:
+        raise ValueError(f"unknown consensus method {method!r}")
+    return np.where(total >= 0, 1.0, -1.0)
+
+
+def disjoint_mean(
+    weighted: np.ndarray, weights: np.ndarray, sign: np.ndarray, *, normalize: bool = True
+) -> np.ndarray:
+    """TIES step 3: combine only the entries whose sign agrees with the elected one.
+
+    Sum of agreeing wᵢτᵢ, divided (``normalize``) by the sum of the agreeing models' weights, as in
+    mergekit; where that sum is 0 the sum is left undivided, as in mergekit (where no entry
+    agrees, the result is 0).
+    """
+    agree = np.sign(weighted) == sign[np.newaxis]
+    total = np.where(agree, weighted, 0.0).sum(axis=0)
+    if not normalize:
+        return np.asarray(total)
+    w = weights.reshape((-1,) + (1,) * (weighted.ndim - 1))
+    divisor = np.where(agree, w, 0.0).sum(axis=0)
+    return np.asarray(total / np.where(divisor == 0, 1.0, divisor))
+
+
+def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σᵢ wᵢ·valuesᵢ over the first axis."""
+    return np.tensordot(weights, values, axes=1)
+
+
+def weight_total(weights: np.ndarray, *, method: str, name: str) -> float:
+    """Σ wᵢ for normalising; a sum within 1e-8 of zero is an error (mergekit would divide by 1)."""
+    total = float(weights.sum())
+    if abs(total) < 1e-8:
+        raise UserError(
+            f"merge method {method!r}: weights {weights.tolist()} sum to zero, so they cannot be "
+            f"normalised (tensor {name!r})",
+            hint="change the weights, or pass normalize=False",
+            method=method,
+            tensor=name,
+            weights=weights.tolist(),
+        )
+    return total
