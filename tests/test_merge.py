@@ -121,3 +121,69 @@ def test_resolve_by_pattern(repo: Path, git: Run, rng, take: str) -> None:
     side = ours if take == "ours" else theirs
     assert np.array_equal(got["layers.0.w"], side["layers.0.w"])
     assert np.array_equal(got["layers.1.w"], ours["layers.1.w"])
+
+
+def test_configured_method_merges_both_sided_changes(repo: Path, git: Run, rng) -> None:
+    import json
+
+    rules = [
+        {"path": "*.safetensors", "tensors": "embed", "method": "ours"},
+        {
+            "path": "*.safetensors",
+            "tensors": "layers.*",
+            "method": "task_arithmetic",
+            "params": {"lambda_": 1.0},
+        },
+    ]
+    (repo / ".potluck.json").write_text(json.dumps({"merge": rules}))
+    commit(git, ".potluck.json", "merge rules")
+    base = model(rng)
+    d0, d1 = (
+        rng.normal(size=(64, 64)).astype(np.float32),
+        rng.normal(size=(64, 64)).astype(np.float32),
+    )
+    ours_t = dict(base, **{"layers.0.w": base["layers.0.w"] + d0, "embed": base["embed"] + 1})
+    theirs_t = dict(
+        base,
+        **{
+            "layers.0.w": base["layers.0.w"] + d1,
+            "embed": base["embed"] - 1,
+            "layers.2.b": np.ones(64, np.float32),
+        },
+    )
+    save_st(repo / "m.safetensors", base)
+    commit(git, "m.safetensors", "base")
+    git("git", "switch", "-q", "-c", "theirs")
+    save_st(repo / "m.safetensors", theirs_t)
+    commit(git, "m.safetensors", "theirs")
+    git("git", "switch", "-q", "main")
+    save_st(repo / "m.safetensors", ours_t)
+    commit(git, "m.safetensors", "ours")
+    git("git", "merge", "-q", "--no-edit", "theirs")  # no conflict: the rules decide
+    got = potluck.load(str(repo / "m.safetensors"), rev="HEAD")
+    # task arithmetic relative to the merge base: base + (ours - base) + (theirs - base)
+    want = (
+        base["layers.0.w"].astype(np.float64)
+        + (ours_t["layers.0.w"] - base["layers.0.w"])
+        + (theirs_t["layers.0.w"] - base["layers.0.w"])
+    ).astype(np.float32)
+    np.testing.assert_allclose(got["layers.0.w"], want, rtol=0, atol=1e-6)
+    assert np.array_equal(got["embed"], ours_t["embed"])  # rule: ours
+    assert np.array_equal(got["layers.2.b"], theirs_t["layers.2.b"])  # one-sided: exact
+    assert git("git", "status", "--porcelain") == ""
+
+
+def test_bad_merge_rule_fails_clearly(repo: Path, git: Run, rng) -> None:
+    import json
+
+    (repo / ".potluck.json").write_text(json.dumps({"merge": [{"method": "tie"}]}))
+    commit(git, ".potluck.json", "bad rule")
+    _branches(
+        repo,
+        git,
+        rng,
+        {"layers.0.w": np.ones((64, 64), np.float32)},
+        {"layers.0.w": np.zeros((64, 64), np.float32)},
+    )
+    out = git("git", "merge", "--no-edit", "theirs", check=False)
+    assert "unknown merge method 'tie'" in out and "did you mean 'ties'" in out

@@ -70,7 +70,7 @@ def test_combine_function_merges_conflicting_tensors(trio) -> None:
     base = st(db, trio)
     ours = st(db, dict(trio, a=trio["a"] + 1))
     theirs = st(db, dict(trio, a=trio["a"] - 3))
-    res = merge_manifests(base, ours, theirs, db, combine=lambda b, o, t: (o + t) / 2)
+    res = merge_manifests(base, ours, theirs, db, combine=lambda name: lambda b, o, t: (o + t) / 2)
     assert res.conflicts == [] and res.combined == ["a"]
     want = ((trio["a"] + 1) + (trio["a"] - 3)) / 2
     assert np.array_equal(load_tensors(res.manifest, db)["a"], want.astype(np.float32))

@@ -14,11 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from potluck.config import MergeRule
 from potluck.errors import UserError
 from potluck.git.repo import Repo
+from potluck.merging import MERGE_METHODS, three_way_combine
 from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
 from potluck.ops.materialize import write_file
-from potluck.ops.merge import MergeResult, merge_manifests, resolve_manifest
+from potluck.ops.merge import Combine, Combiner, MergeResult, merge_manifests, resolve_manifest
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def run_merge_driver(repo: Repo, base_f: str, ours_f: str, theirs_f: str, path: 
         )
     base = parse(blobs[0]) if is_manifest(blobs[0]) else None
     ours, theirs = parse(blobs[1]), parse(blobs[2])
-    result = merge_manifests(base, ours, theirs, repo.odb)
+    result = merge_manifests(base, ours, theirs, repo.odb, rule_combiner(repo.config.merge, path))
     Path(ours_f).write_bytes(dumps(result.manifest))
     rp = record_path(repo, path)
     if result.conflicts:
@@ -101,6 +103,41 @@ def run_merge_driver(repo: Repo, base_f: str, ours_f: str, theirs_f: str, path: 
     elif rp.exists():
         rp.unlink()
     return result
+
+
+def _side(index: int) -> Combine:
+    return lambda base, ours, theirs: (base, ours, theirs)[index]
+
+
+_SIDES = ("conflict", "ours", "theirs")
+
+
+def rule_combiner(rules: tuple[MergeRule, ...], path: str) -> Combiner:
+    """Per tensor name, the combine function of the first matching rule (None = conflict).
+
+    Methods and parameters are checked up front, so a bad rule fails before any tensor is read.
+    """
+    active = [r for r in rules if fnmatch.fnmatchcase(path, r.path)]
+    for r in active:
+        if r.method not in _SIDES:
+            MERGE_METHODS.get(r.method).resolve_params(r.params)
+
+    def combiner(name: str) -> Combine | None:
+        for r in active:
+            if fnmatch.fnmatchcase(name, r.tensors):
+                return _rule_combine(r, name)
+        return None
+
+    return combiner
+
+
+def _rule_combine(rule: MergeRule, name: str) -> Combine | None:
+    if rule.method == "conflict":
+        return None
+    if rule.method in ("ours", "theirs"):
+        return _side(1 if rule.method == "ours" else 2)
+    method = MERGE_METHODS.get(rule.method)
+    return three_way_combine(method, name, seed=rule.seed, **rule.params)
 
 
 def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> list[str]:

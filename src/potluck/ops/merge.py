@@ -21,6 +21,8 @@ from potluck.ops.odb import ObjectDB
 from potluck.tensors.dtypes import from_numpy
 
 Combine = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+#: Per tensor name, how to combine (base, ours, theirs) when both sides changed it; None = conflict.
+Combiner = Callable[[str], Combine | None]
 
 
 @dataclass
@@ -71,7 +73,7 @@ def merge_manifests(
     ours: Manifest,
     theirs: Manifest,
     odb: ObjectDB,
-    combine: Combine | None = None,
+    combine: Combiner | None = None,
 ) -> MergeResult:
     """Merge ``theirs`` into ``ours`` against ``base`` (see the module docstring)."""
     if ours == theirs or theirs == base:
@@ -131,7 +133,7 @@ def _combine(
     ours: Manifest,
     theirs: Manifest,
     odb: ObjectDB,
-    combine: Combine,
+    combine: Combiner,
     chosen: dict[str, TensorEntry | None],
     conflicts: list[str],
     result: MergeResult,
@@ -139,13 +141,17 @@ def _combine(
     left: list[str] = []
     b, o, t = base.tensors(), ours.tensors(), theirs.tensors()
     for name in conflicts:
+        fn = combine(name)
+        if fn is None:
+            left.append(name)
+            continue
         trio = [m.get(name) for m in (b, o, t)]
         if any(e is None for e in trio) or len({(e.dtype, e.shape) for e in trio if e}) != 1:
             result.reason[name] = "added, removed, reshaped or retyped on a side"
             left.append(name)
             continue
         arrays = [load_tensors(m, odb, [name])[name] for m in (base, ours, theirs)]
-        merged = np.ascontiguousarray(combine(*arrays).astype(arrays[1].dtype, copy=False))
+        merged = np.ascontiguousarray(fn(*arrays).astype(arrays[1].dtype, copy=False))
         data = merged.tobytes()
         oid = hashlib.sha256(data).hexdigest()
         odb.put(
