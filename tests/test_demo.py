@@ -18,3 +18,5 @@ def test_demo_history_storage_and_merge(tmp_path: Path) -> None:
     assert res["stored"] < 0.5 * res["full"]  # type: ignore[operator]
     text = "\n".join(lines)
     assert "changed  h.2.mlp.proj.weight" in text and "changed=0.50%" in text
+    assert "ties     6 tensors: h.1.attn.proj.weight" in text
+    assert "branch   2 tensors: wpe, wte" in text

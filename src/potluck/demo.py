@@ -7,6 +7,7 @@ bytes stored by potluck against a full copy per version, and the tensor-level di
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,15 +17,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from potluck.git.inspect import diff as diff_revs
 from potluck.git.inspect import load
 from potluck.git.repo import Repo
+from potluck.merging import MERGE_METHODS
 
 Params = dict[str, np.ndarray]
 FILE = "model.safetensors"
+#: The demo repository's merge rule: tensors of layer 1 changed on both branches are TIES-merged.
+MERGE_RULE: dict[str, Any] = {
+    "path": "*.safetensors",
+    "tensors": "h.1.*",
+    "method": "ties",
+    "params": {"density": 0.5},
+}
 
 
 @dataclass(frozen=True)
@@ -101,10 +111,14 @@ def save_safetensors(p: Params, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def dense_step(p: Params, rng: np.random.Generator) -> Params:
-    """One fine-tuning step: every weight moves by a tiny relative amount."""
+def dense_step(
+    p: Params, rng: np.random.Generator, prefixes: tuple[str, ...] | None = None
+) -> Params:
+    """One fine-tuning step: every weight (or those under ``prefixes``) moves a tiny bit."""
     return {
         k: (v + 1e-3 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
+        if prefixes is None or k.startswith(prefixes)
+        else v
         for k, v in p.items()
     }
 
@@ -195,8 +209,9 @@ def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) ->
     sh("git", "init", "-q", "-b", "main")
     sh("potluck", "init")
     sh("potluck", "track", "*.safetensors")
-    sh("git", "add", ".gitattributes")
-    sh("git", "commit", "-q", "-m", "track checkpoints with potluck")
+    (root / ".potluck.json").write_text(json.dumps({"merge": [MERGE_RULE]}, indent=2))
+    sh("git", "add", ".gitattributes", ".potluck.json")
+    sh("git", "commit", "-q", "-m", "track checkpoints with potluck; TIES for layer 1 merges")
     rows: list[Row] = []
     p0 = init_params(TinyConfig(), rng)
     tokens = rng.integers(0, TinyConfig().vocab, 32)
@@ -206,12 +221,11 @@ def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) ->
     p2 = sparse_edit(p1, rng)
     revs["v3"] = _commit(sh, p2, "v3: sparse knowledge edit (0.5% of one matrix)", rows)
     sh("git", "switch", "-q", "-c", "embeddings")
-    revs["emb"] = _commit(
-        sh, retrain(p2, rng, ("wte", "wpe")), "branch: embeddings retrained", rows
-    )
+    p_emb = dense_step(retrain(p2, rng, ("wte", "wpe")), rng, ("h.1.",))
+    revs["emb"] = _commit(sh, p_emb, "branch: embeddings retrained, layer 1 tuned", rows)
     sh("git", "switch", "-q", "main")
-    p3 = retrain(p2, rng, ("h.3.",))
-    revs["v4"] = _commit(sh, p3, "v4: last layer retrained", rows)
+    p3 = dense_step(retrain(p2, rng, ("h.3.",)), rng, ("h.1.",))
+    revs["v4"] = _commit(sh, p3, "v4: last layer retrained, layer 1 tuned", rows)
     t0 = time.perf_counter()
     sh("git", "merge", "-q", "--no-edit", "embeddings")
     merged = load(str(root / FILE))
@@ -223,14 +237,27 @@ def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) ->
             time.perf_counter() - t0,
         )
     )
-    return _report(sh, rows, revs, merged, p3, tokens, log)
+    return _report(sh, rows, revs, merged, (p2, p3, p_emb), tokens, log)
 
 
-def _check_merge(merged: Params, main: Params, branch: Params) -> bool:
-    """The merge took embeddings from the branch and everything else from main, exactly."""
-    return all(
-        np.array_equal(merged[k], branch[k] if k in ("wte", "wpe") else main[k]) for k in main
-    )
+def merge_sources(merged: Params, base: Params, main: Params, branch: Params) -> dict[str, str]:
+    """Where each merged tensor came from, checked exactly: unchanged, main, branch, or TIES
+    (equal to ``potluck.merging``'s TIES of both sides against the base, as the rule says)."""
+    ties = MERGE_METHODS.get(MERGE_RULE["method"])
+    out: dict[str, str] = {}
+    for k, v in merged.items():
+        if np.array_equal(main[k], branch[k]):
+            out[k] = "unchanged" if np.array_equal(v, main[k]) else "WRONG"
+        elif np.array_equal(branch[k], base[k]):
+            out[k] = "main" if np.array_equal(v, main[k]) else "WRONG"
+        elif np.array_equal(main[k], base[k]):
+            out[k] = "branch" if np.array_equal(v, branch[k]) else "WRONG"
+        else:
+            want = ties.merge(
+                [main[k], branch[k]], base[k], None, name=k, seed=0, **MERGE_RULE["params"]
+            ).astype(np.float32)
+            out[k] = "ties" if np.array_equal(v, want) else "WRONG"
+    return out
 
 
 def _report(
@@ -238,13 +265,13 @@ def _report(
     rows: list[Row],
     revs: dict[str, str],
     merged: Params,
-    main: Params,
+    sides: tuple[Params, Params, Params],
     tokens: np.ndarray,
     log: Callable[[str], None],
 ) -> dict[str, object]:
     repo = Repo(sh.root)
-    branch = load(str(sh.root / FILE), rev="embeddings")
-    ok = _check_merge(merged, main, branch)
+    sources = merge_sources(merged, *sides)
+    ok = "WRONG" not in sources.values()
     old = load(str(sh.root / FILE), rev=revs["v1"])
     sh("git", "checkout", "-q", revs["v1"], "--", FILE)
     same = np.array_equal(forward(load(str(sh.root / FILE)), tokens), forward(old, tokens))
@@ -267,7 +294,11 @@ def _report(
         log(f"$ potluck diff {a} {b}")
         for d in diff_revs(repo, ra, rb, []):
             _log_diff(d, log)
-    log(f"merge kept both sides' tensors exactly: {ok}")
+    log("$ git merge embeddings   (one-sided changes taken exactly; both-sided ones: TIES)")
+    for src in ("main", "branch", "ties"):
+        names = sorted(k for k, v in sources.items() if v == src)
+        log(f"  {src:<7} {len(names):>2} tensors: {', '.join(names)}")
+    log(f"merge result verified tensor by tensor: {ok}")
     log(f"checkout of v1 reproduces v1's logits exactly: {same}")
     return {
         "rows": rows,
