@@ -130,3 +130,19 @@ def test_status_reports_files_left_as_manifests(repo: Path, git: Run, rng, tmp_p
     (clone / "m.safetensors").unlink()
     err = c("git", "checkout", "--", "m.safetensors", check=False)
     assert "object(s) missing" in err and "m.safetensors" in err and "potluck fsck" in err
+
+
+def test_ls_lists_views_and_compressed_npz_members(repo: Path, git: Run, rng) -> None:
+    np.savez_compressed(repo / "c.npz", a=np.arange(6, dtype=np.int32).reshape(2, 3))
+    commit(git, "c.npz", "compressed")
+    rows = json.loads(git("potluck", "ls", "c.npz@HEAD", "--json"))
+    assert rows == [
+        {
+            "name": "a",
+            "dtype": "I32",
+            "shape": [2, 3],
+            "bytes": 0,
+            "note": "compressed member, stored whole",
+        }
+    ]
+    assert np.array_equal(np.load(repo / "c.npz")["a"], np.arange(6).reshape(2, 3))

@@ -81,7 +81,7 @@ def ls_cmd(spec: str, as_json: bool) -> None:
             r["name"],
             r["dtype"],
             "x".join(map(str, r["shape"])) or "()",
-            human_bytes(r["bytes"]) if "view_of" not in r else f"view of {r['view_of']}",
+            r.get("note") or human_bytes(r["bytes"]),
         ]
         for r in rows
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +116,45 @@ def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
         for e in sorted(s.manifest.tensors().values(), key=lambda e: e.name)
     ]
     rows += [
-        {"name": v.name, "dtype": v.dtype, "shape": list(v.shape), "bytes": 0, "view_of": v.storage}
+        {
+            "name": v.name,
+            "dtype": v.dtype,
+            "shape": list(v.shape),
+            "bytes": 0,
+            "note": f"view of {v.storage}",
+        }
         for v in s.manifest.views
     ]
+    rows += _opaque_rows(s.manifest)
+    return rows
+
+
+def _opaque_rows(m: Manifest) -> list[dict[str, Any]]:
+    """Arrays a format keeps as opaque bytes (compressed or non-C-order npz members)."""
+    rows: list[dict[str, Any]] = []
+    for key, value in sorted(m.metadata.items()):
+        kind, _, name = key.partition(":")
+        if kind == "deflated":
+            info = json.loads(value)
+            rows.append(
+                {
+                    "name": name,
+                    "dtype": info["dtype"],
+                    "shape": info["shape"],
+                    "bytes": 0,
+                    "note": "compressed member, stored whole",
+                }
+            )
+        elif kind == "untracked":
+            rows.append(
+                {
+                    "name": name,
+                    "dtype": "?",
+                    "shape": [],
+                    "bytes": 0,
+                    "note": f"stored whole: {value}",
+                }
+            )
     return rows
 
 
