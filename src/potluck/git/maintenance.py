@@ -11,14 +11,18 @@ from potluck.git.merge_driver import load_records
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, TensorEntry, is_manifest, parse
 
+MAX_MANIFEST_BYTES = 64 << 20  # far above the manifest of a 100k-tensor checkpoint
+
 
 def reachable_manifests(repo: Repo) -> dict[str, tuple[str, Manifest]]:
     """blob id → (path, manifest) for every manifest reachable from refs, reflogs, stash and
     the index, plus the sides of unresolved merge conflicts (keyed ``merge:<path>:<side>``)."""
     out: dict[str, tuple[str, Manifest]] = {}
+    blobs = dict(repo.git.reachable_blobs(None))
+    sizes = repo.git.object_sizes(list(blobs))
     with repo.git.batch() as batch:
-        for blob, path in repo.git.reachable_blobs(None):
-            if blob in out:
+        for blob, path in blobs.items():
+            if sizes.get(blob, 0) > MAX_MANIFEST_BYTES:  # not a manifest: don't read it
                 continue
             data = batch.get(blob)
             if data is not None and is_manifest(data):

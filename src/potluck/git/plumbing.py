@@ -305,6 +305,19 @@ class Git:
             result.append(oid if kind == "blob" else None)
         return result
 
+    def object_sizes(self, oids: Sequence[str]) -> dict[str, int]:
+        """Sizes in bytes of existing objects, with one ``cat-file --batch-check``."""
+        if not oids:
+            return {}
+        data = b"".join(_encode(o) + b"\n" for o in oids)
+        out = self.run("cat-file", "--batch-check=%(objectname) %(objectsize)", input=data)
+        sizes: dict[str, int] = {}
+        for line in _decode(out).splitlines():
+            oid, _, size = line.partition(" ")
+            if size.isdigit():
+                sizes[oid] = int(size)
+        return sizes
+
     # -- reachability ---------------------------------------------------------------------
 
     def reachable_blobs(
