@@ -45,6 +45,6 @@ def cli(verbose: int, quiet: bool) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from potluck.cli import commands, drivers  # noqa: F401  (registers subcommands)
+    from potluck.cli import commands, drivers, patch_cmd  # noqa: F401  (registers subcommands)
 
     cli(prog_name="potluck")
