@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from potluck.fileio import atomic_writer
 from potluck.git.inspect import diff as diff_revs
 from potluck.git.inspect import load
 from potluck.git.repo import Repo
@@ -103,12 +104,10 @@ def save_safetensors(p: Params, path: Path) -> None:
 
     names = sorted(p)
     header = build_header([(n, "F32", tuple(p[n].shape)) for n in names], {"format": "np"})
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:
         f.write(header)
         for n in names:
             f.write(np.ascontiguousarray(p[n], dtype="<f4").tobytes())
-    os.replace(tmp, path)
 
 
 def dense_step(

@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from potluck.config import MergeRule
 from potluck.errors import UserError
+from potluck.fileio import atomic_writer
 from potluck.git.repo import Repo
 from potluck.merging import MERGE_METHODS, three_way_combine
 from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
@@ -71,10 +71,8 @@ def record_path(repo: Repo, path: str) -> Path:
 def save_record(repo: Repo, rec: ConflictRecord) -> None:
     """Write a conflict record atomically."""
     repo.merge_dir.mkdir(parents=True, exist_ok=True)
-    target = record_path(repo, rec.path)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(rec.to_json())
-    os.replace(tmp, target)
+    with atomic_writer(record_path(repo, rec.path)) as f:
+        f.write(rec.to_json().encode())
 
 
 def load_records(repo: Repo) -> list[ConflictRecord]:
@@ -169,12 +167,5 @@ def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> lis
 
 def _write_worktree(repo: Repo, path: str, manifest: Manifest) -> None:
     """Materialise a manifest into the work tree atomically."""
-    target = repo.root / path
-    tmp = target.with_name(f".{target.name}.potluck-tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write_file(manifest, repo.odb, f, path=path)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_writer(repo.root / path) as f:
+        write_file(manifest, repo.odb, f, path=path)

@@ -16,12 +16,10 @@ All JSON is compact with sorted keys, so the same inputs always give byte-identi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from potluck.codecs import ErrorReport, Payload
 from potluck.errors import FormatError
+from potluck.fileio import atomic_writer
 from potluck.formats import scan_file
 from potluck.formats.base import TensorSegment
 from potluck.formats.safetensors import build_header
@@ -120,23 +119,6 @@ def patch_bytes(c: PatchContents) -> Iterator[bytes]:
     yield build_header(specs, _metadata(c))
     for _name, arr in arrays:
         yield arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A temp file next to ``path``, moved over it with ``os.replace`` only on success."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_patch(path: str | os.PathLike[str], contents: PatchContents) -> int:
