@@ -20,3 +20,9 @@ def test_demo_history_storage_and_merge(tmp_path: Path) -> None:
     assert "changed  h.2.mlp.proj.weight" in text and "changed=0.50%" in text
     assert "ties     6 tensors: h.1.attn.proj.weight" in text
     assert "branch   2 tensors: wpe, wte" in text
+    # sharing: push to a bare repo, clone only `wte`, load one tensor on demand, pull the rest
+    assert res["pull_ok"] is True
+    [row] = res["partial_status"]  # type: ignore[misc]
+    assert (row["tensors"], row["tensors_missing"]) == (36, 35)
+    tensor = res["on_demand_tensor_bytes"]
+    assert 0 < res["on_demand_bytes"] <= tensor * 1.01  # type: ignore[operator]

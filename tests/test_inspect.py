@@ -126,10 +126,15 @@ def test_status_reports_files_left_as_manifests(repo: Path, git: Run, rng, tmp_p
             for line in (clone / "m.safetensors").read_text().splitlines()[2:]
         )
     )
-    assert st["not_materialized"] == [{"path": "m.safetensors", "missing_objects": n_objects}]
+    assert st["not_materialized"] == [
+        {"path": "m.safetensors", "missing_objects": n_objects, "tensors": 7, "tensors_missing": 7}
+    ]
+    placeholder = (clone / "m.safetensors").read_bytes()
     (clone / "m.safetensors").unlink()
+    # the origin repository has no objects to give: the file is left as its manifest
     err = c("git", "checkout", "--", "m.safetensors", check=False)
-    assert "object(s) missing" in err and "m.safetensors" in err and "potluck fsck" in err
+    assert "m.safetensors left as a manifest: " in err and "potluck pull" in err
+    assert (clone / "m.safetensors").read_bytes() == placeholder
 
 
 def test_ls_lists_views_and_compressed_npz_members(repo: Path, git: Run, rng) -> None:

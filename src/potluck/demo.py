@@ -236,7 +236,9 @@ def run_demo(workdir: Path | None = None, log: Callable[[str], None] = print) ->
             time.perf_counter() - t0,
         )
     )
-    return _report(sh, rows, revs, merged, (p2, p3, p_emb), tokens, log)
+    res = _report(sh, rows, revs, merged, (p2, p3, p_emb), tokens, log)
+    res.update(share(sh, log))
+    return res
 
 
 def merge_sources(merged: Params, base: Params, main: Params, branch: Params) -> dict[str, str]:
@@ -309,6 +311,44 @@ def _report(
     }
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def share(sh: _Shell, log: Callable[[str], None]) -> dict[str, object]:
+    """Push to a local bare repository, clone only some tensors from it, load one more tensor
+    on demand, then pull the rest; checks the result byte for byte."""
+    hub_root = sh.root.with_name(sh.root.name + "-share")
+    hub = hub_root / "hub.git"
+    partial = hub_root / "partial"
+    _Shell(hub_root.parent, log)("git", "init", "-q", "--bare", "-b", "main", str(hub))
+    sh("git", "remote", "add", "origin", str(hub))
+    sh("git", "push", "-q", "origin", "main", "embeddings")
+    uploaded = _dir_bytes(hub / "lfs")
+    log(f"\n$ git push origin main embeddings   (pre-push hook uploads objects to {hub}/lfs)")
+    log(f"  objects on the remote: {uploaded / 2**20:.2f} MiB for the whole history")
+    hs = _Shell(hub_root, log)
+    hs("potluck", "-q", "clone", "--include", "wte", str(hub), str(partial))
+    cs = _Shell(partial, log)
+    st = json.loads(cs("potluck", "status", "--json"))["not_materialized"]
+    log("$ potluck clone --include wte hub.git partial")
+    for row in st:
+        log(f"  left as a manifest: {row['path']}: {row['tensors'] - row['tensors_missing']} "
+            f"of {row['tensors']} tensors here")
+    store = partial / ".git" / "potluck" / "objects"
+    before = _dir_bytes(store)
+    head = load(str(partial / FILE), names=["h.3.mlp.fc.weight"])["h.3.mlp.fc.weight"]
+    on_demand = _dir_bytes(store) - before
+    log(f"$ python -c 'potluck.load(\"{FILE}\", names=[\"h.3.mlp.fc.weight\"])'")
+    log(f"  fetched on demand: {head.nbytes / 2**20:.2f} MiB tensor, "
+        f"store grew {on_demand / 2**20:.2f} MiB")
+    cs("potluck", "pull", "--include", "*")
+    same = (partial / FILE).read_bytes() == (sh.root / FILE).read_bytes()
+    log(f"$ potluck pull --include '*'   → {FILE} identical to the pushed one: {same}")
+    return {"share_root": str(hub_root), "pull_ok": same, "partial_status": st,
+            "on_demand_bytes": on_demand, "on_demand_tensor_bytes": head.nbytes}
+
+
 def _log_diff(d: object, log: Callable[[str], None]) -> None:
     from potluck.git.inspect import FileDiff
 
@@ -330,6 +370,7 @@ def main(keep: bool = False) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s")
     if not keep:
         shutil.rmtree(str(res["root"]), ignore_errors=True)
+        shutil.rmtree(str(res["share_root"]), ignore_errors=True)
     else:
-        print(f"repository kept at {res['root']}")
-    return 0 if res["merge_ok"] and res["checkout_ok"] else 1
+        print(f"repository kept at {res['root']} (remote and clone: {res['share_root']})")
+    return 0 if res["merge_ok"] and res["checkout_ok"] and res["pull_ok"] else 1

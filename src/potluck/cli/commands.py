@@ -24,12 +24,21 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readabl
 def init() -> None:
     """Configure this git repository for potluck (idempotent, repo-local)."""
     repo = Repo(".")
-    changed = setup.install(repo.git, command=_driver_command())
-    repo.store.root.mkdir(parents=True, exist_ok=True)
+    changed = install_repo(repo)
     click.echo(
         f"potluck: configured {repo.root}"
         + (f" ({len(changed)} settings)" if changed else " (already configured)")
     )
+
+
+def install_repo(repo: Repo) -> list[str]:
+    """Drivers, the pre-push hook (chained after any existing one) and the store directory."""
+    command = _driver_command()
+    changed = setup.install(repo.git, command=command)
+    if setup.install_hook(repo.git, "pre-push", setup.pre_push_line(command)):
+        changed.append("hooks/pre-push")
+    repo.store.root.mkdir(parents=True, exist_ok=True)
+    return changed
 
 
 def _driver_command() -> str:
@@ -181,19 +190,25 @@ def gc(dry_run: bool, as_json: bool) -> None:
 def fsck(as_json: bool) -> None:
     """Re-hash every object; name each corrupt or missing object's tensors and revisions."""
     problems = maint.fsck(Repo("."))
+    bad = [p for p in problems if p.kind != maint.NOT_FETCHED]
     if as_json:
         emit_json([p.to_dict() for p in problems])
     else:
-        for p in problems:
+        for p in bad:
             click.echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
             for u in p.uses:
                 click.echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
+        if len(bad) < len(problems):
+            click.echo(
+                f"{len(problems) - len(bad)} objects of other revisions or of files left as "
+                "manifests are not fetched (`potluck fetch --rev REV` gets them)"
+            )
         click.echo(
             "ok: all objects verified"
-            if not problems
-            else f"{len(problems)} bad objects; restore them from a remote or another clone"
+            if not bad
+            else f"{len(bad)} bad objects; restore them from a remote or another clone"
         )
-    raise SystemExit(1 if problems else 0)
+    raise SystemExit(1 if bad else 0)
 
 
 @cli.command()
@@ -212,8 +227,10 @@ def status(as_json: bool) -> None:
             click.echo(f"    {t}" + (f"  ({why})" if why else ""))
         click.echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
     for p in st["not_materialized"]:
+        have = p["tensors"] - p["tensors_missing"]
         click.echo(
-            f"not materialized: {p['path']} (manifest only; {p['missing_objects']} objects missing)"
+            f"left as a manifest: {p['path']} ({have} of {p['tensors']} tensors here, "
+            f"{p['missing_objects']} objects missing; `potluck pull` fetches and checks out)"
         )
     if not st["conflicts"] and not st["not_materialized"]:
         click.echo("potluck: nothing to report")

@@ -10,13 +10,16 @@ import sys
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import err, file_diff_text, tensor_lines
+from potluck.cli.progress import byte_progress
+from potluck.cli.render import err, file_diff_text, human_bytes, tensor_lines
 from potluck.errors import PotluckError
 from potluck.git import inspect as insp
+from potluck.git import sync
 from potluck.git.filter import PotluckFilter
 from potluck.git.filter_process import serve_stdio
 from potluck.git.merge_driver import run_merge_driver
 from potluck.git.repo import Repo
+from potluck.git.sync import CheckoutFetcher
 
 
 @cli.command(name="filter-process", hidden=True)
@@ -24,8 +27,12 @@ from potluck.git.repo import Repo
 def filter_process() -> None:
     """git's long-running clean/smudge filter (filter.potluck.process)."""
     repo = Repo(".")
-    with repo.git.batch() as batch:
-        code = serve_stdio(PotluckFilter(repo, batch), err)
+    fetcher = CheckoutFetcher(repo)
+    try:
+        with repo.git.batch() as batch:
+            code = serve_stdio(PotluckFilter(repo, batch, fetcher), err)
+    finally:
+        fetcher.close()
     sys.exit(code)
 
 
@@ -44,7 +51,33 @@ def clean(path: str) -> None:
 @handle_errors
 def smudge(path: str) -> None:
     """Per-file smudge filter (stdin manifest → stdout checkpoint)."""
-    PotluckFilter(Repo(".")).smudge(path, sys.stdin.buffer, sys.stdout.buffer)
+    repo = Repo(".")
+    fetcher = CheckoutFetcher(repo)
+    try:
+        PotluckFilter(repo, None, fetcher).smudge(path, sys.stdin.buffer, sys.stdout.buffer)
+    finally:
+        fetcher.close()
+
+
+@cli.command(name="pre-push", hidden=True)
+@click.argument("remote")
+@click.argument("url", required=False, default="")
+@handle_errors
+def pre_push(remote: str, url: str) -> None:
+    """git pre-push hook: upload the objects of the commits being pushed (REMOTE URL; the refs
+    come on stdin). When another hook read stdin first, every local branch and tag counts."""
+    lines = [] if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().splitlines()
+    updates = sync.parse_pre_push(lines)
+    if lines and not updates:
+        return  # only deletions
+    repo = Repo(".")
+    with byte_progress("potluck: uploading") as on_bytes:
+        spec, report = sync.push(repo, remote, updates or None, on_bytes=on_bytes)
+    if report.uploaded:
+        err(
+            f"potluck: uploaded {report.uploaded} objects ({human_bytes(report.bytes)}) "
+            f"to {spec.url}"
+        )
 
 
 @cli.command(name="diff-driver", hidden=True)

@@ -45,6 +45,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from potluck.cli import commands, drivers, patch_cmd  # noqa: F401  (registers subcommands)
+    # importing the modules registers their subcommands
+    from potluck.cli import commands, drivers, patch_cmd, remote_cmd  # noqa: F401
 
     cli(prog_name="potluck")

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import BinaryIO
 
-from potluck.errors import FormatError
+from potluck.errors import FormatError, PotluckError
 from potluck.git.plumbing import CatFileBatch
 from potluck.git.repo import Repo
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
-from potluck.ops.materialize import write_file
+from potluck.ops.materialize import missing_objects, write_file
 from potluck.ops.snapshot import Chain, snapshot_stream
 
 COPY = 1 << 20
+log = logging.getLogger("potluck")
+Fetcher = Callable[[Manifest, str], None]
 
 
 class PotluckFilter:
@@ -23,9 +27,12 @@ class PotluckFilter:
     streams the answer back only after git has sent the whole content).
     """
 
-    def __init__(self, repo: Repo, batch: CatFileBatch | None = None) -> None:
+    def __init__(
+        self, repo: Repo, batch: CatFileBatch | None = None, fetch: Fetcher | None = None
+    ) -> None:
         self.repo = repo
         self.batch = batch
+        self.fetch = fetch
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
@@ -66,5 +73,21 @@ class PotluckFilter:
                 spool.seek(0)
                 shutil.copyfileobj(spool, dst, COPY)
             return
-        manifest = parse(head + src.read())
+        data = head + src.read()
+        manifest = parse(data)
+        missing = missing_objects(manifest, self.repo.odb)
+        if missing and self.fetch is not None:
+            try:
+                self.fetch(manifest, pathname)
+            except PotluckError as e:
+                log.warning("%s: fetching its tensors failed: %s", pathname, e)
+            missing = missing_objects(manifest, self.repo.odb)
+        if missing:  # leave the manifest: never a broken checkpoint
+            log.warning(
+                "%s left as a manifest: %d of %d objects are not in the local store; "
+                "`potluck pull` fetches them and checks the file out",
+                pathname, len(missing), len(set(manifest.oids())),
+            )  # fmt: skip
+            dst.write(data)
+            return
         write_file(manifest, self.repo.odb, dst, path=pathname)

@@ -15,6 +15,7 @@ from potluck.errors import UserError
 from potluck.formats import scan_stream
 from potluck.git.maintenance import reachable_manifests
 from potluck.git.repo import Repo, open_worktree_file
+from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.diff import TensorChange, diff_manifests, unchanged_count
 from potluck.ops.filesource import read_tensors
@@ -103,6 +104,8 @@ def load(
         if found is None:
             raise UserError(f"{rel} does not exist at {rev}")
         m = found
+    if missing_objects(m, repo.odb):  # partial clone: fetch exactly what is asked for
+        fetch_manifest(repo, m, rel, names)
     return load_tensors(m, repo.odb, names)
 
 

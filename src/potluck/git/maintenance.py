@@ -11,7 +11,8 @@ from potluck.git.merge_driver import load_records
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, TensorEntry, is_manifest, parse
 
-MAX_MANIFEST_BYTES = 64 << 20  # far above the manifest of a 100k-tensor checkpoint
+MAX_MANIFEST_BYTES = 64 << 20
+NOT_FETCHED = "not-fetched"  # far above the manifest of a 100k-tensor checkpoint
 
 
 def reachable_manifests(repo: Repo) -> dict[str, tuple[str, Manifest]]:
@@ -94,7 +95,7 @@ class Problem:
     """A corrupt or missing object and everything that uses it."""
 
     oid: str
-    kind: str  # "corrupt" | "missing"
+    kind: str  # "corrupt" | "missing" | "not-fetched" (needed only by other revisions)
     detail: str
     uses: list[dict[str, str]] = field(default_factory=list)  # path, tensor, revisions
 
@@ -116,6 +117,9 @@ def fsck(repo: Repo) -> list[Problem]:
     for oid in live_objects(repo, manifests):
         if oid not in problems and not repo.store.has(oid):
             problems[oid] = Problem(oid, "missing", "object is not in the store")
+    needed_now: set[str] = set()
+    current = _current_blobs(repo)
+    left = {row["path"] for row in _placeholders(repo)}
     for blob, (path, m) in manifests.items():
         for entry in m.entries:
             if entry.oid in problems:
@@ -123,7 +127,24 @@ def fsck(repo: Repo) -> list[Problem]:
                 problems[entry.oid].uses.append(
                     {"path": path, "tensor": tensor, "revisions": _revisions(repo, blob, path)}
                 )
+                if (blob in current and path not in left) or blob.startswith("merge:"):
+                    needed_now.add(entry.oid)
+    if repo.git.run("remote").strip():  # a clone fetches other revisions' objects on demand
+        for oid, p in problems.items():
+            if p.kind == "missing" and oid not in needed_now:
+                p.kind = NOT_FETCHED
+                p.detail = "not fetched (only other revisions use it; `potluck fetch --rev`)"
     return list(problems.values())
+
+
+def _current_blobs(repo: Repo) -> set[str]:
+    """Blob ids of HEAD's tree and of the index."""
+    blobs = {oid for _, oid in repo.git.list_blobs("HEAD")} if repo.git.rev_parse("HEAD") else set()
+    for line in repo.git.run("ls-files", "-s", "-z").split(b"\0"):
+        fields = line.split(b" ")
+        if len(fields) >= 2:
+            blobs.add(fields[1].decode())
+    return blobs
 
 
 def _revisions(repo: Repo, blob: str, path: str) -> str:
@@ -138,6 +159,11 @@ def status(repo: Repo) -> dict[str, Any]:
     conflicts = [
         {"path": r.path, "tensors": r.conflicts, "reasons": r.reasons} for r in load_records(repo)
     ]
+    return {"conflicts": conflicts, "not_materialized": _placeholders(repo)}
+
+
+def _placeholders(repo: Repo) -> list[dict[str, Any]]:
+    """Tracked files left as manifests, with how much of their data is here."""
     placeholders = []
     for path in repo.git.ls_files():
         full = repo.root / path
@@ -147,6 +173,14 @@ def status(repo: Repo) -> dict[str, Any]:
             head = f.read(64)
         if is_manifest(head):
             m = parse(full.read_bytes())
-            missing = [o for o in m.oids() if not repo.store.has(o)]
-            placeholders.append({"path": path, "missing_objects": len(set(missing))})
-    return {"conflicts": conflicts, "not_materialized": placeholders}
+            missing = {o for o in m.oids() if not repo.store.has(o)}
+            tensors = m.tensors()
+            placeholders.append(
+                {
+                    "path": path,
+                    "missing_objects": len(missing),
+                    "tensors": len(tensors),
+                    "tensors_missing": sum(1 for t in tensors.values() if t.oid in missing),
+                }
+            )
+    return placeholders

@@ -51,6 +51,12 @@ def uninstall(git: Git) -> list[str]:
     return removed
 
 
+def pre_push_line(command: str = "git-potluck") -> str:
+    """The pre-push hook line: upload objects before git sends the commits; its failure stops
+    the push even when other tools' lines follow."""
+    return f'{command} pre-push "$@" || exit $?'
+
+
 def hook_path(git: Git, name: str) -> Path:
     """Where git looks for hook ``name`` (honours ``core.hooksPath`` and worktrees)."""
     configured = git.config_get("core.hooksPath")

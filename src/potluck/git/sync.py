@@ -1,0 +1,412 @@
+"""Push, fetch, pull and clone: potluck objects travel beside git's own objects.
+
+git moves the manifests (ordinary blobs); this module moves the objects they name, to and from
+the object remote of a git remote (``git.remotes``): on ``git push`` through the pre-push hook,
+on checkout through the smudge filter, and with explicit commands.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from potluck.errors import UserError
+from potluck.fileio import atomic_writer
+from potluck.git.plumbing import Git
+from potluck.git.remotes import RemoteSpec, open_object_remote
+from potluck.git.repo import Repo
+from potluck.objects.manifest import Manifest, is_manifest, parse
+from potluck.ops.materialize import missing_objects, write_file
+from potluck.ops.transfer import OnBytes, PushReport, Wanted, fetch_objects, push_objects
+from potluck.remote import ObjectRemote, TransferStats
+
+log = logging.getLogger("potluck")
+ZERO = "0" * 40
+MAX_MANIFEST_BYTES = 64 << 20
+FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
+FETCH_INCLUDE = "potluck.fetchInclude"
+FETCH_EXCLUDE = "potluck.fetchExclude"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tensors to fetch: globs matched against the tensor name or the file path."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def accepts(self, path: str, tensor: str) -> bool:
+        """True when (path, tensor) is included and not excluded."""
+
+        def hit(patterns: tuple[str, ...]) -> bool:
+            return any(
+                fnmatch.fnmatchcase(tensor, p) or fnmatch.fnmatchcase(path, p) for p in patterns
+            )
+
+        return (not self.include or hit(self.include)) and not hit(self.exclude)
+
+    @property
+    def everything(self) -> bool:
+        """True when nothing is filtered out."""
+        return not self.include and not self.exclude
+
+
+def configured_selection(git: Git) -> Selection:
+    """The default selection from ``potluck.fetchInclude`` / ``potluck.fetchExclude``
+    (comma-separated globs), as set by ``potluck clone --include/--exclude``."""
+
+    def globs(key: str) -> tuple[str, ...]:
+        value = git.config_get(key) or ""
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+
+    return Selection(globs(FETCH_INCLUDE), globs(FETCH_EXCLUDE))
+
+
+# -- which manifests ------------------------------------------------------------------------
+
+
+def _manifest_blobs(repo: Repo, blobs: dict[str, str]) -> dict[str, tuple[str, Manifest]]:
+    """blob id → (path, manifest) for those of ``blobs`` (blob → path) that are manifests."""
+    sizes = repo.git.object_sizes(list(blobs))
+    out: dict[str, tuple[str, Manifest]] = {}
+    with repo.git.batch() as batch:
+        for blob, path in blobs.items():
+            if sizes.get(blob, MAX_MANIFEST_BYTES + 1) > MAX_MANIFEST_BYTES:
+                continue
+            data = batch.get(blob)
+            if data is not None and is_manifest(data):
+                out[blob] = (path, parse(data))
+    return out
+
+
+def _introducing_commits(
+    git: Git, include: Sequence[str], exclude: Sequence[str]
+) -> dict[str, str]:
+    """blob id → the oldest commit in the range that wrote it (for error messages)."""
+    raw = git.run(
+        "log", "--raw", "--no-abbrev", "--no-renames", "--root", "--diff-merges=first-parent",
+        "--format=%x00%H", *include, "--not", *exclude, "--",
+    )  # fmt: skip
+    found: dict[str, str] = {}
+    commit = ""
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if line.startswith("\0"):
+            commit = line[1:]
+        elif line.startswith(":"):
+            fields = line.split("\t", 1)[0].split()
+            if len(fields) >= 4:
+                found[fields[3]] = commit  # log is newest first: the last seen is the oldest
+    return found
+
+
+def new_manifests(
+    repo: Repo, include: Sequence[str], exclude: Sequence[str]
+) -> tuple[dict[str, tuple[str, Manifest]], dict[str, str]]:
+    """Manifests reachable from ``include`` but not from ``exclude``, and the commit that
+    introduced each (by blob id)."""
+    if not include:
+        return {}, {}
+    raw = repo.git.run(
+        "rev-list", "--objects", "--filter=object:type=blob", *include, "--not", *exclude,
+    )  # fmt: skip
+    blobs: dict[str, str] = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        oid, _, path = line.partition(" ")
+        if path:
+            blobs.setdefault(oid, path)
+    manifests = _manifest_blobs(repo, blobs)
+    commits = _introducing_commits(repo.git, include, exclude) if manifests else {}
+    return manifests, commits
+
+
+# -- push -------------------------------------------------------------------------------------
+
+
+def parse_pre_push(lines: Iterable[str]) -> list[tuple[str, str]]:
+    """(local sha, remote sha) for each ref git is about to push (deletions dropped)."""
+    updates = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 4 and fields[1] != ZERO:
+            updates.append((fields[1], fields[3]))
+    return updates
+
+
+def push_range(
+    git: Git, remote: str, updates: Sequence[tuple[str, str]] | None
+) -> tuple[list[str], list[str]]:
+    """Commits to include / exclude for a push of ``updates`` (None: every local branch and
+    tag) to ``remote``: what the remote-tracking refs (and remote shas we know) already have."""
+    exclude = [f"--remotes={remote}"] if _is_remote_name(git, remote) else []
+    if updates is None:
+        return ["--branches", "--tags"], exclude
+    include = [local for local, _ in updates]
+    for _, theirs in updates:
+        if theirs != ZERO and git.rev_parse(theirs + "^{commit}"):
+            exclude.append(theirs)
+    return include, exclude
+
+
+def _is_remote_name(git: Git, name: str) -> bool:
+    return git.config_get(f"remote.{name}.url") is not None
+
+
+def push(
+    repo: Repo,
+    remote: str | None = None,
+    updates: Sequence[tuple[str, str]] | None = None,
+    *,
+    everything: bool = False,
+    on_bytes: OnBytes | None = None,
+) -> tuple[RemoteSpec, PushReport]:
+    """Upload the objects of the commits being pushed that the object remote lacks.
+
+    ``updates`` come from the pre-push hook; None means every local branch and tag. With
+    ``everything`` the range is not cut at what the remote already has (repairs a remote that
+    lost objects, or one pushed to without potluck).
+    """
+    spec, obj_remote = open_object_remote(repo.git, remote)
+    try:
+        include, exclude = push_range(repo.git, spec.name, updates)
+        manifests, commits = new_manifests(repo, include, [] if everything else exclude)
+        wanted = Wanted()
+        for blob, (path, m) in manifests.items():
+            wanted.add_manifest(m, path, commits.get(blob))
+        report = push_objects(repo.odb, obj_remote, wanted, on_bytes)
+    finally:
+        obj_remote.close()
+    return spec, report
+
+
+# -- fetch ------------------------------------------------------------------------------------
+
+
+def manifests_at(repo: Repo, revs: Sequence[str]) -> dict[str, tuple[str, Manifest]]:
+    """blob → (path, manifest) of every potluck file in the trees of ``revs``."""
+    blobs: dict[str, str] = {}
+    for rev in revs:
+        if repo.git.rev_parse(rev + "^{tree}") is None:
+            raise UserError(f"unknown revision {rev!r}", hint="`git log --oneline` lists them")
+        for path, blob in repo.git.list_blobs(rev):
+            blobs.setdefault(blob, path)
+    return _manifest_blobs(repo, blobs)
+
+
+def wanted_for(
+    manifests: Iterable[tuple[str, Manifest]], selection: Selection, commit: str | None = None
+) -> Wanted:
+    """The objects of ``manifests`` that ``selection`` accepts."""
+    wanted = Wanted()
+    for path, m in manifests:
+        wanted.add_manifest(m, path, commit, functools.partial(_accepts, selection, path))
+    return wanted
+
+
+def _accepts(selection: Selection, path: str, tensor: str) -> bool:
+    return selection.accepts(path, tensor)
+
+
+def fetch(
+    repo: Repo,
+    remote: str | None = None,
+    revs: Sequence[str] = ("HEAD",),
+    selection: Selection | None = None,
+    on_bytes: OnBytes | None = None,
+) -> tuple[RemoteSpec, TransferStats]:
+    """Download the selected objects of ``revs`` that are not in the local store."""
+    selection = selection if selection is not None else configured_selection(repo.git)
+    manifests = manifests_at(repo, revs)
+    wanted = wanted_for(manifests.values(), selection)
+    spec, obj_remote = open_object_remote(repo.git, remote)
+    try:
+        stats = fetch_objects(repo.odb, obj_remote, wanted, repo.tmp_dir / "incoming", on_bytes)
+    finally:
+        obj_remote.close()
+    return spec, stats
+
+
+def fetch_manifest(
+    repo: Repo, m: Manifest, path: str, names: Sequence[str] | None = None,
+    remote: str | None = None,
+) -> TransferStats:  # fmt: skip
+    """Fetch the objects ``m`` needs for ``names`` (all tensors when None) that are missing."""
+    wanted = Wanted()
+    needed = None if names is None else _storages(m, names)
+    wanted.add_manifest(m, path, None, None if needed is None else needed.__contains__)
+    if all(repo.odb.has(r.oid) for r in wanted.refs):
+        return TransferStats(skipped=len(wanted.refs))
+    _spec, obj_remote = open_object_remote(repo.git, remote)
+    try:
+        return fetch_objects(repo.odb, obj_remote, wanted, repo.tmp_dir / "incoming")
+    finally:
+        obj_remote.close()
+
+
+def _storages(m: Manifest, names: Sequence[str]) -> set[str]:
+    """Tensor entries that hold ``names`` (a view's storage stands in for the view)."""
+    views = {v.name: v.storage for v in m.views}
+    return {views.get(n, n) for n in names}
+
+
+# -- placeholders -----------------------------------------------------------------------------
+
+
+def placeholders(repo: Repo) -> list[tuple[str, Manifest]]:
+    """Tracked work-tree files that are manifests (their data was not checked out)."""
+    out = []
+    for path in repo.git.ls_files():
+        full = repo.root / path
+        if not full.is_file() or full.is_symlink() or full.stat().st_size > MAX_MANIFEST_BYTES:
+            continue
+        with open(full, "rb") as f:
+            if not is_manifest(f.read(64)):
+                continue
+        out.append((path, parse(full.read_bytes())))
+    return out
+
+
+def checkout_placeholders(repo: Repo) -> tuple[list[str], list[str]]:
+    """Write the checkpoint of every placeholder whose objects are all present.
+
+    Returns (written, still incomplete). Each file is replaced atomically; git's index is then
+    refreshed so the files show as unmodified.
+    """
+    written: list[str] = []
+    incomplete: list[str] = []
+    restage: list[str] = []
+    staged = _index_blobs(repo.git)
+    for path, m in placeholders(repo):
+        if missing_objects(m, repo.odb):
+            incomplete.append(path)
+            continue
+        full = repo.root / path
+        blob = repo.git.run("hash-object", "--no-filters", "--", path).decode().strip()
+        mode = full.stat().st_mode
+        with atomic_writer(full) as out:
+            write_file(m, repo.odb, out, path=path)
+        full.chmod(mode)
+        written.append(path)
+        if staged.get(path) == blob:
+            restage.append(path)
+    # git takes a size change for a modification without re-cleaning, so re-stage the files
+    # whose index entry is exactly their manifest (the blob stays, only its stat data changes)
+    if restage:
+        repo.git.run("update-index", "-q", "--", *restage)
+    return written, incomplete
+
+
+def _index_blobs(git: Git) -> dict[str, str]:
+    """path → blob id of the stage-0 index entries."""
+    out: dict[str, str] = {}
+    for rec in git.run("ls-files", "-s", "-z").split(b"\0"):
+        meta, _, path = rec.partition(b"\t")
+        fields = meta.split(b" ")
+        if len(fields) == 3 and fields[2] == b"0":
+            out[path.decode("utf-8", "surrogateescape")] = fields[1].decode()
+    return out
+
+
+def pull(
+    repo: Repo,
+    remote: str | None = None,
+    selection: Selection | None = None,
+    on_bytes: OnBytes | None = None,
+) -> tuple[TransferStats, list[str], list[str]]:
+    """Fetch the objects of HEAD, then check out every file left as a manifest."""
+    _spec, stats = fetch(repo, remote, ("HEAD",), selection, on_bytes)
+    written, incomplete = checkout_placeholders(repo)
+    return stats, written, incomplete
+
+
+# -- clone ------------------------------------------------------------------------------------
+
+
+def clone(
+    url: str,
+    directory: Path,
+    *,
+    install: Callable[[Repo], None],
+    no_data: bool = False,
+    selection: Selection | None = None,
+    branch: str | None = None,
+) -> Repo:
+    """``git clone`` without checkout, configure potluck (``install``), then check out.
+
+    With ``no_data`` every potluck file is left as a manifest (fetch tensors later with
+    ``potluck fetch --include`` / ``potluck pull``); with a selection only those tensors are
+    fetched, and files that are not complete are left as manifests.
+    """
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory} exists and is not empty", hint="pick a new directory")
+    branch_args = ["--branch", branch] if branch else []
+    Git(Path.cwd()).run("clone", "--no-checkout", *branch_args, url, str(directory))
+    repo = Repo(directory)
+    install(repo)
+    if no_data:
+        repo.git.config_set(FETCH_ON_CHECKOUT, "false")
+    if selection is not None and selection.include:
+        repo.git.config_set(FETCH_INCLUDE, ",".join(selection.include))
+    if selection is not None and selection.exclude:
+        repo.git.config_set(FETCH_EXCLUDE, ",".join(selection.exclude))
+    if repo.git.rev_parse("HEAD") is not None:
+        repo.git.run("reset", "-q", "--hard", "HEAD")
+    else:  # the remote's HEAD names no branch (e.g. a bare repo made with another default)
+        pick = _fallback_branch(repo.git)
+        if pick is not None:
+            repo.git.run("checkout", "-q", "-B", pick, f"origin/{pick}")
+    return repo
+
+
+def _fallback_branch(git: Git) -> str | None:
+    """main, else master, else the first remote branch of origin; None for an empty repo."""
+    out = git.run("for-each-ref", "--format=%(refname:strip=3)", "refs/remotes/origin/")
+    names = [n for n in out.decode().split() if n != "HEAD"]
+    for name in ("main", "master"):
+        if name in names:
+            return name
+    return names[0] if names else None
+
+
+# -- checkout ---------------------------------------------------------------------------------
+
+
+def _config_bool(git: Git, key: str, default: bool) -> bool:
+    value = git.config_get(key)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("false", "no", "off", "0", "")
+
+
+class CheckoutFetcher:
+    """The smudge filter's source of missing objects: one object remote, opened on first use
+    and kept for the whole filter process; one batch per file. Disabled by
+    ``potluck.fetchOnCheckout=false`` (``potluck clone --no-data``)."""
+
+    def __init__(self, repo: Repo, remote: str | None = None) -> None:
+        self.repo = repo
+        self.remote_name = remote
+        self.enabled = _config_bool(repo.git, FETCH_ON_CHECKOUT, True)
+        self.selection = configured_selection(repo.git)
+        self._remote: ObjectRemote | None = None
+
+    def __call__(self, m: Manifest, path: str) -> None:
+        """Fetch the selected objects ``m`` needs that are not local."""
+        if not self.enabled:
+            return
+        wanted = wanted_for([(path, m)], self.selection)
+        if all(self.repo.odb.has(r.oid) for r in wanted.refs):
+            return
+        if self._remote is None:
+            _spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
+        stats = fetch_objects(self.repo.odb, self._remote, wanted, self.repo.tmp_dir / "incoming")
+        log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
+
+    def close(self) -> None:
+        """Close the remote's connections."""
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None

@@ -1,0 +1,231 @@
+"""Move objects between the local object database and an object remote.
+
+Objects travel as their *logical* bytes (a tensor's or a structural segment's exact bytes), so
+an object on a remote is an ordinary content-addressed blob whose sha256 is its id: a genuine
+Git LFS object. Only what the other side lacks moves; uploads are checked to be complete
+locally before the first byte is sent, and every download is verified (by the remote layer)
+before it enters the store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from potluck.errors import MissingObjectError
+from potluck.objects.manifest import Manifest, RawEntry, TensorEntry
+from potluck.ops.odb import ObjectDB
+from potluck.remote import ObjectRef, ObjectRemote, TransferStats
+from potluck.tensors.dtypes import itemsize as dtype_itemsize
+
+OnBytes = Callable[[int], None]
+COPY = 1 << 20
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where an object is used: a file (at a commit, when known) and a tensor (or structure)."""
+
+    path: str
+    tensor: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> str:
+        """``path: tensor 'x' (commit abc123)``."""
+        what = f"tensor {self.tensor!r}" if self.tensor else "structural bytes"
+        at = f" (commit {self.commit[:10]})" if self.commit else ""
+        return f"{self.path}: {what}{at}"
+
+
+@dataclass
+class Wanted:
+    """Objects to move, each with one place it is used (for messages) and its element size."""
+
+    refs: dict[ObjectRef, Where] = field(default_factory=dict)
+    itemsizes: dict[str, int] = field(default_factory=dict)
+
+    def add_manifest(
+        self,
+        m: Manifest,
+        path: str,
+        commit: str | None = None,
+        select: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Add the objects of ``m``; with ``select``, only tensors whose name it accepts (the
+        structural bytes of the file are always added: they are small)."""
+        for e in m.entries:
+            if isinstance(e, TensorEntry):
+                if select is not None and not select(e.name):
+                    continue
+                where = Where(path, e.name, commit)
+                size = _itemsize(e.dtype)
+            else:
+                where = Where(path, None, commit)
+                size = 1
+            ref = ObjectRef(e.oid, e.size)
+            self.refs.setdefault(ref, where)
+            self.itemsizes.setdefault(e.oid, size)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def total_bytes(self) -> int:
+        """Sum of the sizes of all wanted objects."""
+        return sum(r.size for r in self.refs)
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        size = dtype_itemsize(dtype)
+    except Exception:  # an unknown dtype is stored ungrouped
+        return 1
+    return size if size in (1, 2, 4, 8) else 1
+
+
+def entry_refs(m: Manifest) -> list[ObjectRef]:
+    """Every object of a manifest as a ref, in file order, without repeats."""
+    seen: dict[ObjectRef, None] = {}
+    for e in m.entries:
+        if isinstance(e, RawEntry | TensorEntry):
+            seen.setdefault(ObjectRef(e.oid, e.size), None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What a push moved: objects checked, uploaded, already on the remote."""
+
+    checked: int
+    uploaded: int
+    bytes: int
+    already_there: int
+
+
+def push_objects(
+    odb: ObjectDB, remote: ObjectRemote, wanted: Wanted, on_bytes: OnBytes | None = None
+) -> PushReport:
+    """Upload the wanted objects the remote lacks.
+
+    Every object the remote lacks must be in the local store; if one is not, raise
+    ``MissingObjectError`` naming file, tensor and commit before anything is uploaded.
+    """
+    refs = sorted(wanted.refs)
+    lacking = remote.missing(refs)
+    absent = [r for r in lacking if not odb.has(r.oid)]
+    if absent:
+        first = wanted.refs[absent[0]]
+        raise MissingObjectError(
+            f"cannot push: {len(absent)} object(s) are neither on {remote.url} nor in the local "
+            f"store, first {first.describe()} (object {absent[0].oid[:12]}); nothing was uploaded",
+            hint="fetch them from a remote that has them (`potluck fetch`), or push from the "
+            "clone where the commit was made",
+            oids=[r.oid for r in absent],
+            places=[wanted.refs[r].describe() for r in absent[:20]],
+        )
+    stats = remote.upload(lacking, lambda ref: _open_logical(odb, ref), on_bytes)
+    there = len(refs) - len(lacking) + stats.skipped
+    return PushReport(len(refs), stats.objects, stats.bytes, there)
+
+
+@contextmanager
+def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
+    """A read-only stream of an object's logical bytes (verified while read: a corrupt local
+    object makes the read fail before its last byte, so it is never uploaded whole)."""
+    stream = _ChunkReader(odb.read_chunks(ref.oid))
+    try:
+        yield io.BufferedReader(stream, COPY)
+    finally:
+        stream.close()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw binary stream over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()
+
+
+def fetch_objects(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    wanted: Wanted,
+    tmp_dir: Path,
+    on_bytes: OnBytes | None = None,
+    bases: Mapping[str, str] | None = None,
+) -> TransferStats:
+    """Download the wanted objects the local store lacks, verified, into the store.
+
+    ``bases`` maps an object id to a local object it may be delta-encoded against (an older
+    version of the same tensor). A missing object on the remote raises ``MissingObjectError``
+    (naming every one) before anything is downloaded.
+    """
+    lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
+    if not lacking:
+        return TransferStats(skipped=len(wanted.refs))
+    bases = bases or {}
+
+    def sink(ref: ObjectRef, path: Path) -> None:
+        odb.put(
+            ref.oid,
+            lambda: _file_chunks(path, odb.config.chunk_bytes),
+            size=ref.size,
+            itemsize=wanted.itemsizes.get(ref.oid, 1),
+            base_oid=bases.get(ref.oid),
+        )
+
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        stats = remote.download(lacking, sink, tmp_dir, on_bytes)
+    except MissingObjectError as err:
+        oids = list(err.data.get("oids", []))
+        by_oid = {r.oid: w for r, w in wanted.refs.items()}
+        places = [by_oid[o].describe() for o in oids if o in by_oid]
+        if places:
+            err.data["places"] = places[:20]
+            raise MissingObjectError(
+                f"{err.message}; first needed by {places[0]}",
+                hint=err.hint,
+                **err.data,
+            ) from err
+        raise
+    stats.skipped += len(wanted.refs) - len(lacking)
+    return stats
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(size)
+            if not buf:
+                return
+            yield buf
+
+
+def local_missing(odb: ObjectDB, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
+    """The refs not in the local store."""
+    return [r for r in refs if not odb.has(r.oid)]

@@ -1,0 +1,114 @@
+"""Object remotes: move content-addressed objects to and from a Git LFS server or any fsspec
+filesystem. Persistence layer: never imports ``potluck.ops``, ``git``, ``cli`` or ``objects``.
+
+``open_remote(url)`` picks the backend by URL scheme from ``REMOTES`` (entry-point group
+``potluck.remotes``): ``http``/``https`` speak the Git LFS Batch API, ``file``, ``s3``,
+``memory`` and every other protocol fsspec knows go through fsspec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+
+from potluck.errors import UserError
+from potluck.registry import Registry
+from potluck.remote.base import (
+    Credentials,
+    ObjectRef,
+    ObjectRemote,
+    OnBytes,
+    Opener,
+    RemoteOptions,
+    Sink,
+    TransferStats,
+)
+from potluck.remote.fsspec_remote import FsspecRemote
+from potluck.remote.lfs import LfsRemote
+
+RemoteFactory = Callable[
+    [str, RemoteOptions, "Credentials | None", "Mapping[str, Any] | None"], ObjectRemote
+]
+"""``(url, options, credentials, storage_options) -> ObjectRemote``, registered per scheme."""
+
+
+def make_lfs_remote(
+    url: str,
+    options: RemoteOptions,
+    credentials: Credentials | None,
+    storage_options: Mapping[str, Any] | None,
+) -> ObjectRemote:
+    """Factory for ``http``/``https``: the URL is a Git LFS endpoint."""
+    if storage_options:
+        raise UserError(
+            f"storage options {sorted(storage_options)} do not apply to the LFS remote {url}",
+            hint="storage options are for fsspec remotes (s3://, gs://, file://, …)",
+        )
+    return LfsRemote(url, options, credentials)
+
+
+def make_fsspec_remote(
+    url: str,
+    options: RemoteOptions,
+    credentials: Credentials | None,
+    storage_options: Mapping[str, Any] | None,
+) -> ObjectRemote:
+    """Factory for fsspec schemes (their credentials come in ``storage_options``)."""
+    return FsspecRemote(url, options, storage_options)
+
+
+REMOTES: Registry[RemoteFactory] = Registry("remote URL scheme", "potluck.remotes")
+REMOTES.register("http", make_lfs_remote)
+REMOTES.register("https", make_lfs_remote)
+for _scheme in ("file", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs"):
+    REMOTES.register(_scheme, make_fsspec_remote)
+
+DEFAULT_OPTIONS = RemoteOptions()
+URL_EXAMPLES = "e.g. https://host/org/repo.git/info/lfs, file:///abs/dir, s3://bucket/prefix"
+
+
+def open_remote(
+    url: str,
+    *,
+    options: RemoteOptions = DEFAULT_OPTIONS,
+    credentials: Credentials | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ObjectRemote:
+    """Open the object remote at ``url``, choosing the backend by its scheme.
+
+    Raises ``UserError`` for a URL without a scheme or with one no backend handles.
+    """
+    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if scheme and scheme in REMOTES:
+        return REMOTES.get(scheme)(url, options, credentials, storage_options)
+    if scheme and scheme in fsspec.available_protocols():
+        return make_fsspec_remote(url, options, credentials, storage_options)
+    known = REMOTES.names()
+    raise UserError(
+        f"unsupported remote URL {url!r}: "
+        + (f"no backend for scheme {scheme!r}" if scheme else "it has no scheme"),
+        hint=f"known schemes: {', '.join(known)} (and other fsspec protocols); {URL_EXAMPLES}",
+        url=url,
+        scheme=scheme,
+        known=known,
+    )
+
+
+__all__ = [
+    "REMOTES",
+    "Credentials",
+    "FsspecRemote",
+    "LfsRemote",
+    "ObjectRef",
+    "ObjectRemote",
+    "OnBytes",
+    "Opener",
+    "RemoteFactory",
+    "RemoteOptions",
+    "Sink",
+    "TransferStats",
+    "open_remote",
+]

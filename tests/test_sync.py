@@ -1,0 +1,200 @@
+"""Push, fetch, pull and clone end to end with real git, through a bare repository on disk
+(objects in its ``lfs/`` directory: git-lfs's layout for local remotes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Run, model, run_in, save_st
+from potluck.objects.manifest import parse
+
+FILE = "m.safetensors"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def remote_objects(bare: Path) -> dict[str, int]:
+    root = bare / "lfs" / "objects"
+    return {p.name: p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def store_oids(repo: Path) -> set[str]:
+    root = repo / ".git" / "potluck" / "objects"
+    return {p.parent.name + p.name for p in root.glob("??/*") if len(p.name) == 62}
+
+
+@pytest.fixture
+def hub(tmp_path: Path, repo: Path, git: Run) -> Path:
+    bare = tmp_path / "hub.git"
+    run_in(tmp_path)("git", "init", "-q", "--bare", "-b", "main", str(bare))
+    git("git", "remote", "add", "origin", str(bare))
+    return bare
+
+
+def commit_model(git: Run, root: Path, tensors: dict[str, np.ndarray], msg: str) -> None:
+    save_st(root / FILE, tensors)
+    git("git", "add", FILE)
+    git("git", "commit", "-q", "-m", msg)
+
+
+def test_git_push_uploads_only_new_objects_and_clone_reproduces_bytes(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "origin", "main")
+    first = remote_objects(hub)
+    blob = git("git", "cat-file", "blob", f"HEAD:{FILE}").encode()
+    v1 = parse(blob)
+    assert set(first) == {e.oid for e in v1.entries}  # every object of v1, nothing else
+    assert all(first[e.oid] == e.size for e in v1.entries)  # stored as the logical bytes
+    m2 = dict(m1, **{"layers.1.w": m1["layers.1.w"] + np.float32(1e-3)})
+    commit_model(git, repo, m2, "v2")
+    git("git", "push", "-q", "origin", "main")
+    new = set(remote_objects(hub)) - set(first)
+    v2 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    assert new == {v2.tensors()["layers.1.w"].oid}  # only the changed tensor travels
+    clone = tmp_path / "clone"
+    out = run_in(tmp_path)("potluck", "clone", str(hub), str(clone))
+    assert "cloned into" in out
+    assert sha(clone / FILE) == sha(repo / FILE)
+    c = run_in(clone)
+    assert c("git", "status", "--porcelain") == ""
+    assert json.loads(c("potluck", "status", "--json"))["not_materialized"] == []
+    c("git", "checkout", "-q", "HEAD~1")
+    save_st(tmp_path / "v1.safetensors", m1)
+    assert sha(clone / FILE) == sha(tmp_path / "v1.safetensors")
+
+
+def test_two_clones_push_and_pull_each_others_commits(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "-u", "origin", "main")
+    other = tmp_path / "other"
+    run_in(tmp_path)("potluck", "clone", str(hub), str(other))
+    o = run_in(other)
+    m2 = dict(m1, embed=m1["embed"] * np.float32(2))
+    commit_model(o, other, m2, "v2 from other")
+    o("git", "push", "-q", "origin", "main")
+    git("git", "pull", "-q", "--ff-only", "origin", "main")  # smudge fetches what is missing
+    assert sha(repo / FILE) == sha(other / FILE)
+    m3 = dict(m2, **{"layers.0.b": np.ones(64, np.float32)})
+    commit_model(git, repo, m3, "v3 from repo")
+    git("git", "push", "-q", "origin", "main")
+    o("git", "pull", "-q", "--ff-only")
+    assert sha(repo / FILE) == sha(other / FILE)
+    fresh = tmp_path / "fresh"
+    run_in(tmp_path)("potluck", "clone", str(hub), str(fresh))
+    assert sha(fresh / FILE) == sha(repo / FILE)
+    run_in(fresh)("potluck", "fsck")  # exits non-zero on any missing or corrupt object
+
+
+def test_no_data_clone_then_selected_fetch_load_on_demand_and_pull(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "origin", "main")
+    part = tmp_path / "part"
+    run_in(tmp_path)("potluck", "clone", "--no-data", str(hub), str(part))
+    p = run_in(part)
+    assert (part / FILE).read_bytes().startswith(b"potluck manifest v1\n")
+    assert p("git", "status", "--porcelain") == ""  # a placeholder is not a modification
+    st = json.loads(p("potluck", "status", "--json"))["not_materialized"]
+    assert [(r["path"], r["tensors"], r["tensors_missing"]) for r in st] == [(FILE, 7, 7)]
+    m = parse((part / FILE).read_bytes())
+    tensors = m.tensors()
+    before = store_oids(part)
+    out = json.loads(p("potluck", "fetch", "--include", "layers.1.*", "--json"))
+    got = store_oids(part) - before
+    header = {e.oid for e in m.entries} - {t.oid for t in tensors.values()}
+    want = {tensors["layers.1.w"].oid, tensors["layers.1.b"].oid} | header
+    assert got == want and out["objects"] == len(want)
+    import potluck
+
+    arr = potluck.load(str(part / FILE), names=["layers.2.w"])["layers.2.w"]
+    np.testing.assert_array_equal(arr, m1["layers.2.w"])
+    assert store_oids(part) - before == want | {tensors["layers.2.w"].oid}  # exactly that one
+    pulled = p("potluck", "pull")
+    assert f"checked out {FILE}" in pulled
+    save_st(tmp_path / "want.safetensors", m1)
+    assert sha(part / FILE) == sha(tmp_path / "want.safetensors")
+    assert p("git", "status", "--porcelain") == ""
+    assert json.loads(p("potluck", "status", "--json"))["not_materialized"] == []
+
+
+def test_clone_include_keeps_selection_for_later_checkouts(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "origin", "main")
+    part = tmp_path / "part"
+    out = run_in(tmp_path)("potluck", "clone", "--include", "embed", str(hub), str(part))
+    assert "1 file(s) left as manifests" in out
+    tensors = parse((part / FILE).read_bytes()).tensors()
+    assert tensors["embed"].oid in store_oids(part)
+    assert tensors["layers.0.w"].oid not in store_oids(part)
+    p = run_in(part)
+    p("potluck", "pull", "--include", "*")
+    assert sha(part / FILE) == sha(repo / FILE)
+
+
+def test_push_fails_before_sending_when_objects_are_missing_locally(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "--no-verify", "origin", "main")  # the hook did not run
+    assert remote_objects(hub) == {}
+    m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    lost = m.tensors()["layers.2.w"].oid
+    (repo / ".git" / "potluck" / "objects" / lost[:2] / lost[2:]).unlink()
+    head = git("git", "rev-parse", "HEAD").strip()
+    err = git("potluck", "push", "--all", check=False)
+    assert "cannot push: 1 object(s)" in err and "tensor 'layers.2.w'" in err
+    assert f"commit {head[:10]}" in err and "nothing was uploaded" in err
+    assert remote_objects(hub) == {}  # nothing was sent
+    commit_model(git, repo, dict(m1, embed=m1["embed"] + 1), "v2")  # stores layers.2.w again
+    (repo / ".git" / "potluck" / "objects" / lost[:2] / lost[2:]).unlink()
+    err = git("git", "push", "origin", "main", check=False)
+    assert "cannot push" in err and "layers.2.w" in err
+    assert (
+        git("git", "ls-remote", str(hub), "refs/heads/main").split()[0]
+        != git("git", "rev-parse", "HEAD").strip()
+    )  # the hook stopped the push
+
+
+def test_pre_push_is_chained_with_an_existing_hook(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    hook = repo / ".git" / "hooks" / "pre-push"
+    text = hook.read_text()
+    hook.write_text(text.replace("#!/bin/sh\n", "#!/bin/sh\necho other-hook-ran >> hook.log\n"))
+    commit_model(git, repo, model(rng), "v1")
+    git("git", "push", "-q", "origin", "main")
+    assert (repo / "hook.log").read_text() == "other-hook-ran\n"
+    m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    assert set(remote_objects(hub)) == {e.oid for e in m.entries}
+    git("potluck", "init")  # idempotent: the line is not added twice
+    assert hook.read_text().count("pre-push") == 1
+
+
+def test_checkout_without_reachable_objects_leaves_manifest(
+    repo: Path, git: Run, rng, tmp_path: Path
+) -> None:
+    commit_model(git, repo, model(rng), "v1")
+    clone = tmp_path / "clone"
+    run_in(tmp_path)("potluck", "clone", str(repo), str(clone))  # objects never pushed
+    assert (clone / FILE).read_bytes().startswith(b"potluck manifest v1\n")
+    st = json.loads(run_in(clone)("potluck", "status", "--json"))["not_materialized"]
+    assert st[0]["path"] == FILE and st[0]["tensors_missing"] == 7
