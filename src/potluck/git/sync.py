@@ -10,11 +10,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from potluck.errors import UserError
+from potluck.errors import GitError, UserError
 from potluck.fileio import atomic_writer
 from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, open_object_remote
@@ -353,12 +354,20 @@ def clone(
     if selection is not None and selection.exclude:
         repo.git.config_set(FETCH_EXCLUDE, ",".join(selection.exclude))
     if repo.git.rev_parse("HEAD") is not None:
-        repo.git.run("reset", "-q", "--hard", "HEAD")
+        _checkout(repo.git, "reset", "-q", "--hard", "HEAD")
     else:  # the remote's HEAD names no branch (e.g. a bare repo made with another default)
         pick = _fallback_branch(repo.git)
         if pick is not None:
-            repo.git.run("checkout", "-q", "-B", pick, f"origin/{pick}")
+            _checkout(repo.git, "checkout", "-q", "-B", pick, f"origin/{pick}")
     return repo
+
+
+def _checkout(git: Git, *args: str) -> None:
+    """Run a checkout with stderr passed through: the filter's warnings (files left as
+    manifests, and why) reach the user."""
+    code = subprocess.run(git.command(*args), cwd=git.cwd, stdin=subprocess.DEVNULL).returncode
+    if code != 0:
+        raise GitError(f"`git {' '.join(args)}` failed with exit code {code}", hint="see above")
 
 
 def _fallback_branch(git: Git) -> str | None:
