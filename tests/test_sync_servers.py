@@ -11,8 +11,15 @@ import pytest
 
 from conftest import Run, model, run_in
 from potluck.objects.manifest import parse
-from servers import LfsServer, MotoS3, lfs, lfs_server, moto_s3, s3  # noqa: F401
+from servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
 from test_sync import FILE, commit_model, sha, store_oids
+
+
+@pytest.fixture
+def srv(lfs_server: LfsServer) -> LfsServer:  # noqa: F811
+    """The module's giftless, reset: no faults, zero counters, a fresh repository."""
+    lfs_server.reset()
+    return lfs_server
 
 
 @pytest.fixture
@@ -35,82 +42,82 @@ def manifest_at(git: Run, rev: str = "HEAD") -> object:
 
 
 def test_lfs_push_clone_and_pull_between_two_clones(
-    repo: Path, git: Run, hub: Path, lfs: LfsServer, rng, tmp_path: Path
+    repo: Path, git: Run, hub: Path, srv: LfsServer, rng, tmp_path: Path
 ) -> None:
-    use_lfs(git, repo, lfs)
+    use_lfs(git, repo, srv)
     m1 = model(rng)
     commit_model(git, repo, m1, "v1")
     git("git", "push", "-q", "origin", "main")
     v1 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
     unique = {e.oid: e.size for e in v1.entries}
-    assert lfs.bytes_received == sum(unique.values())  # each object once, as its plain bytes
+    assert srv.bytes_received == sum(unique.values())  # each object once, as its plain bytes
     for oid, size in unique.items():  # genuine LFS objects: the server holds them by sha256
-        assert lfs.object_path(oid).stat().st_size == size
-    lfs.reset_counters()
+        assert srv.object_path(oid).stat().st_size == size
+    srv.reset_counters()
     other = tmp_path / "other"
     run_in(tmp_path)("potluck", "clone", str(hub), str(other))
     assert sha(other / FILE) == sha(repo / FILE)
-    assert lfs.bytes_sent == sum(unique.values())
+    assert srv.bytes_sent == sum(unique.values())
     o = run_in(other)
     m2 = dict(m1, **{"layers.2.w": m1["layers.2.w"] * np.float32(-1)})
     commit_model(o, other, m2, "v2")
-    lfs.reset_counters()
+    srv.reset_counters()
     o("git", "push", "-q", "origin", "main")
     changed = manifest_at(o).tensors()["layers.2.w"]  # type: ignore[attr-defined]
-    assert lfs.bytes_received == changed.size  # only the changed tensor is uploaded
+    assert srv.bytes_received == changed.size  # only the changed tensor is uploaded
     git("git", "pull", "-q", "--ff-only", "origin", "main")
     assert sha(repo / FILE) == sha(other / FILE)
 
 
 def test_lfs_partial_fetch_moves_only_requested_tensors(
-    repo: Path, git: Run, hub: Path, lfs: LfsServer, rng, tmp_path: Path
+    repo: Path, git: Run, hub: Path, srv: LfsServer, rng, tmp_path: Path
 ) -> None:
-    use_lfs(git, repo, lfs)
+    use_lfs(git, repo, srv)
     commit_model(git, repo, model(rng, d=128), "v1")
     git("git", "push", "-q", "origin", "main")
     part = tmp_path / "part"
-    lfs.reset_counters()
+    srv.reset_counters()
     run_in(tmp_path)("potluck", "clone", "--no-data", str(hub), str(part))
-    assert lfs.bytes_sent == 0
+    assert srv.bytes_sent == 0
     p = run_in(part)
     m = parse((part / FILE).read_bytes())
     t = m.tensors()
     header = sum(e.size for e in m.entries if e.oid not in {x.oid for x in t.values()})
     p("potluck", "fetch", "--include", "layers.0.w")
-    assert lfs.bytes_sent == t["layers.0.w"].size + header
-    lfs.reset_counters()
+    assert srv.bytes_sent == t["layers.0.w"].size + header
+    srv.reset_counters()
     import potluck
 
     got = potluck.load(str(part / FILE), names=["embed"])["embed"]
-    assert got.shape == (256, 128) and lfs.bytes_sent == t["embed"].size
-    lfs.reset_counters()
+    assert got.shape == (256, 128) and srv.bytes_sent == t["embed"].size
+    srv.reset_counters()
     p("potluck", "pull", "--include", "*")
     rest = {x.oid: x.size for x in t.values()}
     del rest[t["embed"].oid], rest[t["layers.0.w"].oid]
-    assert lfs.bytes_sent == sum(rest.values())
+    assert srv.bytes_sent == sum(rest.values())
     assert sha(part / FILE) == sha(repo / FILE)
 
 
 def test_lfs_faults_never_corrupt_the_store_and_a_rerun_completes(
-    repo: Path, git: Run, hub: Path, lfs: LfsServer, rng, tmp_path: Path
+    repo: Path, git: Run, hub: Path, srv: LfsServer, rng, tmp_path: Path
 ) -> None:
-    use_lfs(git, repo, lfs)
+    use_lfs(git, repo, srv)
     commit_model(git, repo, model(rng, d=128), "v1")
-    lfs.fail_next(2, status=503, path_contains="/objects/batch")
+    srv.fail_next(2, status=503, path_contains="/objects/batch")
     git("git", "push", "-q", "origin", "main")  # retried after the 503s
     clone = tmp_path / "clone"
-    lfs.truncate_next(3, keep_bytes=1000)  # cut bodies: retried (resumed or restarted)
-    lfs.fail_next(2, status=500, method="GET")
+    srv.truncate_next(3, keep_bytes=1000)  # cut bodies: retried (resumed or restarted)
+    srv.fail_next(2, status=500, method="GET")
     run_in(tmp_path)("potluck", "clone", str(hub), str(clone))
     assert sha(clone / FILE) == sha(repo / FILE)
     assert "ok: all objects verified" in run_in(clone)("potluck", "fsck")
     broken = tmp_path / "broken"
-    lfs.fail_next(1000, status=500, method="GET")  # the server stays broken
+    srv.fail_next(1000, status=500, method="GET")  # the server stays broken
     out = run_in(tmp_path)("potluck", "clone", str(hub), str(broken), check=False)
     assert "left as a manifest" in out
     assert (broken / FILE).read_bytes().startswith(b"potluck manifest v1\n")
     assert store_oids(broken) == set()  # nothing half-written entered the store
-    lfs.reset(new_repo=False)
+    srv.reset(new_repo=False)
     b = run_in(broken)
     b("potluck", "pull")
     assert sha(broken / FILE) == sha(repo / FILE)
@@ -118,21 +125,21 @@ def test_lfs_faults_never_corrupt_the_store_and_a_rerun_completes(
 
 
 def test_lfs_credentials_come_from_git_credential_helpers(
-    repo: Path, git: Run, hub: Path, lfs: LfsServer, rng, tmp_path: Path
+    repo: Path, git: Run, hub: Path, srv: LfsServer, rng, tmp_path: Path
 ) -> None:
-    use_lfs(git, repo, lfs)
+    use_lfs(git, repo, srv)
     commit_model(git, repo, model(rng), "v1")
-    lfs.requires_auth("alice", "s3cret")
+    srv.requires_auth("alice", "s3cret")
     err = git("git", "push", "origin", "main", check=False)
     assert "requires authentication (HTTP 401); no credentials found" in err  # no helper
     assert "failed to push some refs" in err  # the hook stopped the push
     store = tmp_path / "creds"
-    host = lfs.base.split("://", 1)[1]
+    host = srv.base.split("://", 1)[1]
     store.write_text(f"http://alice:s3cret@{host}\n")
     git("git", "config", "credential.helper", f"store --file={store}")
     git("git", "push", "-q", "origin", "main")
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    assert lfs.bytes_received == sum({e.oid: e.size for e in m.entries}.values())
+    assert srv.bytes_received == sum({e.oid: e.size for e in m.entries}.values())
     store.write_text(f"http://alice:wrong@{host}\n")
     commit_model(git, repo, model(rng), "v2")
     err = git("git", "push", "origin", "main", check=False)
@@ -141,27 +148,27 @@ def test_lfs_credentials_come_from_git_credential_helpers(
 
 
 def test_s3_remote_push_and_no_data_clone_then_pull(
-    repo: Path, git: Run, hub: Path, s3: MotoS3, rng, tmp_path: Path,
+    repo: Path, git: Run, hub: Path, moto_s3: MotoS3, rng, tmp_path: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3.REGION)
-    bucket = s3.create_bucket()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", moto_s3.REGION)
+    bucket = moto_s3.create_bucket()
     url = f"s3://{bucket}/team/model"
-    git("potluck", "remote", "set-url", "origin", url, "-o", f"endpoint_url={s3.endpoint}")
+    git("potluck", "remote", "set-url", "origin", url, "-o", f"endpoint_url={moto_s3.endpoint}")
     shown = json.loads(git("potluck", "remote", "show", "--json"))
     assert shown["url"] == url and shown["source"] == "remote.origin.potluckurl"
     commit_model(git, repo, model(rng), "v1")
     git("git", "push", "-q", "origin", "main")
     keys = {
-        o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+        o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
     }
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
     assert keys == {f"team/model/objects/{e.oid[:2]}/{e.oid[2:4]}/{e.oid}" for e in m.entries}
     clone = tmp_path / "clone"
     run_in(tmp_path)("potluck", "clone", "--no-data", str(hub), str(clone))
     c = run_in(clone)
-    c("potluck", "remote", "set-url", "origin", url, "-o", f"endpoint_url={s3.endpoint}")
+    c("potluck", "remote", "set-url", "origin", url, "-o", f"endpoint_url={moto_s3.endpoint}")
     c("potluck", "pull")
     assert sha(clone / FILE) == sha(repo / FILE)
