@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import Run, model, run_in, save_st
-from potluck.objects.manifest import parse
+from potluck.git.plumbing import Git
+from potluck.git.wireindex import read_index
+from potluck.objects.manifest import Entry, parse
+from potluck.ops.wire import WireEntry
 
 FILE = "m.safetensors"
 
@@ -23,6 +27,44 @@ def sha(path: Path) -> str:
 def remote_objects(bare: Path) -> dict[str, int]:
     root = bare / "lfs" / "objects"
     return {p.name: p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def wire_index(bare: Path) -> dict[str, WireEntry]:
+    """The wire index the remote repository holds (``refs/potluck/wire``)."""
+    git = Git(bare)
+    return read_index(git, git.rev_parse("refs/potluck/wire"))
+
+
+def on_remote(
+    bare: Path, entries: Iterable[Entry], stored: Callable[[str], int] | None = None
+) -> dict[str, tuple[str, int]]:
+    """For each logical object: the remote object that carries it and that object's size.
+    Fails unless it is there (``stored(oid)`` gives a remote object's size), either under
+    its own id (plain bytes) or, through the wire index, as an encoded object."""
+    index = wire_index(bare)
+    stored = stored or remote_objects(bare).__getitem__
+    out = {}
+    for e in entries:
+        if e.oid in index:
+            w = index[e.oid].wire
+            assert stored(w.oid) == w.size
+            out[e.oid] = (w.oid, w.size)
+        else:
+            assert stored(e.oid) == e.size, e
+            out[e.oid] = (e.oid, e.size)
+    return out
+
+
+def wire_bytes(carriers: dict[str, tuple[str, int]], oids: Iterable[str] | None = None) -> int:
+    """Bytes of the distinct remote objects carrying ``oids`` (all by default)."""
+    keep = carriers if oids is None else {o: carriers[o] for o in oids}
+    return sum(dict(keep.values()).values())
+
+
+def genuine(objects: dict[str, Path]) -> None:
+    """Every remote object is named by the sha256 of its content (a genuine LFS object)."""
+    for oid, path in objects.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == oid
 
 
 def store_oids(repo: Path) -> set[str]:
@@ -51,16 +93,21 @@ def test_git_push_uploads_only_new_objects_and_clone_reproduces_bytes(
     commit_model(git, repo, m1, "v1")
     git("git", "push", "-q", "origin", "main")
     first = remote_objects(hub)
-    blob = git("git", "cat-file", "blob", f"HEAD:{FILE}").encode()
-    v1 = parse(blob)
-    assert set(first) == {e.oid for e in v1.entries}  # every object of v1, nothing else
-    assert all(first[e.oid] == e.size for e in v1.entries)  # stored as the logical bytes
+    v1 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    carriers = on_remote(hub, v1.entries)
+    assert set(first) == {oid for oid, _ in carriers.values()}  # v1's objects, nothing else
+    genuine({p.name: p for p in (hub / "lfs" / "objects").rglob("*") if p.is_file()})
+    index = wire_index(hub)  # the zero biases and the header compress: they travel encoded
+    assert set(index) == {e.oid for e in v1.entries} - {
+        v1.tensors()[n].oid for n in ("embed", "layers.0.w", "layers.1.w", "layers.2.w")
+    }
     m2 = dict(m1, **{"layers.1.w": m1["layers.1.w"] + np.float32(1e-3)})
     commit_model(git, repo, m2, "v2")
     git("git", "push", "-q", "origin", "main")
     new = set(remote_objects(hub)) - set(first)
     v2 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    assert new == {v2.tensors()["layers.1.w"].oid}  # only the changed tensor travels
+    changed = v2.tensors()["layers.1.w"]
+    assert new == {on_remote(hub, [changed])[changed.oid][0]}  # only the changed tensor travels
     clone = tmp_path / "clone"
     out = run_in(tmp_path)("potluck", "clone", str(hub), str(clone))
     assert "cloned into" in out
@@ -184,7 +231,7 @@ def test_pre_push_is_chained_with_an_existing_hook(
     git("git", "push", "-q", "origin", "main")
     assert (repo / "hook.log").read_text() == "other-hook-ran\n"
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    assert set(remote_objects(hub)) == {e.oid for e in m.entries}
+    assert set(remote_objects(hub)) == {oid for oid, _ in on_remote(hub, m.entries).values()}
     git("potluck", "init")  # idempotent: the line is not added twice
     assert hook.read_text().count("pre-push") == 1
 

@@ -4,6 +4,7 @@ LFS batch API, with fault injection and authentication) and moto (S3)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,12 @@ import pytest
 from conftest import Run, model, run_in
 from potluck.objects.manifest import parse
 from servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
-from test_sync import FILE, commit_model, sha, store_oids
+from test_sync import FILE, commit_model, genuine, on_remote, sha, store_oids, wire_bytes
+
+
+def size_on(server: LfsServer) -> Callable[[str], int]:
+    """The size of an object stored on the giftless server."""
+    return lambda oid: server.object_path(oid).stat().st_size
 
 
 @pytest.fixture
@@ -49,24 +55,37 @@ def test_lfs_push_clone_and_pull_between_two_clones(
     commit_model(git, repo, m1, "v1")
     git("git", "push", "-q", "origin", "main")
     v1 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    unique = {e.oid: e.size for e in v1.entries}
-    assert srv.bytes_received == sum(unique.values())  # each object once, as its plain bytes
-    for oid, size in unique.items():  # genuine LFS objects: the server holds them by sha256
-        assert srv.object_path(oid).stat().st_size == size
+    carriers = on_remote(hub, v1.entries, size_on(srv))
+    assert srv.bytes_received == wire_bytes(carriers)  # each object once
+    genuine({oid: srv.object_path(oid) for oid, _ in carriers.values()})  # named by sha256
     srv.reset_counters()
     other = tmp_path / "other"
     run_in(tmp_path)("potluck", "clone", str(hub), str(other))
     assert sha(other / FILE) == sha(repo / FILE)
-    assert srv.bytes_sent == sum(unique.values())
+    assert srv.bytes_sent == wire_bytes(carriers)
     o = run_in(other)
-    m2 = dict(m1, **{"layers.2.w": m1["layers.2.w"] * np.float32(-1)})
+    fresh = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    m2 = dict(m1, **{"layers.2.w": fresh})
     commit_model(o, other, m2, "v2")
     srv.reset_counters()
     o("git", "push", "-q", "origin", "main")
     changed = manifest_at(o).tensors()["layers.2.w"]  # type: ignore[attr-defined]
-    assert srv.bytes_received == changed.size  # only the changed tensor is uploaded
+    assert srv.bytes_received == changed.size  # only the changed tensor, as plain bytes
     git("git", "pull", "-q", "--ff-only", "origin", "main")
     assert sha(repo / FILE) == sha(other / FILE)
+    m3 = {k: v.copy() for k, v in m2.items()}  # a 1 %-sparse edit of the embedding
+    flat = m3["embed"].reshape(-1)
+    idx = rng.choice(flat.size, flat.size // 100, replace=False)
+    flat[idx] = rng.normal(0, 0.02, idx.size).astype(np.float32)
+    commit_model(git, repo, m3, "v3")
+    srv.reset_counters()
+    git("git", "push", "-q", "origin", "main")
+    embed = manifest_at(git).tensors()["embed"]  # type: ignore[attr-defined]
+    assert 0 < srv.bytes_received < embed.size // 10  # an XOR delta travels, not the tensor
+    srv.reset_counters()
+    o("git", "pull", "-q", "--ff-only")
+    assert sha(repo / FILE) == sha(other / FILE)
+    assert 0 < srv.bytes_sent < embed.size // 10  # the other clone has the base already
 
 
 def test_lfs_partial_fetch_moves_only_requested_tensors(
@@ -82,19 +101,19 @@ def test_lfs_partial_fetch_moves_only_requested_tensors(
     p = run_in(part)
     m = parse((part / FILE).read_bytes())
     t = m.tensors()
-    header = sum(e.size for e in m.entries if e.oid not in {x.oid for x in t.values()})
+    carriers = on_remote(hub, m.entries, size_on(srv))
+    header = {e.oid for e in m.entries} - {x.oid for x in t.values()}
     p("potluck", "fetch", "--include", "layers.0.w")
-    assert srv.bytes_sent == t["layers.0.w"].size + header
+    assert srv.bytes_sent == wire_bytes(carriers, {t["layers.0.w"].oid} | header)
     srv.reset_counters()
     import potluck
 
     got = potluck.load(str(part / FILE), names=["embed"])["embed"]
-    assert got.shape == (256, 128) and srv.bytes_sent == t["embed"].size
+    assert got.shape == (256, 128) and srv.bytes_sent == wire_bytes(carriers, {t["embed"].oid})
     srv.reset_counters()
     p("potluck", "pull", "--include", "*")
-    rest = {x.oid: x.size for x in t.values()}
-    del rest[t["embed"].oid], rest[t["layers.0.w"].oid]
-    assert srv.bytes_sent == sum(rest.values())
+    rest = {x.oid for x in t.values()} - {t["embed"].oid, t["layers.0.w"].oid}
+    assert srv.bytes_sent == wire_bytes(carriers, rest)
     assert sha(part / FILE) == sha(repo / FILE)
 
 
@@ -139,7 +158,7 @@ def test_lfs_credentials_come_from_git_credential_helpers(
     git("git", "config", "credential.helper", f"store --file={store}")
     git("git", "push", "-q", "origin", "main")
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    assert srv.bytes_received == sum({e.oid: e.size for e in m.entries}.values())
+    assert srv.bytes_received == wire_bytes(on_remote(hub, m.entries, size_on(srv)))
     store.write_text(f"http://alice:wrong@{host}\n")
     commit_model(git, repo, model(rng), "v2")
     err = git("git", "push", "origin", "main", check=False)
@@ -165,7 +184,12 @@ def test_s3_remote_push_and_no_data_clone_then_pull(
         o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
     }
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
-    assert keys == {f"team/model/objects/{e.oid[:2]}/{e.oid[2:4]}/{e.oid}" for e in m.entries}
+    sizes = {
+        o["Key"].rsplit("/", 1)[1]: o["Size"]
+        for o in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]
+    }
+    carriers = on_remote(hub, m.entries, sizes.__getitem__)
+    assert keys == {f"team/model/objects/{w[:2]}/{w[2:4]}/{w}" for w, _ in carriers.values()}
     clone = tmp_path / "clone"
     run_in(tmp_path)("potluck", "clone", "--no-data", str(hub), str(clone))
     c = run_in(clone)

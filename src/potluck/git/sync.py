@@ -17,12 +17,14 @@ from pathlib import Path
 
 from potluck.errors import GitError, UserError
 from potluck.fileio import atomic_writer
+from potluck.git import wireindex
 from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, open_object_remote
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
 from potluck.ops.materialize import missing_objects, write_file
 from potluck.ops.transfer import OnBytes, PushReport, Wanted, fetch_objects, push_objects
+from potluck.ops.wire import WireEntry
 from potluck.remote import ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")
@@ -31,6 +33,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
 FETCH_INCLUDE = "potluck.fetchInclude"
 FETCH_EXCLUDE = "potluck.fetchExclude"
+ENCODED_TRANSFER = "potluck.encodedTransfer"
 
 
 @dataclass(frozen=True)
@@ -177,10 +180,30 @@ def push(
         wanted = Wanted()
         for blob, (path, m) in manifests.items():
             wanted.add_manifest(m, path, commits.get(blob))
-        report = push_objects(repo.odb, obj_remote, wanted, on_bytes)
+        encode = _config_bool(repo.git, ENCODED_TRANSFER, True) and len(wanted) > 0
+        index = wireindex.fetch_index(repo.git, spec.name) if encode else {}
+        report = push_objects(
+            repo.odb, obj_remote, wanted, on_bytes, index=index, encode=encode
+        )  # fmt: skip
+        if report.encoded and not wireindex.publish(repo.git, spec.name, report.encoded):
+            report = _push_plain_instead(repo, obj_remote, wanted, report, on_bytes)
     finally:
         obj_remote.close()
     return spec, report
+
+
+def _push_plain_instead(
+    repo: Repo, remote: ObjectRemote, wanted: Wanted, report: PushReport, on_bytes: OnBytes | None
+) -> PushReport:
+    """The index could not be published: send the encoded objects as plain bytes too, so the
+    remote is complete without it."""
+    oids = {e.oid for e in report.encoded}
+    subset = Wanted({r: w for r, w in wanted.refs.items() if r.oid in oids}, wanted.itemsizes)
+    again = push_objects(repo.odb, remote, subset, on_bytes)
+    return PushReport(
+        report.checked, report.uploaded + again.uploaded, report.bytes + again.bytes,
+        report.already_there,
+    )  # fmt: skip
 
 
 # -- fetch ------------------------------------------------------------------------------------
@@ -224,10 +247,21 @@ def fetch(
     wanted = wanted_for(manifests.values(), selection)
     spec, obj_remote = open_object_remote(repo.git, remote)
     try:
-        stats = fetch_objects(repo.odb, obj_remote, wanted, repo.tmp_dir / "incoming", on_bytes)
+        stats = _fetch(repo, spec, obj_remote, wanted, on_bytes)
     finally:
         obj_remote.close()
     return spec, stats
+
+
+def _fetch(
+    repo: Repo, spec: RemoteSpec, remote: ObjectRemote, wanted: Wanted, on_bytes: OnBytes | None
+) -> TransferStats:
+    """Fetch with the remote's wire index when anything is missing."""
+    if all(repo.odb.has(r.oid) for r in wanted.refs):
+        return TransferStats(skipped=len(wanted.refs))
+    index = wireindex.fetch_index(repo.git, spec.name)
+    tmp = repo.tmp_dir / "incoming"
+    return fetch_objects(repo.odb, remote, wanted, tmp, on_bytes, index=index)
 
 
 def fetch_manifest(
@@ -240,9 +274,9 @@ def fetch_manifest(
     wanted.add_manifest(m, path, None, None if needed is None else needed.__contains__)
     if all(repo.odb.has(r.oid) for r in wanted.refs):
         return TransferStats(skipped=len(wanted.refs))
-    _spec, obj_remote = open_object_remote(repo.git, remote)
+    spec, obj_remote = open_object_remote(repo.git, remote)
     try:
-        return fetch_objects(repo.odb, obj_remote, wanted, repo.tmp_dir / "incoming")
+        return _fetch(repo, spec, obj_remote, wanted, None)
     finally:
         obj_remote.close()
 
@@ -401,6 +435,7 @@ class CheckoutFetcher:
         self.enabled = _config_bool(repo.git, FETCH_ON_CHECKOUT, True)
         self.selection = configured_selection(repo.git)
         self._remote: ObjectRemote | None = None
+        self._index: dict[str, WireEntry] | None = None
 
     def __call__(self, m: Manifest, path: str) -> None:
         """Fetch the selected objects ``m`` needs that are not local."""
@@ -409,9 +444,11 @@ class CheckoutFetcher:
         wanted = wanted_for([(path, m)], self.selection)
         if all(self.repo.odb.has(r.oid) for r in wanted.refs):
             return
-        if self._remote is None:
-            _spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
-        stats = fetch_objects(self.repo.odb, self._remote, wanted, self.repo.tmp_dir / "incoming")
+        if self._remote is None or self._index is None:
+            spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
+            self._index = wireindex.fetch_index(self.repo.git, spec.name)
+        tmp = self.repo.tmp_dir / "incoming"
+        stats = fetch_objects(self.repo.odb, self._remote, wanted, tmp, index=self._index)
         log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
 
     def close(self) -> None:

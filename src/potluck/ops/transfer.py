@@ -9,6 +9,7 @@ before it enters the store.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from typing import BinaryIO
 from potluck.errors import MissingObjectError
 from potluck.objects.manifest import Manifest, RawEntry, TensorEntry
 from potluck.ops.odb import ObjectDB
+from potluck.ops.wire import WireEntry, encoded_candidate, plan_fetch, store_encoded
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 from potluck.tensors.dtypes import itemsize as dtype_itemsize
 
@@ -97,24 +99,51 @@ def entry_refs(m: Manifest) -> list[ObjectRef]:
 
 @dataclass(frozen=True)
 class PushReport:
-    """What a push moved: objects checked, uploaded, already on the remote."""
+    """What a push moved: objects checked, uploaded (plain or encoded), already on the remote,
+    and the wire entries of the objects sent encoded (to publish in the wire index)."""
 
     checked: int
     uploaded: int
     bytes: int
     already_there: int
+    encoded: tuple[WireEntry, ...] = ()
 
 
 def push_objects(
-    odb: ObjectDB, remote: ObjectRemote, wanted: Wanted, on_bytes: OnBytes | None = None
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    wanted: Wanted,
+    on_bytes: OnBytes | None = None,
+    *,
+    index: Mapping[str, WireEntry] | None = None,
+    encode: bool = False,
 ) -> PushReport:
-    """Upload the wanted objects the remote lacks.
+    """Upload the wanted objects the remote lacks (those in ``index`` are there, encoded).
 
     Every object the remote lacks must be in the local store; if one is not, raise
-    ``MissingObjectError`` naming file, tensor and commit before anything is uploaded.
+    ``MissingObjectError`` naming file, tensor and commit before anything is uploaded. With
+    ``encode``, objects whose stored file is much smaller than their bytes travel encoded
+    (``ops.wire``); the caller must then publish ``PushReport.encoded``.
     """
+    index = index or {}
     refs = sorted(wanted.refs)
-    lacking = remote.missing(refs)
+    lacking = remote.missing([r for r in refs if r.oid not in index])
+    _check_local(odb, remote, wanted, lacking)
+    encoded = _choose_encoded(odb, remote, refs, lacking, index) if encode else {}
+    plain = [r for r in lacking if r not in encoded]
+    stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
+    by_wire = {e.wire: e.oid for e in encoded.values()}
+    wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
+    there = len(refs) - len(lacking) + stats.skipped
+    return PushReport(
+        len(refs), stats.objects + wire_stats.objects, stats.bytes + wire_stats.bytes, there,
+        tuple(encoded.values()),
+    )  # fmt: skip
+
+
+def _check_local(
+    odb: ObjectDB, remote: ObjectRemote, wanted: Wanted, lacking: Sequence[ObjectRef]
+) -> None:
     absent = [r for r in lacking if not odb.has(r.oid)]
     if absent:
         first = wanted.refs[absent[0]]
@@ -126,9 +155,31 @@ def push_objects(
             oids=[r.oid for r in absent],
             places=[wanted.refs[r].describe() for r in absent[:20]],
         )
-    stats = remote.upload(lacking, lambda ref: _open_logical(odb, ref), on_bytes)
-    there = len(refs) - len(lacking) + stats.skipped
-    return PushReport(len(refs), stats.objects, stats.bytes, there)
+
+
+def _choose_encoded(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    refs: Sequence[ObjectRef],
+    lacking: Sequence[ObjectRef],
+    index: Mapping[str, WireEntry],
+) -> dict[ObjectRef, WireEntry]:
+    """Which lacking objects to send encoded: small enough, and with a delta base that the
+    remote has or gets in this push."""
+    coming = {r.oid for r in refs} | set(index)
+    bases: dict[str, ObjectRef] = {}
+    for r in lacking:
+        base = odb.header(r.oid).base_oid
+        if base is not None and base not in coming and odb.has(base):
+            bases[base] = ObjectRef(base, r.size)
+    absent = {r.oid for r in remote.missing(list(bases.values()))} if bases else set()
+    present = set(bases) - absent
+    chosen: dict[ObjectRef, WireEntry] = {}
+    for r in lacking:
+        entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
+        if entry is not None:
+            chosen[r] = entry
+    return chosen
 
 
 @contextmanager
@@ -176,18 +227,20 @@ def fetch_objects(
     wanted: Wanted,
     tmp_dir: Path,
     on_bytes: OnBytes | None = None,
-    bases: Mapping[str, str] | None = None,
+    *,
+    index: Mapping[str, WireEntry] | None = None,
 ) -> TransferStats:
     """Download the wanted objects the local store lacks, verified, into the store.
 
-    ``bases`` maps an object id to a local object it may be delta-encoded against (an older
-    version of the same tensor). A missing object on the remote raises ``MissingObjectError``
-    (naming every one) before anything is downloaded.
+    Objects in ``index`` come encoded, after their delta bases (fetched too when missing);
+    the others as plain bytes. A missing object on the remote raises ``MissingObjectError``
+    (naming every one, and where the first is used) before anything of that batch is
+    downloaded.
     """
     lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
-    if not lacking:
-        return TransferStats(skipped=len(wanted.refs))
-    bases = bases or {}
+    plain, levels = plan_fetch(lacking, index or {}, odb.has)
+    stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
+    tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def sink(ref: ObjectRef, path: Path) -> None:
         odb.put(
@@ -195,26 +248,47 @@ def fetch_objects(
             lambda: _file_chunks(path, odb.config.chunk_bytes),
             size=ref.size,
             itemsize=wanted.itemsizes.get(ref.oid, 1),
-            base_oid=bases.get(ref.oid),
         )
 
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    with _name_missing(wanted):
+        if plain:
+            _add(stats, remote.download(plain, sink, tmp_dir, on_bytes))
+        for level in levels:
+            by_wire = {entry.wire: (ref, entry) for ref, entry in level}
+            sink_level = functools.partial(_store_wire, odb, by_wire)
+            _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
+    return stats
+
+
+WireLevel = Mapping[ObjectRef, tuple[ObjectRef, WireEntry]]
+
+
+def _store_wire(odb: ObjectDB, by_wire: WireLevel, w: ObjectRef, path: Path) -> None:
+    ref, entry = by_wire[w]
+    store_encoded(odb, entry, ref.size, path)
+
+
+def _add(total: TransferStats, part: TransferStats) -> None:
+    total.objects += part.objects
+    total.bytes += part.bytes
+    total.skipped += part.skipped
+
+
+@contextmanager
+def _name_missing(wanted: Wanted) -> Iterator[None]:
+    """Re-raise a remote's ``MissingObjectError`` with the place the first object is used."""
     try:
-        stats = remote.download(lacking, sink, tmp_dir, on_bytes)
+        yield
     except MissingObjectError as err:
         oids = list(err.data.get("oids", []))
         by_oid = {r.oid: w for r, w in wanted.refs.items()}
         places = [by_oid[o].describe() for o in oids if o in by_oid]
-        if places:
-            err.data["places"] = places[:20]
-            raise MissingObjectError(
-                f"{err.message}; first needed by {places[0]}",
-                hint=err.hint,
-                **err.data,
-            ) from err
-        raise
-    stats.skipped += len(wanted.refs) - len(lacking)
-    return stats
+        if not places:
+            raise
+        data = {**err.data, "places": places[:20]}
+        raise MissingObjectError(
+            f"{err.message}; first needed by {places[0]}", hint=err.hint, **data
+        ) from err
 
 
 def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
