@@ -26,7 +26,8 @@ _IDENTITY = {
     "GIT_COMMITTER_NAME": "potluck",
     "GIT_COMMITTER_EMAIL": "potluck@localhost",
 }
-_REJECTED = ("non-fast-forward", "fetch first", "rejected", "stale info", "cannot lock ref")
+# a lost race with another publisher (retry), as opposed to a refusal (hook, permissions)
+_RACE = ("non-fast-forward", "fetch first", "stale info", "cannot lock ref")
 
 
 def tracking_ref(remote: str) -> str:
@@ -83,7 +84,7 @@ def publish(git: Git, remote: str, entries: tuple[WireEntry, ...] | list[WireEnt
             git.run("update-ref", tracking_ref(remote), commit)
             return True
         text = proc.stderr.decode("utf-8", "replace")
-        if not any(word in text for word in _REJECTED):
+        if not any(word in text for word in _RACE):
             log.warning("the remote refused %s: %s", REF, text.strip())
             return False
     log.warning("gave up updating %s after %d attempts (concurrent pushes)", REF, ATTEMPTS)

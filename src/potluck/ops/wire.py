@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from potluck.errors import CorruptObjectError, FormatError
+from potluck.errors import CorruptObjectError, FormatError, UserError
 from potluck.objects.encoding import ObjectHeader, read_header
 from potluck.ops.odb import ObjectDB
 from potluck.remote import ObjectRef
@@ -59,7 +59,7 @@ def parse_index(data: bytes) -> dict[str, WireEntry]:
                 ObjectRef(validate_oid(wire), int(size)),
                 None if base == "-" else validate_oid(base),
             )
-        except (ValueError, FormatError) as e:
+        except (ValueError, UserError) as e:
             raise FormatError(
                 f"wire index line {n + 2} is malformed: {line[:120]!r}",
                 hint="the remote's index ref is damaged; objects are still checked on download",
