@@ -184,9 +184,10 @@ def _choose_encoded(
 
 @contextmanager
 def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
-    """A read-only stream of an object's logical bytes (verified while read: a corrupt local
-    object makes the read fail before its last byte, so it is never uploaded whole)."""
-    stream = _ChunkReader(odb.read_chunks(ref.oid))
+    """A read-only stream of an object's logical bytes. It is not re-hashed here: the remote
+    layer hashes what it sends and fails before the last byte when it does not match, so a
+    corrupt local object is never uploaded whole."""
+    stream = _ChunkReader(odb.read_chunks(ref.oid, verify=False))
     try:
         yield io.BufferedReader(stream, COPY)
     finally:
