@@ -245,3 +245,20 @@ def test_checkout_without_reachable_objects_leaves_manifest(
     assert (clone / FILE).read_bytes().startswith(b"potluck manifest v1\n")
     st = json.loads(run_in(clone)("potluck", "status", "--json"))["not_materialized"]
     assert st[0]["path"] == FILE and st[0]["tensors_missing"] == 7
+
+
+def test_corrupt_local_object_is_never_uploaded(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    git("git", "config", "potluck.encodedTransfer", "false")  # send plain bytes (decoded)
+    commit_model(git, repo, model(rng), "v1")
+    m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    bad = m.tensors()["layers.1.w"].oid
+    path = repo / ".git" / "potluck" / "objects" / bad[:2] / bad[2:]
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40  # inside the last chunk's payload
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    err = git("git", "push", "origin", "main", check=False)
+    assert "failed to push some refs" in err and bad[:12] in err
+    assert bad not in remote_objects(hub)  # the damaged object never reached the remote

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.errors import MissingObjectError
+from potluck.errors import CorruptObjectError, MissingObjectError
 from potluck.objects.manifest import Manifest, RawEntry, TensorEntry
 from potluck.ops.odb import ObjectDB
 from potluck.ops.wire import WireEntry, encoded_candidate, plan_fetch, store_encoded
@@ -187,11 +187,24 @@ def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
     """A read-only stream of an object's logical bytes. It is not re-hashed here: the remote
     layer hashes what it sends and fails before the last byte when it does not match, so a
     corrupt local object is never uploaded whole."""
-    stream = _ChunkReader(odb.read_chunks(ref.oid, verify=False))
+    stream = _ChunkReader(_named(odb.read_chunks(ref.oid, verify=False), ref.oid))
     try:
         yield io.BufferedReader(stream, COPY)
     finally:
         stream.close()
+
+
+def _named(chunks: Iterator[bytes], oid: str) -> Iterator[bytes]:
+    """``chunks``, with a decoding failure re-raised naming the object and what to do."""
+    try:
+        yield from chunks
+    except CorruptObjectError as e:
+        raise CorruptObjectError(
+            f"local object {oid[:12]} is corrupt ({e.message}); it was not uploaded",
+            hint="`potluck fsck` names the tensors and commits that use it; restore it from "
+            "another clone",
+            oid=oid,
+        ) from e
 
 
 class _ChunkReader(io.RawIOBase):
