@@ -185,7 +185,10 @@ def push(
         report = push_objects(
             repo.odb, obj_remote, wanted, on_bytes, index=index, encode=encode
         )  # fmt: skip
-        if report.encoded and not wireindex.publish(repo.git, spec.name, report.encoded):
+        published = report.encoded and wireindex.publish(
+            repo.git, spec.name, report.encoded, fetched=encode
+        )
+        if report.encoded and not published:
             report = _push_plain_instead(repo, obj_remote, wanted, report, on_bytes)
     finally:
         obj_remote.close()

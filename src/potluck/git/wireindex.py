@@ -73,11 +73,23 @@ def fetch_index(git: Git, remote: str) -> dict[str, WireEntry]:
     return read_index(git, _fetch_ref(git, remote))
 
 
-def publish(git: Git, remote: str, entries: tuple[WireEntry, ...] | list[WireEntry]) -> bool:
-    """Add ``entries`` to the remote's index; False when the remote refuses the ref."""
+def publish(
+    git: Git,
+    remote: str,
+    entries: tuple[WireEntry, ...] | list[WireEntry],
+    fetched: bool = False,
+) -> bool:
+    """Add ``entries`` to the remote's index; False when the remote refuses the ref.
+
+    With ``fetched`` (the tracking ref was just updated) the first attempt builds on it
+    without fetching again.
+    """
     blob = git.run("hash-object", "-w", "--stdin", input=dump_index(entries)).decode().strip()
-    for _ in range(ATTEMPTS):
-        parent = _fetch_ref(git, remote)
+    for attempt in range(ATTEMPTS):
+        if attempt == 0 and fetched:
+            parent = git.rev_parse(tracking_ref(remote))
+        else:
+            parent = _fetch_ref(git, remote)
         commit = _commit_with(git, parent, blob)
         proc = git.run_proc("push", "-q", "--no-verify", remote, f"{commit}:{REF}")
         if proc.returncode == 0:

@@ -9,10 +9,8 @@ filesystem. Persistence layer: never imports ``potluck.ops``, ``git``, ``cli`` o
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import fsspec
 
 from potluck.errors import UserError
 from potluck.registry import Registry
@@ -26,8 +24,10 @@ from potluck.remote.base import (
     Sink,
     TransferStats,
 )
-from potluck.remote.fsspec_remote import FsspecRemote
-from potluck.remote.lfs import LfsRemote
+
+if TYPE_CHECKING:  # the backends (httpx, fsspec) load on first use: every git command
+    from potluck.remote.fsspec_remote import FsspecRemote  # starts potluck, few need them
+    from potluck.remote.lfs import LfsRemote
 
 RemoteFactory = Callable[
     [str, RemoteOptions, "Credentials | None", "Mapping[str, Any] | None"], ObjectRemote
@@ -47,6 +47,8 @@ def make_lfs_remote(
             f"storage options {sorted(storage_options)} do not apply to the LFS remote {url}",
             hint="storage options are for fsspec remotes (s3://, gs://, file://, …)",
         )
+    from potluck.remote.lfs import LfsRemote
+
     return LfsRemote(url, options, credentials)
 
 
@@ -57,6 +59,8 @@ def make_fsspec_remote(
     storage_options: Mapping[str, Any] | None,
 ) -> ObjectRemote:
     """Factory for fsspec schemes (their credentials come in ``storage_options``)."""
+    from potluck.remote.fsspec_remote import FsspecRemote
+
     return FsspecRemote(url, options, storage_options)
 
 
@@ -84,6 +88,8 @@ def open_remote(
     scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
     if scheme and scheme in REMOTES:
         return REMOTES.get(scheme)(url, options, credentials, storage_options)
+    import fsspec
+
     if scheme and scheme in fsspec.available_protocols():
         return make_fsspec_remote(url, options, credentials, storage_options)
     known = REMOTES.names()
@@ -95,6 +101,19 @@ def open_remote(
         scheme=scheme,
         known=known,
     )
+
+
+def __getattr__(name: str) -> Any:
+    """The backend classes, imported when first asked for."""
+    if name == "LfsRemote":
+        from potluck.remote.lfs import LfsRemote
+
+        return LfsRemote
+    if name == "FsspecRemote":
+        from potluck.remote.fsspec_remote import FsspecRemote
+
+        return FsspecRemote
+    raise AttributeError(name)
 
 
 __all__ = [
