@@ -195,14 +195,20 @@ def _digest(oid: str) -> bytes:
 class _ChunkEncoder:
     """Chooses the cheapest representation of one chunk, compressing as little as possible."""
 
-    def __init__(self, itemsize: int, level: int) -> None:
+    def __init__(self, itemsize: int, level: int, quick: float | None = None) -> None:
         self.itemsize = itemsize
+        self.quick = quick
         self.cctx = zstandard.ZstdCompressor(
             level=level, write_content_size=True, write_checksum=True
         )
 
     def standalone(self, chunk: bytes) -> tuple[int, bytes]:
-        """Best of verbatim and grouped-zstd."""
+        """Best of verbatim and grouped-zstd (verbatim at once, in quick mode, when a sample
+        of the chunk does not compress below the ``quick`` ratio)."""
+        if self.quick is not None and len(chunk) >= 4 * _SAMPLE_BYTES:
+            sample = byte_group(chunk[:_SAMPLE_BYTES], self.itemsize)
+            if len(self.cctx.compress(sample)) > self.quick * _SAMPLE_BYTES:
+                return KIND_RAW, chunk
         packed = self.cctx.compress(byte_group(chunk, self.itemsize))
         if len(packed) >= _RAW_RATIO * len(chunk):
             return KIND_RAW, chunk
@@ -248,15 +254,16 @@ def _write_header(out: BinaryIO, h: ObjectHeader) -> None:
 class _EncoderPool:
     """One ``_ChunkEncoder`` per thread (zstd contexts are not shareable between threads)."""
 
-    def __init__(self, itemsize: int, level: int) -> None:
+    def __init__(self, itemsize: int, level: int, quick: float | None = None) -> None:
         self.itemsize = itemsize
         self.level = level
+        self.quick = quick
         self._local = threading.local()
 
     def get(self) -> _ChunkEncoder:
         enc: _ChunkEncoder | None = getattr(self._local, "enc", None)
         if enc is None:
-            enc = self._local.enc = _ChunkEncoder(self.itemsize, self.level)
+            enc = self._local.enc = _ChunkEncoder(self.itemsize, self.level, self.quick)
         return enc
 
     def encode(self, chunk: bytes, base_chunk: bytes | None) -> tuple[int, bytes]:
@@ -336,6 +343,7 @@ def encode_object(
     base_oid: str | None = None,
     base_depth: int = 0,
     executor: Executor | None = None,
+    quick: float | None = None,
 ) -> EncodeStats:
     """Write the object whose logical bytes are ``chunks`` to ``out`` and return what it cost.
 
@@ -344,6 +352,9 @@ def encode_object(
     ``base_depth``) each chunk may be stored as a delta. If no chunk ends up using the base and
     ``out`` is seekable, the header is rewritten to depth 0 so the object stands alone.
     An ``executor`` (thread pool) encodes several chunks at once; the bytes do not change.
+    With ``quick`` (a ratio), a standalone chunk whose 256 KiB sample does not compress below
+    it is stored verbatim without compressing the whole chunk (used for downloaded objects,
+    where the time matters more than a few percent of disk).
     """
     _check_params(size, itemsize, chunk_size)
     if base is not None and base_oid is None:
@@ -357,7 +368,7 @@ def encode_object(
     )
     start = out.tell() if out.seekable() else None
     _write_header(out, header)
-    pool = _EncoderPool(itemsize, level)
+    pool = _EncoderPool(itemsize, level, quick)
     base_chunks = rechunk(base, chunk_size) if use_base and base is not None else None
     counts, stored = _write_chunks(
         out, rechunk(chunks, chunk_size), header, pool, base_chunks, executor

@@ -37,6 +37,11 @@ class PutResult:
     depth: int
 
 
+#: quick mode (objects downloaded from a remote): a chunk whose sample does not compress to half
+#: is stored verbatim, as git-lfs keeps its objects, saving a full compression on every fetch
+QUICK_RATIO = 0.5
+
+
 class ObjectDB:
     """Content-addressed tensors and raw byte strings over an ``ObjectStore``."""
 
@@ -113,21 +118,23 @@ class ObjectDB:
         size: int,
         itemsize: int,
         base_oid: str | None = None,
+        quick: bool = False,
     ) -> PutResult:
         """Store the content ``chunks()`` (already known to hash to ``oid``) if absent.
 
         With ``base_oid`` (an earlier version of the same tensor, same size) the encoder may
-        store chunks as XOR deltas, unless that would make the chain deeper than allowed.
+        store chunks as XOR deltas, unless that would make the chain deeper than allowed. With
+        ``quick``, chunks that a sample shows to be nearly incompressible are stored verbatim.
         """
         if self.store.has(oid):
             return PutResult(oid, False, 0, 0)
         base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
-            return self._encode(oid, chunks, size, itemsize, base)
+            return self._encode(oid, chunks, size, itemsize, base, quick)
         except CorruptObjectError:
             if base is None:
                 raise
-            return self._encode(oid, chunks, size, itemsize, None)
+            return self._encode(oid, chunks, size, itemsize, None, quick)
 
     def _usable_base(self, base_oid: str | None, size: int) -> tuple[str, int] | None:
         if base_oid is None or size == 0 or not self.store.has(base_oid):
@@ -149,10 +156,11 @@ class ObjectDB:
         size: int,
         itemsize: int,
         base: tuple[str, int] | None,
+        quick: bool = False,
     ) -> PutResult:
         cs = self.config.chunk_bytes
         base_iter = self.read_chunks(base[0]) if base else None
-        with self.store.writer(oid) as out:
+        with self.store.writer(oid, durable=not quick) as out:
             stats = encode_object(
                 rechunk(chunks(), cs),
                 size=size,
@@ -164,6 +172,7 @@ class ObjectDB:
                 base_oid=base[0] if base else None,
                 base_depth=base[1] if base else 0,
                 executor=self._pool(),
+                quick=QUICK_RATIO if quick else None,
             )
             if base_iter is not None:
                 for _ in base_iter:  # drain: runs the base's hash check

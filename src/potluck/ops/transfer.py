@@ -262,6 +262,7 @@ def fetch_objects(
             lambda: _file_chunks(path, odb.config.chunk_bytes),
             size=ref.size,
             itemsize=wanted.itemsizes.get(ref.oid, 1),
+            quick=True,
         )
 
     with _name_missing(wanted):

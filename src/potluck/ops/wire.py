@@ -112,7 +112,7 @@ def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> Non
     with open(path, "rb") as f:
         check_header(entry, read_header(f), size)
         f.seek(0)
-        with odb.store.writer(entry.oid) as out:
+        with odb.store.writer(entry.oid, durable=False) as out:  # can be fetched again
             while buf := f.read(1 << 20):
                 out.write(buf)
     try:

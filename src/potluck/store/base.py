@@ -58,8 +58,12 @@ class ObjectStore(Protocol):
         """Size in bytes of the stored object file; ``MissingObjectError`` if absent."""
         ...
 
-    def writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
-        """A binary file to write ``oid`` into, published atomically on success."""
+    def writer(self, oid: str, durable: bool = True) -> AbstractContextManager[BinaryIO]:
+        """A binary file to write ``oid`` into, published atomically on success.
+
+        With ``durable`` False the store may skip flushing to stable storage (for objects
+        that can be fetched again; a torn object after a crash fails its hash check on read).
+        """
         ...
 
     def delete(self, oid: str) -> bool:

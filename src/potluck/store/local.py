@@ -66,12 +66,13 @@ class LocalStore:
         except FileNotFoundError:
             raise missing(oid) from None
 
-    def writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
-        """Write ``oid`` through a temporary file, renamed into place when the block succeeds."""
-        return self._writer(oid, self.path(oid))
+    def writer(self, oid: str, durable: bool = True) -> AbstractContextManager[BinaryIO]:
+        """Write ``oid`` through a temporary file, renamed into place when the block succeeds
+        (fsynced first unless ``durable`` is False)."""
+        return self._writer(oid, self.path(oid), durable)
 
     @contextmanager
-    def _writer(self, oid: str, dest: Path) -> Iterator[BinaryIO]:
+    def _writer(self, oid: str, dest: Path, durable: bool = True) -> Iterator[BinaryIO]:
         if dest.exists():
             with open(os.devnull, "wb") as sink:  # first write wins; discard this one
                 yield sink
@@ -84,18 +85,20 @@ class LocalStore:
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
-            self._publish(tmp, dest)
+                if durable:
+                    os.fsync(f.fileno())
+            self._publish(tmp, dest, durable)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _publish(self, tmp: Path, dest: Path) -> None:
+    def _publish(self, tmp: Path, dest: Path, durable: bool = True) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             return
         os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        if durable:
+            _fsync_dir(dest.parent)
 
     def delete(self, oid: str) -> bool:
         """Remove ``oid``; return whether it was there."""

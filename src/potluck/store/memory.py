@@ -34,7 +34,7 @@ class MemoryStore:
         """Length of the stored bytes."""
         return len(self._get(oid))
 
-    def writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
+    def writer(self, oid: str, durable: bool = True) -> AbstractContextManager[BinaryIO]:
         """Buffer writes; publish under ``oid`` when the block succeeds (first write wins)."""
         return self._writer(validate_oid(oid))
 
