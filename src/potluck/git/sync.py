@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from potluck.errors import GitError, UserError
+from potluck.errors import GitError, IntegrityError, PotluckError, UserError
 from potluck.fileio import atomic_writer
 from potluck.git import wireindex
 from potluck.git.plumbing import Git
@@ -28,7 +28,6 @@ from potluck.ops.wire import WireEntry
 from potluck.remote import ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")
-ZERO = "0" * 40
 MAX_MANIFEST_BYTES = 64 << 20
 FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
 FETCH_INCLUDE = "potluck.fetchInclude"
@@ -52,11 +51,6 @@ class Selection:
             )
 
         return (not self.include or hit(self.include)) and not hit(self.exclude)
-
-    @property
-    def everything(self) -> bool:
-        """True when nothing is filtered out."""
-        return not self.include and not self.exclude
 
 
 def configured_selection(git: Git) -> Selection:
@@ -135,9 +129,14 @@ def parse_pre_push(lines: Iterable[str]) -> list[tuple[str, str]]:
     updates = []
     for line in lines:
         fields = line.split()
-        if len(fields) == 4 and fields[1] != ZERO:
+        if len(fields) == 4 and not _is_zero(fields[1]):
             updates.append((fields[1], fields[3]))
     return updates
+
+
+def _is_zero(sha: str) -> bool:
+    """git's all-zero object name (a ref that does not exist), for SHA-1 and SHA-256."""
+    return set(sha) == {"0"}
 
 
 def push_range(
@@ -150,7 +149,7 @@ def push_range(
         return ["--branches", "--tags"], exclude
     include = [local for local, _ in updates]
     for _, theirs in updates:
-        if theirs != ZERO and git.rev_parse(theirs + "^{commit}"):
+        if not _is_zero(theirs) and git.rev_parse(theirs + "^{commit}"):
             exclude.append(theirs)
     return include, exclude
 
@@ -439,19 +438,30 @@ class CheckoutFetcher:
         self.selection = configured_selection(repo.git)
         self._remote: ObjectRemote | None = None
         self._index: dict[str, WireEntry] | None = None
+        self._failed: PotluckError | None = None
 
     def __call__(self, m: Manifest, path: str) -> None:
-        """Fetch the selected objects ``m`` needs that are not local."""
+        """Fetch the selected objects ``m`` needs that are not local. After a failure that
+        is not about this file's objects (the remote unreachable, retries exhausted), later
+        files fail at once instead of retrying again."""
         if not self.enabled:
             return
         wanted = wanted_for([(path, m)], self.selection)
         if all(self.repo.odb.has(r.oid) for r in wanted.refs):
             return
-        if self._remote is None or self._index is None:
-            spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
-            self._index = wireindex.fetch_index(self.repo.git, spec.name)
-        tmp = self.repo.tmp_dir / "incoming"
-        stats = fetch_objects(self.repo.odb, self._remote, wanted, tmp, index=self._index)
+        if self._failed is not None:
+            raise self._failed
+        try:
+            if self._remote is None or self._index is None:
+                spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
+                self._index = wireindex.fetch_index(self.repo.git, spec.name)
+            tmp = self.repo.tmp_dir / "incoming"
+            stats = fetch_objects(self.repo.odb, self._remote, wanted, tmp, index=self._index)
+        except IntegrityError:
+            raise  # about these objects only: other files may still come
+        except PotluckError as e:
+            self._failed = e
+            raise
         log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
 
     def close(self) -> None:
