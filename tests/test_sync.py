@@ -262,3 +262,26 @@ def test_corrupt_local_object_is_never_uploaded(
     err = git("git", "push", "origin", "main", check=False)
     assert "failed to push some refs" in err and bad[:12] in err
     assert bad not in remote_objects(hub)  # the damaged object never reached the remote
+
+
+def test_push_json_reports_plain_and_encoded_uploads(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    m1 = model(rng, d=128)
+    commit_model(git, repo, m1, "v1")
+    first = json.loads(git("potluck", "push", "--json"))
+    assert first["checked"] == first["uploaded"] == len(remote_objects(hub))
+    assert first["encoded"] == len(wire_index(hub))  # zero biases and the header compress
+    m2 = {k: v.copy() for k, v in m1.items()}
+    m2["embed"].reshape(-1)[::97] = 0.5  # ~1 % of the entries
+    commit_model(git, repo, m2, "v2")
+    second = json.loads(git("potluck", "push", "--json"))
+    embed = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode()).tensors()["embed"]
+    assert (second["uploaded"], second["encoded"]) == (1, 1)
+    assert second["already_there"] == second["checked"] - 1
+    assert 0 < second["bytes"] < embed.size // 10
+    assert wire_index(hub)[embed.oid].base == parse(
+        git("git", "cat-file", "blob", f"HEAD~1:{FILE}").encode()
+    ).tensors()["embed"].oid
+    again = json.loads(git("potluck", "push", "--json"))
+    assert (again["uploaded"], again["bytes"]) == (0, 0)

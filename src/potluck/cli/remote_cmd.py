@@ -42,11 +42,21 @@ def push(remote: str | None, everything: bool, as_json: bool) -> None:
     with byte_progress("potluck: uploading") as on_bytes:
         spec, report = sync.push(repo, remote, None, everything=everything, on_bytes=on_bytes)
     if as_json:
-        emit_json({"remote": spec.url, **report.__dict__})
+        emit_json(
+            {
+                "remote": spec.url,
+                "checked": report.checked,
+                "uploaded": report.uploaded,
+                "bytes": report.bytes,
+                "already_there": report.already_there,
+                "encoded": len(report.encoded),
+            }
+        )
         return
     click.echo(
         f"potluck: {spec.url}: uploaded {report.uploaded} objects "
-        f"({human_bytes(report.bytes)}), {report.already_there} already there"
+        f"({human_bytes(report.bytes)}; {len(report.encoded)} as deltas or compressed), "
+        f"{report.already_there} already there"
     )
 
 
