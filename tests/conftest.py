@@ -76,6 +76,16 @@ def git(repo: Path) -> Run:
     return run_in(repo)
 
 
+@pytest.fixture
+def hub(tmp_path: Path, repo: Path, git: Run) -> Path:
+    """A bare repository (default branch main) added to ``repo`` as ``origin``; potluck keeps
+    its objects in the bare repository's ``lfs/`` directory."""
+    bare = tmp_path / "hub.git"
+    run_in(tmp_path)("git", "init", "-q", "--bare", "-b", "main", str(bare))
+    git("git", "remote", "add", "origin", str(bare))
+    return bare
+
+
 def save_st(
     path: Path,
     tensors: dict[str, np.ndarray],

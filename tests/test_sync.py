@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import Run, model, run_in, save_st
 from potluck.git.plumbing import Git
@@ -70,14 +69,6 @@ def genuine(objects: dict[str, Path]) -> None:
 def store_oids(repo: Path) -> set[str]:
     root = repo / ".git" / "potluck" / "objects"
     return {p.parent.name + p.name for p in root.glob("??/*") if len(p.name) == 62}
-
-
-@pytest.fixture
-def hub(tmp_path: Path, repo: Path, git: Run) -> Path:
-    bare = tmp_path / "hub.git"
-    run_in(tmp_path)("git", "init", "-q", "--bare", "-b", "main", str(bare))
-    git("git", "remote", "add", "origin", str(bare))
-    return bare
 
 
 def commit_model(git: Run, root: Path, tensors: dict[str, np.ndarray], msg: str) -> None:

@@ -28,14 +28,6 @@ def srv(lfs_server: LfsServer) -> LfsServer:  # noqa: F811
     return lfs_server
 
 
-@pytest.fixture
-def hub(tmp_path: Path, repo: Path, git: Run) -> Path:
-    bare = tmp_path / "hub.git"
-    run_in(tmp_path)("git", "init", "-q", "--bare", "-b", "main", str(bare))
-    git("git", "remote", "add", "origin", str(bare))
-    return bare
-
-
 def use_lfs(git: Run, root: Path, server: LfsServer) -> None:
     """Commit a .lfsconfig naming the server, as a project hosted on an LFS server would."""
     (root / ".lfsconfig").write_text(f'[lfs]\n\turl = "{server.url}"\n')

@@ -131,14 +131,6 @@ def test_store_encoded_refuses_a_mismatch_and_keeps_nothing(tmp_path: Path) -> N
 # -- the index in git ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def hub(tmp_path: Path, repo: Path, git: Run) -> Path:
-    bare = tmp_path / "hub.git"
-    run_in(tmp_path)("git", "init", "-q", "--bare", "-b", "main", str(bare))
-    git("git", "remote", "add", "origin", str(bare))
-    return bare
-
-
 def sparse_edit(tensors: dict[str, np.ndarray], name: str, seed: int) -> dict[str, np.ndarray]:
     out = {k: v.copy() for k, v in tensors.items()}
     rng = np.random.default_rng(seed)
