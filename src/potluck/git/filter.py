@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from potluck.errors import FormatError, PotluckError
 from potluck.git.plumbing import CatFileBatch
@@ -17,7 +18,16 @@ from potluck.ops.snapshot import Chain, snapshot_stream
 
 COPY = 1 << 20
 log = logging.getLogger("potluck")
-Fetcher = Callable[[Manifest, str], None]
+
+
+class Fetcher(Protocol):
+    """Where smudge gets missing objects: ``__call__`` fetches a file's objects and returns
+    verified plain files for some of them (used as they are); ``settle`` is called once the
+    file is written (they are then in the store)."""
+
+    def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]: ...
+
+    def settle(self) -> None: ...
 
 
 class PotluckFilter:
@@ -76,18 +86,23 @@ class PotluckFilter:
         data = head + src.read()
         manifest = parse(data)
         missing = missing_objects(manifest, self.repo.odb)
+        fresh: Mapping[str, Path] = {}
         if missing and self.fetch is not None:
             try:
-                self.fetch(manifest, pathname)
+                fresh = self.fetch(manifest, pathname)
             except PotluckError as e:
                 log.warning("%s: fetching its tensors failed: %s", pathname, e)
-            missing = missing_objects(manifest, self.repo.odb)
-        if missing:  # leave the manifest: never a broken checkpoint
-            log.warning(
-                "%s left as a manifest: %d of %d objects are not in the local store; "
-                "`potluck pull` fetches them and checks the file out",
-                pathname, len(missing), len(set(manifest.oids())),
-            )  # fmt: skip
-            dst.write(data)
-            return
-        write_file(manifest, self.repo.odb, dst, path=pathname)
+            missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
+        try:
+            if missing:  # leave the manifest: never a broken checkpoint
+                log.warning(
+                    "%s left as a manifest: %d of %d objects are not in the local store; "
+                    "`potluck pull` fetches them and checks the file out",
+                    pathname, len(missing), len(set(manifest.oids())),
+                )  # fmt: skip
+                dst.write(data)
+                return
+            write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)
+        finally:
+            if fresh and self.fetch is not None:
+                self.fetch.settle()

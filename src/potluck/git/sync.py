@@ -11,7 +11,8 @@ import fnmatch
 import functools
 import logging
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from potluck.git.remotes import RemoteSpec, open_object_remote
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
 from potluck.ops.materialize import missing_objects, write_file
-from potluck.ops.transfer import OnBytes, PushReport, Wanted, fetch_objects, push_objects
+from potluck.ops.transfer import (
+    OnBytes,
+    PushReport,
+    Wanted,
+    fetch_objects,
+    push_objects,
+    store_fresh,
+)
 from potluck.ops.wire import WireEntry
 from potluck.remote import ObjectRemote, TransferStats
 
@@ -439,16 +447,17 @@ class CheckoutFetcher:
         self._remote: ObjectRemote | None = None
         self._index: dict[str, WireEntry] | None = None
         self._failed: PotluckError | None = None
+        self._storing: tuple[threading.Thread, dict[str, Path], list[BaseException]] | None = None
 
-    def __call__(self, m: Manifest, path: str) -> None:
+    def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]:
         """Fetch the selected objects ``m`` needs that are not local. After a failure that
         is not about this file's objects (the remote unreachable, retries exhausted), later
         files fail at once instead of retrying again."""
         if not self.enabled:
-            return
+            return {}
         wanted = wanted_for([(path, m)], self.selection)
         if all(self.repo.odb.has(r.oid) for r in wanted.refs):
-            return
+            return {}
         if self._failed is not None:
             raise self._failed
         try:
@@ -456,16 +465,48 @@ class CheckoutFetcher:
                 spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
                 self._index = wireindex.fetch_index(self.repo.git, spec.name)
             tmp = self.repo.tmp_dir / "incoming"
-            stats = fetch_objects(self.repo.odb, self._remote, wanted, tmp, index=self._index)
+            fresh: dict[str, Path] = {}
+            stats = fetch_objects(
+                self.repo.odb, self._remote, wanted, tmp, index=self._index, fresh=fresh
+            )  # fmt: skip
         except IntegrityError:
             raise  # about these objects only: other files may still come
         except PotluckError as e:
             self._failed = e
             raise
         log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
+        self._store_in_background(wanted, fresh)
+        return fresh
+
+    def _store_in_background(self, wanted: Wanted, fresh: dict[str, Path]) -> None:
+        """Put the fresh files into the store on a thread while smudge copies them out."""
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                store_fresh(self.repo.odb, wanted, fresh)
+            except BaseException as e:  # reported by settle
+                errors.append(e)
+
+        thread = threading.Thread(target=run, name="potluck-store-fresh", daemon=True)
+        thread.start()
+        self._storing = (thread, fresh, errors)
+
+    def settle(self) -> None:
+        """Wait until the fresh files are in the store, then delete them."""
+        if self._storing is None:
+            return
+        thread, fresh, errors = self._storing
+        self._storing = None
+        thread.join()
+        for file in fresh.values():
+            file.unlink(missing_ok=True)
+        if errors:
+            log.warning("storing fetched objects failed (fetched again next time): %s", errors[0])
 
     def close(self) -> None:
-        """Close the remote's connections."""
+        """Finish storing, then close the remote's connections."""
+        self.settle()
         if self._remote is not None:
             self._remote.close()
             self._remote = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
@@ -11,6 +12,8 @@ from potluck.errors import CorruptObjectError, MissingObjectError, UserError
 from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.odb import ObjectDB
 from potluck.tensors.dtypes import array_from_bytes, to_numpy
+
+COPY = 4 << 20
 
 
 def missing_objects(m: Manifest, odb: ObjectDB) -> list[str]:
@@ -23,13 +26,23 @@ def _describe(m: Manifest, oid: str) -> str:
     return f"tensor {names[0]!r}" if names else "structural bytes"
 
 
-def write_file(m: Manifest, odb: ObjectDB, out: BinaryIO, *, path: str = "") -> int:
+def write_file(
+    m: Manifest,
+    odb: ObjectDB,
+    out: BinaryIO,
+    *,
+    path: str = "",
+    fresh: Mapping[str, Path] | None = None,
+) -> int:
     """Write the file ``m`` describes to ``out``; returns the number of bytes written.
 
-    Missing or corrupt objects raise an ``IntegrityError`` naming the tensor and the command to
-    run; the caller must discard what was written (git does so for a failed smudge).
+    ``fresh`` maps object ids to files holding their plain bytes, already verified (objects
+    just downloaded): those are copied as they are. Missing or corrupt objects raise an
+    ``IntegrityError`` naming the tensor and the command to run; the caller must discard what
+    was written (git does so for a failed smudge).
     """
-    missing = missing_objects(m, odb)
+    fresh = fresh or {}
+    missing = [o for o in missing_objects(m, odb) if o not in fresh]
     if missing:
         raise MissingObjectError(
             f"{path}: {len(missing)} object(s) missing, first: {_describe(m, missing[0])} "
@@ -40,6 +53,12 @@ def write_file(m: Manifest, odb: ObjectDB, out: BinaryIO, *, path: str = "") -> 
         )
     n = 0
     for e in m.entries:
+        if e.oid in fresh:
+            with open(fresh[e.oid], "rb") as f:
+                while chunk := f.read(COPY):
+                    out.write(chunk)
+                    n += len(chunk)
+            continue
         try:
             for chunk in odb.read_chunks(e.oid):
                 out.write(chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -243,20 +244,31 @@ def fetch_objects(
     on_bytes: OnBytes | None = None,
     *,
     index: Mapping[str, WireEntry] | None = None,
+    fresh: dict[str, Path] | None = None,
 ) -> TransferStats:
     """Download the wanted objects the local store lacks, verified, into the store.
 
     Objects in ``index`` come encoded, after their delta bases (fetched too when missing);
     the others as plain bytes. A missing object on the remote raises ``MissingObjectError``
     (naming every one, and where the first is used) before anything of that batch is
-    downloaded.
+    downloaded. With ``fresh`` (and nothing to fetch encoded), verified plain objects are
+    left as files in ``tmp_dir/fresh`` and listed there instead of being stored: the caller
+    can use them at once and must then call ``store_fresh``.
     """
     lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
     plain, levels = plan_fetch(lacking, index or {}, odb.has)
     stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    keep = fresh if fresh is not None and not levels else None
+    if keep is not None:
+        (tmp_dir / "fresh").mkdir(exist_ok=True)
 
     def sink(ref: ObjectRef, path: Path) -> None:
+        if keep is not None:
+            dest = tmp_dir / "fresh" / ref.oid
+            os.replace(path, dest)
+            keep[ref.oid] = dest
+            return
         odb.put(
             ref.oid,
             lambda: _file_chunks(path, odb.config.chunk_bytes),
@@ -304,6 +316,16 @@ def _name_missing(wanted: Wanted) -> Iterator[None]:
         raise MissingObjectError(
             f"{err.message}; first needed by {places[0]}", hint=err.hint, **data
         ) from err
+
+
+def store_fresh(odb: ObjectDB, wanted: Wanted, fresh: Mapping[str, Path]) -> None:
+    """Put objects left by ``fetch_objects(fresh=…)`` into the store (their bytes were
+    verified on download). The files stay: the caller deletes them when it is done."""
+    for oid, path in fresh.items():
+        odb.put(
+            oid, functools.partial(_file_chunks, path, odb.config.chunk_bytes),
+            size=path.stat().st_size, itemsize=wanted.itemsizes.get(oid, 1), quick=True,
+        )  # fmt: skip
 
 
 def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
