@@ -106,6 +106,12 @@ def test_git_push_uploads_only_new_objects_and_clone_reproduces_bytes(
     c = run_in(clone)
     assert c("git", "status", "--porcelain") == ""
     assert json.loads(c("potluck", "status", "--json"))["not_materialized"] == []
+    # checkout copied the verified downloads and stored them meanwhile: all in the store,
+    # every object re-hashes to its id, and no download is left behind
+    assert "ok: all objects verified" in c("potluck", "fsck")
+    assert store_oids(clone) >= {e.oid for e in v2.entries}
+    incoming = clone / ".git" / "potluck" / "tmp" / "incoming"
+    assert [p for p in incoming.rglob("*") if p.is_file()] == []
     c("git", "checkout", "-q", "HEAD~1")
     save_st(tmp_path / "v1.safetensors", m1)
     assert sha(clone / FILE) == sha(tmp_path / "v1.safetensors")
