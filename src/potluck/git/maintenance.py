@@ -9,6 +9,7 @@ from typing import Any
 from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError
 from potluck.git.merge_driver import load_records
 from potluck.git.repo import Repo
+from potluck.git.sync import placeholders
 from potluck.objects.manifest import Manifest, TensorEntry, is_manifest, parse
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -164,23 +165,16 @@ def status(repo: Repo) -> dict[str, Any]:
 
 def _placeholders(repo: Repo) -> list[dict[str, Any]]:
     """Tracked files left as manifests, with how much of their data is here."""
-    placeholders = []
-    for path in repo.git.ls_files():
-        full = repo.root / path
-        if not full.is_file() or full.stat().st_size > 64 << 20:
-            continue
-        with open(full, "rb") as f:
-            head = f.read(64)
-        if is_manifest(head):
-            m = parse(full.read_bytes())
-            missing = {o for o in m.oids() if not repo.store.has(o)}
-            tensors = m.tensors()
-            placeholders.append(
-                {
-                    "path": path,
-                    "missing_objects": len(missing),
-                    "tensors": len(tensors),
-                    "tensors_missing": sum(1 for t in tensors.values() if t.oid in missing),
-                }
-            )
-    return placeholders
+    rows = []
+    for path, m in placeholders(repo):
+        missing = {o for o in m.oids() if not repo.store.has(o)}
+        tensors = m.tensors()
+        rows.append(
+            {
+                "path": path,
+                "missing_objects": len(missing),
+                "tensors": len(tensors),
+                "tensors_missing": sum(1 for t in tensors.values() if t.oid in missing),
+            }
+        )
+    return rows
