@@ -141,11 +141,7 @@ def fsck(repo: Repo) -> list[Problem]:
 def _current_blobs(repo: Repo) -> set[str]:
     """Blob ids of HEAD's tree and of the index."""
     blobs = {oid for _, oid in repo.git.list_blobs("HEAD")} if repo.git.rev_parse("HEAD") else set()
-    for line in repo.git.run("ls-files", "-s", "-z").split(b"\0"):
-        fields = line.split(b" ")
-        if len(fields) >= 2:
-            blobs.add(fields[1].decode())
-    return blobs
+    return blobs | {blob for _, blob, _ in repo.git.index_entries()}
 
 
 def _revisions(repo: Repo, blob: str, path: str) -> str:

@@ -229,6 +229,16 @@ class Git:
         """Paths in the index (relative to ``cwd``), limited to ``paths`` when given."""
         return _split_z(self.run("ls-files", "-z", "--", *paths))
 
+    def index_entries(self) -> list[tuple[str, str, int]]:
+        """``(path, blob_id, stage)`` of every index entry (stages 1-3 during a conflict)."""
+        out: list[tuple[str, str, int]] = []
+        for rec in self.run("ls-files", "-s", "-z").split(b"\0"):
+            meta, _, path = rec.partition(b"\t")
+            fields = meta.split(b" ")
+            if len(fields) == 3:
+                out.append((_decode(path), _decode(fields[1]), int(fields[2])))
+        return out
+
     def show_blob(self, rev_path: str) -> bytes | None:
         """Contents of ``REV:PATH`` (``:PATH`` = index); None when it does not exist."""
         proc = self.run_proc("cat-file", "blob", rev_path)

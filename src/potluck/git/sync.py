@@ -20,7 +20,7 @@ from potluck.errors import GitError, IntegrityError, PotluckError, UserError
 from potluck.fileio import atomic_writer
 from potluck.git import wireindex
 from potluck.git.plumbing import Git
-from potluck.git.remotes import RemoteSpec, open_object_remote
+from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
 from potluck.ops.materialize import missing_objects, write_file
@@ -152,7 +152,7 @@ def push_range(
 ) -> tuple[list[str], list[str]]:
     """Commits to include / exclude for a push of ``updates`` (None: every local branch and
     tag) to ``remote``: what the remote-tracking refs (and remote shas we know) already have."""
-    exclude = [f"--remotes={remote}"] if _is_remote_name(git, remote) else []
+    exclude = [f"--remotes={remote}"] if git_remote_url(git, remote) is not None else []
     if updates is None:
         return ["--branches", "--tags"], exclude
     include = [local for local, _ in updates]
@@ -160,10 +160,6 @@ def push_range(
         if not _is_zero(theirs) and git.rev_parse(theirs + "^{commit}"):
             exclude.append(theirs)
     return include, exclude
-
-
-def _is_remote_name(git: Git, name: str) -> bool:
-    return git.config_get(f"remote.{name}.url") is not None
 
 
 def push(
@@ -323,7 +319,7 @@ def checkout_placeholders(repo: Repo) -> tuple[list[str], list[str]]:
     written: list[str] = []
     incomplete: list[str] = []
     restage: list[str] = []
-    staged = _index_blobs(repo.git)
+    staged = {path: blob for path, blob, stage in repo.git.index_entries() if stage == 0}
     for path, m in placeholders(repo):
         if missing_objects(m, repo.odb):
             incomplete.append(path)
@@ -342,17 +338,6 @@ def checkout_placeholders(repo: Repo) -> tuple[list[str], list[str]]:
     if restage:
         repo.git.run("update-index", "-q", "--", *restage)
     return written, incomplete
-
-
-def _index_blobs(git: Git) -> dict[str, str]:
-    """path → blob id of the stage-0 index entries."""
-    out: dict[str, str] = {}
-    for rec in git.run("ls-files", "-s", "-z").split(b"\0"):
-        meta, _, path = rec.partition(b"\t")
-        fields = meta.split(b" ")
-        if len(fields) == 3 and fields[2] == b"0":
-            out[path.decode("utf-8", "surrogateescape")] = fields[1].decode()
-    return out
 
 
 def pull(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -55,9 +56,8 @@ def write_file(
     for e in m.entries:
         if e.oid in fresh:
             with open(fresh[e.oid], "rb") as f:
-                while chunk := f.read(COPY):
-                    out.write(chunk)
-                    n += len(chunk)
+                shutil.copyfileobj(f, out, COPY)
+            n += e.size
             continue
         try:
             for chunk in odb.read_chunks(e.oid):

@@ -21,7 +21,7 @@ from potluck.formats import HEAD_SIZE, detect, scan_stream
 from potluck.formats.base import Layout, RawSegment, Segment, StreamableFormat, TensorSegment
 from potluck.objects.manifest import Entry, Manifest, RawEntry, TensorEntry, ViewEntry
 from potluck.ops.odb import ObjectDB, PutResult, copy_range
-from potluck.tensors.dtypes import itemsize
+from potluck.tensors.dtypes import grouping_size
 
 PIECE = 1 << 22
 
@@ -45,10 +45,7 @@ def hash_range(f: BinaryIO, offset: int, length: int) -> str:
 
 
 def _element_size(seg: Segment) -> int:
-    if isinstance(seg, TensorSegment):
-        size = itemsize(seg.dtype)
-        return size if size in (1, 2, 4, 8) else 1
-    return 1
+    return grouping_size(seg.dtype) if isinstance(seg, TensorSegment) else 1
 
 
 def _store_segment(

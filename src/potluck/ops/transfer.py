@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from potluck.errors import CorruptObjectError, MissingObjectError
-from potluck.objects.manifest import Manifest, RawEntry, TensorEntry
+from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.odb import ObjectDB
 from potluck.ops.wire import WireEntry, encoded_candidate, plan_fetch, store_encoded
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
-from potluck.tensors.dtypes import itemsize as dtype_itemsize
+from potluck.tensors.dtypes import grouping_size
 
 OnBytes = Callable[[int], None]
 COPY = 1 << 20
@@ -65,7 +65,7 @@ class Wanted:
                 if select is not None and not select(e.name):
                     continue
                 where = Where(path, e.name, commit)
-                size = _itemsize(e.dtype)
+                size = grouping_size(e.dtype)
             else:
                 where = Where(path, None, commit)
                 size = 1
@@ -75,27 +75,6 @@ class Wanted:
 
     def __len__(self) -> int:
         return len(self.refs)
-
-    def total_bytes(self) -> int:
-        """Sum of the sizes of all wanted objects."""
-        return sum(r.size for r in self.refs)
-
-
-def _itemsize(dtype: str) -> int:
-    try:
-        size = dtype_itemsize(dtype)
-    except Exception:  # an unknown dtype is stored ungrouped
-        return 1
-    return size if size in (1, 2, 4, 8) else 1
-
-
-def entry_refs(m: Manifest) -> list[ObjectRef]:
-    """Every object of a manifest as a ref, in file order, without repeats."""
-    seen: dict[ObjectRef, None] = {}
-    for e in m.entries:
-        if isinstance(e, RawEntry | TensorEntry):
-            seen.setdefault(ObjectRef(e.oid, e.size), None)
-    return list(seen)
 
 
 @dataclass(frozen=True)
@@ -336,7 +315,3 @@ def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
                 return
             yield buf
 
-
-def local_missing(odb: ObjectDB, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
-    """The refs not in the local store."""
-    return [r for r in refs if not odb.has(r.oid)]

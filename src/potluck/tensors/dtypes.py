@@ -52,6 +52,16 @@ def itemsize(name: str) -> int:
     return int(to_numpy(name).itemsize)
 
 
+def grouping_size(name: str) -> int:
+    """Element width the object encoding groups bytes by: the itemsize when it is 1, 2, 4 or 8,
+    else 1 (also for a name that is not a known dtype)."""
+    try:
+        size = itemsize(name)
+    except UserError:
+        return 1
+    return size if size in (1, 2, 4, 8) else 1
+
+
 def from_numpy(dtype: np.dtype) -> str:
     """Canonical name of a numpy dtype (byte order normalised to little-endian)."""
     dt = np.dtype(dtype)
