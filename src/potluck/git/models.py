@@ -1,0 +1,127 @@
+"""Model references for commands that read whole models: a path, or ``path@rev`` in a repository.
+
+``open_model("base/")`` opens a file or Hugging Face directory on disk; ``open_model(
+"model.safetensors@v1")`` or ``open_model("models/llama@main")`` reads the tensors stored by
+potluck at that revision (fetching missing objects from the remote first), and a work-tree file
+that is still a manifest (partial clone) is read from the store the same way. Config and tokenizer
+files of a directory at a revision are copied from git into a temporary directory, so a derived
+model can carry them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from potluck.errors import UserError
+from potluck.git.inspect import split_rev
+from potluck.git.repo import Repo
+from potluck.git.sync import fetch_manifest
+from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
+from potluck.ops.materialize import load_tensors, missing_objects
+from potluck.ops.sources import CONFIG_FILES, ModelSource, TensorInfo, open_path
+
+__all__ = ["open_model"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
+def open_model(spec: str) -> ModelSource:
+    """Open ``spec``: a path on disk, or ``path@rev`` in the repository that contains it."""
+    p = Path(spec)
+    if p.exists():
+        if p.is_file() and _is_placeholder(p):
+            repo = Repo(p.absolute().parent)
+            rel = repo.relpath(p)
+            return _store_source(repo, {rel: parse(p.read_bytes())}, spec, None, None)
+        return open_path(p)
+    path, rev = split_rev(spec)
+    if rev is None:
+        raise UserError(f"{spec}: no such file or directory", hint="check the model path")
+    return _at_rev(path, rev, spec)
+
+
+def _is_placeholder(p: Path) -> bool:
+    with p.open("rb") as f:
+        return is_manifest(f.read(len(MAGIC)))
+
+
+def _repo_for(path: str) -> Repo:
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return Repo(probe if probe.is_dir() else probe.parent)
+
+
+def _at_rev(path: str, rev: str, spec: str) -> ModelSource:
+    repo = _repo_for(path)
+    rel = repo.relpath(Path(path).absolute())
+    commit = repo.git.rev_parse(f"{rev}^{{commit}}")
+    if commit is None:
+        raise UserError(f"{spec}: unknown revision {rev!r}", hint="check `git log` / branches")
+    blobs = repo.git.list_blobs(commit, [rel])
+    if not blobs:
+        raise UserError(f"{spec}: {rel} does not exist at {rev}", hint="check `git ls-tree`")
+    single = len(blobs) == 1 and blobs[0][0] == rel
+    weights = [b for b, _ in blobs if b.endswith(_WEIGHT_SUFFIXES) and "/" not in b[len(rel) :]]
+    if single:
+        weights = [rel]
+    manifests: dict[str, Manifest] = {}
+    for w in sorted(weights):
+        m = repo.manifest_at(commit, w)
+        if m is not None:
+            manifests[w] = m
+    if not manifests:
+        raise UserError(
+            f"{spec}: no checkpoint stored by potluck there",
+            hint="the path must be a tracked checkpoint file or a directory holding some",
+        )
+    config_dir = None if single else _config_files(repo, commit, rel)
+    return _store_source(repo, manifests, spec, commit, config_dir)
+
+
+def _config_files(repo: Repo, commit: str, rel: str) -> Path | None:
+    tmp = Path(tempfile.mkdtemp(prefix="potluck-model-"))
+    found = False
+    for name in CONFIG_FILES:
+        data = repo.git.show_blob(f"{commit}:{rel}/{name}")
+        if data is not None:
+            (tmp / name).write_bytes(data)
+            found = True
+    if not found:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return tmp
+
+
+def _store_source(
+    repo: Repo,
+    manifests: dict[str, Manifest],
+    spec: str,
+    commit: str | None,
+    config_dir: Path | None,
+) -> ModelSource:
+    infos: dict[str, TensorInfo] = {}
+    owner: dict[str, Manifest] = {}
+    files: dict[str, str] = {}
+    for path, m in manifests.items():
+        if missing_objects(m, repo.odb):
+            fetch_manifest(repo, m, path)
+        for name, e in m.tensors().items():
+            if name in infos:
+                raise UserError(f"{spec}: tensor {name!r} appears in two files")
+            infos[name] = TensorInfo(name, e.dtype, tuple(e.shape))
+            owner[name] = m
+            files[name] = Path(path).name
+
+    def read(name: str):  # type: ignore[no-untyped-def]
+        return load_tensors(owner[name], repo.odb, [name])[name]
+
+    identity = {"path": spec}
+    if commit:
+        identity["commit"] = commit
+    src = ModelSource(spec, infos, read, files=files, config_dir=config_dir, identity=identity)
+    if config_dir is not None and config_dir.name.startswith("potluck-model-"):
+        src.closers.append(lambda: shutil.rmtree(config_dir, ignore_errors=True))
+    return src

@@ -1,0 +1,235 @@
+"""Run a merge: stream tensors from memory-mapped inputs through a method into the output files.
+
+Each output tensor is one job (``ops.mergeplan``). A pool of ``workers`` threads runs jobs (numpy
+releases the GIL in the heavy loops); a byte budget (``max_memory``) bounds the working memory of
+the jobs in flight. Methods whose result at an element depends only on the inputs at that element
+(linear, task arithmetic, TIES/DARE without sparsification, passthrough) run on row blocks, so a
+huge embedding never sits in memory as float64 copies. Results go straight to their place in the
+output files (``ops.hfwriter``); the output directory appears only when everything succeeded.
+Stochastic methods draw from generators keyed by (seed, model, tensor), so the bytes do not depend
+on the number of workers or the schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.merging import MERGE_METHODS
+from potluck.ops.hfwriter import DEFAULT_SHARD_BYTES, HFDirWriter
+from potluck.ops.mergecard import config_json, model_card
+from potluck.ops.mergeconfig import MergeConfig
+from potluck.ops.mergeplan import MergePlan, TensorJob, canonical_dtype, plan_merge
+from potluck.ops.sources import ModelSource, open_path
+from potluck.tensors.dtypes import to_numpy
+
+__all__ = ["MergeReport", "explain_merge", "run_merge"]
+
+#: Row blocks of elementwise methods hold about this many elements per input.
+BLOCK_ELEMENTS = 1 << 21
+#: Bytes per element per input a job may hold at once (float64 copies and temporaries).
+WORK_BYTES_PER_ELEMENT = 8 * 4
+#: Methods whose output element i depends only on the inputs' element i.
+ELEMENTWISE = frozenset({"linear", "task_arithmetic", "passthrough"})
+#: Elementwise too when nothing is sparsified (density 1): sign election is per element.
+ELEMENTWISE_AT_FULL_DENSITY = frozenset(
+    {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
+)
+
+Opener = Callable[[str], ModelSource]
+#: Called with the number of output bytes just written (from worker threads).
+Progress = Callable[[int], None]
+
+
+@dataclass
+class MergeReport:
+    """What a merge wrote and how long it took."""
+
+    out_dir: str
+    method: str
+    files: list[str]
+    tensors: int
+    seconds: float
+    workers: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+def _open_all(config: MergeConfig, opener: Opener, stack: ExitStack) -> dict[str, ModelSource]:
+    return {ref: stack.enter_context(opener(ref)) for ref in config.referenced_models()}
+
+
+def explain_merge(
+    config: MergeConfig, *, opener: Opener = open_path, out_dtype: str | None = None
+) -> MergePlan:
+    """The plan, resolved per tensor, without merging (``potluck merge --explain``)."""
+    with ExitStack() as stack:
+        return plan_merge(config, _open_all(config, opener, stack), out_dtype)
+
+
+def run_merge(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    opener: Opener = open_path,
+    workers: int = 2,
+    max_memory: int | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    config_text: str | None = None,
+) -> MergeReport:
+    """Merge per ``config`` into the Hugging Face directory ``out_dir`` (see the module doc)."""
+    start = time.perf_counter()
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, not {workers}")
+    with ExitStack() as stack:
+        sources = _open_all(config, opener, stack)
+        plan = plan_merge(config, sources)
+        base = sources[config.base_model] if config.base_model else None
+        first = base or sources[config.referenced_models()[0]]
+        writer = HFDirWriter(
+            out_dir, [j.out for j in plan.jobs], max_shard_bytes=max_shard_bytes,
+            metadata={"format": "pt"}, overwrite=overwrite,
+        )  # fmt: skip
+        try:
+            _Runner(config, plan, sources, writer, workers, max_memory, progress).run()
+            extra = {"README.md": model_card(config, plan, sources, config_text)}
+            cfg = config_json(first.config_dir, plan, config)
+            if cfg is not None:
+                extra["config.json"] = cfg
+            if config_text is not None:
+                extra["potluck-merge.yaml"] = config_text
+            files = writer.commit(first.config_dir, extra)
+        except BaseException:
+            writer.abort()
+            raise
+    return MergeReport(
+        str(out_dir), plan.method.name, [f.name for f in files], len(plan.jobs),
+        round(time.perf_counter() - start, 3), workers, plan.notes,
+    )  # fmt: skip
+
+
+class _Budget:
+    """A byte budget shared by the workers; a request larger than the budget runs alone."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.used = total, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        if self.total is None:
+            return 0
+        n = min(n, self.total)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.total)  # type: ignore[operator]
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        if self.total is None:
+            return
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class _Runner:
+    def __init__(
+        self,
+        config: MergeConfig,
+        plan: MergePlan,
+        sources: Mapping[str, ModelSource],
+        writer: HFDirWriter,
+        workers: int,
+        max_memory: int | None,
+        progress: Progress | None,
+    ) -> None:
+        self.config, self.plan, self.sources, self.writer = config, plan, sources, writer
+        self.workers = workers
+        self.budget = _Budget(max_memory)
+        self.progress = progress
+        self.in_dtype = None if config.dtype is None else _numpy_dtype(config.dtype)
+
+    def run(self) -> None:
+        jobs = sorted(self.plan.jobs, key=lambda j: -j.out.size)
+        if self.workers == 1:
+            for job in jobs:
+                self._job(job)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="potluck-merge") as pool:
+            pending: set[Future[None]] = set()
+            for job in jobs:
+                pending.add(pool.submit(self._job, job))
+                if len(pending) >= 2 * self.workers:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in finished:
+                        f.result()
+            finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                f.result()
+
+    def _job(self, job: TensorJob) -> None:
+        n_in = len(job.models) + (job.base is not None)
+        for rows, arrays, base in self._blocks(job):
+            elems = arrays[0].size
+            held = self.budget.acquire(elems * n_in * WORK_BYTES_PER_ELEMENT)
+            try:
+                out = self._merge(job, arrays, base)
+                self.writer.write(job.out.name, out, rows)
+            finally:
+                self.budget.release(held)
+            if self.progress is not None:
+                self.progress(out.nbytes)
+
+    def _blocks(self, job: TensorJob) -> Iterator[tuple[int, list[np.ndarray], np.ndarray | None]]:
+        models = [self.sources[m].read(n) for m, n in job.models]
+        base = None if job.base is None else self.sources[job.base[0]].read(job.base[1])
+        shape = job.out.shape
+        if not self._elementwise(job) or len(shape) < 1 or job.out.size <= BLOCK_ELEMENTS:
+            yield 0, models, base
+            return
+        row = max(1, job.out.size // shape[0])
+        step = max(1, BLOCK_ELEMENTS // row)
+        for r in range(0, shape[0], step):
+            part = None if base is None else base[r : r + step]
+            yield r, [a[r : r + step] for a in models], part
+
+    def _elementwise(self, job: TensorJob) -> bool:
+        if job.method in ELEMENTWISE:
+            return True
+        return job.method in ELEMENTWISE_AT_FULL_DENSITY and (
+            float(job.params.get("density", 1.0)) >= 1.0 and job.params.get("rescale") != "l1"
+        )
+
+    def _merge(self, job: TensorJob, arrays: list[np.ndarray], base: np.ndarray | None) -> Any:
+        method = MERGE_METHODS.get(job.method)
+        if self.in_dtype is not None and method.name != "passthrough":
+            arrays = [a.astype(self.in_dtype) for a in arrays]
+            base = None if base is None else base.astype(self.in_dtype)
+        out = method.merge(
+            arrays, base, job.weights, name=job.out.name, seed=self.config.seed, **job.params
+        )
+        return np.asarray(out).astype(to_numpy(job.out.dtype), copy=False)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return to_numpy(canonical_dtype(name))
+
+
+def plan_json(plan: MergePlan) -> str:
+    """The plan as JSON text."""
+    return json.dumps([j.to_dict() for j in plan.jobs], indent=1)
