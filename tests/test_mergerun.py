@@ -218,6 +218,29 @@ def test_row_blocks_give_the_same_bytes(tmp_path: Path, monkeypatch: pytest.Monk
     assert a == (tmp_path / "blocks" / "model.safetensors").read_bytes()
 
 
+def test_ties_in_row_blocks_equals_whole_tensor_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _models(tmp_path)
+    # many equal magnitudes at the cut: the first ones in flat order are kept, in blocks too
+    m["base"]["lm_head.weight"][::2] = 1.0
+    save_st(tmp_path / "base" / "model.safetensors", m["base"])
+    for i in range(3):
+        m[f"ft{i}"]["lm_head.weight"][::2] = 1.0 + 0.25 * (-1) ** i  # |τ| = 0.25 exactly
+        save_st(tmp_path / f"ft{i}" / "model.safetensors", m[f"ft{i}"])
+    config = parse_config({"merge_method": "ties", "base_model": "base", "models": [
+        {"model": f"ft{i}", "parameters": {"weight": 0.5 + i, "density": 0.3}}
+        for i in range(3)]}, root=tmp_path)  # fmt: skip
+    monkeypatch.setattr(mergerun, "BLOCK_ELEMENTS", 24)  # 3 rows per block
+    run_merge(config, tmp_path / "out", workers=2)
+    got = _read(tmp_path / "out")
+    ties = MERGE_METHODS.get("ties")
+    for name in SHAPES:
+        want = ties.merge([m[f"ft{i}"][name] for i in range(3)], m["base"][name],
+                          [0.5, 1.5, 2.5], name=name, seed=0, density=0.3)  # fmt: skip
+        np.testing.assert_array_equal(got[name], want.astype(np.float32))
+
+
 def test_dare_is_reproducible_across_worker_counts(tmp_path: Path) -> None:
     _models(tmp_path)
     config = parse_config({"merge_method": "dare_ties", "base_model": "base", "seed": 11,
@@ -304,15 +327,15 @@ def test_failed_merge_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     _models(tmp_path)
     config = parse_config({"merge_method": "linear", "models": ["ft0", "ft1"]}, root=tmp_path)
     calls = {"n": 0}
-    real = mergerun._Runner._merge
+    real = mergerun._Runner._write
 
-    def failing(self, job, arrays, base):  # type: ignore[no-untyped-def]
+    def failing(self, job, out, row):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 4:
             raise UserError("boom")
-        return real(self, job, arrays, base)
+        return real(self, job, out, row)
 
-    monkeypatch.setattr(mergerun._Runner, "_merge", failing)
+    monkeypatch.setattr(mergerun._Runner, "_write", failing)
     with pytest.raises(UserError, match="boom"):
         run_merge(config, tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()

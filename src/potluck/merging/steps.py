@@ -9,6 +9,8 @@ https://arxiv.org/abs/2406.11617). Arrays of shape ``(k, *shape)`` hold one row 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from potluck.errors import UserError
@@ -45,22 +47,61 @@ def _need_some(kept: int, size: int, density: float, name: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class TrimCut:
+    """Where TIES' trim cuts one task vector: keep every entry with ``|τ| > threshold``, and the
+    first ``at_threshold`` entries (in flat order) with ``|τ| == threshold``, so exactly k stay."""
+
+    threshold: float
+    at_threshold: int
+
+
+def trim_cut(tau: np.ndarray, density: float, *, name: str = "") -> TrimCut | None:
+    """The cut keeping the ``density`` fraction of largest magnitudes (None: keep everything).
+
+    Top-k by selection (``np.partition``, no sort), on a float64 copy of ``|τ|``.
+    """
+    if density >= 1 or tau.size == 0:
+        return None
+    mags = np.abs(np.asarray(tau, dtype=np.float64).reshape(-1))  # a fresh array
+    return magnitude_cut(mags, density, name=name)
+
+
+def magnitude_cut(mags: np.ndarray, density: float, *, name: str = "") -> TrimCut:
+    """``trim_cut`` given ``|τ|`` as a flat float64 array, which it reorders in place."""
+    size = mags.size
+    k = keep_count(density, size)
+    _need_some(k, size, density, name)
+    kth = size - k
+    mags.partition(kth)
+    threshold = float(mags[kth])
+    above = int(np.count_nonzero(mags[kth + 1 :] > threshold))
+    return TrimCut(threshold, k - above)
+
+
+def apply_cut(tau: np.ndarray, cut: TrimCut | None, used: int = 0) -> tuple[np.ndarray, int]:
+    """``tau`` (a whole task vector, or a block of one after ``used`` entries at the threshold
+    were kept earlier) with the entries outside the cut zeroed; and the new ``used`` count."""
+    if cut is None:
+        return tau.copy(), used
+    mags = np.abs(tau)
+    keep = mags > cut.threshold
+    room = cut.at_threshold - used
+    if room > 0:
+        ties = np.flatnonzero(mags == cut.threshold)[:room]
+        keep.reshape(-1)[ties] = True
+        used += len(ties)
+    return np.where(keep, tau, 0.0), used
+
+
 def trim(tau: np.ndarray, density: float, *, name: str = "") -> np.ndarray:
     """TIES step 1: keep the ``density`` fraction of largest magnitudes of one task vector.
 
-    Top-k by selection (``argpartition``), not a full sort; among equal magnitudes at the cut the
-    choice is arbitrary but deterministic. density ≥ 1 returns a copy.
+    Exactly ``keep_count`` entries stay; among equal magnitudes at the cut, the first in flat
+    order (see ``TrimCut``), so a tensor trimmed in row blocks gives the same result.
+    density ≥ 1 returns a copy.
     """
-    size = tau.size
-    if density >= 1 or size == 0:
-        return tau.copy()
-    k = keep_count(density, size)
-    _need_some(k, size, density, name)
-    flat = tau.ravel()
-    keep = np.argpartition(np.abs(flat), size - k)[size - k :]
-    out = np.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(tau.shape)
+    return apply_cut(tau, trim_cut(tau, density, name=name))[0]
 
 
 def trim_outliers(tau: np.ndarray, density: float, gamma: float, *, name: str = "") -> np.ndarray:

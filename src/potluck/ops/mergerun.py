@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging import MERGE_METHODS
+from potluck.merging import MERGE_METHODS, MergeMethod
+from potluck.merging.blockwise import blockwise
 from potluck.ops.hfwriter import DEFAULT_SHARD_BYTES, HFDirWriter
 from potluck.ops.mergecard import config_json, model_card
 from potluck.ops.mergeconfig import MergeConfig
@@ -39,13 +40,6 @@ __all__ = ["MergeReport", "explain_merge", "run_merge"]
 BLOCK_ELEMENTS = 1 << 21
 #: Bytes per element per input a job may hold at once (float64 copies and temporaries).
 WORK_BYTES_PER_ELEMENT = 8 * 4
-#: Methods whose output element i depends only on the inputs' element i.
-ELEMENTWISE = frozenset({"linear", "task_arithmetic", "passthrough"})
-#: Elementwise too when nothing is sparsified (density 1): sign election is per element.
-ELEMENTWISE_AT_FULL_DENSITY = frozenset(
-    {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
-)
-
 Opener = Callable[[str], ModelSource]
 #: Called with the number of output bytes just written (from worker threads).
 Progress = Callable[[int], None]
@@ -163,6 +157,7 @@ class _Runner:
         self.budget = _Budget(max_memory)
         self.progress = progress
         self.in_dtype = None if config.dtype is None else _numpy_dtype(config.dtype)
+        self.seed = config.seed
 
     def run(self) -> None:
         jobs = sorted(self.plan.jobs, key=lambda j: -j.out.size)
@@ -183,47 +178,58 @@ class _Runner:
                 f.result()
 
     def _job(self, job: TensorJob) -> None:
-        n_in = len(job.models) + (job.base is not None)
-        for rows, arrays, base in self._blocks(job):
-            elems = arrays[0].size
-            held = self.budget.acquire(elems * n_in * WORK_BYTES_PER_ELEMENT)
+        try:
+            self._merge_job(job)
+        finally:
+            for model, name in (*job.models, *([job.base] if job.base else [])):
+                self.sources[model].release(name)
+
+    def _merge_job(self, job: TensorJob) -> None:
+        method = MERGE_METHODS.get(job.method)
+        models = [self._read(m, n, method) for m, n in job.models]
+        base = None if job.base is None else self._read(*job.base, method)
+        n_in = len(models) + (base is not None)
+        bm = None
+        if len(job.out.shape) >= 1 and job.out.size > BLOCK_ELEMENTS:
+            bm = blockwise(method, job.params, job.weights, name=job.out.name, seed=self.seed)
+        if bm is None:
+            held = self.budget.acquire(job.out.size * n_in * WORK_BYTES_PER_ELEMENT)
             try:
-                out = self._merge(job, arrays, base)
-                self.writer.write(job.out.name, out, rows)
+                out = method.merge(
+                    models, base, job.weights, name=job.out.name, seed=self.seed, **job.params
+                )
+                self._write(job, out, 0)
             finally:
                 self.budget.release(held)
-            if self.progress is not None:
-                self.progress(out.nbytes)
-
-    def _blocks(self, job: TensorJob) -> Iterator[tuple[int, list[np.ndarray], np.ndarray | None]]:
-        models = [self.sources[m].read(n) for m, n in job.models]
-        base = None if job.base is None else self.sources[job.base[0]].read(job.base[1])
-        shape = job.out.shape
-        if not self._elementwise(job) or len(shape) < 1 or job.out.size <= BLOCK_ELEMENTS:
-            yield 0, models, base
             return
-        row = max(1, job.out.size // shape[0])
+        row = max(1, job.out.size // job.out.shape[0])
         step = max(1, BLOCK_ELEMENTS // row)
-        for r in range(0, shape[0], step):
-            part = None if base is None else base[r : r + step]
-            yield r, [a[r : r + step] for a in models], part
+        held = self.budget.acquire(min(job.out.size, step * row) * n_in * WORK_BYTES_PER_ELEMENT)
+        inputs = [*job.models, *([job.base] if job.base else [])]
+        try:
+            bm.prepare(
+                models, base, lambda i: self.sources[job.models[i][0]].release(job.models[i][1])
+            )
+            for r in range(0, job.out.shape[0], step):
+                part = None if base is None else base[r : r + step]
+                self._write(job, bm.block([a[r : r + step] for a in models], part), r)
+                for model, name in inputs:  # rows behind us: let their pages go
+                    nbytes = row * models[0].itemsize
+                    self.sources[model].release(name, r * nbytes, step * nbytes)
+        finally:
+            self.budget.release(held)
 
-    def _elementwise(self, job: TensorJob) -> bool:
-        if job.method in ELEMENTWISE:
-            return True
-        return job.method in ELEMENTWISE_AT_FULL_DENSITY and (
-            float(job.params.get("density", 1.0)) >= 1.0 and job.params.get("rescale") != "l1"
-        )
+    def _read(self, model: str, name: str, method: MergeMethod) -> np.ndarray:
+        arr = self.sources[model].read(name)
+        if self.in_dtype is None or method.any_dtype:
+            return arr
+        return arr.astype(self.in_dtype, copy=False)  # mergekit's `dtype`: inputs cast first
 
-    def _merge(self, job: TensorJob, arrays: list[np.ndarray], base: np.ndarray | None) -> Any:
-        method = MERGE_METHODS.get(job.method)
-        if self.in_dtype is not None and method.name != "passthrough":
-            arrays = [a.astype(self.in_dtype) for a in arrays]
-            base = None if base is None else base.astype(self.in_dtype)
-        out = method.merge(
-            arrays, base, job.weights, name=job.out.name, seed=self.config.seed, **job.params
-        )
-        return np.asarray(out).astype(to_numpy(job.out.dtype), copy=False)
+    def _write(self, job: TensorJob, out: np.ndarray, row: int) -> None:
+        data = np.asarray(out).astype(to_numpy(job.out.dtype), copy=False)
+        self.writer.write(job.out.name, data, row)
+        if self.progress is not None:
+            self.progress(data.nbytes)
 
 
 def _numpy_dtype(name: str) -> np.dtype:

@@ -77,6 +77,7 @@ class ModelSource:
     config_dir: Path | None = None
     identity: dict[str, str] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    releasers: dict[str, Callable[[int, int | None], None]] = field(default_factory=dict)
 
     @classmethod
     def from_reader(
@@ -105,6 +106,13 @@ class ModelSource:
         """The tensor ``name`` (read-only; memory-mapped where the format allows)."""
         self.info(name)
         return self.reader(name)
+
+    def release(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """Tell the OS that the mapped pages of bytes ``[start, start+length)`` of the tensor
+        (all of it by default) are not needed now; they are read again if used (low peak RSS)."""
+        fn = self.releasers.get(name)
+        if fn is not None:
+            fn(start, length)
 
     def close(self) -> None:
         """Release open files and mappings."""
@@ -200,7 +208,21 @@ def _mapped(
     if mm is not None:
         src.closers.append(lambda: _close_map(mm))
     for seg in layout.tensor_segments():
+        if mm is not None and seg.length:
+            src.releasers[seg.name] = _releaser(mm, seg)
         yield TensorInfo(seg.name, seg.dtype, tuple(seg.shape)), _map_reader(mm, seg)
+
+
+def _releaser(mm: mmap.mmap, seg: TensorSegment) -> Callable[[int, int | None], None]:
+    def release(start: int, length: int | None) -> None:
+        lo = seg.offset + max(0, start)
+        hi = seg.offset + (seg.length if length is None else min(seg.length, start + length))
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            with contextlib.suppress(ValueError, OSError):  # closed, or not supported here
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    return release
 
 
 def _close_map(mm: mmap.mmap) -> None:

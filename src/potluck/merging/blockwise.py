@@ -1,0 +1,128 @@
+"""Merge a tensor in row blocks, with the same result as merging it whole.
+
+A merge executor cannot hold every input of a huge tensor (an embedding of a large vocabulary) as
+float64 copies. Most methods are elementwise once one per-tensor quantity is known: linear and
+task arithmetic need nothing; TIES' trim needs, per model, where the top-k cut falls
+(``steps.trim_cut``, computed over the whole task vector one model at a time); sign election and
+the disjoint mean are per element. ``blockwise(method, params)`` returns a ``BlockMerge`` for
+those cases (None for the rest: random drops, two-tailed masks, L1 rescaling, SLERP, model
+stock, data-aware methods), whose ``prepare`` reads the whole inputs once and whose ``block``
+merges any row range; the pieces are bit-identical to ``MergeMethod.merge`` on the whole tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from potluck.merging.base import MergeInputs, MergeMethod
+from potluck.merging.steps import TrimCut, apply_cut, magnitude_cut, rescale
+from potluck.merging.task_arithmetic import generalized_task_arithmetic
+from potluck.merging.validate import COMPUTE_DTYPE
+
+__all__ = ["BlockMerge", "blockwise"]
+
+#: Methods of the task-vector family, by whether they elect signs (TIES-style) or not.
+_GTA = {
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": True,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": True,
+    "della": True,
+    "della_linear": False,
+}
+
+
+@dataclass
+class BlockMerge:
+    """Row-block merging of one tensor (see the module docstring). Not thread-safe: one tensor's
+    blocks go through one ``BlockMerge`` in row order."""
+
+    method: MergeMethod
+    params: dict[str, Any]
+    weights: np.ndarray | None
+    name: str
+    seed: int
+    trim_density: float | None = None
+    cuts: list[TrimCut | None] = field(default_factory=list)
+    used: list[int] = field(default_factory=list)
+
+    def prepare(
+        self,
+        models: Sequence[np.ndarray],
+        base: np.ndarray | None,
+        done: Callable[[int], None] | None = None,
+    ) -> None:
+        """Read the whole inputs once, one model at a time (TIES: where each trim cuts);
+        ``done(i)`` is called when model ``i`` has been read."""
+        one_row = [m[:1] for m in models]  # validates weights, dtypes and parameters cheaply
+        self.method.merge(
+            one_row, None if base is None else base[:1], self._weights(), name=self.name,
+            seed=self.seed, **self.params,
+        )  # fmt: skip
+        if self.trim_density is None:
+            return
+        assert base is not None
+        for i, m in enumerate(models):
+            mags = np.subtract(m, base, dtype=COMPUTE_DTYPE).reshape(-1)
+            np.abs(mags, out=mags)
+            self.cuts.append(magnitude_cut(mags, self.trim_density, name=self.name))
+            del mags
+            if done is not None:
+                done(i)
+        self.used = [0] * len(models)
+
+    def block(self, models: Sequence[np.ndarray], base: np.ndarray | None) -> np.ndarray:
+        """The merged rows for these input rows (float64)."""
+        if self.trim_density is None:
+            return self.method.merge(
+                list(models), base, self._weights(), name=self.name, seed=self.seed,
+                **self.params,
+            )  # fmt: skip
+        assert base is not None
+        stacked = np.stack([np.asarray(m, dtype=COMPUTE_DTYPE) for m in models])
+        b = np.asarray(base, dtype=COMPUTE_DTYPE)
+        w = self.weights if self.weights is not None else np.ones(len(models), COMPUTE_DTYPE)
+        resolved = self.method.resolve_params(self.params)
+        inputs = MergeInputs(stacked, b, w, self.name, self.seed, self.weights is not None)
+        return generalized_task_arithmetic(
+            inputs, resolved, method=self.method.name, sparsifier=self._cut,
+            consensus=_GTA[self.method.name],
+        )  # fmt: skip
+
+    def _weights(self) -> list[float] | None:
+        return None if self.weights is None else [float(x) for x in self.weights]
+
+    def _cut(
+        self, tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
+    ) -> np.ndarray:
+        kept, self.used[i] = apply_cut(tau, self.cuts[i], self.used[i])
+        return rescale(kept, tau, float(p["density"]), str(p["rescale"]))
+
+
+def blockwise(
+    method: MergeMethod,
+    params: Mapping[str, Any],
+    weights: Sequence[float] | None,
+    *,
+    name: str,
+    seed: int,
+) -> BlockMerge | None:
+    """A ``BlockMerge`` when ``method`` with ``params`` can run in row blocks, else None."""
+    w = None if weights is None else np.asarray(weights, dtype=COMPUTE_DTYPE)
+    if method.name in ("linear", "passthrough"):
+        return BlockMerge(method, dict(params), w, name, seed)
+    if method.name not in _GTA:
+        return None
+    resolved = method.resolve_params(params)
+    density = float(resolved.get("density", 1.0))
+    if density >= 1:
+        return BlockMerge(method, dict(params), w, name, seed)
+    if method.name == "ties" and resolved["rescale"] != "l1":
+        return BlockMerge(method, dict(params), w, name, seed, trim_density=density)
+    return None
