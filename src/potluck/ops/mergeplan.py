@@ -106,7 +106,7 @@ def _whole_model_slice(
         if base not in [m.model for m in entries]:
             entries.append(ModelInput(base))
     n = _layer_count(sources[base or entries[0].model])
-    srcs = tuple(SliceInput(m.model, (0, max(n, 1)), m.parameters) for m in entries)
+    srcs = tuple(SliceInput(m.model, (0, n), m.parameters) for m in entries)
     return SliceSpec(srcs, base)
 
 

@@ -136,7 +136,9 @@ def checkpoint_files(directory: Path) -> list[Path]:
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid shard index ({e})") from e
             return [directory / f for f in dict.fromkeys(weight_map.values())]
-    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.npz"):
+    patterns = ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin",
+                "pytorch_model-*-of-*.bin", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.npz")  # fmt: skip
+    for pattern in patterns:
         found = sorted(p for p in directory.glob(pattern) if p.is_file())
         if found:
             return found
