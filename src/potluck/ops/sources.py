@@ -44,6 +44,20 @@ CONFIG_FILES = (
 )
 
 
+#: Weight files of a directory without an index, most specific first.
+_WEIGHT_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.npz",
+)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Name, canonical dtype (``F32``, ``BF16``, …) and shape of one tensor."""
@@ -136,9 +150,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid shard index ({e})") from e
             return [directory / f for f in dict.fromkeys(weight_map.values())]
-    patterns = ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin",
-                "pytorch_model-*-of-*.bin", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.npz")  # fmt: skip
-    for pattern in patterns:
+    for pattern in _WEIGHT_PATTERNS:
         found = sorted(p for p in directory.glob(pattern) if p.is_file())
         if found:
             return found
