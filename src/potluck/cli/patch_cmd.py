@@ -1,8 +1,13 @@
-"""``potluck patch create|apply|info``: ship a fine-tune as a small update of a pinned base."""
+"""``potluck patch create|apply|stack|info``: ship a fine-tune as a small update of a base.
+
+BASE and TARGET are model references: a checkpoint file, a Hugging Face directory, or
+``file@rev`` / ``dir@rev`` in the potluck repository containing the path (``open_model``).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -10,7 +15,27 @@ import click
 from potluck.cli.main import cli, handle_errors
 from potluck.codecs.rules import Rule
 from potluck.errors import UserError
-from potluck.ops.patch import apply_patch, create_patch, patch_info
+from potluck.git.inspect import split_rev
+from potluck.git.models import open_model
+from potluck.ops.patch import PatchInfo, apply_patch, create_patch, patch_info
+from potluck.ops.patch_check import QualityReport
+from potluck.ops.patch_stack import stack_patches
+from potluck.ops.sources import ModelSource
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
+def is_directory_ref(spec: str, model: ModelSource) -> bool:
+    """Whether the model reference ``spec`` names a model directory (so -o is one too).
+
+    A path on disk is a directory or not; for ``path@rev`` the path part decides (a name without
+    a checkpoint suffix is a directory), as does a model stored in several shard files.
+    """
+    p = Path(spec)
+    if p.exists():
+        return p.is_dir()
+    path, _rev = split_rev(spec)
+    return not path.endswith(_WEIGHT_SUFFIXES) or len(set(model.files.values())) > 1
 
 
 def parse_rule(text: str) -> Rule:
@@ -45,8 +70,8 @@ def patch() -> None:
 
 
 @patch.command("create")
-@click.argument("base", type=click.Path(exists=True, dir_okay=False))
-@click.argument("target", type=click.Path(exists=True, dir_okay=False))
+@click.argument("base")
+@click.argument("target")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
 @click.option("--codec", default="exact_xor", show_default=True, help="Default codec.")
 @click.option("--rank", type=int, help="lowrank: maximum rank.")
@@ -58,6 +83,8 @@ def patch() -> None:
 @click.option("--author", help="Recorded in the patch description.")
 @click.option("--task", help="Recorded in the patch description.")
 @click.option("--license", "license_", help="Recorded in the patch description.")
+@click.option("--check", is_flag=True, help="Decode every tensor and report its error vs TARGET.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def create_cmd(
     base: str,
@@ -73,21 +100,55 @@ def create_cmd(
     author: str | None,
     task: str | None,
     license_: str | None,
+    check: bool,
+    as_json: bool,
 ) -> None:
-    """Write a patch turning BASE into TARGET (both checkpoint files)."""
+    """Write a patch turning BASE into TARGET (files, model directories or PATH@REV)."""
     flags = {"rank": rank, "density": density, "bits": bits}
     described = {"author": author, "task": task, "license": license_}
-    info = create_patch(
-        base,
-        target,
-        out,
-        rules=[parse_rule(r) for r in rules],
-        default_codec=codec,
-        params={k: v for k, v in flags.items() if v is not None},
-        seed=seed,
-        description={k: v for k, v in described.items() if v is not None},
-        tensors_glob=glob,
-    )
+    parsed = [parse_rule(r) for r in rules]
+    with open_model(base) as base_src, open_model(target) as target_src:
+        info = create_patch(
+            base_src,
+            target_src,
+            out,
+            rules=parsed,
+            default_codec=codec,
+            params={k: v for k, v in flags.items() if v is not None},
+            seed=seed,
+            description={k: v for k, v in described.items() if v is not None},
+            tensors_glob=glob,
+            check=check,
+        )
+    if as_json:
+        click.echo(json.dumps(create_json(info), indent=2, sort_keys=True))
+        return
+    _render_create(info)
+
+
+def create_json(info: PatchInfo) -> dict[str, Any]:
+    """The JSON ``patch create --json`` prints."""
+    return {
+        "path": info.path,
+        "size": info.size,
+        "base_digest": info.base_digest,
+        "tensors": {
+            e.name: {
+                "codec": e.codec,
+                "bytes": e.nbytes,
+                "full_bytes": e.full_nbytes,
+                "relative_error": e.relative_error,
+            }
+            for e in info.entries
+        },
+        "added": info.added,
+        "removed": info.removed,
+        "unchanged": info.unchanged,
+        "check": None if info.quality is None else info.quality.to_dict(),
+    }
+
+
+def _render_create(info: PatchInfo) -> None:
     for e in info.entries:
         err = "exact" if e.relative_error is None else f"rel.err {e.relative_error:.3g}"
         mark = " (added)" if e.name in info.added else ""
@@ -101,24 +162,112 @@ def create_cmd(
         f"patch {_fmt_bytes(info.size)} for {_fmt_bytes(full)} of changed tensors "
         f"({ratio:.1f}x) → {info.path}"
     )
+    if info.quality is not None:
+        _render_check(info.quality)
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.3g}"
+
+
+def _render_check(q: QualityReport) -> None:
+    d = q.to_dict()
+    click.echo("check: ‖decoded − target‖ / ‖target − base‖, / ‖target‖")
+    for t in d["tensors"]:
+        click.echo(
+            f"  {t['name']}: {t['codec']}, {_num(t['rel_to_delta'])} of delta, "
+            f"{_num(t['rel_to_target'])} of target"
+        )
+    s = d["summary"]
+    if s["worst"] is not None:
+        click.echo(
+            f"worst {s['worst']} ({_num(s['worst_rel_to_delta'])}); weighted mean "
+            f"{_num(s['weighted_rel_to_delta'])} of delta, {_num(s['weighted_rel_to_target'])} of "
+            f"target; overall {_num(s['overall_rel_to_delta'])} of delta"
+        )
 
 
 @patch.command("apply")
-@click.argument("base", type=click.Path(exists=True, dir_okay=False))
+@click.argument("base")
 @click.argument("patch_file", metavar="PATCH", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path())
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Scale lossy deltas.")
 @click.option("--force", is_flag=True, help="Apply even to a base the patch was not made for.")
+@click.option("--card", is_flag=True, help="Also write README.md next to an output file.")
+@click.option("--base-model", help="base_model for the model card (default: BASE as given).")
 @handle_errors
-def apply_cmd(base: str, patch_file: str, out: str, scale: float, force: bool) -> None:
-    """Apply PATCH to BASE and write the result (safetensors) to -o."""
-    report = apply_patch(base, patch_file, out, scale=scale, force=force)
+def apply_cmd(
+    base: str,
+    patch_file: str,
+    out: str,
+    scale: float,
+    force: bool,
+    card: bool,
+    base_model: str | None,
+) -> None:
+    """Apply PATCH to BASE and write the result to -o (a directory when BASE is one)."""
+    with open_model(base) as src:
+        directory = is_directory_ref(base, src)
+        report = apply_patch(
+            src,
+            patch_file,
+            out,
+            scale=scale,
+            force=force,
+            directory=directory,
+            card=card or directory,
+            base_ref=base_model or base,
+        )
     for warning in report.warnings:
         click.secho(f"potluck: WARNING: {warning}", err=True, fg="red", bold=True)
     checked = "results verified" if report.results_verified else "results not hash-checked"
+    card_note = ", model card README.md" if report.card else ""
     click.echo(
         f"{len(report.changed)} changed, {len(report.added)} added, {len(report.removed)} "
-        f"removed; {checked} → {report.out_path}"
+        f"removed; {checked}{card_note} → {report.out_path}"
+    )
+
+
+@patch.command("stack")
+@click.argument("parts", metavar="PATCH…", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--base", help="The first patch's base: lets lossy parts be re-encoded.")
+@click.option("--codec", default="exact_xor", show_default=True, help="Codec for re-encoding.")
+@click.option("--rule", "rules", multiple=True, help="GLOB=codec[:k=v,…] for re-encoding.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random codecs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def stack_cmd(
+    parts: tuple[str, ...],
+    out: str,
+    base: str | None,
+    codec: str,
+    rules: tuple[str, ...],
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Compose PATCH… (each made against the previous one's result) into one patch."""
+    if len(parts) < 2:
+        raise UserError("patch stack needs at least two patches", hint="potluck patch stack P1 P2")
+    parsed = [parse_rule(r) for r in rules]
+    if base is None:
+        report = stack_patches(parts, out, rules=parsed, default_codec=codec, seed=seed)
+    else:
+        with open_model(base) as src:
+            report = stack_patches(
+                parts, out, base=src, rules=parsed, default_codec=codec, seed=seed
+            )
+    if as_json:
+        click.echo(json.dumps(vars(report), indent=2, sort_keys=True))
+        return
+    for name, how in report.composed.items():
+        err = report.errors.get(name)
+        note = "" if err is None else f", rel.err {err:.3g} vs step-by-step"
+        click.echo(f"{name}: {how} → {report.codecs.get(name, 'removed')}{note}")
+    exact = "exact" if report.exact else "lossy"
+    click.echo(
+        f"{len(parts)} patches, {len(report.codecs)} tensors, {len(report.composed)} composed; "
+        f"{exact} patch {_fmt_bytes(report.size)} → {report.path}"
     )
 
 

@@ -64,7 +64,7 @@ def _at_rev(path: str, rev: str, spec: str) -> ModelSource:
     if not blobs:
         raise UserError(f"{spec}: {rel} does not exist at {rev}", hint="check `git ls-tree`")
     single = len(blobs) == 1 and blobs[0][0] == rel
-    weights = [b for b, _ in blobs if b.endswith(_WEIGHT_SUFFIXES) and "/" not in b[len(rel) :]]
+    weights = [b for b, _ in blobs if b.endswith(_WEIGHT_SUFFIXES) and "/" not in b[len(rel) + 1 :]]
     if single:
         weights = [rel]
     manifests: dict[str, Manifest] = {}

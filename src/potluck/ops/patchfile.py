@@ -9,7 +9,10 @@ in sorted name order. ``__metadata__`` (string → string, keys sorted) holds:
 * ``result`` — JSON {tensor name: sha256 of the resulting tensor} for exactly-coded tensors;
 * ``tensors`` — JSON {tensor name: {"codec", "meta", "error"}} (``error`` null when exact);
 * ``added`` / ``removed`` — JSON lists of tensor names;
-* ``description`` — free-form JSON (author, task, license).
+* ``description`` — free-form JSON (author, task, license);
+* ``digest`` — sha256 over the canonical JSON of every other metadata key and each payload
+  array's name, dtype, shape and bytes (checked on read when present: tampering or corruption is
+  an ``IntegrityError``). It is a checksum, not a signature.
 
 All JSON is compact with sorted keys, so the same inputs always give byte-identical files.
 """
@@ -27,8 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from potluck.codecs import ErrorReport, Payload
-from potluck.errors import FormatError
+from potluck.codecs import CODECS, ErrorReport, Payload
+from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
 from potluck.formats import scan_file
 from potluck.formats.base import TensorSegment
@@ -112,11 +115,23 @@ def _arrays(c: PatchContents) -> list[tuple[str, np.ndarray]]:
     return sorted(out, key=lambda t: t[0])
 
 
+def content_digest(meta: Mapping[str, str], arrays: Iterable[tuple[str, np.ndarray]]) -> str:
+    """The ``digest`` of a patch: its metadata (without ``digest``) and its arrays, in order."""
+    h = hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "digest"}).encode())
+    for name, arr in arrays:
+        spec = canonical_json([name, from_numpy(arr.dtype), [int(d) for d in arr.shape]])
+        h.update(b"\0" + spec.encode() + b"\0")
+        h.update(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).data)
+    return h.hexdigest()
+
+
 def patch_bytes(c: PatchContents) -> Iterator[bytes]:
     """The patch file's bytes in order: header, then each payload array."""
     arrays = _arrays(c)
     specs = [(n, from_numpy(a.dtype), tuple(int(d) for d in a.shape)) for n, a in arrays]
-    yield build_header(specs, _metadata(c))
+    meta = _metadata(c)
+    meta["digest"] = content_digest(meta, arrays)
+    yield build_header(specs, dict(sorted(meta.items())))
     for _name, arr in arrays:
         yield arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
 
@@ -151,6 +166,13 @@ def _payload(name: str, entry: Any, arrays: dict[str, np.ndarray]) -> Payload:
 
 def _read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, Any]]:
     layout = scan_file(path)
+    size = Path(path).stat().st_size
+    end = max((s.offset + s.length for s in layout.tensor_segments()), default=0)
+    if end > size:
+        raise FormatError(
+            f"{path}: patch is truncated ({size} bytes, its header needs {end})",
+            hint="the download or copy was cut short; fetch the patch again",
+        )
     if layout.format != "safetensors" or layout.metadata.get("potluck_patch") is None:
         raise FormatError(f"{path}: not a potluck patch", hint=_HINT)
     if layout.metadata["potluck_patch"] != PATCH_VERSION:
@@ -159,11 +181,26 @@ def _read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str
             hint=f"this potluck reads version {PATCH_VERSION}; upgrade potluck",
         )
     grouped: dict[str, dict[str, np.ndarray]] = {}
+    flat: list[tuple[str, np.ndarray]] = []
     with Path(path).open("rb") as f:
         for seg in layout.tensor_segments():
             tensor, _, key = seg.name.rpartition("/")
-            grouped.setdefault(tensor, {})[key] = _read_segment(f, seg)
+            flat.append((seg.name, _read_segment(f, seg)))
+            grouped.setdefault(tensor, {})[key] = flat[-1][1]
+    _check_digest(path, layout.metadata, sorted(flat, key=lambda t: t[0]))
     return layout.metadata, grouped
+
+
+def _check_digest(
+    path: str | os.PathLike[str], meta: Mapping[str, str], arrays: list[tuple[str, np.ndarray]]
+) -> None:
+    want = meta.get("digest")
+    if want is not None and content_digest(meta, arrays) != want:
+        raise IntegrityError(
+            f"{path}: patch content does not match its digest (metadata or payload was altered)",
+            hint="the patch is corrupt or was edited by hand; get an intact copy",
+            path=str(path),
+        )
 
 
 def _read_segment(f: BinaryIO, seg: TensorSegment) -> np.ndarray:
@@ -190,8 +227,25 @@ def read_patch(path: str | os.PathLike[str]) -> PatchContents:
         description=_loads(meta, "description", dict),
     )
     if meta.get("base_digest") != contents.base_digest:
-        raise FormatError(f"{path}: base_digest does not match the base hashes", hint=_HINT)
+        raise IntegrityError(
+            f"{path}: base_digest does not match the base hashes (the metadata was altered)",
+            hint=_HINT,
+        )
+    _check_codecs(path, contents)
     return contents
+
+
+def _check_codecs(path: str | os.PathLike[str], contents: PatchContents) -> None:
+    for name, p in contents.payloads.items():
+        try:
+            CODECS.get(p.codec)
+        except UserError as e:
+            raise FormatError(
+                f"{path}: tensor {name!r} uses unknown codec {p.codec!r}",
+                hint=f"install the plugin that provides it, or re-create the patch ({e.hint})",
+                codec=p.codec,
+                tensor=name,
+            ) from None
 
 
 def payload_shape_dtype(payload: Payload) -> tuple[tuple[int, ...], str]:
