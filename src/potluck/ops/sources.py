@@ -111,7 +111,7 @@ class ModelSource:
         except KeyError:
             raise UserError(
                 f"{self.label} has no tensor named {name!r}",
-                hint="all merge inputs must have the same tensor names (check the models)",
+                hint="the inputs must be versions of the same model (same tensor names)",
                 model=self.label,
                 tensor=name,
             ) from None
