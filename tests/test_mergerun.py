@@ -396,3 +396,32 @@ def test_plan_of_sources_directly(tmp_path: Path) -> None:
         plan = plan_merge(config, dict(zip(refs, [b, a, c], strict=True)))
     assert {j.method for j in plan.jobs} == {"model_stock"}
     assert all(j.base is not None and len(j.models) == 2 for j in plan.jobs)
+
+
+def test_regmean_from_stats_files_is_the_joint_least_squares_solution(tmp_path: Path) -> None:
+    from potluck.ops.stats import write_stats
+
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((50, 6)) for _ in range(2)]
+    ws = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2)]
+    for i, (x, w) in enumerate(zip(xs, ws, strict=True)):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_st(d / "model.safetensors", {"proj.weight": w, "norm.weight": w[0].copy()})
+        write_stats(d / "gram.safetensors", "gram", {"proj.weight": x.T @ x}, samples=50,
+                    tokens=50)  # fmt: skip
+    config = parse_config({"merge_method": "regmean", "parameters": {"alpha": 1.0},
+                           "models": [{"model": f"m{i}", "stats": f"m{i}/gram.safetensors"}
+                                      for i in range(2)]}, root=tmp_path)  # fmt: skip
+    run_merge(config, tmp_path / "out")
+    got = _read(tmp_path / "out")
+    # W minimises Σᵢ ‖Xᵢ Wᵀ − Xᵢ Wᵢᵀ‖²: stack the problems and solve by least squares
+    gram = [(x.T @ x).astype(np.float32).astype(np.float64) for x in xs]
+    rhs = sum(g @ w.astype(np.float64).T for g, w in zip(gram, ws, strict=True))
+    want = np.linalg.solve(sum(gram), rhs).T
+    np.testing.assert_allclose(got["proj.weight"], want, rtol=1e-4, atol=1e-5)
+    # no Gram for the norm: the plain average (the paper's rule for non-linear parameters)
+    np.testing.assert_allclose(got["norm.weight"], (ws[0][0] + ws[1][0]) / 2, rtol=1e-6)
+    no_stats = parse_config({"merge_method": "regmean", "models": ["m0", "m1"]}, root=tmp_path)
+    with pytest.raises(UserError, match="needs gram statistics"):
+        run_merge(no_stats, tmp_path / "out2")

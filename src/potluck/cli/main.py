@@ -46,6 +46,14 @@ def cli(verbose: int, quiet: bool) -> None:
 def main() -> None:
     """Console-script entry point."""
     # importing the modules registers their subcommands
-    from potluck.cli import commands, drivers, merge_cmd, patch_cmd, peft_cmd, remote_cmd  # noqa: F401
+    from potluck.cli import (  # noqa: F401
+        commands,
+        drivers,
+        merge_cmd,
+        patch_cmd,
+        peft_cmd,
+        remote_cmd,
+        stats_cmd,
+    )
 
     cli(prog_name="potluck")

@@ -15,15 +15,25 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.validate import COMPUTE_DTYPE, prepare_inputs
+from potluck.merging.validate import (
+    COMPUTE_DTYPE,
+    STATS_KINDS,
+    StatsEntry,
+    TensorStats,
+    prepare_inputs,
+    prepare_stats,
+)
 
 __all__ = [
     "COMPUTE_DTYPE",
+    "STATS_KINDS",
     "Combine",
     "MergeFn",
     "MergeInputs",
     "MergeMethod",
     "Param",
+    "StatsEntry",
+    "TensorStats",
     "three_way_combine",
 ]
 
@@ -104,7 +114,9 @@ class MergeInputs:
 
     ``models`` is the stacked float64 array of shape ``(k, *shape)``; ``base`` is float64 or None;
     ``weights`` is a float64 vector of length ``k`` (all ones when the caller gave none).
-    ``name`` and ``seed`` key the random generators of stochastic methods.
+    ``name`` and ``seed`` key the random generators of stochastic methods. ``stats`` is ``None``
+    when the caller gave no statistics, else one validated ``TensorStats`` (float64) or ``None``
+    per model (only for methods with ``needs_stats``).
     """
 
     models: np.ndarray
@@ -113,6 +125,7 @@ class MergeInputs:
     name: str
     seed: int
     weights_given: bool = False
+    stats: tuple[TensorStats | None, ...] | None = None
 
 
 MergeFn = Callable[[MergeInputs, Mapping[str, Any]], np.ndarray]
@@ -125,7 +138,10 @@ class MergeMethod:
     ``min_models``/``max_models`` bound the number of models (``None``: no upper bound);
     ``uses_weights`` says whether per-model weights mean anything to it (passing weights to a
     method that ignores them is an error, never silently dropped); ``any_dtype`` lets a method
-    take non-float tensors (only ``passthrough``).
+    take non-float tensors (only ``passthrough``); ``needs_stats`` names the per-model statistics
+    a data-aware method reads (``"fisher"``: diagonal Fisher, ``"gram"``: input Gram matrix XᵀX;
+    see ``docs/merging-stats.md``). Statistics given to a method without ``needs_stats`` are an
+    error, never silently dropped.
     """
 
     name: str
@@ -138,6 +154,7 @@ class MergeMethod:
     max_models: int | None = None
     uses_weights: bool = True
     any_dtype: bool = False
+    needs_stats: str | None = None
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, each checked; unknown names are a ``UserError``."""
@@ -164,16 +181,21 @@ class MergeMethod:
         *,
         name: str,
         seed: int,
+        stats: Sequence[StatsEntry] | None = None,
         **params: Any,
     ) -> np.ndarray:
         """Merge one tensor ``name`` of several models; returns float64 (cast back: caller's job).
 
         ``seed`` keys the randomness of stochastic methods together with ``name`` and the model's
         index (see ``keyed_generator``), so results do not depend on call order or threads.
+        ``stats`` (methods with ``needs_stats`` only) holds one entry per model: a ``TensorStats``
+        (what ``ops.stats.stats_for`` returns), a bare array, or ``None`` where that model has no
+        statistics for this tensor; each is checked (shape, finiteness, sign, symmetry).
         """
         resolved = self.resolve_params(params)
         models, base_arr, w, given = prepare_inputs(self, tensors, base, weights, name, seed)
-        inputs = MergeInputs(models, base_arr, w, name, seed, given)
+        checked = prepare_stats(self, stats, models.shape[1:], len(models), name)
+        inputs = MergeInputs(models, base_arr, w, name, seed, given, checked)
         if self.any_dtype:
             return self.fn(inputs, resolved)
         return np.asarray(self.fn(inputs, resolved), dtype=COMPUTE_DTYPE)

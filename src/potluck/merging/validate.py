@@ -1,4 +1,4 @@
-"""Input checks shared by every merge method: counts, shapes, dtypes, base, weights.
+"""Input checks shared by every merge method: counts, shapes, dtypes, base, weights, statistics.
 
 Each problem is a ``UserError`` naming the tensor and the offending values; nothing is skipped.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +19,34 @@ if TYPE_CHECKING:
 
 #: The dtype every method computes in, whatever the inputs' dtype (bf16, fp8, f16, f32, f64).
 COMPUTE_DTYPE = np.dtype(np.float64)
+
+#: Statistics kinds a method can need: diagonal Fisher (same shape as the tensor) and the Gram
+#: matrix XᵀX of a linear layer's inputs (square, one row per input feature).
+STATS_KINDS = ("fisher", "gram")
+
+#: Relative tolerance of the Gram checks (symmetry, Cauchy–Schwarz): float32 accumulation of XᵀX
+#: is not exactly symmetric.
+GRAM_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """One model's statistics for one tensor, with what a method needs to read them.
+
+    ``kind`` is ``"fisher"`` or ``"gram"`` (``None``: unchecked, a bare array); ``input_axis``
+    (Gram only) is the weight's axis that indexes the layer's input features: 1 for
+    ``nn.Linear`` ([out, in], the default), 0 for GPT-2's ``Conv1D`` ([in, out]);
+    ``model_norm`` (Fisher only) is ‖F‖₂ over the whole model, for Fisher normalisation.
+    """
+
+    array: np.ndarray
+    kind: str | None = None
+    input_axis: int | None = None
+    model_norm: float | None = None
+
+
+#: What a caller may pass per model: statistics, a bare array, or nothing for this tensor.
+StatsEntry = TensorStats | np.ndarray | None
 
 
 def is_float_dtype(dtype: np.dtype) -> bool:
@@ -168,3 +197,172 @@ def _check_weights(
 
 def _finite_number(x: object) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(float(x))
+
+
+def prepare_stats(
+    method: MergeMethod,
+    stats: Sequence[StatsEntry] | None,
+    shape: tuple[int, ...],
+    count: int,
+    name: str,
+) -> tuple[TensorStats | None, ...] | None:
+    """Validate per-model statistics for tensor ``name`` (of ``shape``); float64 copies.
+
+    Fisher: the tensor's shape, finite, ≥ 0. Gram: a 2-D tensor, square [d, d] with d the size of
+    the input axis, finite, symmetric (within ``GRAM_RTOL``, then symmetrised), non-negative
+    diagonal and |Gᵢⱼ| ≤ √(GᵢᵢGⱼⱼ) (necessary for PSD, O(d²)).
+    """
+    if stats is None:
+        return None
+    kind = method.needs_stats
+    if kind is None:
+        raise UserError(
+            f"merge method {method.name!r} takes no statistics (tensor {name!r})",
+            hint="leave stats out (None), or pick a data-aware method (fisher, regmean)",
+            method=method.name,
+            tensor=name,
+        )
+    entries = list(stats)
+    if len(entries) != count:
+        raise UserError(
+            f"tensor {name!r}: {len(entries)} statistics entries for {count} model(s)",
+            hint="give one entry per model (None where a model has none)",
+            method=method.name,
+            tensor=name,
+            stats=len(entries),
+            models=count,
+        )
+    return tuple(
+        None if e is None else _check_entry(method.name, kind, e, i, shape, name)
+        for i, e in enumerate(entries)
+    )
+
+
+def _stats_error(method: str, name: str, i: int, what: str, hint: str, **data: object) -> UserError:
+    return UserError(
+        f"merge method {method!r}: statistics of model {i} for tensor {name!r} {what}",
+        hint=hint,
+        method=method,
+        tensor=name,
+        model=i,
+        **data,
+    )
+
+
+def _check_entry(
+    method: str, kind: str, entry: object, i: int, shape: tuple[int, ...], name: str
+) -> TensorStats:
+    ts = entry if isinstance(entry, TensorStats) else TensorStats(np.asarray(entry))
+    if ts.kind is not None and ts.kind != kind:
+        raise _stats_error(
+            method,
+            name,
+            i,
+            f"are {ts.kind!r} statistics, but it needs {kind!r}",
+            f"compute them with 'potluck stats {kind}'",
+            kind=ts.kind,
+            needs=kind,
+        )
+    arr = np.asarray(ts.array)
+    if not is_float_dtype(arr.dtype) and arr.dtype.kind not in "iu":
+        raise _stats_error(method, name, i, f"have dtype {arr.dtype}", "give float arrays")
+    arr = arr.astype(COMPUTE_DTYPE)
+    if not np.all(np.isfinite(arr)):
+        raise _stats_error(
+            method, name, i, "contain NaN or infinity", "recompute the statistics (overflow?)"
+        )
+    if kind == "fisher":
+        return _check_fisher(method, ts, arr, i, shape, name)
+    return _check_gram(method, ts, arr, i, shape, name)
+
+
+def _check_fisher(
+    method: str, ts: TensorStats, arr: np.ndarray, i: int, shape: tuple[int, ...], name: str
+) -> TensorStats:
+    if arr.shape != shape:
+        raise _stats_error(
+            method,
+            name,
+            i,
+            f"have shape {list(arr.shape)}, the tensor {list(shape)}",
+            "a diagonal Fisher has the tensor's shape; was it computed for another model?",
+            shape=list(arr.shape),
+        )
+    if np.any(arr < 0):
+        raise _stats_error(
+            method, name, i, "have negative Fisher values", "a Fisher diagonal is ≥ 0 (squares)"
+        )
+    norm = ts.model_norm
+    if norm is not None and not (math.isfinite(norm) and norm >= 0):
+        raise _stats_error(
+            method, name, i, f"have model norm {norm!r}", "the model's Fisher norm is ≥ 0"
+        )
+    return TensorStats(arr, "fisher", None, None if norm is None else float(norm))
+
+
+def _check_gram(
+    method: str, ts: TensorStats, arr: np.ndarray, i: int, shape: tuple[int, ...], name: str
+) -> TensorStats:
+    if len(shape) != 2:
+        raise _stats_error(
+            method,
+            name,
+            i,
+            f"are a Gram matrix, but the tensor has shape {list(shape)}",
+            "Gram statistics belong to 2-D linear weights only; leave this tensor's out",
+        )
+    axis = 1 if ts.input_axis is None else ts.input_axis
+    if axis not in (0, 1, -1, -2):
+        raise _stats_error(
+            method, name, i, f"have input axis {axis}", "input_axis is 1 ([out, in]) or 0"
+        )
+    axis %= 2
+    d = shape[axis]
+    if arr.shape != (d, d):
+        raise _stats_error(
+            method,
+            name,
+            i,
+            f"have shape {list(arr.shape)}, but input axis {axis} of {list(shape)} needs "
+            f"[{d}, {d}]",
+            "the Gram matrix is [in, in]; check the input axis (nn.Linear: 1, Conv1D: 0)",
+            shape=list(arr.shape),
+        )
+    problem = _gram_problem(arr)
+    if problem:
+        raise _stats_error(method, name, i, f"are not {problem}", _GRAM_HINTS[problem])
+    return TensorStats(arr, "gram", axis, None)
+
+
+_GRAM_HINTS = {
+    "symmetric": "a Gram matrix XᵀX is symmetric",
+    "positive semi-definite": "a Gram matrix XᵀX has a non-negative diagonal and |Gᵢⱼ| ≤ √(GᵢᵢGⱼⱼ)",
+}
+#: Rows per block of the Gram checks (bounds the temporaries of an 11008-wide layer to ~90 MB).
+_BLOCK = 1024
+
+
+def _gram_problem(arr: np.ndarray) -> str | None:
+    """ "symmetric" / "positive semi-definite" when that check fails, else None; on success
+    ``arr`` (a private float64 copy) is symmetrised in place, block by block."""
+    d = arr.shape[0]
+    if d == 0:
+        return None
+    diag = np.diag(arr).copy()
+    tol = GRAM_RTOL * float(np.abs(diag).max())
+    if np.any(diag < -tol):
+        return "positive semi-definite"
+    root = np.sqrt(np.maximum(diag, 0.0))
+    for start in range(0, d, _BLOCK):
+        rows = slice(start, min(d, start + _BLOCK))
+        block, mirror = arr[rows], arr[:, rows].T
+        if float(np.abs(block - mirror).max()) > tol:
+            return "symmetric"
+        if np.any(np.abs(block) > np.outer(root[rows], root) + tol):
+            return "positive semi-definite"
+    for start in range(0, d, _BLOCK):  # checks passed: (G + Gᵀ)/2, upper blocks from lower
+        rows = slice(start, min(d, start + _BLOCK))
+        sym = (arr[rows, start:] + arr[start:, rows].T) / 2
+        arr[rows, start:] = sym
+        arr[start:, rows] = sym.T
+    return None

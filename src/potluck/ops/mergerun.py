@@ -32,6 +32,7 @@ from potluck.ops.mergecard import config_json, model_card
 from potluck.ops.mergeconfig import MergeConfig
 from potluck.ops.mergeplan import MergePlan, TensorJob, canonical_dtype, plan_merge
 from potluck.ops.sources import ModelSource, open_path
+from potluck.ops.stats import StatsFile, check_stats_files, load_stats, stats_for
 from potluck.tensors.dtypes import to_numpy
 
 __all__ = ["MergeReport", "explain_merge", "run_merge"]
@@ -158,6 +159,7 @@ class _Runner:
         self.progress = progress
         self.in_dtype = None if config.dtype is None else _numpy_dtype(config.dtype)
         self.seed = config.seed
+        self.stats = _stats_files(config, plan)
 
     def run(self) -> None:
         jobs = sorted(self.plan.jobs, key=lambda j: -j.out.size)
@@ -192,12 +194,19 @@ class _Runner:
         bm = None
         if len(job.out.shape) >= 1 and job.out.size > BLOCK_ELEMENTS:
             bm = blockwise(method, job.params, job.weights, name=job.out.name, seed=self.seed)
+        if method.needs_stats:
+            bm = None  # statistics are per whole tensor
         if bm is None:
             held = self.budget.acquire(job.out.size * n_in * WORK_BYTES_PER_ELEMENT)
             try:
+                extra = {}
+                if method.needs_stats:
+                    files = [self.stats.get(m) for m, _ in job.models]
+                    extra["stats"] = stats_for(files, job.models[0][1], models)
                 out = method.merge(
-                    models, base, job.weights, name=job.out.name, seed=self.seed, **job.params
-                )
+                    models, base, job.weights, name=job.out.name, seed=self.seed, **extra,
+                    **job.params,
+                )  # fmt: skip
                 self._write(job, out, 0)
             finally:
                 self.budget.release(held)
@@ -230,6 +239,14 @@ class _Runner:
         self.writer.write(job.out.name, data, row)
         if self.progress is not None:
             self.progress(data.nbytes)
+
+
+def _stats_files(config: MergeConfig, plan: MergePlan) -> dict[str, StatsFile]:
+    """The statistics file of each model that names one (``models[].stats``), checked."""
+    files = {m.model: load_stats(m.stats) for m in config.models if m.stats}
+    order = [files.get(m.model) for m in config.models if m.model != config.base_model]
+    check_stats_files(order, plan.method.needs_stats, plan.method.name)
+    return files
 
 
 def _numpy_dtype(name: str) -> np.dtype:

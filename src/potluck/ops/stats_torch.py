@@ -1,0 +1,473 @@
+"""Computing merge statistics with PyTorch: diagonal Fisher and Gram matrices of linear inputs.
+
+The only module that imports torch / transformers, always inside functions (never at import
+time). ``fisher_diag`` and ``gram_matrices`` work on any ``torch.nn.Module``; ``compute_stats``
+is what ``potluck stats fisher|gram`` runs on a Hugging Face model directory (see
+``docs/merging-stats.md`` for the data formats and the model and loss it picks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.formats import scan_file
+from potluck.ops.stats import write_stats
+
+if TYPE_CHECKING:
+    import torch
+
+Batch = Mapping[str, "torch.Tensor"]
+_EMPIRICAL = "empirical, per-example"
+#: ``loss_fn(model, batch)`` → the batch's negative log-likelihood, summed over its examples.
+LossFn = Callable[[Any, Batch], "torch.Tensor"]
+#: ``forward(model, batch)`` runs the model on a batch (default: ``model(**batch)`` less labels).
+ForwardFn = Callable[[Any, Batch], Any]
+
+
+def _examples(batch: Batch) -> Iterator[dict[str, torch.Tensor]]:
+    sizes = {int(v.shape[0]) for v in batch.values()}
+    if len(sizes) != 1:
+        raise UserError("batch tensors disagree on the batch size", hint="check the data")
+    for i in range(sizes.pop()):
+        yield {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def fisher_diag(
+    model: torch.nn.Module, batches: Iterable[Batch], loss_fn: LossFn
+) -> dict[str, np.ndarray]:
+    """Empirical diagonal Fisher: the mean over examples of squared per-example gradients.
+
+    Fᵢ = (1/N) Σₙ (∂ log p(yₙ | xₙ) / ∂θᵢ)² with the labels yₙ of the data (not sampled from the
+    model). Gradients are per example (one backward pass per example, the batch sliced to size
+    1), never of a batch mean, whose square would underestimate the Fisher. Every parameter
+    with ``requires_grad`` gets an entry (zeros if unused); the model runs in eval mode (no
+    dropout) and is left in the mode it had. Accumulates in float64 on CPU, float32 elsewhere.
+    """
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            for example in _examples(batch):
+                loss = loss_fn(model, example)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (name, _), g in zip(params.items(), grads, strict=True):
+                    if g is not None:
+                        acc[name] += g.detach().to(acc[name].dtype) ** 2
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise UserError("no examples to compute the Fisher on", hint="check --data / --max-samples")
+    return {n: (a / count).cpu().double().numpy() for n, a in acc.items()}
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    import torch
+
+    return torch.float64 if p.device.type == "cpu" else torch.float32
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    """{weight parameter name: (module, input axis)} for ``nn.Linear`` (axis 1) and
+    Hugging Face's GPT-2 ``Conv1D`` (weight [in, out]: axis 0)."""
+    import torch
+
+    out: dict[str, tuple[torch.nn.Module, int]] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, torch.nn.Linear):
+            out[prefix + "weight"] = (module, 1)
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            out[prefix + "weight"] = (module, 0)
+    return out
+
+
+def input_axes(model: torch.nn.Module) -> dict[str, int]:
+    """{weight name: input axis} of every linear layer ``gram_matrices`` covers."""
+    return {n: axis for n, (_, axis) in linear_modules(model).items()}
+
+
+def _default_forward(model: Any, batch: Batch) -> Any:
+    return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The layer's input vectors, one per row, padding positions dropped.
+
+    Inputs shaped [batch, seq, d] matching the ``attention_mask`` keep the unmasked positions;
+    anything else (e.g. a pooled [batch, d] classifier input) keeps every row.
+    """
+    d = x.shape[-1]
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, d)
+
+
+def gram_matrices(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    forward: ForwardFn | None = None,
+) -> dict[str, np.ndarray]:
+    """Gram matrix XᵀX of each linear layer's inputs over all non-padding tokens.
+
+    Forward hooks on every ``nn.Linear`` (and GPT-2 ``Conv1D``) accumulate, in float64, the
+    input vectors whose ``attention_mask`` (a key of the batch) is 1. Keys are the weights'
+    parameter names; the matrices are [in, in] (see ``input_axes`` for the weight's layout).
+    A layer that never ran gets no entry. Sums, not means: more data weighs more in RegMean.
+    """
+    import torch
+
+    run = forward or _default_forward
+    layers = linear_modules(model)
+    acc: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
+            rows = _rows(args[0].detach(), state["mask"])
+            if rows.device.type == "mps":  # no float64 there
+                rows = rows.cpu()
+            rows = rows.to(torch.float64)
+            g = rows.T @ rows
+            acc[name] = g if name not in acc else acc[name] + g
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, (m, _) in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["mask"] = batch.get("attention_mask")
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: g.cpu().numpy() for n, g in sorted(acc.items())}
+
+
+# ── losses for Hugging Face models ──────────────────────────────────────────────────────────
+
+
+def classification_nll(model: Any, batch: Batch) -> torch.Tensor:
+    """Σ −log p(label | text) of a sequence classifier (``batch["labels"]``: [B] ints)."""
+    import torch.nn.functional as F
+
+    logits = _default_forward(model, batch).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+def causal_lm_nll(model: Any, batch: Batch) -> torch.Tensor:
+    """Σ −log p(token | previous tokens) over the non-padding next tokens of each sequence.
+
+    The targets are ``input_ids`` shifted by one, or ``labels`` ([B, T], −100 ignored) if given.
+    """
+    import torch.nn.functional as F
+
+    logits = _default_forward(model, batch).logits[:, :-1]
+    targets = batch.get("labels", batch["input_ids"])[:, 1:].clone()
+    if "attention_mask" in batch:
+        targets[batch["attention_mask"][:, 1:] == 0] = -100
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+# ── data ────────────────────────────────────────────────────────────────────────────────────
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], max_samples: int | None
+) -> tuple[list[str], list[int] | None]:
+    """Texts and labels of a ``{"text": …, "label": int?}`` per line file (labels: all or none)."""
+    texts: list[str] = []
+    labels: list[int] = []
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if max_samples is not None and len(texts) >= max_samples:
+                break
+            row = _jsonl_row(path, lineno, line)
+            if texts and ("label" in row) != bool(labels):
+                raise UserError(
+                    f'{path}:{lineno}: some lines have a "label", others not',
+                    hint="label every line, or none",
+                )
+            if "label" in row:
+                labels.append(row["label"])
+            texts.append(row["text"])
+    return texts, (labels if labels else None)
+
+
+def _jsonl_row(path: str | os.PathLike[str], lineno: int, line: str) -> dict[str, Any]:
+    where = f"{path}:{lineno}"
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise UserError(f"{where}: not JSON", hint="one JSON object per line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise UserError(f'{where}: no "text" string', hint='write {"text": "...", "label": 0}')
+    label = row.get("label")
+    if "label" in row and (isinstance(label, bool) or not isinstance(label, int)):
+        raise UserError(f'{where}: "label" must be an integer, got {label!r}')
+    return row
+
+
+def read_npz(path: str | os.PathLike[str], max_samples: int | None) -> dict[str, np.ndarray]:
+    """``input_ids`` [N, T], ``attention_mask`` [N, T] (default: ones), ``labels`` [N] or [N, T]."""
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: np.asarray(z[k]) for k in z.files}
+    if (
+        "input_ids" not in data
+        or data["input_ids"].ndim != 2
+        or data["input_ids"].dtype.kind not in "iu"
+    ):
+        raise UserError(f"{path}: needs an integer 'input_ids' array of shape [N, T]")
+    ids = data["input_ids"]
+    data.setdefault("attention_mask", np.ones_like(ids))
+    unknown = sorted(set(data) - {"input_ids", "attention_mask", "labels"})
+    if unknown or data["attention_mask"].shape != ids.shape:
+        raise UserError(
+            f"{path}: unexpected arrays {unknown} or attention_mask shape",
+            hint="input_ids, attention_mask, labels",
+        )
+    if "labels" in data and data["labels"].shape not in ((len(ids),), ids.shape):
+        raise UserError(f"{path}: labels must be [N] or [N, T]")
+    n = len(ids) if max_samples is None else min(len(ids), max_samples)
+    return {k: v[:n] for k, v in data.items()}
+
+
+def _npz_batches(
+    data: Mapping[str, np.ndarray], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    import torch
+
+    n = len(data["input_ids"])
+    for start in range(0, n, batch_size):
+        yield {
+            k: torch.from_numpy(v[start : start + batch_size].astype(np.int64))
+            for k, v in data.items()
+        }
+
+
+def _text_batches(
+    texts: list[str], labels: list[int] | None, tokenizer: Any, batch_size: int, max_length: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    import torch
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels[start : start + batch_size], dtype=torch.long)
+        yield batch
+
+
+# ── Hugging Face models: ``potluck stats`` ───────────────────────────────────────────────────
+
+
+def load_hf_model(
+    model_dir: str | os.PathLike[str], kind: str, has_labels: bool
+) -> tuple[Any, str]:
+    """(model, task) from a local model directory (never the hub).
+
+    A sequence classifier when the data has labels and the config's architecture is one
+    (``*ForSequenceClassification``), else a causal LM; for Gram statistics a model with neither
+    head falls back to the bare ``AutoModel``.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    archs = list(getattr(config, "architectures", None) or [])
+    cls: Any
+    if has_labels and any(a.endswith("ForSequenceClassification") for a in archs):
+        cls, task = transformers.AutoModelForSequenceClassification, "classification"
+    else:
+        cls, task = transformers.AutoModelForCausalLM, "causal_lm"
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True)
+    except ValueError:
+        if kind != "gram":
+            raise UserError(
+                f"{model_dir}: no sequence-classification or causal-LM head for a Fisher",
+                hint="Fisher needs a likelihood: label the data for a classifier, or use an LM",
+            ) from None
+        model, task = (
+            transformers.AutoModel.from_pretrained(model_dir, local_files_only=True),
+            "base",
+        )
+    return model, task
+
+
+def checkpoint_hashes(model_dir: str | os.PathLike[str], names: Iterable[str]) -> dict[str, str]:
+    """{name: sha256 of the tensor's bytes} for ``names`` found in the directory's safetensors.
+
+    A safetensors tensor is stored little-endian in C order, so the sha256 of its raw bytes is
+    ``ops.patchfile.tensor_sha256`` of the tensor.
+    """
+    wanted = set(names)
+    out: dict[str, str] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        layout = scan_file(path)
+        with path.open("rb") as f:
+            for seg in layout.tensor_segments():
+                if seg.name in wanted:
+                    f.seek(seg.offset)
+                    out[seg.name] = hashlib.sha256(f.read(seg.length)).hexdigest()
+    return out
+
+
+def _batches(
+    data: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    max_samples: int | None,
+    batch_size: int,
+    max_length: int,
+) -> tuple[list[dict[str, torch.Tensor]], bool]:
+    """All batches of the data file (tokenized with the model's tokenizer for JSONL)."""
+    if str(data).endswith(".npz"):
+        arrays = read_npz(data, max_samples)
+        return list(_npz_batches(arrays, batch_size)), "labels" in arrays
+    import transformers
+
+    texts, labels = read_jsonl(data, max_samples)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return list(_text_batches(texts, labels, tokenizer, batch_size, max_length)), labels is not None
+
+
+def _to_device(model: Any, device: str) -> Any:
+    import torch
+
+    try:
+        return model.to(torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UserError(f"cannot use device {device!r}: {e}", hint="try --device cpu") from None
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"potluck stats needs PyTorch and transformers ({e.name} is not installed)",
+            hint="install them: pip install torch transformers",
+        ) from None
+
+
+#: What the description records about the loss and Fisher variant, by (kind, task).
+_LOSSES: dict[tuple[str, str], dict[str, str]] = {
+    ("fisher", "classification"): {"loss": "classification_nll", "fisher": _EMPIRICAL},
+    ("fisher", "causal_lm"): {"loss": "causal_lm_nll", "fisher": _EMPIRICAL},
+}
+
+
+def _compute(
+    kind: str, model: Any, task: str, batches: list[dict[str, torch.Tensor]]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(statistics by parameter name, input axes of the Gram entries)."""
+    if kind == "fisher":
+        loss = classification_nll if task == "classification" else causal_lm_nll
+        return fisher_diag(model, batches, loss), {}
+    tensors = gram_matrices(model, batches)
+    return tensors, {n: a for n, a in input_axes(model).items() if n in tensors}
+
+
+def compute_stats(
+    kind: str,
+    model_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_samples: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Compute ``kind`` statistics of the model in ``model_dir`` on ``data``; write ``out``.
+
+    ``device`` is a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+    Returns a summary (what ``potluck stats --json`` prints).
+    """
+    if kind not in ("fisher", "gram"):
+        raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
+    _require_torch()
+    if batch_size < 1 or (max_samples is not None and max_samples < 1):
+        raise UserError("--batch-size and --max-samples must be at least 1")
+    batches, has_labels = _batches(data, model_dir, max_samples, batch_size, max_length)
+    model, task = load_hf_model(model_dir, kind, has_labels)
+    model = _to_device(model, device)
+    moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
+    tensors, axes = _compute(kind, model, task, moved)
+    samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    hashes = checkpoint_hashes(model_dir, tensors)
+    description = {
+        "tool": "potluck stats",
+        "model": Path(model_dir).name,
+        "task": task,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "device": str(device),
+        "data": Path(data).name,
+        **_LOSSES.get((kind, task), {}),
+    }
+    data_hash = file_sha256(data)
+    size = write_stats(
+        out,
+        kind,
+        tensors,
+        samples=samples,
+        tokens=tokens,
+        model_sha256=hashes,
+        data_sha256=data_hash,
+        input_axes=axes,
+        description=description,
+    )
+    return {
+        "path": str(out),
+        "kind": kind,
+        "task": task,
+        "tensors": len(tensors),
+        "samples": samples,
+        "tokens": tokens,
+        "bytes": size,
+        "data_sha256": data_hash,
+        "model_tensors_hashed": len(hashes),
+    }
