@@ -152,13 +152,37 @@ def test_plan_refuses_mismatched_models(tmp_path: Path) -> None:
         explain_merge(config)
 
 
-def test_plan_refuses_per_model_values_it_cannot_apply(tmp_path: Path) -> None:
-    _models(tmp_path)
+def test_plan_passes_per_model_densities(tmp_path: Path) -> None:
+    m = _models(tmp_path)
     config = parse_config({"merge_method": "ties", "base_model": "base", "models": [
         {"model": "ft0", "parameters": {"density": 0.5}},
-        {"model": "ft1", "parameters": {"density": 0.3}}]}, root=tmp_path)  # fmt: skip
-    with pytest.raises(UserError, match="different density values"):
-        explain_merge(config)
+        {"model": "ft1", "parameters": {"density": [0.2, 0.8]}},
+        {"model": "ft2"}]}, root=tmp_path)  # fmt: skip
+    jobs = {j.out.name: j for j in explain_merge(config).jobs}
+    assert jobs["model.layers.1.mlp.up_proj.weight"].params["density"] == (0.5, 0.5, 1.0)
+    assert jobs["model.layers.2.mlp.up_proj.weight"].params["density"] == (0.5, 0.8, 1.0)
+    run_merge(config, tmp_path / "out")
+    got = _read(tmp_path / "out")
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = m["base"][name].astype(np.float64)
+    taus = [m[f"ft{i}"][name].astype(np.float64) - base for i in range(3)]
+    kept = []
+    for tau, d in zip(taus, (0.5, 0.2, 1.0), strict=True):  # naive top-k per model
+        k = int(d * tau.size + 1e-9)
+        order = np.argsort(-np.abs(tau), axis=None, kind="stable")[:k]
+        out = np.zeros(tau.size)
+        out[order] = tau.reshape(-1)[order]
+        kept.append(out.reshape(tau.shape))
+    total = sum(kept)
+    sign = np.where(total >= 0, 1.0, -1.0)
+    agree = [np.where(np.sign(x) == sign, x, 0.0) for x in kept]
+    count = sum((np.sign(x) == sign).astype(float) for x in kept)
+    want = base + sum(agree) / np.where(count == 0, 1.0, count)
+    np.testing.assert_allclose(got[name], want.astype(np.float32), rtol=1e-6, atol=1e-6)
+    other = parse_config({"merge_method": "slerp", "base_model": "base", "models": [
+        {"model": "ft0", "parameters": {"t": 0.2}}]}, root=tmp_path)  # fmt: skip
+    with pytest.raises(UserError, match="applies to all models"):
+        explain_merge(other)
 
 
 # ---------------------------------------------------------------- run

@@ -34,6 +34,8 @@ __all__ = [
     "Param",
     "StatsEntry",
     "TensorStats",
+    "all_values",
+    "model_value",
     "three_way_combine",
 ]
 
@@ -155,6 +157,7 @@ class MergeMethod:
     uses_weights: bool = True
     any_dtype: bool = False
     needs_stats: str | None = None
+    per_model: tuple[str, ...] = ()
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, each checked; unknown names are a ``UserError``."""
@@ -170,8 +173,25 @@ class MergeMethod:
             )
         resolved = {k: p.default for k, p in self.params.items()}
         for key, value in given.items():
-            resolved[key] = self.params[key].check(self.name, key, value)
+            spec = self.params[key]
+            if key in self.per_model and isinstance(value, (list, tuple)):
+                resolved[key] = tuple(spec.check(self.name, key, v) for v in value)
+            else:
+                resolved[key] = spec.check(self.name, key, value)
         return resolved
+
+    def _check_per_model(self, resolved: Mapping[str, Any], count: int, name: str) -> None:
+        for key in self.per_model:
+            value = resolved.get(key)
+            if isinstance(value, tuple) and len(value) != count:
+                raise UserError(
+                    f"merge method {self.name!r}: {len(value)} values of {key!r} for {count} "
+                    f"models (tensor {name!r})",
+                    hint=f"give one {key} per model, or a single value for all",
+                    method=self.name,
+                    param=key,
+                    tensor=name,
+                )
 
     def merge(
         self,
@@ -195,10 +215,23 @@ class MergeMethod:
         resolved = self.resolve_params(params)
         models, base_arr, w, given = prepare_inputs(self, tensors, base, weights, name, seed)
         checked = prepare_stats(self, stats, models.shape[1:], len(models), name)
+        self._check_per_model(resolved, len(models), name)
         inputs = MergeInputs(models, base_arr, w, name, seed, given, checked)
         if self.any_dtype:
             return self.fn(inputs, resolved)
         return np.asarray(self.fn(inputs, resolved), dtype=COMPUTE_DTYPE)
+
+
+def model_value(p: Mapping[str, Any], key: str, i: int) -> float:
+    """Parameter ``key`` for model ``i``: its own value when given per model, else the one."""
+    value = p[key]
+    return float(value[i] if isinstance(value, tuple) else value)
+
+
+def all_values(p: Mapping[str, Any], key: str) -> tuple[float, ...]:
+    """Every value of ``key`` (one, or one per model)."""
+    value = p[key]
+    return tuple(float(v) for v in value) if isinstance(value, tuple) else (float(value),)
 
 
 Combine = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from potluck.merging.base import MergeInputs, MergeMethod
+from potluck.merging.base import MergeInputs, MergeMethod, all_values, model_value
 from potluck.merging.steps import TrimCut, apply_cut, magnitude_cut, rescale
 from potluck.merging.task_arithmetic import generalized_task_arithmetic
 from potluck.merging.validate import COMPUTE_DTYPE
@@ -48,7 +48,7 @@ class BlockMerge:
     weights: np.ndarray | None
     name: str
     seed: int
-    trim_density: float | None = None
+    trim_density: tuple[float, ...] | None = None
     cuts: list[TrimCut | None] = field(default_factory=list)
     used: list[int] = field(default_factory=list)
 
@@ -71,7 +71,8 @@ class BlockMerge:
         for i, m in enumerate(models):
             mags = np.subtract(m, base, dtype=COMPUTE_DTYPE).reshape(-1)
             np.abs(mags, out=mags)
-            self.cuts.append(magnitude_cut(mags, self.trim_density, name=self.name))
+            density = self.trim_density[i if len(self.trim_density) > 1 else 0]
+            self.cuts.append(magnitude_cut(mags, density, name=self.name))
             del mags
             if done is not None:
                 done(i)
@@ -102,7 +103,7 @@ class BlockMerge:
         self, tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
     ) -> np.ndarray:
         kept, self.used[i] = apply_cut(tau, self.cuts[i], self.used[i])
-        return rescale(kept, tau, float(p["density"]), str(p["rescale"]))
+        return rescale(kept, tau, model_value(p, "density", i), str(p["rescale"]))
 
 
 def blockwise(
@@ -120,9 +121,9 @@ def blockwise(
     if method.name not in _GTA:
         return None
     resolved = method.resolve_params(params)
-    density = float(resolved.get("density", 1.0))
-    if density >= 1:
+    densities = all_values(resolved, "density") if "density" in resolved else (1.0,)
+    if min(densities) >= 1:
         return BlockMerge(method, dict(params), w, name, seed)
     if method.name == "ties" and resolved["rescale"] != "l1":
-        return BlockMerge(method, dict(params), w, name, seed, trim_density=density)
+        return BlockMerge(method, dict(params), w, name, seed, trim_density=densities)
     return None

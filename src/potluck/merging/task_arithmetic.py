@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.base import MergeInputs, MergeMethod, Param
+from potluck.merging.base import MergeInputs, MergeMethod, Param, all_values, model_value
 from potluck.merging.rng import keyed_generator
 from potluck.merging.steps import (
     CONSENSUS_METHODS,
@@ -84,10 +84,10 @@ def _rescale(default: str) -> Param:
 
 
 def sparsify_trim(
-    tau: np.ndarray, _i: int, inputs: MergeInputs, p: Mapping[str, Any]
+    tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
 ) -> np.ndarray:
     """TIES trim of one task vector, then ``rescale`` (by the density for ``"inverse"``)."""
-    density = float(p["density"])
+    density = model_value(p, "density", i)
     return rescale(trim(tau, density, name=inputs.name), tau, density, str(p["rescale"]))
 
 
@@ -95,18 +95,18 @@ def sparsify_random(
     tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
 ) -> np.ndarray:
     """DARE: drop entries with probability 1 − density (keyed by seed, model, tensor), rescale."""
-    density = float(p["density"])
+    density = model_value(p, "density", i)
     gen = keyed_generator(inputs.seed, i, inputs.name)
     mask = random_keep_mask(gen, density, tau.shape)
     return rescale(np.where(mask, tau, 0.0), tau, density, str(p["rescale"]))
 
 
 def sparsify_outliers(
-    tau: np.ndarray, _i: int, inputs: MergeInputs, p: Mapping[str, Any]
+    tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
 ) -> np.ndarray:
     """Model Breadcrumbs: two-tailed magnitude mask, then ``rescale`` by the density."""
-    density = float(p["density"])
-    kept = trim_outliers(tau, density, float(p["gamma"]), name=inputs.name)
+    density = model_value(p, "density", i)
+    kept = trim_outliers(tau, density, model_value(p, "gamma", i), name=inputs.name)
     return rescale(kept, tau, density, str(p["rescale"]))
 
 
@@ -114,14 +114,19 @@ def sparsify_magprune(
     tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
 ) -> np.ndarray:
     """DELLA MagPrune: drop with rank-based probabilities, rescale by each entry's 1/p."""
-    probs = magprune_keep_probs(tau, float(p["density"]), float(p["epsilon"]), str(p["rank_scope"]))
+    density, eps = model_value(p, "density", i), model_value(p, "epsilon", i)
+    probs = magprune_keep_probs(tau, density, eps, str(p["rank_scope"]))
     gen = keyed_generator(inputs.seed, i, inputs.name)
     mask = random_keep_mask(gen, probs, tau.shape)
     return rescale(np.where(mask, tau, 0.0), tau, probs, str(p["rescale"]))
 
 
-def _check_della(method: str, p: Mapping[str, Any], name: str) -> None:
-    density, eps = float(p["density"]), float(p["epsilon"])
+def _check_della(method: str, p: Mapping[str, Any], name: str, count: int) -> None:
+    for i in range(count):
+        _check_della_one(method, model_value(p, "density", i), model_value(p, "epsilon", i), name)
+
+
+def _check_della_one(method: str, density: float, eps: float, name: str) -> None:
     if density < 1 and not (density - eps > 0 and density + eps <= 1):
         raise UserError(
             f"merge method {method!r}: density ± epsilon = [{density - eps:g}, {density + eps:g}] "
@@ -145,7 +150,7 @@ def generalized_task_arithmetic(
     """The shared pipeline (see the module docstring) for one tensor."""
     assert inputs.base is not None  # needs_base is checked before any method runs
     taus = task_vectors(inputs.models, inputs.base)
-    if sparsifier is not None and float(p["density"]) < 1:
+    if sparsifier is not None and min(all_values(p, "density")) < 1:
         taus = np.stack([sparsifier(tau, i, inputs, p) for i, tau in enumerate(taus)])
     w = inputs.weights
     if consensus:
@@ -169,7 +174,7 @@ def _method(
 ) -> MergeMethod:
     def fn(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
         if "epsilon" in p:
-            _check_della(name, p, inputs.name)
+            _check_della(name, p, inputs.name, len(inputs.models))
         return generalized_task_arithmetic(
             inputs, p, method=name, sparsifier=sparsifier, consensus=consensus
         )
@@ -179,7 +184,8 @@ def _method(
     full = {"lambda_": LAMBDA, **params}
     if consensus:
         full["consensus"] = CONSENSUS
-    return MergeMethod(name, url, description, fn, full, needs_base=True)
+    per_model = tuple(k for k in ("density", "gamma", "epsilon") if k in full)
+    return MergeMethod(name, url, description, fn, full, needs_base=True, per_model=per_model)
 
 
 TIES_URL = "https://arxiv.org/abs/2306.01708"

@@ -194,6 +194,14 @@ class _Planner:
         out = TensorInfo(out_name, self.out_dtype_for(infos[0]), infos[0].shape)
         return TensorJob(out, self.method.name, models, base, params, weights, t)
 
+    def _base_index(self, spec: SliceSpec) -> int | None:
+        """Which of the slice's sources is the base model (None when the method has none)."""
+        base_ref = spec.base_model or self.config.base_model
+        if not (self.method.needs_base or self.method.name == "slerp") or base_ref is None:
+            return None
+        at = [i for i, src in enumerate(spec.sources) if src.model == base_ref]
+        return at[0] if at else None
+
     def _split_base(
         self,
         spec: SliceSpec,
@@ -239,6 +247,7 @@ class _Planner:
     ) -> tuple[dict[str, Any], tuple[float, ...] | None]:
         per_source = [src.parameters for src in spec.sources]
         layered = [spec.parameters, self.config.parameters]
+        base_at = self._base_index(spec)
         known = set(self.method.params) | set(ALIASES) | set(NO_EFFECT) | set(PER_MODEL)
         for where in [*per_source, *layered]:
             unknown = sorted(set(where) - known)
@@ -251,13 +260,24 @@ class _Planner:
                     unknown=unknown,
                     valid=valid,
                 )
+        for where in per_source:
+            misplaced = sorted(k for k in where if k not in PER_MODEL and k not in NO_EFFECT)
+            if misplaced:
+                raise UserError(
+                    f"parameter {', '.join(map(repr, misplaced))} of {self.method.name!r} applies "
+                    "to all models, but is set for one model",
+                    hint="move it to the top-level (or slice) `parameters`; per-model: "
+                    + ", ".join(PER_MODEL),
+                    params=misplaced,
+                )
         params: dict[str, Any] = {}
         for key in list(self.method.params) + list(ALIASES):
             target = ALIASES.get(key, key)
-            per_model = [_lookup([w], key, tensor, t) for w in per_source]
+            per_model = [_lookup([w], key, tensor, t) for j, w in enumerate(per_source)
+                         if j != base_at]  # fmt: skip
             value = _lookup(layered, key, tensor, t)
             if key in PER_MODEL and any(v is not None for v in per_model):
-                value = _one_value(key, per_model, tensor)
+                value = self._per_model_value(key, per_model, value, tensor)
             if value is not None:
                 params[target] = _convert(target, value)
         weights = None
@@ -267,6 +287,16 @@ class _Planner:
                 weights = tuple(1.0 if w is None else float(w) for w in ws)
         self.method.resolve_params(params)
         return params, weights
+
+    def _per_model_value(self, key: str, values: list[Any], fallback: Any, tensor: str) -> Any:
+        """One value when the models agree; a tuple (one per model) when the method takes that."""
+        filled = [fallback if v is None else v for v in values]
+        if len(set(filled)) == 1:
+            return filled[0]
+        if key in self.method.per_model:
+            default = self.method.params[key].default
+            return tuple(default if v is None else v for v in filled)
+        return _one_value(key, values, tensor)
 
 
 def _lookup(layers: Sequence[Mapping[str, Any]], key: str, tensor: str, t: float) -> Any:
