@@ -32,11 +32,13 @@ def init() -> None:
 
 
 def install_repo(repo: Repo) -> list[str]:
-    """Drivers, the pre-push hook (chained after any existing one) and the store directory."""
+    """Drivers, the pre-push and prepare-commit-msg hooks (each chained after any existing one)
+    and the store directory."""
     command = _driver_command()
     changed = setup.install(repo.git, command=command)
-    if setup.install_hook(repo.git, "pre-push", setup.pre_push_line(command)):
-        changed.append("hooks/pre-push")
+    for hook, line in setup.HOOKS.items():
+        if setup.install_hook(repo.git, hook, line(command)):
+            changed.append(f"hooks/{hook}")
     repo.store.root.mkdir(parents=True, exist_ok=True)
     return changed
 
@@ -147,6 +149,8 @@ def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
             f"{r['commit'][:10]} {r['subject'][:50]:<50} {what}; "
             f"{human_bytes(r['changed_bytes'])} of {human_bytes(r['size'])} changed"
         )
+        for v in r.get("merge") or []:
+            click.echo(f"{'':10} merged: {v}")
 
 
 @cli.command()

@@ -6,6 +6,7 @@ stdout of these is git's protocol channel; every log line goes to stderr.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -18,6 +19,8 @@ from potluck.git import sync
 from potluck.git.filter import PotluckFilter
 from potluck.git.filter_process import serve_stdio
 from potluck.git.merge_driver import run_merge_driver
+from potluck.git.merge_record import prepare_commit_msg as add_merge_trailers
+from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
 from potluck.git.sync import CheckoutFetcher
 
@@ -126,3 +129,17 @@ def merge_driver(base: str, ours: str, theirs: str, path: str) -> None:
             f"`potluck resolve {path} --take ours|theirs`"
         )
         sys.exit(1)
+
+
+@cli.command(name="prepare-commit-msg", hidden=True)
+@click.argument("message_file")
+@click.argument("source", required=False, default="")
+@click.argument("commit", required=False, default="")
+@handle_errors
+def prepare_commit_msg(message_file: str, source: str, commit: str) -> None:
+    """git prepare-commit-msg hook: FILE [SOURCE [SHA]]. A merge commit gets a
+    ``Potluck-Merge:`` trailer per file the merge driver merged; other commits are left alone."""
+    del source, commit  # a merge is recognised by MERGE_HEAD (`git commit -m` says "message")
+    lines = add_merge_trailers(Git(Path.cwd()), Path(message_file).resolve())
+    if lines:
+        err(f"potluck: recorded how {len(lines)} file(s) were merged in the commit message")

@@ -14,6 +14,7 @@ import numpy as np
 from potluck.errors import UserError
 from potluck.formats import scan_stream
 from potluck.git.maintenance import reachable_manifests
+from potluck.git.merge_record import commit_trailers
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
@@ -213,7 +214,9 @@ def diff(
 
 
 def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, Any]]:
-    """One summary per commit that changed ``path``: tensors added/removed/changed, bytes."""
+    """One summary per commit that changed ``path``: tensors added/removed/changed, bytes; for
+    merge commits ``merge`` lists the ``Potluck-Merge`` trailer values about ``path`` (else
+    None), changes counted against the first parent."""
     rel = repo.relpath(path)
     rows = []
     with repo.git.batch() as batch:
@@ -223,6 +226,9 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
             prev_data = batch.get(f"{commit}^:{rel}")
             prev = parse(prev_data) if prev_data is not None and is_manifest(prev_data) else None
             rows.append(_log_row(commit, subject, prev, cur))
+    merges = commit_trailers(repo.git, [r["commit"] for r in rows], rel)
+    for r in rows:  # merge commits: how potluck merged the file (its Potluck-Merge trailer)
+        r["merge"] = merges.get(r["commit"])
     return rows
 
 

@@ -2,7 +2,9 @@
 
 Called as ``git-potluck merge-driver %O %A %B %P``. The result manifest is written to %A; on a
 conflict it keeps "ours" for the conflicted tensors (so the checked-out file always loads), a
-record goes to ``.git/potluck/merge/`` and the exit code is 1.
+record goes to ``.git/potluck/merge/`` and the exit code is 1. Every merged file also gets an
+entry in the merge record (``potluck.git.merge_record``) that the merge commit's
+``Potluck-Merge:`` trailer is made from.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from potluck.config import MergeRule
 from potluck.errors import UserError
 from potluck.fileio import atomic_writer
+from potluck.git import merge_record as mrec
 from potluck.git.repo import Repo
 from potluck.merging import MERGE_METHODS, three_way_combine
 from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
@@ -94,13 +97,43 @@ def run_merge_driver(repo: Repo, base_f: str, ours_f: str, theirs_f: str, path: 
     base = parse(blobs[0]) if is_manifest(blobs[0]) else None
     ours, theirs = parse(blobs[1]), parse(blobs[2])
     result = merge_manifests(base, ours, theirs, repo.odb, rule_combiner(repo.config.merge, path))
-    Path(ours_f).write_bytes(dumps(result.manifest))
+    out = dumps(result.manifest)
+    Path(ours_f).write_bytes(out)
     rp = record_path(repo, path)
     if result.conflicts:
         save_record(repo, ConflictRecord(path, base, ours, theirs, result.conflicts, result.reason))
     elif rp.exists():
         rp.unlink()
+    _record_merge(repo, path, blobs, out, (base, ours, theirs), result)
     return result
+
+
+def _record_merge(
+    repo: Repo,
+    path: str,
+    blobs: list[bytes],
+    out: bytes,
+    sides: tuple[Manifest | None, Manifest, Manifest],
+    result: MergeResult,
+) -> None:
+    """Append how ``path`` was merged to the merge record (see ``merge_record``)."""
+    head = repo.git.rev_parse("HEAD")
+    ids = [mrec.blob_id(b, head) for b in blobs]
+    entry = mrec.MergeEntry(
+        path,
+        head,
+        {
+            "base": ids[0] if sides[0] is not None else None,
+            "ours": ids[1],
+            "theirs": ids[2],
+            "result": None if result.conflicts else mrec.blob_id(out, head),
+        },
+        combined=mrec.group_by_rule(repo.config.merge, path, result.combined),
+        from_theirs=list(result.from_theirs),
+        from_ours=mrec.one_sided_ours(*sides),
+        conflicts=list(result.conflicts),
+    )
+    mrec.append_entry(repo.git, entry)
 
 
 def _side(index: int) -> Combine:
@@ -159,10 +192,23 @@ def resolve(repo: Repo, path: str, take: str, pattern: str | None = None) -> lis
     _write_worktree(repo, path, manifest)
     if left:
         save_record(repo, ConflictRecord(path, rec.base, manifest, rec.theirs, left, rec.reasons))
+        _record_resolution(repo, path, decided, None)
         return left
     repo.git.run("add", "--", path)
     rp.unlink()
+    _record_resolution(repo, path, decided, repo.git.rev_parse(f":{path}"))
     return []
+
+
+def _record_resolution(repo: Repo, path: str, decided: dict[str, str], staged: str | None) -> None:
+    """Add ``potluck resolve``'s decisions (and, when finished, the staged blob) to the path's
+    merge-record entry."""
+    entry = mrec.latest_entry(repo.git, path)
+    if entry is None:
+        return
+    entry.resolved.update(decided)
+    entry.blobs["result"] = staged
+    mrec.append_entry(repo.git, entry)
 
 
 def _write_worktree(repo: Repo, path: str, manifest: Manifest) -> None:

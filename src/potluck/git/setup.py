@@ -14,6 +14,8 @@ from pathlib import Path
 from potluck.git.plumbing import Git
 
 SECTIONS = ("filter.potluck", "diff.potluck", "merge.potluck")
+#: The merge driver's record, under ``<git dir>/potluck/`` (``potluck.git.merge_record``).
+MERGE_RECORD = "merge-record.jsonl"
 
 
 def driver_config(command: str = "git-potluck") -> dict[str, str]:
@@ -55,6 +57,18 @@ def pre_push_line(command: str = "git-potluck") -> str:
     """The pre-push hook line: upload objects before git sends the commits; its failure stops
     the push even when other tools' lines follow."""
     return f'{command} pre-push "$@" || exit $?'
+
+
+def prepare_commit_msg_line(command: str = "git-potluck") -> str:
+    """The prepare-commit-msg hook line: write the ``Potluck-Merge:`` trailers of a merge into
+    its commit message; a failure stops the commit. potluck only starts when the merge driver
+    left a record, so ordinary commits pay one ``git rev-parse``."""
+    record = f'"$(git rev-parse --git-dir)/potluck/{MERGE_RECORD}"'
+    return f'if [ -f {record} ]; then {command} prepare-commit-msg "$@" || exit $?; fi'
+
+
+#: Hooks ``potluck init`` installs, with their line builders.
+HOOKS = {"pre-push": pre_push_line, "prepare-commit-msg": prepare_commit_msg_line}
 
 
 def hook_path(git: Git, name: str) -> Path:
