@@ -187,11 +187,11 @@ def test_bad_seed_or_name() -> None:
         m.merge([np.ones(SHAPE)], np.zeros(SHAPE), None, name=3, seed=1)  # type: ignore[arg-type]
 
 
-def test_density_that_keeps_nothing() -> None:
-    with pytest.raises(UserError, match=r"density 0\.2 keeps none of the 4 entries of tensor 'w'"):
-        merge("ties", [np.ones(4)], np.zeros(4), density=0.2)
-    with pytest.raises(UserError, match="keeps none"):
-        trim(np.ones(2), 0.1, name="w")
+def test_density_below_one_entry_keeps_the_largest() -> None:
+    # as mergekit (max(1, int(d·n))): a tiny tensor is never emptied
+    got = merge("ties", [np.array([0.5, -3.0, 1.0, 2.0])], np.zeros(4), density=0.2)
+    np.testing.assert_array_equal(got, [0.0, -3.0, 0.0, 0.0])
+    np.testing.assert_array_equal(trim(np.array([1.0, -2.0]), 0.1, name="w"), [0.0, -2.0])
 
 
 # ── keyed randomness ────────────────────────────────────────────────────────────────────────

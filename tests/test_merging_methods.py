@@ -280,7 +280,8 @@ def ref_della_probs(tau: list[float], density: float, eps: float) -> list[float]
 def test_della_matches_reference(trio, method: str, ties: bool) -> None:
     models, base = trio
     w = [1.0, 0.5, 0.8]
-    got = merge(method, models, base, w, seed=5, density=0.5, epsilon=0.2, rank_scope="tensor")
+    got = merge(method, models, base, w, seed=5, density=0.5, epsilon=0.2, rank_scope="tensor",
+                rescale="inverse")  # the paper's 1/p (the default is mergekit's L1 rescale)
     dropped = []
     for i, tau in enumerate(taus_of(models, base)):
         probs = ref_della_probs(tau, 0.5, 0.2)
@@ -288,6 +289,13 @@ def test_della_matches_reference(trio, method: str, ties: bool) -> None:
         dropped.append([t / p if u < p else 0.0 for t, p, u in zip(tau, probs, draws, strict=True)])
     want = finish(base, ref_combine(dropped, w, ties, ties))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_drop_methods_default_to_mergekits_l1_rescale(method: str) -> None:
+    from potluck.merging import MERGE_METHODS
+
+    assert MERGE_METHODS.get(method).params["rescale"].default == "l1"
 
 
 def test_della_keep_probability_bounds(rng) -> None:

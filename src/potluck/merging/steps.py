@@ -29,22 +29,12 @@ def task_vectors(models: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 def keep_count(density: float, size: int) -> int:
-    """How many of ``size`` entries a ``density`` keeps: floor, robust to float error.
+    """How many of ``size`` entries a ``density`` keeps: floor, robust to float error, and at
+    least one (as mergekit's ``max(1, …)``: a small tensor such as a norm is never emptied).
 
     (0.29 · 100 keeps 29; a bare ``int()``, as in mergekit, would keep 28.)
     """
-    return min(size, int(density * size + 1e-9))
-
-
-def _need_some(kept: int, size: int, density: float, name: str) -> None:
-    if kept == 0:
-        raise UserError(
-            f"density {density:g} keeps none of the {size} entries of tensor {name!r}",
-            hint=f"raise density to at least {1 / size:.3g} (or leave this tensor out)",
-            tensor=name,
-            density=density,
-            size=size,
-        )
+    return max(1, min(size, int(density * size + 1e-9))) if size else 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +61,6 @@ def magnitude_cut(mags: np.ndarray, density: float, *, name: str = "") -> TrimCu
     """``trim_cut`` given ``|τ|`` as a flat float64 array, which it reorders in place."""
     size = mags.size
     k = keep_count(density, size)
-    _need_some(k, size, density, name)
     kth = size - k
     mags.partition(kth)
     threshold = float(mags[kth])
@@ -109,14 +98,13 @@ def trim_outliers(tau: np.ndarray, density: float, gamma: float, *, name: str = 
     largest magnitudes, then the smallest, so that ``density`` remains.
 
     If density + gamma > 1, fewer large entries are dropped to reach the density. density ≥ 1
-    returns a copy (gamma is then unused, as in mergekit). Unlike mergekit, whose slice
-    ``[n_bot:-n_top]`` keeps nothing when ``n_top`` rounds to 0, that case keeps the top entries.
+    returns a copy (gamma is then unused, as in mergekit); as in mergekit 0.1.5, when ``n_top``
+    rounds to 0 the top entries are kept.
     """
     size = tau.size
     if density >= 1 or size == 0:
         return tau.copy()
     target = keep_count(density, size)
-    _need_some(target, size, density, name)
     n_top = min(int(gamma * size + 1e-9), size - target)
     n_bot = size - target - n_top
     flat = tau.ravel()

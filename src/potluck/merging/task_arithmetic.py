@@ -10,12 +10,12 @@ Defaults follow mergekit (https://github.com/arcee-ai/mergekit, ``merge_methods/
     ----------------  ---------  ---------  ---------  ----------------------------------------
     task_arithmetic   -          -          False      -
     ties              trim       sum        True       none
-    dare_linear       random     -          False      inverse (1/density: paper; mergekit ≥0.1: l1)
-    dare_ties         random     sum        False      inverse
+    dare_linear       random     -          False      l1 (mergekit ≥ 0.1; paper: 1/density)
+    dare_ties         random     sum        False      l1
     breadcrumbs       outliers   -          False      none
     breadcrumbs_ties  outliers   sum        False      none
-    della             magprune   sum        True       inverse (1/p: paper)
-    della_linear      magprune   -          False      inverse
+    della             magprune   sum        True       l1 (the paper: inverse, 1/p per entry)
+    della_linear      magprune   -          False      l1
 
 All take ``lambda_`` (mergekit's ``lambda``, default 1.0) and per-model weights (default 1.0).
 
@@ -214,20 +214,20 @@ METHODS: tuple[MergeMethod, ...] = (
     _method(
         "dare_linear",
         DARE_URL,
-        "DARE: drop each entry with probability 1 − density, rescale by 1/density (paper), "
-        "then task arithmetic. normalize=False as in mergekit.",
+        "DARE: drop each entry with probability 1 − density, rescale to the L1 norm (mergekit; "
+        "rescale='inverse' is the paper's 1/density), then task arithmetic; normalize=False.",
         sparsify_random,
         False,
-        {"density": DENSITY, "normalize": _normalize(False), "rescale": _rescale("inverse")},
+        {"density": DENSITY, "normalize": _normalize(False), "rescale": _rescale("l1")},
     ),
     _method(
         "dare_ties",
         DARE_URL,
         "DARE drop + rescale, then TIES sign election and disjoint sum; mergekit defaults "
-        "(normalize=False, consensus='sum'), rescale by 1/density (paper).",
+        "(normalize=False, consensus='sum', rescale='l1'; 'inverse' is the paper's 1/density).",
         sparsify_random,
         True,
-        {"density": DENSITY, "normalize": _normalize(False), "rescale": _rescale("inverse")},
+        {"density": DENSITY, "normalize": _normalize(False), "rescale": _rescale("l1")},
     ),
     _method(
         "breadcrumbs",
@@ -260,7 +260,8 @@ METHODS: tuple[MergeMethod, ...] = (
         "della",
         DELLA_URL,
         "DELLA: MagPrune (keep probability in [density−ε, density+ε] by magnitude rank, rescale "
-        "by 1/p) → elect sign → disjoint mean; mergekit defaults (normalize=True, ε=0.15).",
+        "to the L1 norm; 'inverse' is the paper's 1/p) → elect sign → disjoint mean; mergekit "
+        "defaults (normalize=True, ε=0.15).",
         sparsify_magprune,
         True,
         {
@@ -268,7 +269,7 @@ METHODS: tuple[MergeMethod, ...] = (
             "epsilon": EPSILON,
             "rank_scope": RANK_SCOPE,
             "normalize": _normalize(True),
-            "rescale": _rescale("inverse"),
+            "rescale": _rescale("l1"),
         },
     ),
     _method(
@@ -282,7 +283,7 @@ METHODS: tuple[MergeMethod, ...] = (
             "epsilon": EPSILON,
             "rank_scope": RANK_SCOPE,
             "normalize": _normalize(False),
-            "rescale": _rescale("inverse"),
+            "rescale": _rescale("l1"),
         },
     ),
 )
