@@ -50,6 +50,7 @@ def main() -> None:
         commands,
         drivers,
         merge_cmd,
+        modular_cmd,
         patch_cmd,
         peft_cmd,
         remote_cmd,
