@@ -149,9 +149,9 @@ def test_gates_and_stale_artifacts(tmp_path: Path, base: Path, rng: np.random.Ge
     art = ra.path / "artifacts" / "arrow.safetensors"
     shutil.copyfile(rb.path / "artifacts" / "arrow.safetensors", art)
     meta = json.loads((ra.path / "expert.json").read_text())
-    from potluck.ops.experts import sha256_file
+    from potluck.fileio import file_sha256
 
-    meta["artifacts"]["arrow"]["sha256"] = sha256_file(art)
+    meta["artifacts"]["arrow"]["sha256"] = file_sha256(art)
     (ra.path / "expert.json").write_text(json.dumps(meta))
     ra = find_expert(lib, "a")
     with pytest.raises(IntegrityError, match="expert a@1: the arrow artifact is stale"):

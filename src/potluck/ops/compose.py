@@ -41,7 +41,7 @@ import tomllib
 from potluck.codecs import Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, shape_text
 from potluck.errors import FormatError, IntegrityError, UserError
-from potluck.fileio import atomic_writer
+from potluck.fileio import atomic_writer, file_sha256
 from potluck.modular import AGGREGATIONS, GRANULARITIES, ROUTERS, concat_factors
 from potluck.modular.versions import parse_ref
 from potluck.ops.experts import (
@@ -53,7 +53,6 @@ from potluck.ops.experts import (
     list_experts,
     load_artifact,
     mismatch_error,
-    sha256_file,
 )
 from potluck.ops.patchfile import PatchContents, base_digest, read_patch, write_patch
 from potluck.ops.sources import ModelSource, open_path
@@ -235,7 +234,7 @@ def _check_router(m: Manifest, records: list[ExpertRecord], root: Path) -> dict[
     if r.strategy in ("learned", "smear"):
         if r.weights_file is None:
             raise _bad(m.path, f"the {r.strategy} router needs router.weights_file")
-        return {"weights_file_sha256": sha256_file(Path(_rel(root, r.weights_file)))}
+        return {"weights_file_sha256": file_sha256(Path(_rel(root, r.weights_file)))}
     return {}
 
 
@@ -336,7 +335,7 @@ class Composition:
         if wf is None or self.router["strategy"] not in ("learned", "smear"):
             return None
         path = Path(_rel(self.root, str(wf)))
-        if sha256_file(path) != self.router.get("weights_file_sha256"):
+        if file_sha256(path) != self.router.get("weights_file_sha256"):
             raise IntegrityError(
                 f"router weights {path} changed since the lock was made",
                 hint="re-run potluck compose lock",
@@ -347,7 +346,7 @@ class Composition:
 def _locked_record(lib: Path, entry: dict[str, Any]) -> ExpertRecord:
     ref = f"{entry['name']}@{entry['version']}"
     rec = find_expert(lib, f"{entry['name']}@=={entry['version']}")
-    if rec.sha256 != entry["sha256"] or sha256_file(rec.patch_path) != entry["sha256"]:
+    if rec.sha256 != entry["sha256"] or file_sha256(rec.patch_path) != entry["sha256"]:
         raise IntegrityError(
             f"expert {ref} in the library differs from the lock ({entry['sha256'][:12]}…)",
             hint="re-run potluck compose lock, or restore the library",

@@ -18,11 +18,9 @@ refused (``IntegrityError`` naming the expert).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 
 from potluck.codecs import Payload
 from potluck.errors import FormatError, IntegrityError, UserError
-from potluck.fileio import atomic_writer
+from potluck.fileio import atomic_writer, file_sha256
 from potluck.formats import scan_file
 from potluck.formats.safetensors import build_header
 from potluck.modular import arrow_prototype
@@ -54,7 +52,6 @@ __all__ = [
     "list_experts",
     "load_artifact",
     "mismatch_error",
-    "sha256_file",
     "verify_library",
 ]
 
@@ -64,15 +61,6 @@ PATCH_FILE = "expert.patch"
 LIBRARY_VERSION = "1"
 EXPERT_VERSION = "1"
 ARTIFACT_KINDS = ("arrow", "phatgoose")
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dump_json(path: Path, value: object) -> None:
@@ -391,13 +379,8 @@ def add_expert(
     if not (lib / LIBRARY_FILE).exists():
         _dump_json(lib / LIBRARY_FILE, {"potluck_library": LIBRARY_VERSION})
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         record = _build(tmp, Path(source), name, version, base, opts)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExpertRecord(name, version, dest, record.meta)
 
 
@@ -434,7 +417,7 @@ def _build(
     contents = read_patch(tmp / PATCH_FILE)
     if src_info["kind"] == "patch":  # an imported adapter was already matched to the base
         _check_base(ref, contents.base, base)
-    sha = sha256_file(tmp / PATCH_FILE)
+    sha = file_sha256(tmp / PATCH_FILE)
     meta: dict[str, Any] = {
         "potluck_expert": EXPERT_VERSION,
         "name": name,
@@ -477,7 +460,7 @@ def _add_artifact(
         {n: v.reshape(-1) for n, v in tensors.items()},
         _stamps(kind, stamps["expert_sha256"], stamps["base_digest"]),
     )
-    meta["artifacts"][kind] = {"file": rel, "sha256": sha256_file(tmp / rel), **stamps}
+    meta["artifacts"][kind] = {"file": rel, "sha256": file_sha256(tmp / rel), **stamps}
 
 
 def base_mismatches(
@@ -518,7 +501,7 @@ def _verify_one(record: ExpertRecord, base: ModelSource | None, cache: dict[str,
     out: list[str] = []
     if not record.patch_path.is_file():
         return [f"patch file {record.patch_path} is missing"]
-    sha = sha256_file(record.patch_path)
+    sha = file_sha256(record.patch_path)
     if sha != record.sha256:
         out.append(f"patch sha256 {sha[:12]}… differs from the recorded {record.sha256[:12]}…")
     try:
@@ -532,7 +515,7 @@ def _verify_one(record: ExpertRecord, base: ModelSource | None, cache: dict[str,
         path = record.path / str(entry["file"])
         if not path.is_file():
             out.append(f"{kind} artifact {entry['file']} is missing")
-        elif sha256_file(path) != entry.get("sha256"):
+        elif file_sha256(path) != entry.get("sha256"):
             out.append(f"{kind} artifact {entry['file']} does not match its recorded sha256")
         else:
             try:

@@ -11,7 +11,6 @@ cards in ``patch_card``, the ``--check`` measure in ``patch_check``.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -24,6 +23,7 @@ import numpy as np
 from potluck.codecs import CODECS, Payload, choose_codec, get_codec, payload_nbytes
 from potluck.codecs.rules import Rule
 from potluck.errors import IntegrityError, UserError
+from potluck.fileio import file_sha256
 from potluck.ops.patch_card import card_text, check_card_path, relation
 from potluck.ops.patch_check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch_output import Spec, check_output, had_index, plan_output, write_output
@@ -107,15 +107,6 @@ def open_input(model: ModelInput, stack: ExitStack) -> ModelSource:
     src = open_path(model)
     stack.callback(src.close)
     return src
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _select(names: Sequence[str], glob: str | None) -> list[str]:

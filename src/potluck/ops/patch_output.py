@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.fileio import atomic_writer
+from potluck.fileio import atomic_dir, atomic_writer
 from potluck.ops.patchfile import write_safetensors
 from potluck.ops.sources import CONFIG_FILES
 from potluck.tensors.dtypes import to_numpy
@@ -128,9 +127,7 @@ def write_output(
         if card is not None:
             _write_bytes(target.parent / "README.md", card.encode("utf-8"))
         return [str(target)]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
+    with atomic_dir(target) as tmp:
         for fname, specs in plan.shards.items():
             write_safetensors(tmp / fname, specs, stream(specs))
         if plan.index:
@@ -141,12 +138,6 @@ def write_output(
         if card is not None:
             _write_bytes(tmp / "README.md", card.encode("utf-8"))
         written = sorted(p.name for p in tmp.iterdir())
-        if target.is_dir():
-            target.rmdir()  # empty (check_output): replaced by the finished directory
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [str(target / n) for n in written]
 
 

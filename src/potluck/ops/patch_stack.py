@@ -36,7 +36,8 @@ from potluck.codecs import CODECS, Payload, get_codec
 from potluck.codecs.bits import bit_view, decode_positions, encode_positions, from_bit_view
 from potluck.codecs.rules import Rule
 from potluck.errors import IntegrityError, UserError
-from potluck.ops.patch import ModelInput, decode_payload, encode_tensor, file_sha256, open_input
+from potluck.fileio import file_sha256
+from potluck.ops.patch import ModelInput, decode_payload, encode_tensor, open_input
 from potluck.ops.patchfile import (
     PatchContents,
     payload_shape_dtype,

@@ -14,11 +14,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 from potluck.codecs import CODECS, Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, ErrorReport, error_report, shape_text
 from potluck.errors import UserError
+from potluck.fileio import atomic_dir, file_sha256
 from potluck.formats import scan_file
 from potluck.formats.safetensors import build_header
 from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch
@@ -236,10 +235,8 @@ def apply_adapter(
         root = _base_root(base)
         extras = _extra_files(base, set(files))
         ref = base_ref or plan.config.base_model or Path(base_dir).resolve().name
-        text = card(ref, Path(adapter_dir).resolve().name, plan, _sha256_file(plan.adapter_file))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        text = card(ref, Path(adapter_dir).resolve().name, plan, file_sha256(plan.adapter_file))
+        with atomic_dir(out) as tmp:
             for fname, specs in files.items():
                 meta = scan_file(root / fname).metadata or None
                 arrays = (merged(plan, base, n) for n, _, _ in specs)
@@ -247,23 +244,9 @@ def apply_adapter(
             for p in extras:
                 shutil.copyfile(p, tmp / p.name)
             (tmp / "README.md").write_text(text, encoding="utf-8")
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return PeftApplyReport(
         str(out), plan.config.peft_type, list(files), plan.changed(), [p.name for p in extras]
     )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------------------- import
@@ -388,7 +371,7 @@ def import_adapter(
     desc = {
         "source": "peft",
         "peft_type": plan.config.peft_type,
-        "adapter_sha256": _sha256_file(plan.adapter_file),
+        "adapter_sha256": file_sha256(plan.adapter_file),
         "base_model": plan.config.base_model,
         "peft_kinds": kinds,
     }

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 
 from potluck.codecs import Payload
 from potluck.errors import UserError
+from potluck.fileio import atomic_dir
 from potluck.formats.safetensors import build_header, canonical_order
 from potluck.ops.patchfile import payload_shape_dtype, read_patch
 from potluck.tensors.dtypes import from_numpy
@@ -207,19 +206,11 @@ def export_patch(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory", hint="choose a new one")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         (tmp / "adapter_config.json").write_text(text, encoding="utf-8")
         _write_safetensors(tmp / "adapter_model.safetensors", _tensors(modules))
         (tmp / "README.md").write_text(_card(ref, Path(patch_path).name), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ranks = {m: int(mod.a.shape[0]) for m, mod in modules.items()}
     return PeftExportReport(
         str(out), int(config["r"]), sorted(modules), ranks, zero, any(with_bias), fifo

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from potluck.errors import UserError
+from potluck.fileio import file_sha256
 from potluck.formats import scan_file
 from potluck.ops.stats import write_stats
 
@@ -192,15 +193,6 @@ def causal_lm_nll(model: Any, batch: Batch) -> torch.Tensor:
 
 
 # ── data ────────────────────────────────────────────────────────────────────────────────────
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_jsonl(

@@ -314,4 +314,3 @@ def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
             if not buf:
                 return
             yield buf
-
