@@ -30,7 +30,7 @@ import numpy as np
 
 from potluck.codecs import Payload
 from potluck.errors import FormatError, IntegrityError, UserError
-from potluck.fileio import atomic_writer, file_sha256
+from potluck.fileio import atomic_dir, atomic_writer, file_sha256
 from potluck.formats import scan_file
 from potluck.formats.safetensors import build_header
 from potluck.modular import arrow_prototype
