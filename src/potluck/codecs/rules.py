@@ -11,14 +11,19 @@ from potluck.errors import UserError
 Rule = tuple[str, str, Mapping[str, object]]
 
 #: An example rule set: exact for norms, biases and embeddings, low rank for attention and MLP
-#: matrices. Unmatched tensors get ``choose_codec``'s default (``exact_xor``).
+#: matrices (Llama, GPT-2 and BERT names). Unmatched tensors get ``choose_codec``'s default
+#: (``exact_xor``).
 DEFAULT_RULES: list[Rule] = [
     ("*norm*", "exact_xor", {}),
+    ("*LayerNorm*", "exact_xor", {}),
+    ("*.ln_*", "exact_xor", {}),
     ("*.bias", "exact_xor", {}),
     ("*embed*", "exact_sparse", {}),
     ("*attn*", "lowrank", {"rank": 16}),
     ("*attention*", "lowrank", {"rank": 16}),
     ("*mlp*", "lowrank", {"rank": 32}),
+    ("*intermediate.dense*", "lowrank", {"rank": 32}),
+    ("*.output.dense*", "lowrank", {"rank": 32}),
 ]
 
 
