@@ -84,6 +84,19 @@ SETTINGS: list[Setting] = [
     ("mixed: exact + lowrank 8/16", "exact_xor", {}, bert_rules(8, 16)),
     ("mixed: exact norms/biases + lowrank 8", "lowrank", {"rank": 8}, bert_rules(8, 8)[:2]),
     ("mixed: potluck DEFAULT_RULES", "exact_xor", {}, "DEFAULT"),
+    *[
+        (
+            f"lowrank r={r} F16, embeddings rows=changed",
+            "lowrank",
+            {"rank": r, "factors": "F16"},
+            [
+                ("*LayerNorm*", "exact_xor", {}),
+                ("*.bias", "exact_xor", {}),
+                ("*embeddings*", "lowrank", {"rank": r, "factors": "F16", "rows": "changed"}),
+            ],
+        )
+        for r in (8, 12, 16)
+    ],
 ]
 RATIO_TARGET, COSINE_TARGET = 16.0, 0.99
 

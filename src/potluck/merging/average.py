@@ -21,9 +21,9 @@ def linear(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     ``normalize`` (default True, as in mergekit) divides by Σ wᵢ; weights summing to zero are
     then an error (mergekit silently divides by 1 instead). No weights: the plain mean.
     """
-    total = weighted_sum(inputs.models, inputs.weights)
+    total = np.asarray(weighted_sum(inputs.models, inputs.weights))  # a new array
     if p["normalize"]:
-        total = total / weight_total(inputs.weights, method="linear", name=inputs.name)
+        total /= weight_total(inputs.weights, method="linear", name=inputs.name)
     return total
 
 

@@ -76,7 +76,9 @@ def prepare_inputs(
         _check_float(method.name, arrays[0].dtype, name)
     w = _check_weights(method, weights, len(arrays), name)
     dtype = arrays[0].dtype if method.any_dtype else COMPUTE_DTYPE
-    models = np.stack([a.astype(dtype, copy=False) for a in arrays])
+    models = np.empty((len(arrays), *arrays[0].shape), dtype=dtype)
+    for i, a in enumerate(arrays):  # one converting copy each (np.stack of astype makes two)
+        models[i] = a
     base64 = None if base_arr is None else base_arr.astype(COMPUTE_DTYPE)
     return models, base64, w, weights is not None
 
