@@ -6,6 +6,7 @@ BASE and TARGET are model references: a checkpoint file, a Hugging Face director
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from potluck.errors import UserError
 from potluck.git.inspect import split_rev
 from potluck.git.models import open_model
 from potluck.ops.patch import PatchInfo, apply_patch, create_patch, patch_info
-from potluck.ops.patch_check import QualityReport
+from potluck.ops.patch_check import OutputChange, QualityReport
+from potluck.ops.patch_eval import check_eval_target, eval_patch
 from potluck.ops.patch_stack import stack_patches
 from potluck.ops.sources import ModelSource
 
@@ -84,6 +86,14 @@ def patch() -> None:
 @click.option("--task", help="Recorded in the patch description.")
 @click.option("--license", "license_", help="Recorded in the patch description.")
 @click.option("--check", is_flag=True, help="Decode every tensor and report its error vs TARGET.")
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --check: JSONL/npz inputs; report the change in TARGET's model outputs.",
+)
+@click.option("--eval-max", type=int, default=64, show_default=True, help="--eval examples.")
+@click.option("--threads", type=int, default=2, show_default=True, help="--eval torch threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def create_cmd(
@@ -101,13 +111,20 @@ def create_cmd(
     task: str | None,
     license_: str | None,
     check: bool,
+    eval_file: str | None,
+    eval_max: int,
+    threads: int,
     as_json: bool,
 ) -> None:
     """Write a patch turning BASE into TARGET (files, model directories or PATH@REV)."""
     flags = {"rank": rank, "density": density, "bits": bits}
     described = {"author": author, "task": task, "license": license_}
     parsed = [parse_rule(r) for r in rules]
+    if eval_file is not None and not check:
+        raise UserError("--eval needs --check", hint="add --check")
     with open_model(base) as base_src, open_model(target) as target_src:
+        if eval_file is not None:
+            check_eval_target(target_src)  # before anything is written
         info = create_patch(
             base_src,
             target_src,
@@ -120,6 +137,13 @@ def create_cmd(
             tensors_glob=glob,
             check=check,
         )
+        if eval_file is not None and info.quality is not None:
+            outputs = eval_patch(
+                base_src, target_src, out, eval_file, max_samples=eval_max, threads=threads
+            )
+            info = dataclasses.replace(
+                info, quality=dataclasses.replace(info.quality, outputs=outputs)
+            )
     if as_json:
         click.echo(json.dumps(create_json(info), indent=2, sort_keys=True))
         return
@@ -185,6 +209,18 @@ def _render_check(q: QualityReport) -> None:
             f"{_num(s['weighted_rel_to_delta'])} of delta, {_num(s['weighted_rel_to_target'])} of "
             f"target; overall {_num(s['overall_rel_to_delta'])} of delta"
         )
+    if q.outputs is not None:
+        _render_outputs(q.outputs)
+
+
+def _render_outputs(o: OutputChange) -> None:
+    changed = ""
+    if o.changed_predictions is not None:
+        changed = f"; {o.changed_predictions} changed predictions ({o.changed_fraction:.1%})"
+    click.echo(
+        f"outputs ({o.output}, {o.examples} examples): cosine mean {o.mean_cosine:.6f}, "
+        f"min {o.min_cosine:.6f}; max abs diff {o.max_abs_diff:.3g}{changed}"
+    )
 
 
 @patch.command("apply")

@@ -345,7 +345,7 @@ def checkpoint_hashes(model_dir: str | os.PathLike[str], names: Iterable[str]) -
     return out
 
 
-def _batches(
+def load_batches(
     data: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     max_samples: int | None,
@@ -422,7 +422,7 @@ def compute_stats(
     _require_torch()
     if batch_size < 1 or (max_samples is not None and max_samples < 1):
         raise UserError("--batch-size and --max-samples must be at least 1")
-    batches, has_labels = _batches(data, model_dir, max_samples, batch_size, max_length)
+    batches, has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
     model, task = load_hf_model(model_dir, kind, has_labels)
     model = _to_device(model, device)
     moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
