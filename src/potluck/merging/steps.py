@@ -190,13 +190,20 @@ def disjoint_mean(
     mergekit; where that sum is 0 the sum is left undivided, as in mergekit (where no entry
     agrees, the result is 0).
     """
-    agree = np.sign(weighted) == sign[np.newaxis]
-    total = np.where(agree, weighted, 0.0).sum(axis=0)
+    # |agreeing entries| = max(wᵢτᵢ · sign, 0); multiplying by ±1 is exact, so the sum equals
+    # the sum of the agreeing wᵢτᵢ bit for bit, with fewer passes over memory
+    aligned = weighted * sign[np.newaxis]
+    np.maximum(aligned, 0.0, out=aligned)
+    total = aligned.sum(axis=0)
+    total *= sign
     if not normalize:
         return np.asarray(total)
-    w = weights.reshape((-1,) + (1,) * (weighted.ndim - 1))
-    divisor = np.where(agree, w, 0.0).sum(axis=0)
-    return np.asarray(total / np.where(divisor == 0, 1.0, divisor))
+    divisor = np.zeros(sign.shape, dtype=total.dtype)
+    for i, w in enumerate(weights):
+        np.add(divisor, w, out=divisor, where=aligned[i] > 0)
+    divisor[divisor == 0] = 1.0
+    total /= divisor
+    return np.asarray(total)
 
 
 def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
