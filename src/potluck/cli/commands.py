@@ -10,7 +10,7 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import emit_json, file_diff_text, human_bytes, table
-from potluck.git import attributes, setup
+from potluck.git import attributes, evalrec, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
 from potluck.git.merge_driver import resolve as resolve_conflict
@@ -134,7 +134,10 @@ def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
 @handle_errors
 def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
     """One summary line per commit that changed PATH."""
-    rows = insp.log(Repo("."), path, max_count)
+    repo = Repo(".")
+    rows = insp.log(repo, path, max_count)
+    for r in rows:
+        r["evals"] = evalrec.evals_for(repo.git, r["commit"])
     if as_json:
         emit_json(rows)
         return
@@ -151,6 +154,9 @@ def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
         )
         for v in r.get("merge") or []:
             click.echo(f"{'':10} merged: {v}")
+        for task, ms in r["evals"].items():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in ms.items())
+            click.echo(f"{'':10} eval {task}: {shown}")
 
 
 @cli.command()

@@ -38,6 +38,7 @@ LAZY_COMMANDS = {
     "peft": "peft_cmd",
     "experts": "modular_cmd",
     "compose": "modular_cmd",
+    "eval": "eval_cmd",
     "push": "remote_cmd",
     "fetch": "remote_cmd",
     "pull": "remote_cmd",

@@ -94,7 +94,8 @@ class LowRankCodec(LossyCodec):
     ``rows="changed"`` factors only the rows of Δ that are not zero (their indices are stored;
     the others stay exactly unchanged) — an embedding matrix of which a fine-tune touched a few
     thousand token rows. ``factors="F16"`` stores the factors in float16 (half the bytes; the
-    product is formed in float32 and cast; each factor entry carries an extra error of about 2⁻¹¹ relative).
+    product is formed in float32 and cast; each factor entry carries an extra relative error of
+    about 2⁻¹¹).
     """
 
     name: ClassVar[str] = "lowrank"

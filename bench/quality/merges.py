@@ -1,0 +1,123 @@
+"""Merging the contributors' encoders with every potluck method; grid search on validation.
+
+Every merge goes through ``potluck.ops.mergerun.run_merge`` with a mergekit-style config; the
+data-aware methods read the statistics files the contributors published.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.minilm import model
+
+from .stages import log
+
+#: method → grid of (top-level parameters, per-model parameters). λ / density only.
+GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
+    "linear": [({}, {"weight": 1.0})],
+    "task_arithmetic": [({"lambda": lam}, {"weight": 1.0}) for lam in (0.3, 0.5, 0.7, 1.0)],
+    "ties": [
+        ({"lambda": lam}, {"weight": 1.0, "density": d}) for d in (0.2, 0.5) for lam in (0.7, 1.0)
+    ],
+    "dare_linear": [({"lambda": lam}, {"weight": 1.0, "density": 0.5}) for lam in (0.3, 0.5)],
+    "dare_ties": [({"lambda": lam}, {"weight": 1.0, "density": 0.5}) for lam in (0.7, 1.0)],
+    "breadcrumbs_ties": [
+        ({"lambda": lam}, {"weight": 1.0, "density": 0.8, "gamma": 0.01}) for lam in (0.7, 1.0)
+    ],
+    # the int64 position_ids buffer has no Fisher: averaged (it is equal in all models)
+    "fisher": [({"missing": "average"}, {"weight": 1.0})],
+    "regmean": [({"alpha": a}, {"weight": 1.0}) for a in (0.5, 0.9)],
+}
+STATS_KIND = {"fisher": "fisher", "regmean": "gram"}
+
+
+@dataclass(frozen=True)
+class Contributor:
+    """One fine-tune: its task, encoder file, head file and statistics files."""
+
+    task: str
+    encoder: Path
+    head: Path
+    stats: Mapping[str, Path]
+
+
+def merge_config(
+    method: str,
+    top: Mapping[str, Any],
+    per_model: Mapping[str, Any],
+    contributors: Sequence[Contributor],
+    seed: int,
+) -> dict[str, Any]:
+    """A mergekit-style config dict for merging the contributors' encoders."""
+    kind = STATS_KIND.get(method)
+    models = []
+    for c in contributors:
+        entry: dict[str, Any] = {"model": str(c.encoder), "parameters": dict(per_model)}
+        if kind:
+            entry["stats"] = str(c.stats[kind])
+        models.append(entry)
+    cfg: dict[str, Any] = {"merge_method": method, "models": models, "seed": seed}
+    cfg["parameters"] = dict(top)
+    if method not in ("linear", "fisher", "regmean"):
+        cfg["base_model"] = str(model.base_weights())
+    cfg["dtype"] = "float32"
+    return cfg
+
+
+def run_one(cfg: Mapping[str, Any], out: Path) -> Path:
+    """Run ``potluck merge`` on ``cfg``; the merged weights file."""
+    from potluck.ops.mergeconfig import parse_config
+    from potluck.ops.mergerun import run_merge
+
+    if out.exists():
+        shutil.rmtree(out)
+    run_merge(parse_config(dict(cfg)), out, workers=2)
+    files = sorted(out.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"{out}: expected one safetensors file, got {files}")
+    return files[0]
+
+
+Scorer = Callable[[Path], dict[str, float]]
+
+
+def grid_search(
+    method: str,
+    contributors: Sequence[Contributor],
+    work: Path,
+    val_scores: Scorer,
+    seed: int,
+) -> dict[str, Any]:
+    """Every grid point of ``method`` merged and scored on validation; the best kept on disk."""
+    best: dict[str, Any] = {}
+    tried = []
+    for i, (top, per_model) in enumerate(GRID[method]):
+        t0 = time.perf_counter()
+        cfg = merge_config(method, top, per_model, contributors, seed)
+        weights = run_one(cfg, work / f"{method}-{i}")
+        merge_s = time.perf_counter() - t0
+        val = val_scores(weights)
+        mean = sum(val.values()) / len(val)
+        tried.append({"top": top, "per_model": per_model, "val_mean": mean, "val": val})
+        log(f"  {method} {top} {per_model}: val {mean:.4f}  (merge {merge_s:.1f} s)")
+        if not best or mean > best["val_mean"]:
+            if best:
+                shutil.rmtree(best["dir"])
+            best = {"dir": str(weights.parent), "weights": str(weights), "config": cfg,
+                    "val_mean": mean, "val": val}  # fmt: skip
+        else:
+            shutil.rmtree(weights.parent)
+    best["grid"] = tried
+    return best
+
+
+def save_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

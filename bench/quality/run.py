@@ -1,0 +1,200 @@
+"""``python -m bench.quality``: the whole pipeline, stage by stage, with wall times.
+
+Stages: fine-tunes (cached) → linear probes → contributors' statistics → merges with every
+method (grid on validation, best point scored on test) → the communal git repository (branches,
+``git merge`` through the driver, merge commits, evaluation notes) → patches → table.
+Results: ``bench/results/quality/results-s<seed>.json`` and the markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.minilm import data, finetune, model
+
+from . import merges, patches, report, stages, workflow
+from .stages import RESULTS, Stopwatch, log
+
+TASKS = ("fortune_topic", "fortune_lang", "fortune_topic_es", "vader_words", "tweet_sentiment")
+METHODS = tuple(merges.GRID)
+GIT_MERGE_TASKS = ("fortune_topic", "fortune_topic_es")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(data.TASKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=200, help="fine-tune steps (batch 8)")
+    p.add_argument("--fisher-n", type=int, default=64, help="examples for each Fisher")
+    p.add_argument("--gram-n", type=int, default=256, help="examples for each Gram")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-patches", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def _contributors(
+    args: argparse.Namespace, tasks: list[data.Task], clock: Stopwatch
+) -> tuple[list[merges.Contributor], dict[str, finetune.Finetuned]]:
+    t0 = time.perf_counter()
+    runs = {}
+    for t in reversed(tasks):  # bench/minilm trains in forward order: share its cache
+        cfg = stages.finetune_config(t.name, args.seed, args.steps)
+        runs[t.name] = stages.cached_finetune(cfg, args.out / "finetunes")
+    clock.stage("fine-tunes", t0)
+    t0 = time.perf_counter()
+    contributors = []
+    for t in tasks:
+        run = runs[t.name]
+        folder = args.out / "stats" / f"{run.folder.name}-f{args.fisher_n}-g{args.gram_n}"
+        st = stages.contributor_stats(run, t, folder, args.fisher_n, args.gram_n)
+        contributors.append(merges.Contributor(t.name, run.encoder, run.head, st))
+    clock.stage("statistics (Fisher + Gram per contributor)", t0)
+    return contributors, runs
+
+
+def _merges(
+    args: argparse.Namespace,
+    contributors: list[merges.Contributor],
+    val: stages.Evaluator,
+    test: stages.Evaluator,
+    heads: dict[str, Any],
+    clock: Stopwatch,
+) -> dict[str, dict[str, Any]]:
+    out = {}
+    work = args.out / f"merges-s{args.seed}"
+    for method in args.methods:
+        t0 = time.perf_counter()
+        cache = work / f"{method}.json"
+        if cache.is_file() and Path(json.loads(cache.read_text())["weights"]).is_file():
+            out[method] = json.loads(cache.read_text())
+            continue
+        best = merges.grid_search(
+            method, contributors, work, lambda w: val.scores(w, heads), args.seed
+        )
+        best["test"] = test.scores(Path(best["weights"]), heads)
+        merges.save_json(cache, best)
+        out[method] = best
+        log(f"  {method}: test {best['test']}")
+        clock.stage(f"merge {method} ({len(merges.GRID[method])} grid points)", t0)
+    return out
+
+
+def _git_workflow(
+    args: argparse.Namespace,
+    contributors: list[merges.Contributor],
+    runs: dict[str, finetune.Finetuned],
+    results: dict[str, Any],
+    test: stages.Evaluator,
+    heads: dict[str, Any],
+) -> dict[str, Any]:
+    """Branches, notes, the git merge and the merge commits; what was recorded where."""
+    ties = results["merges"].get("ties")
+    top, per = (ties["config"]["parameters"], ties["config"]["models"][0]["parameters"]) if ties \
+        else ({"lambda": 1.0}, {"density": 0.2})  # fmt: skip
+    params = {"lambda_": top.get("lambda", 1.0), "density": per.get("density", 0.2)}
+    ws = workflow.init_repo(args.out / "repo", model.base_weights(),
+                            workflow.merge_rules("ties", params, args.seed))  # fmt: skip
+    commits: dict[str, Any] = {"params": params}
+    for c in contributors:
+        acc = results["individual"][c.task]
+        commit = workflow.contribute(
+            ws,
+            c.task,
+            c.encoder,
+            c.head,
+            c.stats,
+            f"bench.quality fine-tune key {runs[c.task].folder.name}",
+        )
+        workflow.record(ws, commit, {c.task: {"accuracy": acc}})
+        commits[f"contrib/{c.task}"] = commit
+    pair = [c for c in contributors if c.task in GIT_MERGE_TASKS] or contributors[:2]
+    merged = workflow.git_merge(ws, [c.task for c in pair])
+    got = workflow.checkout_file(
+        ws, merged, "encoder.safetensors", args.out / "gitmerge.safetensors"
+    )
+    names = [c.task for c in pair]
+    scores = test.scores(got, heads, names)
+    workflow.record(ws, merged, {n: {"accuracy": scores[n]} for n in names})
+    ref_cfg = merges.merge_config(
+        "ties",
+        {"lambda": params["lambda_"]},
+        {"weight": 1.0, "density": params["density"]},
+        pair,
+        args.seed,
+    )
+    ref = merges.run_one(ref_cfg, args.out / "gitmerge-reference")
+    commits["gitmerge"] = {
+        "commit": merged,
+        "tasks": names,
+        "test": scores,
+        "max_abs_diff_vs_potluck_merge": report.max_abs_diff(got, ref),
+    }
+    for method, best in results["merges"].items():
+        msg = f"potluck merge config (best on validation): {best['config']}"
+        commit = workflow.commit_merge(ws, method, Path(best["weights"]), msg)
+        workflow.record(ws, commit, {t: {"accuracy": a} for t, a in best["test"].items()})
+        commits[f"merge/{method}"] = commit
+    commits["eval_show_gitmerge"] = workflow.eval_show(ws, merged)
+    log(commits["eval_show_gitmerge"])
+    return commits
+
+
+def _scorer(test: stages.Evaluator, heads: dict[str, Any], task: str) -> Callable[[Path], float]:
+    def score(weights: Path) -> float:
+        return test.scores(weights, heads, [task])[task]
+
+    return score
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every stage; print the table; write the results JSON."""
+    args = _args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    clock = Stopwatch({})
+    start = time.perf_counter()
+    t0 = time.perf_counter()
+    tasks = [data.load_task(n, seed=args.seed) for n in args.tasks]
+    for t in tasks:
+        log(t.summary())
+    clock.stage("data", t0)
+    contributors, runs = _contributors(args, tasks, clock)
+    t0 = time.perf_counter()
+    probe = stages.probes(tasks, args.seed, args.out)
+    clock.stage("linear probes", t0)
+    heads = {c.task: finetune.load_head(c.head) for c in contributors}
+    val, test = stages.Evaluator(tasks, "val"), stages.Evaluator(tasks, "test")
+    t0 = time.perf_counter()
+    individual = {c.task: test.scores(c.encoder, heads, [c.task])[c.task] for c in contributors}
+    clock.stage("individual fine-tunes on test", t0)
+    results: dict[str, Any] = {"tasks": [t.summary() for t in tasks], "probe": probe,
+                               "individual": individual}  # fmt: skip
+    results["merges"] = _merges(args, contributors, val, test, heads, clock)
+    t0 = time.perf_counter()
+    results["git"] = _git_workflow(args, contributors, runs, results, test, heads)
+    clock.stage("git workflow (branches, git merge, notes)", t0)
+    if not args.no_patches:
+        t0 = time.perf_counter()
+        results["patches"] = {}
+        for c in contributors:
+            log(f"  patches {c.task}")
+            results["patches"][c.task] = patches.patch_rows(
+                model.base_weights(), c.encoder, args.out / "patches",
+                _scorer(test, heads, c.task), args.seed,
+            )  # fmt: skip
+        clock.stage("patches", t0)
+    clock.stage("total", start)
+    results["times_s"] = clock.times
+    results["machine"] = {"platform": platform.platform(), "threads": 2,
+                          "torch": torch.__version__}  # fmt: skip
+    merges.save_json(args.out / f"results-s{args.seed}.json", results)
+    print(report.markdown(results))
+    return 0
