@@ -31,7 +31,7 @@ def test_changed_rows_only_leaves_the_others_bit_for_bit() -> None:
 
 
 def test_float16_factors_halve_the_bytes_within_the_reported_error() -> None:
-    base, new, rows = _embedding(np.random.default_rng(1))
+    base, new, _rows = _embedding(np.random.default_rng(1))
     codec = get_codec("lowrank")
     f32 = codec.encode(new, base, name="wte", seed=0, rank=3, rows="changed")
     f16 = codec.encode(new, base, name="wte", seed=0, rank=3, rows="changed", factors="F16")
