@@ -9,6 +9,7 @@ a local bare repository, and ships a contributor's fine-tune as a small patch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -105,6 +106,10 @@ def run_demo(workdir: Path | None = None, log: Log = print) -> dict[str, object]
     res.update(report_merge(sh, merge_sources(load(str(root / FILE)), *sides), log))
     res.update(share(sh, log))
     res.update(patch_story(sh, Path(str(res["share_root"])) / "hub.git", revs, rng, log))
+    if importlib.util.find_spec("torch") is not None:  # the routing story needs torch
+        from potluck.demo.routing_story import routing_story
+
+        res.update(routing_story(root.with_name(root.name + "-routing"), log))
     return res
 
 
@@ -206,7 +211,7 @@ def main(keep: bool = False) -> int:
     t0 = time.perf_counter()
     res = run_demo()
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s")
-    dirs = [str(res[k]) for k in ("root", "share_root", "patch_root")]
+    dirs = [str(res[k]) for k in ("root", "share_root", "patch_root", "routing_root") if k in res]
     if not keep:
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
