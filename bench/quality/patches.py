@@ -25,6 +25,16 @@ CODECS: list[tuple[str, str, dict[str, object], list[Rule]]] = [
     ("ternary d=0.1", "ternary", {"density": 0.1}, []),
     ("lowrank r=8", "lowrank", {"rank": 8}, []),
     ("exact norms/bias/emb + lowrank r=8", "lowrank", {"rank": 8}, EXACT_SMALL),
+    (
+        "lowrank r=12 F16, embeddings rows=changed",
+        "lowrank",
+        {"rank": 12, "factors": "F16"},
+        [
+            ("*LayerNorm*", "exact_xor", {}),
+            ("*.bias", "exact_xor", {}),
+            ("*embeddings*", "lowrank", {"rank": 12, "factors": "F16", "rows": "changed"}),
+        ],
+    ),
 ]
 
 
