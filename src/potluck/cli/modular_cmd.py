@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import emit_json
 from potluck.errors import IntegrityError, UserError
 from potluck.git.models import open_model
 from potluck.ops.compose import export_mixture, load_composition, lock_manifest, write_lock
@@ -38,7 +39,10 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the result a
 
 
 def _emit(data: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(text)
 
 
 def _pairs(items: tuple[str, ...], what: str) -> dict[str, float]:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import emit_json
 from potluck.codecs.rules import Rule
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
@@ -145,7 +146,7 @@ def create_cmd(
                 info, quality=dataclasses.replace(info.quality, outputs=outputs)
             )
     if as_json:
-        click.echo(json.dumps(create_json(info), indent=2, sort_keys=True))
+        emit_json(create_json(info))
         return
     _render_create(info)
 
@@ -294,7 +295,7 @@ def stack_cmd(
                 parts, out, base=src, rules=parsed, default_codec=codec, seed=seed
             )
     if as_json:
-        click.echo(json.dumps(vars(report), indent=2, sort_keys=True))
+        emit_json(vars(report))
         return
     for name, how in report.composed.items():
         err = report.errors.get(name)
@@ -332,6 +333,6 @@ def info_cmd(patch_file: str, as_json: bool) -> None:
     """Show what PATCH changes: codecs, sizes, errors and the base it needs."""
     info = patch_info(patch_file)
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        emit_json(info)
     else:
         _render_info(info)

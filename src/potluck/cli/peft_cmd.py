@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
 import click
 
 from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import emit_json
 from potluck.ops.peft import apply_adapter, import_adapter
 from potluck.ops.peft_export import export_patch
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(text)
 
 
 @cli.group()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from potluck.cli.main import cli, handle_errors
+from potluck.cli.render import emit_json
 
 
 @cli.group()
@@ -43,7 +43,7 @@ def _run(kind: str, model: str, data: str, out: str, as_json: bool, **kw: Any) -
 
     summary = compute_stats(kind, model, data, out, **kw)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        emit_json(summary)
         return
     click.echo(
         f"{summary['kind']} statistics of {summary['tensors']} tensors ({summary['task']}) on "
@@ -54,52 +54,14 @@ def _run(kind: str, model: str, data: str, out: str, as_json: bool, **kw: Any) -
 @stats.command("fisher")
 @_options
 @handle_errors
-def fisher_cmd(
-    model: str,
-    data: str,
-    out: str,
-    max_samples: int | None,
-    batch_size: int,
-    max_length: int,
-    device: str,
-    as_json: bool,
-) -> None:
+def fisher_cmd(model: str, data: str, out: str, as_json: bool, **kw: Any) -> None:
     """Empirical diagonal Fisher of MODEL (a Hugging Face model directory) on --data."""
-    _run(
-        "fisher",
-        model,
-        data,
-        out,
-        as_json,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-    )
+    _run("fisher", model, data, out, as_json, **kw)
 
 
 @stats.command("gram")
 @_options
 @handle_errors
-def gram_cmd(
-    model: str,
-    data: str,
-    out: str,
-    max_samples: int | None,
-    batch_size: int,
-    max_length: int,
-    device: str,
-    as_json: bool,
-) -> None:
+def gram_cmd(model: str, data: str, out: str, as_json: bool, **kw: Any) -> None:
     """Gram matrices XᵀX of every linear layer's inputs of MODEL on --data (for RegMean)."""
-    _run(
-        "gram",
-        model,
-        data,
-        out,
-        as_json,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-    )
+    _run("gram", model, data, out, as_json, **kw)
