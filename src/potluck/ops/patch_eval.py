@@ -28,7 +28,7 @@ from potluck.ops.patch import apply_patch
 from potluck.ops.patch_check import OutputChange, compare_outputs
 from potluck.ops.patchfile import write_safetensors
 from potluck.ops.sources import CONFIG_FILES, ModelSource
-from potluck.ops.stats_torch import load_batches
+from potluck.ops.stats_torch import load_batches, require_torch
 
 if TYPE_CHECKING:
     import torch
@@ -43,17 +43,6 @@ _HEADS = {
 }
 
 
-def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise UserError(
-            f"--eval needs PyTorch and transformers ({e.name} is not installed)",
-            hint="install the stats extra: pip install 'potluck[stats]'",
-        ) from None
-
-
 def check_eval_target(target: ModelSource) -> Path:
     """TARGET's directory holding ``config.json`` (a ``UserError`` if none, or without torch)."""
     cfg_dir = target.config_dir
@@ -64,7 +53,7 @@ def check_eval_target(target: ModelSource) -> Path:
             hint="point TARGET at a model directory (config.json + weights), or drop --eval",
             model=target.label,
         )
-    _require_torch()
+    require_torch("--eval")
     return cfg_dir
 
 

@@ -372,14 +372,15 @@ def _to_device(model: Any, device: str) -> Any:
         raise UserError(f"cannot use device {device!r}: {e}", hint="try --device cpu") from None
 
 
-def _require_torch() -> None:
+def require_torch(what: str) -> None:
+    """A ``UserError`` naming the ``stats`` extra when torch or transformers is missing."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         raise UserError(
-            f"potluck stats needs PyTorch and transformers ({e.name} is not installed)",
-            hint="install them: pip install torch transformers",
+            f"{what} needs PyTorch and transformers ({e.name} is not installed)",
+            hint="install the stats extra: pip install 'potluck[stats]'",
         ) from None
 
 
@@ -419,7 +420,7 @@ def compute_stats(
     """
     if kind not in ("fisher", "gram"):
         raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
-    _require_torch()
+    require_torch("potluck stats")
     if batch_size < 1 or (max_samples is not None and max_samples < 1):
         raise UserError("--batch-size and --max-samples must be at least 1")
     batches, has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
