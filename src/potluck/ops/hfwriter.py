@@ -23,7 +23,7 @@ import numpy as np
 
 from potluck.errors import UserError
 from potluck.formats.safetensors import build_header
-from potluck.ops.sources import CONFIG_FILES, TensorInfo
+from potluck.ops.sources import TensorInfo, config_files
 from potluck.tensors.dtypes import itemsize, to_numpy
 
 __all__ = ["DEFAULT_SHARD_BYTES", "HFDirWriter", "parse_size"]
@@ -131,9 +131,8 @@ class HFDirWriter:
         self.fds = []
         if len(self.names) > 1:
             (self.stage / "model.safetensors.index.json").write_text(self._index())
-        if copy_from is not None:
-            for f in _config_files(copy_from):
-                shutil.copyfile(f, self.stage / f.name)
+        for f in config_files(copy_from):
+            shutil.copyfile(f, self.stage / f.name)
         for name, text in (files or {}).items():
             (self.stage / name).write_text(text)
         if self.out_dir.exists():
@@ -170,7 +169,3 @@ def _shard(infos: Sequence[TensorInfo], limit: int) -> list[list[TensorInfo]]:
         groups[-1].append(t)
         used += size
     return groups
-
-
-def _config_files(directory: Path) -> list[Path]:
-    return [directory / n for n in CONFIG_FILES if (directory / n).is_file()]

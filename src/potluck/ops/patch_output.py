@@ -23,7 +23,7 @@ import numpy as np
 from potluck.errors import UserError
 from potluck.fileio import atomic_dir, atomic_writer
 from potluck.ops.patchfile import write_safetensors
-from potluck.ops.sources import CONFIG_FILES
+from potluck.ops.sources import config_files
 from potluck.tensors.dtypes import to_numpy
 
 __all__ = ["INDEX_NAME", "OutputPlan", "check_output", "plan_output", "write_output"]
@@ -132,9 +132,8 @@ def write_output(
             write_safetensors(tmp / fname, specs, stream(specs))
         if plan.index:
             _write_bytes(tmp / INDEX_NAME, _index_json(plan))
-        for name in CONFIG_FILES:
-            if config_dir is not None and (config_dir / name).is_file():
-                shutil.copyfile(config_dir / name, tmp / name)
+        for f in config_files(config_dir):
+            shutil.copyfile(f, tmp / f.name)
         if card is not None:
             _write_bytes(tmp / "README.md", card.encode("utf-8"))
         written = sorted(p.name for p in tmp.iterdir())

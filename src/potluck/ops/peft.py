@@ -33,7 +33,7 @@ from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch
 from potluck.ops.peft_adapter import ADAPTER_FILES, AdapterPlan, ModuleUpdate, plan_adapter
 from potluck.ops.peft_config import CONFIG_NAME
 from potluck.ops.peft_merge import dora_merge, ia3_merge, lora_delta, to_f32
-from potluck.ops.sources import CONFIG_FILES, ModelSource, open_path
+from potluck.ops.sources import ModelSource, config_files, open_path
 from potluck.tensors.dtypes import from_numpy
 
 __all__ = ["PeftApplyReport", "PeftImportReport", "apply_adapter", "import_adapter", "merged"]
@@ -158,8 +158,7 @@ def _extra_files(base: ModelSource, weights: set[str]) -> list[Path]:
     the config/tokenizer files next to it."""
     label = Path(base.label)
     if not label.is_dir():
-        root = base.config_dir
-        return [] if root is None else [root / n for n in CONFIG_FILES if (root / n).is_file()]
+        return config_files(base.config_dir)
     skip = {"README.md", CONFIG_NAME, *ADAPTER_FILES, *weights, "pytorch_model.bin.index.json"}
     return [
         p

@@ -25,7 +25,14 @@ from potluck.formats.base import Layout, TensorSegment
 from potluck.ops.filesource import read_tensors
 from potluck.tensors.dtypes import to_numpy
 
-__all__ = ["CONFIG_FILES", "ModelSource", "TensorInfo", "checkpoint_files", "open_path"]
+__all__ = [
+    "CONFIG_FILES",
+    "ModelSource",
+    "TensorInfo",
+    "checkpoint_files",
+    "config_files",
+    "open_path",
+]
 
 #: Files copied from a model directory to a derived one (config, tokenizer, generation settings).
 CONFIG_FILES = (
@@ -138,6 +145,13 @@ class ModelSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def config_files(directory: Path | None) -> list[Path]:
+    """The ``CONFIG_FILES`` present in ``directory`` (none for None)."""
+    if directory is None:
+        return []
+    return [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
