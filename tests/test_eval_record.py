@@ -67,7 +67,10 @@ def test_record_writes_a_json_note_and_merges_entries(repo: Path, git: Run) -> N
     listed = git("git", "notes", "--ref", REF, "list").split()
     assert listed[1::2] == [h["a"]]
     assert git("git", "rev-parse", "--verify", "-q", REF).strip()
-    assert evalrec.evals_for(g, h["a"]) == _raw_note(git, h["a"])["results"]
+    assert evalrec.evals_for(g, [h["a"], h["b"]]) == {
+        h["a"]: _raw_note(git, h["a"])["results"],
+        h["b"]: {},
+    }
 
 
 def test_cli_record_metrics_and_json_file(

@@ -136,8 +136,9 @@ def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
     """One summary line per commit that changed PATH."""
     repo = Repo(".")
     rows = insp.log(repo, path, max_count)
+    evals = evalrec.evals_for(repo.git, [r["commit"] for r in rows])
     for r in rows:
-        r["evals"] = evalrec.evals_for(repo.git, r["commit"])
+        r["evals"] = evals[r["commit"]]
     if as_json:
         emit_json(rows)
         return

@@ -7,7 +7,7 @@ One note per commit, a JSON object (sorted keys, one line)::
 Recording merges with what the commit's note already holds: a (task, metric) pair given again
 replaces the old value, every other entry stays. Notes travel with ``git push/fetch
 refs/notes/potluck-evals`` like any notes ref and never change the commit they describe.
-``evals_for`` is what ``potluck log`` / ``potluck eval show`` read; ``compare_parents`` puts a
+``evals_for`` is what ``potluck log`` reads (all rows at once); ``compare_parents`` puts a
 commit's results next to its parents' so a merge that regresses a task is visible.
 """
 
@@ -130,9 +130,23 @@ def record_evals(git: Git, rev: str, results: Mapping[str, Any]) -> tuple[str, R
     return commit, merged
 
 
-def evals_for(git: Git, commit: str) -> Results:
-    """What ``potluck log`` shows for a commit: its recorded results ({} if none)."""
-    return read_evals(git, commit)
+def evals_for(git: Git, commits: Sequence[str]) -> dict[str, Results]:
+    """What ``potluck log`` shows: the recorded results of each full commit id ({} if none).
+
+    One ``git notes list`` finds which commits have a note; only those notes are read.
+    """
+    proc = git.run_proc("notes", "--ref", NOTES_REF, "list")
+    notes: dict[str, str] = {}
+    if proc.returncode == 0:
+        for line in proc.stdout.decode().splitlines():
+            blob, _, target = line.partition(" ")
+            notes[target] = blob
+    out: dict[str, Results] = {}
+    for commit in commits:
+        note = notes.get(commit)
+        data = None if note is None else git.show_blob(note)
+        out[commit] = {} if data is None else _parse_note(commit, data)
+    return out
 
 
 @dataclass(frozen=True)
