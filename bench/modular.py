@@ -7,7 +7,10 @@ Arrow prototypes, and trains PHATGOOSE gates for it with ``train_gates`` (expert
 composition is then evaluated on the shuffled mixture of all tasks' test texts with the task
 identity hidden (protocol: ``bench/modular_lib/evaluate.py``), against: the base (joint probe),
 each single expert, the uniform merge, the TIES merge of the dense deltas (potluck ``ties``),
-Arrow and PHATGOOSE top-1/top-2 routing, and the oracle (task → its expert).
+Arrow and PHATGOOSE top-1/top-2 routing, and the oracle (task → its expert). Two rows need data
+pooled across contributors (``bench/modular_lib/pooled.py``, TRAINING texts only): potluck's
+``learned`` softmax router top-1/top-2 fit by ``fit_softmax_router`` on 32 texts per task, and
+LoraHub (``static`` weights from ``lorahub_search`` on 5 texts per task).
 
 Run: ``.venv/bin/python bench/modular.py [--seeds 0,1,2] [--json bench/results/modular.json]``.
 Needs: apt ``fortunes fortunes-de fortunes-es fortunes-it fortunes-br``; pip
@@ -42,9 +45,89 @@ ROUTED: list[tuple[str, dict[str, Any]]] = [
     ("oracle", {"strategy": "oracle", "top_k": 1}),
 ]
 
+#: rows the target applies to (routing), and the fixed-model rows they must beat
+ROUTED_TARGETS = (
+    "Arrow top-1",
+    "Arrow top-2",
+    "PHATGOOSE top-1",
+    "PHATGOOSE top-2",
+    "learned softmax top-1",
+    "learned softmax top-2",
+)
+RIVALS = ("best single expert", "LoraHub (static weights)")
+
 
 def _timed(times: dict[str, float], key: str, t0: float) -> None:
     times[key] = round(times.get(key, 0.0) + time.perf_counter() - t0, 2)
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """One seed's library, test mixture and heads: evaluates a router setting as a table row."""
+
+    work: Path
+    lib: Path
+    names: list[str]
+    mix: Any
+    tok: Any
+    heads: list[Any]
+    max_length: int
+    seed: int
+
+    def manifest(self, router: dict[str, Any]) -> Path:
+        """A composition manifest over the library with these router settings."""
+        from bench.modular_lib import evaluate
+
+        return evaluate.write_manifest(self.work, self.lib, self.names, router)
+
+    def row(self, rows: dict[str, Any], label: str, router: dict[str, Any]) -> None:
+        """Compose, run the mixture, score; fixed mixtures (uniform, static) answer jointly."""
+        from bench.modular_lib import evaluate
+
+        t0 = time.perf_counter()
+        man = self.manifest(router)
+        oracle = router["strategy"] == "oracle"
+        tnames = [self.names[t] for t in self.mix.task] if oracle else None
+        emb, use = evaluate.composed_outputs(man, self.mix, self.tok, tnames, self.max_length)
+        usage = None if router["strategy"] in ("uniform", "static") else use
+        rows[label] = evaluate.score(self.mix, evaluate.head_logits(self.heads, emb), usage)
+        rows[label]["eval_s"] = round(time.perf_counter() - t0, 2)
+        print(f"[seed {self.seed}] {label}: {rows[label]['hidden']:.3f}", file=sys.stderr)
+
+
+def pooled_rows(
+    ev: Evaluator, rows: dict[str, Any], tasks: list[Any], args: argparse.Namespace, times: Any
+) -> None:
+    """Learned softmax router top-1/top-2 and LoraHub: both fit on pooled TRAINING texts."""
+    from bench.modular_lib import pooled
+
+    pc = pooled.PooledConfig(
+        router_per_task=args.router_per_task, lorahub_per_task=args.lorahub_per_task
+    )
+    t0 = time.perf_counter()
+    pool = pooled.pick(tasks, pc.router_per_task, ev.seed + 303)
+    oracle = ev.manifest({"strategy": "oracle", "top_k": 1, "granularity": args.granularity})
+    example = args.granularity == "example"
+    states, labels = pooled.routing_states(oracle, pool, ev.tok, ev.max_length, example)
+    wf, acc = pooled.learned_router_file(
+        ev.work / "router.safetensors", states, labels, len(ev.names), pc
+    )
+    _timed(times, "fit_learned_s", t0)
+    for k in (1, 2):
+        router = {"strategy": "learned", "top_k": k, "granularity": args.granularity}
+        label = f"learned softmax top-{k}"
+        ev.row(rows, label, {**router, "weights_file": str(wf.resolve())})
+        rows[label]["router_train_acc"] = acc
+    t0 = time.perf_counter()
+    few = pooled.pick(tasks, pc.lorahub_per_task, ev.seed + 404)
+    start = ev.manifest({"strategy": "static", "weights": dict.fromkeys(ev.names, 0.0)})
+    w, obj, n_eval = pooled.lorahub_weights(
+        start, few, ev.tok, ev.heads, ev.max_length, pc, ev.seed
+    )
+    _timed(times, "fit_lorahub_s", t0)
+    weights = {n: round(float(x), 6) for n, x in zip(ev.names, w, strict=True)}
+    ev.row(rows, "LoraHub (static weights)", {"strategy": "static", "weights": weights})
+    rows["LoraHub (static weights)"].update(weights=weights, objective=obj, evaluations=n_eval)
 
 
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -95,16 +178,10 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     _timed(times, "eval_ties_s", t0)
 
+    ev = Evaluator(work, lib, names, mix, tok, heads, cfg.max_length, seed)
     for label, router in ROUTED:
-        t0 = time.perf_counter()
-        router = {**router, "granularity": args.granularity}
-        man = evaluate.write_manifest(work, lib, names, router)
-        tnames = [names[t] for t in mix.task] if router["strategy"] == "oracle" else None
-        emb, use = evaluate.composed_outputs(man, mix, tok, tnames, cfg.max_length)
-        usage = None if router["strategy"] == "uniform" else use
-        rows[label] = evaluate.score(mix, evaluate.head_logits(heads, emb), usage)
-        rows[label]["eval_s"] = round(time.perf_counter() - t0, 2)
-        print(f"[seed {seed}] {label}: {rows[label]['hidden']:.3f}", file=sys.stderr)
+        ev.row(rows, label, {**router, "granularity": args.granularity})
+    pooled_rows(ev, rows, tasks, args, times)
     singles = [k for k in rows if k.startswith("single: ")]
     best = max(singles, key=lambda k: rows[k]["hidden"])
     return {
@@ -130,9 +207,8 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     for r in runs:  # one "best single expert" row per seed
         r["rows"]["best single expert"] = r["rows"][r["best_single"]]
     labels = [k for k in runs[0]["rows"] if not k.startswith("single: ")]
-    labels = (
-        labels[:1] + ["best single expert"] + [k for k in labels[1:] if k != "best single expert"]
-    )
+    rest = [k for k in labels[1:] if k not in ("best single expert", "oracle")]
+    labels = [*labels[:1], "best single expert", *rest, "oracle"]
     lines = [
         "| method | task hidden | joint argmax | head given | routing acc |",
         "|---|---|---|---|---|",
@@ -151,9 +227,9 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 means[k] = m
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     oracle = means["oracle"]
-    rival = max(v for k, v in means.items() if k == "best single expert" or "merge" in k)
+    rival = max(v for k, v in means.items() if k in RIVALS or "merge" in k)
     verdict = {}
-    for k in ("Arrow top-1", "Arrow top-2", "PHATGOOSE top-1", "PHATGOOSE top-2"):
+    for k in ROUTED_TARGETS:
         frac = means[k] / oracle
         verdict[k] = {
             "of_oracle": frac,
@@ -164,7 +240,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     for k, v in verdict.items():
         lines.append(
             f"- {k}: {100 * v['of_oracle']:.1f} % of oracle, "
-            f"{100 * v['margin_over_best_rival']:+.1f} points vs best of single/merges → "
+            f"{100 * v['margin_over_best_rival']:+.1f} points vs best of single/merges/LoraHub → "
             f"target {'MET' if v['met'] else 'NOT met'}"
         )
     return "\n".join(lines), verdict
@@ -182,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-per-task", type=int, default=400)
     p.add_argument("--ties-density", type=float, default=0.2)
     p.add_argument("--granularity", default="token", choices=("token", "example"))
+    p.add_argument(
+        "--router-per-task",
+        type=int,
+        default=32,
+        help="pooled TRAINING texts per task for the learned softmax router",
+    )
+    p.add_argument(
+        "--lorahub-per-task",
+        type=int,
+        default=5,
+        help="pooled TRAINING texts per task for LoraHub's weight search",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write every number here")
     p.add_argument("--keep", default=None, help="keep the libraries under this folder")

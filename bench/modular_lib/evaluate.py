@@ -6,8 +6,9 @@ Protocol (every method sees the same texts, shuffled together, no task names):
   a pair (task, class); it is correct only when both are right.
 * **task hidden** (the table's main column): a router picks the head too: the head of the
   expert with the largest mean routing weight for that example (over all routed modules and
-  its tokens, ``expert_usage``). Methods without a router (base, single expert, merges) answer
-  with the argmax over the concatenated logits of all heads (the joint label space).
+  its tokens, ``expert_usage``). Methods without a router or with a fixed mixture (base, single
+  expert, merges, LoraHub's static weights) answer with the argmax over the concatenated logits
+  of all heads (the joint label space).
 * **joint argmax**: every method answers with the argmax over all heads' logits.
 * **head given** (diagnostic only, not task-hidden): the right task's head is used, so only the
   class must be right; shows how much each encoder keeps of every task.
@@ -19,6 +20,7 @@ Accuracies are macro-averaged over tasks (each task counts the same).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +61,13 @@ def mixture(tasks: Sequence[data.Task], per_task: int, seed: int) -> Mixture:
     )
 
 
+def _toml(value: Any) -> str:
+    """A TOML value: JSON scalars/strings/lists, and dicts as inline tables."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
 def write_manifest(work: Path, lib: Path, names: Sequence[str], router: dict[str, Any]) -> Path:
     """A composition manifest (TOML) over the library for one router setting."""
     lines = [
@@ -70,9 +79,10 @@ def write_manifest(work: Path, lib: Path, names: Sequence[str], router: dict[str
         "",
         "[router]",
     ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in router.items()]
-    tag = "-".join(f"{k}{v}" for k, v in router.items())
-    path = work / f"comp-{tag}.toml"
+    lines += [f"{k} = {_toml(v)}" for k, v in router.items()]
+    tag = "-".join(f"{k}{v}" for k, v in router.items() if not isinstance(v, dict | str | Path))
+    digest = hashlib.sha256(json.dumps(router, sort_keys=True, default=str).encode()).hexdigest()
+    path = work / f"comp-{tag}-{digest[:10]}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
