@@ -2,6 +2,10 @@
 
 Every encoder parameter is trained (AdamW, linear warm-up then linear decay, dropout on as in
 the shipped config), the head is a ``Linear(384, n_classes)`` on the mean-pooled embedding.
+With ``lora_rank > 0`` (``lora_recipe``: the LoRA contributors of bench/modular_lib/contrib.py)
+the encoder is frozen and only a rank-r LoRA on the attention query/key/value/output linears
+plus the head is trained; the written encoder has ``W + (α/r)·B·A`` folded in, so it is a plain
+dense encoder file like a full fine-tune's.
 Seeds are fixed (torch, data order) and ``torch.set_num_threads`` is set, so a rerun on the same
 machine and versions gives the same weights up to nondeterminism in CPU kernels.
 
@@ -46,6 +50,19 @@ class FinetuneConfig:
     warmup: float = 0.1
     max_length: int = 64
     threads: int = 2
+    #: LoRA rank; 0 = full fine-tune. The fields below it were added later and enter the cache
+    #: key only when they differ from their defaults, so full fine-tune keys are unchanged.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    constant_lr: bool = False
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields hashed by ``key``: later-added fields only when not at their default."""
+        out = dataclasses.asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     def key(self) -> str:
         """A short hash of the config and the model/library versions."""
@@ -54,7 +71,7 @@ class FinetuneConfig:
 
         blob = json.dumps(
             [
-                dataclasses.asdict(self),
+                self.key_fields(),
                 model.model_version(),
                 torch.__version__,
                 transformers.__version__,
@@ -62,6 +79,77 @@ class FinetuneConfig:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+#: Fields added after the first cached runs, with the defaults that leave a key unchanged.
+LATER_FIELDS: dict[str, Any] = {"lora_rank": 0, "lora_alpha": 16.0, "constant_lr": False}
+#: The linears a LoRA contributor adapts in each layer (as bench/modular_lib/contrib.py).
+LORA_TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+)
+
+
+def lora_recipe(task: str, seed: int) -> FinetuneConfig:
+    """The LoRA contributor recipe of ``bench/modular_lib/contrib.py``: rank 8, α 16, q/k/v/o,
+    AdamW lr 2e-3 (head 1e-2), constant learning rate, batch 16, 150 steps."""
+    return FinetuneConfig(task=task, seed=seed, steps=150, batch_size=16, lr=2e-3, head_lr=1e-2,
+                          lora_rank=8, lora_alpha=16.0, constant_lr=True)  # fmt: skip
+
+
+def fold_lora(weight: Any, a: Any, b: Any, scale: float) -> Any:
+    """The dense weight ``W + scale·B·A`` (W [out, in], A [r, in], B [out, r])."""
+    return weight + scale * (b @ a)
+
+
+def _lora_linear() -> type[Any]:
+    import torch
+    from torch import nn
+
+    class LoraLinear(nn.Module):
+        """``base(x) + scale·B(A x)``, base frozen; A Kaiming-uniform, B zero (so Δ = 0)."""
+
+        def __init__(self, base: Any, rank: int, scale: float) -> None:
+            super().__init__()
+            self.base, self.scale = base, scale
+            self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+            nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
+            self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+        def forward(self, x: Any) -> Any:
+            return self.base(x) + self.scale * ((x @ self.lora_a.T) @ self.lora_b.T)
+
+    return LoraLinear
+
+
+def add_lora(encoder: Any, rank: int, alpha: float) -> dict[str, Any]:
+    """Freeze ``encoder``; wrap every ``LORA_TARGETS`` linear; {module name: LoraLinear}."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    cls, out = _lora_linear(), {}
+    modules = dict(encoder.named_modules())
+    for i in range(int(encoder.config.num_hidden_layers)):
+        for t in LORA_TARGETS:
+            full = f"encoder.layer.{i}.{t}"
+            parent, _, attr = full.rpartition(".")
+            out[full] = cls(modules[full], rank, alpha / rank)
+            setattr(modules[parent], attr, out[full])
+    return out
+
+
+def merge_lora(encoder: Any, loras: dict[str, Any]) -> None:
+    """Fold every LoRA into its base linear (``fold_lora``) and put the plain linear back."""
+    import torch
+
+    modules = dict(encoder.named_modules())
+    with torch.no_grad():
+        for full, lin in loras.items():
+            w = fold_lora(lin.base.weight, lin.lora_a, lin.lora_b, lin.scale)
+            lin.base.weight.copy_(w)
+            parent, _, attr = full.rpartition(".")
+            setattr(modules[parent], attr, lin.base)
 
 
 @dataclass(frozen=True)
@@ -75,6 +163,8 @@ class Finetuned:
 
 
 def _schedule(step: int, cfg: FinetuneConfig) -> float:
+    if cfg.constant_lr:
+        return 1.0
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
         return (step + 1) / warm
@@ -121,9 +211,12 @@ def _train(cfg: FinetuneConfig, task: data.Task, tokenizer: Any) -> tuple[Any, A
     encoder = model.load_encoder()
     config: Any = encoder.config
     head = torch.nn.Linear(int(config.hidden_size), len(task.label_names))
+    loras = add_lora(encoder, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else {}
+    trained = [p for m in loras.values() for p in (m.lora_a, m.lora_b)] if loras \
+        else list(encoder.parameters())  # fmt: skip
     optimizer = torch.optim.AdamW(
         [
-            {"params": list(encoder.parameters()), "lr": cfg.lr},
+            {"params": trained, "lr": cfg.lr},
             {"params": list(head.parameters()), "lr": cfg.head_lr},
         ],
         weight_decay=cfg.weight_decay,
@@ -157,6 +250,7 @@ def _train(cfg: FinetuneConfig, task: data.Task, tokenizer: Any) -> tuple[Any, A
                 file=sys.stderr,
             )
     encoder.train(False)
+    merge_lora(encoder, loras)
     return encoder, head, losses
 
 
@@ -226,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = FinetuneConfig()
     p.add_argument("--task", default=defaults.task, choices=sorted(data.TASKS))
     for f in dataclasses.fields(FinetuneConfig):
-        if f.name != "task":
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+        elif f.name != "task":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     args = p.parse_args(argv)

@@ -1,10 +1,11 @@
-"""The markdown tables of a results JSON (``python -m bench.quality.report FILE`` reprints)."""
+"""The markdown tables of a results JSON (``python -m bench.quality.report FILE`` reprints;
+``... report --seeds FILE FILE FILE``: mean ± sd over seeds and the per-seed method order)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,28 @@ def gain_tasks(r: Mapping[str, Any]) -> list[str]:
     return [t for t, a in r["individual"].items() if a - r["probe"][t]["test_acc"] >= MIN_GAIN]
 
 
-def _row(label: str, accs: Mapping[str, float], r: Mapping[str, Any], tasks: list[str]) -> str:
+def row_metrics(accs: Mapping[str, float], r: Mapping[str, Any]) -> dict[str, float]:
+    """Average accuracy, normalised accuracy (vs the fine-tunes) and gain kept (over the tasks
+    of ``gain_tasks``; NaN when none qualifies) of one row of a results dict."""
+    tasks = list(r["individual"])
     probe = {t: r["probe"][t]["test_acc"] for t in tasks}
     tuned = r["individual"]
+    kept = [gain_kept(accs[t], probe[t], tuned[t]) for t in gain_tasks(r)]
+    return {
+        "avg": float(np.mean([accs[t] for t in tasks])),
+        "norm": float(np.mean([accs[t] / tuned[t] for t in tasks])),
+        "kept": float(np.mean(kept)) if kept else float("nan"),
+    }
+
+
+def _row(label: str, accs: Mapping[str, float], r: Mapping[str, Any], tasks: list[str]) -> str:
+    m = row_metrics(accs, r)
     cells = [f"{100 * accs[t]:.1f}" for t in tasks]
-    avg = float(np.mean([accs[t] for t in tasks]))
-    norm = float(np.mean([accs[t] / tuned[t] for t in tasks]))
-    good = gain_tasks(r)
-    kept = [gain_kept(accs[t], probe[t], tuned[t]) for t in good]
-    kept_txt = f"{100 * float(np.mean(kept)):.0f}" if kept else "—"
+    kept_txt = "—" if np.isnan(m["kept"]) else f"{100 * m['kept']:.0f}"
     return (
         f"| {label} | "
         + " | ".join(cells)
-        + f" | {100 * avg:.1f} | {100 * norm:.1f} | {kept_txt} |"
+        + f" | {100 * m['avg']:.1f} | {100 * m['norm']:.1f} | {kept_txt} |"
     )
 
 
@@ -114,5 +124,87 @@ def markdown(r: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (ddof 1; 0 for one value), count) over the non-NaN
+    values; (NaN, NaN, 0) when there are none."""
+    v = [float(x) for x in values if not np.isnan(x)]
+    if not v:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _rows(r: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
+    rows: dict[str, Mapping[str, float]] = {
+        "linear probe": {t: r["probe"][t]["test_acc"] for t in r["individual"]},
+        "individual fine-tunes": r["individual"],
+    }
+    rows.update({f"merge: {m}": best["test"] for m, best in r["merges"].items()})
+    return rows
+
+
+def _order(methods: Sequence[str], seed: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """``methods`` by average accuracy in one seed, best first (ties by name)."""
+    return sorted(methods, key=lambda m: (-seed[f"merge: {m}"]["avg"], m))
+
+
+def aggregate_seeds(
+    runs: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Per row (probe, fine-tunes, each merge) the per-seed and mean ± sd of average accuracy,
+    normalised accuracy and gain kept; per seed the merge methods ordered by average accuracy
+    (best first), the gain-kept tasks, and whether the ordering is the same in every seed."""
+    per_seed = [{label: row_metrics(accs, r) for label, accs in _rows(r).items()} for r in runs]
+    labels = [k for k in per_seed[0] if all(k in s for s in per_seed)]
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in labels:
+        rows[label] = {}
+        for metric in ("avg", "norm", "kept"):
+            values = [s[label][metric] for s in per_seed]
+            mean, sd, n = mean_sd(values)
+            rows[label][metric] = {"values": values, "mean": mean, "sd": sd, "n": n}
+    methods = [k.removeprefix("merge: ") for k in labels if k.startswith("merge: ")]
+    orders = [_order(methods, s) for s in per_seed]
+    return {
+        "rows": rows,
+        "orders": orders,
+        "stable": all(o == orders[0] for o in orders),
+        "gain_tasks": [gain_tasks(r) for r in runs],
+        "runs": list(names) if names is not None else [str(i) for i in range(len(runs))],
+    }
+
+
+def _pm(cell: Mapping[str, Any], pct: bool = True) -> str:
+    if cell["n"] == 0:
+        return "—"
+    k = 100 if pct else 1
+    return f"{k * cell['mean']:.1f} ± {k * cell['sd']:.1f}"
+
+
+def seeds_markdown(agg: Mapping[str, Any]) -> str:
+    """The table of ``aggregate_seeds``: mean ± sd (%) and the per-seed orderings."""
+    lines = ["| model | avg acc | normalised | gain kept | gain kept per seed |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for label, row in agg["rows"].items():
+        per = " / ".join("—" if np.isnan(v) else f"{100 * v:.0f}" for v in row["kept"]["values"])
+        lines.append(f"| {label} | {_pm(row['avg'])} | {_pm(row['norm'])} | "
+                     f"{_pm(row['kept'])} (n={row['kept']['n']}) | {per} |")  # fmt: skip
+    lines.append("")
+    for name, order, tasks in zip(agg["runs"], agg["orders"], agg["gain_tasks"], strict=True):
+        lines.append(f"- {name}: {' > '.join(order)} (gain-kept tasks: {', '.join(tasks)})")
+    lines.append(f"- ordering identical in every run: {'yes' if agg['stable'] else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``report FILE`` reprints one run; ``report --seeds FILE...`` the mean ± sd over seeds."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--seeds":
+        runs = [json.loads(Path(f).read_text()) for f in args[1:]]
+        print(seeds_markdown(aggregate_seeds(runs, [Path(f).name for f in args[1:]])))
+    else:
+        print(markdown(json.loads(Path(args[0]).read_text())))
+    return 0
+
+
 if __name__ == "__main__":
-    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
+    raise SystemExit(main())

@@ -4,6 +4,8 @@ Stages: fine-tunes (cached) → linear probes → contributors' statistics → m
 method (grid on validation, best point scored on test) → the communal git repository (branches,
 ``git merge`` through the driver, merge commits, evaluation notes) → patches → table.
 Results: ``bench/results/quality/results-s<seed>.json`` and the markdown table on stdout.
+``--no-git`` / ``--no-patches`` skip those stages (seeds 1 and 2); ``--lora`` uses LoRA
+contributors (``finetune.lora_recipe``) and writes ``results-lora-s<seed>.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gram-n", type=int, default=256, help="examples for each Gram")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-patches", action="store_true")
+    p.add_argument("--no-git", action="store_true", help="skip the git-workflow stage")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA contributors (finetune.lora_recipe) instead of full fine-tunes; "
+                        "results-lora-s<seed>.json, merges in merges-lora-s<seed>/")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
+
+
+def _tag(args: argparse.Namespace) -> str:
+    """``s<seed>`` for full fine-tunes, ``lora-s<seed>`` for LoRA contributors."""
+    return f"lora-s{args.seed}" if args.lora else f"s{args.seed}"
 
 
 def _contributors(
@@ -45,7 +56,8 @@ def _contributors(
     t0 = time.perf_counter()
     runs = {}
     for t in reversed(tasks):  # bench/minilm trains in forward order: share its cache
-        cfg = stages.finetune_config(t.name, args.seed, args.steps)
+        cfg = finetune.lora_recipe(t.name, args.seed) if args.lora \
+            else stages.finetune_config(t.name, args.seed, args.steps)  # fmt: skip
         runs[t.name] = stages.cached_finetune(cfg, args.out / "finetunes")
     clock.stage("fine-tunes", t0)
     t0 = time.perf_counter()
@@ -68,7 +80,7 @@ def _merges(
     clock: Stopwatch,
 ) -> dict[str, dict[str, Any]]:
     out = {}
-    work = args.out / f"merges-s{args.seed}"
+    work = args.out / f"merges-{_tag(args)}"
     for method in args.methods:
         t0 = time.perf_counter()
         cache = work / f"{method}.json"
@@ -178,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"tasks": [t.summary() for t in tasks], "probe": probe,
                                "individual": individual}  # fmt: skip
     results["merges"] = _merges(args, contributors, val, test, heads, clock)
-    t0 = time.perf_counter()
-    results["git"] = _git_workflow(args, contributors, runs, results, test, heads)
-    clock.stage("git workflow (branches, git merge, notes)", t0)
+    if not args.no_git:
+        t0 = time.perf_counter()
+        results["git"] = _git_workflow(args, contributors, runs, results, test, heads)
+        clock.stage("git workflow (branches, git merge, notes)", t0)
     if not args.no_patches:
         t0 = time.perf_counter()
         results["patches"] = {}
@@ -195,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     results["times_s"] = clock.times
     results["machine"] = {"platform": platform.platform(), "threads": 2,
                           "torch": torch.__version__}  # fmt: skip
-    merges.save_json(args.out / f"results-s{args.seed}.json", results)
+    results["variant"] = "lora" if args.lora else "full"
+    merges.save_json(args.out / f"results-{_tag(args)}.json", results)
     print(report.markdown(results))
     return 0
