@@ -280,8 +280,17 @@ def ref_della_probs(tau: list[float], density: float, eps: float) -> list[float]
 def test_della_matches_reference(trio, method: str, ties: bool) -> None:
     models, base = trio
     w = [1.0, 0.5, 0.8]
-    got = merge(method, models, base, w, seed=5, density=0.5, epsilon=0.2, rank_scope="tensor",
-                rescale="inverse")  # the paper's 1/p (the default is mergekit's L1 rescale)
+    got = merge(
+        method,
+        models,
+        base,
+        w,
+        seed=5,
+        density=0.5,
+        epsilon=0.2,
+        rank_scope="tensor",
+        rescale="inverse",
+    )  # the paper's 1/p (the default is mergekit's L1 rescale)
     dropped = []
     for i, tau in enumerate(taus_of(models, base)):
         probs = ref_della_probs(tau, 0.5, 0.2)

@@ -277,8 +277,9 @@ def test_push_json_reports_plain_and_encoded_uploads(
     assert (second["uploaded"], second["encoded"]) == (1, 1)
     assert second["already_there"] == second["checked"] - 1
     assert 0 < second["bytes"] < embed.size // 10
-    assert wire_index(hub)[embed.oid].base == parse(
-        git("git", "cat-file", "blob", f"HEAD~1:{FILE}").encode()
-    ).tensors()["embed"].oid
+    assert (
+        wire_index(hub)[embed.oid].base
+        == parse(git("git", "cat-file", "blob", f"HEAD~1:{FILE}").encode()).tensors()["embed"].oid
+    )
     again = json.loads(git("potluck", "push", "--json"))
     assert (again["uploaded"], again["bytes"]) == (0, 0)

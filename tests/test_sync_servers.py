@@ -172,9 +172,7 @@ def test_s3_remote_push_and_no_data_clone_then_pull(
     assert shown["url"] == url and shown["source"] == "remote.origin.potluckurl"
     commit_model(git, repo, model(rng), "v1")
     git("git", "push", "-q", "origin", "main")
-    keys = {
-        o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
-    }
+    keys = {o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
     m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
     sizes = {
         o["Key"].rsplit("/", 1)[1]: o["Size"]

@@ -100,9 +100,7 @@ def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...])
     a `git pull` made with fetching off, or a `potluck clone --no-data`)."""
     repo = Repo(".")
     with byte_progress("potluck: downloading") as on_bytes:
-        stats, written, incomplete = sync.pull(
-            repo, remote, _selection(include, exclude), on_bytes
-        )
+        stats, written, incomplete = sync.pull(repo, remote, _selection(include, exclude), on_bytes)
     click.echo(f"potluck: fetched {stats.objects} objects ({human_bytes(stats.bytes)})")
     for path in written:
         click.echo(f"checked out {path}")
@@ -137,8 +135,10 @@ def clone(
         selection=_selection(include, exclude), branch=branch,
     )  # fmt: skip
     left = sync.placeholders(repo)
-    click.echo(f"potluck: cloned into {target}" + (f"; {len(left)} file(s) left as manifests"
-                                                    if left else ""))
+    click.echo(
+        f"potluck: cloned into {target}"
+        + (f"; {len(left)} file(s) left as manifests" if left else "")
+    )
 
 
 def _install(repo: Repo) -> None:
@@ -161,8 +161,14 @@ def remote() -> None:
 @remote.command(name="set-url")
 @click.argument("name")
 @click.argument("url")
-@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec storage option (e.g. endpoint_url=http://…); repeatable.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec storage option (e.g. endpoint_url=http://…); repeatable.",
+)
 @handle_errors
 def set_url(name: str, url: str, options: tuple[str, ...]) -> None:
     """Keep NAME's objects at URL (s3://bucket/prefix, file:///dir, https://…/info/lfs)."""

@@ -83,9 +83,7 @@ def _rescale(default: str) -> Param:
     )
 
 
-def sparsify_trim(
-    tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]
-) -> np.ndarray:
+def sparsify_trim(tau: np.ndarray, i: int, inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     """TIES trim of one task vector, then ``rescale`` (by the density for ``"inverse"``)."""
     density = model_value(p, "density", i)
     return rescale(trim(tau, density, name=inputs.name), tau, density, str(p["rescale"]))
