@@ -116,7 +116,7 @@ def test_not_a_statistics_file(tmp_path: Path) -> None:
     [
         ("hessian", {"a": np.ones(2)}, "unknown statistics kind 'hessian'"),
         ("fisher", {"a": -np.ones(2)}, "Fisher of 'a' has negative values"),
-        ("gram", {"a": np.ones((2, 3))}, r"Gram matrix of 'a' is not square: \[2, 3\]"),
+        ("gram", {"a": np.ones((2, 3))}, r"'a' is neither square nor a 1-D diagonal: \[2, 3\]"),
         ("gram", {"a": np.full((2, 2), np.nan)}, "contain NaN"),
     ],
 )

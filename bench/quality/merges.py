@@ -33,8 +33,13 @@ GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
     # the int64 position_ids buffer has no Fisher: averaged (it is equal in all models)
     "fisher": [({"missing": "average"}, {"weight": 1.0})],
     "regmean": [({"alpha": a}, {"weight": 1.0}) for a in (0.5, 0.9)],
+    # potluck's extension: RegMean also over the embeddings, from their lookup counts
+    # (``potluck stats gram --embeddings``); same α grid. Added after the first runs.
+    "regmean_emb": [({"alpha": a}, {"weight": 1.0}) for a in (0.5, 0.9)],
 }
-STATS_KIND = {"fisher": "fisher", "regmean": "gram"}
+STATS_KIND = {"fisher": "fisher", "regmean": "gram", "regmean_emb": "gram_emb"}
+#: grid name → potluck merge method, where they differ
+METHOD_OF = {"regmean_emb": "regmean"}
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,10 @@ def merge_config(
         if kind:
             entry["stats"] = str(c.stats[kind])
         models.append(entry)
-    cfg: dict[str, Any] = {"merge_method": method, "models": models, "seed": seed}
+    real = METHOD_OF.get(method, method)
+    cfg: dict[str, Any] = {"merge_method": real, "models": models, "seed": seed}
     cfg["parameters"] = dict(top)
-    if method not in ("linear", "fisher", "regmean"):
+    if real not in ("linear", "fisher", "regmean"):
         cfg["base_model"] = str(model.base_weights())
     cfg["dtype"] = "float32"
     return cfg

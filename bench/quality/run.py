@@ -165,6 +165,18 @@ def _scorer(test: stages.Evaluator, heads: dict[str, Any], task: str) -> Callabl
     return score
 
 
+def _keep_previous(path: Path, results: dict[str, Any]) -> None:
+    """A rerun that skipped the git workflow or the patches keeps those sections of the
+    previous results file, and the previous runs' stage times (``earlier_times_s``)."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    for key in ("git", "patches"):
+        if key not in results and key in old:
+            results[key] = old[key]
+    results["earlier_times_s"] = [*old.get("earlier_times_s", []), old.get("times_s", {})]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every stage; print the table; write the results JSON."""
     args = _args(argv)
@@ -209,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = {"platform": platform.platform(), "threads": 2,
                           "torch": torch.__version__}  # fmt: skip
     results["variant"] = "lora" if args.lora else "full"
-    merges.save_json(args.out / f"results-{_tag(args)}.json", results)
+    path = args.out / f"results-{_tag(args)}.json"
+    _keep_previous(path, results)
+    merges.save_json(path, results)
     print(report.markdown(results))
     return 0

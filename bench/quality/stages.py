@@ -203,8 +203,10 @@ def contributor_stats(
     from potluck.ops.stats import write_stats
     from potluck.ops.stats_torch import fisher_diag, gram_matrices, input_axes
 
-    paths = {k: out_dir / f"{task.name}.{k}.stats" for k in ("fisher", "gram")}
-    if all(p.is_file() for p in paths.values()):
+    paths = {k: out_dir / f"{task.name}.{k}.stats" for k in ("fisher", "gram", "gram_emb")}
+    todo = [(k, n) for k, n in (("fisher", fisher_n), ("gram", gram_n), ("gram_emb", gram_n))
+            if not paths[k].is_file()]  # fmt: skip
+    if not todo:
         return paths
     tok, enc = model.load_tokenizer(), model.load_encoder(run.encoder)
     head = finetune.load_head(run.head)
@@ -218,18 +220,20 @@ def contributor_stats(
         return m(**{k: v for k, v in batch.items() if k != "labels"})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, n in (("fisher", fisher_n), ("gram", gram_n)):
+    for kind, n in todo:
         t0 = time.perf_counter()
         batches = list(_batches(task, tok, n, 1 if kind == "fisher" else 16))
         tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
         if kind == "fisher":
             tensors = fisher_diag(enc, batches, nll)
             axes = None
-        else:
-            tensors = gram_matrices(enc, batches, forward)
-            axes = {k: v for k, v in input_axes(enc).items() if k in tensors}
+        else:  # gram_emb: the same Grams plus the embeddings' lookup counts
+            emb = kind == "gram_emb"
+            tensors = gram_matrices(enc, batches, forward, embeddings=emb)
+            axes = {k: v for k, v in input_axes(enc, embeddings=emb).items() if k in tensors}
         write_stats(
-            paths[kind], kind, tensors, samples=min(n, len(task.train)), tokens=tokens,
+            paths[kind], kind.removesuffix("_emb"), tensors, samples=min(n, len(task.train)),
+            tokens=tokens,
             model_sha256=_hashes(run.encoder, list(tensors)), input_axes=axes,
             description={"tool": "bench.quality", "task": task.name, "split": "train"},
         )  # fmt: skip

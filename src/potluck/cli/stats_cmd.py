@@ -61,6 +61,12 @@ def fisher_cmd(model: str, data: str, out: str, as_json: bool, **kw: Any) -> Non
 
 @stats.command("gram")
 @_options
+@click.option(
+    "--embeddings",
+    is_flag=True,
+    help="Also count each embedding row's lookups (a diagonal Gram), so RegMean merges "
+    "embeddings by usage instead of averaging them.",
+)
 @handle_errors
 def gram_cmd(model: str, data: str, out: str, as_json: bool, **kw: Any) -> None:
     """Gram matrices XᵀX of every linear layer's inputs of MODEL on --data (for RegMean)."""

@@ -19,8 +19,14 @@ does not matter). The system is solved with ``np.linalg.solve``; when it is sing
 feature no model ever saw) the least-squares correction of the weighted average with the
 smallest norm is used instead: directions without data keep the plain average.
 
-Tensors without Gram statistics (biases, norms, embeddings: everything that is not a linear
-weight) are averaged, as in the paper. A tensor with statistics for only some models is an error
+An embedding is a linear layer on one-hot inputs, so its Gram matrix is diagonal: the number of
+times each row was looked up. Given as a 1-D array (``potluck stats gram --embeddings``), it
+makes every row the models' average weighted by λᵢ·countᵢ — a row only one model's data used
+takes that model's row — and rows no model used keep the plain average. (A potluck extension;
+the paper averages embeddings.) Mixed with full matrices, a 1-D Gram is read as ``diag(g)``.
+
+Tensors without Gram statistics (biases, norms, and embeddings without counts) are averaged, as
+in the paper. A tensor with statistics for only some models is an error
 unless ``missing="average"``.
 """
 
@@ -83,15 +89,35 @@ def regmean(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     alpha = float(p["alpha"])
     # work on Wᵀ, [in, out]: rows are input features
     ws = inputs.models if axis == 0 else np.swapaxes(inputs.models, 1, 2)
+    average = np.tensordot(inputs.weights, ws, axes=1) / _total(inputs)
+    if all(s.array.ndim == 1 for s in stats):
+        merged = diagonal_solve(inputs.weights, [s.array for s in stats], ws, average)
+        return merged if axis == 0 else merged.T
     lhs = np.zeros((ws.shape[1], ws.shape[1]), dtype=np.float64)
     rhs = np.zeros(ws.shape[1:], dtype=np.float64)
     for w, wt, s in zip(inputs.weights, ws, stats, strict=True):
-        g = w * shrink_off_diagonal(s.array, alpha)
+        gram = np.diag(s.array) if s.array.ndim == 1 else s.array
+        g = w * shrink_off_diagonal(gram, alpha)
         lhs += g
         rhs += g @ wt
-    average = np.tensordot(inputs.weights, ws, axes=1) / _total(inputs)
     merged = solve_spd(lhs, rhs, average)
     return merged if axis == 0 else merged.T
+
+
+def diagonal_solve(
+    weights: np.ndarray, diagonals: list[np.ndarray], ws: np.ndarray, average: np.ndarray
+) -> np.ndarray:
+    """RegMean with diagonal Grams: row j = Σᵢ λᵢgᵢⱼWᵢ[j] / Σᵢ λᵢgᵢⱼ; ``average`` where Σ = 0.
+
+    The same answer as ``solve_spd`` on the diagonal matrices (whose singular rows keep the
+    fallback), in O(rows × columns) instead of a rows × rows system.
+    """
+    coef = np.stack([w * g for w, g in zip(weights, diagonals, strict=True)])  # [n, rows]
+    total = coef.sum(axis=0)
+    merged = np.array(average, dtype=np.float64, copy=True)
+    used = total != 0
+    merged[used] = np.einsum("nr,nrc->rc", coef[:, used], ws[:, used]) / total[used, None]
+    return merged
 
 
 def _total(inputs: MergeInputs) -> float:

@@ -320,6 +320,8 @@ def _check_gram(
         )
     axis %= 2
     d = shape[axis]
+    if arr.ndim == 1:
+        return _check_gram_diagonal(method, arr, axis, i, d, name)
     if arr.shape != (d, d):
         raise _stats_error(
             method,
@@ -336,7 +338,26 @@ def _check_gram(
     return TensorStats(arr, "gram", axis, None)
 
 
+def _check_gram_diagonal(
+    method: str, arr: np.ndarray, axis: int, i: int, d: int, name: str
+) -> TensorStats:
+    """A 1-D Gram is the diagonal of one (an embedding's lookup counts): [d], ≥ 0."""
+    if arr.shape != (d,):
+        raise _stats_error(
+            method,
+            name,
+            i,
+            f"are a diagonal Gram of length {arr.shape[0]}, but input axis {axis} has {d} rows",
+            "an embedding's diagonal Gram has one count per row of the table",
+            shape=list(arr.shape),
+        )
+    if np.any(arr < 0):
+        raise _stats_error(method, name, i, "are not positive semi-definite", _GRAM_HINTS["diag"])
+    return TensorStats(arr, "gram", axis, None)
+
+
 _GRAM_HINTS = {
+    "diag": "a diagonal Gram (lookup counts) has no negative entries",
     "symmetric": "a Gram matrix XᵀX is symmetric",
     "positive semi-definite": "a Gram matrix XᵀX has a non-negative diagonal and |Gᵢⱼ| ≤ √(GᵢᵢGⱼⱼ)",
 }

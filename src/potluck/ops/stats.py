@@ -1,7 +1,8 @@
 """Statistics files for data-aware merging (format version "1"; see ``docs/merging-stats.md``).
 
 One safetensors file per model: one float32 tensor per parameter name (a diagonal Fisher of the
-parameter's shape, or the [in, in] Gram matrix XᵀX of a linear weight's inputs) and
+parameter's shape, or the [in, in] Gram matrix XᵀX of a linear weight's inputs — for an
+embedding, whose Gram matrix is diagonal, the 1-D diagonal [num_embeddings]: lookup counts) and
 ``__metadata__`` (string → string, keys sorted):
 
 * ``potluck_stats`` — the format version, ``"1"``; ``kind`` — ``"fisher"`` or ``"gram"``;
@@ -161,12 +162,21 @@ def _check_arrays(kind: str, arrays: list[tuple[str, np.ndarray]], axes: dict[st
     for name, arr in arrays:
         if not np.all(np.isfinite(arr)):
             raise UserError(f"statistics of {name!r} contain NaN or infinity", tensor=name)
-        if kind == "gram" and (arr.ndim != 2 or arr.shape[0] != arr.shape[1]):
-            raise UserError(f"Gram matrix of {name!r} is not square: {list(arr.shape)}")
+        if kind == "gram" and not _gram_shape(tuple(arr.shape)):
+            raise UserError(
+                f"Gram matrix of {name!r} is neither square nor a 1-D diagonal: {list(arr.shape)}"
+            )
+        if kind == "gram" and arr.ndim == 1 and np.any(arr < 0):
+            raise UserError(f"diagonal Gram of {name!r} has negative values", tensor=name)
         if kind == "gram" and axes.get(name, 1) not in (0, 1):
             raise UserError(f"input axis of {name!r} must be 0 or 1, got {axes[name]!r}")
         if kind == "fisher" and np.any(arr < 0):
             raise UserError(f"Fisher of {name!r} has negative values", tensor=name)
+
+
+def _gram_shape(shape: tuple[int, ...]) -> bool:
+    """[d, d] (a full Gram matrix) or [d] (the diagonal of an embedding's)."""
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == shape[1])
 
 
 def _norm(arrays: Any) -> float:
@@ -235,8 +245,7 @@ def load_stats(path: str | os.PathLike[str]) -> StatsFile:
         except (KeyError, ValueError):
             raise FormatError(f"{p}: metadata 'fisher_norm' missing", hint=_HINT) from None
     for name, seg in segments.items():
-        square = len(seg.shape) == 2 and seg.shape[0] == seg.shape[1]
-        if kind == "gram" and (not square or axes.get(name) not in (0, 1)):
+        if kind == "gram" and (not _gram_shape(tuple(seg.shape)) or axes.get(name) not in (0, 1)):
             raise FormatError(f"{p}: Gram entry {name!r} is malformed", hint=_HINT)
     return StatsFile(
         path=p,

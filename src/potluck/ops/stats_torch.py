@@ -96,9 +96,23 @@ def linear_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, i
     return out
 
 
-def input_axes(model: torch.nn.Module) -> dict[str, int]:
-    """{weight name: input axis} of every linear layer ``gram_matrices`` covers."""
-    return {n: axis for n, (_, axis) in linear_modules(model).items()}
+def embedding_modules(model: torch.nn.Module) -> dict[str, torch.nn.Embedding]:
+    """{weight parameter name: module} for every ``nn.Embedding`` (weight [num, d]: axis 0)."""
+    import torch
+
+    out: dict[str, torch.nn.Embedding] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            out[f"{name}.weight" if name else "weight"] = module
+    return out
+
+
+def input_axes(model: torch.nn.Module, *, embeddings: bool = False) -> dict[str, int]:
+    """{weight name: input axis} of every layer ``gram_matrices`` covers (embeddings: 0)."""
+    axes = {n: axis for n, (_, axis) in linear_modules(model).items()}
+    if embeddings:
+        axes.update({n: 0 for n in embedding_modules(model)})
+    return axes
 
 
 def _default_forward(model: Any, batch: Batch) -> Any:
@@ -117,10 +131,37 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, d)
 
 
+def _ids(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The looked-up indices at non-padding positions (position ids [1, T] are broadcast)."""
+    import torch
+
+    if mask is not None and ids.dim() == mask.dim():
+        try:
+            return torch.broadcast_to(ids, mask.shape)[mask.bool()]
+        except RuntimeError:
+            pass
+    return ids.reshape(-1)
+
+
+def _count_hook(
+    name: str, size: int, acc: dict[str, torch.Tensor], state: dict[str, torch.Tensor | None]
+) -> Callable[..., None]:
+    import torch
+
+    def hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
+        ids = _ids(args[0].detach(), state["mask"]).cpu()
+        counts = torch.bincount(ids, minlength=size).to(torch.float64)
+        acc[name] = counts if name not in acc else acc[name] + counts
+
+    return hook
+
+
 def gram_matrices(
     model: torch.nn.Module,
     batches: Iterable[Batch],
     forward: ForwardFn | None = None,
+    *,
+    embeddings: bool = False,
 ) -> dict[str, np.ndarray]:
     """Gram matrix XᵀX of each linear layer's inputs over all non-padding tokens.
 
@@ -128,6 +169,10 @@ def gram_matrices(
     input vectors whose ``attention_mask`` (a key of the batch) is 1. Keys are the weights'
     parameter names; the matrices are [in, in] (see ``input_axes`` for the weight's layout).
     A layer that never ran gets no entry. Sums, not means: more data weighs more in RegMean.
+
+    ``embeddings=True`` also covers every ``nn.Embedding``: a lookup is a linear layer on one-hot
+    inputs, so its Gram matrix is diagonal — the number of times each row was looked up — and is
+    stored as that 1-D diagonal ([num_embeddings]; input axis 0).
     """
     import torch
 
@@ -148,6 +193,11 @@ def gram_matrices(
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, (m, _) in layers.items()]
+    if embeddings:
+        handles += [
+            m.register_forward_hook(_count_hook(n, m.num_embeddings, acc, state))
+            for n, m in embedding_modules(model).items()
+        ]
     was_training = model.training
     model.eval()
     try:
@@ -392,14 +442,15 @@ _LOSSES: dict[tuple[str, str], dict[str, str]] = {
 
 
 def _compute(
-    kind: str, model: Any, task: str, batches: list[dict[str, torch.Tensor]]
+    kind: str, model: Any, task: str, batches: list[dict[str, torch.Tensor]], embeddings: bool
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """(statistics by parameter name, input axes of the Gram entries)."""
     if kind == "fisher":
         loss = classification_nll if task == "classification" else causal_lm_nll
         return fisher_diag(model, batches, loss), {}
-    tensors = gram_matrices(model, batches)
-    return tensors, {n: a for n, a in input_axes(model).items() if n in tensors}
+    tensors = gram_matrices(model, batches, embeddings=embeddings)
+    axes = input_axes(model, embeddings=embeddings)
+    return tensors, {n: a for n, a in axes.items() if n in tensors}
 
 
 def compute_stats(
@@ -412,10 +463,13 @@ def compute_stats(
     batch_size: int = 8,
     max_length: int = 512,
     device: str = "cpu",
+    embeddings: bool = False,
 ) -> dict[str, Any]:
     """Compute ``kind`` statistics of the model in ``model_dir`` on ``data``; write ``out``.
 
     ``device`` is a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+    ``embeddings`` (gram only): also the lookup counts of every embedding (see
+    ``gram_matrices``), so that RegMean merges embedding rows by how much each model used them.
     Returns a summary (what ``potluck stats --json`` prints).
     """
     if kind not in ("fisher", "gram"):
@@ -427,7 +481,9 @@ def compute_stats(
     model, task = load_hf_model(model_dir, kind, has_labels)
     model = _to_device(model, device)
     moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
-    tensors, axes = _compute(kind, model, task, moved)
+    if embeddings and kind != "gram":
+        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
+    tensors, axes = _compute(kind, model, task, moved, embeddings)
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     hashes = checkpoint_hashes(model_dir, tensors)
@@ -439,6 +495,7 @@ def compute_stats(
         "max_length": max_length,
         "device": str(device),
         "data": Path(data).name,
+        **({"embeddings": "lookup counts (diagonal Gram)"} if embeddings else {}),
         **_LOSSES.get((kind, task), {}),
     }
     data_hash = file_sha256(data)
