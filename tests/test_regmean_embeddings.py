@@ -150,3 +150,36 @@ def test_gram_matrices_count_a_tiny_berts_lookups() -> None:
         "encoder.layer.0.attention.self.query.weight"] == 1  # fmt: skip
     plain = gram_matrices(model, batches)
     assert not any("embeddings." in n and n.endswith("_embeddings.weight") for n in plain)
+
+
+def test_cli_gram_embeddings_writes_the_lookup_counts(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    import potluck.cli.stats_cmd  # noqa: F401  (registers `stats`)
+    from potluck.cli.main import cli
+    from potluck.ops.stats_torch import compute_stats
+
+    cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    ids = np.array([[1, 5, 5, 9, 0], [2, 5, 0, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)
+    out = tmp_path / "g.stats"
+    args = ["stats", "gram", str(tmp_path / "m"), "--data", str(tmp_path / "d.npz"),
+            "-o", str(out), "--embeddings"]  # fmt: skip
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    f = load_stats(out)
+    counts = np.bincount(ids[mask == 1], minlength=16).astype(np.float32)
+    got = f.get("model.embed_tokens.weight")
+    assert got is not None and f.input_axes["model.embed_tokens.weight"] == 0
+    np.testing.assert_array_equal(got, counts)
+    with pytest.raises(UserError, match="--embeddings applies to Gram statistics only"):
+        compute_stats("fisher", tmp_path / "m", tmp_path / "d.npz", tmp_path / "f.stats",
+                      embeddings=True)  # fmt: skip
+    assert not (tmp_path / "f.stats").exists()

@@ -474,6 +474,8 @@ def compute_stats(
     """
     if kind not in ("fisher", "gram"):
         raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
+    if embeddings and kind != "gram":
+        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
     require_torch("potluck stats")
     if batch_size < 1 or (max_samples is not None and max_samples < 1):
         raise UserError("--batch-size and --max-samples must be at least 1")
@@ -481,8 +483,6 @@ def compute_stats(
     model, task = load_hf_model(model_dir, kind, has_labels)
     model = _to_device(model, device)
     moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
-    if embeddings and kind != "gram":
-        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
     tensors, axes = _compute(kind, model, task, moved, embeddings)
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
