@@ -13,7 +13,7 @@ entry-point group (a ``MergeMethod`` instance per entry point).
 
 from __future__ import annotations
 
-from potluck.merging import average, fisher, regmean, task_arithmetic
+from potluck.merging import average, fisher, regmean, task_arithmetic, tsv
 from potluck.merging.base import (
     COMPUTE_DTYPE,
     STATS_KINDS,
@@ -45,6 +45,12 @@ __all__ = [
 ]
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", "potluck.merge_methods")
-for _method in (*average.METHODS, *task_arithmetic.METHODS, *fisher.METHODS, *regmean.METHODS):
+for _method in (
+    *average.METHODS,
+    *task_arithmetic.METHODS,
+    *fisher.METHODS,
+    *regmean.METHODS,
+    *tsv.METHODS,
+):
     MERGE_METHODS.register(_method.name, _method)
 del _method
