@@ -36,6 +36,8 @@ GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
     # potluck's extension: RegMean also over the embeddings, from their lookup counts
     # (``potluck stats gram --embeddings``); same α grid. Added after the first runs.
     "regmean_emb": [({"alpha": a}, {"weight": 1.0}) for a in (0.5, 0.9)],
+    # TSV-Merge (added with the method, after the first runs); the paper uses α = 1
+    "tsv": [({"alpha": a}, {"weight": 1.0}) for a in (0.7, 1.0)],
 }
 STATS_KIND = {"fisher": "fisher", "regmean": "gram", "regmean_emb": "gram_emb"}
 #: grid name → potluck merge method, where they differ
