@@ -23,7 +23,7 @@ An embedding is a linear layer on one-hot inputs, so its Gram matrix is diagonal
 times each row was looked up. Given as a 1-D array (``potluck stats gram --embeddings``), it
 makes every row the models' average weighted by λᵢ·countᵢ — a row only one model's data used
 takes that model's row — and rows no model used keep the plain average. (A potluck extension;
-the paper averages embeddings.) Mixed with full matrices, a 1-D Gram is read as ``diag(g)``.
+the paper averages embeddings.) Diagonals mixed with full matrices for one tensor are an error.
 
 Tensors without Gram statistics (biases, norms, and embeddings without counts) are averaged, as
 in the paper. A tensor with statistics for only some models is an error
@@ -90,18 +90,31 @@ def regmean(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     # work on Wᵀ, [in, out]: rows are input features
     ws = inputs.models if axis == 0 else np.swapaxes(inputs.models, 1, 2)
     average = np.tensordot(inputs.weights, ws, axes=1) / _total(inputs)
-    if all(s.array.ndim == 1 for s in stats):
+    if _diagonal(inputs.name, stats):
         merged = diagonal_solve(inputs.weights, [s.array for s in stats], ws, average)
         return merged if axis == 0 else merged.T
     lhs = np.zeros((ws.shape[1], ws.shape[1]), dtype=np.float64)
     rhs = np.zeros(ws.shape[1:], dtype=np.float64)
     for w, wt, s in zip(inputs.weights, ws, stats, strict=True):
-        gram = np.diag(s.array) if s.array.ndim == 1 else s.array
-        g = w * shrink_off_diagonal(gram, alpha)
+        g = w * shrink_off_diagonal(s.array, alpha)
         lhs += g
         rhs += g @ wt
     merged = solve_spd(lhs, rhs, average)
     return merged if axis == 0 else merged.T
+
+
+def _diagonal(name: str, stats: list[TensorStats]) -> bool:
+    """True when every model's Gram is a 1-D diagonal; mixing the two forms is an error."""
+    kinds = {s.array.ndim for s in stats}
+    if kinds == {1, 2}:
+        raise UserError(
+            f"regmean: the models' Gram statistics for tensor {name!r} mix diagonals (embedding "
+            "lookup counts) and full matrices",
+            hint="compute every model's statistics with the same options (all with or all "
+            "without 'potluck stats gram --embeddings')",
+            tensor=name,
+        )
+    return kinds == {1}
 
 
 def diagonal_solve(
