@@ -104,7 +104,8 @@ def fold_lora(weight: Any, a: Any, b: Any, scale: float) -> Any:
     return weight + scale * (b @ a)
 
 
-def _lora_linear() -> type[Any]:
+def lora_linear_class() -> type[Any]:
+    """The LoRA wrapper of a frozen ``nn.Linear`` (also used by bench/modular_lib/contrib.py)."""
     import torch
     from torch import nn
 
@@ -128,7 +129,7 @@ def add_lora(encoder: Any, rank: int, alpha: float) -> dict[str, Any]:
     """Freeze ``encoder``; wrap every ``LORA_TARGETS`` linear; {module name: LoraLinear}."""
     for p in encoder.parameters():
         p.requires_grad_(False)
-    cls, out = _lora_linear(), {}
+    cls, out = lora_linear_class(), {}
     modules = dict(encoder.named_modules())
     for i in range(int(encoder.config.num_hidden_layers)):
         for t in LORA_TARGETS:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, model
+from bench.minilm import data, finetune, model
 
 from potluck.codecs import Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, shape_text
@@ -66,31 +66,11 @@ def target_modules(n_layers: int) -> list[str]:
     return [f"encoder.layer.{i}.{t}" for i in range(n_layers) for t in TARGETS]
 
 
-def _lora_class() -> type[Any]:
-    import torch
-    from torch import nn
-
-    class LoraLinear(nn.Module):
-        """``base(x) + scale·B(A x)`` with the base frozen."""
-
-        def __init__(self, base: Any, rank: int, scale: float) -> None:
-            super().__init__()
-            self.base, self.scale = base, scale
-            self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
-            nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
-            self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-
-        def forward(self, x: Any) -> Any:
-            return self.base(x) + self.scale * ((x @ self.lora_a.T) @ self.lora_b.T)
-
-    return LoraLinear
-
-
 def add_lora(encoder: Any, cfg: ContribConfig) -> dict[str, Any]:
     """Freeze ``encoder`` and wrap every target linear; returns {module name: LoraLinear}."""
     for p in encoder.parameters():
         p.requires_grad_(False)
-    cls, out = _lora_class(), {}
+    cls, out = finetune.lora_linear_class(), {}
     names = dict(encoder.named_modules())
     for full in target_modules(int(encoder.config.num_hidden_layers)):
         parent_name, _, attr = full.rpartition(".")
