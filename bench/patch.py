@@ -223,7 +223,8 @@ def run_setting(
 
     from potluck.codecs import DEFAULT_RULES
     from potluck.errors import PotluckError
-    from potluck.ops.patch import apply_patch, create_patch
+    from potluck.ops.patch.apply import apply_patch
+    from potluck.ops.patch.create import create_patch
 
     label, codec, params, rules = setting
     base, tgt, work = paths

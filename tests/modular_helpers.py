@@ -8,8 +8,10 @@ import numpy as np
 
 from potluck.codecs import Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, shape_text
-from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch, write_safetensors
-from potluck.ops.sources import open_path
+from potluck.formats.safetensors import write_safetensors
+from potluck.ops.models.sources import open_path
+from potluck.ops.patch.fileformat import PatchContents, write_patch
+from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import from_numpy
 
 

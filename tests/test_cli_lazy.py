@@ -19,8 +19,8 @@ def test_hooks_and_drivers_do_not_import_the_heavy_commands() -> None:
     code = (
         "import sys\n"
         "from potluck.cli import commands, drivers\n"
-        "heavy = [m for m in ('potluck.cli.merge_cmd', 'potluck.ops.compose', "
-        "'potluck.ops.peft', 'potluck.ops.mergerun') if m in sys.modules]\n"
+        "heavy = [m for m in ('potluck.cli.merge_cmd', 'potluck.ops.compose.manifest', "
+        "'potluck.ops.peft', 'potluck.ops.merge.run') if m in sys.modules]\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

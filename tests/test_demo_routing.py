@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from potluck.ops.experts import expert_deltas, find_expert
+from potluck.ops.compose.library import expert_deltas, find_expert
 
 torch = pytest.importorskip("torch")
 

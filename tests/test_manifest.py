@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from potluck.errors import FormatError
-from potluck.objects.manifest import Manifest, RawEntry, TensorEntry, ViewEntry, dumps, parse
+from potluck.objects.manifest import Manifest, RawEntry, TensorEntry, dumps, parse
+from potluck.tensors.views import View
 
 A = "a" * 64
 B = "b" * 64
@@ -24,7 +25,7 @@ def sample() -> Manifest:
         "safetensors",
         104,
         (RawEntry(A, 80), TensorEntry("w", "BF16", (3, 4), B, 24)),
-        (ViewEntry("w.T", "w", "BF16", (4, 3), (1, 4), 0),),
+        (View("w.T", "w", "BF16", (4, 3), (1, 4), 0),),
         {"k": "v"},
     )
 

@@ -10,9 +10,9 @@ import pytest
 from potluck.errors import UserError
 from potluck.formats.safetensors import build_header
 from potluck.objects.manifest import Manifest, RawEntry, TensorEntry
-from potluck.ops.materialize import load_tensors, write_file
-from potluck.ops.merge import METADATA, STRUCTURE, merge_manifests, resolve_manifest
-from potluck.ops.snapshot import scan_manifest, snapshot
+from potluck.ops.vcs.materialize import load_tensors, write_file
+from potluck.ops.vcs.snapshot import scan_manifest, snapshot
+from potluck.ops.vcs.threeway import METADATA, STRUCTURE, merge_manifests, resolve_manifest
 from test_ops import odb
 
 

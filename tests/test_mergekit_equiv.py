@@ -7,7 +7,7 @@ per case and every tensor mergekit wrote for it.
 
 Two groups of tests:
 
-* ``test_run_merge_matches_mergekit``: the whole runner, ``potluck.ops.mergerun.run_merge`` on
+* ``test_run_merge_matches_mergekit``: the whole runner, ``potluck.ops.merge.run.run_merge`` on
   the same YAML (model paths rewritten to absolute ones in a temporary copy), every output tensor
   against mergekit's (see ``run_potluck``: the one place that calls the runner).
 * ``test_registry_matches_mergekit``: ``potluck.merging.MERGE_METHODS`` called directly, tensor by
@@ -217,8 +217,8 @@ def check_random_drop(out: dict[str, np.ndarray], density: float, biased: bool, 
 
 def run_potluck(config_path: Path, out_dir: Path) -> None:
     """potluck's merge of ``config_path`` into ``out_dir``: the one place that calls the runner."""
-    from potluck.ops.mergeconfig import load_config
-    from potluck.ops.mergerun import run_merge
+    from potluck.ops.merge.config import load_config
+    from potluck.ops.merge.run import run_merge
 
     run_merge(load_config(config_path), out_dir)
 

@@ -14,11 +14,11 @@ from conftest import Run, save_st
 from potluck.cli.main import cli
 from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS
-from potluck.ops import mergerun
-from potluck.ops.mergeconfig import evaluate_setting, parse_config
-from potluck.ops.mergeplan import layer_index, plan_merge
-from potluck.ops.mergerun import explain_merge, run_merge
-from potluck.ops.sources import open_path
+from potluck.ops.merge import run as mergerun
+from potluck.ops.merge.config import evaluate_setting, parse_config
+from potluck.ops.merge.plan import layer_index, plan_merge
+from potluck.ops.merge.run import explain_merge, run_merge
+from potluck.ops.models.sources import open_path
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 8),
@@ -423,7 +423,7 @@ def test_plan_of_sources_directly(tmp_path: Path) -> None:
 
 
 def test_regmean_from_stats_files_is_the_joint_least_squares_solution(tmp_path: Path) -> None:
-    from potluck.ops.stats import write_stats
+    from potluck.ops.merge.statsfile import write_stats
 
     rng = np.random.default_rng(9)
     xs = [rng.standard_normal((50, 6)) for _ in range(2)]

@@ -20,15 +20,7 @@ from modular_helpers import (
 from potluck.codecs import get_codec
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.modular import arrow_prototype
-from potluck.ops.compose import (
-    export_mixture,
-    load_composition,
-    lock_bytes,
-    lock_manifest,
-    read_manifest,
-    write_lock,
-)
-from potluck.ops.experts import (
+from potluck.ops.compose.library import (
     AddOptions,
     add_expert,
     expert_deltas,
@@ -38,9 +30,18 @@ from potluck.ops.experts import (
     read_safetensors,
     verify_library,
 )
-from potluck.ops.patch import apply_patch
-from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch
-from potluck.ops.sources import open_path
+from potluck.ops.compose.manifest import (
+    export_mixture,
+    load_composition,
+    lock_bytes,
+    lock_manifest,
+    read_manifest,
+    write_lock,
+)
+from potluck.ops.models.sources import open_path
+from potluck.ops.patch.apply import apply_patch
+from potluck.ops.patch.fileformat import PatchContents, write_patch
+from potluck.tensors.digests import tensor_sha256
 
 Q, QB, V = "l0.q.weight", "l0.q.bias", "l1.v.weight"
 

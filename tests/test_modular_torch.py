@@ -29,8 +29,7 @@ from potluck.modular import (
     mix_outputs,
     smear_outputs,
 )
-from potluck.ops.compose import load_composition
-from potluck.ops.experts import (
+from potluck.ops.compose.library import (
     AddOptions,
     add_expert,
     expert_deltas,
@@ -38,7 +37,8 @@ from potluck.ops.experts import (
     load_artifact,
     read_safetensors,
 )
-from potluck.ops.patch import apply_patch
+from potluck.ops.compose.manifest import load_composition
+from potluck.ops.patch.apply import apply_patch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -122,7 +122,7 @@ def _patched(root: Path, patch: Path, out: str) -> Any:
 
 
 def test_one_expert_with_weight_one_equals_the_patched_base(world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     composed = compose(_manifest(root, "one.toml", ["a"], 'strategy = "uniform"'))
@@ -138,7 +138,7 @@ def test_one_expert_with_weight_one_equals_the_patched_base(world: dict[str, Any
 
 
 def test_ia3_expert_equals_the_patched_base(world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     rng = np.random.default_rng(3)
@@ -162,7 +162,7 @@ def test_ia3_expert_equals_the_patched_base(world: dict[str, Any]) -> None:
 
 
 def test_to_patch_and_disable(world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     composed = compose(_manifest(root, "two.toml", ["a", "b"], 'strategy = "uniform"\ntop_k = 2'))
@@ -181,7 +181,7 @@ def test_to_patch_and_disable(world: dict[str, Any]) -> None:
 
 
 def test_static_weights_disable_renormalises(world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     router = 'strategy = "static"\nweights = { a = 0.6, b = -0.2, c = 0.4 }'
@@ -240,7 +240,7 @@ def _reference_router(case: str, comp: Any, weight: str, root: Path) -> Any:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_routing_matches_numpy_reference(world: dict[str, Any], case: str) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     router, aggregation = CASES[case]
@@ -273,13 +273,13 @@ def test_routing_matches_numpy_reference(world: dict[str, Any], case: str) -> No
 
 
 def test_stale_artifacts_and_base_mismatch_are_refused(world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     root = world["root"]
     shutil.copytree(root / "base", root / "base2")
     m = _manifest(root, "moved.toml", ["a", "b"], 'strategy = "uniform"')
     m.write_text(m.read_text().replace('base = "base"', 'base = "base2"'))
-    from potluck.ops.compose import lock_manifest, write_lock
+    from potluck.ops.compose.manifest import lock_manifest, write_lock
 
     write_lock(root / "moved.lock", lock_manifest(m))
     with open_st(root / "base2" / "model.safetensors") as tensors:
@@ -308,7 +308,7 @@ class open_st:
         self.path = path
 
     def __enter__(self) -> dict[str, np.ndarray]:
-        from potluck.ops.experts import read_safetensors
+        from potluck.ops.compose.library import read_safetensors
 
         self.tensors = read_safetensors(self.path)[1]
         return self.tensors
@@ -421,7 +421,7 @@ def _cls_model(path: Path, double: bool = False) -> Any:
 def test_gated_expert_at_zero_gate_is_the_half_scaled_patch(
     world: dict[str, Any], cls_world: dict[str, Any]
 ) -> None:
-    from potluck.ops.compose_torch import gate_expert
+    from potluck.ops.compose.runtime import gate_expert
 
     root = cls_world["root"]
     model = _cls_model(root / "cls")
@@ -436,7 +436,7 @@ def test_gated_expert_at_zero_gate_is_the_half_scaled_patch(
 
 
 def test_train_gates_sgd_step_matches_finite_differences(cls_world: dict[str, Any]) -> None:
-    from potluck.ops.compose_torch import gate_expert, load_tokenizer, text_batches, train_gates
+    from potluck.ops.compose.runtime import gate_expert, load_tokenizer, text_batches, train_gates
 
     root, rec = cls_world["root"], cls_world["rec"]
     batches = text_batches(load_tokenizer(str(root / "cls")), cls_world["rows"], 12)
@@ -465,7 +465,7 @@ def test_train_gates_sgd_step_matches_finite_differences(cls_world: dict[str, An
 def test_cli_train_gate_attaches_fresh_gates(cls_world: dict[str, Any], tmp_path: Path) -> None:
     from potluck.cli import modular_cmd  # noqa: F401 - registers the commands
     from potluck.cli.main import cli
-    from potluck.ops.compose_torch import load_tokenizer, text_batches, train_gates
+    from potluck.ops.compose.runtime import load_tokenizer, text_batches, train_gates
 
     root = cls_world["root"]
     lib = tmp_path / "lib"

@@ -15,9 +15,9 @@ from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, FormatError
 from potluck.formats.safetensors import build_header
 from potluck.objects.manifest import dumps, parse
-from potluck.ops.materialize import load_tensors, write_file
-from potluck.ops.odb import ObjectDB
-from potluck.ops.snapshot import snapshot
+from potluck.ops.vcs.materialize import load_tensors, write_file
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.snapshot import snapshot
 from potluck.store.memory import MemoryStore
 from potluck.tensors.dtypes import dtype_names, to_numpy
 
@@ -130,7 +130,7 @@ def test_bf16_is_ml_dtypes() -> None:
 
 @pytest.mark.parametrize("buffer", [1 << 30, 1000])  # in memory, and spilled per segment
 def test_stream_snapshot_matches_file_snapshot(rng, tmp_path, monkeypatch, buffer) -> None:
-    from potluck.ops import snapshot as snap
+    from potluck.ops.vcs import snapshot as snap
 
     monkeypatch.setattr(snap, "STREAM_BUFFER", buffer)
     t = {"a": rng.normal(size=(64, 64)).astype(np.float32), "b": np.arange(7, dtype=np.int16)}
@@ -149,7 +149,7 @@ def test_stream_snapshot_matches_file_snapshot(rng, tmp_path, monkeypatch, buffe
     [(-5, "ends 5 bytes short inside tensor 'b'"), (3, "continues past the")],
 )
 def test_stream_snapshot_rolls_back_on_bad_file(rng, tmp_path, cut, match) -> None:
-    from potluck.ops.snapshot import snapshot_stream
+    from potluck.ops.vcs.snapshot import snapshot_stream
 
     t = {"a": rng.normal(size=(64, 64)).astype(np.float32), "b": np.arange(7, dtype=np.int16)}
     data = st_bytes(t, {"a": "F32", "b": "I16"})

@@ -15,7 +15,8 @@ import potluck.cli.patch_cmd  # noqa: F401  (registers `potluck patch`)
 from potluck.cli.main import cli
 from potluck.errors import IntegrityError, UserError
 from potluck.formats import scan_file
-from potluck.ops.patch import apply_patch, create_patch, patch_info
+from potluck.ops.patch.apply import apply_patch
+from potluck.ops.patch.create import create_patch, patch_info
 
 
 def sha(a: np.ndarray) -> str:

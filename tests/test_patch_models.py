@@ -19,10 +19,11 @@ from potluck.codecs import Payload
 from potluck.errors import FormatError, IntegrityError
 from potluck.formats import scan_file
 from potluck.objects.manifest import MAGIC
-from potluck.ops.patch import apply_patch, create_patch, patch_info
-from potluck.ops.patch_check import measure, summarize
-from potluck.ops.patch_output import plan_output
-from potluck.ops.patchfile import PatchContents, read_patch, write_patch
+from potluck.ops.patch.apply import apply_patch
+from potluck.ops.patch.check import measure, summarize
+from potluck.ops.patch.create import create_patch, patch_info
+from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
+from potluck.ops.patch.output import plan_output
 
 Arrays = dict[str, np.ndarray]
 SHARDS = {

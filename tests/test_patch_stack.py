@@ -14,9 +14,10 @@ from safetensors.numpy import load_file, save_file
 import potluck.cli.patch_cmd  # noqa: F401  (registers `potluck patch`)
 from potluck.cli.main import cli
 from potluck.errors import IntegrityError, UserError
-from potluck.ops.patch import apply_patch, create_patch
-from potluck.ops.patch_stack import stack_patches
-from potluck.ops.patchfile import read_patch
+from potluck.ops.patch.apply import apply_patch
+from potluck.ops.patch.create import create_patch
+from potluck.ops.patch.fileformat import read_patch
+from potluck.ops.patch.stack import stack_patches
 
 Arrays = dict[str, np.ndarray]
 

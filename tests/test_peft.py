@@ -27,19 +27,20 @@ from potluck.cli.main import cli
 from potluck.codecs import CODECS
 from potluck.errors import UserError
 from potluck.formats import scan_file
-from potluck.ops.patchfile import read_patch
-from potluck.ops.peft import apply_adapter, import_adapter
-from potluck.ops.peft_adapter import read_adapter
-from potluck.ops.peft_config import (
+from potluck.ops.models.sources import open_path
+from potluck.ops.patch.fileformat import read_patch
+from potluck.ops.peft.adapter import read_adapter
+from potluck.ops.peft.apply import apply_adapter
+from potluck.ops.peft.arithmetic import fma_matmul
+from potluck.ops.peft.config import (
     is_feedforward,
     parse_config,
     pattern_value,
     read_config,
     targets,
 )
-from potluck.ops.peft_export import export_patch
-from potluck.ops.peft_merge import fma_matmul
-from potluck.ops.sources import open_path
+from potluck.ops.peft.export import export_patch
+from potluck.ops.peft.importer import import_adapter
 
 FIX = Path(__file__).parent / "fixtures" / "peft"
 CASES = sorted(p.name for p in FIX.iterdir() if (p / "expected.json").is_file())
@@ -186,7 +187,7 @@ def test_out_dir_must_be_new_or_empty(tmp_path: Path) -> None:
 def test_a_failure_while_writing_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import potluck.ops.peft as peft_ops
+    import potluck.ops.peft.apply as peft_ops
 
     real, calls = peft_ops.merged, []
 

@@ -15,7 +15,7 @@ from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS
 from potluck.merging.base import TensorStats
 from potluck.merging.regmean import diagonal_solve, solve_spd
-from potluck.ops.stats import load_stats, stats_for, write_stats
+from potluck.ops.merge.statsfile import load_stats, stats_for, write_stats
 
 REGMEAN = MERGE_METHODS.get("regmean")
 
@@ -117,7 +117,7 @@ def test_stats_file_round_trips_a_diagonal_gram(tmp_path: Path) -> None:
 def test_gram_matrices_count_a_tiny_berts_lookups() -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from potluck.ops.stats_torch import gram_matrices, input_axes
+    from potluck.ops.merge.stats_torch import gram_matrices, input_axes
 
     cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=16,
@@ -153,7 +153,7 @@ def test_cli_gram_embeddings_writes_the_lookup_counts(tmp_path: Path) -> None:
 
     import potluck.cli.stats_cmd  # noqa: F401  (registers `stats`)
     from potluck.cli.main import cli
-    from potluck.ops.stats_torch import compute_stats
+    from potluck.ops.merge.stats_torch import compute_stats
 
     cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
                                    num_hidden_layers=1, num_attention_heads=2,

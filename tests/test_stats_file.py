@@ -14,8 +14,8 @@ import pytest
 
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.merging import MERGE_METHODS, TensorStats
-from potluck.ops.stats import check_stats_files, load_stats, stats_for, write_stats
-from potluck.ops.stats_torch import read_jsonl, read_npz
+from potluck.ops.merge.statsfile import check_stats_files, load_stats, stats_for, write_stats
+from potluck.ops.models.torchdata import read_jsonl, read_npz
 
 
 def sha(arr: np.ndarray) -> str:
@@ -168,7 +168,7 @@ def test_file_statistics_drive_a_regmean_merge(gram_file, rng) -> None:
 
 def test_torch_is_imported_only_when_statistics_are_computed() -> None:
     code = (
-        "import sys, potluck.cli.stats_cmd, potluck.ops.stats_torch, potluck.merging; "
+        "import sys, potluck.cli.stats_cmd, potluck.ops.merge.stats_torch, potluck.merging; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Fisher and Gram statistics with PyTorch (``ops.stats_torch``) and ``potluck stats``.
+"""Fisher and Gram statistics with PyTorch (``ops.merge.stats_torch``) and ``potluck stats``.
 
 References are independent: closed-form per-example gradients in numpy, XᵀX of hand-collected
 layer inputs, the least-squares solution of the joint regression, a hand-written LM loss.
@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 from potluck.merging import MERGE_METHODS  # noqa: E402
-from potluck.ops.stats import load_stats, stats_for, write_stats  # noqa: E402
-from potluck.ops.stats_torch import fisher_diag, gram_matrices, input_axes  # noqa: E402
+from potluck.ops.merge.stats_torch import fisher_diag, gram_matrices, input_axes  # noqa: E402
+from potluck.ops.merge.statsfile import load_stats, stats_for, write_stats  # noqa: E402
 
 F = torch.nn.functional
 

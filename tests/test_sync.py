@@ -14,7 +14,7 @@ from conftest import Run, model, run_in, save_st
 from potluck.git.plumbing import Git
 from potluck.git.wireindex import read_index
 from potluck.objects.manifest import Entry, parse
-from potluck.ops.wire import WireEntry
+from potluck.ops.vcs.wire import WireEntry
 
 FILE = "m.safetensors"
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import Run, model, run_in, save_st
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, FormatError
-from potluck.ops.odb import ObjectDB
-from potluck.ops.wire import (
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.wire import (
     INDEX_MAGIC,
     WireEntry,
     dump_index,

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model.offline()
     from bench.modular_lib import evaluate, pooled
 
-    from potluck.ops.experts import find_expert, load_artifact
+    from potluck.ops.compose.library import find_expert, load_artifact
 
     lib = Path(args.folder) / "library"
     tasks = [data.load_task(n, seed=args.seed) for n in args.tasks.split(",")]

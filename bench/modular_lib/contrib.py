@@ -10,7 +10,7 @@ rerun gives the same weights up to CPU-kernel nondeterminism.
 The expert is written as a potluck patch (``lowrank`` payloads, factors ``lora_A [r, in]``,
 ``lora_B [out, r]`` with the scale α/r folded into B), pinned to the shipped base file, and
 added to the library with its Arrow prototypes; the contributor then trains PHATGOOSE gates with
-``potluck.ops.compose_torch.train_gates`` on its own training data (expert and head frozen) and
+``potluck.ops.compose.runtime.train_gates`` on its own training data (expert and head frozen) and
 attaches them as the expert's ``phatgoose`` artifact. The head is kept per task next to the
 library (``heads/<task>.safetensors``): it is not a tensor of the base, so it cannot be part of a
 potluck patch of the encoder.
@@ -31,9 +31,11 @@ from bench.minilm import data, finetune, model
 
 from potluck.codecs import Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, shape_text
-from potluck.ops.experts import AddOptions, ExpertRecord, add_expert, attach_artifact
-from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch, write_safetensors
-from potluck.ops.sources import open_path
+from potluck.formats.safetensors import write_safetensors
+from potluck.ops.compose.library import AddOptions, ExpertRecord, add_expert, attach_artifact
+from potluck.ops.models.sources import open_path
+from potluck.ops.patch.fileformat import PatchContents, write_patch
+from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import from_numpy
 
 #: The attention linears every expert adapts (module names inside BertModel).
@@ -208,7 +210,7 @@ def train_gate(
     """PHATGOOSE gates of ``record`` on the contributor's own training data (expert frozen)."""
     import torch
 
-    from potluck.ops.compose_torch import train_gates
+    from potluck.ops.compose.runtime import train_gates
 
     batches = []
     labels = torch.tensor(task.train.labels)

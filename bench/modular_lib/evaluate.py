@@ -104,7 +104,7 @@ def composed_outputs(
     """(mean-pooled embeddings [N, d], expert usage [N, E]) of the composition on the mixture."""
     import torch
 
-    from potluck.ops.compose_torch import compose, expert_usage
+    from potluck.ops.compose.runtime import compose, expert_usage
 
     encoder: Any = model.load_encoder()
     composed = compose(manifest, model=encoder)
@@ -220,7 +220,7 @@ def ties_encoder(lib: Path, names: Sequence[str], density: float) -> Any:
     import torch
 
     from potluck.merging import MERGE_METHODS
-    from potluck.ops.experts import expert_deltas, find_expert
+    from potluck.ops.compose.library import expert_deltas, find_expert
 
     encoder = model.load_encoder()
     state = encoder.state_dict()

@@ -80,7 +80,7 @@ def routing_states(
     """Per adapted weight, the routing inputs [N, d] under oracle routing; and their task [N]."""
     import torch
 
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     composed = compose(oracle_manifest, model=model.load_encoder())
     seen = _record_inputs(composed)
@@ -159,7 +159,7 @@ def lorahub_weights(
     import torch
 
     from potluck.modular import lorahub_search
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     composed = compose(manifest, model=model.load_encoder())
     enc = tokenizer(

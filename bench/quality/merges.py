@@ -1,6 +1,6 @@
 """Merging the contributors' encoders with every potluck method; grid search on validation.
 
-Every merge goes through ``potluck.ops.mergerun.run_merge`` with a mergekit-style config; the
+Every merge goes through ``potluck.ops.merge.run.run_merge`` with a mergekit-style config; the
 data-aware methods read the statistics files the contributors published.
 """
 
@@ -80,8 +80,8 @@ def merge_config(
 
 def run_one(cfg: Mapping[str, Any], out: Path) -> Path:
     """Run ``potluck merge`` on ``cfg``; the merged weights file."""
-    from potluck.ops.mergeconfig import parse_config
-    from potluck.ops.mergerun import run_merge
+    from potluck.ops.merge.config import parse_config
+    from potluck.ops.merge.run import run_merge
 
     if out.exists():
         shutil.rmtree(out)

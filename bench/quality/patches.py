@@ -60,7 +60,8 @@ def patch_rows(
     base: Path, target: Path, work: Path, score: Callable[[Path], float], seed: int
 ) -> list[dict[str, Any]]:
     """For each codec: patch bytes, ratio to the fp16 delta, test accuracy of the patched model."""
-    from potluck.ops.patch import apply_patch, create_patch
+    from potluck.ops.patch.apply import apply_patch
+    from potluck.ops.patch.create import create_patch
 
     work.mkdir(parents=True, exist_ok=True)
     ref = fp16_delta_bytes(base, target)

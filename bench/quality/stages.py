@@ -188,7 +188,7 @@ def _batches(task: data.Task, tokenizer: Any, n: int, batch_size: int) -> Iterat
 def _hashes(weights: Path, names: Sequence[str]) -> dict[str, str]:
     from safetensors.numpy import load_file
 
-    from potluck.ops.patchfile import tensor_sha256
+    from potluck.tensors.digests import tensor_sha256
 
     tensors = load_file(str(weights))
     return {n: tensor_sha256(tensors[n]) for n in names if n in tensors}
@@ -200,8 +200,8 @@ def contributor_stats(
     """Fisher and Gram statistics of a contributor's fine-tune on its own training data."""
     import torch
 
-    from potluck.ops.stats import write_stats
-    from potluck.ops.stats_torch import fisher_diag, gram_matrices, input_axes
+    from potluck.ops.merge.stats_torch import fisher_diag, gram_matrices, input_axes
+    from potluck.ops.merge.statsfile import write_stats
 
     paths = {k: out_dir / f"{task.name}.{k}.stats" for k in ("fisher", "gram", "gram_emb")}
     todo = [(k, n) for k, n in (("fisher", fisher_n), ("gram", gram_n), ("gram_emb", gram_n))

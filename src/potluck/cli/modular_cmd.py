@@ -13,8 +13,7 @@ from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import emit_json
 from potluck.errors import IntegrityError, UserError
 from potluck.git.models import open_model
-from potluck.ops.compose import export_mixture, load_composition, lock_manifest, write_lock
-from potluck.ops.experts import (
+from potluck.ops.compose.library import (
     AddOptions,
     ExpertRecord,
     add_expert,
@@ -24,8 +23,9 @@ from potluck.ops.experts import (
     list_experts,
     mismatch_error,
 )
-from potluck.ops.experts import verify_library as verify_experts
-from potluck.ops.patchfile import read_patch
+from potluck.ops.compose.library import verify_library as verify_experts
+from potluck.ops.compose.manifest import export_mixture, load_composition, lock_manifest, write_lock
+from potluck.ops.patch.fileformat import read_patch
 
 _LIB = click.option(
     "-L",
@@ -168,7 +168,7 @@ def train_gate_cmd(
     as_json: bool,
 ) -> None:
     """Train REF's PHATGOOSE gates on its own data (base and expert frozen) and store them."""
-    from potluck.ops.compose_torch import load_model, load_tokenizer, text_batches, train_gates
+    from potluck.ops.compose.runtime import load_model, load_tokenizer, text_batches, train_gates
 
     rec = find_expert(library, ref)
     rows = _jsonl(data)
@@ -281,8 +281,8 @@ def run_cmd(source: str, inputs: tuple[str, ...], tasks: tuple[str, ...], as_jso
         raise UserError("no inputs", hint="pass --input TEXT (repeatable)")
     if tasks and len(tasks) != len(inputs):
         raise UserError("give one --task per --input", hint="or none")
-    from potluck.ops.compose_torch import compose as build
-    from potluck.ops.compose_torch import load_tokenizer, run_texts
+    from potluck.ops.compose.runtime import compose as build
+    from potluck.ops.compose.runtime import load_tokenizer, run_texts
 
     comp = load_composition(source, open_base=open_model)
     composed = build(comp, open_base=open_model)

@@ -39,7 +39,7 @@ def _options(fn: Any) -> Any:
 
 
 def _run(kind: str, model: str, data: str, out: str, as_json: bool, **kw: Any) -> None:
-    from potluck.ops.stats_torch import compute_stats
+    from potluck.ops.merge.stats_torch import compute_stats
 
     summary = compute_stats(kind, model, data, out, **kw)
     if as_json:

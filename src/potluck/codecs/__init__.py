@@ -8,6 +8,8 @@ entry-point group. Exact: ``full``, ``exact_xor``, ``exact_sparse``. Lossy (each
 
 from __future__ import annotations
 
+import numpy as np
+
 from potluck.codecs.base import (
     PLAIN_DTYPES,
     ErrorReport,
@@ -15,7 +17,9 @@ from potluck.codecs.base import (
     ParamSpec,
     Payload,
     UpdateCodec,
+    full_nbytes,
     payload_nbytes,
+    payload_shape_dtype,
     payloads_equal,
 )
 from potluck.codecs.exact import ExactSparseCodec, ExactXorCodec, FullCodec
@@ -26,6 +30,7 @@ from potluck.codecs.rules import DEFAULT_RULES, choose_codec
 from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
 from potluck.codecs.sparse import DareCodec, ThresholdCodec, TopKCodec
 from potluck.registry import Registry
+from potluck.tensors.dtypes import to_numpy
 
 __all__ = [
     "CODECS",
@@ -37,8 +42,11 @@ __all__ = [
     "Payload",
     "UpdateCodec",
     "choose_codec",
+    "decode_payload",
+    "full_nbytes",
     "get_codec",
     "payload_nbytes",
+    "payload_shape_dtype",
     "payloads_equal",
 ]
 
@@ -63,3 +71,12 @@ del _codec
 def get_codec(name: str) -> UpdateCodec:
     """The codec registered as ``name``; a ``UserError`` lists the known codecs."""
     return CODECS.get(name)
+
+
+def decode_payload(payload: Payload, base: np.ndarray | None) -> np.ndarray:
+    """The tensor a payload rebuilds from ``base`` (``full`` payloads ignore it; None allowed)."""
+    codec = CODECS.get(payload.codec)
+    if payload.codec == "full" or base is None:
+        shape, dtype = payload_shape_dtype(payload)
+        return codec.decode(payload, np.zeros(shape, to_numpy(dtype)))
+    return codec.decode(payload, base)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from potluck.errors import UserError
-from potluck.tensors.dtypes import from_numpy
+from potluck.errors import FormatError, UserError
+from potluck.tensors.dtypes import from_numpy, to_numpy
 
 MetaValue = str | int | float
 ParamValue = str | int | float
@@ -95,6 +96,26 @@ class Payload:
 def payload_nbytes(payload: Payload) -> int:
     """Bytes taken by a payload's arrays (metadata is not counted)."""
     return sum(int(a.nbytes) for a in payload.arrays.values())
+
+
+def payload_shape_dtype(payload: Payload) -> tuple[tuple[int, ...], str]:
+    """The (shape, canonical dtype) of the tensor a payload rebuilds."""
+    try:
+        shape = tuple(int(d) for d in json.loads(str(payload.meta["shape"])))
+        dtype = str(payload.meta["dtype"])
+        to_numpy(dtype)
+    except (KeyError, ValueError, TypeError):
+        raise FormatError(
+            "payload has no valid shape/dtype meta",
+            hint="the patch or library is corrupt or was written by another potluck version",
+        ) from None
+    return shape, dtype
+
+
+def full_nbytes(payload: Payload) -> int:
+    """Bytes of the full tensor a payload rebuilds."""
+    shape, dtype = payload_shape_dtype(payload)
+    return math.prod(shape) * int(to_numpy(dtype).itemsize)
 
 
 def payloads_equal(a: Payload, b: Payload) -> bool:

@@ -6,7 +6,7 @@ keeps the families in separate halves of its hidden space. Two contributors each
 LoRA of both linears on sentences of their own family only, ship it as a potluck patch and add
 it to an expert library with Arrow prototypes. A composition manifest (Arrow, top-1, per
 token) is locked to their hashes, composed over the base with
-``potluck.ops.compose_torch.compose`` and run on pure and mixed sentences; the story prints,
+``potluck.ops.compose.runtime.compose`` and run on pure and mixed sentences; the story prints,
 per token, the expert each layer routed it to.
 
 torch is imported inside the functions; ``potluck.demo`` calls ``routing_story`` only when torch
@@ -25,10 +25,12 @@ import numpy as np
 
 from potluck.codecs import Payload, get_codec
 from potluck.codecs.base import PAYLOAD_VERSION, shape_text
-from potluck.ops.compose import lock_manifest, write_lock
-from potluck.ops.experts import AddOptions, add_expert
-from potluck.ops.patchfile import PatchContents, tensor_sha256, write_patch, write_safetensors
-from potluck.ops.sources import open_path
+from potluck.formats.safetensors import write_safetensors
+from potluck.ops.compose.library import AddOptions, add_expert
+from potluck.ops.compose.manifest import lock_manifest, write_lock
+from potluck.ops.models.sources import open_path
+from potluck.ops.patch.fileformat import PatchContents, write_patch
+from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import from_numpy
 
 Log = Callable[[str], None]
@@ -204,7 +206,7 @@ def _route(lock: Path, p: dict[str, np.ndarray]) -> dict[str, Any]:
     """Run every input through the composition; per input the routing and the output."""
     import torch
 
-    from potluck.ops.compose_torch import compose
+    from potluck.ops.compose.runtime import compose
 
     composed = compose(lock, model=_encoder_class()(p))
     out: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from potluck.errors import FormatError
+from potluck.tensors.views import View
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,6 @@ class TensorSegment:
 
 
 Segment = RawSegment | TensorSegment
-
-
-@dataclass(frozen=True)
-class View:
-    """A tensor that is a strided view into the storage held by the segment named ``storage``.
-
-    ``offset`` and ``stride`` are in elements of ``dtype``, as in PyTorch.
-    """
-
-    name: str
-    storage: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
 
 
 @dataclass(frozen=True)
@@ -138,3 +124,15 @@ def check_tiling(fmt: str, size: int, segments: list[Segment]) -> tuple[Segment,
             hint="the file is truncated or has trailing data the format does not describe",
         )
     return tuple(out)
+
+
+__all__ = [
+    "CheckpointFormat",
+    "Layout",
+    "RawSegment",
+    "Segment",
+    "StreamableFormat",
+    "TensorSegment",
+    "View",
+    "check_tiling",
+]

@@ -9,13 +9,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from potluck.errors import FormatError
+from potluck.fileio import atomic_writer
 from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment, check_tiling
-from potluck.tensors.dtypes import dtype_names, itemsize
+from potluck.tensors.dtypes import dtype_names, from_numpy, itemsize
 
 #: The safetensors library refuses headers larger than this (100 MB).
 MAX_HEADER_SIZE = 100_000_000
@@ -259,3 +263,17 @@ def build_header(
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    specs: list[tuple[str, str, tuple[int, ...]]],
+    arrays: Iterable[np.ndarray],
+) -> None:
+    """Write a safetensors file atomically: ``specs`` in order, data from ``arrays`` (lazily)."""
+    with atomic_writer(path) as f:
+        f.write(build_header(specs, None))
+        for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
+            if from_numpy(arr.dtype) != dtype or tuple(arr.shape) != shape:
+                raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
+            f.write(np.ascontiguousarray(arr).tobytes())

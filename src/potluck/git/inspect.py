@@ -13,15 +13,15 @@ import numpy as np
 
 from potluck.errors import UserError
 from potluck.formats import scan_stream
+from potluck.formats.reader import read_tensors
 from potluck.git.maintenance import reachable_manifests
 from potluck.git.merge_record import commit_trailers
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
-from potluck.ops.diff import TensorChange, diff_manifests, unchanged_count
-from potluck.ops.filesource import read_tensors
-from potluck.ops.materialize import load_tensors, missing_objects
-from potluck.ops.snapshot import scan_manifest
+from potluck.ops.vcs.diff import TensorChange, diff_manifests, unchanged_count
+from potluck.ops.vcs.materialize import load_tensors, missing_objects
+from potluck.ops.vcs.snapshot import scan_manifest
 
 Loader = Callable[[str], np.ndarray]
 WORKTREE = None  # rev value meaning "the work tree"

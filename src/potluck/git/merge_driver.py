@@ -22,8 +22,14 @@ from potluck.git import merge_record as mrec
 from potluck.git.repo import Repo
 from potluck.merging import MERGE_METHODS, three_way_combine
 from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
-from potluck.ops.materialize import write_file
-from potluck.ops.merge import Combine, Combiner, MergeResult, merge_manifests, resolve_manifest
+from potluck.ops.vcs.materialize import write_file
+from potluck.ops.vcs.threeway import (
+    Combine,
+    Combiner,
+    MergeResult,
+    merge_manifests,
+    resolve_manifest,
+)
 
 
 @dataclass(frozen=True)

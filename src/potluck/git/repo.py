@@ -11,7 +11,7 @@ from potluck.config import RepoConfig
 from potluck.errors import FormatError, UserError
 from potluck.git.plumbing import Git
 from potluck.objects.manifest import Manifest, is_manifest, parse
-from potluck.ops.odb import ObjectDB
+from potluck.ops.vcs.odb import ObjectDB
 from potluck.store.local import LocalStore
 
 

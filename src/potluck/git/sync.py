@@ -23,8 +23,8 @@ from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
-from potluck.ops.materialize import missing_objects, write_file
-from potluck.ops.transfer import (
+from potluck.ops.vcs.materialize import missing_objects, write_file
+from potluck.ops.vcs.pushfetch import (
     OnBytes,
     PushReport,
     Wanted,
@@ -32,7 +32,7 @@ from potluck.ops.transfer import (
     push_objects,
     store_fresh,
 )
-from potluck.ops.wire import WireEntry
+from potluck.ops.vcs.wire import WireEntry
 from potluck.remote import ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")

@@ -15,7 +15,7 @@ import re
 
 from potluck.errors import FormatError
 from potluck.git.plumbing import Git
-from potluck.ops.wire import WireEntry, dump_index, parse_index
+from potluck.ops.vcs.wire import WireEntry, dump_index, parse_index
 
 log = logging.getLogger("potluck")
 REF = "refs/potluck/wire"

@@ -208,9 +208,10 @@ class MergeMethod:
 
         ``seed`` keys the randomness of stochastic methods together with ``name`` and the model's
         index (see ``keyed_generator``), so results do not depend on call order or threads.
-        ``stats`` (methods with ``needs_stats`` only) holds one entry per model: a ``TensorStats``
-        (what ``ops.stats.stats_for`` returns), a bare array, or ``None`` where that model has no
-        statistics for this tensor; each is checked (shape, finiteness, sign, symmetry).
+        ``stats`` (methods with ``needs_stats`` only) holds one entry per model: a
+        ``TensorStats`` (what ``ops.merge.statsfile.stats_for`` returns), a bare array, or
+        ``None`` where that model has no statistics for this tensor; each is checked (shape,
+        finiteness, sign, symmetry).
         """
         resolved = self.resolve_params(params)
         models, base_arr, w, given = prepare_inputs(self, tensors, base, weights, name, seed)
@@ -245,7 +246,7 @@ def three_way_combine(
     weights: Sequence[float] | None = None,
     **params: Any,
 ) -> Combine:
-    """``combine(base, ours, theirs)`` for one tensor, the hook of ``ops.merge.merge_manifests``.
+    """``combine(base, ours, theirs)`` for one tensor (``ops.vcs.threeway.merge_manifests``).
 
     Parameters are checked now, before any tensor is loaded; models are ``[ours, theirs]``
     (model index 0 and 1 for the random keys) and the result is float64.

@@ -82,7 +82,7 @@ def fisher_coefficients(inputs: MergeInputs, normalize: bool) -> np.ndarray:
             raise UserError(
                 f"fisher: model {i} has no whole-model Fisher norm for tensor {inputs.name!r}"
                 + ("" if norm is None else f" (it is {norm:g})"),
-                hint="pass statistics read from a stats file (ops.stats.stats_for), or "
+                hint="pass statistics read from a stats file (ops.merge.statsfile.stats_for), or "
                 "normalize=false",
                 tensor=inputs.name,
                 model=i,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from potluck.errors import FormatError
+from potluck.tensors.views import View
 
 MAGIC = b"potluck manifest v1\n"
 _HEX = frozenset("0123456789abcdef")
@@ -51,25 +52,13 @@ Entry = RawEntry | TensorEntry
 
 
 @dataclass(frozen=True)
-class ViewEntry:
-    """A tensor that is a strided view into the storage ``storage`` (a TensorEntry's name)."""
-
-    name: str
-    storage: str
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-
-
-@dataclass(frozen=True)
 class Manifest:
     """A checkpoint file described as ordered segments plus views."""
 
     format: str
     size: int
     entries: tuple[Entry, ...]
-    views: tuple[ViewEntry, ...] = ()
+    views: tuple[View, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, TensorEntry]:
@@ -107,7 +96,7 @@ def _entry_record(e: Entry) -> dict[str, Any]:
     }
 
 
-def _view_record(v: ViewEntry) -> dict[str, Any]:
+def _view_record(v: View) -> dict[str, Any]:
     return {
         "view": v.name,
         "storage": v.storage,
@@ -139,7 +128,7 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _parse_record(rec: dict[str, Any]) -> Entry | ViewEntry:
+def _parse_record(rec: dict[str, Any]) -> Entry | View:
     if "raw" in rec:
         return RawEntry(_check_oid(rec["raw"]), int(rec["size"]))
     if "tensor" in rec:
@@ -151,7 +140,7 @@ def _parse_record(rec: dict[str, Any]) -> Entry | ViewEntry:
             int(rec["size"]),
         )
     if "view" in rec:
-        return ViewEntry(
+        return View(
             str(rec["view"]),
             str(rec["storage"]),
             str(rec["dtype"]),
@@ -176,8 +165,8 @@ def parse(data: bytes) -> Manifest:
         records = [_parse_record(json.loads(line)) for line in lines[2:-1]]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise FormatError(f"manifest is malformed: {e}", hint="run `potluck fsck`") from e
-    entries = tuple(r for r in records if not isinstance(r, ViewEntry))
-    views = tuple(r for r in records if isinstance(r, ViewEntry))
+    entries = tuple(r for r in records if not isinstance(r, View))
+    views = tuple(r for r in records if isinstance(r, View))
     m = Manifest(str(head["format"]), int(head["size"]), entries, views, dict(head["metadata"]))
     if dumps(m) != data:
         raise FormatError("manifest is not in canonical form", hint="run `potluck fsck`")

@@ -1,0 +1,370 @@
+"""Computing merge statistics with PyTorch: diagonal Fisher and Gram matrices of linear inputs.
+
+The only module that imports torch / transformers, always inside functions (never at import
+time). ``fisher_diag`` and ``gram_matrices`` work on any ``torch.nn.Module``; ``compute_stats``
+is what ``potluck stats fisher|gram`` runs on a Hugging Face model directory (see
+``docs/merging-stats.md`` for the data formats and the model and loss it picks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.fileio import file_sha256
+from potluck.ops.merge.statsfile import write_stats
+from potluck.ops.models.torchdata import (
+    checkpoint_hashes,
+    load_batches,
+    require_torch,
+    to_device,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+Batch = Mapping[str, "torch.Tensor"]
+_EMPIRICAL = "empirical, per-example"
+#: ``loss_fn(model, batch)`` → the batch's negative log-likelihood, summed over its examples.
+LossFn = Callable[[Any, Batch], "torch.Tensor"]
+#: ``forward(model, batch)`` runs the model on a batch (default: ``model(**batch)`` less labels).
+ForwardFn = Callable[[Any, Batch], Any]
+
+
+def _examples(batch: Batch) -> Iterator[dict[str, torch.Tensor]]:
+    sizes = {int(v.shape[0]) for v in batch.values()}
+    if len(sizes) != 1:
+        raise UserError("batch tensors disagree on the batch size", hint="check the data")
+    for i in range(sizes.pop()):
+        yield {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def fisher_diag(
+    model: torch.nn.Module, batches: Iterable[Batch], loss_fn: LossFn
+) -> dict[str, np.ndarray]:
+    """Empirical diagonal Fisher: the mean over examples of squared per-example gradients.
+
+    Fᵢ = (1/N) Σₙ (∂ log p(yₙ | xₙ) / ∂θᵢ)² with the labels yₙ of the data (not sampled from the
+    model). Gradients are per example (one backward pass per example, the batch sliced to size
+    1), never of a batch mean, whose square would underestimate the Fisher. Every parameter
+    with ``requires_grad`` gets an entry (zeros if unused); the model runs in eval mode (no
+    dropout) and is left in the mode it had. Accumulates in float64 on CPU, float32 elsewhere.
+    """
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p, dtype=_acc_dtype(p)) for n, p in params.items()}
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            for example in _examples(batch):
+                loss = loss_fn(model, example)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (name, _), g in zip(params.items(), grads, strict=True):
+                    if g is not None:
+                        acc[name] += g.detach().to(acc[name].dtype) ** 2
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise UserError("no examples to compute the Fisher on", hint="check --data / --max-samples")
+    return {n: (a / count).cpu().double().numpy() for n, a in acc.items()}
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    import torch
+
+    return torch.float64 if p.device.type == "cpu" else torch.float32
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    """{weight parameter name: (module, input axis)} for ``nn.Linear`` (axis 1) and
+    Hugging Face's GPT-2 ``Conv1D`` (weight [in, out]: axis 0)."""
+    import torch
+
+    out: dict[str, tuple[torch.nn.Module, int]] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, torch.nn.Linear):
+            out[prefix + "weight"] = (module, 1)
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            out[prefix + "weight"] = (module, 0)
+    return out
+
+
+def embedding_modules(model: torch.nn.Module) -> dict[str, torch.nn.Embedding]:
+    """{weight parameter name: module} for every ``nn.Embedding`` (weight [num, d]: axis 0)."""
+    import torch
+
+    out: dict[str, torch.nn.Embedding] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            out[f"{name}.weight" if name else "weight"] = module
+    return out
+
+
+def input_axes(model: torch.nn.Module, *, embeddings: bool = False) -> dict[str, int]:
+    """{weight name: input axis} of every layer ``gram_matrices`` covers (embeddings: 0)."""
+    axes = {n: axis for n, (_, axis) in linear_modules(model).items()}
+    if embeddings:
+        axes.update({n: 0 for n in embedding_modules(model)})
+    return axes
+
+
+def _default_forward(model: Any, batch: Batch) -> Any:
+    return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The layer's input vectors, one per row, padding positions dropped.
+
+    Inputs shaped [batch, seq, d] matching the ``attention_mask`` keep the unmasked positions;
+    anything else (e.g. a pooled [batch, d] classifier input) keeps every row.
+    """
+    d = x.shape[-1]
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, d)
+
+
+def _ids(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The looked-up indices at non-padding positions (position ids [1, T] are broadcast)."""
+    import torch
+
+    if mask is not None and ids.dim() == mask.dim():
+        try:
+            return torch.broadcast_to(ids, mask.shape)[mask.bool()]
+        except RuntimeError:
+            pass
+    return ids.reshape(-1)
+
+
+def _count_hook(
+    name: str, size: int, acc: dict[str, torch.Tensor], state: dict[str, torch.Tensor | None]
+) -> Callable[..., None]:
+    import torch
+
+    def hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
+        ids = _ids(args[0].detach(), state["mask"]).cpu()
+        counts = torch.bincount(ids, minlength=size).to(torch.float64)
+        acc[name] = counts if name not in acc else acc[name] + counts
+
+    return hook
+
+
+def gram_matrices(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    forward: ForwardFn | None = None,
+    *,
+    embeddings: bool = False,
+) -> dict[str, np.ndarray]:
+    """Gram matrix XᵀX of each linear layer's inputs over all non-padding tokens.
+
+    Forward hooks on every ``nn.Linear`` (and GPT-2 ``Conv1D``) accumulate, in float64, the
+    input vectors whose ``attention_mask`` (a key of the batch) is 1. Keys are the weights'
+    parameter names; the matrices are [in, in] (see ``input_axes`` for the weight's layout).
+    A layer that never ran gets no entry. Sums, not means: more data weighs more in RegMean.
+
+    ``embeddings=True`` also covers every ``nn.Embedding``: a lookup is a linear layer on one-hot
+    inputs, so its Gram matrix is diagonal — the number of times each row was looked up — and is
+    stored as that 1-D diagonal ([num_embeddings]; input axis 0).
+    """
+    import torch
+
+    run = forward or _default_forward
+    layers = linear_modules(model)
+    acc: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], _output: Any) -> None:
+            rows = _rows(args[0].detach(), state["mask"])
+            if rows.device.type == "mps":  # no float64 there
+                rows = rows.cpu()
+            rows = rows.to(torch.float64)
+            g = rows.T @ rows
+            acc[name] = g if name not in acc else acc[name] + g
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, (m, _) in layers.items()]
+    if embeddings:
+        handles += [
+            m.register_forward_hook(_count_hook(n, m.num_embeddings, acc, state))
+            for n, m in embedding_modules(model).items()
+        ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["mask"] = batch.get("attention_mask")
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: g.cpu().numpy() for n, g in sorted(acc.items())}
+
+
+# ── losses for Hugging Face models ──────────────────────────────────────────────────────────
+
+
+def classification_nll(model: Any, batch: Batch) -> torch.Tensor:
+    """Σ −log p(label | text) of a sequence classifier (``batch["labels"]``: [B] ints)."""
+    import torch.nn.functional as F
+
+    logits = _default_forward(model, batch).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+def causal_lm_nll(model: Any, batch: Batch) -> torch.Tensor:
+    """Σ −log p(token | previous tokens) over the non-padding next tokens of each sequence.
+
+    The targets are ``input_ids`` shifted by one, or ``labels`` ([B, T], −100 ignored) if given.
+    """
+    import torch.nn.functional as F
+
+    logits = _default_forward(model, batch).logits[:, :-1]
+    targets = batch.get("labels", batch["input_ids"])[:, 1:].clone()
+    if "attention_mask" in batch:
+        targets[batch["attention_mask"][:, 1:] == 0] = -100
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+# ── Hugging Face models: ``potluck stats`` ───────────────────────────────────────────────────
+
+
+def load_hf_model(
+    model_dir: str | os.PathLike[str], kind: str, has_labels: bool
+) -> tuple[Any, str]:
+    """(model, task) from a local model directory (never the hub).
+
+    A sequence classifier when the data has labels and the config's architecture is one
+    (``*ForSequenceClassification``), else a causal LM; for Gram statistics a model with neither
+    head falls back to the bare ``AutoModel``.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    archs = list(getattr(config, "architectures", None) or [])
+    cls: Any
+    if has_labels and any(a.endswith("ForSequenceClassification") for a in archs):
+        cls, task = transformers.AutoModelForSequenceClassification, "classification"
+    else:
+        cls, task = transformers.AutoModelForCausalLM, "causal_lm"
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True)
+    except ValueError:
+        if kind != "gram":
+            raise UserError(
+                f"{model_dir}: no sequence-classification or causal-LM head for a Fisher",
+                hint="Fisher needs a likelihood: label the data for a classifier, or use an LM",
+            ) from None
+        model, task = (
+            transformers.AutoModel.from_pretrained(model_dir, local_files_only=True),
+            "base",
+        )
+    return model, task
+
+
+#: What the description records about the loss and Fisher variant, by (kind, task).
+_LOSSES: dict[tuple[str, str], dict[str, str]] = {
+    ("fisher", "classification"): {"loss": "classification_nll", "fisher": _EMPIRICAL},
+    ("fisher", "causal_lm"): {"loss": "causal_lm_nll", "fisher": _EMPIRICAL},
+}
+
+
+def _compute(
+    kind: str, model: Any, task: str, batches: list[dict[str, torch.Tensor]], embeddings: bool
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(statistics by parameter name, input axes of the Gram entries)."""
+    if kind == "fisher":
+        loss = classification_nll if task == "classification" else causal_lm_nll
+        return fisher_diag(model, batches, loss), {}
+    tensors = gram_matrices(model, batches, embeddings=embeddings)
+    axes = input_axes(model, embeddings=embeddings)
+    return tensors, {n: a for n, a in axes.items() if n in tensors}
+
+
+def compute_stats(
+    kind: str,
+    model_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_samples: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    device: str = "cpu",
+    embeddings: bool = False,
+) -> dict[str, Any]:
+    """Compute ``kind`` statistics of the model in ``model_dir`` on ``data``; write ``out``.
+
+    ``device`` is a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+    ``embeddings`` (gram only): also the lookup counts of every embedding (see
+    ``gram_matrices``), so that RegMean merges embedding rows by how much each model used them.
+    Returns a summary (what ``potluck stats --json`` prints).
+    """
+    if kind not in ("fisher", "gram"):
+        raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
+    if embeddings and kind != "gram":
+        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
+    require_torch("potluck stats")
+    if batch_size < 1 or (max_samples is not None and max_samples < 1):
+        raise UserError("--batch-size and --max-samples must be at least 1")
+    batches, has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
+    model, task = load_hf_model(model_dir, kind, has_labels)
+    model = to_device(model, device)
+    moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
+    tensors, axes = _compute(kind, model, task, moved, embeddings)
+    samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    hashes = checkpoint_hashes(model_dir, tensors)
+    description = {
+        "tool": "potluck stats",
+        "model": Path(model_dir).name,
+        "task": task,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "device": str(device),
+        "data": Path(data).name,
+        **({"embeddings": "lookup counts (diagonal Gram)"} if embeddings else {}),
+        **_LOSSES.get((kind, task), {}),
+    }
+    data_hash = file_sha256(data)
+    size = write_stats(
+        out,
+        kind,
+        tensors,
+        samples=samples,
+        tokens=tokens,
+        model_sha256=hashes,
+        data_sha256=data_hash,
+        input_axes=axes,
+        description=description,
+    )
+    return {
+        "path": str(out),
+        "kind": kind,
+        "task": task,
+        "tensors": len(tensors),
+        "samples": samples,
+        "tokens": tokens,
+        "bytes": size,
+        "data_sha256": data_hash,
+        "model_tensors_hashed": len(hashes),
+    }

@@ -1,0 +1,282 @@
+"""Model sources: a checkpoint file, a Hugging Face directory, or stored tensors, read lazily.
+
+``open_path(path)`` opens a single checkpoint file (safetensors, PyTorch zip, npz) or a Hugging
+Face model directory (``model.safetensors``, sharded ``*.safetensors`` with an index, or
+``pytorch_model*.bin``). Safetensors data is memory-mapped, so reading one tensor costs no copy
+until it is used; other formats read one tensor at a time. ``ModelSource.from_reader`` wraps any
+``name → array`` loader (the git layer uses it for ``file@rev``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.formats import scan_file
+from potluck.formats.base import Layout, TensorSegment
+from potluck.formats.reader import read_tensors
+from potluck.tensors.dtypes import to_numpy
+
+__all__ = [
+    "CONFIG_FILES",
+    "ModelSource",
+    "TensorInfo",
+    "checkpoint_files",
+    "config_files",
+    "open_path",
+]
+
+#: Files copied from a model directory to a derived one (config, tokenizer, generation settings).
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+
+
+#: Weight files of a directory without an index, most specific first.
+_WEIGHT_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.npz",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, canonical dtype (``F32``, ``BF16``, …) and shape of one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+Reader = Callable[[str], np.ndarray]
+
+
+@dataclass
+class ModelSource:
+    """A model's tensors, read one at a time; ``files`` maps each tensor to its file (shard).
+
+    ``config_dir`` is a directory holding the model's ``config.json`` and tokenizer files, when
+    there is one. ``identity`` describes where the tensors came from (path, revision, hashes) for
+    provenance records.
+    """
+
+    label: str
+    infos: dict[str, TensorInfo]
+    reader: Reader
+    files: dict[str, str] = field(default_factory=dict)
+    config_dir: Path | None = None
+    identity: dict[str, str] = field(default_factory=dict)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    releasers: dict[str, Callable[[int, int | None], None]] = field(default_factory=dict)
+
+    @classmethod
+    def from_reader(
+        cls, label: str, infos: Mapping[str, TensorInfo], reader: Reader, **kw: object
+    ) -> ModelSource:
+        """A source over any loader (e.g. tensors in the object store)."""
+        return cls(label, dict(infos), reader, **kw)  # type: ignore[arg-type]
+
+    def names(self) -> list[str]:
+        """Tensor names in the source's order."""
+        return list(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        """The ``TensorInfo`` of ``name``, or a ``UserError`` naming the model."""
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise UserError(
+                f"{self.label} has no tensor named {name!r}",
+                hint="the inputs must be versions of the same model (same tensor names)",
+                model=self.label,
+                tensor=name,
+            ) from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name`` (read-only; memory-mapped where the format allows)."""
+        self.info(name)
+        return self.reader(name)
+
+    def release(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """Tell the OS that the mapped pages of bytes ``[start, start+length)`` of the tensor
+        (all of it by default) are not needed now; they are read again if used (low peak RSS)."""
+        fn = self.releasers.get(name)
+        if fn is not None:
+            fn(start, length)
+
+    def close(self) -> None:
+        """Release open files and mappings."""
+        while self.closers:
+            self.closers.pop()()
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def config_files(directory: Path | None) -> list[Path]:
+    """The ``CONFIG_FILES`` present in ``directory`` (none for None)."""
+    if directory is None:
+        return []
+    return [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory, in shard order."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a valid shard index ({e})") from e
+            return [directory / f for f in dict.fromkeys(weight_map.values())]
+    for pattern in _WEIGHT_PATTERNS:
+        found = sorted(p for p in directory.glob(pattern) if p.is_file())
+        if found:
+            return found
+    raise UserError(
+        f"{directory}: no checkpoint files (model.safetensors, shards with an index, "
+        "pytorch_model.bin, …)",
+        hint="point at a Hugging Face model directory or a single checkpoint file",
+    )
+
+
+def open_path(path: str | os.PathLike[str]) -> ModelSource:
+    """Open a checkpoint file or a Hugging Face model directory (see the module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory", hint="check the model path")
+    if p.is_dir():
+        files = checkpoint_files(p)
+        config_dir: Path | None = p
+    else:
+        files = [p]
+        config_dir = p.parent if (p.parent / "config.json").is_file() else None
+    src = ModelSource(str(path), {}, lambda n: np.empty(0), config_dir=config_dir)
+    readers: dict[str, Callable[[], np.ndarray]] = {}
+    try:
+        for f in files:
+            for info, reader in _open_file(f, src):
+                if info.name in src.infos:
+                    raise UserError(f"{p}: tensor {info.name!r} appears in two files")
+                src.infos[info.name] = info
+                src.files[info.name] = f.name
+                readers[info.name] = reader
+    except BaseException:
+        src.close()
+        raise
+    src.reader = lambda n: readers[n]()
+    src.identity = {"path": str(path)}
+    return src
+
+
+def _open_file(
+    path: Path, src: ModelSource
+) -> Iterator[tuple[TensorInfo, Callable[[], np.ndarray]]]:
+    if not path.is_file():
+        raise UserError(f"{path}: listed in the shard index but missing", hint="re-download it")
+    layout = scan_file(path)
+    if layout.format == "safetensors":
+        yield from _mapped(path, layout, src)
+        return
+    handle = path.open("rb")
+    src.closers.append(handle.close)
+    names = [v.name for v in layout.views] or [s.name for s in layout.tensor_segments()]
+    specs = {v.name: (v.dtype, tuple(v.shape)) for v in layout.views}
+    specs.update({s.name: (s.dtype, tuple(s.shape)) for s in layout.tensor_segments()})
+    for name in names:
+        dtype, shape = specs[name]
+        yield TensorInfo(name, dtype, shape), _file_reader(handle, layout, name)
+
+
+def _file_reader(handle: object, layout: Layout, name: str) -> Callable[[], np.ndarray]:
+    return lambda: read_tensors(handle, layout, [name])[name]  # type: ignore[arg-type]
+
+
+def _mapped(
+    path: Path, layout: Layout, src: ModelSource
+) -> Iterator[tuple[TensorInfo, Callable[[], np.ndarray]]]:
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    if mm is not None:
+        src.closers.append(lambda: _close_map(mm))
+    for seg in layout.tensor_segments():
+        if mm is not None and seg.length:
+            src.releasers[seg.name] = _releaser(mm, seg)
+        yield TensorInfo(seg.name, seg.dtype, tuple(seg.shape)), _map_reader(mm, seg)
+
+
+def _releaser(mm: mmap.mmap, seg: TensorSegment) -> Callable[[int, int | None], None]:
+    def release(start: int, length: int | None) -> None:
+        lo = seg.offset + max(0, start)
+        hi = seg.offset + (seg.length if length is None else min(seg.length, start + length))
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            with contextlib.suppress(ValueError, OSError):  # closed, or not supported here
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    return release
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    with contextlib.suppress(BufferError):  # arrays still point into it; they keep it alive
+        mm.close()
+
+
+def _map_reader(mm: mmap.mmap | None, seg: TensorSegment) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        dtype = to_numpy(seg.dtype)
+        if mm is None or seg.length == 0:
+            return np.zeros(seg.shape, dtype)
+        arr = np.frombuffer(mm, dtype=dtype, count=seg.length // dtype.itemsize, offset=seg.offset)
+        return arr.reshape(seg.shape)
+
+    return read
+
+
+ModelInput = ModelSource | str | os.PathLike[str]
+
+
+def open_input(model: ModelInput, stack: ExitStack) -> ModelSource:
+    """``model`` itself when it is a ``ModelSource`` (the caller closes it), else ``open_path``."""
+    if isinstance(model, ModelSource):
+        return model
+    src = open_path(model)
+    stack.callback(src.close)
+    return src

@@ -1,0 +1,192 @@
+"""Create a patch: encode every changed tensor of TARGET against BASE with a codec chosen by
+name rules; ``patch_info`` summarises a patch file. Models are ``ModelSource``s
+(``potluck.ops.models.sources``) or paths; the file format is in ``fileformat``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from potluck.codecs import (
+    CODECS,
+    Payload,
+    choose_codec,
+    decode_payload,
+    full_nbytes,
+    get_codec,
+    payload_nbytes,
+)
+from potluck.codecs.rules import Rule
+from potluck.fileio import file_sha256
+from potluck.ops.models.sources import ModelInput, open_input
+from potluck.ops.patch.card import relation
+from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
+from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
+from potluck.tensors.digests import tensor_sha256
+
+__all__ = ["PatchEntry", "PatchInfo", "create_patch", "encode_tensor", "patch_info"]
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One changed tensor in a patch: its codec, payload bytes, full size and error."""
+
+    name: str
+    codec: str
+    nbytes: int
+    full_nbytes: int
+    relative_error: float | None
+
+
+@dataclass(frozen=True)
+class PatchInfo:
+    """What ``create_patch`` wrote."""
+
+    path: str
+    size: int
+    entries: list[PatchEntry]
+    added: list[str]
+    removed: list[str]
+    unchanged: int
+    base_digest: str
+    quality: QualityReport | None = None
+
+
+def _select(names: Sequence[str], glob: str | None) -> list[str]:
+    return [n for n in names if glob is None or fnmatch.fnmatchcase(n, glob)]
+
+
+def encode_tensor(
+    name: str,
+    old: np.ndarray,
+    new: np.ndarray,
+    rules: Sequence[Rule],
+    default: tuple[str, Mapping[str, object]],
+    seed: int,
+) -> Payload:
+    """``new`` encoded against ``old``: ``full`` when shape or dtype changed, else by rule."""
+    if old.shape != new.shape or old.dtype != new.dtype:
+        return get_codec("full").encode(new, np.zeros_like(new), name=name, seed=seed)
+    codec, params = choose_codec(name, rules, default=default)
+    return codec.encode(new, old, name=name, seed=seed, **params)
+
+
+def _entry(name: str, payload: Payload) -> PatchEntry:
+    err = None if payload.error is None else payload.error.relative_error
+    return PatchEntry(name, payload.codec, payload_nbytes(payload), full_nbytes(payload), err)
+
+
+def create_patch(
+    base_path: ModelInput,
+    target_path: ModelInput,
+    out_path: str | os.PathLike[str],
+    *,
+    rules: Sequence[Rule] = (),
+    default_codec: str = "exact_xor",
+    params: Mapping[str, object] | None = None,
+    seed: int = 0,
+    description: Mapping[str, Any] | None = None,
+    tensors_glob: str | None = None,
+    check: bool = False,
+) -> PatchInfo:
+    """Write a patch turning the model BASE into TARGET (paths or ``ModelSource``s).
+
+    Tensors are read one at a time. Unchanged tensors (same sha256) are not stored; a tensor
+    whose shape or dtype changed, or that only TARGET has, is stored with ``full``; one only BASE
+    has is recorded as removed. Other tensors use the first matching rule (fnmatch pattern, codec,
+    params), else ``default_codec`` with ``params``. ``tensors_glob`` limits the patch to the
+    matching names. The file is written atomically and is byte-identical for identical inputs.
+    ``check`` decodes every payload and measures it against TARGET (``PatchInfo.quality``).
+    """
+    default = (default_codec, dict(params or {}))
+    CODECS.get(default_codec)
+    payloads: dict[str, Payload] = {}
+    base_hashes: dict[str, str] = {}
+    result: dict[str, str] = {}
+    quality: list[TensorQuality] = []
+    with ExitStack() as stack:
+        base = open_input(base_path, stack)
+        target = open_input(target_path, stack)
+        base_names = _select(base.names(), tensors_glob)
+        target_names = _select(target.names(), tensors_glob)
+        common = sorted(set(base_names) & set(target_names))
+        added = sorted(set(target_names) - set(base_names))
+        removed = sorted(set(base_names) - set(target_names))
+        for name in common:
+            old, new = base.read(name), target.read(name)
+            old_hash, new_hash = tensor_sha256(old), tensor_sha256(new)
+            if old_hash == new_hash and old.dtype == new.dtype and old.shape == new.shape:
+                continue
+            payloads[name] = encode_tensor(name, old, new, rules, default, seed)
+            base_hashes[name] = old_hash
+            if CODECS.get(payloads[name].codec).exact:
+                result[name] = new_hash
+            if check:
+                quality.append(_measure(name, payloads[name], old, new))
+        for name in added:
+            new = target.read(name)
+            payloads[name] = get_codec("full").encode(new, np.zeros_like(new), name=name, seed=seed)
+            result[name] = tensor_sha256(new)
+            if check:
+                quality.append(_measure(name, payloads[name], None, new))
+    contents = PatchContents(payloads, base_hashes, result, added, removed, dict(description or {}))
+    size = write_patch(out_path, contents)
+    return PatchInfo(
+        path=str(out_path),
+        size=size,
+        entries=[_entry(n, p) for n, p in sorted(payloads.items())],
+        added=added,
+        removed=removed,
+        unchanged=len(common) - (len(payloads) - len(added)),
+        base_digest=contents.base_digest,
+        quality=summarize(quality) if check else None,
+    )
+
+
+def _measure(name: str, payload: Payload, old: np.ndarray | None, new: np.ndarray) -> TensorQuality:
+    same_kind = old is not None and old.shape == new.shape and old.dtype == new.dtype
+    decoded = decode_payload(payload, old)
+    return measure(name, payload.codec, decoded, new, old if same_kind else None)
+
+
+def patch_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-able summary of a patch: size, per-tensor codec/params/error/bytes, ratio.
+
+    ``compression_ratio`` is the changed tensors' full size divided by the patch file's size.
+    """
+    patch = read_patch(path)
+    size = Path(path).stat().st_size
+    tensors: dict[str, Any] = {}
+    for name, p in patch.payloads.items():
+        params = {k: v for k, v in p.meta.items() if k not in ("version", "shape", "dtype")}
+        tensors[name] = {
+            "codec": p.codec,
+            "params": params,
+            "error": None if p.error is None else vars(p.error),
+            "bytes": payload_nbytes(p),
+            "full_bytes": full_nbytes(p),
+        }
+    full = sum(t["full_bytes"] for t in tensors.values())
+    return {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "size": size,
+        "base_digest": patch.base_digest,
+        "tensors": tensors,
+        "added": patch.added,
+        "removed": patch.removed,
+        "payload_bytes": sum(t["bytes"] for t in tensors.values()),
+        "full_bytes": full,
+        "compression_ratio": full / size if size else 0.0,
+        "exact": all(CODECS.get(p.codec).exact for p in patch.payloads.values()),
+        "relation": relation(patch),
+        "description": patch.description,
+    }

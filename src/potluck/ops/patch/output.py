@@ -1,0 +1,145 @@
+"""Where ``patch apply`` writes: one safetensors file, or a Hugging Face directory.
+
+A directory output keeps the base's shard layout: the same shard file names (PyTorch ``.bin``
+shards become ``.safetensors`` shards named ``model…``), each shard's tensors in the base's
+order, removed tensors dropped, added tensors appended to the last shard in name order, a
+``model.safetensors.index.json`` when the base had an index or several shards, and the base's
+config/tokenizer files copied. Everything is written into a temporary directory next to the
+output and renamed into place only when every file succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from potluck.errors import UserError
+from potluck.fileio import atomic_dir, atomic_writer
+from potluck.formats.safetensors import write_safetensors
+from potluck.ops.models.sources import config_files
+from potluck.tensors.dtypes import to_numpy
+
+__all__ = ["INDEX_NAME", "OutputPlan", "check_output", "plan_output", "write_output"]
+
+#: The shard index a directory output gets.
+INDEX_NAME = "model.safetensors.index.json"
+_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
+
+Spec = tuple[str, str, tuple[int, ...]]
+TensorStream = Callable[[list[Spec]], Iterator[np.ndarray]]
+
+
+@dataclass
+class OutputPlan:
+    """The output files: shard file name → tensor specs in order (one unnamed entry for a file)."""
+
+    shards: dict[str, list[Spec]]
+    directory: bool
+    index: bool
+
+
+def shard_name(name: str) -> str:
+    """The output name of a base shard: ``.safetensors`` kept, others renamed."""
+    if name.endswith(".safetensors"):
+        return name
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model") :]
+    return stem + ".safetensors"
+
+
+def plan_output(
+    order: Sequence[Spec],
+    files: Mapping[str, str],
+    *,
+    directory: bool,
+    had_index: bool,
+) -> OutputPlan:
+    """Group ``order`` (base order, added tensors last) by the base shard each tensor lives in."""
+    if not directory:
+        return OutputPlan({"": list(order)}, directory=False, index=False)
+    shards: dict[str, list[Spec]] = {}
+    for f in dict.fromkeys(files.values()):
+        shards.setdefault(shard_name(f), [])
+    if not shards:
+        shards["model.safetensors"] = []
+    last = list(shards)[-1]
+    for spec in order:
+        owner = files.get(spec[0])
+        shards[shard_name(owner) if owner is not None else last].append(spec)
+    return OutputPlan(shards, directory=True, index=had_index or len(shards) > 1)
+
+
+def had_index(config_dir: Path | None) -> bool:
+    """Whether the base directory has a shard index."""
+    return config_dir is not None and any((config_dir / n).is_file() for n in _INDEXES)
+
+
+def check_output(out: str | os.PathLike[str], directory: bool) -> None:
+    """Refuse an output that cannot be written (before anything is read or written)."""
+    p = Path(out)
+    if directory and p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".npz")):
+        raise UserError(
+            f"{p}: the base is a model directory, so the output is a directory too",
+            hint="give -o a directory name (without a checkpoint suffix)",
+            path=str(p),
+        )
+    if directory and p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise UserError(
+            f"{p} exists and is not an empty directory",
+            hint="the base is a model directory, so the output is one; pick a new -o path",
+            path=str(p),
+        )
+    if not directory and p.is_dir():
+        raise UserError(f"{p} is a directory", hint="the base is one file; -o names a file")
+
+
+def _index_json(plan: OutputPlan) -> bytes:
+    total = 0
+    weight_map: dict[str, str] = {}
+    for fname, specs in plan.shards.items():
+        for name, dtype, shape in specs:
+            total += math.prod(shape) * int(to_numpy(dtype).itemsize)
+            weight_map[name] = fname
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_output(
+    out: str | os.PathLike[str],
+    plan: OutputPlan,
+    stream: TensorStream,
+    *,
+    config_dir: Path | None,
+    card: str | None,
+) -> list[str]:
+    """Write the planned files (see the module docstring); return the files written."""
+    target = Path(out)
+    if not plan.directory:
+        write_safetensors(target, plan.shards[""], stream(plan.shards[""]))
+        if card is not None:
+            _write_bytes(target.parent / "README.md", card.encode("utf-8"))
+        return [str(target)]
+    with atomic_dir(target) as tmp:
+        for fname, specs in plan.shards.items():
+            write_safetensors(tmp / fname, specs, stream(specs))
+        if plan.index:
+            _write_bytes(tmp / INDEX_NAME, _index_json(plan))
+        for f in config_files(config_dir):
+            shutil.copyfile(f, tmp / f.name)
+        if card is not None:
+            _write_bytes(tmp / "README.md", card.encode("utf-8"))
+        written = sorted(p.name for p in tmp.iterdir())
+    return [str(target / n) for n in written]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)

@@ -1,0 +1,38 @@
+"""Version control of checkpoints: object database, snapshot/materialise, diff, three-way merge,
+object transfer and the wire index. Imports no other wing."""
+
+from potluck.ops.vcs.diff import TensorChange, diff_manifests, unchanged_count
+from potluck.ops.vcs.materialize import load_tensors, missing_objects, tensor_names, write_file
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.snapshot import Chain, scan_manifest, snapshot, snapshot_stream
+from potluck.ops.vcs.threeway import (
+    Combine,
+    Combiner,
+    MergeResult,
+    merge_manifests,
+    resolve_manifest,
+)
+from potluck.ops.vcs.wire import WireEntry, dump_index, parse_index
+
+__all__ = [
+    "Chain",
+    "Combine",
+    "Combiner",
+    "MergeResult",
+    "ObjectDB",
+    "TensorChange",
+    "WireEntry",
+    "diff_manifests",
+    "dump_index",
+    "load_tensors",
+    "merge_manifests",
+    "missing_objects",
+    "parse_index",
+    "resolve_manifest",
+    "scan_manifest",
+    "snapshot",
+    "snapshot_stream",
+    "tensor_names",
+    "unchanged_count",
+    "write_file",
+]

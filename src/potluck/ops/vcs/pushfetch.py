@@ -1,0 +1,316 @@
+"""Move objects between the local object database and an object remote.
+
+Objects travel as their *logical* bytes (a tensor's or a structural segment's exact bytes), so
+an object on a remote is an ordinary content-addressed blob whose sha256 is its id: a genuine
+Git LFS object. Only what the other side lacks moves; uploads are checked to be complete
+locally before the first byte is sent, and every download is verified (by the remote layer)
+before it enters the store.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from potluck.errors import CorruptObjectError, MissingObjectError
+from potluck.objects.manifest import Manifest, TensorEntry
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.wire import WireEntry, encoded_candidate, plan_fetch, store_encoded
+from potluck.remote import ObjectRef, ObjectRemote, TransferStats
+from potluck.tensors.dtypes import grouping_size
+
+OnBytes = Callable[[int], None]
+COPY = 1 << 20
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where an object is used: a file (at a commit, when known) and a tensor (or structure)."""
+
+    path: str
+    tensor: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> str:
+        """``path: tensor 'x' (commit abc123)``."""
+        what = f"tensor {self.tensor!r}" if self.tensor else "structural bytes"
+        at = f" (commit {self.commit[:10]})" if self.commit else ""
+        return f"{self.path}: {what}{at}"
+
+
+@dataclass
+class Wanted:
+    """Objects to move, each with one place it is used (for messages) and its element size."""
+
+    refs: dict[ObjectRef, Where] = field(default_factory=dict)
+    itemsizes: dict[str, int] = field(default_factory=dict)
+
+    def add_manifest(
+        self,
+        m: Manifest,
+        path: str,
+        commit: str | None = None,
+        select: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Add the objects of ``m``; with ``select``, only tensors whose name it accepts (the
+        structural bytes of the file are always added: they are small)."""
+        for e in m.entries:
+            if isinstance(e, TensorEntry):
+                if select is not None and not select(e.name):
+                    continue
+                where = Where(path, e.name, commit)
+                size = grouping_size(e.dtype)
+            else:
+                where = Where(path, None, commit)
+                size = 1
+            ref = ObjectRef(e.oid, e.size)
+            self.refs.setdefault(ref, where)
+            self.itemsizes.setdefault(e.oid, size)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What a push moved: objects checked, uploaded (plain or encoded), already on the remote,
+    and the wire entries of the objects sent encoded (to publish in the wire index)."""
+
+    checked: int
+    uploaded: int
+    bytes: int
+    already_there: int
+    encoded: tuple[WireEntry, ...] = ()
+
+
+def push_objects(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    wanted: Wanted,
+    on_bytes: OnBytes | None = None,
+    *,
+    index: Mapping[str, WireEntry] | None = None,
+    encode: bool = False,
+) -> PushReport:
+    """Upload the wanted objects the remote lacks (those in ``index`` are there, encoded).
+
+    Every object the remote lacks must be in the local store; if one is not, raise
+    ``MissingObjectError`` naming file, tensor and commit before anything is uploaded. With
+    ``encode``, objects whose stored file is much smaller than their bytes travel encoded
+    (``ops.wire``); the caller must then publish ``PushReport.encoded``.
+    """
+    index = index or {}
+    refs = sorted(wanted.refs)
+    lacking = remote.missing([r for r in refs if r.oid not in index])
+    _check_local(odb, remote, wanted, lacking)
+    encoded = _choose_encoded(odb, remote, refs, lacking, index) if encode else {}
+    plain = [r for r in lacking if r not in encoded]
+    stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
+    by_wire = {e.wire: e.oid for e in encoded.values()}
+    wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
+    there = len(refs) - len(lacking) + stats.skipped
+    return PushReport(
+        len(refs), stats.objects + wire_stats.objects, stats.bytes + wire_stats.bytes, there,
+        tuple(encoded.values()),
+    )  # fmt: skip
+
+
+def _check_local(
+    odb: ObjectDB, remote: ObjectRemote, wanted: Wanted, lacking: Sequence[ObjectRef]
+) -> None:
+    absent = [r for r in lacking if not odb.has(r.oid)]
+    if absent:
+        first = wanted.refs[absent[0]]
+        raise MissingObjectError(
+            f"cannot push: {len(absent)} object(s) are neither on {remote.url} nor in the local "
+            f"store, first {first.describe()} (object {absent[0].oid[:12]}); nothing was uploaded",
+            hint="fetch them from a remote that has them (`potluck fetch`), or push from the "
+            "clone where the commit was made",
+            oids=[r.oid for r in absent],
+            places=[wanted.refs[r].describe() for r in absent[:20]],
+        )
+
+
+def _choose_encoded(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    refs: Sequence[ObjectRef],
+    lacking: Sequence[ObjectRef],
+    index: Mapping[str, WireEntry],
+) -> dict[ObjectRef, WireEntry]:
+    """Which lacking objects to send encoded: small enough, and with a delta base that the
+    remote has or gets in this push."""
+    coming = {r.oid for r in refs} | set(index)
+    bases: dict[str, ObjectRef] = {}
+    for r in lacking:
+        base = odb.header(r.oid).base_oid
+        if base is not None and base not in coming and odb.has(base):
+            bases[base] = ObjectRef(base, r.size)
+    absent = {r.oid for r in remote.missing(list(bases.values()))} if bases else set()
+    present = set(bases) - absent
+    chosen: dict[ObjectRef, WireEntry] = {}
+    for r in lacking:
+        entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
+        if entry is not None:
+            chosen[r] = entry
+    return chosen
+
+
+@contextmanager
+def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
+    """A read-only stream of an object's logical bytes. It is not re-hashed here: the remote
+    layer hashes what it sends and fails before the last byte when it does not match, so a
+    corrupt local object is never uploaded whole."""
+    stream = _ChunkReader(_named(odb.read_chunks(ref.oid, verify=False), ref.oid))
+    try:
+        yield io.BufferedReader(stream, COPY)
+    finally:
+        stream.close()
+
+
+def _named(chunks: Iterator[bytes], oid: str) -> Iterator[bytes]:
+    """``chunks``, with a decoding failure re-raised naming the object and what to do."""
+    try:
+        yield from chunks
+    except CorruptObjectError as e:
+        raise CorruptObjectError(
+            f"local object {oid[:12]} is corrupt ({e.message}); it was not uploaded",
+            hint="`potluck fsck` names the tensors and commits that use it; restore it from "
+            "another clone",
+            oid=oid,
+        ) from e
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw binary stream over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()
+
+
+def fetch_objects(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    wanted: Wanted,
+    tmp_dir: Path,
+    on_bytes: OnBytes | None = None,
+    *,
+    index: Mapping[str, WireEntry] | None = None,
+    fresh: dict[str, Path] | None = None,
+) -> TransferStats:
+    """Download the wanted objects the local store lacks, verified, into the store.
+
+    Objects in ``index`` come encoded, after their delta bases (fetched too when missing);
+    the others as plain bytes. A missing object on the remote raises ``MissingObjectError``
+    (naming every one, and where the first is used) before anything of that batch is
+    downloaded. With ``fresh`` (and nothing to fetch encoded), verified plain objects are
+    left as files in ``tmp_dir/fresh`` and listed there instead of being stored: the caller
+    can use them at once and must then call ``store_fresh``.
+    """
+    lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
+    plain, levels = plan_fetch(lacking, index or {}, odb.has)
+    stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    keep = fresh if fresh is not None and not levels else None
+    if keep is not None:
+        (tmp_dir / "fresh").mkdir(exist_ok=True)
+
+    def sink(ref: ObjectRef, path: Path) -> None:
+        if keep is not None:
+            dest = tmp_dir / "fresh" / ref.oid
+            os.replace(path, dest)
+            keep[ref.oid] = dest
+            return
+        odb.put(
+            ref.oid,
+            lambda: _file_chunks(path, odb.config.chunk_bytes),
+            size=ref.size,
+            itemsize=wanted.itemsizes.get(ref.oid, 1),
+            quick=True,
+        )
+
+    with _name_missing(wanted):
+        if plain:
+            _add(stats, remote.download(plain, sink, tmp_dir, on_bytes))
+        for level in levels:
+            by_wire = {entry.wire: (ref, entry) for ref, entry in level}
+            sink_level = functools.partial(_store_wire, odb, by_wire)
+            _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
+    return stats
+
+
+WireLevel = Mapping[ObjectRef, tuple[ObjectRef, WireEntry]]
+
+
+def _store_wire(odb: ObjectDB, by_wire: WireLevel, w: ObjectRef, path: Path) -> None:
+    ref, entry = by_wire[w]
+    store_encoded(odb, entry, ref.size, path)
+
+
+def _add(total: TransferStats, part: TransferStats) -> None:
+    total.objects += part.objects
+    total.bytes += part.bytes
+    total.skipped += part.skipped
+
+
+@contextmanager
+def _name_missing(wanted: Wanted) -> Iterator[None]:
+    """Re-raise a remote's ``MissingObjectError`` with the place the first object is used."""
+    try:
+        yield
+    except MissingObjectError as err:
+        oids = list(err.data.get("oids", []))
+        by_oid = {r.oid: w for r, w in wanted.refs.items()}
+        places = [by_oid[o].describe() for o in oids if o in by_oid]
+        if not places:
+            raise
+        data = {**err.data, "places": places[:20]}
+        raise MissingObjectError(
+            f"{err.message}; first needed by {places[0]}", hint=err.hint, **data
+        ) from err
+
+
+def store_fresh(odb: ObjectDB, wanted: Wanted, fresh: Mapping[str, Path]) -> None:
+    """Put objects left by ``fetch_objects(fresh=…)`` into the store (their bytes were
+    verified on download). The files stay: the caller deletes them when it is done."""
+    for oid, path in fresh.items():
+        odb.put(
+            oid, functools.partial(_file_chunks, path, odb.config.chunk_bytes),
+            size=path.stat().st_size, itemsize=wanted.itemsizes.get(oid, 1), quick=True,
+        )  # fmt: skip
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(size)
+            if not buf:
+                return
+            yield buf

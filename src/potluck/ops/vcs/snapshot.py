@@ -1,0 +1,295 @@
+"""Snapshot (git's *clean*): checkpoint file → objects in the store + a manifest.
+
+The file is scanned by its format plugin (structure only), then read once segment by segment:
+each segment is hashed; only segments whose hash is new are encoded and stored (a second read of
+that range, from the page cache). A tensor with an earlier version under the same name in
+``previous`` may be stored as a delta against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, cast
+
+from potluck.errors import FormatError
+from potluck.formats import HEAD_SIZE, detect, scan_stream
+from potluck.formats.base import Layout, RawSegment, Segment, StreamableFormat, TensorSegment
+from potluck.objects.manifest import Entry, Manifest, RawEntry, TensorEntry
+from potluck.ops.vcs.odb import ObjectDB, PutResult, copy_range
+from potluck.tensors.dtypes import grouping_size
+
+PIECE = 1 << 22
+
+
+@dataclass
+class SnapshotStats:
+    """Counts of what a snapshot stored."""
+
+    segments: int = 0
+    new_objects: int = 0
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+
+
+def hash_range(f: BinaryIO, offset: int, length: int) -> str:
+    """sha256 of ``length`` bytes of ``f`` from ``offset``."""
+    h = hashlib.sha256()
+    for buf in copy_range(f, offset, length, PIECE):
+        h.update(buf)
+    return h.hexdigest()
+
+
+def _element_size(seg: Segment) -> int:
+    return grouping_size(seg.dtype) if isinstance(seg, TensorSegment) else 1
+
+
+def _store_segment(
+    f: BinaryIO, seg: Segment, odb: ObjectDB, base_oid: str | None, stats: SnapshotStats
+) -> str:
+    return _put(f, seg.offset, seg, odb, base_oid, stats)[0]
+
+
+def layout_to_manifest(layout: Layout, oids: list[str]) -> Manifest:
+    """Combine a scanned layout with the object id of each of its segments."""
+    entries: list[Entry] = []
+    for seg, oid in zip(layout.segments, oids, strict=True):
+        if isinstance(seg, RawSegment):
+            entries.append(RawEntry(oid, seg.length))
+        else:
+            entries.append(TensorEntry(seg.name, seg.dtype, seg.shape, oid, seg.length))
+    return Manifest(layout.format, layout.size, tuple(entries), layout.views, dict(layout.metadata))
+
+
+def snapshot(
+    f: BinaryIO,
+    size: int,
+    odb: ObjectDB,
+    previous: Manifest | None = None,
+    *,
+    name: str = "<stdin>",
+    on_segment: Callable[[int], None] | None = None,
+) -> tuple[Manifest, SnapshotStats]:
+    """Store the checkpoint in the seekable file ``f`` and return its manifest.
+
+    Nothing is stored when the file is malformed: it is scanned completely first.
+    """
+    layout = scan_stream(f, size, name=name)
+    prev = previous.tensors() if previous else {}
+    stats = SnapshotStats()
+    oids: list[str] = []
+    for seg in layout.segments:
+        base = None
+        if isinstance(seg, TensorSegment) and seg.name in prev:
+            base = prev[seg.name].oid
+        oids.append(_store_segment(f, seg, odb, base, stats))
+        if on_segment is not None:
+            on_segment(seg.length)
+    return layout_to_manifest(layout, oids), stats
+
+
+STREAM_BUFFER = 32 << 20  # segments up to this size are held in memory while streaming
+
+
+class Readable(Protocol):
+    """Anything with ``read(n)`` returning bytes (a pipe, a file, a git packet reader)."""
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes; empty at the end."""
+        ...
+
+
+def _read_exact(src: Readable, n: int) -> bytes:
+    parts: list[bytes] = []
+    left = n
+    while left > 0:
+        b = src.read(left)
+        if not b:
+            break
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
+
+
+class Chain:
+    """Bytes already read, then the rest of a stream."""
+
+    def __init__(self, first: bytes, rest: Readable) -> None:
+        self.first = first
+        self.rest = rest
+
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (everything left when negative)."""
+        if not self.first:
+            return self.rest.read(n)
+        if n < 0:
+            out, self.first = self.first + self.rest.read(), b""
+            return out
+        out, self.first = self.first[:n], self.first[n:]
+        return out
+
+
+def snapshot_stream(
+    src: Readable,
+    odb: ObjectDB,
+    previous: Manifest | None,
+    *,
+    name: str,
+    spill_dir: Path,
+) -> tuple[Manifest, SnapshotStats]:
+    """Snapshot a checkpoint read once from a stream (git's pipe).
+
+    Streamable formats (safetensors) are hashed and stored segment by segment as the bytes
+    arrive; others are spilled to a temporary file first. If the file turns out to be malformed
+    (e.g. truncated), every object this call created is removed again.
+    """
+    head = _read_exact(src, HEAD_SIZE)
+    fmt = detect(head, sys.maxsize)
+    if fmt is not None and not fmt.needs_random_access and hasattr(fmt, "scan_prefix"):
+        sfmt = cast(StreamableFormat, fmt)
+        need = sfmt.prefix_length(head)
+        prefix = head[:need] + _read_exact(src, need - len(head)) if need > len(head) else head
+        if len(prefix) >= need:
+            layout = sfmt.scan_prefix(prefix[:need])
+            return _stream_segments(
+                Chain(prefix[need:], src), layout, prefix[:need], odb, previous, name, spill_dir
+            )
+        head = prefix
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        spill.write(head)
+        while piece := src.read(PIECE):
+            spill.write(piece)
+        size = spill.tell()
+        return snapshot(spill, size, odb, previous, name=name)
+
+
+def _stream_segments(
+    data: Chain,
+    layout: Layout,
+    prefix: bytes,
+    odb: ObjectDB,
+    previous: Manifest | None,
+    name: str,
+    spill_dir: Path,
+) -> tuple[Manifest, SnapshotStats]:
+    prev = previous.tensors() if previous else {}
+    stats = SnapshotStats()
+    created: list[str] = []
+    oids: list[str] = []
+    try:
+        for seg in layout.segments:
+            base = (
+                prev[seg.name].oid if isinstance(seg, TensorSegment) and seg.name in prev else None
+            )
+            oid, new = _stream_one(data, seg, prefix, odb, base, stats, name, spill_dir)
+            oids.append(oid)
+            if new:
+                created.append(oid)
+        if data.read(1):
+            raise FormatError(
+                f"{name}: the file continues past the {layout.size} bytes its header describes",
+                hint="the file is malformed (trailing data)",
+            )
+    except BaseException:
+        for oid in created:
+            odb.store.delete(oid)
+        raise
+    return layout_to_manifest(layout, oids), stats
+
+
+def _stream_one(
+    data: Chain,
+    seg: Segment,
+    prefix: bytes,
+    odb: ObjectDB,
+    base: str | None,
+    stats: SnapshotStats,
+    name: str,
+    spill_dir: Path,
+) -> tuple[str, bool]:
+    """Hash and store one segment read from the stream; returns (oid, created)."""
+    if seg.offset < len(prefix):
+        return _put_buffer(prefix[seg.offset : seg.offset + seg.length], seg, odb, base, stats)
+    if seg.length <= STREAM_BUFFER:
+        buf = _read_exact(data, seg.length)
+        _check_length(buf, seg, name)
+        return _put_buffer(buf, seg, odb, base, stats)
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        left = seg.length
+        while left > 0:
+            piece = data.read(min(PIECE, left))
+            if not piece:
+                break
+            spill.write(piece)
+            left -= len(piece)
+        _check_length(b"" if left else b"x", seg, name, short=left)
+        return _put(spill, 0, seg, odb, base, stats)
+
+
+def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None) -> None:
+    missing = short if short is not None else seg.length - len(buf)
+    if missing:
+        what = f"tensor {seg.name!r}" if isinstance(seg, TensorSegment) else "the header"
+        raise FormatError(
+            f"{name}: the file ends {missing} bytes short inside {what}",
+            hint="the file is truncated (an interrupted write or download?)",
+        )
+
+
+def _put_buffer(
+    buf: bytes, seg: Segment, odb: ObjectDB, base: str | None, stats: SnapshotStats
+) -> tuple[str, bool]:
+    """Like ``_put`` for a segment held in memory (no copies for hashing or chunking)."""
+    view = memoryview(buf)
+    pieces = lambda: (view[i : i + PIECE] for i in range(0, len(view), PIECE))  # noqa: E731
+    return _record(
+        odb.put(
+            hashlib.sha256(view).hexdigest(),
+            pieces,
+            size=seg.length,
+            itemsize=_element_size(seg),
+            base_oid=base,
+        ),
+        seg,
+        stats,
+    )
+
+
+def _record(res: PutResult, seg: Segment, stats: SnapshotStats) -> tuple[str, bool]:
+    stats.segments += 1
+    stats.logical_bytes += seg.length
+    if res.new:
+        stats.new_objects += 1
+        stats.stored_bytes += res.stored
+    return res.oid, res.new
+
+
+def _put(
+    f: BinaryIO,
+    offset: int,
+    seg: Segment,
+    odb: ObjectDB,
+    base: str | None,
+    stats: SnapshotStats,
+) -> tuple[str, bool]:
+    """Hash ``seg.length`` bytes of ``f`` from ``offset`` and store them if new."""
+    oid = hash_range(f, offset, seg.length)
+    res = odb.put(
+        oid,
+        lambda: copy_range(f, offset, seg.length, PIECE),
+        size=seg.length,
+        itemsize=_element_size(seg),
+        base_oid=base,
+    )
+    return _record(res, seg, stats)
+
+
+def scan_manifest(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
+    """The manifest a file would get, computing hashes only (nothing is stored)."""
+    layout = scan_stream(f, size, name=name)
+    oids = [hash_range(f, s.offset, s.length) for s in layout.segments]
+    return layout_to_manifest(layout, oids)
