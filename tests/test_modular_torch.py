@@ -39,6 +39,7 @@ from potluck.ops.compose.library import (
 )
 from potluck.ops.compose.manifest import load_composition
 from potluck.ops.patch.apply import apply_patch
+from tiny_models import save_tiny, tiny_bert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -49,34 +50,15 @@ LAYERS = [
 ]
 QB0 = "encoder.layer.0.attention.self.query.bias"
 VOCAB = [f"w{i}" for i in range(40)]
-
-
-def _tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *VOCAB])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
-    fast.save_pretrained(path)
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *VOCAB]
+BERT = {"vocab_size": len(WORDS), "hidden_size": H, "max_position_embeddings": 32}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("modular")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=len(VOCAB) + 4,
-        hidden_size=H,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    transformers.BertModel(cfg).save_pretrained(root / "base")
-    _tokenizer(root / "base")
+    save_tiny(tiny_bert(0, **BERT), root / "base", WORDS)
     rng = np.random.default_rng(0)
     lib = root / "lib"
     for name in ("a", "b", "c"):
@@ -401,10 +383,7 @@ CLS_LAYERS = [f"bert.{n}" for n in LAYERS]
 @pytest.fixture(scope="module")
 def cls_world(world: dict[str, Any]) -> dict[str, Any]:
     root = world["root"]
-    torch.manual_seed(1)
-    cfg = transformers.BertConfig.from_pretrained(root / "base", num_labels=2)
-    transformers.BertForSequenceClassification(cfg).save_pretrained(root / "cls")
-    _tokenizer(root / "cls")
+    save_tiny(tiny_bert(1, **BERT, num_labels=2, classifier=True), root / "cls", WORDS)
     rng = np.random.default_rng(5)
     payloads = {n: lowrank_payload(*random_factors(rng, 2, H, H, 0.5), (H, H)) for n in CLS_LAYERS}
     write_expert(root / "cls", root / "g.patch", payloads)

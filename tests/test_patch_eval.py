@@ -23,8 +23,8 @@ from click.testing import CliRunner  # noqa: E402
 
 import potluck.cli.patch_cmd  # noqa: E402, F401  (registers `patch`)
 from potluck.cli.main import cli  # noqa: E402
+from tiny_models import MOVIE_WORDS, save_tiny, tiny_bert  # noqa: E402
 
-WORDS = ["<pad>", "<unk>", "good", "bad", "movie", "plot", "the", "was"]
 CHANGED = [
     "bert.encoder.layer.0.attention.self.query.weight",
     "bert.encoder.layer.0.intermediate.dense.weight",
@@ -32,34 +32,11 @@ CHANGED = [
 ]
 
 
-def _tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(path)
-
-
 def _pair(root: Path, classifier: bool) -> tuple[Path, Path]:
     """BASE and TARGET directories: TARGET = BASE + a dense change of three matrices."""
-    cfg = transformers.BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        pad_token_id=0,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    cls = transformers.BertForSequenceClassification if classifier else transformers.BertModel
-    model = cls(cfg)
-    base, target = root / "base", root / "target"
-    model.save_pretrained(base)
+    config = {"hidden_size": 8, "num_hidden_layers": 1, "pad_token_id": 0, "num_labels": 3}
+    model = tiny_bert(0, vocab_size=len(MOVIE_WORDS), classifier=classifier, **config)
+    base, target = save_tiny(model, root / "base", MOVIE_WORDS), root / "target"
     gen = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
     prefix = "" if classifier else "bert."
@@ -68,9 +45,7 @@ def _pair(root: Path, classifier: bool) -> tuple[Path, Path]:
             if name.removeprefix(prefix) in params:
                 p = params[name.removeprefix(prefix)]
                 p += 0.5 * torch.randn(p.shape, generator=gen)
-    model.save_pretrained(target)
-    for d in (base, target):
-        _tokenizer(d)
+    save_tiny(model, target, MOVIE_WORDS)
     return base, target
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tiny_models import tiny_bert
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.minilm import finetune
 
@@ -41,22 +43,12 @@ def test_fold_lora_matches_naive_loop() -> None:
     np.testing.assert_allclose(got.numpy(), _naive_fold(w, a, b, 2.0), rtol=1e-12, atol=1e-12)
 
 
-def _tiny_bert(seed: int) -> object:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32,
-                                  max_position_embeddings=16)  # fmt: skip
-    m = transformers.BertModel(cfg)
-    m.train(False)
-    return m
-
-
 def _state(m: object) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}  # type: ignore[attr-defined]
 
 
 def test_lora_with_zero_b_is_the_base() -> None:
-    base, enc = _tiny_bert(1), _tiny_bert(1)
+    base, enc = tiny_bert(1, vocab_size=50), tiny_bert(1, vocab_size=50)
     loras = finetune.add_lora(enc, rank=4, alpha=8.0)
     assert len(loras) == 2 * len(finetune.LORA_TARGETS)
     ids = torch.tensor([[1, 5, 7, 9, 2]])
@@ -73,7 +65,7 @@ def test_lora_with_zero_b_is_the_base() -> None:
 
 
 def test_folded_encoder_equals_base_plus_scaled_ba_and_the_wrapped_forward() -> None:
-    base, enc = _tiny_bert(2), _tiny_bert(2)
+    base, enc = tiny_bert(2, vocab_size=50), tiny_bert(2, vocab_size=50)
     loras = finetune.add_lora(enc, rank=4, alpha=8.0)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from potluck.merging import MERGE_METHODS
 from potluck.merging.base import TensorStats
 from potluck.merging.regmean import diagonal_solve, solve_spd
 from potluck.ops.merge.statsfile import load_stats, stats_for, write_stats
+from tiny_models import save_tiny, tiny_bert, tiny_llama
 
 REGMEAN = MERGE_METHODS.get("regmean")
 
@@ -116,14 +117,11 @@ def test_stats_file_round_trips_a_diagonal_gram(tmp_path: Path) -> None:
 
 def test_gram_matrices_count_a_tiny_berts_lookups() -> None:
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from potluck.ops.merge.stats_torch import gram_matrices, input_axes
 
-    cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=16,
-                                  max_position_embeddings=10, type_vocab_size=2)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(0, vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                      max_position_embeddings=10, type_vocab_size=2)  # fmt: skip
     ids = torch.tensor([[2, 5, 5, 7, 0], [3, 5, 9, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
     types = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
@@ -147,19 +145,15 @@ def test_gram_matrices_count_a_tiny_berts_lookups() -> None:
 
 
 def test_cli_gram_embeddings_writes_the_lookup_counts(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from click.testing import CliRunner
 
     import potluck.cli.stats_cmd  # noqa: F401  (registers `stats`)
     from potluck.cli.main import cli
     from potluck.ops.merge.stats_torch import compute_stats
 
-    cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, pad_token_id=0)  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    save_tiny(tiny_llama(0, vocab_size=16, pad_token_id=0), tmp_path / "m")
     ids = np.array([[1, 5, 5, 9, 0], [2, 5, 0, 0, 0]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
     np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)

@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 from potluck.merging import MERGE_METHODS  # noqa: E402
 from potluck.ops.merge.stats_torch import fisher_diag, gram_matrices, input_axes  # noqa: E402
 from potluck.ops.merge.statsfile import load_stats, stats_for, write_stats  # noqa: E402
+from tiny_models import MOVIE_WORDS, save_tiny, tiny_llama  # noqa: E402
 
 F = torch.nn.functional
 
@@ -179,24 +180,8 @@ def test_regmean_of_two_finetunes_is_the_joint_least_squares(tmp_path: Path) -> 
 # ── potluck stats on a tiny Hugging Face model (built here, no downloads) ───────────────────
 
 
-def _tiny_llama(path: Path, classifier: bool = False) -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        num_labels=3,
-    )
-    torch.manual_seed(4)
-    cls = (
-        transformers.LlamaForSequenceClassification if classifier else transformers.LlamaForCausalLM
-    )
-    cls(cfg).save_pretrained(path)
+#: The tiny Llama's config (seed 4); the classifier has three labels.
+LLAMA = {"vocab_size": 32, "max_position_embeddings": 32, "pad_token_id": 0, "num_labels": 3}
 
 
 def _invoke(*args: str) -> dict:
@@ -212,9 +197,7 @@ def _invoke(*args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llama")
-    _tiny_llama(path)
-    return path
+    return save_tiny(tiny_llama(4, **LLAMA), tmp_path_factory.mktemp("llama"))
 
 
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -277,24 +260,10 @@ def test_cli_fisher_on_a_tiny_llama(llama_dir: Path, tmp_path: Path) -> None:
     assert f.description["fisher"] == "empirical, per-example"
 
 
-def _word_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "good", "bad", "movie", "plot", "the", "was"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(path)
-
-
 def test_cli_fisher_of_a_classifier_from_jsonl(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    model_dir = tmp_path / "clf"
-    _tiny_llama(model_dir, classifier=True)
-    _word_tokenizer(model_dir)
+    model_dir = save_tiny(tiny_llama(4, classifier=True, **LLAMA), tmp_path / "clf", MOVIE_WORDS)
     rows = [("the movie was good", 0), ("bad plot", 1), ("good good movie", 2)]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
