@@ -13,10 +13,15 @@ from potluck.cli.progress import byte_progress
 from potluck.cli.render import emit_json
 from potluck.errors import UserError
 from potluck.git.models import open_model
-from potluck.ops.merge.config import MergeConfig, load_config, parse_config
-from potluck.ops.merge.plan import MergePlan
-from potluck.ops.merge.run import explain_merge, run_merge
-from potluck.ops.models.hfwriter import DEFAULT_SHARD_BYTES, parse_size
+from potluck.ops.merge import (
+    MergeConfig,
+    MergePlan,
+    explain_merge,
+    load_config,
+    parse_config,
+    run_merge,
+)
+from potluck.ops.models import DEFAULT_SHARD_BYTES, parse_size
 
 
 def _value(text: str) -> Any:

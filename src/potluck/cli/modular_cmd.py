@@ -13,19 +13,22 @@ from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import emit_json
 from potluck.errors import IntegrityError, UserError
 from potluck.git.models import open_model
-from potluck.ops.compose.library import (
+from potluck.ops.compose import (
     AddOptions,
     ExpertRecord,
     add_expert,
     attach_artifact,
     base_mismatches,
+    export_mixture,
     find_expert,
     list_experts,
+    load_composition,
+    lock_manifest,
     mismatch_error,
+    write_lock,
 )
-from potluck.ops.compose.library import verify_library as verify_experts
-from potluck.ops.compose.manifest import export_mixture, load_composition, lock_manifest, write_lock
-from potluck.ops.patch.fileformat import read_patch
+from potluck.ops.compose import verify_library as verify_experts
+from potluck.ops.patch import read_patch
 
 _LIB = click.option(
     "-L",

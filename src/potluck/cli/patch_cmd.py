@@ -19,12 +19,17 @@ from potluck.codecs.rules import Rule
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
 from potluck.git.models import open_model
-from potluck.ops.models.sources import ModelSource
-from potluck.ops.patch.apply import apply_patch
-from potluck.ops.patch.check import OutputChange, QualityReport
-from potluck.ops.patch.create import PatchInfo, create_patch, patch_info
+from potluck.ops.models import ModelSource
+from potluck.ops.patch import (
+    OutputChange,
+    PatchInfo,
+    QualityReport,
+    apply_patch,
+    create_patch,
+    patch_info,
+    stack_patches,
+)
 from potluck.ops.patch.evaluate import check_eval_target, eval_patch
-from potluck.ops.patch.stack import stack_patches
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 

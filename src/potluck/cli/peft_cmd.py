@@ -9,9 +9,7 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import emit_json
-from potluck.ops.peft.apply import apply_adapter
-from potluck.ops.peft.export import export_patch
-from potluck.ops.peft.importer import import_adapter
+from potluck.ops.peft import apply_adapter, export_patch, import_adapter
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:

@@ -11,8 +11,7 @@ from potluck.demo.model import Params, lora_update, save_safetensors
 from potluck.demo.shell import FILE, Log, Shell
 from potluck.errors import IntegrityError
 from potluck.git.inspect import load
-from potluck.ops.patch.apply import apply_patch
-from potluck.ops.patch.create import create_patch, patch_info
+from potluck.ops.patch import apply_patch, create_patch, patch_info
 
 #: The contributor's codec rules: attention matrices as rank-4 factors (SVD); everything
 #: else that changed (layer-norm gains) with the default exact codec.

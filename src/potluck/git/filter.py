@@ -13,8 +13,7 @@ from potluck.errors import FormatError, PotluckError
 from potluck.git.plumbing import CatFileBatch
 from potluck.git.repo import Repo
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
-from potluck.ops.vcs.materialize import missing_objects, write_file
-from potluck.ops.vcs.snapshot import Chain, snapshot_stream
+from potluck.ops.vcs import Chain, missing_objects, snapshot_stream, write_file
 
 COPY = 1 << 20
 log = logging.getLogger("potluck")

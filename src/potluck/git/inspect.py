@@ -19,12 +19,16 @@ from potluck.git.merge_record import commit_trailers
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
-from potluck.ops.vcs.diff import TensorChange, diff_manifests, unchanged_count
-from potluck.ops.vcs.materialize import load_tensors, missing_objects
-from potluck.ops.vcs.snapshot import scan_manifest
+from potluck.ops.vcs import (
+    TensorChange,
+    diff_manifests,
+    load_tensors,
+    missing_objects,
+    scan_manifest,
+    unchanged_count,
+)
 
 Loader = Callable[[str], np.ndarray]
-WORKTREE = None  # rev value meaning "the work tree"
 
 
 @dataclass

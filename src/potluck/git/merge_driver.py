@@ -22,13 +22,13 @@ from potluck.git import merge_record as mrec
 from potluck.git.repo import Repo
 from potluck.merging import MERGE_METHODS, three_way_combine
 from potluck.objects.manifest import Manifest, dumps, is_manifest, parse
-from potluck.ops.vcs.materialize import write_file
-from potluck.ops.vcs.threeway import (
+from potluck.ops.vcs import (
     Combine,
     Combiner,
     MergeResult,
     merge_manifests,
     resolve_manifest,
+    write_file,
 )
 
 

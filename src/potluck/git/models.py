@@ -19,8 +19,8 @@ from potluck.git.inspect import split_rev
 from potluck.git.repo import Repo
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
-from potluck.ops.models.sources import CONFIG_FILES, ModelSource, TensorInfo, open_path
-from potluck.ops.vcs.materialize import load_tensors, missing_objects
+from potluck.ops.models import CONFIG_FILES, ModelSource, TensorInfo, open_path
+from potluck.ops.vcs import load_tensors, missing_objects
 
 __all__ = ["open_model"]
 

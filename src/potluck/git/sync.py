@@ -23,16 +23,17 @@ from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
-from potluck.ops.vcs.materialize import missing_objects, write_file
-from potluck.ops.vcs.pushfetch import (
+from potluck.ops.vcs import (
     OnBytes,
     PushReport,
     Wanted,
+    WireEntry,
     fetch_objects,
+    missing_objects,
     push_objects,
     store_fresh,
+    write_file,
 )
-from potluck.ops.vcs.wire import WireEntry
 from potluck.remote import ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")

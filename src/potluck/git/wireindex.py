@@ -1,4 +1,4 @@
-"""The wire index (``ops.wire``) kept in git, next to the commits it serves.
+"""The wire index (``ops.vcs.wire``) kept in git, next to the commits it serves.
 
 The remote ref ``refs/potluck/wire`` points to a commit whose tree holds one index blob per
 push (named by its blob id, so concurrent pushes never collide). A push adds its blob on top of
@@ -15,7 +15,7 @@ import re
 
 from potluck.errors import FormatError
 from potluck.git.plumbing import Git
-from potluck.ops.vcs.wire import WireEntry, dump_index, parse_index
+from potluck.ops.vcs import WireEntry, dump_index, parse_index
 
 log = logging.getLogger("potluck")
 REF = "refs/potluck/wire"

@@ -319,13 +319,7 @@ def compute_stats(
     ``gram_matrices``), so that RegMean merges embedding rows by how much each model used them.
     Returns a summary (what ``potluck stats --json`` prints).
     """
-    if kind not in ("fisher", "gram"):
-        raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
-    if embeddings and kind != "gram":
-        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
-    require_torch("potluck stats")
-    if batch_size < 1 or (max_samples is not None and max_samples < 1):
-        raise UserError("--batch-size and --max-samples must be at least 1")
+    _check_args(kind, embeddings, batch_size, max_samples)
     batches, has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
     model, task = load_hf_model(model_dir, kind, has_labels)
     model = to_device(model, device)
@@ -338,11 +332,7 @@ def compute_stats(
         "tool": "potluck stats",
         "model": Path(model_dir).name,
         "task": task,
-        "batch_size": batch_size,
-        "max_length": max_length,
-        "device": str(device),
-        "data": Path(data).name,
-        **({"embeddings": "lookup counts (diagonal Gram)"} if embeddings else {}),
+        **_settings(batch_size, max_length, device, data, embeddings),
         **_LOSSES.get((kind, task), {}),
     }
     data_hash = file_sha256(data)
@@ -368,3 +358,27 @@ def compute_stats(
         "data_sha256": data_hash,
         "model_tensors_hashed": len(hashes),
     }
+
+
+def _settings(
+    batch_size: int, max_length: int, device: str, data: str | os.PathLike[str], embeddings: bool
+) -> dict[str, Any]:
+    """The run's settings as the statistics file's description records them."""
+    return {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "device": str(device),
+        "data": Path(data).name,
+        **({"embeddings": "lookup counts (diagonal Gram)"} if embeddings else {}),
+    }
+
+
+def _check_args(kind: str, embeddings: bool, batch_size: int, max_samples: int | None) -> None:
+    """Refuse bad arguments (and a missing torch) before any data or model is loaded."""
+    if kind not in ("fisher", "gram"):
+        raise UserError(f"unknown statistics kind {kind!r}", hint="fisher or gram")
+    if embeddings and kind != "gram":
+        raise UserError("--embeddings applies to Gram statistics only", hint="potluck stats gram")
+    require_torch("potluck stats")
+    if batch_size < 1 or (max_samples is not None and max_samples < 1):
+        raise UserError("--batch-size and --max-samples must be at least 1")

@@ -9,7 +9,7 @@ import fnmatch
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,7 @@ def create_patch(
     """
     default = (default_codec, dict(params or {}))
     CODECS.get(default_codec)
-    payloads: dict[str, Payload] = {}
-    base_hashes: dict[str, str] = {}
-    result: dict[str, str] = {}
-    quality: list[TensorQuality] = []
+    enc = _Encoded()
     with ExitStack() as stack:
         base = open_input(base_path, stack)
         target = open_input(target_path, stack)
@@ -121,23 +118,13 @@ def create_patch(
         added = sorted(set(target_names) - set(base_names))
         removed = sorted(set(base_names) - set(target_names))
         for name in common:
-            old, new = base.read(name), target.read(name)
-            old_hash, new_hash = tensor_sha256(old), tensor_sha256(new)
-            if old_hash == new_hash and old.dtype == new.dtype and old.shape == new.shape:
-                continue
-            payloads[name] = encode_tensor(name, old, new, rules, default, seed)
-            base_hashes[name] = old_hash
-            if CODECS.get(payloads[name].codec).exact:
-                result[name] = new_hash
-            if check:
-                quality.append(_measure(name, payloads[name], old, new))
+            enc.changed(name, base.read(name), target.read(name), rules, default, seed, check)
         for name in added:
-            new = target.read(name)
-            payloads[name] = get_codec("full").encode(new, np.zeros_like(new), name=name, seed=seed)
-            result[name] = tensor_sha256(new)
-            if check:
-                quality.append(_measure(name, payloads[name], None, new))
-    contents = PatchContents(payloads, base_hashes, result, added, removed, dict(description or {}))
+            enc.added(name, target.read(name), seed, check)
+    payloads = enc.payloads
+    contents = PatchContents(
+        payloads, enc.base, enc.result, added, removed, dict(description or {})
+    )
     size = write_patch(out_path, contents)
     return PatchInfo(
         path=str(out_path),
@@ -147,8 +134,48 @@ def create_patch(
         removed=removed,
         unchanged=len(common) - (len(payloads) - len(added)),
         base_digest=contents.base_digest,
-        quality=summarize(quality) if check else None,
+        quality=summarize(enc.quality) if check else None,
     )
+
+
+@dataclass
+class _Encoded:
+    """What ``create_patch`` has encoded so far: payloads, base and result hashes, quality."""
+
+    payloads: dict[str, Payload] = field(default_factory=dict)
+    base: dict[str, str] = field(default_factory=dict)
+    result: dict[str, str] = field(default_factory=dict)
+    quality: list[TensorQuality] = field(default_factory=list)
+
+    def changed(
+        self,
+        name: str,
+        old: np.ndarray,
+        new: np.ndarray,
+        rules: Sequence[Rule],
+        default: tuple[str, Mapping[str, object]],
+        seed: int,
+        check: bool,
+    ) -> None:
+        """Encode a tensor both models have, unless its bytes, dtype and shape are the same."""
+        old_hash, new_hash = tensor_sha256(old), tensor_sha256(new)
+        if old_hash == new_hash and old.dtype == new.dtype and old.shape == new.shape:
+            return
+        self.payloads[name] = encode_tensor(name, old, new, rules, default, seed)
+        self.base[name] = old_hash
+        if CODECS.get(self.payloads[name].codec).exact:
+            self.result[name] = new_hash
+        if check:
+            self.quality.append(_measure(name, self.payloads[name], old, new))
+
+    def added(self, name: str, new: np.ndarray, seed: int, check: bool) -> None:
+        """Store a tensor only TARGET has, whole (``full``)."""
+        self.payloads[name] = get_codec("full").encode(
+            new, np.zeros_like(new), name=name, seed=seed
+        )
+        self.result[name] = tensor_sha256(new)
+        if check:
+            self.quality.append(_measure(name, self.payloads[name], None, new))
 
 
 def _measure(name: str, payload: Payload, old: np.ndarray | None, new: np.ndarray) -> TensorQuality:

@@ -4,6 +4,14 @@ object transfer and the wire index. Imports no other wing."""
 from potluck.ops.vcs.diff import TensorChange, diff_manifests, unchanged_count
 from potluck.ops.vcs.materialize import load_tensors, missing_objects, tensor_names, write_file
 from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.pushfetch import (
+    OnBytes,
+    PushReport,
+    Wanted,
+    fetch_objects,
+    push_objects,
+    store_fresh,
+)
 from potluck.ops.vcs.snapshot import Chain, scan_manifest, snapshot, snapshot_stream
 from potluck.ops.vcs.threeway import (
     Combine,
@@ -20,18 +28,24 @@ __all__ = [
     "Combiner",
     "MergeResult",
     "ObjectDB",
+    "OnBytes",
+    "PushReport",
     "TensorChange",
+    "Wanted",
     "WireEntry",
     "diff_manifests",
     "dump_index",
+    "fetch_objects",
     "load_tensors",
     "merge_manifests",
     "missing_objects",
     "parse_index",
+    "push_objects",
     "resolve_manifest",
     "scan_manifest",
     "snapshot",
     "snapshot_stream",
+    "store_fresh",
     "tensor_names",
     "unchanged_count",
     "write_file",
