@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from potluck.errors import MissingObjectError, UserError
-from potluck.store import STORES, LocalStore, MemoryStore, ObjectStore
+from potluck.store import LocalStore, MemoryStore, ObjectStore
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -119,13 +119,6 @@ class TestStoreContract:
 
     def test_satisfies_protocol(self, store: ObjectStore) -> None:
         assert isinstance(store, ObjectStore)
-
-
-def test_registry() -> None:
-    assert {"local", "memory"} <= set(STORES.names())
-    assert STORES.get("memory") is MemoryStore
-    with pytest.raises(UserError, match="unknown object store"):
-        STORES.get("nope")
 
 
 # --- LocalStore specifics -----------------------------------------------------------------------

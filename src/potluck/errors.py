@@ -51,7 +51,3 @@ class MissingObjectError(IntegrityError):
 
 class GitError(PotluckError):
     """A git subprocess failed."""
-
-
-class MergeConflictError(PotluckError):
-    """A three-way merge found tensors changed on both sides with no method to combine them."""

@@ -1,4 +1,5 @@
-"""A generic, explicit registry: one per extension point (formats, codecs, methods, stores)."""
+"""A generic, explicit registry: one per extension point (formats, codecs, merge methods, routers,
+remote URL schemes)."""
 
 from __future__ import annotations
 

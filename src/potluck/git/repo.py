@@ -11,7 +11,7 @@ from potluck.config import RepoConfig
 from potluck.errors import FormatError, UserError
 from potluck.git.plumbing import Git
 from potluck.objects.manifest import Manifest, is_manifest, parse
-from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs import ObjectDB
 from potluck.store.local import LocalStore
 
 
@@ -66,11 +66,6 @@ class Repo:
                 hint="track it with `potluck track PATTERN` and commit it again",
             )
         return parse(blob)
-
-
-def read_manifest_or_none(data: bytes) -> Manifest | None:
-    """Parse ``data`` when it is a manifest, else None."""
-    return parse(data) if is_manifest(data) else None
 
 
 @contextmanager

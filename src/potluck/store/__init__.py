@@ -1,16 +1,14 @@
-"""Object stores: where object files live. Never imports numpy or ``potluck.objects``."""
+"""Object stores: where object files live. Never imports numpy or ``potluck.objects``.
+
+A repository keeps its objects in a ``LocalStore`` under ``.git/potluck/objects`` (``git.repo``);
+``MemoryStore`` is for tests and scratch work. Objects elsewhere are reached through remotes
+(``potluck.remote.REMOTES``), not through another store.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from potluck.registry import Registry
 from potluck.store.base import ObjectStore, validate_oid
 from potluck.store.local import LocalStore
 from potluck.store.memory import MemoryStore
 
-STORES: Registry[Callable[..., ObjectStore]] = Registry("object store", "potluck.stores")
-STORES.register("local", LocalStore)
-STORES.register("memory", MemoryStore)
-
-__all__ = ["STORES", "LocalStore", "MemoryStore", "ObjectStore", "validate_oid"]
+__all__ = ["LocalStore", "MemoryStore", "ObjectStore", "validate_oid"]

@@ -3,7 +3,7 @@
 ``plan_merge(config, sources)`` resolves every parameter of every output tensor exactly as
 mergekit would (per-model values, filters, gradients over the layers, slices) and checks that the
 inputs agree (same tensor names, shapes, float dtypes) before anything is computed. The plan is
-what ``--explain`` prints and what the executor (``ops.mergerun``) runs.
+what ``--explain`` prints and what the executor (``ops.merge.run``) runs.
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
 """Run a merge: stream tensors from memory-mapped inputs through a method into the output files.
 
-Each output tensor is one job (``ops.mergeplan``). A pool of ``workers`` threads runs jobs (numpy
+Each output tensor is one job (``ops.merge.plan``). A pool of ``workers`` threads runs jobs (numpy
 releases the GIL in the heavy loops); a byte budget (``max_memory``) bounds the working memory of
 the jobs in flight. Methods whose result at an element depends only on the inputs at that element
 (linear, task arithmetic, TIES/DARE without sparsification, passthrough) run on row blocks, so a
 huge embedding never sits in memory as float64 copies. Results go straight to their place in the
-output files (``ops.hfwriter``); the output directory appears only when everything succeeded.
+output files (``ops.models.hfwriter``); the output directory appears only when everything succeeded.
 Stochastic methods draw from generators keyed by (seed, model, tensor), so the bytes do not depend
 on the number of workers or the schedule.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -251,8 +250,3 @@ def _stats_files(config: MergeConfig, plan: MergePlan) -> dict[str, StatsFile]:
 
 def _numpy_dtype(name: str) -> np.dtype:
     return to_numpy(canonical_dtype(name))
-
-
-def plan_json(plan: MergePlan) -> str:
-    """The plan as JSON text."""
-    return json.dumps([j.to_dict() for j in plan.jobs], indent=1)

@@ -3,8 +3,9 @@
 ``open_path(path)`` opens a single checkpoint file (safetensors, PyTorch zip, npz) or a Hugging
 Face model directory (``model.safetensors``, sharded ``*.safetensors`` with an index, or
 ``pytorch_model*.bin``). Safetensors data is memory-mapped, so reading one tensor costs no copy
-until it is used; other formats read one tensor at a time. ``ModelSource.from_reader`` wraps any
-``name → array`` loader (the git layer uses it for ``file@rev``).
+until it is used; other formats read one tensor at a time. ``open_input`` takes a path or an
+already open ``ModelSource``; the git layer (``potluck.git.models``) builds a ``ModelSource`` over
+the object store for ``file@rev``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,13 +101,6 @@ class ModelSource:
     identity: dict[str, str] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
     releasers: dict[str, Callable[[int, int | None], None]] = field(default_factory=dict)
-
-    @classmethod
-    def from_reader(
-        cls, label: str, infos: Mapping[str, TensorInfo], reader: Reader, **kw: object
-    ) -> ModelSource:
-        """A source over any loader (e.g. tensors in the object store)."""
-        return cls(label, dict(infos), reader, **kw)  # type: ignore[arg-type]
 
     def names(self) -> list[str]:
         """Tensor names in the source's order."""

@@ -103,7 +103,7 @@ def push_objects(
     Every object the remote lacks must be in the local store; if one is not, raise
     ``MissingObjectError`` naming file, tensor and commit before anything is uploaded. With
     ``encode``, objects whose stored file is much smaller than their bytes travel encoded
-    (``ops.wire``); the caller must then publish ``PushReport.encoded``.
+    (``ops.vcs.wire``); the caller must then publish ``PushReport.encoded``.
     """
     index = index or {}
     refs = sorted(wanted.refs)
