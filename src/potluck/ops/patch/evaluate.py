@@ -4,7 +4,7 @@ The model in TARGET's directory is run on the eval inputs twice: with the exact 
 and with the weights the patch reproduces (``apply_patch`` on BASE, written to a temporary
 safetensors file next to the patch). The per-example outputs compared are the logits of a
 sequence classifier, the logits of a causal LM mean-pooled over non-padding tokens, or else the
-bare model's last hidden state mean-pooled the same way (``patch_check.compare_outputs``).
+bare model's last hidden state mean-pooled the same way (``check.compare_outputs``).
 
 The only module besides ``stats_torch`` importing torch / transformers, always inside functions.
 The eval file formats (JSONL texts, npz ``input_ids``/``attention_mask``) and their readers are

@@ -12,7 +12,7 @@ from potluck.ops.vcs.pushfetch import (
     push_objects,
     store_fresh,
 )
-from potluck.ops.vcs.snapshot import Chain, scan_manifest, snapshot, snapshot_stream
+from potluck.ops.vcs.snapshot import Chain, scan_manifest, snapshot_stream
 from potluck.ops.vcs.threeway import (
     Combine,
     Combiner,
@@ -43,7 +43,6 @@ __all__ = [
     "push_objects",
     "resolve_manifest",
     "scan_manifest",
-    "snapshot",
     "snapshot_stream",
     "store_fresh",
     "tensor_names",
