@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from potluck.codecs import Payload, get_codec
-from potluck.codecs.base import PAYLOAD_VERSION, shape_text
+from potluck.codecs import Payload, ia3, lowrank
 from potluck.formats.safetensors import write_safetensors
 from potluck.ops.models.sources import open_path
 from potluck.ops.patch.fileformat import PatchContents, write_patch
@@ -16,34 +15,17 @@ from potluck.tensors.dtypes import from_numpy
 
 
 def lowrank_payload(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> Payload:
-    meta = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(shape),
-        "dtype": "F32",
-        **get_codec("lowrank").resolve_params({"rank": a.shape[0]}),
-        "mode": "factors",
-        "kept_rank": int(a.shape[0]),
-        "randomized": 0,
-    }
-    arrays = {"lora_A": a.astype(np.float32), "lora_B": b.astype(np.float32)}
-    return Payload("lowrank", arrays, meta, None)
+    return lowrank.factors_payload(
+        b.astype(np.float32), a.astype(np.float32), shape=shape, dtype="F32"
+    )
 
 
 def dense_payload(delta: np.ndarray) -> Payload:
-    meta = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(delta.shape),
-        "dtype": "F32",
-        **get_codec("lowrank").resolve_params({}),
-        "mode": "dense",
-        "kept_rank": 0,
-    }
-    return Payload("lowrank", {"delta": delta.astype(np.float32)}, meta, None)
+    return lowrank.dense_payload(delta.astype(np.float32), shape=delta.shape, dtype="F32")
 
 
 def ia3_payload(scales: np.ndarray, shape: tuple[int, ...], axis: int) -> Payload:
-    meta = {"version": PAYLOAD_VERSION, "shape": shape_text(shape), "dtype": "F32", "axis": axis}
-    return Payload("ia3", {"scales": scales.astype(np.float32)}, meta, None)
+    return ia3.scales_payload(scales.astype(np.float32), axis, shape=shape, dtype="F32")
 
 
 def write_expert(

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from bench.minilm import data, finetune, model
 
-from potluck.codecs import Payload, get_codec
-from potluck.codecs.base import PAYLOAD_VERSION, shape_text
+from potluck.codecs import factors_payload
 from potluck.formats.safetensors import write_safetensors
 from potluck.ops.compose.library import AddOptions, ExpertRecord, add_expert, attach_artifact
 from potluck.ops.models.sources import open_path
@@ -141,26 +140,14 @@ def train_expert(
     return factors, head, time.perf_counter() - t0
 
 
-def _lowrank_payload(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> Payload:
-    meta = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(shape),
-        "dtype": "F32",
-        **get_codec("lowrank").resolve_params({"rank": a.shape[0]}),
-        "mode": "factors",
-        "kept_rank": int(a.shape[0]),
-        "randomized": 0,
-    }
-    arrays = {"lora_A": a.astype(np.float32), "lora_B": b.astype(np.float32)}
-    return Payload("lowrank", arrays, meta, None)
-
-
 def write_expert_patch(
     factors: dict[str, tuple[np.ndarray, np.ndarray]], out: Path, description: dict[str, Any]
 ) -> Path:
     """The LoRA as a potluck patch of the shipped base (pinned to its tensor hashes)."""
     payloads = {
-        f"{m}.weight": _lowrank_payload(a, b, (b.shape[0], a.shape[1]))
+        f"{m}.weight": factors_payload(
+            b.astype(np.float32), a.astype(np.float32), shape=(b.shape[0], a.shape[1]), dtype="F32"
+        )
         for m, (a, b) in factors.items()
     }
     with open_path(str(model.model_dir())) as src:

@@ -3,7 +3,9 @@
 ``CODECS`` holds the built-ins; third-party codecs register through the ``potluck.codecs``
 entry-point group. Exact: ``full``, ``exact_xor``, ``exact_sparse``. Lossy (each reports an
 ``ErrorReport``): ``sparse_topk``, ``sparse_threshold``, ``dare``, ``ternary``, ``bitdelta``,
-``quant``, ``lowrank``, ``ia3``.
+``quant``, ``lowrank``, ``ia3``. ``factors_payload`` and ``dense_payload`` (``lowrank``) and
+``scales_payload`` (``ia3``) build payloads from factors, deltas or scales computed elsewhere
+(an imported adapter, a fixed mixture of experts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from potluck.codecs.base import (
     PLAIN_DTYPES,
     ErrorReport,
     LossyCodec,
-    ParamSpec,
     Payload,
     UpdateCodec,
     full_nbytes,
@@ -23,12 +24,13 @@ from potluck.codecs.base import (
     payloads_equal,
 )
 from potluck.codecs.exact import ExactSparseCodec, ExactXorCodec, FullCodec
-from potluck.codecs.ia3 import IA3Codec
-from potluck.codecs.lowrank import LowRankCodec
+from potluck.codecs.ia3 import IA3Codec, scales_payload
+from potluck.codecs.lowrank import LowRankCodec, dense_payload, factors_payload
 from potluck.codecs.quant import QuantCodec
 from potluck.codecs.rules import DEFAULT_RULES, choose_codec
 from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
 from potluck.codecs.sparse import DareCodec, ThresholdCodec, TopKCodec
+from potluck.params import Param
 from potluck.registry import Registry
 from potluck.tensors.dtypes import to_numpy
 
@@ -38,16 +40,19 @@ __all__ = [
     "PLAIN_DTYPES",
     "ErrorReport",
     "LossyCodec",
-    "ParamSpec",
+    "Param",
     "Payload",
     "UpdateCodec",
     "choose_codec",
     "decode_payload",
+    "dense_payload",
+    "factors_payload",
     "full_nbytes",
     "get_codec",
     "payload_nbytes",
     "payload_shape_dtype",
     "payloads_equal",
+    "scales_payload",
 ]
 
 CODECS: Registry[UpdateCodec] = Registry("update codec", "potluck.codecs")

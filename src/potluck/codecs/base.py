@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from potluck.errors import FormatError, UserError
+from potluck.params import Param, ParamValue
 from potluck.tensors.dtypes import from_numpy, to_numpy
 
 MetaValue = str | int | float
-ParamValue = str | int | float
 Arrays = dict[str, np.ndarray]
 Meta = dict[str, MetaValue]
 
@@ -132,65 +132,6 @@ def payloads_equal(a: Payload, b: Payload) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One codec parameter: its type, default, allowed range or choices and a description.
-
-    ``low``/``high`` bound numeric values (inclusive unless ``low_open``); ``choices`` lists the
-    allowed values of a string parameter.
-    """
-
-    name: str
-    type: type
-    default: ParamValue
-    description: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    choices: tuple[ParamValue, ...] | None = None
-
-    def describe(self) -> str:
-        """One line for help texts and error hints."""
-        rng = ""
-        if self.choices is not None:
-            rng = f" one of {', '.join(str(c) for c in self.choices)}"
-        elif self.low is not None or self.high is not None:
-            lo = "-inf" if self.low is None else f"{self.low:g}"
-            hi = "inf" if self.high is None else f"{self.high:g}"
-            rng = f" in {'(' if self.low_open else '['}{lo}, {hi}]"
-        return f"{self.name}: {self.type.__name__} = {self.default!r}{rng} — {self.description}"
-
-    def convert(self, value: object, codec: str) -> ParamValue:
-        """Check and convert ``value``; a ``UserError`` says what is allowed."""
-        bad = UserError(
-            f"invalid value {value!r} for parameter {self.name!r} of codec {codec!r}",
-            hint=self.describe(),
-            codec=codec,
-            param=self.name,
-        )
-        if isinstance(value, bool | np.bool_):
-            raise bad
-        if self.type is str:
-            if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise bad
-            return value
-        try:
-            if self.type is int:
-                if isinstance(value, float | np.floating):
-                    raise ValueError
-                out: int | float = int(value)  # type: ignore[call-overload]
-            else:
-                out = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise bad from None
-        ok_low = self.low is None or (out > self.low if self.low_open else out >= self.low)
-        if not ok_low or (self.high is not None and not out <= self.high) or out != out:
-            raise bad
-        if self.choices is not None and out not in self.choices:
-            raise bad
-        return out
-
-
 def stable_key(seed: int, name: str, domain: str) -> int:
     """A 128-bit Philox key from (domain, seed, tensor name); the same on every machine."""
     text = f"potluck:{domain}\x00{int(seed)}\x00{name}".encode()
@@ -208,6 +149,15 @@ def tensor_generator(seed: int, name: str, domain: str) -> np.random.Generator:
 def shape_text(shape: tuple[int, ...]) -> str:
     """A shape as the JSON list stored in meta."""
     return json.dumps([int(d) for d in shape])
+
+
+def tensor_meta(shape: tuple[int, ...], dtype: str) -> Meta:
+    """The meta every payload starts with: the layout version, the shape and dtype it rebuilds.
+
+    ``dtype`` is the tensor's canonical name (``F32``, ``BF16``…); the codec's parameters and
+    its own keys follow in the payload's meta.
+    """
+    return {"version": PAYLOAD_VERSION, "shape": shape_text(shape), "dtype": dtype}
 
 
 def check_pair(new: object, base: object, *, codec: str, name: str) -> str:
@@ -277,14 +227,6 @@ def meta_int(payload: Payload, key: str) -> int:
     return value
 
 
-def meta_float(payload: Payload, key: str) -> float:
-    """A float from a payload's meta (ints accepted), or a malformed-payload error."""
-    value = payload.meta.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise malformed(payload.codec, f"meta {key!r} is {value!r}, expected a number")
-    return float(value)
-
-
 def meta_str(payload: Payload, key: str) -> str:
     """A str from a payload's meta, or a malformed-payload error."""
     value = payload.meta.get(key)
@@ -323,7 +265,7 @@ class UpdateCodec(abc.ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]
     reference_url: ClassVar[str | None] = None
-    params: ClassVar[tuple[ParamSpec, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = ()
 
     def resolve_params(self, params: Mapping[str, object]) -> dict[str, ParamValue]:
         """Defaults overlaid with ``params``, each checked; unknown names are a ``UserError``."""
@@ -350,8 +292,7 @@ class UpdateCodec(abc.ABC):
         new, base = _as_array(new), _as_array(base)
         dtype_name = check_pair(new, base, codec=self.name, name=name)
         arrays, meta, error = self._encode(new, base, name=name, seed=seed, params=resolved)
-        full_meta: Meta = {"version": PAYLOAD_VERSION, "shape": shape_text(base.shape)}
-        full_meta["dtype"] = dtype_name
+        full_meta = tensor_meta(base.shape, dtype_name)
         full_meta.update(resolved)
         full_meta.update(meta)
         return Payload(codec=self.name, arrays=arrays, meta=full_meta, error=error)
@@ -455,11 +396,11 @@ __all__ = [
     "PLAIN_DTYPES",
     "ErrorReport",
     "LossyCodec",
-    "ParamSpec",
     "Payload",
     "UpdateCodec",
     "payload_nbytes",
     "payloads_equal",
     "stable_key",
     "tensor_generator",
+    "tensor_meta",
 ]

@@ -16,8 +16,6 @@ from potluck.codecs.base import (
     Arrays,
     ErrorReport,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     UpdateCodec,
     get_array,
@@ -33,6 +31,7 @@ from potluck.codecs.bits import (
     shuffle_bytes,
     unshuffle_bytes,
 )
+from potluck.params import Param, ParamValue
 
 _Encoded = tuple[Arrays, Meta, ErrorReport | None]
 
@@ -89,8 +88,8 @@ class ExactXorCodec(UpdateCodec):
 
     name: ClassVar[str] = "exact_xor"
     exact: ClassVar[bool] = True
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("level", int, 3, "zstd compression level", low=1, high=22),
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(int, 3, "zstd compression level", low=1, high=22, name="level"),
     )
 
     def _encode(

@@ -8,16 +8,17 @@ import numpy as np
 
 from potluck.codecs.base import (
     Arrays,
+    ErrorReport,
     LossyCodec,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     get_array,
     malformed,
     meta_int,
+    tensor_meta,
 )
 from potluck.errors import UserError
+from potluck.params import Param, ParamValue
 
 
 def _channels_first(a: np.ndarray, axis: int) -> np.ndarray:
@@ -57,8 +58,8 @@ class IA3Codec(LossyCodec):
 
     name: ClassVar[str] = "ia3"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2205.05638"
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("axis", int, 0, "channel axis of the scaling vector (negative from the end)"),
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(int, 0, "channel axis of the scaling vector (negative from the end)", name="axis"),
     )
 
     def _approximate(
@@ -92,3 +93,27 @@ class IA3Codec(LossyCodec):
         one = base.dtype.type(1)
         out: np.ndarray = base * (_broadcast(scales, base.ndim, axis) - one)
         return out
+
+
+def scales_payload(
+    scales: np.ndarray,
+    axis: int,
+    *,
+    shape: tuple[int, ...],
+    dtype: str,
+    source: str | None = None,
+    error: ErrorReport | None = None,
+) -> Payload:
+    """An ``ia3`` payload with the given per-channel ``scales`` along ``axis``: no fit involved.
+
+    For a tensor of ``shape`` and canonical ``dtype``; ``axis`` must be in [0, ndim) (0 for a
+    scalar) and ``scales`` hold shape[axis] values, stored as given (C-contiguous), so already in
+    the tensor's compute dtype (float64 for F64, else float32). The meta holds ``axis`` and, when
+    given, ``source`` (e.g. ``"peft"``); ``error`` is the caller's measure of new ≈ base · s
+    against the true delta (``None``: not measured).
+    """
+    meta = tensor_meta(shape, dtype)
+    meta["axis"] = axis
+    if source is not None:
+        meta["source"] = source
+    return Payload(IA3Codec.name, {"scales": np.ascontiguousarray(scales)}, meta, error)

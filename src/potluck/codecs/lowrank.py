@@ -4,6 +4,9 @@ Tensors of ndim ≥ 2 are treated as matrices (shape[0], prod(shape[1:])) (conv 
 in·kh·kw). 1-D tensors and scalars have no low-rank structure: they fall back to a dense Δ
 (``meta["mode"] == "dense"``, array ``delta``) so name-based rules can route a whole attention
 block, biases included, to this codec.
+
+``factors_payload`` and ``dense_payload`` build the same payloads from factors or a delta
+computed elsewhere (an imported LoRA, a mixture of experts), without an SVD.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ import numpy as np
 
 from potluck.codecs.base import (
     Arrays,
+    ErrorReport,
     LossyCodec,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     get_array,
     malformed,
     meta_int,
     meta_str,
     tensor_generator,
+    tensor_meta,
 )
+from potluck.params import Param, ParamValue
 
 #: ``method="auto"`` uses the randomized SVD when the matrix's smaller side is at least this...
 RANDOMIZED_MIN_SIDE = 512
@@ -100,25 +104,25 @@ class LowRankCodec(LossyCodec):
 
     name: ClassVar[str] = "lowrank"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/0909.4061"
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("rank", int, 16, "maximum rank kept", low=1),
-        ParamSpec("energy", float, 0.0, "stop at this fraction of ‖Δ‖²; 0 = off", low=0, high=1),
-        ParamSpec("method", str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized")),
-        ParamSpec("oversample", int, 10, "extra sketch columns (randomized)", low=0),
-        ParamSpec("power_iters", int, 2, "subspace iterations (randomized)", low=0),
-        ParamSpec(
-            "rows",
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(int, 16, "maximum rank kept", low=1, name="rank"),
+        Param(float, 0.0, "stop at this fraction of ‖Δ‖²; 0 = off", low=0, high=1, name="energy"),
+        Param(str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized"), name="method"),
+        Param(int, 10, "extra sketch columns (randomized)", low=0, name="oversample"),
+        Param(int, 2, "subspace iterations (randomized)", low=0, name="power_iters"),
+        Param(
             str,
             "all",
             "factor all rows, or only rows that changed (sparse embeddings)",
             choices=("all", "changed"),
+            name="rows",
         ),
-        ParamSpec(
-            "factors",
+        Param(
             str,
             "same",
             "dtype of the stored factors (same as the tensor, or F16)",
             choices=("same", "F16"),
+            name="factors",
         ),
     )
 
@@ -188,3 +192,61 @@ class LowRankCodec(LossyCodec):
         out = np.zeros((m, n), dtype=base.dtype)
         out[rows] = part
         return out.reshape(base.shape)
+
+
+def _given_meta(
+    shape: tuple[int, ...], dtype: str, params: dict[str, object], keys: Meta, source: str | None
+) -> Meta:
+    """The meta of a payload built from given arrays: the header, the codec's parameters
+    (defaults overlaid with ``params``), the mode's ``keys`` and ``source`` when given."""
+    meta = {**tensor_meta(shape, dtype), **LowRankCodec().resolve_params(params), **keys}
+    if source is not None:
+        meta["source"] = source
+    return meta
+
+
+def factors_payload(
+    b: np.ndarray,
+    a: np.ndarray,
+    *,
+    shape: tuple[int, ...],
+    dtype: str,
+    source: str | None = None,
+    error: ErrorReport | None = None,
+) -> Payload:
+    """A ``lowrank`` payload with the given factors, Δ̂ = ``b`` @ ``a``: no SVD involved.
+
+    ``b`` is m × r (``lora_B``) and ``a`` r × n (``lora_A``) for a tensor of ``shape`` (m =
+    shape[0], n = the product of the rest) and canonical ``dtype``. The factors are stored as
+    given (C-contiguous), so they must already be in what ``decode`` expects: the tensor's compute
+    dtype (float64 for F64, else float32) or float16. The meta holds the codec's default
+    parameters with ``rank`` = max(1, r), ``mode="factors"``, ``kept_rank`` = r,
+    ``randomized=0`` and, when given, ``source`` (e.g. ``"peft"``); ``error`` is the caller's
+    measure of the factors against the true delta (``None``: not measured).
+    """
+    r = int(a.shape[0])
+    keys: Meta = {"mode": "factors", "kept_rank": r, "randomized": 0}
+    meta = _given_meta(shape, dtype, {"rank": max(1, r)}, keys, source)
+    arrays = {"lora_B": np.ascontiguousarray(b), "lora_A": np.ascontiguousarray(a)}
+    return Payload(LowRankCodec.name, arrays, meta, error)
+
+
+def dense_payload(
+    delta: np.ndarray,
+    *,
+    shape: tuple[int, ...],
+    dtype: str,
+    source: str | None = None,
+    error: ErrorReport | None = None,
+) -> Payload:
+    """A ``lowrank`` payload storing ``delta`` whole (``mode="dense"``), as the codec stores 1-D
+    tensors and scalars.
+
+    ``delta`` (any shape with prod(``shape``) elements) is stored flattened as given, so it must
+    already be in the tensor's compute dtype (float64 for F64, else float32). The meta holds the
+    codec's default parameters, ``mode="dense"``, ``kept_rank=0`` and, when given, ``source``;
+    ``error`` as for ``factors_payload``.
+    """
+    meta = _given_meta(shape, dtype, {}, {"mode": "dense", "kept_rank": 0}, source)
+    arrays = {"delta": np.ascontiguousarray(delta.reshape(-1))}
+    return Payload(LowRankCodec.name, arrays, meta, error)

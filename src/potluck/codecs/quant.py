@@ -10,14 +10,13 @@ from potluck.codecs.base import (
     Arrays,
     LossyCodec,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     get_array,
     malformed,
     meta_int,
 )
 from potluck.codecs.bits import pack_nibbles, unpack_nibbles
+from potluck.params import Param, ParamValue
 
 
 def _layout(shape: tuple[int, ...], group_size: int) -> tuple[int, int, int, int]:
@@ -76,9 +75,9 @@ class QuantCodec(LossyCodec):
     """
 
     name: ClassVar[str] = "quant"
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("bits", int, 8, "bits per code", choices=(4, 8)),
-        ParamSpec("group_size", int, 0, "elements per scale along a row; 0 = whole row", low=0),
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(int, 8, "bits per code", choices=(4, 8), name="bits"),
+        Param(int, 0, "elements per scale along a row; 0 = whole row", low=0, name="group_size"),
     )
 
     def _approximate(

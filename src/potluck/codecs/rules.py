@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from potluck.codecs.base import ParamValue, UpdateCodec
+from potluck.codecs.base import UpdateCodec
 from potluck.errors import UserError
+from potluck.params import ParamValue
 
 Rule = tuple[str, str, Mapping[str, object]]
 

@@ -10,14 +10,13 @@ from potluck.codecs.base import (
     Arrays,
     LossyCodec,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     get_array,
     malformed,
 )
 from potluck.codecs.bits import pack_2bit, pack_bits, unpack_2bit, unpack_bits
 from potluck.codecs.sparse import keep_count, top_k_positions
+from potluck.params import Param, ParamValue
 
 
 def ternary_signs(delta: np.ndarray, density: float) -> np.ndarray:
@@ -55,12 +54,12 @@ class TernaryCodec(LossyCodec):
 
     name: ClassVar[str] = "ternary"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2311.13171"
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec(
-            "density", float, 0.1, "fraction of signs kept", low=0.0, high=1.0, low_open=True
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(
+            float, 0.1, "fraction of signs kept", low=0.0, high=1.0, low_open=True, name="density"
         ),
-        ParamSpec("scale", str, "std", "magnitude statistic", choices=("std", "mean_abs")),
-        ParamSpec("alpha", float, 1.0, "multiplier of the magnitude statistic", low=0.0),
+        Param(str, "std", "magnitude statistic", choices=("std", "mean_abs"), name="scale"),
+        Param(float, 1.0, "multiplier of the magnitude statistic", low=0.0, name="alpha"),
     )
 
     def _approximate(

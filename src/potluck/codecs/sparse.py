@@ -15,17 +15,16 @@ from potluck.codecs.base import (
     Arrays,
     LossyCodec,
     Meta,
-    ParamSpec,
-    ParamValue,
     Payload,
     get_array,
     malformed,
     tensor_generator,
 )
 from potluck.codecs.bits import decode_positions, encode_positions
+from potluck.params import Param, ParamValue
 
-_DENSITY = ParamSpec(
-    "density", float, 0.1, "fraction of elements kept", low=0.0, high=1.0, low_open=True
+_DENSITY = Param(
+    float, 0.1, "fraction of elements kept", low=0.0, high=1.0, low_open=True, name="density"
 )
 
 
@@ -79,7 +78,7 @@ class TopKCodec(_SparseDelta):
     """
 
     name: ClassVar[str] = "sparse_topk"
-    params: ClassVar[tuple[ParamSpec, ...]] = (_DENSITY,)
+    params: ClassVar[tuple[Param, ...]] = (_DENSITY,)
 
     def _approximate(
         self,
@@ -104,8 +103,8 @@ class ThresholdCodec(_SparseDelta):
     """
 
     name: ClassVar[str] = "sparse_threshold"
-    params: ClassVar[tuple[ParamSpec, ...]] = (
-        ParamSpec("threshold", float, 0.0, "keep |Δ| ≥ threshold", low=0.0),
+    params: ClassVar[tuple[Param, ...]] = (
+        Param(float, 0.0, "keep |Δ| ≥ threshold", low=0.0, name="threshold"),
     )
 
     def _approximate(
@@ -135,7 +134,7 @@ class DareCodec(_SparseDelta):
 
     name: ClassVar[str] = "dare"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2311.03099"
-    params: ClassVar[tuple[ParamSpec, ...]] = (_DENSITY,)
+    params: ClassVar[tuple[Param, ...]] = (_DENSITY,)
 
     def _approximate(
         self,

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from potluck.codecs import Payload, get_codec
-from potluck.codecs.base import PAYLOAD_VERSION, shape_text
+from potluck.codecs import factors_payload
 from potluck.formats.safetensors import write_safetensors
 from potluck.ops.compose.library import AddOptions, add_expert
 from potluck.ops.compose.manifest import lock_manifest, write_lock
@@ -152,24 +151,14 @@ def train_expert(
     }
 
 
-def _payload(a: np.ndarray, b: np.ndarray) -> Payload:
-    meta = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text((b.shape[0], a.shape[1])),
-        "dtype": "F32",
-        **get_codec("lowrank").resolve_params({"rank": a.shape[0]}),
-        "mode": "factors",
-        "kept_rank": int(a.shape[0]),
-        "randomized": 0,
-    }
-    return Payload("lowrank", {"lora_A": a, "lora_B": b}, meta, None)
-
-
 def write_lora_patch(
     base: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], out: Path
 ) -> Path:
     """The LoRA as a potluck patch pinned to ``base``'s tensor hashes."""
-    payloads = {f"{n}.weight": _payload(a, b) for n, (a, b) in factors.items()}
+    payloads = {
+        f"{n}.weight": factors_payload(b, a, shape=(b.shape[0], a.shape[1]), dtype="F32")
+        for n, (a, b) in factors.items()
+    }
     with open_path(base) as src:
         pins = {name: tensor_sha256(src.read(name)) for name in payloads}
     write_patch(out, PatchContents(payloads, pins, {}, [], [], {"author": "demo"}))

@@ -21,12 +21,12 @@ from potluck.merging.base import (
     MergeFn,
     MergeInputs,
     MergeMethod,
-    Param,
     StatsEntry,
     TensorStats,
     three_way_combine,
 )
 from potluck.merging.rng import keyed_generator
+from potluck.params import Param
 from potluck.registry import Registry
 
 __all__ = [

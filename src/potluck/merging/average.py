@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.base import MergeInputs, MergeMethod, Param
+from potluck.merging.base import MergeInputs, MergeMethod
 from potluck.merging.steps import task_vectors, weight_total, weighted_sum
+from potluck.params import Param
 
 #: Below this norm a vector has no direction: SLERP falls back to LERP (mergekit's eps).
 SLERP_EPS = 1e-8

@@ -7,7 +7,6 @@ back to the checkpoint's dtype is the caller's job (``ops.merge`` does ``astype(
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from potluck.merging.validate import (
     prepare_inputs,
     prepare_stats,
 )
+from potluck.params import Param
 
 __all__ = [
     "COMPUTE_DTYPE",
@@ -31,83 +31,12 @@ __all__ = [
     "MergeFn",
     "MergeInputs",
     "MergeMethod",
-    "Param",
     "StatsEntry",
     "TensorStats",
     "all_values",
     "model_value",
     "three_way_combine",
 ]
-
-
-@dataclass(frozen=True)
-class Param:
-    """One entry of a method's parameter schema.
-
-    ``type`` is ``bool``, ``int``, ``float`` or ``str``; numbers must lie in [``low``, ``high``]
-    (an end is excluded when ``low_open``/``high_open``; ``None`` means unbounded); strings must be
-    one of ``choices``.
-    """
-
-    type: type
-    default: Any
-    description: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[str, ...] = ()
-
-    def allowed(self) -> str:
-        """The allowed values in words, e.g. ``"(0, 1]"`` or ``"one of sum, count"``."""
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.type is bool:
-            return "true or false"
-        if self.type is str:
-            return "any text"
-        lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
-        left = "(" if self.low_open or self.low is None else "["
-        right = ")" if self.high_open or self.high is None else "]"
-        return f"{left}{lo}, {hi}{right}"
-
-    def check(self, method: str, name: str, value: Any) -> Any:
-        """``value`` as this type, or a ``UserError`` saying what is allowed."""
-        ok_type = _type_ok(self.type, value)
-        if ok_type and self.type in (int, float):
-            value = self.type(value)
-            ok = math.isfinite(value) and self._in_range(value)
-        else:
-            ok = ok_type and (not self.choices or value in self.choices)
-        if not ok:
-            raise UserError(
-                f"merge method {method!r}: parameter {name!r} = {value!r} is not allowed",
-                hint=f"{name} is {self.type.__name__}, {self.allowed()}: {self.description}",
-                method=method,
-                param=name,
-                value=value,
-                allowed=self.allowed(),
-            )
-        return value
-
-    def _in_range(self, value: float) -> bool:
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return not (
-            self.high is not None and (value > self.high or (self.high_open and value == self.high))
-        )
-
-
-def _type_ok(expected: type, value: Any) -> bool:
-    """bool is not a number here; an int is accepted where a float is expected."""
-    if isinstance(value, (bool, np.bool_)):
-        return expected is bool
-    if expected is float:
-        return isinstance(value, (int, float, np.integer, np.floating))
-    if expected is int:
-        return isinstance(value, (int, np.integer))
-    return isinstance(value, expected)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.base import MergeInputs, MergeMethod, Param
+from potluck.merging.base import MergeInputs, MergeMethod
 from potluck.merging.steps import weight_total, weighted_sum
+from potluck.params import Param
 
 #: The authors' ``fisher_floor`` default.
 FISHER_FLOOR = 1e-6

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.base import MergeInputs, MergeMethod, Param, TensorStats
+from potluck.merging.base import MergeInputs, MergeMethod, TensorStats
 from potluck.merging.fisher import MISSING, missing_stats, weighted_average
+from potluck.params import Param
 
 #: α used when none is given (see the module docstring).
 DEFAULT_ALPHA = 0.9

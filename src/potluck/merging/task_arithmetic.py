@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from potluck.errors import UserError
-from potluck.merging.base import MergeInputs, MergeMethod, Param, all_values, model_value
+from potluck.merging.base import MergeInputs, MergeMethod, all_values, model_value
 from potluck.merging.rng import keyed_generator
 from potluck.merging.steps import (
     CONSENSUS_METHODS,
@@ -48,6 +48,7 @@ from potluck.merging.steps import (
     weight_total,
     weighted_sum,
 )
+from potluck.params import Param
 
 #: (task vector, model index, inputs, params) → sparsified task vector.
 Sparsifier = Callable[[np.ndarray, int, MergeInputs, Mapping[str, Any]], np.ndarray]

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from potluck.merging.base import MergeInputs, MergeMethod, Param
+from potluck.merging.base import MergeInputs, MergeMethod
 from potluck.merging.steps import task_vectors
+from potluck.params import Param
 
 
 def compress(tau: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

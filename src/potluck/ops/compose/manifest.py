@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from potluck.codecs import Payload, get_codec
-from potluck.codecs.base import PAYLOAD_VERSION, shape_text
+from potluck.codecs import Payload, dense_payload, factors_payload, scales_payload
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer, file_sha256
 from potluck.modular import AGGREGATIONS, GRANULARITIES, ROUTERS, concat_factors
@@ -409,10 +408,6 @@ def default_weights(comp: Composition) -> dict[str, float]:
     return {rec.name: 1.0 / len(comp.experts) for rec in comp.experts}
 
 
-def _meta(shape: tuple[int, ...], dtype: str, **extra: str | int | float) -> dict[str, Any]:
-    return {"version": PAYLOAD_VERSION, "shape": shape_text(shape), "dtype": dtype, **extra}
-
-
 def _mix_tensor(name: str, parts: list[tuple[ExpertDelta, float]], dtype: str) -> Payload:
     kinds = {d.kind for d, _w in parts}
     if len(kinds) != 1:
@@ -425,27 +420,11 @@ def _mix_tensor(name: str, parts: list[tuple[ExpertDelta, float]], dtype: str) -
     if kind == "factors":
         factors = [(np.asarray(d.a), np.asarray(d.b)) for d, _w in parts]
         a, b = concat_factors(factors, [w for _d, w in parts])
-        meta = _meta(
-            shape,
-            dtype,
-            **get_codec("lowrank").resolve_params({"rank": max(1, a.shape[0])}),
-            mode="factors",
-            kept_rank=int(a.shape[0]),
-            randomized=0,
-        )
-        return Payload(
-            "lowrank",
-            {"lora_A": np.ascontiguousarray(a), "lora_B": np.ascontiguousarray(b)},
-            meta,
-            None,
-        )
+        return factors_payload(b, a, shape=shape, dtype=dtype)
     if kind == "dense":
         delta = sum(w * np.asarray(d.delta, np.float64) for d, w in parts)
-        meta = _meta(
-            shape, dtype, **get_codec("lowrank").resolve_params({}), mode="dense", kept_rank=0
-        )
         arr = np.asarray(delta, dtype=np.asarray(parts[0][0].delta).dtype)
-        return Payload("lowrank", {"delta": arr}, meta, None)
+        return dense_payload(arr, shape=shape, dtype=dtype)
     axes = {d.axis for d, _w in parts}
     if len(axes) != 1:
         raise UserError(
@@ -453,7 +432,7 @@ def _mix_tensor(name: str, parts: list[tuple[ExpertDelta, float]], dtype: str) -
         )
     s = 1.0 + sum(w * (np.asarray(d.scales, np.float64) - 1.0) for d, w in parts)
     scales = np.asarray(s, dtype=np.asarray(parts[0][0].scales).dtype)
-    return Payload("ia3", {"scales": scales}, _meta(shape, dtype, axis=axes.pop()), None)
+    return scales_payload(scales, axes.pop(), shape=shape, dtype=dtype)
 
 
 def export_mixture(

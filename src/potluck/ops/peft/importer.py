@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from potluck.codecs import CODECS, Payload, get_codec
-from potluck.codecs.base import PAYLOAD_VERSION, ErrorReport, error_report, shape_text
+from potluck.codecs import (
+    CODECS,
+    ErrorReport,
+    Payload,
+    dense_payload,
+    factors_payload,
+    get_codec,
+    scales_payload,
+)
+from potluck.codecs.base import error_report
 from potluck.fileio import file_sha256
 from potluck.ops.models.sources import ModelSource, open_path
 from potluck.ops.patch.fileformat import PatchContents, write_patch
@@ -45,57 +53,32 @@ class PeftImportReport:
 def _lowrank_payload(b: np.ndarray, a: np.ndarray, base: np.ndarray, exact: np.ndarray) -> Payload:
     """A ``lowrank`` payload with factors ``b`` (m × r) and ``a`` (r × n), no SVD involved;
     its error is measured against ``exact``, the adapter's delta in float64."""
-    codec = get_codec("lowrank")
     ct = np.float64 if base.dtype == np.float64 else np.float32
-    meta: dict[str, str | int | float] = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(base.shape),
-        "dtype": from_numpy(base.dtype),
-        **codec.resolve_params({"rank": max(1, a.shape[0])}),
-        "mode": "factors",
-        "kept_rank": int(a.shape[0]),
-        "randomized": 0,
-        "source": "peft",
-    }
-    arrays = {
-        "lora_B": np.ascontiguousarray(b.astype(ct)),
-        "lora_A": np.ascontiguousarray(a.astype(ct)),
-    }
-    kept = a.shape[0] / max(1, min(base.shape))
-    error = error_report(exact, arrays["lora_B"] @ arrays["lora_A"], kept)
-    return Payload("lowrank", arrays, meta, error)
+    b_ct, a_ct = np.ascontiguousarray(b.astype(ct)), np.ascontiguousarray(a.astype(ct))
+    error = error_report(exact, b_ct @ a_ct, a.shape[0] / max(1, min(base.shape)))
+    dtype = from_numpy(base.dtype)
+    return factors_payload(b_ct, a_ct, shape=base.shape, dtype=dtype, source="peft", error=error)
 
 
 def _dense_payload(delta: np.ndarray, base: np.ndarray) -> Payload:
-    codec = get_codec("lowrank")
-    meta: dict[str, str | int | float] = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(base.shape),
-        "dtype": from_numpy(base.dtype),
-        **codec.resolve_params({}),
-        "mode": "dense",
-        "kept_rank": 0,
-        "source": "peft",
-    }
-    arrays = {"delta": np.ascontiguousarray(to_f32(delta).reshape(-1))}
-    return Payload("lowrank", arrays, meta, ErrorReport(0.0, 0.0, 1.0))
+    return dense_payload(
+        to_f32(delta),
+        shape=base.shape,
+        dtype=from_numpy(base.dtype),
+        source="peft",
+        error=ErrorReport(0.0, 0.0, 1.0),
+    )
 
 
 def _ia3_payload(scales: np.ndarray, axis: int, base: np.ndarray) -> Payload:
-    meta: dict[str, str | int | float] = {
-        "version": PAYLOAD_VERSION,
-        "shape": shape_text(base.shape),
-        "dtype": from_numpy(base.dtype),
-        "axis": axis,
-        "source": "peft",
-    }
     l32 = np.ascontiguousarray(to_f32(scales))
     shape = [1] * base.ndim
     shape[axis] = l32.size
     w32, w64 = to_f32(base), base.astype(np.float64)
     approx = w32 * (l32.reshape(shape) - np.float32(1))
     error = error_report(w64 * (l32.astype(np.float64).reshape(shape) - 1), approx, 1.0)
-    return Payload("ia3", {"scales": l32}, meta, error)
+    dtype = from_numpy(base.dtype)
+    return scales_payload(l32, axis, shape=base.shape, dtype=dtype, source="peft", error=error)
 
 
 def _import_weight(upd: ModuleUpdate, w: np.ndarray) -> tuple[Payload, str]:
