@@ -25,10 +25,9 @@ import numpy as np
 
 from potluck.codecs import factors_payload
 from potluck.formats.safetensors import write_safetensors
-from potluck.ops.compose.library import AddOptions, add_expert
-from potluck.ops.compose.manifest import lock_manifest, write_lock
-from potluck.ops.models.sources import open_path
-from potluck.ops.patch.fileformat import PatchContents, write_patch
+from potluck.ops.compose import AddOptions, add_expert, lock_manifest, write_lock
+from potluck.ops.models import open_path
+from potluck.ops.patch import PatchContents, write_patch
 from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import from_numpy
 
