@@ -87,8 +87,10 @@ def test_gc_keeps_reachable_and_drops_unreachable(repo: Path, git: Run, rng) -> 
     git("git", "reset", "-q", "--hard")
     # the staged-then-dropped version is unreachable now
     git("git", "reflog", "expire", "--expire=now", "--all")
-    rep = json.loads(git("potluck", "gc", "--json"))
-    assert rep["removed"] == 1
+    rep = json.loads(git("potluck", "gc", "--json"))  # younger than the grace period: kept
+    assert (rep["removed"], rep["recent"]) == (0, 1)
+    rep = json.loads(git("potluck", "gc", "--prune=now", "--json"))
+    assert (rep["removed"], rep["recent"]) == (1, 0)
     assert "ok" in git("potluck", "fsck")
     (repo / "m.safetensors").unlink()
     git("git", "checkout", "--", "m.safetensors")

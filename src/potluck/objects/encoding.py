@@ -414,6 +414,30 @@ def read_header(f: BinaryIO) -> ObjectHeader:
     return ObjectHeader(version, itemsize, depth, size, chunk_size, base_oid)
 
 
+def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
+    """Check that the object file in ``f`` (``file_size`` bytes) is whole: a valid header, then
+    exactly the chunk records it declares, ending at the end of the file. Reads only the
+    5-byte record headers (cheap, no decompression, no hash): it catches a torn or truncated
+    file, not a flipped bit (``decode_object`` plus the hash does)."""
+    header = read_header(f)
+    pos = HEADER_SIZE
+    for i in range(header.n_chunks):
+        if pos + CHUNK_HEADER_SIZE > file_size:
+            raise _corrupt(f"torn object: the file ends ({file_size} bytes) at chunk {i} header")
+        f.seek(pos)
+        kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
+        if kind not in (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME):
+            raise _corrupt(f"chunk {i} has unknown kind {kind}")
+        if (kind == KIND_SAME and n) or (kind == KIND_RAW and n != header.chunk_length(i)):
+            raise _corrupt(f"chunk {i} of kind {kind} has bad length {n}")
+        pos += CHUNK_HEADER_SIZE + n
+        if pos > file_size:
+            raise _corrupt(f"torn object: the file ends ({file_size} bytes) inside chunk {i}")
+    if pos != file_size:
+        raise _corrupt(f"{file_size - pos} trailing bytes after the last chunk")
+    return header
+
+
 class _BaseCursor:
     """Pulls base chunks in lockstep with the delta, opening the base only when first needed."""
 

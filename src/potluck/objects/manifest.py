@@ -18,6 +18,7 @@ text that is not in this canonical form.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +28,7 @@ from potluck.tensors.views import View
 
 MAGIC = b"potluck manifest v1\n"
 _HEX = frozenset("0123456789abcdef")
+_OID_TEXT = re.compile(rb"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -151,27 +153,82 @@ def _parse_record(rec: dict[str, Any]) -> Entry | View:
     raise FormatError(f"manifest: unknown record {rec!r}")
 
 
-def parse(data: bytes) -> Manifest:
-    """Parse canonical manifest bytes; anything non-canonical raises ``FormatError``."""
+#: What every manifest error suggests (``potluck fsck`` names each damaged manifest).
+MANIFEST_HINT = (
+    "`potluck fsck` lists every damaged manifest with the commits that hold it; "
+    "`potluck fsck --repair` rewrites the work-tree copy in canonical form"
+)
+
+
+def _error(source: str | None, message: str) -> FormatError:
+    where = f"{source}: " if source else ""
+    return FormatError(f"{where}{message}", hint=MANIFEST_HINT, source=source, problem=message)
+
+
+def _records(data: bytes, source: str | None) -> tuple[dict[str, Any], list[Entry | View]]:
+    """The head record and the segment/view records, one JSON object per non-empty line."""
     if not is_manifest(data):
         raise FormatError(
-            "not a potluck manifest", hint="the blob does not start with the magic line"
+            f"{source}: not a potluck manifest" if source else "not a potluck manifest",
+            hint="the blob does not start with the magic line",
+            source=source,
         )
+    lineno = 2
     try:
         lines = data.decode("ascii").split("\n")
-        if lines[-1] != "":
-            raise ValueError("missing final newline")
         head = json.loads(lines[1])
-        records = [_parse_record(json.loads(line)) for line in lines[2:-1]]
+        records = []
+        for i, line in enumerate(lines[2:], start=3):
+            lineno = i
+            if line.strip():
+                records.append(_parse_record(json.loads(line)))
+    except FormatError as e:
+        raise _error(source, f"{e.message} on line {lineno}") from e
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise FormatError(f"manifest is malformed: {e}", hint="run `potluck fsck`") from e
+        raise _error(source, f"manifest is malformed on line {lineno}: {e}") from e
+    if not isinstance(head, dict):
+        raise _error(source, "manifest is malformed on line 2: not a JSON object")
+    return head, records
+
+
+def parse_lenient(data: bytes, source: str | None = None) -> Manifest:
+    """Parse a manifest that may not be in canonical form (other spacing, key order, escapes or
+    line ends), checking everything else ``parse`` checks; ``source`` (a path, blob or commit)
+    is named in every error. Used to read damaged manifests, never to write one."""
+    head, records = _records(data, source)
     entries = tuple(r for r in records if not isinstance(r, View))
     views = tuple(r for r in records if isinstance(r, View))
-    m = Manifest(str(head["format"]), int(head["size"]), entries, views, dict(head["metadata"]))
-    if dumps(m) != data:
-        raise FormatError("manifest is not in canonical form", hint="run `potluck fsck`")
+    try:
+        m = Manifest(str(head["format"]), int(head["size"]), entries, views, dict(head["metadata"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _error(source, f"manifest is malformed on line 2: {e}") from e
     if sum(e.size for e in entries) != m.size:
-        raise FormatError(
-            "manifest sizes do not add up to the file size", hint="run `potluck fsck`"
+        raise _error(source, "manifest sizes do not add up to the file size")
+    return m
+
+
+def _first_difference(data: bytes, canonical: bytes) -> str:
+    """Where ``data`` first departs from the canonical text (line number and both versions)."""
+    got, want = data.split(b"\n"), canonical.split(b"\n")
+    for i, (a, b) in enumerate(zip(got, want, strict=False), start=1):
+        if a != b:
+            return f"line {i} is {a[:80]!r}, canonical {b[:80]!r}"
+    return f"{len(got) - 1} lines, canonical {len(want) - 1}"
+
+
+def parse(data: bytes, source: str | None = None) -> Manifest:
+    """Parse canonical manifest bytes; anything non-canonical raises ``FormatError`` (naming
+    ``source``, e.g. ``path (blob 1a2b3c)``, and the first line that differs)."""
+    m = parse_lenient(data, source)
+    canonical = dumps(m)
+    if canonical != data:
+        raise _error(
+            source, f"manifest is not in canonical form ({_first_difference(data, canonical)})"
         )
     return m
+
+
+def salvage_oids(data: bytes) -> set[str]:
+    """Every object id a manifest's text mentions, whether or not it parses (gc keeps them all
+    for a damaged manifest, since it cannot tell which ones the file needs)."""
+    return {m.decode() for m in _OID_TEXT.findall(data)}

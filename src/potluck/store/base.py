@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from potluck.errors import MissingObjectError, UserError
@@ -34,6 +35,16 @@ def validate_oid(oid: object) -> str:
 def missing(oid: str) -> MissingObjectError:
     """The error raised when ``oid`` is asked for but not stored."""
     return MissingObjectError(f"object {oid} is missing", hint=MISSING_HINT, oid=oid)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """An object moved aside: its id, where it is, why, and when (seconds since the epoch)."""
+
+    oid: str
+    location: str
+    reason: str
+    when: float
 
 
 @runtime_checkable
@@ -72,4 +83,23 @@ class ObjectStore(Protocol):
 
     def iter_oids(self) -> Iterator[str]:
         """Every stored oid, in no particular order."""
+        ...
+
+    def mtime(self, oid: str) -> float:
+        """When ``oid`` was written or last ``freshen``-ed (seconds since the epoch; gc keeps
+        unreferenced objects younger than its grace period); ``MissingObjectError`` if absent."""
+        ...
+
+    def freshen(self, oid: str) -> bool:
+        """Set ``oid``'s time to now (a writer re-using an existing object does this, so gc's
+        grace period covers it until it is referenced); return whether it was there."""
+        ...
+
+    def quarantine(self, oid: str, reason: str) -> str | None:
+        """Move ``oid`` aside (never deleted: kept for inspection) so that it reads as absent
+        and can be written again; return where it went, or None when it was not there."""
+        ...
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every object moved aside by ``quarantine``, oldest first."""
         ...

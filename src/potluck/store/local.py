@@ -1,9 +1,11 @@
 """Loose object files on the local disk, fanned out by the first two hex digits of the id.
 
-Layout: ``root/ab/cdef…`` holds object ``abcdef…``; ``root/tmp/`` holds writes in progress.
+Layout: ``root/ab/cdef…`` holds object ``abcdef…``; ``root/tmp/`` holds writes in progress;
+``root/quarantine/`` holds objects moved aside as damaged (``<oid>.<ns>`` plus a ``.why`` text).
 A write goes to a fresh file in ``tmp/``, is fsynced and then renamed into place with
 ``os.replace``, so a process killed mid-write never leaves a partial object visible; its
-leftover in ``tmp/`` is removed later by ``clean_tmp``.
+leftover in ``tmp/`` is removed later by ``clean_tmp``. An object's mtime is when it was
+written or last re-used (``freshen``): gc's grace period reads it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.store.base import missing, validate_oid
+from potluck.store.base import Quarantined, missing, validate_oid
 
 _HEX = frozenset("0123456789abcdef")
 TMP_DIR = "tmp"
+QUARANTINE_DIR = "quarantine"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,6 +126,53 @@ class LocalStore:
                 oid = fan.name + f.name
                 if len(oid) == 64 and _HEX.issuperset(f.name) and f.is_file():
                     yield oid
+
+    def mtime(self, oid: str) -> float:
+        """When the object was written or last freshened."""
+        try:
+            return self.path(oid).stat().st_mtime
+        except FileNotFoundError:
+            raise missing(oid) from None
+
+    def freshen(self, oid: str) -> bool:
+        """Set the object file's times to now; return whether it was there."""
+        try:
+            os.utime(self.path(oid))
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # not the owner: a shared store; gc runs as its owner
+            return True
+        return True
+
+    def quarantine(self, oid: str, reason: str) -> str | None:
+        """Rename the object file into ``quarantine/`` (atomic; never deleted)."""
+        src = self.path(oid)
+        qdir = self.root / QUARANTINE_DIR
+        qdir.mkdir(parents=True, exist_ok=True)
+        dest = qdir / f"{oid}.{time.time_ns()}"
+        dest.with_name(dest.name + ".why").write_text(reason + "\n", encoding="utf-8")
+        try:
+            os.replace(src, dest)
+        except FileNotFoundError:
+            dest.with_name(dest.name + ".why").unlink(missing_ok=True)
+            return None
+        _fsync_dir(src.parent)
+        return str(dest)
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every object in ``quarantine/``, oldest first."""
+        qdir = self.root / QUARANTINE_DIR
+        if not qdir.is_dir():
+            return []
+        out = []
+        for p in qdir.iterdir():
+            oid, _, ns = p.name.partition(".")
+            if len(oid) != 64 or not _HEX.issuperset(oid) or not ns.isdigit() or not p.is_file():
+                continue
+            why = p.with_name(p.name + ".why")
+            reason = why.read_text(encoding="utf-8").strip() if why.is_file() else ""
+            out.append(Quarantined(oid, str(p), reason, int(ns) / 1e9))
+        return sorted(out, key=lambda q: (q.when, q.oid))
 
     def clean_tmp(self, older_than_s: float) -> int:
         """Remove leftovers of interrupted writes older than ``older_than_s``; return the count."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
 
-from potluck.store.base import missing, validate_oid
+from potluck.store.base import Quarantined, missing, validate_oid
 
 
 class MemoryStore:
@@ -15,6 +16,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._objects: dict[str, bytes] = {}
+        self._times: dict[str, float] = {}
+        self._quarantine: list[tuple[Quarantined, bytes]] = []
 
     def has(self, oid: str) -> bool:
         """Whether ``oid`` is stored."""
@@ -42,12 +45,41 @@ class MemoryStore:
     def _writer(self, oid: str) -> Iterator[BinaryIO]:
         buf = io.BytesIO()
         yield buf
-        self._objects.setdefault(oid, buf.getvalue())
+        if oid not in self._objects:
+            self._objects[oid] = buf.getvalue()
+            self._times[oid] = time.time()
 
     def delete(self, oid: str) -> bool:
         """Remove ``oid``; return whether it was there."""
-        return self._objects.pop(validate_oid(oid), None) is not None
+        self._times.pop(validate_oid(oid), None)
+        return self._objects.pop(oid, None) is not None
 
     def iter_oids(self) -> Iterator[str]:
         """Every stored oid (a snapshot, so deleting while iterating is safe)."""
         return iter(list(self._objects))
+
+    def mtime(self, oid: str) -> float:
+        """When the object was written or last freshened."""
+        self._get(oid)
+        return self._times[oid]
+
+    def freshen(self, oid: str) -> bool:
+        """Set the object's time to now; return whether it was there."""
+        if validate_oid(oid) not in self._objects:
+            return False
+        self._times[oid] = time.time()
+        return True
+
+    def quarantine(self, oid: str, reason: str) -> str | None:
+        """Move the object into the in-memory quarantine list."""
+        data = self._objects.pop(validate_oid(oid), None)
+        if data is None:
+            return None
+        self._times.pop(oid, None)
+        entry = Quarantined(oid, f"memory:quarantine/{len(self._quarantine)}", reason, time.time())
+        self._quarantine.append((entry, data))
+        return entry.location
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every quarantined object, oldest first."""
+        return [q for q, _ in self._quarantine]

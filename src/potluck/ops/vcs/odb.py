@@ -1,12 +1,16 @@
 """The object database: the physical encoding (``objects.encoding``) over a store, with hashes.
 
 Every read verifies the sha256 of the logical bytes against the object id; every write is
-atomic (the store publishes an object only when it is complete).
+atomic (the store publishes an object only when it is complete). ``has`` does not trust a file
+it has not checked in this process: a torn object (shorter or longer than its records say, e.g.
+after a crash that lost unsynced data) is quarantined and reported absent, so fetch downloads it
+again and ``put`` writes it again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -19,12 +23,15 @@ from potluck.errors import CorruptObjectError, MissingObjectError
 from potluck.objects.encoding import (
     Chunk,
     ObjectHeader,
+    check_layout,
     decode_object,
     encode_object,
     read_header,
     rechunk,
 )
 from potluck.store.base import ObjectStore
+
+log = logging.getLogger("potluck")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ObjectDB:
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None
         self._hasher: ThreadPoolExecutor | None = None
+        self._whole: set[str] = set()  # objects whose layout was checked by this process
 
     def _hash_pool(self) -> ThreadPoolExecutor | None:
         """One thread that hashes decoded chunks (in order) while the caller writes them."""
@@ -69,8 +77,43 @@ class ObjectDB:
         return self._executor
 
     def has(self, oid: str) -> bool:
-        """True when the object is present (its content is not checked)."""
-        return self.store.has(oid)
+        """True when the object is present and whole. The first time in this process, its
+        record layout is checked against the file size (``check_layout``: cheap, no hash); a
+        torn object is quarantined and reported absent so that it is fetched or written again.
+        A flipped bit is only found by ``verify`` (``potluck fsck``)."""
+        if oid in self._whole:
+            return self.store.has(oid)
+        problem = self.layout_problem(oid)
+        if problem is None:
+            return self.store.has(oid)
+        if problem:
+            self.quarantine(oid, problem)
+        return False
+
+    def layout_problem(self, oid: str) -> str | None:
+        """None when the object is present and whole (remembered), "" when it is absent, else
+        what is wrong with its file."""
+        try:
+            f = self.store.open(oid)
+        except MissingObjectError:
+            return ""
+        with f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            try:
+                check_layout(f, size)
+            except CorruptObjectError as e:
+                return e.message
+        self._whole.add(oid)
+        return None
+
+    def quarantine(self, oid: str, reason: str) -> str | None:
+        """Move a damaged object aside (``store.quarantine``: never deleted) and log where."""
+        self._whole.discard(oid)
+        where = self.store.quarantine(oid, reason)
+        if where is not None:
+            log.warning("object %s is damaged (%s); moved to %s", oid[:12], reason, where)
+        return where
 
     def header(self, oid: str) -> ObjectHeader:
         """The stored object's header (size, depth, base)."""
@@ -126,7 +169,8 @@ class ObjectDB:
         store chunks as XOR deltas, unless that would make the chain deeper than allowed. With
         ``quick``, chunks that a sample shows to be nearly incompressible are stored verbatim.
         """
-        if self.store.has(oid):
+        if self.has(oid):  # re-used: fresh again, so gc's grace period covers it until referenced
+            self.store.freshen(oid)
             return PutResult(oid, False, 0, 0)
         base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
