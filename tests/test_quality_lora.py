@@ -8,16 +8,12 @@ the cache key of full fine-tunes.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.common import finetune
 from tiny_models import tiny_bert
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.minilm import finetune
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(2)

@@ -6,13 +6,10 @@ References: means, sample standard deviations and gain-kept fractions worked out
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.quality import report
 
 X_A = (0.7, 0.8, 0.9)  # merge x on task A per seed; B stays 0.8

@@ -28,7 +28,7 @@ from potluck.remote import (
     open_remote,
 )
 from potluck.remote.transfer import CHUNK
-from servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
+from testsupport.servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
 
 FAST = RemoteOptions(workers=4, batch_size=100, retries=3, backoff=0.01, timeout=30)
 _memory_roots = itertools.count(1)

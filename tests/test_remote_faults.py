@@ -16,7 +16,7 @@ from potluck.errors import IntegrityError, PotluckError, UserError
 from potluck.remote import ObjectRef, ObjectRemote, RemoteOptions, open_remote
 from potluck.remote.lfs import Action, LfsRemote
 from potluck.remote.transfer import CHUNK
-from servers import LfsServer, lfs, lfs_server  # noqa: F401
+from testsupport.servers import LfsServer, lfs, lfs_server  # noqa: F401
 
 OPTIONS = RemoteOptions(workers=4, batch_size=100, retries=3, backoff=0.01, timeout=20)
 

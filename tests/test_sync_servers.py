@@ -12,8 +12,8 @@ import pytest
 
 from conftest import Run, model, run_in
 from potluck.objects.manifest import parse
-from servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
 from test_sync import FILE, commit_model, genuine, on_remote, sha, store_oids, wire_bytes
+from testsupport.servers import LfsServer, MotoS3, lfs_server, moto_s3  # noqa: F401
 
 
 def size_on(server: LfsServer) -> Callable[[str], int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench.minilm import model
+from bench.common import model
 
 if __name__ == "__main__":
     model.cpu_threads(2)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.minilm import model
+from bench.common import model
 
 from .stages import log
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, finetune, model
+
+from bench.common import data, finetune, model
 
 from . import merges, report, stages
 from .run import TASKS
@@ -36,32 +37,15 @@ def _train(tasks: list[data.Task], cfg: finetune.FinetuneConfig) -> tuple[Any, l
     torch.manual_seed(cfg.seed)
     tok, encoder = model.load_tokenizer(), model.load_encoder()
     heads = [torch.nn.Linear(384, len(t.label_names)) for t in tasks]
-    opt = torch.optim.AdamW(
-        [{"params": list(encoder.parameters()), "lr": cfg.lr},
-         {"params": [p for h in heads for p in h.parameters()], "lr": cfg.head_lr}],
-        weight_decay=cfg.weight_decay,
-    )  # fmt: skip
     total = dataclasses.replace(cfg, steps=cfg.steps * len(tasks))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: finetune._schedule(s, total))
     lengths = [[len(ids) for ids in tok(t.train.texts)["input_ids"]] for t in tasks]
     order = round_robin([finetune._batches(n, cfg) for n in lengths])
     encoder.train()
-    t0, losses = time.perf_counter(), []
-    for step, (ti, idx) in enumerate(order):
-        t = tasks[ti]
-        batch = tok([t.train.texts[i] for i in idx], padding=True, truncation=True,
-                    max_length=cfg.max_length, return_tensors="pt")  # fmt: skip
-        pooled = model.mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"])
-        y = torch.tensor([t.train.labels[i] for i in idx])
-        loss = torch.nn.functional.cross_entropy(heads[ti](pooled), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == len(order) - 1:
-            stages.log(f"  step {step:4d}  loss {np.mean(losses[-100:]):.4f}  "
-                       f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    finetune.train_loop(
+        encoder, heads, list(encoder.parameters()), tasks, order, tok,
+        lr=cfg.lr, head_lr=cfg.head_lr, max_length=cfg.max_length, weight_decay=cfg.weight_decay,
+        schedule=lambda s: finetune._schedule(s, total), log_every=100,
+    )  # fmt: skip
     encoder.train(False)
     return encoder, heads
 

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.minilm import data, model
+from bench.common import data, model
 
 from . import stages
 from .run import TASKS

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.minilm import data, finetune, model
+from bench.common import data, finetune, model
 
 from . import merges, patches, report, stages, workflow
 from .stages import RESULTS, Stopwatch, log
@@ -29,7 +29,7 @@ GIT_MERGE_TASKS = ("fortune_topic", "fortune_topic_es")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(data.TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="fine-tune steps (batch 8)")
@@ -55,7 +55,7 @@ def _contributors(
 ) -> tuple[list[merges.Contributor], dict[str, finetune.Finetuned]]:
     t0 = time.perf_counter()
     runs = {}
-    for t in reversed(tasks):  # bench/minilm trains in forward order: share its cache
+    for t in reversed(tasks):  # bench/common trains in forward order: share its cache
         cfg = finetune.lora_recipe(t.name, args.seed) if args.lora \
             else stages.finetune_config(t.name, args.seed, args.steps)  # fmt: skip
         runs[t.name] = stages.cached_finetune(cfg, args.out / "finetunes")

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, model
+
+from bench.common import data, finetune, model
 
 from .stages import train_probe
 
@@ -61,22 +62,13 @@ def smoke(
     head = torch.nn.Linear(x.shape[1], len(task.label_names))
     if from_probe:  # LP-FT: start from the probe's head
         head.load_state_dict(probe_head.state_dict())
-    opt = torch.optim.AdamW(
-        [{"params": list(encoder.parameters()), "lr": lr},
-         {"params": list(head.parameters()), "lr": head_lr}]
-    )  # fmt: skip
     rng = np.random.default_rng(seed)
-    labels = torch.tensor(task.train.labels)
+    order = [(0, rng.choice(len(task.train), size=batch_size, replace=False)) for _ in range(steps)]
     encoder.train()
-    for _ in range(steps):
-        idx = rng.choice(len(task.train), size=batch_size, replace=False)
-        batch = tok([task.train.texts[i] for i in idx], padding=True, truncation=True,
-                    max_length=max_length, return_tensors="pt")  # fmt: skip
-        pooled = model.mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"])
-        loss = torch.nn.functional.cross_entropy(head(pooled), labels[torch.from_numpy(idx)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
+    finetune.train_loop(
+        encoder, [head], list(encoder.parameters()), [task], order, tok,
+        lr=lr, head_lr=head_lr, max_length=max_length, weight_decay=0.01,  # AdamW's default
+    )  # fmt: skip
     encoder.train(False)
     tuned = _acc(encoder, head, tok, task.test, max_length)
     return SmokeResult(probe, tuned, len(task.train), len(task.test))

@@ -1,6 +1,6 @@
 """The contributor side: fine-tunes (cached), linear probes, Fisher/Gram statistics, evaluation.
 
-torch is imported inside functions; call ``bench.minilm.model.cpu_threads`` before.
+torch is imported inside functions; call ``bench.common.model.cpu_threads`` before.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, finetune, model
 
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "quality"
-#: Where bench.minilm caches the same configurations (reused read-only: same cache key).
+from bench.common import data, finetune, model, paths
+
+RESULTS = paths.RESULTS / "quality"
+#: Where bench.common caches the same configurations (reused read-only: same cache key).
 MINILM_CACHE = finetune.RESULTS
 MAX_LENGTH = 64
 
@@ -41,12 +42,12 @@ class Stopwatch:
 
 
 def finetune_config(task: str, seed: int, steps: int) -> finetune.FinetuneConfig:
-    """The benchmark's fine-tune settings (bench.minilm defaults, 2 threads)."""
+    """The benchmark's fine-tune settings (bench.common defaults, 2 threads)."""
     return finetune.FinetuneConfig(task=task, seed=seed, steps=steps, threads=2)
 
 
 def cached_finetune(cfg: finetune.FinetuneConfig, root: Path) -> finetune.Finetuned:
-    """The run for ``cfg``: from ``root``, else hard-linked from bench.minilm's cache, else
+    """The run for ``cfg``: from ``root``, else hard-linked from bench.common's cache, else
     trained into ``root``."""
     folder = root / f"{cfg.task}-{cfg.key()}"
     other = MINILM_CACHE / folder.name
@@ -56,7 +57,7 @@ def cached_finetune(cfg: finetune.FinetuneConfig, root: Path) -> finetune.Finetu
         for n in names:
             if not (folder / n).exists():
                 os.link(other / n, folder / n)
-        log(f"  {cfg.task}: reusing bench/minilm's cached run {other.name}")
+        log(f"  {cfg.task}: reusing bench.common.finetune's cached run {other.name}")
     run, cached = finetune.cached_finetune(cfg, root)
     if not cached:
         log(f"  {cfg.task}: trained in {run.meta['train_s']} s")

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, model
+
+from bench.common import data, model
 
 
 @dataclass(frozen=True)
@@ -41,24 +42,29 @@ class Mixture:
     task_names: list[str]
 
 
-def mixture(tasks: Sequence[data.Task], per_task: int, seed: int) -> Mixture:
-    """Up to ``per_task`` test examples of each task (seeded pick), shuffled together."""
-    rng = np.random.default_rng(seed + 101)
+def draw(
+    tasks: Sequence[data.Task], per_task: int, rng: np.random.Generator, split: str
+) -> Mixture:
+    """Up to ``per_task`` examples of each task's ``split`` (picked with ``rng``), task by task."""
     texts: list[str] = []
     tix: list[int] = []
     lab: list[int] = []
     for t, task in enumerate(tasks):
-        pick = rng.permutation(len(task.test))[:per_task]
-        texts += [task.test.texts[i] for i in pick]
-        lab += [task.test.labels[i] for i in pick]
+        part = getattr(task, split)
+        pick = rng.permutation(len(part))[:per_task]
+        texts += [part.texts[i] for i in pick]
+        lab += [part.labels[i] for i in pick]
         tix += [t] * len(pick)
-    order = rng.permutation(len(texts))
-    return Mixture(
-        [texts[i] for i in order],
-        np.array(tix)[order],
-        np.array(lab)[order],
-        [t.name for t in tasks],
-    )
+    return Mixture(texts, np.array(tix), np.array(lab), [t.name for t in tasks])
+
+
+def mixture(tasks: Sequence[data.Task], per_task: int, seed: int) -> Mixture:
+    """Up to ``per_task`` test examples of each task (seeded pick), shuffled together."""
+    rng = np.random.default_rng(seed + 101)
+    drawn = draw(tasks, per_task, rng, "test")
+    order = rng.permutation(len(drawn.texts))
+    texts = [drawn.texts[i] for i in order]
+    return Mixture(texts, drawn.task[order], drawn.label[order], drawn.task_names)
 
 
 def _toml(value: Any) -> str:

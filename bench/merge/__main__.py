@@ -1,8 +1,8 @@
-"""bench/merge.py: ``potluck merge`` vs mergekit (``mergekit-yaml``) on ~1 GB Llama-shaped models.
+"""bench.merge: ``potluck merge`` vs mergekit (``mergekit-yaml``) on ~1 GB Llama-shaped models.
 
 One command::
 
-    .venv/bin/python bench/merge.py [--size-gb 1] [--threads 2] [--only mergekit|potluck|both]
+    .venv/bin/python -m bench.merge [--size-gb 1] [--threads 2] [--only mergekit|potluck|both]
                                     [--methods linear,ties] [--mergekit-venv /work/venvs/mergekit]
                                     [--max-memory 2GB] [--json bench/results/merge.json]
 
@@ -20,12 +20,13 @@ base + 3 models, density 0.2, weight 1) and runs each tool on it in a subprocess
   command line is built in ``potluck_command`` only.
 
 Both get ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
-``NUMEXPR_NUM_THREADS`` and ``RAYON_NUM_THREADS`` = T, ``HF_HUB_OFFLINE=1``. Wall time is
-``perf_counter`` around the subprocess; peak RSS is the largest *sum* of the RSS of the process and
-all its descendants, polled with psutil every 20 ms (not ``getrusage(RUSAGE_CHILDREN)``, whose
-``ru_maxrss`` is a maximum over all children ever waited for, so it is wrong for the second of two
-sequential children; nor ``/usr/bin/time -v``, which reports only the largest single process). RSS
-counts the pages of memory-mapped input files each tool has touched, as the kernel does.
+``NUMEXPR_NUM_THREADS``, ``RAYON_NUM_THREADS`` and ``GOMAXPROCS`` = T, ``HF_HUB_OFFLINE=1``.
+Wall time is ``perf_counter`` around the subprocess; peak RSS is the largest *sum* of the RSS of
+the process and all its descendants, polled with psutil every 20 ms (not
+``getrusage(RUSAGE_CHILDREN)``, whose ``ru_maxrss`` is a maximum over all children ever waited
+for, so it is wrong for the second of two sequential children; nor ``/usr/bin/time -v``, which
+reports only the largest single process). RSS counts the pages of memory-mapped input files each
+tool has touched, as the kernel does.
 
 The outputs are compared tensor by tensor (names, shapes, dtypes, max |Δ|): a value agrees when
 |potluck − mergekit| ≤ 16·ε₃₂·max|mergekit tensor| (ε₃₂ = 2⁻²³; mergekit computes in float32,
@@ -38,15 +39,11 @@ against the targets (≤ 0.5× wall, ≤ 0.5× peak RSS).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,11 +52,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-POTLUCK_BIN = REPO_ROOT / ".venv" / "bin"
-CACHE = BENCH_DIR / "results" / "merge-models"
-SAMPLE_INTERVAL_S = 0.02
+from bench.common.llama import llama_config, llama_shapes
+from bench.common.measure import TreeRssSampler, cpu_model, fmt, scratch, thread_env
+from bench.common.paths import POTLUCK_BIN, RESULTS
+
+CACHE = RESULTS / "merge-models"
+HEADS = 16
 SEED = 20251123
 GB = 1e9
 EPS32 = float(np.finfo(np.float32).eps)
@@ -85,14 +83,14 @@ def mergekit_command(venv: Path, config: Path, out: Path, threads: int) -> list[
     ]  # fmt: skip
 
 
-def thread_env(threads: int) -> dict[str, str]:
+def tool_env(threads: int) -> dict[str, str]:
     """The environment of every tool: fixed thread counts, no hub access."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.update(NUMEXPR_NUM_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    offline = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {**os.environ, **thread_env(threads), **offline}
 
 
 # ── synthetic models ────────────────────────────────────────────────────────────────────────────
@@ -115,32 +113,12 @@ class Shape:
 
     def tensors(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes (Hugging Face Llama layout, no GQA, untied lm_head)."""
-        h, i = self.hidden, self.inter
-        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
-        for n in range(self.layers):
-            p = f"model.layers.{n}."
-            for m in ("q", "k", "v", "o"):
-                out[f"{p}self_attn.{m}_proj.weight"] = (h, h)
-            out[p + "mlp.gate_proj.weight"] = (i, h)
-            out[p + "mlp.up_proj.weight"] = (i, h)
-            out[p + "mlp.down_proj.weight"] = (h, i)
-            out[p + "input_layernorm.weight"] = (h,)
-            out[p + "post_attention_layernorm.weight"] = (h,)
-        out["model.norm.weight"] = (h,)
-        out["lm_head.weight"] = (self.vocab, h)
-        return out
+        return llama_shapes(self.hidden, self.layers, HEADS, HEADS, self.inter, self.vocab)
 
     def config(self) -> dict[str, Any]:
         """A LlamaConfig as config.json."""
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.hidden, "intermediate_size": self.inter,
-            "num_hidden_layers": self.layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-            "head_dim": self.hidden // 16, "vocab_size": self.vocab,
-            "max_position_embeddings": 2048,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32",
-        }  # fmt: skip
+        config = llama_config(self.hidden, self.layers, HEADS, HEADS, self.inter, self.vocab, 2048)
+        return {**config, "dtype": "float32"}
 
     def nbytes(self) -> int:
         """float32 bytes of one model."""
@@ -227,40 +205,6 @@ class Run:
     out_dir: str = ""
 
 
-class TreeRssSampler:
-    """Peak of the summed RSS of a process and its descendants, polled every 20 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> TreeRssSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
-            self._sample()
-
-    def _sample(self) -> None:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        total = 0
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        self.peak = max(self.peak, total)
-
-
 def measure(tool: str, method: str, cmd: list[str], env: dict[str, str], out: Path) -> Run:
     """Run ``cmd``, recording wall time and peak tree RSS; stderr is kept for errors."""
     run = Run(tool, method, out_dir=str(out))
@@ -271,7 +215,8 @@ def measure(tool: str, method: str, cmd: list[str], env: dict[str, str], out: Pa
     except OSError as e:
         run.error = f"cannot start: {e}"
         return run
-    with TreeRssSampler(proc.pid) as sampler:
+    with TreeRssSampler() as sampler:
+        sampler.watch(proc.pid)
         _, err = proc.communicate()
     run.wall_s = time.perf_counter() - start
     run.peak_rss_mb = sampler.peak / 1e6
@@ -339,10 +284,6 @@ def compare_outputs(method: str, ours: Path, ref: Path) -> Comparison:
 # ── the table ───────────────────────────────────────────────────────────────────────────────────
 
 
-def _fmt(x: float, spec: str) -> str:
-    return "-" if x != x else format(x, spec)
-
-
 def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -358,7 +299,7 @@ def table(runs: list[Run], comparisons: list[Comparison], header: str) -> str:
     for r in runs:
         status = "ok" if r.rc == 0 else (r.error or f"rc={r.rc}")
         lines.append(
-            _row(r.method, r.tool, _fmt(r.wall_s, ".1f"), _fmt(r.peak_rss_mb, ".0f"), status)
+            _row(r.method, r.tool, fmt(r.wall_s, ".1f"), fmt(r.peak_rss_mb, ".0f"), status)
         )
     by = {(r.tool, r.method): r for r in runs}
     ratios = []
@@ -385,21 +326,15 @@ def table(runs: list[Run], comparisons: list[Comparison], header: str) -> str:
 
 def machine() -> str:
     """CPU model, cores, memory."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = psutil.virtual_memory().total / GB
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GB RAM, Python {platform.python_version()}"
+    mem, python = psutil.virtual_memory().total / GB, platform.python_version()
+    return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GB RAM, Python {python}"
 
 
 def parse_args() -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.merge", description=(__doc__ or "").split("\n")[0]
+    )
     ap.add_argument("--size-gb", type=float, default=1.0, help="size of each model (default 1)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both tools (default 2)")
     ap.add_argument("--only", choices=("mergekit", "potluck", "both"), default="both")
@@ -419,7 +354,7 @@ def run_method(
     """Each selected tool on one method; the comparison when both succeeded."""
     config = write_config(method, models, work / f"{method}.yaml")
     tools = ("mergekit", "potluck") if args.only == "both" else (args.only,)
-    env = thread_env(args.threads)
+    env = tool_env(args.threads)
     done: dict[str, Run] = {}
     for tool in tools:
         out = work / f"{method}-{tool}"
@@ -453,10 +388,9 @@ def main() -> None:
     args = parse_args()
     shape = Shape.for_size(args.size_gb)
     models = make_models(shape, args.cache / f"h{shape.hidden}-l{shape.layers}-v{shape.vocab}")
-    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
     runs: list[Run] = []
     comparisons: list[Comparison] = []
-    try:
+    with scratch("bench-merge-", args.workdir, args.keep) as work:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             method_runs, cmp = run_method(args, method, models, work)
             runs += method_runs
@@ -468,11 +402,6 @@ def main() -> None:
             data = {"header": header, "runs": [asdict(r) for r in runs],
                     "comparisons": [asdict(c) for c in comparisons]}  # fmt: skip
             args.json.write_text(json.dumps(data, indent=2) + "\n")
-    finally:
-        if args.keep:
-            print(f"outputs kept in {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

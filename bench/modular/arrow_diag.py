@@ -1,8 +1,8 @@
 """Why does Arrow route poorly here? A per-layer look at a kept library, on TRAINING texts only.
 
-Run after ``bench/modular.py --seeds S --keep DIR``::
+Run after ``python -m bench.modular --seeds S --keep DIR``::
 
-    .venv/bin/python -m bench.modular_lib.arrow_diag DIR/seedS --seed S
+    .venv/bin/python -m bench.modular.arrow_diag DIR/seedS --seed S
 
 The oracle composition runs on the same pooled training texts the learned router uses (32 per
 task, ``pooled.pick(..., seed + 303)``); at every adapted linear its input states are routed with
@@ -18,15 +18,12 @@ Nothing here sees test texts.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.minilm import data, model
+from bench.common import data, model
 
 
 def layer_stats(h: np.ndarray, y: np.ndarray, protos: np.ndarray) -> dict[str, float]:
@@ -51,15 +48,14 @@ def layer_stats(h: np.ndarray, y: np.ndarray, protos: np.ndarray) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     """CLI: per-layer table for one kept seed folder."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="DIR/seedS written by bench/modular.py --keep DIR")
+    p.add_argument("folder", help="DIR/seedS written by python -m bench.modular --keep DIR")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--tasks", default="fortune_topic,fortune_lang,vader_words,tweet_sentiment")
     p.add_argument("--max-length", type=int, default=48)
     args = p.parse_args(argv)
     model.cpu_threads(2)
     model.offline()
-    from bench.modular_lib import evaluate, pooled
-
+    from bench.modular import evaluate, pooled
     from potluck.ops.compose.library import find_expert, load_artifact
 
     lib = Path(args.folder) / "library"

@@ -5,7 +5,7 @@ injects faults (error statuses, truncated downloads, a Basic-auth wall, optional
 support). ``MotoS3`` runs moto's S3 in server mode. Both are context managers; the pytest
 fixtures at the bottom give one server per test module and reset it before each test::
 
-    from servers import LfsServer, MotoS3, lfs, lfs_server, moto_s3, s3  # noqa: F401
+    from testsupport.servers import LfsServer, MotoS3, lfs, lfs_server, moto_s3, s3  # noqa: F401
 """
 
 from __future__ import annotations

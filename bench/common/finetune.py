@@ -2,19 +2,24 @@
 
 Every encoder parameter is trained (AdamW, linear warm-up then linear decay, dropout on as in
 the shipped config), the head is a ``Linear(384, n_classes)`` on the mean-pooled embedding.
-With ``lora_rank > 0`` (``lora_recipe``: the LoRA contributors of bench/modular_lib/contrib.py)
-the encoder is frozen and only a rank-r LoRA on the attention query/key/value/output linears
-plus the head is trained; the written encoder has ``W + (α/r)·B·A`` folded in, so it is a plain
-dense encoder file like a full fine-tune's.
+With ``lora_rank > 0`` (``lora_recipe``: the recipe of the LoRA contributors of
+bench/modular/contrib.py) the encoder is frozen and only a rank-r LoRA on the attention
+query/key/value/output linears plus the head is trained; the written encoder has
+``W + (α/r)·B·A`` folded in, so it is a plain dense encoder file like a full fine-tune's.
 Seeds are fixed (torch, data order) and ``torch.set_num_threads`` is set, so a rerun on the same
 machine and versions gives the same weights up to nondeterminism in CPU kernels.
+
+``train_loop`` is the one training loop of every fine-tune in bench/ (full and LoRA here, the
+multi-task encoder and the smoke run of bench.quality, the contributors of bench.modular); the
+callers differ only in what they build, which parameters train, the batch order and the
+schedule.
 
 Outputs in the run folder: ``encoder.safetensors`` (the same tensor names, dtypes and shapes as
 the shipped ``model.safetensors``, so ``potluck patch create BASE encoder.safetensors`` works),
 ``head.safetensors`` (``weight``, ``bias``) and ``meta.json`` (config, accuracies, wall times,
 versions). ``cached_finetune`` reuses a run whose config matches.
 
-Run: ``.venv/bin/python -m bench.minilm.finetune --task fortune_topic --steps 300``.
+Run: ``.venv/bin/python -m bench.common.finetune --task fortune_topic --steps 300``.
 """
 
 from __future__ import annotations
@@ -25,15 +30,16 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import data, model
+from . import data, model, paths
 
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "minilm"
+RESULTS = paths.RESULTS / "minilm"
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class FinetuneConfig:
 
 #: Fields added after the first cached runs, with the defaults that leave a key unchanged.
 LATER_FIELDS: dict[str, Any] = {"lora_rank": 0, "lora_alpha": 16.0, "constant_lr": False}
-#: The linears a LoRA contributor adapts in each layer (as bench/modular_lib/contrib.py).
+#: The linears a LoRA adapts in each layer (here and in bench/modular/contrib.py).
 LORA_TARGETS = (
     "attention.self.query",
     "attention.self.key",
@@ -93,7 +99,7 @@ LORA_TARGETS = (
 
 
 def lora_recipe(task: str, seed: int) -> FinetuneConfig:
-    """The LoRA contributor recipe of ``bench/modular_lib/contrib.py``: rank 8, α 16, q/k/v/o,
+    """The LoRA contributor recipe of ``bench/modular/contrib.py``: rank 8, α 16, q/k/v/o,
     AdamW lr 2e-3 (head 1e-2), constant learning rate, batch 16, 150 steps."""
     return FinetuneConfig(task=task, seed=seed, steps=150, batch_size=16, lr=2e-3, head_lr=1e-2,
                           lora_rank=8, lora_alpha=16.0, constant_lr=True)  # fmt: skip
@@ -105,7 +111,7 @@ def fold_lora(weight: Any, a: Any, b: Any, scale: float) -> Any:
 
 
 def lora_linear_class() -> type[Any]:
-    """The LoRA wrapper of a frozen ``nn.Linear`` (also used by bench/modular_lib/contrib.py)."""
+    """The LoRA wrapper of a frozen ``nn.Linear``."""
     import torch
     from torch import nn
 
@@ -172,6 +178,20 @@ def _schedule(step: int, cfg: FinetuneConfig) -> float:
     return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
+def _epochs(rng: np.random.Generator, n: int, need: int) -> np.ndarray:
+    """The first ``need`` indices of seeded reshuffled epochs over ``range(n)``."""
+    order: list[int] = []
+    while len(order) < need:
+        order.extend(rng.permutation(n).tolist())
+    return np.array(order[:need])
+
+
+def shuffled_batches(n: int, steps: int, batch: int, seed: int) -> list[np.ndarray]:
+    """Seeded epochs of shuffled indices cut into ``steps`` batches."""
+    flat = _epochs(np.random.default_rng(seed), n, steps * batch)
+    return [flat[i * batch : (i + 1) * batch] for i in range(steps)]
+
+
 def _batches(lengths: list[int], cfg: FinetuneConfig) -> list[np.ndarray]:
     """Index batches for ``cfg.steps`` steps, grouped by length to cut padding.
 
@@ -180,11 +200,8 @@ def _batches(lengths: list[int], cfg: FinetuneConfig) -> list[np.ndarray]:
     the Hugging Face Trainer's ``group_by_length``).
     """
     rng = np.random.default_rng(cfg.seed)
-    n, need = len(lengths), cfg.steps * cfg.batch_size
-    order: list[int] = []
-    while len(order) < need:
-        order.extend(rng.permutation(n).tolist())
-    flat = np.array(order[:need])
+    need = cfg.steps * cfg.batch_size
+    flat = _epochs(rng, len(lengths), need)
     chunk = 32 * cfg.batch_size
     batches: list[np.ndarray] = []
     for i in range(0, need, chunk):
@@ -206,6 +223,70 @@ def accuracy(
     return float(np.mean(pred == np.array(split.labels))), emb
 
 
+def train_loop(
+    encoder: Any,
+    heads: Sequence[Any],
+    trained: Sequence[Any],
+    tasks: Sequence[data.Task],
+    order: Sequence[tuple[int, np.ndarray]],
+    tokenizer: Any,
+    *,
+    lr: float,
+    head_lr: float,
+    max_length: int,
+    weight_decay: float = 0.0,
+    schedule: Callable[[int], float] | None = None,
+    log_every: int = 25,
+    label: str = "",
+) -> list[float]:
+    """Train ``trained`` (lr) and every head (head_lr) with AdamW; the losses, one per step.
+
+    Step ``s`` takes ``order[s] = (t, idx)``: training texts ``idx`` of ``tasks[t]`` (padded,
+    truncated to ``max_length`` tokens) through ``encoder``, mean pooling and ``heads[t]``,
+    cross-entropy with their labels, one optimizer step, then ``schedule`` (the learning-rate
+    factor of each step; None: constant). The encoder's mode (dropout) is the caller's. Every
+    ``log_every`` steps the mean loss since the last report goes to stderr.
+    """
+    import torch
+
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(trained), "lr": lr},
+            {"params": [p for h in heads for p in h.parameters()], "lr": head_lr},
+        ],
+        weight_decay=weight_decay,
+    )
+    scheduler = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    labels = [torch.tensor(t.train.labels) for t in tasks]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step, (ti, idx) in enumerate(order):
+        batch = tokenizer(
+            [tasks[ti].train.texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        hidden = encoder(**batch).last_hidden_state
+        logits = heads[ti](model.mean_pool(hidden, batch["attention_mask"]))
+        loss = torch.nn.functional.cross_entropy(logits, labels[ti][torch.from_numpy(idx)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == len(order) - 1:
+            print(
+                f"  {label}step {step:4d}  loss {np.mean(losses[-log_every:]):.4f}  "
+                f"{time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return losses
+
+
 def _train(cfg: FinetuneConfig, task: data.Task, tokenizer: Any) -> tuple[Any, Any, list[float]]:
     import torch
 
@@ -215,41 +296,13 @@ def _train(cfg: FinetuneConfig, task: data.Task, tokenizer: Any) -> tuple[Any, A
     loras = add_lora(encoder, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else {}
     trained = [p for m in loras.values() for p in (m.lora_a, m.lora_b)] if loras \
         else list(encoder.parameters())  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": trained, "lr": cfg.lr},
-            {"params": list(head.parameters()), "lr": cfg.head_lr},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, cfg))
-    labels = torch.tensor(task.train.labels)
-    losses = []
-    t0 = time.perf_counter()
-    encoder.train()
     lengths = [len(ids) for ids in tokenizer(task.train.texts)["input_ids"]]
-    for step, idx in enumerate(_batches(lengths, cfg)):
-        batch = tokenizer(
-            [task.train.texts[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=cfg.max_length,
-            return_tensors="pt",
-        )
-        hidden = encoder(**batch).last_hidden_state
-        logits = head(model.mean_pool(hidden, batch["attention_mask"]))
-        loss = torch.nn.functional.cross_entropy(logits, labels[torch.from_numpy(idx)])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == cfg.steps - 1:
-            print(
-                f"  step {step:4d}  loss {np.mean(losses[-50:]):.4f}  "
-                f"{time.perf_counter() - t0:.0f} s",
-                file=sys.stderr,
-            )
+    encoder.train()
+    losses = train_loop(
+        encoder, [head], trained, [task], [(0, idx) for idx in _batches(lengths, cfg)], tokenizer,
+        lr=cfg.lr, head_lr=cfg.head_lr, max_length=cfg.max_length,
+        weight_decay=cfg.weight_decay, schedule=lambda s: _schedule(s, cfg),
+    )  # fmt: skip
     encoder.train(False)
     merge_lora(encoder, loras)
     return encoder, head, losses

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, model
-from bench.modular_lib import evaluate
-from bench.modular_lib.contrib import save_st
+
+from bench.common import data, model
+from bench.modular import evaluate
+from bench.modular.contrib import save_st
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,7 @@ class PooledConfig:
 
 def pick(tasks: Sequence[data.Task], per_task: int, seed: int) -> evaluate.Mixture:
     """``per_task`` seeded TRAINING texts of each task (task index and label kept)."""
-    rng = np.random.default_rng(seed)
-    texts: list[str] = []
-    tix: list[int] = []
-    lab: list[int] = []
-    for t, task in enumerate(tasks):
-        chosen = rng.permutation(len(task.train))[:per_task]
-        texts += [task.train.texts[i] for i in chosen]
-        lab += [task.train.labels[i] for i in chosen]
-        tix += [t] * len(chosen)
-    return evaluate.Mixture(texts, np.array(tix), np.array(lab), [t.name for t in tasks])
+    return evaluate.draw(tasks, per_task, np.random.default_rng(seed), "train")
 
 
 def _record_inputs(composed: Any) -> dict[str, list[Any]]:

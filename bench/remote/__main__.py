@@ -1,11 +1,11 @@
-#!/usr/bin/env python3
 """Push to and clone from one loopback Git LFS server: potluck against plain git-lfs.
 
 One giftless server runs in a thread of this process. Each tool gets its own bare git
 repository on the local file system, its own LFS endpoint on that server (a different
-org/repo, so objects do not mix) and its own HOME. The checkpoint history of bench/vcs.py
-(v1..v5) is committed and pushed one version at a time, then the final history is cloned
-into a new directory and checked byte for byte against v5. See bench/README.md.
+org/repo, so objects do not mix) and its own HOME. The checkpoint history of bench.vcs
+(v1..v5, ``bench.common.checkpoints``) is committed and pushed one version at a time, then the
+final history is cloned into a new directory and checked byte for byte against v5. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,12 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "tests")]
-
-import vcs  # noqa: E402  (bench/vcs.py: checkpoints, tool environments, tables)
-
-from servers import LfsServer  # noqa: E402  (tests/servers.py: giftless on loopback)
+from bench.common import checkpoints, measure, paths, tools
+from testsupport.servers import LfsServer  # giftless on loopback
 
 TOOL_NAMES = ("potluck", "git-lfs")
 SIZE_ALIASES = {"medium": "gpt2"}
@@ -102,8 +98,8 @@ def measured(server: LfsServer, label: str, action: Callable[[], None], sent: bo
     return Transfer(label, wall, nbytes, len(server.requests))
 
 
-def prepare(repo: vcs.Repo, bare: Path, url: str) -> None:
-    """Work repo set up for the tool (vcs.Repo.setup), a bare origin and the LFS endpoint."""
+def prepare(repo: tools.Repo, bare: Path, url: str) -> None:
+    """Work repo set up for the tool (Repo.setup), a bare origin and the LFS endpoint."""
     if repo.tool.name == "git-lfs":
         repo.git_identity()
         repo.check(["git", "lfs", "install", "--skip-repo"])  # filters for the clone side
@@ -115,12 +111,12 @@ def prepare(repo: vcs.Repo, bare: Path, url: str) -> None:
 
 
 def push_history(
-    repo: vcs.Repo, server: LfsServer, versions: list[vcs.Version], run: RemoteRun
+    repo: tools.Repo, server: LfsServer, versions: list[checkpoints.Version], run: RemoteRun
 ) -> None:
     """Commit v1..v5 (v1 with .lfsconfig), pushing after each commit."""
     for n, version in enumerate(versions, 1):
-        shutil.copyfile(version.path, repo.path / vcs.CKPT)
-        repo.check(["git", "add", vcs.CKPT, LFSCONFIG])
+        shutil.copyfile(version.path, repo.path / checkpoints.CKPT)
+        repo.check(["git", "add", checkpoints.CKPT, LFSCONFIG])
         repo.check(["git", "commit", "-q", "-m", f"v{n}"])
         run.pushes.append(measured(server, version.label, lambda: repo.check(PUSH), sent=False))
 
@@ -132,7 +128,7 @@ def clone_command(tool: str, bare: Path, dest: Path) -> list[str]:
 
 
 def clone_history(
-    repo: vcs.Repo, server: LfsServer, bare: Path, want: vcs.Version, run: RemoteRun
+    repo: tools.Repo, server: LfsServer, bare: Path, want: checkpoints.Version, run: RemoteRun
 ) -> None:
     """Full clone of the bare repo next to the work repo; the checkpoint must equal v5."""
     root = repo.path.parent
@@ -140,40 +136,38 @@ def clone_history(
     cmd = clone_command(run.tool, bare, dest)
 
     def action() -> None:
-        rc, _ = vcs.run_command(cmd, root, repo.env, repo.timeout, repo.log)
+        rc, _ = measure.run_command(cmd, root, repo.env, repo.timeout, repo.log)
         if rc != 0:
-            raise vcs.CommandError(f"`{' '.join(cmd)}` exited {rc}:\n{vcs.log_tail(repo.log)}")
+            raise measure.CommandError(
+                f"`{' '.join(cmd)}` exited {rc}:\n{measure.log_tail(repo.log)}"
+            )
 
     run.clone = measured(server, "full clone", action, sent=True)
-    got = dest / vcs.CKPT
+    got = dest / checkpoints.CKPT
     if not got.is_file():
-        raise vcs.CommandError(f"clone: {vcs.CKPT} missing in {dest}")
-    digest = vcs.file_sha256(got)
+        raise measure.CommandError(f"clone: {checkpoints.CKPT} missing in {dest}")
+    digest = checkpoints.file_sha256(got)
     if digest != want.sha256:
-        raise vcs.CommandError(
-            f"clone: {vcs.CKPT} differs from v5 (sha256 {digest[:16]}…, want {want.sha256[:16]}…)"
+        raise measure.CommandError(
+            f"clone: {checkpoints.CKPT} differs from v5 "
+            f"(sha256 {digest[:16]}…, want {want.sha256[:16]}…)"
         )
 
 
 def run_tool(
-    name: str, server: LfsServer, versions: list[vcs.Version], args: argparse.Namespace
+    name: str, server: LfsServer, versions: list[checkpoints.Version], args: argparse.Namespace
 ) -> RemoteRun:
     run = RemoteRun(name)
-    root = Path(tempfile.mkdtemp(prefix=f"remote-{name}-", dir=args.workdir))
-    try:
-        repo = vcs.Repo(vcs.TOOLS[name], root, args.threads, args.timeout)
-        repo.env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password
-        bare = root / "origin.git"
-        prepare(repo, bare, server.url_for(LFS_ORG, name))
-        push_history(repo, server, versions, run)
-        clone_history(repo, server, bare, versions[-1], run)
-    except vcs.CommandError as exc:
-        run.error = str(exc)
-    finally:
-        if args.keep:
-            print(f"  kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    with measure.scratch(f"remote-{name}-", args.workdir, args.keep) as root:
+        try:
+            repo = tools.Repo(tools.TOOLS[name], root, args.threads, args.timeout)
+            repo.env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password
+            bare = root / "origin.git"
+            prepare(repo, bare, server.url_for(LFS_ORG, name))
+            push_history(repo, server, versions, run)
+            clone_history(repo, server, bare, versions[-1], run)
+        except measure.CommandError as exc:
+            run.error = str(exc)
     return run
 
 
@@ -183,7 +177,11 @@ def run_tool(
 def transfer_cells(t: Transfer | None) -> list[str]:
     if t is None:
         return ["-"] * 3
-    return [vcs.fmt(t.nbytes / vcs.MB, ".1f"), vcs.fmt(t.wall_s, ".2f"), str(t.requests)]
+    return [
+        measure.fmt(t.nbytes / checkpoints.MB, ".1f"),
+        measure.fmt(t.wall_s, ".2f"),
+        str(t.requests),
+    ]
 
 
 def find_push(run: RemoteRun, label: str) -> Transfer | None:
@@ -197,7 +195,7 @@ def total_push(run: RemoteRun) -> Transfer | None:
     return Transfer("total", run.push_wall(), run.pushed_bytes(), requests)
 
 
-def results_table(runs: list[RemoteRun], versions: list[vcs.Version]) -> str:
+def results_table(runs: list[RemoteRun], versions: list[checkpoints.Version]) -> str:
     top = ["step"] + [c for r in runs for c in [r.tool, "", ""]]
     sub = [""] + ["MB", "wall s", "reqs"] * len(runs)
     rows = [
@@ -206,7 +204,7 @@ def results_table(runs: list[RemoteRun], versions: list[vcs.Version]) -> str:
     ]
     rows.append(["push total"] + [c for r in runs for c in transfer_cells(total_push(r))])
     rows.append(["full clone (download)"] + [c for r in runs for c in transfer_cells(r.clone)])
-    return vcs.render_table(rows, [top, sub])
+    return measure.render_table(rows, [top, sub])
 
 
 @dataclasses.dataclass
@@ -247,7 +245,7 @@ def complete(run: RemoteRun) -> bool:
     return not run.skipped and not run.error
 
 
-def evaluate(runs: list[RemoteRun], versions: list[vcs.Version]) -> list[Ratio]:
+def evaluate(runs: list[RemoteRun], versions: list[checkpoints.Version]) -> list[Ratio]:
     pot, lfs = (next(r for r in runs if r.tool == name) for name in TOOL_NAMES)
     if not (complete(pot) and complete(lfs)):
         pot, lfs = RemoteRun("potluck"), RemoteRun("git-lfs")  # no ratios from partial runs
@@ -273,12 +271,12 @@ def ratios_table(rows: list[Ratio]) -> str:
         [
             r.name,
             "-" if r.limit is None else f"<= {r.limit:g}",
-            vcs.fmt(math.nan if r.value is None else r.value, ".4f"),
+            measure.fmt(math.nan if r.value is None else r.value, ".4f"),
             r.verdict(),
         ]
         for r in rows
     ]
-    return vcs.render_table(body, [["potluck / git-lfs", "limit", "ratio", "result"]])
+    return measure.render_table(body, [["potluck / git-lfs", "limit", "ratio", "result"]])
 
 
 def print_problems(runs: list[RemoteRun]) -> None:
@@ -286,9 +284,7 @@ def print_problems(runs: list[RemoteRun]) -> None:
         if run.skipped:
             print(f"! {run.tool}: skipped: {run.skipped}")
         if run.error:
-            lines = run.error.splitlines()
-            tail = "\n    ".join(lines[:1] + lines[1:][-12:])
-            print(f"! {run.tool} FAILED:\n    {tail}")
+            print(f"! {run.tool} FAILED:\n    {measure.error_tail(run.error, 12)}")
 
 
 # --------------------------------------------------------------------------- main
@@ -296,9 +292,9 @@ def print_problems(runs: list[RemoteRun]) -> None:
 
 def tool_versions() -> dict[str, str]:
     return {
-        "git": vcs.capture(["git", "--version"]),
-        "git-lfs": vcs.capture(["git", "lfs", "version"]),
-        "potluck": vcs.capture([str(vcs.POTLUCK_BIN / "potluck"), "--version"]),
+        "git": measure.capture(["git", "--version"]),
+        "git-lfs": measure.capture(["git", "lfs", "version"]),
+        "potluck": measure.capture([str(paths.POTLUCK_BIN / "potluck"), "--version"]),
         "giftless": importlib.metadata.version("giftless"),
     }
 
@@ -311,7 +307,7 @@ def print_header(args: argparse.Namespace) -> None:
     print(f"# sending objects {sending} (see serve_in_blocks);")
     print("# bare git repos on the local file system; MB = 10^6 object bytes the server")
     print("# received (PUT bodies, push) or sent (GET bodies, clone); batch JSON not counted")
-    for key, value in {**vcs.machine_info(args.threads), **tool_versions()}.items():
+    for key, value in {**measure.machine_info(args.threads), **tool_versions()}.items():
         print(f"#   {key:<22} {value}")
     print()
 
@@ -320,8 +316,10 @@ def bench(args: argparse.Namespace, skips: dict[str, str]) -> list[RemoteRun]:
     ckpt_dir = Path(tempfile.mkdtemp(prefix="remote-ckpt-", dir=args.workdir))
     store = Path(tempfile.mkdtemp(prefix="remote-lfs-", dir=args.workdir))
     try:
-        versions = vcs.build_history(SIZE_ALIASES.get(args.size, args.size), args.dtype, ckpt_dir)
-        vcs.describe_history(args.dtype, versions)
+        versions = checkpoints.build_history(
+            SIZE_ALIASES.get(args.size, args.size), args.dtype, ckpt_dir
+        )
+        checkpoints.describe_history(args.dtype, versions)
         runs: list[RemoteRun] = []
         with LfsServer(store) as server:
             for name in TOOL_NAMES:
@@ -342,10 +340,10 @@ def bench(args: argparse.Namespace, skips: dict[str, str]) -> list[RemoteRun]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    sizes = sorted([*vcs.SIZES, *SIZE_ALIASES])
+    p = argparse.ArgumentParser(prog="python -m bench.remote", description=__doc__)
+    sizes = sorted([*checkpoints.SIZES, *SIZE_ALIASES])
     p.add_argument("--size", choices=sizes, default="gpt2", help="medium = gpt2 (~498 MB f32)")
-    p.add_argument("--dtype", choices=sorted(vcs.DTYPES), default="f32")
+    p.add_argument("--dtype", choices=sorted(checkpoints.DTYPES), default="f32")
     p.add_argument("--threads", type=int, default=2, help="thread count forced on both tools")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per git command")
     p.add_argument("--workdir", type=Path, help="parent of the temp dirs (default: system tmp)")
@@ -360,13 +358,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.update(vcs.thread_env(args.threads))
+    os.environ.update(measure.thread_env(args.threads))
     if not args.stock_downloads:
         serve_in_blocks()
     skips = {
         name: msg
         for name in TOOL_NAMES
-        if (msg := vcs.probe_tool(vcs.TOOLS[name], args.threads)) is not None
+        if (msg := tools.probe_tool(tools.TOOLS[name], args.threads)) is not None
     }
     print_header(args)
     runs = bench(args, skips)

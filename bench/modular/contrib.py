@@ -1,11 +1,12 @@
 """One contributor's work: a LoRA expert + task head on its own task, then its PHATGOOSE gates.
 
-The LoRA is trained with plain torch (no peft): every attention linear of all-MiniLM-L6-v2
-(``query``, ``key``, ``value`` and the output projection ``attention.output.dense``) gets
-``W x + (α/r)·B A x`` with rank ``r = 8``, ``α = 16``, A ~ N(0, 1/r)-ish (Kaiming), B = 0.
-The encoder is frozen; A, B and a fresh ``Linear(384, n_classes)`` head on the mean-pooled
-last hidden state are trained with AdamW. Dropout is off (the model stays in eval mode), so a
-rerun gives the same weights up to CPU-kernel nondeterminism.
+The LoRA is trained with plain torch (no peft; ``add_lora`` and ``train_loop`` of
+``bench.common.finetune``): every attention linear of all-MiniLM-L6-v2 (``query``, ``key``,
+``value`` and the output projection ``attention.output.dense``) gets ``W x + (α/r)·B A x`` with
+rank ``r = 8``, ``α = 16``, A ~ N(0, 1/r)-ish (Kaiming), B = 0. The encoder is frozen; A, B and
+a fresh ``Linear(384, n_classes)`` head on the mean-pooled last hidden state are trained with
+AdamW. Dropout is off (the model stays in eval mode), so a rerun gives the same weights up to
+CPU-kernel nondeterminism.
 
 The expert is written as a potluck patch (``lowrank`` payloads, factors ``lora_A [r, in]``,
 ``lora_B [out, r]`` with the scale α/r folded into B), pinned to the shipped base file, and
@@ -18,7 +19,6 @@ potluck patch of the encoder.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +27,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from bench.minilm import data, finetune, model
 
+from bench.common import data, finetune, model
 from potluck.codecs import factors_payload
 from potluck.formats.safetensors import write_safetensors
 from potluck.ops.compose.library import AddOptions, ExpertRecord, add_expert, attach_artifact
@@ -36,14 +36,6 @@ from potluck.ops.models.sources import open_path
 from potluck.ops.patch.fileformat import PatchContents, write_patch
 from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import from_numpy
-
-#: The attention linears every expert adapts (module names inside BertModel).
-TARGETS = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-)
 
 
 @dataclass(frozen=True)
@@ -62,34 +54,6 @@ class ContribConfig:
     gate_batch: int = 16
 
 
-def target_modules(n_layers: int) -> list[str]:
-    """Full module names of the adapted linears."""
-    return [f"encoder.layer.{i}.{t}" for i in range(n_layers) for t in TARGETS]
-
-
-def add_lora(encoder: Any, cfg: ContribConfig) -> dict[str, Any]:
-    """Freeze ``encoder`` and wrap every target linear; returns {module name: LoraLinear}."""
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    cls, out = finetune.lora_linear_class(), {}
-    names = dict(encoder.named_modules())
-    for full in target_modules(int(encoder.config.num_hidden_layers)):
-        parent_name, _, attr = full.rpartition(".")
-        wrapped = cls(names[full], cfg.rank, cfg.alpha / cfg.rank)
-        setattr(names[parent_name], attr, wrapped)
-        out[full] = wrapped
-    return out
-
-
-def batch_order(n: int, steps: int, batch: int, seed: int) -> list[np.ndarray]:
-    """Seeded epochs of shuffled indices cut into ``steps`` batches."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps * batch:
-        order.extend(rng.permutation(n).tolist())
-    return [np.array(order[i * batch : (i + 1) * batch]) for i in range(steps)]
-
-
 def train_expert(
     task: data.Task, tokenizer: Any, cfg: ContribConfig, seed: int
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any, float]:
@@ -97,39 +61,17 @@ def train_expert(
     import torch
 
     torch.manual_seed(seed)
-    encoder: Any = model.load_encoder()
-    loras = add_lora(encoder, cfg)
+    encoder: Any = model.load_encoder()  # eval mode: dropout off
+    loras = finetune.add_lora(encoder, cfg.rank, cfg.alpha)
     head = torch.nn.Linear(int(encoder.config.hidden_size), len(task.label_names))
     lora_params = [p for m in loras.values() for p in (m.lora_a, m.lora_b)]
-    opt = torch.optim.AdamW(
-        [
-            {"params": lora_params, "lr": cfg.lr},
-            {"params": list(head.parameters()), "lr": cfg.head_lr},
-        ],
-        weight_decay=0.0,
-    )
-    labels = torch.tensor(task.train.labels)
+    batches = finetune.shuffled_batches(len(task.train), cfg.steps, cfg.batch_size, seed)
     t0 = time.perf_counter()
-    for step, idx in enumerate(batch_order(len(task.train), cfg.steps, cfg.batch_size, seed)):
-        enc = tokenizer(
-            [task.train.texts[i] for i in idx],
-            padding=True,
-            truncation=True,
-            max_length=cfg.max_length,
-            return_tensors="pt",
-        )
-        hidden = encoder(**enc).last_hidden_state
-        logits = head(model.mean_pool(hidden, enc["attention_mask"]))
-        loss = torch.nn.functional.cross_entropy(logits, labels[torch.from_numpy(idx)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            print(
-                f"    {task.name} step {step:3d} loss {loss.item():.3f} "
-                f"{time.perf_counter() - t0:.0f} s",
-                file=sys.stderr,
-            )
+    finetune.train_loop(
+        encoder, [head], lora_params, [task], [(0, idx) for idx in batches], tokenizer,
+        lr=cfg.lr, head_lr=cfg.head_lr, max_length=cfg.max_length, log_every=50,
+        label=f"{task.name} ",
+    )  # fmt: skip
     factors = {
         m: (
             lin.lora_a.detach().double().numpy(),
@@ -201,7 +143,7 @@ def train_gate(
 
     batches = []
     labels = torch.tensor(task.train.labels)
-    for idx in batch_order(len(task.train), cfg.gate_steps, cfg.gate_batch, seed + 7):
+    for idx in finetune.shuffled_batches(len(task.train), cfg.gate_steps, cfg.gate_batch, seed + 7):
         enc = dict(
             tokenizer(
                 [task.train.texts[i] for i in idx],
@@ -253,6 +195,4 @@ def contribute(
 
 def heads_of(lib: Path, tasks: Sequence[str]) -> list[Any]:
     """The contributors' heads, in ``tasks`` order."""
-    from bench.minilm.finetune import load_head
-
-    return [load_head(lib / "heads" / f"{t}.safetensors") for t in tasks]
+    return [finetune.load_head(lib / "heads" / f"{t}.safetensors") for t in tasks]

@@ -5,7 +5,7 @@ Run with the mergekit venv (see ``bench/requirements-mergekit.txt``), from the r
     python3 -m venv /work/venvs/mergekit
     /work/venvs/mergekit/bin/pip install torch==2.13.0          # the CPU wheel, first
     /work/venvs/mergekit/bin/pip install -r bench/requirements-mergekit.txt
-    /work/venvs/mergekit/bin/python bench/mergekit_fixtures.py  # [--only CASE ...]
+    /work/venvs/mergekit/bin/python -m bench.mergekit_fixtures  # [--only CASE ...]
 
 What it writes (everything is regenerated; ~2.5 MB in all):
 
@@ -47,58 +47,18 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "mergekit"
+from bench.common.llama import llama_config, llama_shapes
+from bench.common.paths import REPO_ROOT
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "mergekit"
 DEFAULT_MERGEKIT = Path(sys.executable).parent / "mergekit-yaml"
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB = 32, 3, 4, 2, 48, 64
 
 LLAMA_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTER,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "head_dim": HIDDEN // HEADS,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
+    **llama_config(HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB, max_positions=128),
     "torch_dtype": "float32",
 }
-
-
-def llama_shapes(
-    hidden: int = HIDDEN,
-    layers: int = LAYERS,
-    heads: int = HEADS,
-    kv_heads: int = KV_HEADS,
-    inter: int = INTER,
-    vocab: int = VOCAB,
-) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a Llama checkpoint in the Hugging Face layout."""
-    kv = hidden // heads * kv_heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (hidden, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, hidden)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 #: Every weight is a multiple of this (2⁻²⁸): then a difference below 2⁻⁴ in magnitude is exact in
@@ -133,7 +93,7 @@ def exact_finetune(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
 def make_models(seed: int = 2024) -> dict[str, dict[str, Any]]:
     """base, ft1 (dense), ft2 (half, sign conflicts with ft1), ft3 (10 % sparse)."""
     rng = np.random.default_rng(seed)
-    shapes = llama_shapes()
+    shapes = llama_shapes(HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB)
     base = make_base(rng, shapes)
     fts: dict[str, dict[str, Any]] = {"ft1": {}, "ft2": {}, "ft3": {}}
     for name, b in base.items():
@@ -322,7 +282,7 @@ def write_readme(cases: list[str]) -> None:
     lines = [
         "# mergekit equivalence fixtures",
         "",
-        "Made by `bench/mergekit_fixtures.py` (see its docstring) with "
+        "Made by `python -m bench.mergekit_fixtures` (see its docstring) with "
         f"mergekit {version('mergekit')}, torch {version('torch')}, "
         f"transformers {version('transformers')}, safetensors {version('safetensors')} "
         f"(Python {sys.version.split()[0]}, CPU, 1 thread, `--random-seed 0`).",
@@ -344,7 +304,9 @@ def main() -> None:
     """Regenerate the models, then every case (or ``--only`` some)."""
     import yaml
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.mergekit_fixtures", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
     ap.add_argument("--mergekit-yaml", type=Path, default=DEFAULT_MERGEKIT)
     args = ap.parse_args()

@@ -1,0 +1,5 @@
+"""Helpers shared by the test suite and the benchmarks; importable from the repository root
+(pytest's ``pythonpath = ["."]``, ``python -m bench.<name>``), not shipped in the wheel.
+
+* ``servers``: real servers on loopback (giftless Git LFS, moto S3) and their pytest fixtures.
+"""
