@@ -1,9 +1,9 @@
 """potluck's merges against mergekit's outputs (``tests/fixtures/mergekit/``: the reference tool).
 
-The fixtures (made by ``python -m bench.mergekit_fixtures`` with mergekit 0.1.5, see their README) are
-tiny Llama-shaped models (a base and three fine-tunes whose task vectors are exact in float32, so
-mergekit's float32 and potluck's float64 see the same deltas, ranks and signs), one mergekit YAML
-per case and every tensor mergekit wrote for it.
+The fixtures (made by ``python -m bench.mergekit_fixtures`` with mergekit 0.1.5, see their
+README) are tiny Llama-shaped models (a base and three fine-tunes whose task vectors are exact
+in float32, so mergekit's float32 and potluck's float64 see the same deltas, ranks and signs),
+one mergekit YAML per case and every tensor mergekit wrote for it.
 
 Two groups of tests:
 
