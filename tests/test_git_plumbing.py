@@ -291,7 +291,7 @@ def test_install_idempotent_and_uninstall(repo: Path) -> None:
     assert setup.install(git) == []
     assert git.config_get("filter.potluck.process") == "git-potluck filter-process"
     assert git.config_get("filter.potluck.required") == "true"
-    assert git.config_get("merge.potluck.driver") == "git-potluck merge-driver %O %A %B %P"
+    assert git.config_get("merge.potluck.driver") == "git-potluck merge-driver -- %O %A %B %P"
     moved = [k for k, v in setup.driver_config("/opt/pl").items() if "/opt/pl" in v]
     assert setup.install(git, command="/opt/pl") == moved
     assert len(moved) == 6

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json, file_diff_text, human_bytes, table
+from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, table
 from potluck.git import attributes, evalrec, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
@@ -25,7 +25,7 @@ def init() -> None:
     """Configure this git repository for potluck (idempotent, repo-local)."""
     repo = Repo(".")
     changed = install_repo(repo)
-    click.echo(
+    echo(
         f"potluck: configured {repo.root}"
         + (f" ({len(changed)} settings)" if changed else " (already configured)")
     )
@@ -58,9 +58,9 @@ def track(patterns: tuple[str, ...]) -> None:
     repo = Repo(".")
     added = attributes.add_patterns(repo.root, list(patterns))
     for p in added:
-        click.echo(f"tracking {p}")
+        echo(f"tracking {p}")
     if not added:
-        click.echo("already tracked")
+        echo("already tracked")
 
 
 @cli.command()
@@ -70,7 +70,7 @@ def untrack(patterns: tuple[str, ...]) -> None:
     """Stop tracking PATTERNS (removes their .gitattributes lines)."""
     repo = Repo(".")
     for p in attributes.remove_patterns(repo.root, list(patterns)):
-        click.echo(f"untracked {p}")
+        echo(f"untracked {p}")
 
 
 @cli.command(name="ls")
@@ -96,8 +96,8 @@ def ls_cmd(spec: str, as_json: bool) -> None:
         ]
         for r in rows
     ]
-    click.echo(table(body, ["name", "dtype", "shape", "bytes"]))
-    click.echo(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
+    echo(table(body, ["name", "dtype", "shape", "bytes"]))
+    echo(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
 
 
 @cli.command(name="diff")
@@ -124,7 +124,7 @@ def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
         emit_json([d.to_dict() for d in diffs])
         return
     for d in diffs:
-        click.echo(file_diff_text(d))
+        echo(file_diff_text(d))
 
 
 @cli.command(name="log")
@@ -149,15 +149,15 @@ def log_cmd(path: str, max_count: int | None, as_json: bool) -> None:
             if r["deleted"]
             else ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no tensor changes"
         )
-        click.echo(
+        echo(
             f"{r['commit'][:10]} {r['subject'][:50]:<50} {what}; "
             f"{human_bytes(r['changed_bytes'])} of {human_bytes(r['size'])} changed"
         )
         for v in r.get("merge") or []:
-            click.echo(f"{'':10} merged: {v}")
+            echo(f"{'':10} merged: {v}")
         for task, ms in r["evals"].items():
             shown = ", ".join(f"{k}={v:.4g}" for k, v in ms.items())
-            click.echo(f"{'':10} eval {task}: {shown}")
+            echo(f"{'':10} eval {task}: {shown}")
 
 
 @cli.command()
@@ -176,9 +176,9 @@ def du(as_json: bool) -> None:
     rows.append(
         ["TOTAL (deduplicated)", "", human_bytes(rep["logical"]), human_bytes(rep["stored"])]
     )
-    click.echo(table(rows, ["path", "versions", "logical", "stored"]))
+    echo(table(rows, ["path", "versions", "logical", "stored"]))
     if rep["missing"]:
-        click.echo(f"{rep['missing']} referenced objects are not present locally")
+        echo(f"{rep['missing']} referenced objects are not present locally")
 
 
 @cli.command()
@@ -192,7 +192,7 @@ def gc(dry_run: bool, as_json: bool) -> None:
         emit_json(rep.__dict__)
         return
     verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {rep.removed} objects ({human_bytes(rep.freed)}), kept {rep.kept}")
+    echo(f"{verb} {rep.removed} objects ({human_bytes(rep.freed)}), kept {rep.kept}")
 
 
 @cli.command()
@@ -206,15 +206,15 @@ def fsck(as_json: bool) -> None:
         emit_json([p.to_dict() for p in problems])
     else:
         for p in bad:
-            click.echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
+            echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
             for u in p.uses:
-                click.echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
+                echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
         if len(bad) < len(problems):
-            click.echo(
+            echo(
                 f"{len(problems) - len(bad)} objects of other revisions or of files left as "
                 "manifests are not fetched (`potluck fetch --rev REV` gets them)"
             )
-        click.echo(
+        echo(
             "ok: all objects verified"
             if not bad
             else f"{len(bad)} bad objects; restore them from a remote or another clone"
@@ -232,19 +232,19 @@ def status(as_json: bool) -> None:
         emit_json(st)
         return
     for c in st["conflicts"]:
-        click.echo(f"conflict: {c['path']}: {len(c['tensors'])} tensors changed on both sides")
+        echo(f"conflict: {c['path']}: {len(c['tensors'])} tensors changed on both sides")
         for t in c["tensors"]:
             why = c["reasons"].get(t)
-            click.echo(f"    {t}" + (f"  ({why})" if why else ""))
-        click.echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
+            echo(f"    {t}" + (f"  ({why})" if why else ""))
+        echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
     for p in st["not_materialized"]:
         have = p["tensors"] - p["tensors_missing"]
-        click.echo(
+        echo(
             f"left as a manifest: {p['path']} ({have} of {p['tensors']} tensors here, "
             f"{p['missing_objects']} objects missing; `potluck pull` fetches and checks out)"
         )
     if not st["conflicts"] and not st["not_materialized"]:
-        click.echo("potluck: nothing to report")
+        echo("potluck: nothing to report")
 
 
 @cli.command()
@@ -257,9 +257,9 @@ def resolve(path: str, take: str, pattern: str | None) -> None:
     repo = Repo(".")
     left = resolve_conflict(repo, repo.relpath(path), take, pattern)
     if left:
-        click.echo(f"{len(left)} tensors still conflicted: {', '.join(left)}")
+        echo(f"{len(left)} tensors still conflicted: {', '.join(left)}")
     else:
-        click.echo(f"resolved {path} (staged)")
+        echo(f"resolved {path} (staged)")
 
 
 @cli.command()

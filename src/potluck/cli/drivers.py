@@ -12,7 +12,7 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
-from potluck.cli.render import err, file_diff_text, human_bytes, tensor_lines
+from potluck.cli.render import echo, err, file_diff_text, human_bytes, tensor_lines
 from potluck.errors import PotluckError
 from potluck.git import inspect as insp
 from potluck.git import sync
@@ -89,12 +89,12 @@ def pre_push(remote: str, url: str) -> None:
 def diff_driver(args: tuple[str, ...]) -> None:
     """git external diff: PATH OLD-FILE OLD-HEX OLD-MODE NEW-FILE NEW-HEX NEW-MODE."""
     if len(args) < 7:
-        click.echo(f"* Unmerged path {args[0] if args else '?'}")
+        echo(f"* Unmerged path {args[0] if args else '?'}")
         return
     repo = Repo(".")
     path, old_file, new_file = args[0], args[1], args[4]
     d = insp.diff_sides(path, insp.file_side(repo, old_file), insp.file_side(repo, new_file))
-    click.echo(file_diff_text(d))
+    echo(file_diff_text(d))
 
 
 @cli.command(name="textconv", hidden=True)
@@ -102,7 +102,7 @@ def diff_driver(args: tuple[str, ...]) -> None:
 @handle_errors
 def textconv(file: str) -> None:
     """One line per tensor (name, dtype[shape], content id) for `git log -p` and friends."""
-    click.echo(tensor_lines(insp.file_side(Repo("."), file).manifest))
+    echo(tensor_lines(insp.file_side(Repo("."), file).manifest))
 
 
 @cli.command(name="merge-driver", hidden=True)

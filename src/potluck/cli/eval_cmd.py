@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json
 from potluck.errors import UserError
 from potluck.git import evalrec
 from potluck.git.repo import Repo
@@ -60,7 +60,7 @@ def record(
         emit_json({"commit": commit, "results": merged})
     else:
         n = sum(len(m) for m in evalrec.validate_results(results).values())
-        click.echo(f"{commit[:10]}: recorded {n} metric(s); {len(merged)} task(s) on record")
+        echo(f"{commit[:10]}: recorded {n} metric(s); {len(merged)} task(s) on record")
 
 
 def _fmt(c: evalrec.Comparison) -> str:
@@ -85,8 +85,8 @@ def show(revs: tuple[str, ...], as_json: bool) -> None:
         comps = evalrec.compare_parents(git, rev)
         rows.append({"rev": rev, "commit": commit, "results": [c.to_dict() for c in comps]})
         if not as_json:
-            click.echo(f"{commit[:10]} ({rev})" + ("" if comps else ": no results recorded"))
+            echo(f"{commit[:10]} ({rev})" + ("" if comps else ": no results recorded"))
             for c in comps:
-                click.echo(_fmt(c))
+                echo(_fmt(c))
     if as_json:
         emit_json(rows)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from potluck.cli.render import SafeFormatter, echo
 from potluck.errors import PotluckError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,7 +25,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except PotluckError as e:
-            click.echo(f"potluck: error: {e}", err=True)
+            echo(f"potluck: error: {e}", err=True)
             sys.exit(e.exit_code)
 
     return wrapper  # type: ignore[return-value]
@@ -72,7 +73,9 @@ def cli(verbose: int, quiet: bool) -> None:
         if quiet
         else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="potluck: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("potluck: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main() -> None:

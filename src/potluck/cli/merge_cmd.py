@@ -10,7 +10,7 @@ import click
 from potluck.cli.commands import json_opt
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json
 from potluck.errors import UserError
 from potluck.git.models import open_model
 from potluck.ops.merge import (
@@ -60,9 +60,9 @@ def _flag_config(
 
 
 def _render_plan(plan: MergePlan) -> None:
-    click.echo(f"method {plan.method.name} ({plan.method.reference_url}), {len(plan.jobs)} tensors")
+    echo(f"method {plan.method.name} ({plan.method.reference_url}), {len(plan.jobs)} tensors")
     for note in plan.notes:
-        click.echo(f"note: {note}")
+        echo(f"note: {note}")
     for j in plan.jobs:
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(j.params.items()))  # fmt: skip
@@ -70,7 +70,7 @@ def _render_plan(plan: MergePlan) -> None:
         base = "" if j.base is None else f" base={j.base[1]}"
         inputs = " + ".join(f"{Path(m).name}:{n}" if n != j.out.name else Path(m).name
                             for m, n in j.models)  # fmt: skip
-        click.echo(f"{j.out.name} {j.out.dtype}{list(j.out.shape)} t={j.t:.3g} "
+        echo(f"{j.out.name} {j.out.dtype}{list(j.out.shape)} t={j.t:.3g} "
                    f"{params}{weights}{base} ← {inputs}")  # fmt: skip
 
 
@@ -132,6 +132,6 @@ def merge(
         emit_json(report.to_dict())
         return
     for note in report.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"merged {report.tensors} tensors with {report.method} into {report.out_dir} "
+        echo(f"note: {note}", err=True)
+    echo(f"merged {report.tensors} tensors with {report.method} into {report.out_dir} "
                f"({', '.join(report.files)}) in {report.seconds:.1f} s")  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json
 from potluck.errors import IntegrityError, UserError
 from potluck.git.models import open_model
 from potluck.ops.compose import (
@@ -45,7 +45,7 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
     if as_json:
         emit_json(data)
     else:
-        click.echo(text)
+        echo(text)
 
 
 def _pairs(items: tuple[str, ...], what: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json, secho
 from potluck.codecs.rules import Rule
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
@@ -183,12 +183,12 @@ def _render_create(info: PatchInfo) -> None:
     for e in info.entries:
         err = "exact" if e.relative_error is None else f"rel.err {e.relative_error:.3g}"
         mark = " (added)" if e.name in info.added else ""
-        click.echo(f"{e.name}{mark}: {e.codec}, {_fmt_bytes(e.nbytes)}, {err}")
+        echo(f"{e.name}{mark}: {e.codec}, {_fmt_bytes(e.nbytes)}, {err}")
     for name in info.removed:
-        click.echo(f"{name}: removed")
+        echo(f"{name}: removed")
     full = sum(e.full_nbytes for e in info.entries)
     ratio = full / info.size if info.size else 0.0
-    click.echo(
+    echo(
         f"{len(info.entries)} changed, {len(info.removed)} removed, {info.unchanged} unchanged; "
         f"patch {_fmt_bytes(info.size)} for {_fmt_bytes(full)} of changed tensors "
         f"({ratio:.1f}x) → {info.path}"
@@ -203,15 +203,15 @@ def _num(x: float | None) -> str:
 
 def _render_check(q: QualityReport) -> None:
     d = q.to_dict()
-    click.echo("check: ‖decoded − target‖ / ‖target − base‖, / ‖target‖")
+    echo("check: ‖decoded − target‖ / ‖target − base‖, / ‖target‖")
     for t in d["tensors"]:
-        click.echo(
+        echo(
             f"  {t['name']}: {t['codec']}, {_num(t['rel_to_delta'])} of delta, "
             f"{_num(t['rel_to_target'])} of target"
         )
     s = d["summary"]
     if s["worst"] is not None:
-        click.echo(
+        echo(
             f"worst {s['worst']} ({_num(s['worst_rel_to_delta'])}); weighted mean "
             f"{_num(s['weighted_rel_to_delta'])} of delta, {_num(s['weighted_rel_to_target'])} of "
             f"target; overall {_num(s['overall_rel_to_delta'])} of delta"
@@ -224,7 +224,7 @@ def _render_outputs(o: OutputChange) -> None:
     changed = ""
     if o.changed_predictions is not None:
         changed = f"; {o.changed_predictions} changed predictions ({o.changed_fraction:.1%})"
-    click.echo(
+    echo(
         f"outputs ({o.output}, {o.examples} examples): cosine mean {o.mean_cosine:.6f}, "
         f"min {o.min_cosine:.6f}; max abs diff {o.max_abs_diff:.3g}{changed}"
     )
@@ -262,10 +262,10 @@ def apply_cmd(
             base_ref=base_model or base,
         )
     for warning in report.warnings:
-        click.secho(f"potluck: WARNING: {warning}", err=True, fg="red", bold=True)
+        secho(f"potluck: WARNING: {warning}", err=True, fg="red", bold=True)
     checked = "results verified" if report.results_verified else "results not hash-checked"
     card_note = ", model card README.md" if report.card else ""
-    click.echo(
+    echo(
         f"{len(report.changed)} changed, {len(report.added)} added, {len(report.removed)} "
         f"removed; {checked}{card_note} → {report.out_path}"
     )
@@ -306,29 +306,29 @@ def stack_cmd(
     for name, how in report.composed.items():
         err = report.errors.get(name)
         note = "" if err is None else f", rel.err {err:.3g} vs step-by-step"
-        click.echo(f"{name}: {how} → {report.codecs.get(name, 'removed')}{note}")
+        echo(f"{name}: {how} → {report.codecs.get(name, 'removed')}{note}")
     exact = "exact" if report.exact else "lossy"
-    click.echo(
+    echo(
         f"{len(parts)} patches, {len(report.codecs)} tensors, {len(report.composed)} composed; "
         f"{exact} patch {_fmt_bytes(report.size)} → {report.path}"
     )
 
 
 def _render_info(info: dict[str, Any]) -> None:
-    click.echo(f"patch {info['path']}: {_fmt_bytes(info['size'])}, base {info['base_digest'][:16]}")
+    echo(f"patch {info['path']}: {_fmt_bytes(info['size'])}, base {info['base_digest'][:16]}")
     for name, t in info["tensors"].items():
         err = t["error"]
         text = "exact" if err is None else f"rel.err {err['relative_error']:.3g}"
         params = ",".join(f"{k}={v}" for k, v in sorted(t["params"].items()))
-        click.echo(f"  {name}: {t['codec']}[{params}] {_fmt_bytes(t['bytes'])}, {text}")
+        echo(f"  {name}: {t['codec']}[{params}] {_fmt_bytes(t['bytes'])}, {text}")
     for name in info["removed"]:
-        click.echo(f"  {name}: removed")
-    click.echo(
+        echo(f"  {name}: removed")
+    echo(
         f"{_fmt_bytes(info['full_bytes'])} of changed tensors, "
         f"compression {info['compression_ratio']:.1f}x"
     )
     if info["description"]:
-        click.echo(f"description: {json.dumps(info['description'], sort_keys=True)}")
+        echo(f"description: {json.dumps(info['description'], sort_keys=True)}")
 
 
 @patch.command("info")

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json
 from potluck.ops.peft import apply_adapter, export_patch, import_adapter
 
 
@@ -16,7 +16,7 @@ def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
         emit_json(data)
     else:
-        click.echo(text)
+        echo(text)
 
 
 @cli.group()

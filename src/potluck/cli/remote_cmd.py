@@ -9,7 +9,7 @@ import click
 from potluck.cli.commands import install_repo, json_opt
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
-from potluck.cli.render import emit_json, human_bytes
+from potluck.cli.render import echo, emit_json, human_bytes
 from potluck.errors import UserError
 from potluck.git import remotes, sync
 from potluck.git.repo import Repo
@@ -53,7 +53,7 @@ def push(remote: str | None, everything: bool, as_json: bool) -> None:
             }
         )
         return
-    click.echo(
+    echo(
         f"potluck: {spec.url}: uploaded {report.uploaded} objects "
         f"({human_bytes(report.bytes)}; {len(report.encoded)} as deltas or compressed), "
         f"{report.already_there} already there"
@@ -84,7 +84,7 @@ def fetch(
     if as_json:
         emit_json({"remote": spec.url, **stats.__dict__})
         return
-    click.echo(
+    echo(
         f"potluck: {spec.url}: fetched {stats.objects} objects ({human_bytes(stats.bytes)}), "
         f"{stats.skipped} already here"
     )
@@ -101,11 +101,11 @@ def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...])
     repo = Repo(".")
     with byte_progress("potluck: downloading") as on_bytes:
         stats, written, incomplete = sync.pull(repo, remote, _selection(include, exclude), on_bytes)
-    click.echo(f"potluck: fetched {stats.objects} objects ({human_bytes(stats.bytes)})")
+    echo(f"potluck: fetched {stats.objects} objects ({human_bytes(stats.bytes)})")
     for path in written:
-        click.echo(f"checked out {path}")
+        echo(f"checked out {path}")
     for path in incomplete:
-        click.echo(f"left as a manifest (tensors not selected): {path}")
+        echo(f"left as a manifest (tensors not selected): {path}")
 
 
 @cli.command()
@@ -135,7 +135,7 @@ def clone(
         selection=_selection(include, exclude), branch=branch,
     )  # fmt: skip
     left = sync.placeholders(repo)
-    click.echo(
+    echo(
         f"potluck: cloned into {target}"
         + (f"; {len(left)} file(s) left as manifests" if left else "")
     )
@@ -179,7 +179,7 @@ def set_url(name: str, url: str, options: tuple[str, ...]) -> None:
             raise UserError(f"option {opt!r} is not KEY=VALUE")
         parsed[key] = value
     remotes.set_url(Repo(".").git, name, url, parsed if options else None)
-    click.echo(f"potluck: objects of {name} go to {url}")
+    echo(f"potluck: objects of {name} go to {url}")
 
 
 @remote.command(name="show")
@@ -192,4 +192,4 @@ def show(name: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(spec.__dict__)
         return
-    click.echo(f"{spec.name}: {spec.url} (from {spec.source})")
+    echo(f"{spec.name}: {spec.url} (from {spec.source})")

@@ -1,20 +1,117 @@
-"""Human and JSON rendering: the only place that formats output for people."""
+"""Human and JSON rendering: the only place that formats output for people.
+
+Every line meant for a person (stdout, stderr, log records, error messages) leaves through
+``echo``/``err``, which make untrusted text safe for a terminal (``safe_text``): control
+characters, C1 codes, bidi overrides and undecodable bytes are shown as escapes, and the
+passwords and tokens of URLs are replaced by ``***`` (``redact``). Single fields inside a
+layout (tensor names, paths in tables and diffs) go through ``safe_field``, which escapes
+newlines and tabs too. JSON output stays exact JSON: ``json.dumps`` escapes control
+characters itself; only URL secrets are redacted.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from potluck.git.inspect import FileDiff
-from potluck.objects.manifest import Manifest
+if TYPE_CHECKING:
+    from potluck.git.inspect import FileDiff
+    from potluck.objects.manifest import Manifest
+
+#: C0 controls but newline and tab, DEL, C1 controls, bidi controls, line/paragraph
+#: separators, and lone surrogates (bytes of a path that are not UTF-8).
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e"
+                     "\u2066-\u2069\ud800-\udfff]")  # fmt: skip
+_UNSAFE_FIELD = re.compile(f"[\\n\\t{_UNSAFE.pattern[1:-1]}]")
+#: ``scheme://user:password@`` (the password is redacted) and ``http(s)://token@``.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:?#]*):[^\s/]*@")
+_HTTP_USER = re.compile(r"(?P<scheme>\bhttps?://)[^\s/@:?#]+@", re.IGNORECASE)
+#: Query parameters whose values are secrets (``?token=…``, S3/GCS/Azure signatures).
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&][A-Za-z0-9_.-]*(?:token|secret|passw(?:or)?d|pwd|sig|signature|credential|"
+    r"key|auth)[A-Za-z0-9_.-]*=)[^&#\s\"'<>]+",
+    re.IGNORECASE,
+)
+
+
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def redact(text: str) -> str:
+    """``text`` with URL passwords, ``https://TOKEN@`` user names and secret query values
+    replaced by ``***`` (``http://user:***@host/…?token=***``)."""
+    if "://" not in text and "=" not in text:
+        return text
+    text = _USERINFO.sub(r"\g<scheme>\g<user>:***@", text)
+    text = _HTTP_USER.sub(r"\g<scheme>***@", text)
+    return _SECRET_PARAM.sub(r"\g<key>***", text)
+
+
+def safe_text(text: str) -> str:
+    """``text`` made safe to print on a terminal: control characters (but newline and tab),
+    C1 codes, bidi overrides and undecodable bytes become ``\\r``, ``\\xNN`` or ``\\uNNNN``,
+    and URL secrets are redacted."""
+    return redact(_UNSAFE.sub(_escape_char, text))
+
+
+def safe_field(text: object) -> str:
+    """One value inside a layout (a name, a path): like ``safe_text``, and newlines and tabs
+    are escaped too, so a value can never start a line of its own."""
+    return redact(_UNSAFE_FIELD.sub(_escape_char, str(text)))
+
+
+def echo(text: object = "", *, err: bool = False) -> None:
+    """Print one human-readable message (stdout, or stderr with ``err``) through
+    ``safe_text``."""
+    click.echo(safe_text(str(text)), err=err)
+
+
+def secho(text: object, *, err: bool = False, **style: Any) -> None:
+    """``echo`` with click's colours and styles (``fg=``, ``bold=``…)."""
+    click.secho(safe_text(str(text)), err=err, **style)
+
+
+def err(msg: str) -> None:
+    """Print to stderr (through ``safe_text``)."""
+    print(safe_text(msg), file=sys.stderr)
+
+
+class SafeFormatter(logging.Formatter):
+    """A log formatter whose records go through ``safe_text``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return safe_text(super().format(record))
+
+
+def _redacted(obj: Any) -> Any:
+    """``obj`` with every string value (and key) passed through ``redact``."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {_redacted(k): _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_redacted(v) for v in obj]
+    return obj
 
 
 def emit_json(obj: Any) -> None:
-    """Print ``obj`` as JSON on stdout."""
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """Print ``obj`` as JSON on stdout (URL secrets redacted; ``json`` escapes the rest)."""
+    click.echo(json.dumps(_redacted(obj), indent=2, sort_keys=True, default=str))
 
 
 def human_bytes(n: float) -> str:
@@ -27,7 +124,8 @@ def human_bytes(n: float) -> str:
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain left-aligned text table."""
+    """A plain left-aligned text table (every cell through ``safe_field``)."""
+    rows = [[safe_field(c) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
@@ -37,12 +135,13 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def file_diff_text(d: FileDiff) -> str:
     """Text of one file's tensor-level diff (used by `potluck diff` and the git diff driver)."""
-    out = [f"potluck diff a/{d.path} b/{d.path}"]
+    path = safe_field(d.path)
+    out = [f"potluck diff a/{path} b/{path}"]
     for c in d.changes:
         sig = {"added": c.new, "removed": c.old}.get(c.status) or f"{c.old} -> {c.new}"
         if c.status == "changed" and c.old == c.new:
             sig = c.new or ""
-        line = f"  {c.status:<8} {c.name}  {sig}"
+        line = f"  {c.status:<8} {safe_field(c.name)}  {safe_field(sig)}"
         if c.stats is not None:
             s = c.stats
             line += (
@@ -58,14 +157,11 @@ def tensor_lines(m: Manifest | None) -> str:
     """Text form of a manifest for line diffs: ``name  dtype[shape]  oid-prefix`` per tensor."""
     if m is None:
         return ""
-    lines = [f"# {m.format}, {m.size} bytes"]
+    f = safe_field
+    lines = [f"# {f(m.format)}, {m.size} bytes"]
     for name, e in sorted(m.tensors().items()):
-        lines.append(f"{name}  {e.dtype}[{','.join(map(str, e.shape))}]  {e.oid[:16]}")
+        lines.append(f"{f(name)}  {f(e.dtype)}[{','.join(map(str, e.shape))}]  {f(e.oid[:16])}")
     for v in sorted(m.views, key=lambda v: v.name):
-        lines.append(f"{v.name}  {v.dtype}[{','.join(map(str, v.shape))}]  view of {v.storage}")
+        shape = ",".join(map(str, v.shape))
+        lines.append(f"{f(v.name)}  {f(v.dtype)}[{shape}]  view of {f(v.storage)}")
     return "\n".join(lines)
-
-
-def err(msg: str) -> None:
-    """Print to stderr."""
-    print(msg, file=sys.stderr)

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import emit_json
+from potluck.cli.render import echo, emit_json
 
 
 @cli.group()
@@ -45,7 +45,7 @@ def _run(kind: str, model: str, data: str, out: str, as_json: bool, **kw: Any) -
     if as_json:
         emit_json(summary)
         return
-    click.echo(
+    echo(
         f"{summary['kind']} statistics of {summary['tensors']} tensors ({summary['task']}) on "
         f"{summary['samples']} samples, {summary['tokens']} tokens → {summary['path']}"
     )

@@ -17,10 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from potluck.errors import GitError
+from potluck.errors import GitError, UserError
 
 GIT = "git"
 _BASE_ARGS = ("-c", "core.quotepath=off")
+#: Options ``log_path`` accepts among its revisions (everything else must not start with '-').
+_REV_OPTIONS = frozenset({"--all", "--branches", "--tags", "--remotes"})
 
 
 def _decode(raw: bytes) -> str:
@@ -43,6 +45,21 @@ def _hint_for(stderr: str) -> str:
     if "index.lock" in low:
         return "another git process is running; wait for it or remove the stale index.lock"
     return "run the git command by hand to see its full output and fix the cause"
+
+
+def refuse_option(value: str, what: str) -> str:
+    """``value`` unchanged; ``UserError`` when git would read it as an option (leading ``-``).
+
+    Every user- or repository-given string that reaches a git command line where git has no
+    ``--`` or ``--end-of-options`` separator goes through this check first.
+    """
+    if value.startswith("-"):
+        raise UserError(
+            f"{what} {value!r} starts with '-'",
+            hint=f"a {what} cannot start with '-' (it would be read as an option)",
+            value=value,
+        )
+    return value
 
 
 def _split_z(raw: bytes) -> list[str]:
@@ -156,22 +173,25 @@ class Git:
 
     def merge_base(self, a: str, b: str) -> str | None:
         """Best common ancestor of ``a`` and ``b``, or None when they share no history."""
-        proc = self.run_proc("merge-base", a, b)
+        args = ("merge-base", "--end-of-options", a, b)
+        proc = self.run_proc(*args)
         if proc.returncode == 1 and not proc.stderr.strip():
             return None
         if proc.returncode != 0:
-            raise self._error(("merge-base", a, b), proc.returncode, proc.stderr)
+            raise self._error(args, proc.returncode, proc.stderr)
         return _decode(proc.stdout).strip()
 
     def is_ancestor(self, a: str, b: str) -> bool:
         """True when commit ``a`` is an ancestor of (or equal to) commit ``b``."""
-        proc = self.run_proc("merge-base", "--is-ancestor", a, b)
+        args = ("merge-base", "--is-ancestor", "--end-of-options", a, b)
+        proc = self.run_proc(*args)
         if proc.returncode in (0, 1) and not proc.stderr.strip():
             return proc.returncode == 0
-        raise self._error(("merge-base", "--is-ancestor", a, b), proc.returncode, proc.stderr)
+        raise self._error(args, proc.returncode, proc.stderr)
 
     def rev_list(self, *args: str) -> list[str]:
-        """``git rev-list ARGS`` as a list of lines."""
+        """``git rev-list ARGS`` as a list of lines (``ARGS`` may hold options: callers check
+        user-given revisions with ``refuse_option``)."""
         return _decode(self.run("rev-list", *args)).splitlines()
 
     def all_ref_commits(self, include_reflog: bool = True, include_stash: bool = True) -> list[str]:
@@ -241,16 +261,17 @@ class Git:
 
     def show_blob(self, rev_path: str) -> bytes | None:
         """Contents of ``REV:PATH`` (``:PATH`` = index); None when it does not exist."""
-        proc = self.run_proc("cat-file", "blob", rev_path)
+        args = ("cat-file", "--end-of-options", "blob", rev_path)
+        proc = self.run_proc(*args)
         if proc.returncode != 0:
             if b"not a git repository" in proc.stderr:
-                raise self._error(("cat-file", "blob", rev_path), proc.returncode, proc.stderr)
+                raise self._error(args, proc.returncode, proc.stderr)
             return None
         return proc.stdout
 
     def list_blobs(self, rev: str, paths: list[str] | None = None) -> list[tuple[str, str]]:
         """``(path, blob_id)`` for every blob in ``rev``'s tree (paths relative to the top)."""
-        args = ["ls-tree", "-r", "-z", "--full-tree", rev]
+        args = ["ls-tree", "-r", "-z", "--full-tree", "--end-of-options", rev]
         if paths:
             args += ["--", *paths]
         out: list[tuple[str, str]] = []
@@ -272,6 +293,9 @@ class Git:
         the path. At most ``max_count`` rows when given.
         """
         limit = [] if max_count is None else [f"--max-count={max_count}"]
+        for rev in revs:
+            if rev not in _REV_OPTIONS:
+                refuse_option(rev, "revision")
         spec = ":(top,literal)" + path
         raw = self.run("log", "--format=%H%x1f%s", *limit, *revs, "--", spec)
         rows = [line.split("\x1f", 1) for line in _decode(raw).splitlines() if line]
@@ -314,6 +338,20 @@ class Git:
             oid, _, kind = line.rpartition(" ")
             result.append(oid if kind == "blob" else None)
         return result
+
+    def object_bytes(self, name: str) -> bytes | None:
+        """Contents of the object ``name`` names (any type; the name may hold a newline), or
+        None when it is missing. Two one-shot commands: ``CatFileBatch.get`` is cheaper."""
+        kind = self.run_proc("cat-file", "-t", "--end-of-options", name)
+        if kind.returncode != 0:
+            if b"not a git repository" in kind.stderr:
+                raise self._error(("cat-file", "-t", name), kind.returncode, kind.stderr)
+            return None
+        args = ("cat-file", "--end-of-options", _decode(kind.stdout).strip(), name)
+        proc = self.run_proc(*args)
+        if proc.returncode != 0:
+            raise self._error(args, proc.returncode, proc.stderr)
+        return proc.stdout
 
     def object_sizes(self, oids: Sequence[str]) -> dict[str, int]:
         """Sizes in bytes of existing objects, with one ``cat-file --batch-check``."""
@@ -424,8 +462,8 @@ class CatFileBatch:
 
     def get(self, rev_or_sha: str) -> bytes | None:
         """Contents of the object ``rev_or_sha`` names, or None when it is missing."""
-        if "\n" in rev_or_sha:
-            raise ValueError(f"object name contains a newline: {rev_or_sha!r}")
+        if "\n" in rev_or_sha:  # the batch protocol is line-based: ask a one-shot git
+            return self._git.object_bytes(rev_or_sha)
         proc = self._start()
         assert proc.stdin is not None and proc.stdout is not None
         try:

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from potluck.errors import UserError
-from potluck.git.plumbing import Git
+from potluck.git.plumbing import Git, refuse_option
 from potluck.remote import ObjectRemote, RemoteOptions, open_remote
 
 _SCP = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")
@@ -99,7 +99,7 @@ def _options(git: Git, name: str) -> dict[str, str]:
 
 def resolve(git: Git, name: str | None = None) -> RemoteSpec:
     """The object remote for git remote ``name`` (or a git URL given instead of a name)."""
-    name = name or default_remote(git)
+    name = refuse_option(name or default_remote(git), "remote name or URL")
     explicit = git.config_get(f"remote.{name}.potluckurl")
     if explicit:
         return RemoteSpec(name, explicit, f"remote.{name}.potluckurl", _options(git, name))
@@ -125,6 +125,7 @@ def resolve(git: Git, name: str | None = None) -> RemoteSpec:
 
 def set_url(git: Git, name: str, url: str, options: dict[str, str] | None = None) -> None:
     """Set ``remote.NAME.potluckurl`` (and replace its options when given)."""
+    refuse_option(name, "remote name")
     git.config_set(f"remote.{name}.potluckurl", url)
     if options is not None:
         git.config_unset(f"remote.{name}.potluckoption")

@@ -19,16 +19,20 @@ MERGE_RECORD = "merge-record.jsonl"
 
 
 def driver_config(command: str = "git-potluck") -> dict[str, str]:
-    """The config keys and values ``install`` sets; ``command`` is inserted verbatim (shell)."""
+    """The config keys and values ``install`` sets; ``command`` is inserted verbatim (shell).
+
+    Every driver that gets paths from git has ``--`` before them: a file named ``-x.pt`` is
+    a path, never an option.
+    """
     return {
         "filter.potluck.process": f"{command} filter-process",
-        "filter.potluck.clean": f"{command} clean %f",
-        "filter.potluck.smudge": f"{command} smudge %f",
+        "filter.potluck.clean": f"{command} clean -- %f",
+        "filter.potluck.smudge": f"{command} smudge -- %f",
         "filter.potluck.required": "true",
-        "diff.potluck.command": f"{command} diff-driver",
-        "diff.potluck.textconv": f"{command} textconv",
+        "diff.potluck.command": f"{command} diff-driver --",
+        "diff.potluck.textconv": f"{command} textconv --",
         "merge.potluck.name": "potluck tensor-level merge",
-        "merge.potluck.driver": f"{command} merge-driver %O %A %B %P",
+        "merge.potluck.driver": f"{command} merge-driver -- %O %A %B %P",
     }
 
 

@@ -86,7 +86,7 @@ def _manifest_blobs(repo: Repo, blobs: dict[str, str]) -> dict[str, tuple[str, M
                 continue
             data = batch.get(blob)
             if data is not None and is_manifest(data):
-                out[blob] = (path, parse(data))
+                out[blob] = (path, parse(data, f"{path} (blob {blob[:12]})"))
     return out
 
 
@@ -307,7 +307,7 @@ def placeholders(repo: Repo) -> list[tuple[str, Manifest]]:
         with open(full, "rb") as f:
             if not is_manifest(f.read(64)):
                 continue
-        out.append((path, parse(full.read_bytes())))
+        out.append((path, parse(full.read_bytes(), f"work-tree file {path}")))
     return out
 
 
@@ -374,7 +374,7 @@ def clone(
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not empty", hint="pick a new directory")
     branch_args = ["--branch", branch] if branch else []
-    Git(Path.cwd()).run("clone", "--no-checkout", *branch_args, url, str(directory))
+    Git(Path.cwd()).run("clone", "--no-checkout", *branch_args, "--", url, str(directory))
     repo = Repo(directory)
     install(repo)
     if no_data:
@@ -403,7 +403,7 @@ def _checkout(git: Git, *args: str) -> None:
 def _fallback_branch(git: Git) -> str | None:
     """main, else master, else the first remote branch of origin; None for an empty repo."""
     out = git.run("for-each-ref", "--format=%(refname:strip=3)", "refs/remotes/origin/")
-    names = [n for n in out.decode().split() if n != "HEAD"]
+    names = [n for n in out.decode().split() if n != "HEAD" and not n.startswith("-")]
     for name in ("main", "master"):
         if name in names:
             return name

@@ -42,7 +42,7 @@ def _fetch_ref(git: Git, remote: str) -> str | None:
     """Update the tracking ref from ``remote``; return its commit (None when there is none)."""
     tracking = tracking_ref(remote)
     proc = git.run_proc(
-        "fetch", "-q", "--no-tags", "--no-write-fetch-head", remote, f"+{REF}:{tracking}"
+        "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--", remote, f"+{REF}:{tracking}"
     )
     if proc.returncode != 0:
         text = proc.stderr.decode("utf-8", "replace").strip()
@@ -91,7 +91,7 @@ def publish(
         else:
             parent = _fetch_ref(git, remote)
         commit = _commit_with(git, parent, blob)
-        proc = git.run_proc("push", "-q", "--no-verify", remote, f"{commit}:{REF}")
+        proc = git.run_proc("push", "-q", "--no-verify", "--", remote, f"{commit}:{REF}")
         if proc.returncode == 0:
             git.run("update-ref", tracking_ref(remote), commit)
             return True
