@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, table
+from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, safe_field, table
 from potluck.git import attributes, evalrec, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
@@ -232,10 +232,11 @@ def status(as_json: bool) -> None:
         emit_json(st)
         return
     for c in st["conflicts"]:
-        echo(f"conflict: {c['path']}: {len(c['tensors'])} tensors changed on both sides")
+        path = safe_field(c["path"])
+        echo(f"conflict: {path}: {len(c['tensors'])} tensors changed on both sides")
         for t in c["tensors"]:
             why = c["reasons"].get(t)
-            echo(f"    {t}" + (f"  ({why})" if why else ""))
+            echo(f"    {safe_field(t)}" + (f"  ({why})" if why else ""))
         echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
     for p in st["not_materialized"]:
         have = p["tensors"] - p["tensors_missing"]
@@ -257,7 +258,7 @@ def resolve(path: str, take: str, pattern: str | None) -> None:
     repo = Repo(".")
     left = resolve_conflict(repo, repo.relpath(path), take, pattern)
     if left:
-        echo(f"{len(left)} tensors still conflicted: {', '.join(left)}")
+        echo(f"{len(left)} tensors still conflicted: {', '.join(map(safe_field, left))}")
     else:
         echo(f"resolved {path} (staged)")
 
