@@ -1,4 +1,9 @@
-"""Atomic writes (stdlib only): a file or directory appears complete or not at all."""
+"""Atomic writes (stdlib only): a file or directory appears complete or not at all.
+
+What they publish is an ordinary file or directory: its mode is what ``open``/``mkdir`` would
+have given under the process's umask (0644 / 0755 under umask 022), not the private 0600 / 0700
+of the temporary file or directory it was staged in.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+__all__ = ["atomic_dir", "atomic_writer", "current_umask", "file_sha256", "publish_mode"]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic, but brief)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike[str]) -> None:
+    """Give a staged file 0o666 and a staged directory 0o777, less the umask (what ``open`` and
+    ``mkdir`` give a new one), so a published output can be shared like any other file."""
+    p = Path(path)
+    full = 0o777 if p.is_dir() else 0o666
+    os.chmod(p, full & ~current_umask())
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
@@ -21,6 +50,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it private
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -40,7 +70,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        publish_mode(tmp)  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
         if target.is_dir():
             target.rmdir()  # empty, else this fails and nothing is replaced

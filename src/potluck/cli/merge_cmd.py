@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from potluck.git.models import open_model
 from potluck.ops.merge import (
     MergeConfig,
     MergePlan,
+    add_exclusions,
     explain_merge,
     load_config,
     parse_config,
@@ -64,6 +68,10 @@ def _render_plan(plan: MergePlan) -> None:
     for note in plan.notes:
         echo(f"note: {note}")
     for j in plan.jobs:
+        if j.carried:
+            echo(f"{j.out.name} {j.out.dtype}{list(j.out.shape)} carried unmerged from "
+                 f"{Path(j.models[0][0]).name} (a buffer)")  # fmt: skip
+            continue
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(j.params.items()))  # fmt: skip
         weights = "" if j.weights is None else " weights=" + ",".join(f"{w:g}" for w in j.weights)
@@ -72,6 +80,18 @@ def _render_plan(plan: MergePlan) -> None:
                             for m, n in j.models)  # fmt: skip
         echo(f"{j.out.name} {j.out.dtype}{list(j.out.shape)} t={j.t:.3g} "
                    f"{params}{weights}{base} ← {inputs}")  # fmt: skip
+
+
+def _to_pipe(write: Callable[[], None]) -> None:
+    """Run ``write``; a reader that stops early (``| head``) ends the command quietly with
+    status 0, like any filter whose reader has what it wanted (no error, no traceback)."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
+        sys.exit(0)
 
 
 @cli.command()
@@ -88,13 +108,17 @@ def _render_plan(plan: MergePlan) -> None:
 @click.option("--shard-size", default=None, help="Largest output shard (default 5GB).")
 @click.option("--explain", is_flag=True, help="Print the per-tensor plan; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--exclude-tensors", "exclude", multiple=True, metavar="GLOB",
+    help="Leave tensors matching GLOB out of the output (repeatable; reported).",
+)  # fmt: skip
 @json_opt
 @handle_errors
 def merge(
     args: tuple[str, ...], method: str | None, base: str | None, output: str | None,
     params: tuple[str, ...], weights: str | None, seed: int, dtype: str | None, workers: int,
     max_memory: str | None, shard_size: str | None, explain: bool, overwrite: bool,
-    as_json: bool,
+    exclude: tuple[str, ...], as_json: bool,
 ) -> None:  # fmt: skip
     """Merge models: `potluck merge CONFIG.yaml OUT_DIR` (mergekit YAML), or
     `potluck merge --method ties --base B A1 A2 -o OUT -p density=0.2`.
@@ -111,13 +135,16 @@ def merge(
         config = load_config(args[0])
         text = Path(args[0]).read_text()
         out = args[1] if len(args) > 1 else output
+    config, text = add_exclusions(config, text, exclude)
     if explain:
         plan = explain_merge(config, opener=open_model)
         if as_json:
-            emit_json({"method": plan.method.name, "notes": plan.notes,
-                       "tensors": [j.to_dict() for j in plan.jobs]})  # fmt: skip
+            data = {"method": plan.method.name, "notes": plan.notes,
+                    "tensors": [j.to_dict() for j in plan.jobs],
+                    **plan.unmerged_dict()}  # fmt: skip
+            _to_pipe(lambda: emit_json(data))
         else:
-            _render_plan(plan)
+            _to_pipe(lambda: _render_plan(plan))
         return
     if not out:
         raise UserError("no output directory", hint="give OUT_DIR (or -o OUT in the flag form)")

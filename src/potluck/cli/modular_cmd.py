@@ -262,13 +262,30 @@ def lock_cmd(manifest: str, output: str | None, as_json: bool) -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--weight", "weights", multiple=True, help="NAME=W (default: static or uniform).")
+@click.option(
+    "--all-modules",
+    is_flag=True,
+    help="Mix every module the experts adapt, not only those router.layers selects.",
+)
 @_JSON
 @handle_errors
-def export_cmd(source: str, output: str, weights: tuple[str, ...], as_json: bool) -> None:
+def export_cmd(
+    source: str, output: str, weights: tuple[str, ...], all_modules: bool, as_json: bool
+) -> None:
     """Write a fixed mixture of SOURCE's experts (manifest or lock) as one ordinary patch."""
     comp = load_composition(source, open_base=open_model)
-    info = export_mixture(comp, output, _pairs(weights, "weight") if weights else None)
+    info = export_mixture(
+        comp, output, _pairs(weights, "weight") if weights else None, all_modules=all_modules
+    )
     mix = ", ".join(f"{k}={v:g}" for k, v in sorted(info["weights"].items()))
+    left = info["left_out"]
+    if left and not as_json:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        echo(
+            f"note: left out {len(left)} expert tensor(s) outside router.layers "
+            f"{info['layers']}: {shown} (--all-modules mixes them too)",
+            err=True,
+        )
     _emit(info, as_json, f"{len(info['tensors'])} tensor(s), {mix} → {output}")
 
 

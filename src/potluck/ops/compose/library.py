@@ -18,6 +18,7 @@ refused (``IntegrityError`` naming the expert).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -141,8 +142,8 @@ def _delta(name: str, p: Payload) -> ExpertDelta:
     if p.codec == "ia3" and len(shape) in (1, 2):
         return ExpertDelta("ia3", shape, scales=p.arrays["scales"], axis=int(p.meta["axis"]))
     raise UserError(
-        f"tensor {name!r} is a {p.codec} payload ({mode or 'no mode'}, {len(shape)}-D): an expert "
-        "must be a low-rank (LoRA) or (IA)³ patch of 1-D/2-D tensors",
+        f"tensor {name!r} uses codec {p.codec!r} ({mode or 'no mode'}, {len(shape)}-D): an "
+        "expert must be a low-rank (LoRA) or (IA)³ patch of 1-D/2-D tensors",
         hint="create the patch with --codec lowrank (or import a LoRA/(IA)³ PEFT adapter)",
         tensor=name,
         codec=p.codec,
@@ -376,13 +377,33 @@ def add_expert(
             hint="bump the version; published versions are immutable",
             expert=name,
         )
-    lib.mkdir(parents=True, exist_ok=True)
-    if not (lib / LIBRARY_FILE).exists():
-        _dump_json(lib / LIBRARY_FILE, {"potluck_library": LIBRARY_VERSION})
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(dest) as tmp:
-        record = _build(tmp, Path(source), name, version, base, opts)
+    created = _missing_parents(dest)
+    new_library = not (lib / LIBRARY_FILE).exists()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if new_library:
+            _dump_json(lib / LIBRARY_FILE, {"potluck_library": LIBRARY_VERSION})
+        with atomic_dir(dest) as tmp:
+            record = _build(tmp, Path(source), name, version, base, opts)
+    except BaseException:
+        if new_library:
+            with contextlib.suppress(OSError):
+                (lib / LIBRARY_FILE).unlink()
+        for d in created:  # deepest first; only the directories this call made, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     return ExpertRecord(name, version, dest, record.meta)
+
+
+def _missing_parents(dest: Path) -> list[Path]:
+    """The directories above ``dest`` that do not exist yet, deepest first."""
+    out = []
+    for d in dest.parents:
+        if d.exists():
+            break
+        out.append(d)
+    return out
 
 
 def _same_version(text: str, version: tuple[int, ...]) -> bool:

@@ -20,8 +20,10 @@ relative to the manifest's directory; top-level keys come before the ``[router]`
 
 ``lock_manifest`` resolves every expert to its newest matching version, checks that each one's
 pinned base tensors match the base (a mismatch is an error naming the expert) and that the
-router's artifacts are fresh, and returns the lock: canonical JSON (sorted keys, two-space
-indent, no timestamps), so the same manifest and library always give the same bytes.
+router has what it needs at every routed module (``routed``: fresh Arrow / PHATGOOSE artifacts
+from every expert, a learned router's weights), and returns the lock: canonical JSON (sorted
+keys, two-space indent, no timestamps), so the same manifest and library always give the same
+bytes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ from potluck.ops.compose.library import (
     load_artifact,
     mismatch_error,
 )
+from potluck.ops.compose.routed import (
+    NEEDS,
+    check_artifacts,
+    check_router_file,
+    module_of,
+    routed_weights,
+    selected,
+)
 from potluck.ops.models.sources import ModelSource, open_path
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
 from potluck.tensors.digests import base_digest
@@ -74,8 +84,6 @@ __all__ = [
 ]
 
 LOCK_VERSION = "1"
-#: Artifact each strategy needs from every expert.
-NEEDS = {"arrow": "arrow", "phatgoose": "phatgoose"}
 _TOP = {"base", "library", "model_class", "aggregation", "experts", "router"}
 _ROUTER = {"strategy", "top_k", "temperature", "granularity", "layers", "weights", "weights_file"}
 Opener = Callable[[str], ModelSource]
@@ -214,7 +222,9 @@ def _expert_entry(
     }
 
 
-def _check_router(m: Manifest, records: list[ExpertRecord], root: Path) -> dict[str, Any]:
+def _check_router(
+    m: Manifest, records: list[ExpertRecord], root: Path, routed: list[str]
+) -> dict[str, Any]:
     r = m.router
     names = [rec.name for rec in records]
     if r.top_k is not None and not 1 <= r.top_k <= len(names):
@@ -231,10 +241,19 @@ def _check_router(m: Manifest, records: list[ExpertRecord], root: Path) -> dict[
                 m.path,
                 f"router.weights must name each expert once (missing {missing}, unknown {extra})",
             )
+    if not routed:
+        raise _bad(
+            m.path,
+            f"router.layers {r.layers} select no module the experts adapt",
+            "widen router.layers (fnmatch globs over adapted weight names, default '*')",
+        )
+    check_artifacts(r.strategy, records, routed, m.path)
     if r.strategy in ("learned", "smear"):
         if r.weights_file is None:
             raise _bad(m.path, f"the {r.strategy} router needs router.weights_file")
-        return {"weights_file_sha256": file_sha256(Path(_rel(root, r.weights_file)))}
+        path = Path(_rel(root, r.weights_file))
+        check_router_file(path, r.strategy, routed, len(records))
+        return {"weights_file_sha256": file_sha256(path)}
     return {}
 
 
@@ -265,14 +284,17 @@ def lock_manifest(
     records = [find_expert(lib, f"{n}@{c}") for n, c in m.experts]
     pinned: dict[str, str] = {}
     cache: dict[str, str] = {}
+    updated: list[list[str]] = []
     with open_base(_rel(root, m.base)) as base:
         for rec in records:
-            want = read_patch(rec.patch_path).base
-            bad = base_mismatches(want, base, cache)
+            contents = read_patch(rec.patch_path)
+            bad = base_mismatches(contents.base, base, cache)
             if bad:
                 raise mismatch_error(rec.ref, bad)
-            pinned.update(want)
-    router = {**m.router.to_json(), **_check_router(m, records, root)}
+            pinned.update(contents.base)
+            updated.append(list(contents.payloads))
+    routed = routed_weights(updated, m.router.layers)
+    router = {**m.router.to_json(), **_check_router(m, records, root, routed)}
     router["weights_file"] = _moved(m.router.weights_file, root_abs, here)
     return {
         "potluck_lock": LOCK_VERSION,
@@ -385,18 +407,17 @@ def load_composition(path: str | os.PathLike[str], *, open_base: Opener = open_p
 # ------------------------------------------------------------------------------ fixed mixtures
 
 
-def module_of(tensor: str) -> str:
-    """``a.b.weight`` → ``a.b`` (the module a tensor belongs to)."""
-    return tensor.rsplit(".", 1)[0]
-
-
-def selected_deltas(comp: Composition) -> list[dict[str, ExpertDelta]]:
-    """Per expert (lock order), its deltas of the modules the router's ``layers`` select."""
+def selected_deltas(
+    comp: Composition, *, all_modules: bool = False
+) -> list[dict[str, ExpertDelta]]:
+    """Per expert (lock order), its deltas of the modules the router's ``layers`` select (all
+    of them with ``all_modules``)."""
+    layers = ["*"] if all_modules else list(comp.router.get("layers") or ["*"])
     out = []
     for rec in comp.experts:
         deltas = expert_deltas(rec.patch_path)
-        keep = set(comp.targets(sorted({module_of(n) + ".weight" for n in deltas})))
-        out.append({n: d for n, d in deltas.items() if module_of(n) + ".weight" in keep})
+        keep = set(selected(deltas, layers))
+        out.append({n: d for n, d in deltas.items() if n in keep})
     return out
 
 
@@ -436,14 +457,20 @@ def _mix_tensor(name: str, parts: list[tuple[ExpertDelta, float]], dtype: str) -
 
 
 def export_mixture(
-    comp: Composition, out: str | os.PathLike[str], weights: dict[str, float] | None = None
+    comp: Composition,
+    out: str | os.PathLike[str],
+    weights: dict[str, float] | None = None,
+    *,
+    all_modules: bool = False,
 ) -> dict[str, Any]:
     """Write the fixed mixture Σ wₑ·expertₑ as one ordinary potluck patch of the base.
 
     Low-rank experts are concatenated (A = [A₁; …], B = [w₁B₁ | …]: exact, rank Σ rₑ), dense
     bias deltas and (IA)³ scales (s = 1 + Σ wₑ(sₑ − 1)) are combined linearly, so applying the
     patch gives the output-aggregated composition with those static weights at zero overhead.
-    Only the modules the router's ``layers`` select are included. Returns a summary.
+    Like the composition, it covers the modules the router's ``layers`` select (every module the
+    experts adapt with ``all_modules``); the summary's ``left_out`` names the expert updates
+    outside them, so nothing is dropped unsaid.
     """
     w = default_weights(comp) if weights is None else dict(weights)
     names = [rec.name for rec in comp.experts]
@@ -457,8 +484,13 @@ def export_mixture(
     per_tensor: dict[str, list[tuple[ExpertDelta, float]]] = {}
     pins: dict[str, str] = {}
     dtypes: dict[str, str] = {}
-    for rec, deltas in zip(comp.experts, selected_deltas(comp), strict=True):
+    left_out: set[str] = set()
+    for rec, deltas in zip(
+        comp.experts, selected_deltas(comp, all_modules=all_modules), strict=True
+    ):
         contents = read_patch(rec.patch_path)
+        if w.get(rec.name, 0.0) != 0.0:
+            left_out.update(set(contents.payloads) - set(deltas))
         for name, d in deltas.items():
             if w.get(rec.name, 0.0) != 0.0:
                 per_tensor.setdefault(name, []).append((d, w[rec.name]))
@@ -472,4 +504,11 @@ def export_mixture(
         ]
     }
     size = write_patch(out, PatchContents(payloads, pins, {}, [], [], desc))
-    return {"path": str(out), "size": size, "tensors": sorted(payloads), "weights": w}
+    return {
+        "path": str(out),
+        "size": size,
+        "tensors": sorted(payloads),
+        "weights": w,
+        "left_out": sorted(left_out),
+        "layers": ["*"] if all_modules else list(comp.router.get("layers") or ["*"]),
+    }

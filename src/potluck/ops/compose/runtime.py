@@ -46,6 +46,7 @@ from potluck.ops.compose.manifest import (
     selected_deltas,
 )
 from potluck.ops.models.sources import open_path
+from potluck.ops.models.torchdata import load_pretrained
 from potluck.ops.patch.fileformat import read_patch
 
 __all__ = [
@@ -505,13 +506,31 @@ def load_tokenizer(base: str) -> Any:
 
 
 def load_model(base: str, model_class: str) -> Any:
-    """``transformers.<model_class>.from_pretrained(base)`` in eval mode."""
-    import transformers
+    """``transformers.<model_class>.from_pretrained(base)`` (offline) in eval mode.
 
-    cls = getattr(transformers, model_class, None)
-    if cls is None:
-        raise UserError(f"transformers has no {model_class!r}", hint="fix model_class")
-    return cls.from_pretrained(base).eval()
+    A checkpoint that lacks weights the class needs (a ``…ForSequenceClassification`` head on a
+    bare encoder) is refused: transformers would initialise them at random, so outputs and
+    trained gates would differ from run to run.
+    """
+    model, missing = load_pretrained(model_class, base)
+    if model is None:
+        raise UserError(
+            f"{base}: transformers' {model_class} does not fit its config.json",
+            hint="choose a model class for this architecture (e.g. AutoModel)",
+        )
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise UserError(
+            f"{base}: the checkpoint has no {shown} for {model_class}: transformers would "
+            "initialise them at random, so results would change from run to run",
+            hint="use the checkpoint saved with that head (the fine-tuned classifier or LM), or "
+            "a model class whose weights it holds (e.g. AutoModel)",
+            model_class=model_class,
+            missing=missing,
+        )
+    return model.eval()
 
 
 def text_batches(

@@ -56,6 +56,8 @@ def model_card(
         )
         lines.append(f"| {role} | `{ref}` | {ident or 'file'} |")
     lines += ["", f"Seed: {config.seed} (keys the random methods per model and tensor).", ""]
+    if plan.notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in plan.notes), ""]
     if config_text is not None:
         lines += ["## Configuration", "", "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -7,14 +7,17 @@ base_model?, parameters?}]``, top-level ``parameters``, ``dtype``, ``out_dtype``
 over the layers: ``t`` = layer / (layers − 1); tensors before the layers use t = 0, after them
 t = 1), or a list of ``{filter, value}`` conditions (the first whose ``filter`` is a substring of
 the tensor name, or has none, applies). potluck adds ``seed`` (keys the random methods),
-``models[].stats`` (a Fisher/Gram statistics file for data-aware methods) and ``name``.
+``models[].stats`` (a Fisher/Gram statistics file for data-aware methods), ``name`` and
+``exclude_tensors`` (fnmatch globs of tensor names left out of the output; mergekit has no such
+key).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ __all__ = [
     "Setting",
     "SliceInput",
     "SliceSpec",
+    "add_exclusions",
     "evaluate_setting",
     "load_config",
     "parse_config",
@@ -46,6 +50,7 @@ _TOP_KEYS = {
     "chat_template",
     "seed",
     "name",
+    "exclude_tensors",
 }
 #: mergekit keys potluck accepts but does not act on (they do not change the merged tensors).
 IGNORED_KEYS = ("tokenizer", "chat_template")
@@ -93,6 +98,7 @@ class MergeConfig:
     seed: int = 0
     name: str | None = None
     ignored: tuple[str, ...] = ()
+    exclude_tensors: tuple[str, ...] = ()
 
     def referenced_models(self) -> list[str]:
         """Every model reference, base first, each once."""
@@ -158,7 +164,36 @@ def parse_config(data: Any, *, where: str = "config", root: Path | None = None) 
         seed=seed,
         name=_opt_str(data.get("name"), "name", where),
         ignored=tuple(k for k in IGNORED_KEYS if k in data),
+        exclude_tensors=_globs(data.get("exclude_tensors"), where),
     )
+
+
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    """``exclude_tensors``: one glob or a list of them (fnmatch over tensor names)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(g, str) and g for g in items):
+        raise UserError(
+            f"{where}: exclude_tensors must be a glob or a list of globs, not {value!r}",
+            hint="e.g. exclude_tensors: ['*.position_ids']",
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def add_exclusions(config: MergeConfig, text: str, globs: Sequence[str]) -> tuple[MergeConfig, str]:
+    """``config`` with ``globs`` added to its ``exclude_tensors`` (``--exclude-tensors``), and
+    its recorded text with the resulting ``exclude_tensors`` line appended (the last key wins in
+    YAML), so the recorded configuration reproduces the merge."""
+    if not globs:
+        return config, text
+    for g in globs:
+        if not g:
+            raise UserError("--exclude-tensors needs a glob", hint="e.g. '*.position_ids'")
+    merged = tuple(dict.fromkeys((*config.exclude_tensors, *globs)))
+    line = json.dumps(list(merged))  # a JSON list is a YAML flow sequence
+    text = text.rstrip("\n") + f"\n# potluck merge --exclude-tensors\nexclude_tensors: {line}\n"
+    return replace(config, exclude_tensors=merged), text
 
 
 class _RefResolver:

@@ -2,8 +2,9 @@
 
 ``plan_merge(config, sources)`` resolves every parameter of every output tensor exactly as
 mergekit would (per-model values, filters, gradients over the layers, slices) and checks that the
-inputs agree (same tensor names, shapes, float dtypes) before anything is computed. The plan is
-what ``--explain`` prints and what the executor (``ops.merge.run``) runs.
+inputs agree (same tensor names, shapes, float dtypes) before anything is computed. Buffers are
+carried over instead of merged and ``exclude_tensors`` globs leave tensors out (``buffers``). The
+plan is what ``--explain`` prints and what the executor (``ops.merge.run``) runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS, MergeMethod
+from potluck.ops.merge.buffers import Unmerged, check_identical, excluded_by, is_buffer
 from potluck.ops.merge.config import (
     MergeConfig,
     ModelInput,
@@ -59,6 +61,7 @@ class TensorJob:
     params: dict[str, Any]
     weights: tuple[float, ...] | None
     t: float
+    carried: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--explain --json`` prints)."""
@@ -72,17 +75,29 @@ class TensorJob:
             "params": self.params,
             "weights": None if self.weights is None else list(self.weights),
             "t": self.t,
+            "carried": self.carried,
         }
 
 
 @dataclass
 class MergePlan:
-    """The jobs in output order, the number of output layers, and notes for the user."""
+    """The jobs in output order, the number of output layers, notes for the user, and the
+    tensors not merged (``carried`` buffers → their model, ``left_out`` buffers, ``excluded``)."""
 
     jobs: list[TensorJob]
     method: MergeMethod
     num_layers: int | None = None
     notes: list[str] = field(default_factory=list)
+    unmerged: Unmerged = field(default_factory=Unmerged)
+
+    def unmerged_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``carried`` {tensor: model}, ``left_out`` and ``excluded`` (sorted)."""
+        u = self.unmerged
+        return {
+            "carried": dict(sorted(u.carried.items())),
+            "left_out": sorted(u.left_out),
+            "excluded": sorted(u.excluded),
+        }
 
 
 def plan_merge(
@@ -94,7 +109,8 @@ def plan_merge(
     slices = config.slices or (_whole_model_slice(config, method, sources),)
     planner = _Planner(config, method, sources, out_dtype)
     jobs = planner.plan(slices)
-    return MergePlan(jobs, method, planner.out_layers, notes + sorted(planner.notes))
+    notes += sorted(planner.notes) + planner.unmerged.notes()
+    return MergePlan(jobs, method, planner.out_layers, notes, planner.unmerged)
 
 
 def _whole_model_slice(
@@ -133,11 +149,35 @@ class _Planner:
         self.out_dtype = out_dtype or config.out_dtype or config.dtype
         self.out_layers: int | None = None
         self.notes: set[str] = set()
+        self.unmerged = Unmerged(excluded=self._excluded())
+        #: the model whose tensor names and layout the output takes (its config is copied too)
+        self.home = config.referenced_models()[0]
+
+    def _excluded(self) -> set[str]:
+        """Every input tensor name an ``exclude_tensors`` glob matches (a glob matching none is
+        an error: a typo must not pass silently)."""
+        globs = self.config.exclude_tensors
+        names = {n for src in self.sources.values() for n in src.names()}
+        for g in globs:
+            if not any(excluded_by(n, [g]) for n in names):
+                raise UserError(
+                    f"exclude_tensors: {g!r} matches no tensor of the inputs",
+                    hint="globs match whole tensor names, e.g. '*.position_ids'",
+                    glob=g,
+                )
+        return {n for n in names if excluded_by(n, globs)}
+
+    def _names_model(self, spec: SliceSpec) -> str:
+        """Whose tensor names a slice's output has: the home model for a ``models:`` merge."""
+        return spec.sources[0].model if self.config.slices else self.home
+
+    def _names(self, model: str) -> list[str]:
+        return [n for n in self.sources[model].names() if n not in self.unmerged.excluded]
 
     def plan(self, slices: Sequence[SliceSpec]) -> list[TensorJob]:
         first, last = slices[0], slices[-1]
-        ref = self.sources[first.sources[0].model]
-        outside = [n for n in ref.names() if layer_index(n) is None]
+        ref = self.sources[self._names_model(first)]
+        outside = [n for n in self._names(self._names_model(first)) if layer_index(n) is None]
         pre = [n for n in outside if _PRE.search(n)]
         post = [n for n in outside if not _PRE.search(n)]
         jobs = [self._job(first, n, n, 0, 0.0) for n in pre]
@@ -154,20 +194,26 @@ class _Planner:
         return jobs
 
     def _check_complete(self, jobs: list[TensorJob]) -> None:
-        """With ``models:``, every model must have exactly the reference's tensors."""
+        """With ``models:``, every model must have exactly the output's tensors, but for
+        buffers (left out when the home model lacks them) and excluded tensors."""
         if self.config.slices:
             return
         read: dict[str, set[str]] = {}
         for job in jobs:
             for model, name in (*job.models, *([job.base] if job.base else [])):
                 read.setdefault(model, set()).add(name)
+        done = set(self.unmerged.carried) | self.unmerged.excluded
         for model, names in read.items():
-            extra = sorted(set(self.sources[model].names()) - names)
+            src = self.sources[model]
+            extra = sorted(set(src.names()) - names - done)
+            self.unmerged.left_out.update(n for n in extra if is_buffer(src.info(n)))
+            extra = [n for n in extra if not is_buffer(src.info(n))]
             if extra:
                 shown = ", ".join(extra[:5]) + (" …" if len(extra) > 5 else "")
                 raise UserError(
                     f"{model} has {len(extra)} tensor(s) the other models lack: {shown}",
-                    hint="merge only models of the same architecture (never a silent skip)",
+                    hint="merge only models of the same architecture (never a silent skip), or "
+                    "leave them out: --exclude-tensors GLOB (exclude_tensors: in YAML)",
                     model=model,
                     tensors=extra,
                 )
@@ -176,9 +222,9 @@ class _Planner:
         self, spec: SliceSpec, offset: int, out_layer: int, t: float
     ) -> list[TensorJob]:
         src0 = spec.sources[0]
-        ref = self.sources[src0.model]
+        ref = self.sources[self._names_model(spec)]
         layer = src0.layer_range[0] + offset
-        names = [n for n in ref.names() if layer_index(n) == layer]
+        names = [n for n in self._names(self._names_model(spec)) if layer_index(n) == layer]
         if not names:
             raise UserError(
                 f"{src0.model} has no layer {layer}",
@@ -186,19 +232,37 @@ class _Planner:
             )
         return [self._job(spec, n, _rename_layer(n, out_layer), offset, t) for n in names]
 
-    def _job(self, spec: SliceSpec, name0: str, out_name: str, offset: int, t: float) -> TensorJob:
+    def _inputs(self, spec: SliceSpec, name0: str, offset: int) -> list[tuple[str, str]]:
         inputs: list[tuple[str, str]] = []
         for src in spec.sources:
             name = name0
             if layer_index(name0) is not None:
                 name = _rename_layer(name0, src.layer_range[0] + offset)
             inputs.append((src.model, name))
+        return inputs
+
+    def _job(self, spec: SliceSpec, name0: str, out_name: str, offset: int, t: float) -> TensorJob:
+        inputs = self._inputs(spec, name0, offset)
+        if is_buffer(self._info(self._names_model(spec), name0)):
+            return self._carry(spec, inputs, name0, out_name, t)
         infos = [self._info(m, n) for m, n in inputs]
         self._check_alike(infos, out_name)
         params, weights = self._params(spec, out_name, t)
         models, base, weights = self._split_base(spec, inputs, weights)
         out = TensorInfo(out_name, self.out_dtype_for(infos[0]), infos[0].shape)
         return TensorJob(out, self.method.name, models, base, params, weights, t)
+
+    def _carry(
+        self, spec: SliceSpec, inputs: list[tuple[str, str]], name0: str, out_name: str, t: float
+    ) -> TensorJob:
+        """A buffer: checked identical wherever present, then taken from the home model."""
+        home = (self._names_model(spec), name0)
+        holders = [home, *(x for x in inputs if x != home and x[1] in self.sources[x[0]].infos)]
+        check_identical(out_name, [(m, self.sources[m], n) for m, n in holders])
+        self.unmerged.carried[out_name] = home[0]
+        info = self._info(*home)
+        out = TensorInfo(out_name, info.dtype, info.shape)  # a buffer keeps its dtype
+        return TensorJob(out, "passthrough", (home,), None, {}, None, t, carried=True)
 
     def _base_index(self, spec: SliceSpec) -> int | None:
         """Which of the slice's sources is the base model (None when the method has none)."""

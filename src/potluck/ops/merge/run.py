@@ -47,7 +47,8 @@ Progress = Callable[[int], None]
 
 @dataclass
 class MergeReport:
-    """What a merge wrote and how long it took."""
+    """What a merge wrote and how long it took; ``carried`` (buffer → its model), ``left_out``
+    and ``excluded`` name the tensors that were not merged (``ops.merge.buffers``)."""
 
     out_dir: str
     method: str
@@ -56,6 +57,9 @@ class MergeReport:
     seconds: float
     workers: int
     notes: list[str] = field(default_factory=list)
+    carried: dict[str, str] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -112,8 +116,8 @@ def run_merge(
             writer.abort()
             raise
     return MergeReport(
-        str(out_dir), plan.method.name, [f.name for f in files], len(plan.jobs),
-        round(time.perf_counter() - start, 3), workers, plan.notes,
+        str(out_dir), plan.method.name, files, len(plan.jobs),
+        round(time.perf_counter() - start, 3), workers, plan.notes, **plan.unmerged_dict(),
     )  # fmt: skip
 
 

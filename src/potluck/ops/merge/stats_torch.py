@@ -19,8 +19,10 @@ from potluck.errors import UserError
 from potluck.fileio import file_sha256
 from potluck.ops.merge.statsfile import write_stats
 from potluck.ops.models.torchdata import (
+    architectures,
     checkpoint_hashes,
     load_batches,
+    load_pretrained,
     require_torch,
     to_device,
 )
@@ -248,37 +250,101 @@ def causal_lm_nll(model: Any, batch: Batch) -> torch.Tensor:
 # ── Hugging Face models: ``potluck stats`` ───────────────────────────────────────────────────
 
 
-def load_hf_model(
-    model_dir: str | os.PathLike[str], kind: str, has_labels: bool
-) -> tuple[Any, str]:
-    """(model, task) from a local model directory (never the hub).
+_CLASSIFIER = "AutoModelForSequenceClassification"
+_CAUSAL_LM = "AutoModelForCausalLM"
+_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
-    A sequence classifier when the data has labels and the config's architecture is one
-    (``*ForSequenceClassification``), else a causal LM; for Gram statistics a model with neither
-    head falls back to the bare ``AutoModel``.
-    """
-    import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    archs = list(getattr(config, "architectures", None) or [])
-    cls: Any
-    if has_labels and any(a.endswith("ForSequenceClassification") for a in archs):
-        cls, task = transformers.AutoModelForSequenceClassification, "classification"
-    else:
-        cls, task = transformers.AutoModelForCausalLM, "causal_lm"
-    try:
-        model = cls.from_pretrained(model_dir, local_files_only=True)
-    except ValueError:
-        if kind != "gram":
+def _missing_text(missing: list[str]) -> str:
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return f"its checkpoint lacks {shown}, which would be randomly initialised"
+
+
+def _fisher_model(model_dir: str | os.PathLike[str], labels: str | None) -> tuple[Any, str]:
+    """Fisher needs the model's own likelihood: a classifier for class labels, else a causal
+    LM — each loaded only when the checkpoint holds every weight of its head."""
+    archs = ", ".join(architectures(model_dir)) or "none named"
+    if labels == "class":
+        model, missing = load_pretrained(_CLASSIFIER, model_dir)
+        if model is None or missing:
+            why = "its config has no classifier" if model is None else _missing_text(missing)
             raise UserError(
-                f"{model_dir}: no sequence-classification or causal-LM head for a Fisher",
-                hint="Fisher needs a likelihood: label the data for a classifier, or use an LM",
-            ) from None
-        model, task = (
-            transformers.AutoModel.from_pretrained(model_dir, local_files_only=True),
-            "base",
+                f"{model_dir}: the data has class labels, but the model (architectures: "
+                f"{archs}) is not a sequence classifier: {why}",
+                hint="a Fisher on labelled data needs the classifier's own checkpoint; for a "
+                "language model, leave out the labels (next-token likelihood)",
+                architectures=archs,
+            )
+        return model, "classification"
+    model, missing = load_pretrained(_CAUSAL_LM, model_dir)
+    if model is None or missing:
+        why = "its config has no causal-LM head" if model is None else _missing_text(missing)
+        raise UserError(
+            f"{model_dir}: a Fisher without class labels needs a causal language model, but "
+            f"the model (architectures: {archs}) has no causal-LM head: {why}",
+            hint='label the data ({"text": …, "label": 0}) for a sequence classifier, or use a '
+            "causal LM; Gram statistics (potluck stats gram) need no head",
+            architectures=archs,
         )
-    return model, task
+    return model, "causal_lm"
+
+
+def _gram_model(model_dir: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Gram statistics need no loss: the class the config's architectures name (classifier or
+    causal LM) when the checkpoint holds its head, else the bare ``AutoModel``."""
+    archs = architectures(model_dir)
+    tries: list[tuple[str, str]] = []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        tries.append((_CLASSIFIER, "classification"))
+    if any(a.endswith(_LM_SUFFIXES) for a in archs):
+        tries.append((_CAUSAL_LM, "causal_lm"))
+    for auto_class, task in [*tries, ("AutoModel", "base")]:
+        model, missing = load_pretrained(auto_class, model_dir)
+        if model is not None and not missing:
+            return model, task
+    raise UserError(
+        f"{model_dir}: not a complete transformers model: {_missing_text(missing)}"
+        if model is not None
+        else f"{model_dir}: transformers cannot build a model from its config.json",
+        hint="point at a model directory saved with save_pretrained",
+    )
+
+
+def load_hf_model(
+    model_dir: str | os.PathLike[str], kind: str, labels: str | None
+) -> tuple[Any, str]:
+    """(model, task) from a local model directory (never the hub; see docs/merging-stats.md).
+
+    ``labels`` is the data's labels: ``"class"`` ([N]), ``"token"`` ([N, T]) or None. Fisher:
+    class labels need a sequence classifier, otherwise a causal LM. Gram: the class the config's
+    ``architectures`` name, falling back to the bare ``AutoModel``. A head whose weights the
+    checkpoint lacks is never used (transformers would initialise it at random): Fisher refuses
+    the model naming the missing weights, Gram falls back.
+    """
+    if kind == "fisher":
+        return _fisher_model(model_dir, labels)
+    return _gram_model(model_dir)
+
+
+def _label_kind(batches: list[dict[str, torch.Tensor]]) -> str | None:
+    """``"class"`` ([B] labels), ``"token"`` ([B, T]) or None (no labels)."""
+    if not batches or "labels" not in batches[0]:
+        return None
+    return "class" if batches[0]["labels"].dim() == 1 else "token"
+
+
+def _check_labels(model: Any, task: str, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Class labels must be classes of the classifier (``0 ≤ label < num_labels``)."""
+    if task != "classification":
+        return
+    n = int(getattr(model.config, "num_labels", 0))
+    bad = sorted({int(v) for b in batches for v in b["labels"].tolist() if not 0 <= int(v) < n})
+    if bad:
+        raise UserError(
+            f"the data has label(s) {bad[:5]}, but the classifier has {n} classes (0…{n - 1})",
+            hint="label the data with the classifier's class ids",
+            labels=bad[:5],
+        )
 
 
 #: What the description records about the loss and Fisher variant, by (kind, task).
@@ -320,8 +386,10 @@ def compute_stats(
     Returns a summary (what ``potluck stats --json`` prints).
     """
     _check_args(kind, embeddings, batch_size, max_samples)
-    batches, has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
-    model, task = load_hf_model(model_dir, kind, has_labels)
+    batches, _has_labels = load_batches(data, model_dir, max_samples, batch_size, max_length)
+    model, task = load_hf_model(model_dir, kind, _label_kind(batches))
+    if kind == "fisher":
+        _check_labels(model, task, batches)
     model = to_device(model, device)
     moved = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
     tensors, axes = _compute(kind, model, task, moved, embeddings)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from potluck.errors import UserError
+from potluck.fileio import publish_mode
 from potluck.formats.safetensors import build_header
-from potluck.ops.models.sources import TensorInfo, config_files
+from potluck.ops.models.sources import TensorInfo, copy_layout
 from potluck.tensors.dtypes import itemsize, to_numpy
 
 __all__ = ["DEFAULT_SHARD_BYTES", "HFDirWriter", "parse_size"]
@@ -77,6 +78,7 @@ class HFDirWriter:
         self.stage = Path(
             tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent)
         )
+        publish_mode(self.stage)  # mkdtemp makes it private; the output is shared like any dir
         self.groups = _shard(infos, max_shard_bytes)
         n = len(self.groups)
         self.names = (
@@ -123,16 +125,18 @@ class HFDirWriter:
 
     def commit(
         self, copy_from: Path | None = None, files: Mapping[str, str] | None = None
-    ) -> list[Path]:
-        """fsync, write the index (when sharded), copy config files, move into place."""
+    ) -> list[str]:
+        """fsync, write the index (when sharded), copy the layout files of ``copy_from``
+        (``sources.layout_files``: config, tokenizer, sentence-transformers modules), write
+        ``files`` (name → text, over copied ones), move into place; return the files written
+        (paths relative to the output directory, POSIX, sorted)."""
         for fd in self.fds:
             os.fsync(fd)
             os.close(fd)
         self.fds = []
         if len(self.names) > 1:
             (self.stage / "model.safetensors.index.json").write_text(self._index())
-        for f in config_files(copy_from):
-            shutil.copyfile(f, self.stage / f.name)
+        copy_layout(copy_from, self.stage)
         for name, text in (files or {}).items():
             (self.stage / name).write_text(text)
         if self.out_dir.exists():
@@ -142,7 +146,8 @@ class HFDirWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.stage, self.out_dir)
-        return sorted(self.out_dir.iterdir())
+        return sorted(p.relative_to(self.out_dir).as_posix() for p in self.out_dir.rglob("*")
+                      if p.is_file())  # fmt: skip
 
     def _index(self) -> str:
         weight_map = {name: self.names[s.file] for name, s in sorted(self.slots.items())}

@@ -14,6 +14,7 @@ import contextlib
 import json
 import mmap
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ __all__ = [
     "TensorInfo",
     "checkpoint_files",
     "config_files",
+    "copy_layout",
+    "layout_files",
     "open_path",
 ]
 
@@ -49,7 +52,18 @@ CONFIG_FILES = (
     "vocab.txt",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+#: sentence-transformers files beside the weights; ``modules.json`` also names module folders.
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
 )
 
 
@@ -90,7 +104,8 @@ class ModelSource:
 
     ``config_dir`` is a directory holding the model's ``config.json`` and tokenizer files, when
     there is one. ``identity`` describes where the tensors came from (path, revision, hashes) for
-    provenance records.
+    provenance records. ``metadata`` maps each safetensors file to its ``__metadata__`` (e.g.
+    ``{"format": "pt"}``), which a model derived file by file keeps.
     """
 
     label: str
@@ -101,6 +116,7 @@ class ModelSource:
     identity: dict[str, str] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
     releasers: dict[str, Callable[[int, int | None], None]] = field(default_factory=dict)
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         """Tensor names in the source's order."""
@@ -147,6 +163,77 @@ def config_files(directory: Path | None) -> list[Path]:
     if directory is None:
         return []
     return [directory / n for n in CONFIG_FILES if (directory / n).is_file()]
+
+
+def layout_files(directory: Path | None) -> list[Path]:
+    """The non-weight files of a model directory that travel with a model derived from it
+    (merge, ``patch apply`` and ``peft apply`` outputs), as paths relative to ``directory``.
+
+    They are the ``CONFIG_FILES`` (config, tokenizer, generation and processor settings), the
+    Python files ``config.json``'s ``auto_map`` names (remote code), and a sentence-transformers
+    layout: ``modules.json``, ``config_sentence_transformers.json``,
+    ``sentence_bert_config.json`` and every module folder ``modules.json`` names (``1_Pooling/``
+    …, with all their files). Weights, shard indexes, the model card and anything else stay
+    behind; a module folder the source lacks is not invented.
+    """
+    if directory is None:
+        return []
+    names = [*CONFIG_FILES, *SENTENCE_TRANSFORMERS_FILES, *_remote_code(directory)]
+    out = [Path(n) for n in dict.fromkeys(names) if (directory / n).is_file()]
+    for folder in _module_folders(directory):
+        out += sorted(
+            p.relative_to(directory)
+            for p in (directory / folder).rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+    return out
+
+
+def copy_layout(directory: Path | None, dest: Path) -> list[str]:
+    """Copy ``layout_files(directory)`` into ``dest`` (folders created); return them (POSIX)."""
+    copied = []
+    for rel in layout_files(directory):
+        assert directory is not None
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(directory / rel, dest / rel)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def _json_file(path: Path) -> object:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or unreadable: nothing more travels (the file itself is copied)
+
+
+def _remote_code(directory: Path) -> list[str]:
+    """``modeling_x.py``, … named by ``config.json``'s ``auto_map`` (``"modeling_x.Class"``)."""
+    config = _json_file(directory / "config.json")
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict):
+        return []
+    refs = [
+        v for value in auto_map.values() for v in (value if isinstance(value, list) else [value])
+    ]
+    modules = [r.rsplit(".", 1)[0] for r in refs if isinstance(r, str) and "--" not in r]
+    return [f"{m}.py" for m in modules if m and "/" not in m and "\\" not in m]
+
+
+def _module_folders(directory: Path) -> list[str]:
+    """The module folders a sentence-transformers ``modules.json`` names and the source has."""
+    modules = _json_file(directory / "modules.json")
+    if not isinstance(modules, list):
+        return []
+    out = []
+    for m in modules:
+        path = m.get("path") if isinstance(m, dict) else None
+        if not isinstance(path, str) or not path or Path(path).is_absolute():
+            continue
+        if ".." in Path(path).parts or not (directory / path).is_dir():
+            continue  # never outside the model directory; a missing folder is not invented
+        out.append(Path(path).as_posix())
+    return sorted(set(out))
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
@@ -206,11 +293,14 @@ def _open_file(
         raise UserError(f"{path}: listed in the shard index but missing", hint="re-download it")
     layout = scan_file(path)
     if layout.format == "safetensors":
+        src.metadata[path.name] = dict(layout.metadata)
         yield from _mapped(path, layout, src)
         return
     handle = path.open("rb")
     src.closers.append(handle.close)
-    names = [v.name for v in layout.views] or [s.name for s in layout.tensor_segments()]
+    backing = {v.storage for v in layout.views}  # shared storages: their views are the tensors
+    names = [s.name for s in layout.tensor_segments() if s.name not in backing]
+    names += [v.name for v in layout.views]
     specs = {v.name: (v.dtype, tuple(v.shape)) for v in layout.views}
     specs.update({s.name: (s.dtype, tuple(s.shape)) for s in layout.tensor_segments()})
     for name in names:

@@ -154,6 +154,49 @@ def load_batches(
     return list(_text_batches(texts, labels, tokenizer, batch_size, max_length)), labels is not None
 
 
+def load_pretrained(auto_class: str, model_dir: str | os.PathLike[str]) -> tuple[Any, list[str]]:
+    """``transformers.<auto_class>.from_pretrained(model_dir)`` offline, and the names of the
+    weights it needs that the checkpoint lacks (transformers initialises those at random, so a
+    caller must refuse or fall back: a random head is never a result). A class that does not fit
+    the config (``ValueError``) comes back as ``(None, [])``. transformers' own load report is
+    silenced (and its progress bars); the caller names what is missing."""
+    import transformers
+
+    cls = getattr(transformers, auto_class, None)
+    if cls is None:
+        raise UserError(f"transformers has no {auto_class!r}", hint="check the model class name")
+    logs: Any = transformers.logging  # its helpers are untyped
+    level = logs.get_verbosity()
+    bars = logs.is_progress_bar_enabled()
+    logs.set_verbosity_error()
+    logs.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(
+            model_dir, local_files_only=True, output_loading_info=True
+        )
+    except ValueError:
+        return None, []
+    except OSError as e:
+        raise UserError(
+            f"{model_dir}: cannot load the model ({e})", hint="check the model directory"
+        ) from None
+    finally:
+        logs.set_verbosity(level)
+        if bars:
+            logs.enable_progress_bar()
+    return model, sorted(info.get("missing_keys") or [])
+
+
+def architectures(model_dir: str | os.PathLike[str]) -> list[str]:
+    """The ``architectures`` of the directory's ``config.json`` (empty when it names none)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return []
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return [str(a) for a in archs] if isinstance(archs, list) else []
+
+
 def to_device(model: Any, device: str) -> Any:
     import torch
 

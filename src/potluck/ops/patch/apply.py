@@ -184,8 +184,9 @@ def apply_patch(
         _check_scale(patch, scale, force, report.warnings)
         order = _output_order(base, patch)
         plan = plan_output(
-            order, base.files, directory=as_dir, had_index=had_index(base.config_dir)
-        )
+            order, base.files, directory=as_dir, had_index=had_index(base.config_dir),
+            metadata=base.metadata,
+        )  # fmt: skip
         check = not report.warnings and scale == 1.0
         report.files = write_output(
             out_path,

@@ -3,9 +3,12 @@
 A directory output keeps the base's shard layout: the same shard file names (PyTorch ``.bin``
 shards become ``.safetensors`` shards named ``model…``), each shard's tensors in the base's
 order, removed tensors dropped, added tensors appended to the last shard in name order, a
-``model.safetensors.index.json`` when the base had an index or several shards, and the base's
-config/tokenizer files copied. Everything is written into a temporary directory next to the
-output and renamed into place only when every file succeeded.
+``model.safetensors.index.json`` when the base had an index or several shards, and the files
+that travel with a model (``sources.layout_files``: config, tokenizer, a sentence-transformers
+layout) copied. Each safetensors file keeps its base file's ``__metadata__`` (``{"format":
+"pt"}``), so a patch made from A to B and applied to A gives B byte for byte. Everything is
+written into a temporary directory next to the output and renamed into place only when every
+file succeeded.
 """
 
 from __future__ import annotations
@@ -13,18 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from potluck.errors import UserError
+from potluck.errors import FormatError, UserError
 from potluck.fileio import atomic_dir, atomic_writer
-from potluck.formats.safetensors import write_safetensors
-from potluck.ops.models.sources import config_files
-from potluck.tensors.dtypes import to_numpy
+from potluck.formats.safetensors import build_header
+from potluck.ops.models.sources import copy_layout
+from potluck.tensors.dtypes import from_numpy, to_numpy
 
 __all__ = ["INDEX_NAME", "OutputPlan", "check_output", "plan_output", "write_output"]
 
@@ -38,11 +40,13 @@ TensorStream = Callable[[list[Spec]], Iterator[np.ndarray]]
 
 @dataclass
 class OutputPlan:
-    """The output files: shard file name → tensor specs in order (one unnamed entry for a file)."""
+    """The output files: shard file name → tensor specs in order (one unnamed entry for a file),
+    and the safetensors ``__metadata__`` of each (absent: none)."""
 
     shards: dict[str, list[Spec]]
     directory: bool
     index: bool
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def shard_name(name: str) -> str:
@@ -61,10 +65,15 @@ def plan_output(
     *,
     directory: bool,
     had_index: bool,
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> OutputPlan:
-    """Group ``order`` (base order, added tensors last) by the base shard each tensor lives in."""
+    """Group ``order`` (base order, added tensors last) by the base shard each tensor lives in;
+    ``metadata`` (base file → ``__metadata__``) goes to the output file made from each."""
+    metas = {f: dict(m) for f, m in (metadata or {}).items() if m}
     if not directory:
-        return OutputPlan({"": list(order)}, directory=False, index=False)
+        common = {tuple(sorted(m.items())) for m in metas.values()}
+        one = dict(common.pop()) if len(common) == 1 else None
+        return OutputPlan({"": list(order)}, False, False, {"": one} if one else {})
     shards: dict[str, list[Spec]] = {}
     for f in dict.fromkeys(files.values()):
         shards.setdefault(shard_name(f), [])
@@ -74,7 +83,8 @@ def plan_output(
     for spec in order:
         owner = files.get(spec[0])
         shards[shard_name(owner) if owner is not None else last].append(spec)
-    return OutputPlan(shards, directory=True, index=had_index or len(shards) > 1)
+    out_meta = {shard_name(f): m for f, m in metas.items() if shard_name(f) in shards}
+    return OutputPlan(shards, True, had_index or len(shards) > 1, out_meta)
 
 
 def had_index(config_dir: Path | None) -> bool:
@@ -123,21 +133,33 @@ def write_output(
     """Write the planned files (see the module docstring); return the files written."""
     target = Path(out)
     if not plan.directory:
-        write_safetensors(target, plan.shards[""], stream(plan.shards[""]))
+        specs = plan.shards[""]
+        _write_safetensors(target, specs, stream(specs), plan.metadata.get(""))
         if card is not None:
             _write_bytes(target.parent / "README.md", card.encode("utf-8"))
         return [str(target)]
     with atomic_dir(target) as tmp:
         for fname, specs in plan.shards.items():
-            write_safetensors(tmp / fname, specs, stream(specs))
+            _write_safetensors(tmp / fname, specs, stream(specs), plan.metadata.get(fname))
         if plan.index:
             _write_bytes(tmp / INDEX_NAME, _index_json(plan))
-        for f in config_files(config_dir):
-            shutil.copyfile(f, tmp / f.name)
+        copy_layout(config_dir, tmp)
         if card is not None:
             _write_bytes(tmp / "README.md", card.encode("utf-8"))
-        written = sorted(p.name for p in tmp.iterdir())
+        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     return [str(target / n) for n in written]
+
+
+def _write_safetensors(
+    path: Path, specs: list[Spec], arrays: Iterator[np.ndarray], metadata: dict[str, str] | None
+) -> None:
+    """One safetensors file, atomically: ``specs`` in order, data from ``arrays`` (lazily)."""
+    with atomic_writer(path) as f:
+        f.write(build_header(specs, metadata))
+        for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
+            if from_numpy(arr.dtype) != dtype or tuple(arr.shape) != shape:
+                raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
+            f.write(np.ascontiguousarray(arr).tobytes())
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

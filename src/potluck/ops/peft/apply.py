@@ -2,8 +2,9 @@
 out_dir)`` writes what ``PeftModel.from_pretrained(base, adapter).merge_and_unload()`` gives,
 computed in numpy in peft's operation order (bit-identical for float32 bases; see
 ``potluck.ops.peft.arithmetic``), as a model directory with the base's layout (same safetensors
-files and tensor order, index, config/tokenizer files) and a model card. Everything is written
-to a temporary directory renamed into place at the end.
+files, tensor order and ``__metadata__``, index, and the files ``sources.layout_files`` says
+travel with a model: config, tokenizer, a sentence-transformers layout) and a model card.
+Everything is written to a temporary directory renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -21,30 +22,16 @@ from potluck.errors import UserError
 from potluck.fileio import atomic_dir, file_sha256
 from potluck.formats import scan_file
 from potluck.formats.safetensors import build_header
-from potluck.ops.models.sources import ModelSource, config_files, open_path
+from potluck.ops.models.sources import ModelSource, copy_layout, open_path
 from potluck.ops.peft.adapter import (
-    ADAPTER_FILES,
     AdapterPlan,
     check_float,
     merged,
     plan_adapter,
 )
-from potluck.ops.peft.config import CONFIG_NAME
 from potluck.tensors.dtypes import from_numpy
 
 __all__ = ["PeftApplyReport", "apply_adapter", "card"]
-
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".npz",
-    ".gguf",
-    ".h5",
-    ".ckpt",
-    ".msgpack",
-)
 
 
 @dataclass
@@ -91,22 +78,11 @@ def _write_file(
             f.write(np.ascontiguousarray(arr).tobytes())
 
 
-def _extra_files(base: ModelSource, weights: set[str]) -> list[Path]:
-    """Files copied to the output: a directory's other top-level files (config, tokenizer,
-    safetensors index; not weights, adapter files or its README), or for a single-file base
-    the config/tokenizer files next to it."""
+def _index_files(base: ModelSource) -> list[Path]:
+    """The base directory's safetensors shard index (the output keeps the base's shards)."""
     label = Path(base.label)
-    if not label.is_dir():
-        return config_files(base.config_dir)
-    skip = {"README.md", CONFIG_NAME, *ADAPTER_FILES, *weights, "pytorch_model.bin.index.json"}
-    return [
-        p
-        for p in sorted(label.iterdir())
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.name not in skip
-        and not p.name.endswith(_WEIGHT_SUFFIXES)
-    ]
+    index = label / "model.safetensors.index.json"
+    return [index] if label.is_dir() and index.is_file() else []
 
 
 def _yaml(text: str) -> str:
@@ -171,7 +147,7 @@ def apply_adapter(
         check_float(base, plan)
         files = _file_specs(base)
         root = _base_root(base)
-        extras = _extra_files(base, set(files))
+        index = _index_files(base)
         ref = base_ref or plan.config.base_model or Path(base_dir).resolve().name
         text = card(ref, Path(adapter_dir).resolve().name, plan, file_sha256(plan.adapter_file))
         with atomic_dir(out) as tmp:
@@ -179,9 +155,8 @@ def apply_adapter(
                 meta = scan_file(root / fname).metadata or None
                 arrays = (merged(plan, base, n) for n, _, _ in specs)
                 _write_file(tmp / fname, specs, meta, arrays)
-            for p in extras:
+            for p in index:
                 shutil.copyfile(p, tmp / p.name)
+            copied = [p.name for p in index] + copy_layout(base.config_dir, tmp)
             (tmp / "README.md").write_text(text, encoding="utf-8")
-    return PeftApplyReport(
-        str(out), plan.config.peft_type, list(files), plan.changed(), [p.name for p in extras]
-    )
+    return PeftApplyReport(str(out), plan.config.peft_type, list(files), plan.changed(), copied)
