@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +19,10 @@ import numpy as np
 import pytest
 
 from conftest import Run, run_in, save_st
+from potluck.errors import FormatError
+from potluck.git import inspect as insp
+from potluck.git import maintenance as maint
+from potluck.git.repo import Repo
 from potluck.objects.manifest import parse
 
 FILE = "m.safetensors"
@@ -129,7 +134,169 @@ def test_gc_keeps_the_objects_of_a_git_add_still_running(
     v2 = manifest_oids(git, f"HEAD:{FILE}")
     assert (rep["removed"], rep["kept"]) == (len(v1 - v2), len(v2))
     assert stored(repo) == v2
-    assert "ok: all objects verified" in git("potluck", "fsck")
     (repo / FILE).unlink()
     git("git", "checkout", "--", FILE)
     assert (repo / FILE).read_bytes() == data
+
+
+def test_gc_dry_run_says_what_it_keeps_and_prune_now_removes_it(
+    repo: Path, git: Run, dropped_v1: dict[str, object]
+) -> None:
+    v1: set[str] = dropped_v1["v1"]  # type: ignore[assignment]
+    age(repo, v1, 3600)  # dropped an hour ago: inside the two-week grace period
+    out = git("potluck", "gc", "-n")
+    assert out.startswith(f"would remove 0 objects (0 B), kept {len(v1)}\n")
+    assert f"kept {len(v1)} unreferenced objects" in out and "grace period 2.weeks.ago" in out
+    git("git", "config", "potluck.pruneExpire", "30.minutes.ago")
+    rep = maint.gc(Repo(repo), dry_run=True)
+    assert (rep.removed, rep.recent, rep.expire["prune"]) == (len(v1), 0, "30.minutes.ago")
+    assert stored(repo) == v1
+    rep = maint.gc(Repo(repo), prune="never")
+    assert (rep.removed, rep.recent, rep.expire["cutoff"]) == (0, len(v1), None)
+    rep = json.loads(git("potluck", "gc", "--prune=now", "--json"))
+    assert (rep["removed"], rep["kept"]) == (len(v1), 0) and stored(repo) == set()
+    err = git("potluck", "gc", "--prune=2.wekks.ago", check=False)
+    assert "potluck: error: invalid prune expiry '2.wekks.ago'" in err
+
+
+def committed(repo: Path, git: Run, rng: np.random.Generator) -> tuple[bytes, dict[str, str]]:
+    """The model committed; its bytes and the object id of each tensor."""
+    data = save_st(repo / FILE, tensors(rng))
+    git("git", "add", FILE)
+    git("git", "commit", "-q", "-m", "v1")
+    m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    return data, {n: e.oid for n, e in m.tensors().items()}
+
+
+def damage(repo: Path, oid: str, *, tear: bool) -> bytes:
+    """Cut the object file in half (torn) or flip one byte near its end; return the bytes."""
+    p = obj_path(repo, oid)
+    data = bytearray(p.read_bytes())
+    if tear:
+        data = data[: len(data) // 2]
+    else:
+        data[-10] ^= 0xFF
+    p.chmod(0o644)
+    p.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def quarantined(repo: Path) -> dict[str, bytes]:
+    qdir = store_root(repo) / "quarantine"
+    return {p.name.split(".")[0]: p.read_bytes() for p in qdir.glob("*") if p.suffix != ".why"}
+
+
+def test_torn_object_is_quarantined_and_fetched_again(
+    repo: Path, git: Run, hub: Path, rng: np.random.Generator
+) -> None:
+    data, oids = committed(repo, git, rng)
+    git("git", "push", "-q", "origin", "main")
+    torn = damage(repo, oids["a"], tear=True)
+    out = git("potluck", "fetch")
+    assert "fetched 1 objects (256.0 KiB), 3 already here" in out  # header, b, c are whole
+    assert quarantined(repo) == {oids["a"]: torn}
+    torn_b = damage(repo, oids["b"], tear=True)  # found by the checkout itself
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+    assert quarantined(repo) == {oids["a"]: torn, oids["b"]: torn_b}
+
+
+def stale_temp_files(repo: Path) -> list[Path]:
+    """A leftover of an interrupted object write and of a download, two hours old."""
+    files = [store_root(repo) / "tmp" / "0123-x.tmp", repo / ".git/potluck/tmp/incoming/y.part"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"partial")
+        os.utime(f, (time.time() - 7200,) * 2)
+    return files
+
+
+def test_fsck_repair_quarantines_refetches_and_cleans(
+    repo: Path, git: Run, hub: Path, rng: np.random.Generator
+) -> None:
+    data, oids = committed(repo, git, rng)
+    git("git", "push", "-q", "origin", "main")
+    flipped = damage(repo, oids["a"], tear=False)
+    torn = damage(repo, oids["c"], tear=True)
+    temp = stale_temp_files(repo)
+    out = git("potluck", "fsck", check=False)
+    assert f"corrupt object {oids['a'][:12]}: corrupt object: chunk 0 " in out
+    assert f"corrupt object {oids['c'][:12]}: corrupt object: truncated chunk 0 payload" in out
+    assert f"  used by {FILE} tensor a in " in out and out.endswith(
+        "2 problems; `potluck fsck --repair` fixes what can be fixed here\n"
+    )
+    rep = json.loads(git("potluck", "fsck", "--repair", "--json"))
+    assert (rep["healthy"], rep["temp_removed"], rep["left"], rep["quarantined"]) == (
+        True, 2, [], 2,
+    )  # fmt: skip
+    assert [a["action"] for a in rep["actions"]] == ["quarantined"] * 2 + ["fetched"] * 2
+    assert quarantined(repo) == {oids["a"]: flipped, oids["c"]: torn}
+    assert not any(f.exists() for f in temp)
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+
+
+def test_fsck_repair_without_a_copy_names_what_to_run(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    _, oids = committed(repo, git, rng)
+    damage(repo, oids["b"], tear=False)
+    r = subprocess.run(["potluck", "fsck", "--repair"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    oid = oids["b"]
+    assert f"quarantined {oid[:12]}: " in r.stdout
+    assert (
+        f"missing object {oid[:12]}: object is not in the store\n  used by {FILE} tensor b in "
+        in (r.stdout)
+    )
+    assert (
+        f"  to repair: object {oid[:12]} ({FILE}, tensor b) is not on any remote this repair "
+        "could reach: `potluck push <remote>` from a clone that has it, then `potluck fsck "
+        f"--repair`; or copy .git/potluck/objects/{oid[:2]}/{oid[2:]} from such a clone\n"
+    ) in r.stdout
+    assert r.stdout.endswith("1 problems left\n")
+
+
+def test_non_canonical_manifest_is_named_reported_and_repaired(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    data, _ = committed(repo, git, rng)
+    canonical = git("git", "cat-file", "blob", f"HEAD:{FILE}").encode()
+    lines = canonical.split(b"\n")
+    lines[2] = lines[2].replace(b'"size":', b'"size": ')  # one extra space
+    bad = b"\n".join(lines)
+    blob = git("git", "hash-object", "-w", "--no-filters", "--stdin", input=bad).strip()
+    git("git", "update-index", "--cacheinfo", f"100644,{blob},{FILE}")
+    git("git", "commit", "-q", "-m", "damaged")
+    commit = git("git", "rev-parse", "HEAD").strip()
+    what = f"manifest is not in canonical form (line 3 is {lines[2][:80]!r}, canonical "
+    (repo / FILE).unlink()
+    err = git("git", "checkout", "--", FILE, check=False)
+    assert f"{FILE}: {what}" in err
+    with pytest.raises(FormatError) as e:
+        insp.du(Repo(repo))
+    assert str(e.value).startswith(f"{FILE} (blob {blob[:12]}), {commit[:10]}: {what}")
+    assert "\nhint: `potluck fsck` lists them" in str(e.value)
+    with pytest.raises(FormatError, match=re.escape(f"HEAD:{FILE}: {what}")):
+        insp.diff(Repo(repo), "HEAD~1", "HEAD", [], stats=False)
+    rep = maint.gc(Repo(repo), dry_run=True)
+    assert (rep.damaged, rep.removed) == ([f"{FILE} (blob {blob[:12]})"], 0)
+    r = subprocess.run(["potluck", "fsck"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == ""
+    assert f"bad-manifest blob {blob[:12]}: {FILE} (blob {blob[:12]}): {what}" in r.stdout
+    assert f"  used by {FILE} in {commit[:10]}\n  to repair: `potluck fsck --repair`" in r.stdout
+    r = subprocess.run(["potluck", "fsck", "--repair"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == ""
+    assert f"rewrote {FILE}: manifest in canonical form (work tree)" in r.stdout
+    assert f"`git add --renormalize -- {FILE} && git commit`" in r.stdout
+    assert (repo / FILE).read_bytes() == canonical
+    git("git", "add", "--renormalize", "--", FILE)
+    git("git", "commit", "-q", "-m", "canonical manifest")
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+    out = git("potluck", "fsck")
+    assert f"note: {FILE} (blob {blob[:12]}): {what}" in out and f"in {commit[:10]}: " in out
+    assert out.endswith("ok: all objects verified\n")

@@ -10,10 +10,11 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, safe_field, table
-from potluck.git import attributes, evalrec, setup
+from potluck.git import attributes, evalrec, from_lfs, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
 from potluck.git.merge_driver import resolve as resolve_conflict
+from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
@@ -52,14 +53,28 @@ def _driver_command() -> str:
 
 @cli.command()
 @click.argument("patterns", nargs=-1, required=True)
+@click.option(
+    "--migrate",
+    is_flag=True,
+    help="Take PATTERNS over from git-lfs: rewrite their filter=lfs lines and re-add the "
+    "files stored as LFS pointers (then git commit).",
+)
 @handle_errors
-def track(patterns: tuple[str, ...]) -> None:
+def track(patterns: tuple[str, ...], migrate: bool) -> None:
     """Track files matching PATTERNS with potluck (writes .gitattributes)."""
-    repo = Repo(".")
-    added = attributes.add_patterns(repo.root, list(patterns))
-    for p in added:
-        echo(f"tracking {p}")
-    if not added:
+    done = from_lfs.track(Git(Path.cwd()), list(patterns), migrate=migrate)
+    for p in done.added:
+        echo(f"tracking {safe_field(p)}")
+    for p in done.migrated:
+        echo(f"tracking {safe_field(p)} (its filter=lfs line now routes it through potluck)")
+    for p in done.readded:
+        echo(f"re-added {safe_field(p)}: an LFS pointer before, a potluck manifest now")
+    if done.migrated:
+        echo(
+            "staged; `git commit` to finish (older commits keep their LFS pointers and still "
+            "check out through git-lfs)"
+        )
+    elif not done.added:
         echo("already tracked")
 
 
@@ -183,54 +198,119 @@ def du(as_json: bool) -> None:
 
 @cli.command()
 @click.option("-n", "--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option(
+    "--prune",
+    metavar="DATE",
+    default=None,
+    help="Remove unreferenced objects older than DATE: now, never, N.unit.ago or an ISO date "
+    "(default: git config potluck.pruneExpire, else 2.weeks.ago).",
+)
 @json_opt
 @handle_errors
-def gc(dry_run: bool, as_json: bool) -> None:
+def gc(dry_run: bool, prune: str | None, as_json: bool) -> None:
     """Delete objects no ref, reflog entry, stash, index or conflict references."""
-    rep = maint.gc(Repo("."), dry_run=dry_run)
+    rep = maint.gc(Repo("."), dry_run=dry_run, prune=prune)
     if as_json:
         emit_json(rep.__dict__)
         return
     verb = "would remove" if dry_run else "removed"
     echo(f"{verb} {rep.removed} objects ({human_bytes(rep.freed)}), kept {rep.kept}")
+    if rep.recent:
+        echo(
+            f"kept {rep.recent} unreferenced objects ({human_bytes(rep.recent_bytes)}) written or "
+            f"re-used after {rep.expire['cutoff']} (grace period {rep.expire['prune']}): a `git "
+            "add` may still be using them; `potluck gc --prune=now` removes them when nothing is "
+            "running"
+        )
+    for source in rep.damaged:
+        echo(f"kept every object named by the damaged manifest {source} (`potluck fsck`)")
 
 
 @cli.command()
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Quarantine damaged objects and fetch them again, remove stale temp files, rewrite "
+    "damaged manifests of the checkout in canonical form; print what is left to do.",
+)
+@click.option("--remote", default=None, help="Remote to fetch from with --repair.")
 @json_opt
 @handle_errors
-def fsck(as_json: bool) -> None:
+def fsck(repair: bool, remote: str | None, as_json: bool) -> None:
     """Re-hash every object; name each corrupt or missing object's tensors and revisions."""
+    if repair:
+        _fsck_repair(remote, as_json)
     problems = maint.fsck(Repo("."))
-    bad = [p for p in problems if p.kind != maint.NOT_FETCHED]
+    bad = [p for p in problems if p.bad]
     if as_json:
         emit_json([p.to_dict() for p in problems])
     else:
-        for p in bad:
-            echo(f"{p.kind} object {p.oid[:12]}: {p.detail}")
-            for u in p.uses:
-                echo(f"  used by {u['path']} tensor {u['tensor']} in {u['revisions']}")
-        if len(bad) < len(problems):
-            echo(
-                f"{len(problems) - len(bad)} objects of other revisions or of files left as "
-                "manifests are not fetched (`potluck fetch --rev REV` gets them)"
-            )
+        _echo_problems(problems)
         echo(
             "ok: all objects verified"
             if not bad
-            else f"{len(bad)} bad objects; restore them from a remote or another clone"
+            else f"{len(bad)} problems; `potluck fsck --repair` fixes what can be fixed here"
         )
     raise SystemExit(1 if bad else 0)
+
+
+def _fsck_repair(remote: str | None, as_json: bool) -> None:
+    from potluck.git.repair import repair
+
+    rep = repair(Repo("."), remote)
+    if as_json:
+        emit_json(rep.to_dict())
+        raise SystemExit(0 if rep.healthy else 1)
+    if rep.temp_removed:
+        echo(f"removed {rep.temp_removed} stale temp files")
+    for a in rep.actions:
+        what = a.get("oid", "")[:12] or a.get("path", "")
+        echo(f"{a['action']} {what}: {a['detail']}".replace(" : ", ": "))
+    _echo_problems(rep.left)
+    if rep.quarantined:
+        echo(
+            f"{rep.quarantined} damaged objects are kept in .git/potluck/objects/quarantine "
+            "(delete them when you no longer need them)"
+        )
+    left = [p for p in rep.left if p.bad]
+    echo("ok: repository healthy" if not left else f"{len(left)} problems left")
+    raise SystemExit(0 if rep.healthy else 1)
+
+
+def _echo_problems(problems: list[maint.Problem]) -> None:
+    """Bad problems with their uses and what to run; then a line per informational kind."""
+    for p in problems:
+        if not p.bad:
+            continue
+        thing = "blob" if p.kind == maint.BAD_MANIFEST else "object"
+        echo(f"{p.kind} {thing} {p.oid[:12]}: {p.detail}")
+        for u in p.uses:
+            tensor = f" tensor {u['tensor']}" if "tensor" in u else ""
+            echo(f"  used by {u['path']}{tensor} in {u['revisions']}")
+        if p.repair:
+            echo(f"  to repair: {p.repair}")
+    fetch = sum(1 for p in problems if p.kind == maint.NOT_FETCHED)
+    if fetch:
+        echo(
+            f"{fetch} objects of other revisions or of files left as manifests are not fetched "
+            "(`potluck fetch --rev REV` gets them)"
+        )
+    for p in problems:
+        if p.kind == maint.OLD_MANIFEST:
+            echo(f"note: {p.detail}, in {p.uses[0]['revisions']}: {p.repair}")
 
 
 @cli.command()
 @json_opt
 @handle_errors
 def status(as_json: bool) -> None:
-    """Tensor-level merge conflicts and files whose tensor data is not present."""
+    """Tensor-level merge conflicts and files whose tensor data is not present.
+
+    Exit 1 while a tensor-level merge conflict is unresolved."""
     st = maint.status(Repo("."))
     if as_json:
         emit_json(st)
-        return
+        sys.exit(1 if st["conflicts"] else 0)
     for c in st["conflicts"]:
         path = safe_field(c["path"])
         echo(f"conflict: {path}: {len(c['tensors'])} tensors changed on both sides")
@@ -239,6 +319,8 @@ def status(as_json: bool) -> None:
             echo(f"    {safe_field(t)}" + (f"  ({why})" if why else ""))
         echo(f"  resolve with: potluck resolve {c['path']} --take ours|theirs")
     for p in st["not_materialized"]:
+        if "damaged" in p:
+            echo(f"damaged manifest: {p['path']}: {p['damaged']} (`potluck fsck`)")
         have = p["tensors"] - p["tensors_missing"]
         echo(
             f"left as a manifest: {p['path']} ({have} of {p['tensors']} tensors here, "
@@ -246,6 +328,8 @@ def status(as_json: bool) -> None:
         )
     if not st["conflicts"] and not st["not_materialized"]:
         echo("potluck: nothing to report")
+    if st["conflicts"]:
+        sys.exit(1)
 
 
 @cli.command()

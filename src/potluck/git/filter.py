@@ -83,7 +83,7 @@ class PotluckFilter:
                 shutil.copyfileobj(spool, dst, COPY)
             return
         data = head + src.read()
-        manifest = parse(data)
+        manifest = parse(data, pathname)
         missing = missing_objects(manifest, self.repo.odb)
         fresh: Mapping[str, Path] = {}
         if missing and self.fetch is not None:

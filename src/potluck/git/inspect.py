@@ -70,7 +70,7 @@ def file_side(repo: Repo, file: str) -> Side:
     with open(file, "rb") as f:
         head = f.read(len(MAGIC))
         if is_manifest(head):
-            return _store_side(repo, parse(head + f.read()))
+            return _store_side(repo, parse(head + f.read(), file))
         f.seek(0, 2)
         size = f.tell()
         m = scan_manifest(f, size, name=file)
@@ -103,7 +103,7 @@ def load(
         with open(full, "rb") as f:
             if not is_manifest(f.read(len(MAGIC))):
                 return _load_from_file(repo, rel, names)
-        m = parse(full.read_bytes())
+        m = parse(full.read_bytes(), f"work-tree file {rel}")
     else:
         found = repo.manifest_at(rev, rel)
         if found is None:
@@ -226,9 +226,13 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
     with repo.git.batch() as batch:
         for commit, subject, blob in repo.git.log_path(rel, max_count):
             data = batch.get(blob) if blob else None
-            cur = parse(data) if data is not None and is_manifest(data) else None
+            cur = parse(data, f"{commit}:{rel}") if data is not None and is_manifest(data) else None
             prev_data = batch.get(f"{commit}^:{rel}")
-            prev = parse(prev_data) if prev_data is not None and is_manifest(prev_data) else None
+            prev = (
+                parse(prev_data, f"{commit}^:{rel}")
+                if prev_data is not None and is_manifest(prev_data)
+                else None
+            )
             rows.append(_log_row(commit, subject, prev, cur))
     merges = commit_trailers(repo.git, [r["commit"] for r in rows], rel)
     for r in rows:  # merge commits: how potluck merged the file (its Potluck-Merge trailer)

@@ -65,7 +65,7 @@ class Repo:
                 f"{spec} is not stored by potluck",
                 hint="track it with `potluck track PATTERN` and commit it again",
             )
-        return parse(blob)
+        return parse(blob, spec)
 
 
 @contextmanager
