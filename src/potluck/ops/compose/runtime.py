@@ -125,7 +125,8 @@ def _router_for(
         if weight not in table:
             raise UserError(
                 f"expert {rec.ref} has no {kind} artifact for {weight!r}",
-                hint="every expert must adapt every routed module; narrow router.layers",
+                hint="every expert must adapt every routed module; narrow router.layers "
+                "(modules outside it get no expert update) and re-run compose lock",
                 expert=rec.ref,
                 tensor=weight,
             )
