@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import BIN, run_in
-from potluck.cli.render import redact, safe_field, safe_text
+from potluck.cli.render import emit_json, redact, safe_field, safe_text
 from potluck.config import ConfigError, RepoConfig
 from potluck.errors import GitError, UserError
 from potluck.git import setup
@@ -247,8 +247,11 @@ def test_push_output_and_errors_hide_url_credentials(
     url = lfs.url.replace("http://", "http://user:s3cret@")
     shown = lfs.url.replace("http://", "http://user:***@")
     hostile.run("git", "config", "remote.origin.potluckurl", url)
-    out = hostile.run("potluck", "push", "origin", "--json")
-    assert json.loads(out.stdout)["remote"] == shown
+    out = hostile.run("potluck", "push", "origin")
+    assert out.stdout == (
+        f"potluck: {shown}: uploaded 13 objects (568 B; 0 as deltas or compressed), "
+        "0 already there\n"
+    )
     hostile.run("git", "config", "remote.origin.potluckurl", url.replace("s3cret", "wrong"))
     bad = hostile.run("potluck", "push", "origin", "--all")
     assert bad.returncode == 2 and "wrong" not in bad.stdout + bad.stderr
@@ -259,6 +262,15 @@ def test_push_output_and_errors_hide_url_credentials(
     hostile.run("git", "config", "remote.origin.potluckurl", url + "?token=abc")
     show = hostile.run("potluck", "remote", "show", "origin")
     assert show.stdout == f"origin: {shown}?token=*** (from remote.origin.potluckurl)\n"
+
+
+def test_json_output_redacts_urls_and_stays_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    emit_json({"remote": "https://u:pw@h/x?token=t", "name": ESC_TITLE, "n": [1, "s3://k:s@b"]})
+    out = capsys.readouterr().out
+    assert json.loads(out) == {
+        "remote": "https://u:***@h/x?token=***", "name": ESC_TITLE, "n": [1, "s3://k:***@b"],
+    }  # fmt: skip
+    assert "\x1b" not in out and "\\u001b]0;pwned-title\\u0007" in out
 
 
 # -- 15: .potluck.json with wrong types -------------------------------------------------------
@@ -299,6 +311,16 @@ def test_repo_config_names_the_file_key_and_value(doc: str, message: str) -> Non
     with pytest.raises(ConfigError) as info:
         RepoConfig.from_json(doc, "cfg/.potluck.json")
     assert info.value.message in (f"cfg/.potluck.json: {message}", f"cfg/.potluck.json {message}")
+
+
+def test_repo_config_that_cannot_be_read(tmp_path: Path) -> None:
+    (tmp_path / ".potluck.json").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read .*\.potluck\.json: \[Errno 21\]"):
+        RepoConfig.load(tmp_path)
+    (tmp_path / ".potluck.json").rmdir()
+    (tmp_path / ".potluck.json").write_bytes(b'{"hash": "\xff"}')
+    with pytest.raises(ConfigError, match=r"cannot read .*: 'utf-8' codec can't decode byte 0xff"):
+        RepoConfig.load(tmp_path)
 
 
 def test_repo_config_accepts_every_key_at_its_bounds() -> None:

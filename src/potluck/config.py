@@ -151,8 +151,12 @@ class RepoConfig:
             return cls()
         try:
             text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text: {e}", hint="fix or delete it") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"cannot read {path}: {e}",
+                hint="make it a UTF-8 JSON file, or delete it",
+                file=path,
+            ) from e
         return cls.from_json(text, str(path))
 
 
