@@ -295,7 +295,8 @@ def test_patch_apply_gives_the_target_byte_for_byte(hf: Path) -> None:
 
 
 @pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
-                                                             (0o077, 0o600, 0o700)])  # fmt: skip
+                                                             (0o077, 0o600, 0o700),
+                                                             (0o002, 0o664, 0o775)])  # fmt: skip
 def test_outputs_honour_the_umask(hf: Path, mask: int, file_mode: int, dir_mode: int) -> None:
     out = hf / f"umask{mask:o}"
     out.mkdir()

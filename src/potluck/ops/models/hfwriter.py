@@ -97,7 +97,7 @@ class HFDirWriter:
 
     def _open(self, i: int, group: list[TensorInfo], metadata: Mapping[str, str] | None) -> None:
         header = build_header([(t.name, t.dtype, t.shape) for t in group], metadata)
-        fd = os.open(self.stage / self.names[i], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self.stage / self.names[i], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self.fds.append(fd)
         os.write(fd, header)
         offset = len(header)
