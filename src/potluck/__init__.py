@@ -9,7 +9,6 @@ Public API (everything else is internal):
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from potluck.errors import FormatError, IntegrityError, PotluckError, UserError
@@ -17,10 +16,22 @@ from potluck.errors import FormatError, IntegrityError, PotluckError, UserError
 if TYPE_CHECKING:
     import numpy as np
 
-try:
-    __version__ = version("potluck")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+    __version__: str
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed metadata on first use (``importlib.metadata``
+    takes longer to import than a git hook should spend starting)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'potluck' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("potluck")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        value = "0.0.0"
+    globals()["__version__"] = value
+    return value
 
 
 def load(

@@ -12,12 +12,13 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
-from potluck.cli.render import echo, err, file_diff_text, human_bytes, tensor_lines
+from potluck.cli.render import echo, err, file_diff_text, human_bytes, safe_field, tensor_lines
 from potluck.errors import PotluckError
 from potluck.git import inspect as insp
 from potluck.git import sync
 from potluck.git.filter import PotluckFilter
 from potluck.git.filter_process import serve_stdio
+from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
 from potluck.git.merge_driver import run_merge_driver
 from potluck.git.merge_record import prepare_commit_msg as add_merge_trailers
 from potluck.git.plumbing import Git
@@ -101,7 +102,13 @@ def diff_driver(args: tuple[str, ...]) -> None:
 @click.argument("file")
 @handle_errors
 def textconv(file: str) -> None:
-    """One line per tensor (name, dtype[shape], content id) for `git log -p` and friends."""
+    """One line per tensor (name, dtype[shape], content id) for `git log -p` and friends; a
+    git-lfs pointer (a commit from before `potluck track --migrate`) is shown as it is."""
+    with open(file, "rb") as f:
+        head = f.read(MAX_POINTER_BYTES)
+    if is_pointer(head):
+        echo("\n".join(safe_field(line) for line in head.decode("ascii", "replace").splitlines()))
+        return
     echo(tensor_lines(insp.file_side(Repo("."), file).manifest))
 
 

@@ -31,8 +31,19 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-#: Subcommands whose modules load only when used (keeps git hooks and drivers fast to start).
+#: The module (under ``potluck.cli``) that registers each subcommand. A module is imported only
+#: when one of its subcommands runs, so ``potluck --version``, git's filter and the drivers and
+#: hooks start without the modules (and numpy-heavy libraries) they do not use.
 LAZY_COMMANDS = {
+    **dict.fromkeys(
+        ["init", "track", "untrack", "ls", "diff", "log", "du", "gc", "fsck", "status"],
+        "commands",
+    ),
+    **dict.fromkeys(["resolve", "demo"], "commands"),
+    **dict.fromkeys(
+        ["filter-process", "clean", "smudge", "pre-push", "diff-driver", "textconv"], "drivers"
+    ),
+    **dict.fromkeys(["merge-driver", "prepare-commit-msg"], "drivers"),
     "merge": "merge_cmd",
     "stats": "stats_cmd",
     "patch": "patch_cmd",
@@ -40,25 +51,28 @@ LAZY_COMMANDS = {
     "experts": "modular_cmd",
     "compose": "modular_cmd",
     "eval": "eval_cmd",
-    "push": "remote_cmd",
-    "fetch": "remote_cmd",
-    "pull": "remote_cmd",
-    "clone": "remote_cmd",
-    "remote": "remote_cmd",
+    **dict.fromkeys(["push", "fetch", "pull", "clone", "remote"], "remote_cmd"),
 }
+
+
+def _import_all() -> None:
+    for module in sorted(set(LAZY_COMMANDS.values())):
+        importlib.import_module(f"potluck.cli.{module}")
 
 
 class LazyGroup(click.Group):
     """A group that imports a subcommand's module the first time the subcommand is needed."""
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
-            importlib.import_module(f"potluck.cli.{LAZY_COMMANDS[cmd_name]}")
+        if cmd_name not in self.commands:
+            if cmd_name in LAZY_COMMANDS:
+                importlib.import_module(f"potluck.cli.{LAZY_COMMANDS[cmd_name]}")
+            if cmd_name not in self.commands:  # a command LAZY_COMMANDS does not name yet
+                _import_all()
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        for module in sorted(set(LAZY_COMMANDS.values())):
-            importlib.import_module(f"potluck.cli.{module}")
+        _import_all()
         return super().list_commands(ctx)
 
 
@@ -79,8 +93,5 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    # importing the modules registers their subcommands
-    from potluck.cli import commands, drivers  # noqa: F401  (the others: LAZY_COMMANDS)
-
+    """Console-script entry point (subcommands load on use: ``LAZY_COMMANDS``)."""
     cli(prog_name="potluck")

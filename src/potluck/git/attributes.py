@@ -144,6 +144,36 @@ def add_patterns(worktree: Path, patterns: Iterable[str], attrs: str = DEFAULT_A
     return added
 
 
+def rewrite_filter(
+    worktree: Path, patterns: Iterable[str], from_filter: str, attrs: str = DEFAULT_ATTRS
+) -> list[str]:
+    """Turn the lines routing ``patterns`` through ``from_filter`` (e.g. git-lfs' ``lfs``) into
+    ``PATTERN attrs`` in place; return the patterns rewritten.
+
+    The first such line of a pattern is replaced (same position, same line ending); later
+    ones, and all of them when ``attrs``' filter already tracks the pattern, are dropped, so
+    the pattern ends up with exactly one line for the new filter.
+    """
+    wanted = set(patterns)
+    tracked = set(tracked_patterns(worktree, _filter_name(attrs)))
+    rewritten: list[str] = []
+    out: list[str] = []
+    for line in _read(worktree).splitlines(keepends=True):
+        parsed = parse_line(line)
+        if parsed is None or parsed[0] not in wanted or _filter_state(parsed[1]) != from_filter:
+            out.append(line)
+            continue
+        pattern = parsed[0]
+        if pattern not in tracked and pattern not in rewritten:
+            ending = line[len(line.rstrip("\r\n")) :]
+            out.append(f"{quote_pattern(pattern)} {attrs}{ending}")
+        if pattern not in rewritten:
+            rewritten.append(pattern)
+    if rewritten:
+        _write(worktree, "".join(out))
+    return rewritten
+
+
 def remove_patterns(
     worktree: Path, patterns: Iterable[str], filter_name: str = "potluck"
 ) -> list[str]:

@@ -20,6 +20,7 @@ MERGE_RECORD = "merge-record.jsonl"
 
 def driver_config(command: str = "git-potluck") -> dict[str, str]:
     """The config keys and values ``install`` sets; ``command`` is inserted verbatim (shell).
+    Re-running ``install`` on a repository set up by an older potluck adds what is new.
 
     Every driver that gets paths from git has ``--`` before them: a file named ``-x.pt`` is
     a path, never an option.
@@ -31,6 +32,9 @@ def driver_config(command: str = "git-potluck") -> dict[str, str]:
         "filter.potluck.required": "true",
         "diff.potluck.command": f"{command} diff-driver --",
         "diff.potluck.textconv": f"{command} textconv --",
+        # `git log -p` keeps each blob's textconv output in refs/notes/textconv/potluck
+        # instead of starting one potluck process per blob every time
+        "diff.potluck.cachetextconv": "true",
         "merge.potluck.name": "potluck tensor-level merge",
         "merge.potluck.driver": f"{command} merge-driver -- %O %A %B %P",
     }

@@ -1,13 +1,16 @@
-"""Canonical dtype names (safetensors spelling) ↔ numpy / ml_dtypes dtypes."""
+"""Canonical dtype names (safetensors spelling) ↔ numpy / ml_dtypes dtypes.
+
+``ml_dtypes`` (about a second to import) loads only when a dtype numpy lacks (BF16, FP8 …) is
+met: every command that never sees one, and every git filter or driver start, skips it.
+"""
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from potluck.errors import UserError
 
-# name -> (numpy dtype, item size in bytes). Little-endian throughout.
+# name -> numpy dtype, for the dtypes numpy has itself. Little-endian throughout.
 _DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "U8": np.dtype("<u1"),
@@ -23,28 +26,43 @@ _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "C64": np.dtype("<c8"),
     "C128": np.dtype("<c16"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
-    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
+
+# name -> type name in ml_dtypes, resolved on first use (``_ml_dtypes``).
+_ML_DTYPES: dict[str, str] = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+_resolved: dict[str, np.dtype] | None = None
+
+
+def _ml_dtypes() -> dict[str, np.dtype]:
+    """The ml_dtypes entries as numpy dtypes (imports ``ml_dtypes`` the first time)."""
+    global _resolved
+    if _resolved is None:
+        import ml_dtypes
+
+        _resolved = {name: np.dtype(getattr(ml_dtypes, t)) for name, t in _ML_DTYPES.items()}
+    return _resolved
 
 
 def dtype_names() -> list[str]:
     """All canonical dtype names potluck knows."""
-    return sorted(_DTYPES)
+    return sorted([*_DTYPES, *_ML_DTYPES])
 
 
 def to_numpy(name: str) -> np.dtype:
     """numpy dtype for a canonical name such as ``"BF16"``."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise UserError(
-            f"unknown dtype {name!r}", hint=f"known: {', '.join(dtype_names())}"
-        ) from None
+    known = _DTYPES.get(name)
+    if known is not None:
+        return known
+    if name in _ML_DTYPES:
+        return _ml_dtypes()[name]
+    raise UserError(f"unknown dtype {name!r}", hint=f"known: {', '.join(dtype_names())}")
 
 
 def itemsize(name: str) -> int:
@@ -68,6 +86,9 @@ def from_numpy(dtype: np.dtype) -> str:
     if dt.byteorder == ">":
         dt = dt.newbyteorder("<")
     for name, known in _DTYPES.items():
+        if known == dt:
+            return name
+    for name, known in _ml_dtypes().items():
         if known == dt:
             return name
     raise UserError(f"dtype {dt} is not supported", hint=f"supported: {', '.join(dtype_names())}")
