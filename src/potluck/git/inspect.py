@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,23 +19,24 @@ from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.vcs import (
+    Reader,
     TensorChange,
     diff_manifests,
+    entry_offsets,
     load_tensors,
     missing_objects,
+    read_range,
     scan_manifest,
     unchanged_count,
 )
 
-Loader = Callable[[str], np.ndarray]
-
 
 @dataclass
 class Side:
-    """One version of a file: its manifest and a way to load its tensors."""
+    """One version of a file: its manifest and a reader of its tensors' bytes (streamed)."""
 
     manifest: Manifest | None
-    load: Loader | None
+    read: Reader | None
 
 
 def split_rev(spec: str) -> tuple[str, str | None]:
@@ -60,7 +60,8 @@ def side(repo: Repo, path: str, rev: str | None) -> Side:
 
 
 def _store_side(repo: Repo, m: Manifest) -> Side:
-    return Side(m, lambda n: load_tensors(m, repo.odb, [n])[n])
+    tensors = m.tensors()
+    return Side(m, lambda n: repo.odb.read_chunks(tensors[n].oid))
 
 
 def file_side(repo: Repo, file: str) -> Side:
@@ -74,12 +75,8 @@ def file_side(repo: Repo, file: str) -> Side:
         f.seek(0, 2)
         size = f.tell()
         m = scan_manifest(f, size, name=file)
-
-    def loader(n: str) -> np.ndarray:
-        with open(file, "rb") as g:
-            return read_tensors(g, scan_stream(g, size, name=file), [n])[n]
-
-    return Side(m, loader)
+    where = entry_offsets(m)  # the file is scanned once; tensors are read by offset
+    return Side(m, lambda n: read_range(file, *where[n]))
 
 
 def _load_from_file(repo: Repo, path: str, names: list[str] | None) -> dict[str, np.ndarray]:
@@ -186,7 +183,7 @@ class FileDiff:
 def diff_sides(path: str, a: Side, b: Side, stats: bool = True) -> FileDiff:
     """Tensor-level diff between two versions of one file."""
     changes = diff_manifests(
-        a.manifest, b.manifest, a.load if stats else None, b.load if stats else None
+        a.manifest, b.manifest, a.read if stats else None, b.read if stats else None
     )
     return FileDiff(path, changes, unchanged_count(a.manifest, b.manifest))
 

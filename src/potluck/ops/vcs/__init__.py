@@ -1,8 +1,14 @@
 """Version control of checkpoints: object database, snapshot/materialise, diff, three-way merge,
 object transfer and the wire index. Imports no other wing."""
 
-from potluck.ops.vcs.diff import TensorChange, diff_manifests, unchanged_count
-from potluck.ops.vcs.materialize import load_tensors, missing_objects, tensor_names, write_file
+from potluck.ops.vcs.diff import Reader, TensorChange, diff_manifests, unchanged_count
+from potluck.ops.vcs.materialize import (
+    entry_offsets,
+    load_tensors,
+    missing_objects,
+    tensor_names,
+    write_file,
+)
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.pushfetch import (
     OnBytes,
@@ -12,7 +18,7 @@ from potluck.ops.vcs.pushfetch import (
     push_objects,
     store_fresh,
 )
-from potluck.ops.vcs.snapshot import Chain, scan_manifest, snapshot_stream
+from potluck.ops.vcs.snapshot import Chain, read_range, scan_manifest, snapshot_stream
 from potluck.ops.vcs.threeway import (
     Combine,
     Combiner,
@@ -30,17 +36,20 @@ __all__ = [
     "ObjectDB",
     "OnBytes",
     "PushReport",
+    "Reader",
     "TensorChange",
     "Wanted",
     "WireEntry",
     "diff_manifests",
     "dump_index",
+    "entry_offsets",
     "fetch_objects",
     "load_tensors",
     "merge_manifests",
     "missing_objects",
     "parse_index",
     "push_objects",
+    "read_range",
     "resolve_manifest",
     "scan_manifest",
     "snapshot_stream",

@@ -74,6 +74,18 @@ def write_file(
     return n
 
 
+def entry_offsets(m: Manifest) -> dict[str, tuple[int, int]]:
+    """Tensor entry name → (offset, size) of its bytes in the file ``m`` describes (the
+    entries tile the file in order)."""
+    out: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for e in m.entries:
+        if isinstance(e, TensorEntry):
+            out[e.name] = (pos, e.size)
+        pos += e.size
+    return out
+
+
 def tensor_names(m: Manifest) -> list[str]:
     """Names of all loadable tensors (storages of views are included under their own name)."""
     return [e.name for e in m.entries if isinstance(e, TensorEntry)] + [v.name for v in m.views]

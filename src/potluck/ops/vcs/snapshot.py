@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
@@ -42,6 +42,13 @@ def hash_range(f: BinaryIO, offset: int, length: int) -> str:
     for buf in copy_range(f, offset, length, PIECE):
         h.update(buf)
     return h.hexdigest()
+
+
+def read_range(path: str | Path, offset: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of the file at ``path`` from ``offset``, in pieces (opened lazily,
+    closed at the end)."""
+    with open(path, "rb") as f:
+        yield from copy_range(f, offset, length, PIECE)
 
 
 def _element_size(seg: Segment) -> int:
