@@ -5,6 +5,7 @@ tree, and `potluck fsck --repair` does all of it in one run."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -19,11 +20,15 @@ import numpy as np
 import pytest
 
 from conftest import Run, run_in, save_st
-from potluck.errors import FormatError
+from potluck.config import RepoConfig
+from potluck.errors import CorruptObjectError, FormatError, UserError
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
 from potluck.git.repo import Repo
-from potluck.objects.manifest import parse
+from potluck.objects.encoding import check_layout, encode_object
+from potluck.objects.manifest import Manifest, RawEntry, dumps, parse, parse_lenient
+from potluck.ops.vcs import ObjectDB
+from potluck.store import MemoryStore
 
 FILE = "m.safetensors"
 WEEK = 7 * 24 * 3600
@@ -300,3 +305,69 @@ def test_non_canonical_manifest_is_named_reported_and_repaired(
     out = git("potluck", "fsck")
     assert f"note: {FILE} (blob {blob[:12]}): {what}" in out and f"in {commit[:10]}: " in out
     assert out.endswith("ok: all objects verified\n")
+
+
+# --- the cheap checks, without git --------------------------------------------------------------
+
+
+def _object(chunks: int) -> bytes:
+    """An object of ``chunks`` chunks of 4 KiB: raw, grouped and identical-to-base kinds."""
+    data = np.arange(chunks * 1024, dtype=np.float32)
+    data[: len(data) // 2] = 0  # compressible half
+    out = io.BytesIO()
+    encode_object([data.tobytes()], size=data.nbytes, itemsize=4, chunk_size=4096, level=1, out=out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_check_layout_finds_every_torn_length_and_trailing_bytes(chunks: int) -> None:
+    blob = _object(chunks)
+    assert check_layout(io.BytesIO(blob), len(blob)).n_chunks == chunks
+    for keep in range(len(blob)):  # every truncation, at record boundaries too
+        with pytest.raises(CorruptObjectError):
+            check_layout(io.BytesIO(blob[:keep]), keep)
+    with pytest.raises(CorruptObjectError, match="3 trailing bytes after the last chunk"):
+        check_layout(io.BytesIO(blob + b"xyz"), len(blob) + 3)
+
+
+def test_odb_has_quarantines_a_torn_object_and_put_writes_it_again() -> None:
+    odb = ObjectDB(MemoryStore(), RepoConfig(chunk_bytes=4096), workers=1)
+    data = np.arange(3000, dtype=np.float32).tobytes()
+    oid = odb.put_bytes(data, itemsize=4).oid
+    odb2 = ObjectDB(odb.store, odb.config, workers=1)  # another process: nothing checked yet
+    whole = odb.store._objects[oid]  # type: ignore[attr-defined]
+    odb.store._objects[oid] = whole[:-1]  # type: ignore[attr-defined]
+    assert not odb2.has(oid) and not odb.store.has(oid)
+    (q,) = odb.store.quarantined()
+    assert (q.oid, q.reason) == (
+        oid,
+        f"corrupt object: torn: the file ends at byte {len(whole) - 1}, inside chunk 2",
+    )
+    assert odb2.put_bytes(data, itemsize=4).new and odb2.read_bytes(oid) == data
+
+
+def test_damaged_manifest_text_is_read_leniently_or_salvaged() -> None:
+    a, b = "a" * 64, "b" * 64
+    good = dumps(Manifest("npz", 8, (RawEntry(a, 4), RawEntry(b, 4))))
+    spaced = good.replace(b'"size":4', b'"size": 4')
+    with pytest.raises(FormatError, match=r"^x\.npz: manifest is not in canonical form \(line 3"):
+        parse(spaced, "x.npz")
+    assert parse_lenient(spaced) == parse(good)
+    damaged = maint.read_damaged("0" * 40, "x.npz", spaced)
+    assert damaged is not None and damaged.manifest == parse(good)
+    garbage = good.replace(b'{"raw"', b'{"raw" oops', 1)
+    with pytest.raises(FormatError, match=r"^x\.npz: manifest is malformed on line 3: "):
+        parse_lenient(garbage, "x.npz")
+    damaged = maint.read_damaged("0" * 40, "x.npz", garbage)
+    assert damaged is not None and (damaged.manifest, damaged.oids) == (None, {a, b})
+
+
+def test_prune_cutoff() -> None:
+    now = 1_700_000_000.0
+    assert maint.prune_cutoff("now", now) == now
+    assert maint.prune_cutoff("never", now) is None
+    assert maint.prune_cutoff("2.weeks.ago", now) == now - 2 * WEEK
+    assert maint.prune_cutoff("90 minutes ago", now) == now - 5400
+    assert maint.prune_cutoff("1.hour.ago", now) == now - 3600
+    with pytest.raises(UserError, match=r"invalid prune expiry '2\.wekks\.ago'"):
+        maint.prune_cutoff("2.wekks.ago", now)

@@ -420,11 +420,13 @@ def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
     5-byte record headers (cheap, no decompression, no hash): it catches a torn or truncated
     file, not a flipped bit (``decode_object`` plus the hash does)."""
     header = read_header(f)
-    pos = HEADER_SIZE
+    pos = at = HEADER_SIZE  # where the next record starts; where ``f`` is
     for i in range(header.n_chunks):
         if pos + CHUNK_HEADER_SIZE > file_size:
-            raise _corrupt(f"torn object: the file ends ({file_size} bytes) at chunk {i} header")
-        f.seek(pos)
+            raise _corrupt(f"torn: the file ends at byte {file_size}, before chunk {i}")
+        if at != pos:
+            f.seek(pos)
+        at = pos + CHUNK_HEADER_SIZE
         kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
         if kind not in (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME):
             raise _corrupt(f"chunk {i} has unknown kind {kind}")
@@ -432,7 +434,7 @@ def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
             raise _corrupt(f"chunk {i} of kind {kind} has bad length {n}")
         pos += CHUNK_HEADER_SIZE + n
         if pos > file_size:
-            raise _corrupt(f"torn object: the file ends ({file_size} bytes) inside chunk {i}")
+            raise _corrupt(f"torn: the file ends at byte {file_size}, inside chunk {i}")
     if pos != file_size:
         raise _corrupt(f"{file_size - pos} trailing bytes after the last chunk")
     return header

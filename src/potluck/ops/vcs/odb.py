@@ -93,9 +93,11 @@ class ObjectDB:
     def layout_problem(self, oid: str) -> str | None:
         """None when the object is present and whole (remembered), "" when it is absent, else
         what is wrong with its file."""
+        if not self.store.has(oid):  # the common case of a put: one stat, as before
+            return ""
         try:
             f = self.store.open(oid)
-        except MissingObjectError:
+        except MissingObjectError:  # deleted meanwhile
             return ""
         with f:
             size = f.seek(0, os.SEEK_END)
@@ -162,23 +164,26 @@ class ObjectDB:
         itemsize: int,
         base_oid: str | None = None,
         quick: bool = False,
+        durable: bool = True,
     ) -> PutResult:
         """Store the content ``chunks()`` (already known to hash to ``oid``) if absent.
 
         With ``base_oid`` (an earlier version of the same tensor, same size) the encoder may
         store chunks as XOR deltas, unless that would make the chain deeper than allowed. With
         ``quick``, chunks that a sample shows to be nearly incompressible are stored verbatim.
+        With ``durable`` False the object is not flushed on its own: the caller makes a batch
+        of them durable at once (``os.sync``) before anything refers to them.
         """
         if self.has(oid):  # re-used: fresh again, so gc's grace period covers it until referenced
             self.store.freshen(oid)
             return PutResult(oid, False, 0, 0)
         base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
-            return self._encode(oid, chunks, size, itemsize, base, quick)
+            return self._encode(oid, chunks, size, itemsize, base, quick, durable)
         except CorruptObjectError:
             if base is None:
                 raise
-            return self._encode(oid, chunks, size, itemsize, None, quick)
+            return self._encode(oid, chunks, size, itemsize, None, quick, durable)
 
     def _usable_base(self, base_oid: str | None, size: int) -> tuple[str, int] | None:
         if base_oid is None or size == 0 or not self.store.has(base_oid):
@@ -201,10 +206,11 @@ class ObjectDB:
         itemsize: int,
         base: tuple[str, int] | None,
         quick: bool = False,
+        durable: bool = True,
     ) -> PutResult:
         cs = self.config.chunk_bytes
         base_iter = self.read_chunks(base[0]) if base else None
-        with self.store.writer(oid, durable=not quick) as out:
+        with self.store.writer(oid, durable=durable and not quick) as out:
             stats = encode_object(
                 rechunk(chunks(), cs),
                 size=size,
@@ -215,7 +221,7 @@ class ObjectDB:
                 base=base_iter,
                 base_oid=base[0] if base else None,
                 base_depth=base[1] if base else 0,
-                executor=self._pool(),
+                executor=self._pool() if size > cs else None,  # one chunk: no hand-off
                 quick=QUICK_RATIO if quick else None,
             )
             if base_iter is not None:
