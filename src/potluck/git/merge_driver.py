@@ -100,8 +100,8 @@ def run_merge_driver(repo: Repo, base_f: str, ours_f: str, theirs_f: str, path: 
             f"{path}: one side is not a potluck manifest; cannot merge tensor by tensor",
             hint="check the file out from one side (`git checkout --ours/--theirs`) and commit",
         )
-    base = parse(blobs[0]) if is_manifest(blobs[0]) else None
-    ours, theirs = parse(blobs[1]), parse(blobs[2])
+    base = parse(blobs[0], f"{path} (merge base)") if is_manifest(blobs[0]) else None
+    ours, theirs = parse(blobs[1], f"{path} (ours)"), parse(blobs[2], f"{path} (theirs)")
     result = merge_manifests(base, ours, theirs, repo.odb, rule_combiner(repo.config.merge, path))
     out = dumps(result.manifest)
     Path(ours_f).write_bytes(out)

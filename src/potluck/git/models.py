@@ -34,7 +34,8 @@ def open_model(spec: str) -> ModelSource:
         if p.is_file() and _is_placeholder(p):
             repo = Repo(p.absolute().parent)
             rel = repo.relpath(p)
-            return _store_source(repo, {rel: parse(p.read_bytes())}, spec, None, None)
+            m = parse(p.read_bytes(), f"work-tree file {rel}")
+            return _store_source(repo, {rel: m}, spec, None, None)
         return open_path(p)
     path, rev = split_rev(spec)
     if rev is None:
