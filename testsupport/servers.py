@@ -81,7 +81,8 @@ class LfsServer:
     ``base`` the server root, ``storage`` giftless' storage directory. Counters:
     ``bytes_sent`` (body bytes of object downloads), ``bytes_received`` (body bytes of PUT
     uploads), ``requests`` (``(method, path, status)``). Faults: ``fail_next``,
-    ``truncate_next``, ``requires_auth``; ``serve_ranges = True`` makes object downloads honour
+    ``truncate_next``, ``requires_auth``, ``redirect_loop = True`` (object downloads answer
+    302 to themselves); ``serve_ranges = True`` makes object downloads honour
     ``Range: bytes=N-`` with 206 (giftless itself always answers 200).
 
     Object downloads get a ``Content-Length`` (giftless sends none), so a truncated one looks
@@ -97,6 +98,7 @@ class LfsServer:
         self.org, self.repo = org, repo
         self.base = ""
         self.serve_ranges = False
+        self.redirect_loop = False  # True: every object download redirects to itself
         self.send_block: int | None = 256 * 1024  # None: send giftless' (line-sized) pieces
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
@@ -181,6 +183,7 @@ class LfsServer:
             self._faults.clear()
             self._auth = None
             self.serve_ranges = False
+            self.redirect_loop = False
         if new_repo:
             self.repo = f"repo{next(_repo_numbers)}"
         # giftless creates a repository's directory on the first PUT, racily: parallel first
@@ -256,6 +259,8 @@ class LfsServer:
                     giftless.transfer._registered_adapters.clear()
                     giftless.transfer._registered_adapters.update(self._adapters)
                     return self._plain(app, environ, start_response)
+            if method == "GET" and self.redirect_loop:
+                return self._redirect(path, environ, start_response)
             if method == "GET":
                 keep = fault.keep_bytes if fault is not None else None
                 return self._download(app, environ, start_response, keep)
@@ -281,6 +286,16 @@ class LfsServer:
         start_response(f"{status} {HTTPStatus(status).phrase}", headers)
         self._record(method, path, status)
         return [body]
+
+    def _redirect(
+        self, path: str, environ: dict[str, Any], start_response: StartResponse
+    ) -> list[bytes]:
+        """A 302 back to the same URL (a redirect loop, as a misconfigured storage front)."""
+        query = environ.get("QUERY_STRING", "")
+        location = f"{self.base}{path}" + (f"?{query}" if query else "")
+        start_response("302 Found", [("Location", location), ("Content-Length", "0")])
+        self._record("GET", path, 302)
+        return [b""]
 
     def _plain(
         self,

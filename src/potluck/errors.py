@@ -51,3 +51,8 @@ class MissingObjectError(IntegrityError):
 
 class GitError(PotluckError):
     """A git subprocess failed."""
+
+
+class RemoteError(PotluckError):
+    """An object remote misbehaved or could not be used (redirect loop, odd answers, no space
+    to receive its objects); the message names the remote's URL with its credentials left out."""

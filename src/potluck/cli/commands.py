@@ -324,8 +324,12 @@ def status(as_json: bool) -> None:
         have = p["tensors"] - p["tensors_missing"]
         echo(
             f"left as a manifest: {p['path']} ({have} of {p['tensors']} tensors here, "
-            f"{p['missing_objects']} objects missing; `potluck pull` fetches and checks out)"
+            f"{p['missing_objects']} objects missing)"
         )
+    if st["not_materialized"]:
+        from potluck.git.sync import pull_hint
+
+        echo(f"  {pull_hint(Repo('.').git)}")
     if not st["conflicts"] and not st["not_materialized"]:
         echo("potluck: nothing to report")
     if st["conflicts"]:

@@ -31,16 +31,23 @@ def _selection(include: tuple[str, ...], exclude: tuple[str, ...]) -> sync.Selec
 @cli.command()
 @click.argument("remote", required=False)
 @click.option("--all", "everything", is_flag=True, help="Check every commit, not only new ones.")
+@click.option(
+    "--verify", is_flag=True,
+    help="Check that the object store really has every object of every commit of the local "
+    "branches and tags and of REMOTE's remote-tracking refs; upload what it lacks.",
+)  # fmt: skip
 @json_opt
 @handle_errors
-def push(remote: str | None, everything: bool, as_json: bool) -> None:
+def push(remote: str | None, everything: bool, verify: bool, as_json: bool) -> None:
     """Upload the objects of local branches and tags that REMOTE's object store lacks.
 
     `git push` does this by itself through the pre-push hook that `potluck init` installs.
     """
     repo = Repo(".")
     with byte_progress("potluck: uploading") as on_bytes:
-        spec, report = sync.push(repo, remote, None, everything=everything, on_bytes=on_bytes)
+        spec, report = sync.push(
+            repo, remote, None, everything=everything, verify=verify, on_bytes=on_bytes
+        )
     if as_json:
         emit_json(
             {
@@ -50,6 +57,7 @@ def push(remote: str | None, everything: bool, as_json: bool) -> None:
                 "bytes": report.bytes,
                 "already_there": report.already_there,
                 "encoded": len(report.encoded),
+                "stale_index_entries": report.stale,
             }
         )
         return
@@ -57,7 +65,14 @@ def push(remote: str | None, everything: bool, as_json: bool) -> None:
         f"potluck: {spec.url}: uploaded {report.uploaded} objects "
         f"({human_bytes(report.bytes)}; {len(report.encoded)} as deltas or compressed), "
         f"{report.already_there} already there"
+        + (
+            f"; {report.stale} stale wire index entries re-sent as plain bytes"
+            if report.stale
+            else ""
+        )
     )
+    if verify:
+        echo(f"potluck: verified: {spec.url} holds all {report.checked} objects the refs need")
 
 
 @cli.command()
@@ -97,15 +112,33 @@ def fetch(
 @handle_errors
 def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
     """Fetch the objects of HEAD, then check out every file left as a manifest (run it after
-    a `git pull` made with fetching off, or a `potluck clone --no-data`)."""
+    a `git pull` made with fetching off, or a `potluck clone --no-data`).
+
+    --include/--exclude are kept for later checkouts and pulls (as `git sparse-checkout set`);
+    `--include '*'` clears the selection: every tensor is fetched from then on."""
     repo = Repo(".")
+    selection = _selection(include, exclude)
     with byte_progress("potluck: downloading") as on_bytes:
-        stats, written, incomplete = sync.pull(repo, remote, _selection(include, exclude), on_bytes)
+        stats, written, incomplete = sync.pull(repo, remote, selection, on_bytes)
     echo(f"potluck: fetched {stats.objects} objects ({human_bytes(stats.bytes)})")
+    if selection is not None:
+        kept = sync.configured_selection(repo.git)
+        echo(
+            "potluck: checkouts and pulls fetch every tensor from now on"
+            if not kept.include and not kept.exclude
+            else f"potluck: checkouts and pulls fetch from now on: {_describe(kept)}"
+        )
     for path in written:
         echo(f"checked out {path}")
     for path in incomplete:
         echo(f"left as a manifest (tensors not selected): {path}")
+    if incomplete:
+        echo(f"potluck: {sync.pull_hint(repo.git)}")
+
+
+def _describe(selection: sync.Selection) -> str:
+    parts = [f"--include {g!r}" for g in selection.include]
+    return " ".join(parts + [f"--exclude {g!r}" for g in selection.exclude])
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
 from potluck.ops.vcs import Chain, missing_objects, snapshot_stream, write_file
 
 COPY = 1 << 20
+PULL_HINT = "`potluck pull` fetches them and checks the file out"
 log = logging.getLogger("potluck")
 
 
@@ -27,6 +28,8 @@ class Fetcher(Protocol):
     def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]: ...
 
     def settle(self) -> None: ...
+
+    def pull_hint(self) -> str: ...
 
 
 class PotluckFilter:
@@ -94,10 +97,10 @@ class PotluckFilter:
             missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
         try:
             if missing:  # leave the manifest: never a broken checkpoint
+                hint = self.fetch.pull_hint() if self.fetch is not None else PULL_HINT
                 log.warning(
-                    "%s left as a manifest: %d of %d objects are not in the local store; "
-                    "`potluck pull` fetches them and checks the file out",
-                    pathname, len(missing), len(set(manifest.oids())),
+                    "%s left as a manifest: %d of %d objects are not in the local store; %s",
+                    pathname, len(missing), len(set(manifest.oids())), hint,
                 )  # fmt: skip
                 dst.write(data)
                 return

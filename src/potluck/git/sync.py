@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from potluck.errors import GitError, IntegrityError, PotluckError, UserError
+from potluck.errors import GitError, IntegrityError, PotluckError, RemoteError, UserError
 from potluck.fileio import atomic_writer
 from potluck.git import wireindex
+from potluck.git.diskspace import check_space, disk_errors
 from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
 from potluck.git.repo import Repo
@@ -34,7 +35,8 @@ from potluck.ops.vcs import (
     store_fresh,
     write_file,
 )
-from potluck.remote import ObjectRemote, TransferStats
+from potluck.ops.vcs.wire import verify_remote
+from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")
 MAX_MANIFEST_BYTES = 64 << 20
@@ -42,6 +44,9 @@ FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
 FETCH_INCLUDE = "potluck.fetchInclude"
 FETCH_EXCLUDE = "potluck.fetchExclude"
 ENCODED_TRANSFER = "potluck.encodedTransfer"
+#: objects at the tips of what the git remote has that a push checks on the object remote
+TIP_SAMPLE = 100
+MAX_TIPS = 32
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,38 @@ def configured_selection(git: Git) -> Selection:
         return tuple(p.strip() for p in value.split(",") if p.strip())
 
     return Selection(globs(FETCH_INCLUDE), globs(FETCH_EXCLUDE))
+
+
+def save_selection(git: Git, selection: Selection) -> Selection:
+    """Keep ``selection`` for later checkouts, fetches and pulls (``potluck.fetchInclude`` /
+    ``potluck.fetchExclude``), as ``git sparse-checkout set`` does; an include of ``*``
+    (everything) clears the include list. Returns what is kept."""
+    include = () if "*" in selection.include else selection.include
+    for key, globs in ((FETCH_INCLUDE, include), (FETCH_EXCLUDE, selection.exclude)):
+        if globs:
+            git.config_set(key, ",".join(globs))
+        else:
+            git.config_unset(key)
+    return Selection(include, selection.exclude)
+
+
+def pull_hint(git: Git) -> str:
+    """The exact command that fetches and checks out what a file left as a manifest lacks."""
+    selection = configured_selection(git)
+    if selection.include or selection.exclude:
+        kept = ", ".join(
+            f"{key}={','.join(globs)}"
+            for key, globs in (
+                (FETCH_INCLUDE, selection.include),
+                (FETCH_EXCLUDE, selection.exclude),
+            )
+            if globs
+        )
+        return (
+            f"`potluck pull --include '*'` fetches every tensor and checks the files out (the "
+            f"selection {kept} leaves the others out; that command clears it)"
+        )
+    return "`potluck pull` fetches them and checks the file out"
 
 
 # -- which manifests ------------------------------------------------------------------------
@@ -153,7 +190,7 @@ def push_range(
 ) -> tuple[list[str], list[str]]:
     """Commits to include / exclude for a push of ``updates`` (None: every local branch and
     tag) to ``remote``: what the remote-tracking refs (and remote shas we know) already have."""
-    exclude = [f"--remotes={remote}"] if git_remote_url(git, remote) is not None else []
+    exclude = _tracking(git, remote)
     if updates is None:
         return ["--branches", "--tags"], exclude
     include = [local for local, _ in updates]
@@ -169,25 +206,36 @@ def push(
     updates: Sequence[tuple[str, str]] | None = None,
     *,
     everything: bool = False,
+    verify: bool = False,
     on_bytes: OnBytes | None = None,
 ) -> tuple[RemoteSpec, PushReport]:
     """Upload the objects of the commits being pushed that the object remote lacks.
 
-    ``updates`` come from the pre-push hook; None means every local branch and tag. With
-    ``everything`` the range is not cut at what the remote already has (repairs a remote that
-    lost objects, or one pushed to without potluck).
+    ``updates`` come from the pre-push hook; None means every local branch and tag. The range
+    is cut at what the git remote is known to have (its remote-tracking refs and branch tips)
+    only after a sample of the objects at those commits is found on the object remote: a
+    store that was replaced, emptied or re-created gets every commit's objects. With
+    ``everything`` the range is not cut at all; ``verify`` also takes in every commit of the
+    remote-tracking refs (what git says is pushed), so the remote ends up holding every
+    object they need. Whether an object is there is always asked of the object remote (an
+    index entry whose wire object is gone counts as missing and is sent as plain bytes).
     """
     spec, obj_remote = open_object_remote(repo.git, remote)
     try:
         include, exclude = push_range(repo.git, spec.name, updates)
-        manifests, commits = new_manifests(repo, include, [] if everything else exclude)
+        if verify:
+            include, exclude = [*include, *_tracking(repo.git, spec.name)], []
+        encode = _config_bool(repo.git, ENCODED_TRANSFER, True)
+        index = _LazyIndex(repo.git, spec.name, encode)
+        if everything or (exclude and not _remote_has_tips(repo, obj_remote, exclude, index)):
+            exclude = []
+        manifests, commits = new_manifests(repo, include, exclude)
         wanted = Wanted()
         for blob, (path, m) in manifests.items():
             wanted.add_manifest(m, path, commits.get(blob))
-        encode = _config_bool(repo.git, ENCODED_TRANSFER, True) and len(wanted) > 0
-        index = wireindex.fetch_index(repo.git, spec.name) if encode else {}
         report = push_objects(
-            repo.odb, obj_remote, wanted, on_bytes, index=index, encode=encode
+            repo.odb, obj_remote, wanted, on_bytes, index=index.get() if wanted else {},
+            encode=encode and len(wanted) > 0,
         )  # fmt: skip
         published = report.encoded and wireindex.publish(
             repo.git, spec.name, report.encoded, fetched=encode
@@ -197,6 +245,57 @@ def push(
     finally:
         obj_remote.close()
     return spec, report
+
+
+class _LazyIndex:
+    """The remote's wire index, fetched on first use (only with encoded transfer on)."""
+
+    def __init__(self, git: Git, remote: str, enabled: bool) -> None:
+        self.git, self.remote, self.enabled = git, remote, enabled
+        self._index: dict[str, WireEntry] | None = None
+
+    def get(self) -> dict[str, WireEntry]:
+        """The index (empty when encoded transfer is off)."""
+        if self._index is None:
+            self._index = wireindex.fetch_index(self.git, self.remote) if self.enabled else {}
+        return self._index
+
+
+def _tracking(git: Git, remote: str) -> list[str]:
+    """``--remotes=NAME`` when ``remote`` is a configured git remote (else nothing)."""
+    return [f"--remotes={remote}"] if git_remote_url(git, remote) is not None else []
+
+
+def _remote_has_tips(
+    repo: Repo, remote: ObjectRemote, exclude: Sequence[str], index: _LazyIndex
+) -> bool:
+    """Whether a sample of the objects at the commits ``exclude`` names (the remote-tracking
+    refs, the remote's branch tips) is really on the object remote: one existence check of
+    up to ``TIP_SAMPLE`` objects. The refs say what the git remote has, not what its store
+    holds."""
+    out = repo.git.run_proc("rev-parse", *exclude).stdout.decode().split()
+    tips = list(dict.fromkeys(t for t in out if not t.startswith("-")))[:MAX_TIPS]
+    blobs: dict[str, str] = {}
+    for tip in tips:
+        for path, blob in repo.git.list_blobs(tip):
+            blobs.setdefault(blob, path)
+    refs = {
+        ObjectRef(e.oid, e.size)
+        for _, m in _manifest_blobs(repo, blobs).values()
+        for e in m.entries
+    }
+    sample = sorted(refs)[:TIP_SAMPLE]
+    if not sample:
+        return True
+    view = verify_remote(remote, sample, index.get())
+    lacking = len(sample) - len(view.present & {r.oid for r in sample})
+    if lacking:
+        log.warning(
+            "%s lacks %d of %d sampled objects of commits the git remote already has (a new or "
+            "emptied object store?); checking the objects of every commit",
+            remote.url, lacking, len(sample),
+        )  # fmt: skip
+    return lacking == 0
 
 
 def _push_plain_instead(
@@ -209,7 +308,7 @@ def _push_plain_instead(
     again = push_objects(repo.odb, remote, subset, on_bytes)
     return PushReport(
         report.checked, report.uploaded + again.uploaded, report.bytes + again.bytes,
-        report.already_there,
+        report.already_there, stale=report.stale,
     )  # fmt: skip
 
 
@@ -254,7 +353,8 @@ def fetch(
     wanted = wanted_for(manifests.values(), selection)
     spec, obj_remote = open_object_remote(repo.git, remote)
     try:
-        stats = _fetch(repo, spec, obj_remote, wanted, on_bytes)
+        with disk_errors(repo, f"fetching the objects of {', '.join(revs)}"):
+            stats = _fetch(repo, spec, obj_remote, wanted, on_bytes)
     finally:
         obj_remote.close()
     return spec, stats
@@ -347,9 +447,16 @@ def pull(
     selection: Selection | None = None,
     on_bytes: OnBytes | None = None,
 ) -> tuple[TransferStats, list[str], list[str]]:
-    """Fetch the objects of HEAD, then check out every file left as a manifest."""
-    _spec, stats = fetch(repo, remote, ("HEAD",), selection, on_bytes)
-    written, incomplete = checkout_placeholders(repo)
+    """Fetch the objects of HEAD, then check out every file left as a manifest. A
+    ``selection`` is kept for later checkouts and pulls (``save_selection``: ``*`` clears it);
+    without one, the kept selection applies. Checkouts fetch again from now on (as before a
+    ``clone --no-data``)."""
+    if selection is not None:
+        save_selection(repo.git, selection)
+    repo.git.config_unset(FETCH_ON_CHECKOUT)  # data wanted from now on (after clone --no-data)
+    _spec, stats = fetch(repo, remote, ("HEAD",), None, on_bytes)
+    with disk_errors(repo, "checking out the files left as manifests"):
+        written, incomplete = checkout_placeholders(repo)
     return stats, written, incomplete
 
 
@@ -379,17 +486,40 @@ def clone(
     install(repo)
     if no_data:
         repo.git.config_set(FETCH_ON_CHECKOUT, "false")
-    if selection is not None and selection.include:
-        repo.git.config_set(FETCH_INCLUDE, ",".join(selection.include))
-    if selection is not None and selection.exclude:
-        repo.git.config_set(FETCH_EXCLUDE, ",".join(selection.exclude))
+    if selection is not None:
+        save_selection(repo.git, selection)
     if repo.git.rev_parse("HEAD") is not None:
         _checkout(repo.git, "reset", "-q", "--hard", "HEAD")
     else:  # the remote's HEAD names no branch (e.g. a bare repo made with another default)
         pick = _fallback_branch(repo.git)
         if pick is not None:
             _checkout(repo.git, "checkout", "-q", "-B", pick, f"origin/{pick}")
+    _check_fetched(repo)
     return repo
+
+
+def _check_fetched(repo: Repo) -> None:
+    """Raise when a checkout left files as manifests although their selected tensors should
+    have come (the remote failed, the disk was full): the clone is usable, and says how to
+    finish it."""
+    if not _config_bool(repo.git, FETCH_ON_CHECKOUT, True):
+        return
+    selection = configured_selection(repo.git)
+    failed = [
+        path
+        for path, m in placeholders(repo)
+        if any(not repo.odb.has(r.oid) for r in wanted_for([(path, m)], selection).refs)
+    ]
+    if failed:
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        raise PotluckError(
+            f"cloned into {repo.root}, but {len(failed)} file(s) could not be fetched and were "
+            f"left as manifests: {shown} (the reasons are above)",
+            hint="fix what is said above (free some space, check the remote), then run "
+            f"`potluck pull` in {repo.root}: it fetches what is missing (interrupted downloads "
+            "resume) and checks the files out",
+            paths=failed,
+        )
 
 
 def _checkout(git: Git, *args: str) -> None:
@@ -442,27 +572,42 @@ class CheckoutFetcher:
         if not self.enabled:
             return {}
         wanted = wanted_for([(path, m)], self.selection)
-        if all(self.repo.odb.has(r.oid) for r in wanted.refs):
+        lacking = [r for r in wanted.refs if not self.repo.odb.has(r.oid)]
+        if not lacking:
             return {}
         if self._failed is not None:
             raise self._failed
+        whole = len(wanted.refs) == len(set(m.oids()))  # the file is written if all come
+        check_space(self.repo, path, sum(r.size for r in lacking), m.size if whole else 0)
         try:
-            if self._remote is None or self._index is None:
-                spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
-                self._index = wireindex.fetch_index(self.repo.git, spec.name)
-            tmp = self.repo.tmp_dir / "incoming"
-            fresh: dict[str, Path] = {}
-            stats = fetch_objects(
-                self.repo.odb, self._remote, wanted, tmp, index=self._index, fresh=fresh
-            )  # fmt: skip
+            with disk_errors(self.repo, f"fetching the objects of {path}"):
+                if self._remote is None or self._index is None:
+                    spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
+                    self._index = wireindex.fetch_index(self.repo.git, spec.name)
+                tmp = self.repo.tmp_dir / "incoming"
+                fresh: dict[str, Path] = {}
+                stats = fetch_objects(
+                    self.repo.odb, self._remote, wanted, tmp, index=self._index, fresh=fresh
+                )  # fmt: skip
         except IntegrityError:
             raise  # about these objects only: other files may still come
         except PotluckError as e:
             self._failed = e
             raise
+        except Exception as e:  # a bug must not cost the file: it stays a manifest
+            log.debug("fetching the objects of %s failed", path, exc_info=True)
+            self._failed = RemoteError(
+                f"fetching the objects of {path} failed: {type(e).__name__}: {e}",
+                hint="this is a bug in potluck; please report it (run with -v for details)",
+            )
+            raise self._failed from None
         log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
         self._store_in_background(wanted, fresh)
         return fresh
+
+    def pull_hint(self) -> str:
+        """What to run to get the tensors of a file left as a manifest (``pull_hint``)."""
+        return pull_hint(self.repo.git)
 
     def _store_in_background(self, wanted: Wanted, fresh: dict[str, Path]) -> None:
         """Put the fresh files into the store on a thread while smudge copies them out."""

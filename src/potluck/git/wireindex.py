@@ -46,8 +46,10 @@ def _fetch_ref(git: Git, remote: str) -> str | None:
     )
     if proc.returncode != 0:
         text = proc.stderr.decode("utf-8", "replace").strip()
-        if "couldn't find remote ref" not in text:
-            log.warning("could not fetch the wire index from %s: %s", remote, text)
+        if "couldn't find remote ref" in text:  # none there (any more): forget our old copy
+            git.run_proc("update-ref", "-d", tracking)
+            return None
+        log.warning("could not fetch the wire index from %s: %s", remote, text)
     return git.rev_parse(tracking)
 
 
@@ -69,7 +71,8 @@ def read_index(git: Git, commit: str | None) -> dict[str, WireEntry]:
 
 
 def fetch_index(git: Git, remote: str) -> dict[str, WireEntry]:
-    """The remote's wire index, freshly fetched (the last copy when it cannot be reached)."""
+    """The remote's wire index, freshly fetched (the last copy when it cannot be reached; its
+    entries are only hints: every use checks the wire objects on the object remote)."""
     return read_index(git, _fetch_ref(git, remote))
 
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import httpx
 
-from potluck.errors import IntegrityError, MissingObjectError, PotluckError, UserError
+from potluck.errors import (
+    IntegrityError,
+    MissingObjectError,
+    PotluckError,
+    RemoteError,
+    UserError,
+)
 from potluck.remote.base import (
     Credentials,
     ObjectRef,
@@ -47,6 +53,9 @@ from potluck.remote.transfer import (
 
 LFS_JSON = "application/vnd.git-lfs+json"
 GONE = (404, 410)
+#: redirects followed for one object download (git-lfs follows up to 3; storage fronts chain
+#: a couple at most); more is a loop
+MAX_REDIRECTS = 10
 EXPIRY_MARGIN = 5.0
 AUTH_HINT = (
     "check the username and password (or token) for this host; git asks its credential "
@@ -96,6 +105,7 @@ class LfsRemote:
         self._client = httpx.Client(
             timeout=httpx.Timeout(options.timeout),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            max_redirects=MAX_REDIRECTS,
         )
         self._engine = Engine(options, self.url)
 
@@ -256,6 +266,8 @@ class LfsRemote:
             resp = self._client.request(method, url, **kwargs)
         except httpx.TransportError as e:
             raise transport_error(e, url) from e
+        except httpx.RequestError as e:
+            raise request_error(e, url, self.url) from None
         raise_if_retryable(resp, url)
         return resp
 
@@ -284,6 +296,8 @@ class LfsRemote:
                 yield self._body_start(resp, ref, offset), resp.iter_bytes()
         except httpx.TransportError as e:
             raise transport_error(e, action.href) from e
+        except httpx.RequestError as e:
+            raise request_error(e, action.href, self.url) from None
 
     def _body_start(self, resp: httpx.Response, ref: ObjectRef, offset: int) -> int:
         """Where the response body starts in the object; raises unless 200 or 206."""
@@ -383,6 +397,23 @@ class LfsRemote:
             url=self.url,
             status=code,
         )
+
+
+def request_error(e: httpx.RequestError, href: str, url: str) -> RemoteError:
+    """A request that cannot succeed by trying again: a redirect loop, a body that does not
+    decode. Names the URL asked for (no credentials, no query)."""
+    if isinstance(e, httpx.TooManyRedirects):
+        return RemoteError(
+            f"{safe_url(href)} redirects more than {MAX_REDIRECTS} times (a redirect loop?)",
+            hint="the LFS server or the storage behind it is misconfigured; report it to the "
+            "host of this remote, or point potluck at another one (`potluck remote set-url`)",
+            url=url,
+        )
+    return RemoteError(
+        f"request to {safe_url(href)} failed: {type(e).__name__}: {e}",
+        hint="the server answered something potluck cannot read; retry later or report it",
+        url=url,
+    )
 
 
 def http_error(resp: httpx.Response, what: str, url: str) -> PotluckError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,14 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.errors import CorruptObjectError, MissingObjectError
+from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError, PotluckError
 from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.vcs.odb import ObjectDB
-from potluck.ops.vcs.wire import WireEntry, encoded_candidate, plan_fetch, store_encoded
+from potluck.ops.vcs.wire import (
+    MAX_CHAIN,
+    RemoteView,
+    WireEntry,
+    encoded_candidate,
+    plan_fetch,
+    store_encoded,
+    verify_remote,
+)
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 from potluck.tensors.dtypes import grouping_size
 
 OnBytes = Callable[[int], None]
+log = logging.getLogger("potluck")
 COPY = 1 << 20
 
 
@@ -80,13 +90,15 @@ class Wanted:
 @dataclass(frozen=True)
 class PushReport:
     """What a push moved: objects checked, uploaded (plain or encoded), already on the remote,
-    and the wire entries of the objects sent encoded (to publish in the wire index)."""
+    the wire entries of the objects sent encoded (to publish in the wire index), and how many
+    objects had a stale index entry (its wire object not on the remote: sent as plain bytes)."""
 
     checked: int
     uploaded: int
     bytes: int
     already_there: int
     encoded: tuple[WireEntry, ...] = ()
+    stale: int = 0
 
 
 def push_objects(
@@ -98,26 +110,35 @@ def push_objects(
     index: Mapping[str, WireEntry] | None = None,
     encode: bool = False,
 ) -> PushReport:
-    """Upload the wanted objects the remote lacks (those in ``index`` are there, encoded).
+    """Upload the wanted objects the remote lacks.
 
-    Every object the remote lacks must be in the local store; if one is not, raise
-    ``MissingObjectError`` naming file, tensor and commit before anything is uploaded. With
-    ``encode``, objects whose stored file is much smaller than their bytes travel encoded
-    (``ops.vcs.wire``); the caller must then publish ``PushReport.encoded``.
+    What the remote has is asked of the remote itself (``verify_remote``): an object listed in
+    the wire ``index`` counts only when its wire object and base chain are really there; one
+    whose entry is stale goes again as plain bytes. Every object the remote lacks must be in
+    the local store; if one is not, raise ``MissingObjectError`` naming file, tensor and commit
+    before anything is uploaded. With ``encode``, objects whose stored file is much smaller
+    than their bytes travel encoded (``ops.vcs.wire``); the caller must then publish
+    ``PushReport.encoded``.
     """
-    index = index or {}
     refs = sorted(wanted.refs)
-    lacking = remote.missing([r for r in refs if r.oid not in index])
+    view = verify_remote(remote, refs, index or {})
+    lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
-    encoded = _choose_encoded(odb, remote, refs, lacking, index) if encode else {}
+    encoded = _choose_encoded(odb, remote, refs, lacking, view) if encode else {}
     plain = [r for r in lacking if r not in encoded]
     stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
     by_wire = {e.wire: e.oid for e in encoded.values()}
     wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
     there = len(refs) - len(lacking) + stats.skipped
+    stale = sum(1 for r in lacking if r.oid in view.stale)
+    if stale:
+        log.warning(
+            "%d object(s) listed in the wire index were not on %s; sent as plain bytes",
+            stale, remote.url,
+        )  # fmt: skip
     return PushReport(
         len(refs), stats.objects + wire_stats.objects, stats.bytes + wire_stats.bytes, there,
-        tuple(encoded.values()),
+        tuple(encoded.values()), stale,
     )  # fmt: skip
 
 
@@ -142,20 +163,22 @@ def _choose_encoded(
     remote: ObjectRemote,
     refs: Sequence[ObjectRef],
     lacking: Sequence[ObjectRef],
-    index: Mapping[str, WireEntry],
+    view: RemoteView,
 ) -> dict[ObjectRef, WireEntry]:
-    """Which lacking objects to send encoded: small enough, and with a delta base that the
-    remote has or gets in this push."""
-    coming = {r.oid for r in refs} | set(index)
+    """Which lacking objects to send encoded: small enough, with a delta base that the remote
+    has or gets in this push, and no stale index entry (a new entry for the same id would
+    compete with the stale one; plain bytes are always found)."""
+    coming = {r.oid for r in refs} | view.present
+    candidates = [r for r in lacking if r.oid not in view.stale]
     bases: dict[str, ObjectRef] = {}
-    for r in lacking:
+    for r in candidates:
         base = odb.header(r.oid).base_oid
         if base is not None and base not in coming and odb.has(base):
             bases[base] = ObjectRef(base, r.size)
     absent = {r.oid for r in remote.missing(list(bases.values()))} if bases else set()
     present = set(bases) - absent
     chosen: dict[ObjectRef, WireEntry] = {}
-    for r in lacking:
+    for r in candidates:
         entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
         if entry is not None:
             chosen[r] = entry
@@ -228,16 +251,52 @@ def fetch_objects(
     """Download the wanted objects the local store lacks, verified, into the store.
 
     Objects in ``index`` come encoded, after their delta bases (fetched too when missing);
-    the others as plain bytes. A missing object on the remote raises ``MissingObjectError``
-    (naming every one, and where the first is used) before anything of that batch is
-    downloaded. With ``fresh`` (and nothing to fetch encoded), verified plain objects are
-    left as files in ``tmp_dir/fresh`` and listed there instead of being stored: the caller
-    can use them at once and must then call ``store_fresh``.
+    the others as plain bytes. An index entry whose wire object is missing or wrong (damaged,
+    not what the entry says, a chain too deep) is dropped with a warning and its object is
+    fetched as plain bytes instead. A missing object on the remote raises
+    ``MissingObjectError`` (naming every one, and the file and tensor that need the first)
+    before anything of that batch is downloaded. With ``fresh`` (and nothing to fetch
+    encoded), verified plain objects are left as files in ``tmp_dir/fresh`` and listed there
+    instead of being stored: the caller can use them at once and must then call
+    ``store_fresh``.
     """
     lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
-    plain, levels = plan_fetch(lacking, index or {}, odb.has)
     stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    usable = dict(index or {})
+    while True:
+        todo = [r for r in lacking if not odb.has(r.oid)]
+        owners = _owners(todo, usable)
+        try:
+            with _name_missing(wanted, owners):
+                _fetch_planned(odb, remote, wanted, todo, usable, tmp_dir, on_bytes, fresh, stats)
+            return stats
+        except IntegrityError as err:
+            bad = _failed_entries(err, usable, owners)
+            if not bad:
+                raise
+            for oid in bad:
+                log.warning(
+                    "object %s: its wire index entry (wire object %s) cannot be used: %s; "
+                    "fetching its plain bytes instead",
+                    oid[:12], usable[oid].wire.oid[:12], err.message,
+                )  # fmt: skip
+                del usable[oid]
+
+
+def _fetch_planned(
+    odb: ObjectDB,
+    remote: ObjectRemote,
+    wanted: Wanted,
+    todo: Sequence[ObjectRef],
+    index: Mapping[str, WireEntry],
+    tmp_dir: Path,
+    on_bytes: OnBytes | None,
+    fresh: dict[str, Path] | None,
+    stats: TransferStats,
+) -> None:
+    """One try: plain objects, then the encoded ones level by level."""
+    plain, levels = plan_fetch(todo, index, odb.has)
     keep = fresh if fresh is not None and not levels else None
     if keep is not None:
         (tmp_dir / "fresh").mkdir(exist_ok=True)
@@ -256,22 +315,68 @@ def fetch_objects(
             quick=True,
         )
 
-    with _name_missing(wanted):
-        if plain:
-            _add(stats, remote.download(plain, sink, tmp_dir, on_bytes))
-        for level in levels:
-            by_wire = {entry.wire: (ref, entry) for ref, entry in level}
-            sink_level = functools.partial(_store_wire, odb, by_wire)
-            _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
-    return stats
+    if plain:
+        _add(stats, remote.download(plain, sink, tmp_dir, on_bytes))
+    for level in levels:
+        by_wire = {entry.wire: (ref, entry) for ref, entry in level}
+        sink_level = functools.partial(_store_wire, odb, by_wire)
+        _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
 
 
 WireLevel = Mapping[ObjectRef, tuple[ObjectRef, WireEntry]]
 
 
 def _store_wire(odb: ObjectDB, by_wire: WireLevel, w: ObjectRef, path: Path) -> None:
+    """Store one downloaded wire object; any failure names the index entry (logical id and
+    wire object) so that the fetch can fall back to the plain bytes."""
     ref, entry = by_wire[w]
-    store_encoded(odb, entry, ref.size, path)
+    try:
+        store_encoded(odb, entry, ref.size, path)
+    except PotluckError as e:
+        raise CorruptObjectError(
+            f"wire object {w.oid[:12]} does not give object {ref.oid[:12]}: {e.message}",
+            hint="the remote's wire index is wrong; push the object again from a clone that "
+            "has it (`potluck push --verify`)",
+            oid=ref.oid,
+            wire=w.oid,
+        ) from e
+
+
+def _failed_entries(
+    err: IntegrityError, usable: Mapping[str, WireEntry], owners: Mapping[str, str]
+) -> set[str]:
+    """Logical ids whose index entry ``err`` condemns: an entry whose wire object is missing
+    or bad, and a wanted object whose delta base could not be had (it is then fetched as
+    plain bytes itself)."""
+    by_wire = {e.wire.oid: e.oid for e in usable.values()}
+    named = [*err.data.get("oids", ()), err.data.get("oid"), err.data.get("wire")]
+    bad = set()
+    for oid in filter(None, named):
+        if oid in by_wire:
+            bad.add(by_wire[oid])
+        elif owners.get(oid, oid) != oid:
+            bad.add(owners[oid])
+    if not isinstance(err, MissingObjectError) and err.data.get("wire") in by_wire:
+        bad.add(str(err.data.get("oid")))
+    return bad & set(usable)
+
+
+def _owners(todo: Sequence[ObjectRef], index: Mapping[str, WireEntry]) -> dict[str, str]:
+    """For every object a fetch of ``todo`` may download (wire objects and delta bases): the
+    wanted object it is downloaded for."""
+    owner: dict[str, str] = {}
+    for ref in todo:
+        cur: str | None = ref.oid
+        for _ in range(MAX_CHAIN + 1):
+            if cur is None or cur in owner:
+                break
+            owner[cur] = ref.oid
+            entry = index.get(cur)
+            if entry is None:
+                break
+            owner.setdefault(entry.wire.oid, ref.oid)
+            cur = entry.base
+    return owner
 
 
 def _add(total: TransferStats, part: TransferStats) -> None:
@@ -281,19 +386,22 @@ def _add(total: TransferStats, part: TransferStats) -> None:
 
 
 @contextmanager
-def _name_missing(wanted: Wanted) -> Iterator[None]:
-    """Re-raise a remote's ``MissingObjectError`` with the place the first object is used."""
+def _name_missing(wanted: Wanted, owners: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a remote's ``MissingObjectError`` with the place the first object is used
+    (a wire object or delta base is named through the wanted object it was fetched for)."""
     try:
         yield
     except MissingObjectError as err:
         oids = list(err.data.get("oids", []))
         by_oid = {r.oid: w for r, w in wanted.refs.items()}
-        places = [by_oid[o].describe() for o in oids if o in by_oid]
-        if not places:
+        places = [by_oid[owners.get(o, o)].describe() for o in oids if owners.get(o, o) in by_oid]
+        if not places or "places" in err.data:
             raise
         data = {**err.data, "places": places[:20]}
+        first = owners.get(oids[0], oids[0]) if oids else ""
+        what = f" (object {first[:12]})" if oids and first != oids[0] else ""
         raise MissingObjectError(
-            f"{err.message}; first needed by {places[0]}", hint=err.hint, **data
+            f"{err.message}; first needed by {places[0]}{what}", hint=err.hint, **data
         ) from err
 
 

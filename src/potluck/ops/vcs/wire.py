@@ -17,19 +17,26 @@ verify that it yields exactly the logical bytes its id promises.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from potluck.config import MAX_DELTA_DEPTH
 from potluck.errors import CorruptObjectError, FormatError, UserError
-from potluck.objects.encoding import ObjectHeader, read_header
+from potluck.objects.encoding import HEADER_SIZE, ObjectHeader, read_header
+from potluck.objects.encoding import _write_header as write_header
 from potluck.ops.vcs.odb import ObjectDB
-from potluck.remote import ObjectRef
+from potluck.remote import ObjectRef, ObjectRemote
 from potluck.store.base import validate_oid
 
 INDEX_MAGIC = b"potluck wire index v1\n"
 #: send the encoded form only when it is at most this fraction of the plain bytes
 ENCODED_RATIO = 0.5
+#: the deepest delta chain an index may make a receiver fetch (a sender's own chains are never
+#: deeper than ``max_delta_depth``, at most ``MAX_DELTA_DEPTH``)
+MAX_CHAIN = MAX_DELTA_DEPTH
+#: the deepest delta chain a received object may decode through in the local store
+MAX_STORED_DEPTH = 2 * MAX_DELTA_DEPTH
 
 
 @dataclass(frozen=True)
@@ -108,11 +115,18 @@ def check_header(entry: WireEntry, head: ObjectHeader, size: int) -> None:
 
 def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> None:
     """Put a downloaded encoded object into the store as ``entry.oid``, then decode it once
-    (its base must be here) to prove it yields the logical bytes; on failure nothing stays."""
+    (its base must be here) to prove it yields the logical bytes; on failure nothing stays.
+
+    Its delta chain in this store must not be deeper than ``MAX_STORED_DEPTH``; the header
+    records the chain's real depth here (a sender's base may be stored differently)."""
     with open(path, "rb") as f:
-        check_header(entry, read_header(f), size)
-        f.seek(0)
+        head = read_header(f)
+        check_header(entry, head, size)
+        depth = _depth_on(odb, entry)
+        f.seek(0 if depth == head.depth else HEADER_SIZE)
         with odb.store.writer(entry.oid, durable=False) as out:  # can be fetched again
+            if depth != head.depth:
+                write_header(out, replace(head, depth=depth))
             while buf := f.read(1 << 20):
                 out.write(buf)
     try:
@@ -122,35 +136,158 @@ def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> Non
         raise
 
 
+def _depth_on(odb: ObjectDB, entry: WireEntry) -> int:
+    """The delta depth ``entry``'s object gets in ``odb``: its base's chain, walked header by
+    header (never recursively), plus one; refused beyond ``MAX_STORED_DEPTH``."""
+    depth, base = 0, entry.base
+    while base is not None:
+        depth += 1
+        if depth > MAX_STORED_DEPTH:
+            raise CorruptObjectError(
+                f"encoded object {entry.wire.oid[:12]} for {entry.oid[:12]} would decode "
+                f"through more than {MAX_STORED_DEPTH} delta bases",
+                hint="the remote's wire index is damaged; the plain object is fetched instead",
+                oid=entry.oid,
+            )
+        base = odb.header(base).base_oid
+    return depth
+
+
 def plan_fetch(
-    lacking: Iterable[ObjectRef], index: Mapping[str, WireEntry], have: Callable[[str], bool]
+    lacking: Iterable[ObjectRef],
+    index: Mapping[str, WireEntry],
+    have: Callable[[str], bool],
+    max_chain: int = MAX_CHAIN,
 ) -> tuple[list[ObjectRef], list[list[tuple[ObjectRef, WireEntry]]]]:
     """Split what to download into plain objects and encoded ones in dependency levels (each
-    level's bases are local or in an earlier level). Bases not asked for are added."""
+    level's bases are local or in an earlier level). Bases not asked for are added.
+
+    Chains are walked iteratively and never deeper than ``max_chain`` levels: where an index
+    chain loops or would go deeper, that object is fetched as plain bytes instead.
+    """
     plain: dict[ObjectRef, None] = {}
     level_of: dict[str, int] = {}
     encoded: dict[str, tuple[ObjectRef, WireEntry]] = {}
-
-    def visit(ref: ObjectRef, seen: frozenset[str]) -> int:
-        if have(ref.oid) or ref in plain:
-            return 0
-        if ref.oid in level_of:
-            return level_of[ref.oid]
-        entry = index.get(ref.oid)
-        if entry is None or ref.oid in seen:
-            plain[ref] = None
-            return 0
-        depth = 0
-        if entry.base is not None:
-            depth = visit(ObjectRef(entry.base, ref.size), seen | {ref.oid})
-        level_of[ref.oid] = depth + 1
-        encoded[ref.oid] = (ref, entry)
-        return depth + 1
-
     for ref in lacking:
-        visit(ref, frozenset())
+        path, below = _chain_to_fetch(ref, index, have, plain, level_of, max_chain)
+        for depth, (r, entry) in enumerate(reversed(path), start=below + 1):
+            level_of[r.oid] = depth
+            encoded[r.oid] = (r, entry)
     n_levels = max(level_of.values(), default=0)
     levels: list[list[tuple[ObjectRef, WireEntry]]] = [[] for _ in range(n_levels)]
     for oid, (ref, entry) in sorted(encoded.items()):
         levels[level_of[oid] - 1].append((ref, entry))
     return list(plain), levels
+
+
+def _chain_to_fetch(
+    ref: ObjectRef,
+    index: Mapping[str, WireEntry],
+    have: Callable[[str], bool],
+    plain: dict[ObjectRef, None],
+    level_of: Mapping[str, int],
+    max_chain: int,
+) -> tuple[list[tuple[ObjectRef, WireEntry]], int]:
+    """The encoded objects to fetch for ``ref`` (newest first) and the level they sit on;
+    the plain object the chain ends on, if any, is added to ``plain``."""
+    path: list[tuple[ObjectRef, WireEntry]] = []
+    seen: dict[str, int] = {}
+    cur = ref
+    while not have(cur.oid) and cur not in plain:
+        if cur.oid in level_of:
+            below = level_of[cur.oid]
+            if below + len(path) <= max_chain:
+                return path, below
+            plain[path[-1][0]] = None  # too deep on top of that chain: cut it here
+            return path[:-1], 0
+        entry = index.get(cur.oid)
+        if cur.oid in seen:  # the index loops: fetch this one plain
+            path = path[: seen[cur.oid]]
+            entry = None
+        if entry is None or len(path) >= max_chain:
+            plain[cur] = None
+            break
+        seen[cur.oid] = len(path)
+        path.append((cur, entry))
+        if entry.base is None:
+            break
+        cur = ObjectRef(entry.base, ref.size)
+    return path, 0
+
+
+@dataclass
+class RemoteView:
+    """What a remote really holds for some logical objects, checked on the remote itself (an
+    index entry alone proves nothing: the store may have been replaced or emptied).
+
+    ``present``: logical ids it can serve, as plain bytes or through a usable index entry;
+    ``usable``: index entries whose wire object and whole base chain are there; ``stale``:
+    logical ids whose index entry is not usable (wire object gone, chain broken or too deep).
+    """
+
+    present: set[str] = field(default_factory=set)
+    usable: dict[str, WireEntry] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
+
+
+def verify_remote(
+    remote: ObjectRemote, refs: Sequence[ObjectRef], index: Mapping[str, WireEntry]
+) -> RemoteView:
+    """Ask ``remote`` (one existence check: LFS batch, fsspec ``info``) for ``refs``, the
+    wire objects of their index entries and those entries' delta bases (``MAX_CHAIN`` deep)."""
+    members: dict[str, ObjectRef] = {}
+    for ref in refs:
+        cur: ObjectRef | None = ref
+        for _ in range(MAX_CHAIN + 1):
+            if cur is None or cur.oid in members:
+                break
+            members[cur.oid] = cur
+            entry = index.get(cur.oid)
+            cur = ObjectRef(entry.base, ref.size) if entry and entry.base else None
+    asked = {r.oid: r for r in members.values()}
+    for oid in members:
+        if oid in index:
+            asked.setdefault(index[oid].wire.oid, index[oid].wire)
+    absent = {r.oid for r in remote.missing(list(asked.values()))} if asked else set()
+    view = RemoteView()
+    decided: dict[str, bool] = {}
+    for oid in members:
+        entry_ok = _entry_usable(oid, index, members, absent, decided)
+        if oid in index and entry_ok:
+            view.usable[oid] = index[oid]
+        elif oid in index:
+            view.stale.add(oid)
+        if entry_ok or oid not in absent:
+            view.present.add(oid)
+    return view
+
+
+def _entry_usable(
+    oid: str,
+    index: Mapping[str, WireEntry],
+    members: Mapping[str, ObjectRef],
+    absent: set[str],
+    decided: dict[str, bool],
+) -> bool:
+    """Whether ``oid``'s index entry can be fetched and decoded from the remote: its wire
+    object is there and its base is too (plain, or through a usable entry). Walked
+    iteratively; ``decided`` memoises the answer for every entry on the way."""
+    path: list[str] = []
+    cur = oid
+    while True:
+        if cur in decided:
+            result = decided[cur]
+            break
+        entry = index.get(cur)
+        if entry is None or entry.wire.oid in absent or cur not in members or cur in path:
+            result = False
+            break
+        path.append(cur)
+        base = entry.base
+        if base is None or (base in members and base not in absent):
+            result = True  # standalone, or its base's plain bytes are there
+            break
+        cur = base  # the base must come through its own entry
+    for step in path:
+        decided[step] = result
+    return decided.get(oid, False)
