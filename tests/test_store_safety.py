@@ -305,6 +305,21 @@ def test_non_canonical_manifest_is_named_reported_and_repaired(
     out = git("potluck", "fsck")
     assert f"note: {FILE} (blob {blob[:12]}): {what}" in out and f"in {commit[:10]}: " in out
     assert out.endswith("ok: all objects verified\n")
+    good = git("git", "rev-parse", "HEAD").strip()
+    unreadable = canonical.replace(b'{"raw"', b'{"raw" oops', 1)
+    blob = git("git", "hash-object", "-w", "--no-filters", "--stdin", input=unreadable).strip()
+    git("git", "update-index", "--cacheinfo", f"100644,{blob},{FILE}")
+    git("git", "commit", "-q", "-m", "unreadable")
+    (p,) = [p for p in maint.fsck(Repo(repo), rehash=False) if p.bad]
+    assert (p.kind, p.detail) == (
+        maint.BAD_MANIFEST,
+        f"{FILE} (blob {blob[:12]}): manifest is malformed on line 3: Expecting ':' delimiter: "
+        "line 1 column 8 (char 7)",
+    )
+    assert p.repair == (
+        f"cannot be read: restore the last readable version with `git checkout {good[:10]} -- "
+        f"{FILE}` (or put the checkpoint at {FILE}), then `git add -- {FILE} && git commit`"
+    )
 
 
 # --- the cheap checks, without git --------------------------------------------------------------

@@ -342,7 +342,8 @@ def manifest_problems(repo: Repo, scan: ManifestScan, current: set[str]) -> list
         now = d.blob in current
         p = Problem(d.blob, BAD_MANIFEST if now else OLD_MANIFEST, f"{d.source}: {d.problem}")
         p.uses.append({"path": d.path, "revisions": _revisions(repo, d.blob, d.path)})
-        p.repair = _manifest_advice(d, now)
+        good = _last_good(repo, scan, d.path) if now and d.manifest is None else None
+        p.repair = _manifest_advice(d, now, good)
         out[d.blob] = p
     for path, data in worktree_manifests(repo):
         blob = git_blob_id(data)
@@ -356,17 +357,29 @@ def manifest_problems(repo: Repo, scan: ManifestScan, current: set[str]) -> list
     return list(out.values())
 
 
-def _manifest_advice(d: DamagedManifest, current: bool) -> str:
+def _last_good(repo: Repo, scan: ManifestScan, path: str) -> str | None:
+    """The newest commit of HEAD whose manifest of ``path`` parses, if any."""
+    bad = {d.blob for d in scan.damaged}
+    for commit, _, blob in repo.git.log_path(path):
+        if blob is not None and blob in scan.manifests and blob not in bad:
+            return commit
+    return None
+
+
+def _manifest_advice(d: DamagedManifest, current: bool, good: str | None = None) -> str:
     if not current:
         return (
             "older commits keep this text (history is never rewritten); checking them out "
             f"fails for {d.path}: take the file from a later commit"
         )
     if d.manifest is None:
-        return (
-            f"cannot be read: put the checkpoint at {d.path} (or `git checkout <good commit> "
-            f"-- {d.path}`), then `git add -- {d.path} && git commit`"
+        take = (
+            f"restore the last readable version with `git checkout {good[:10]} -- {d.path}` "
+            f"(or put the checkpoint at {d.path})"
+            if good
+            else f"put the checkpoint at {d.path}"
         )
+        return f"cannot be read: {take}, then `git add -- {d.path} && git commit`"
     return (
         f"`potluck fsck --repair` writes it in canonical form to the work tree; then "
         f"`git add --renormalize -- {d.path} && git commit`"
