@@ -1,6 +1,7 @@
 """Subcommands git calls: the filter process, per-file filters, diff and merge drivers.
 
-stdout of these is git's protocol channel; every log line goes to stderr.
+stdout of these is git's protocol channel; every log line goes to stderr. What only one driver
+uses (inspection, merging) is imported inside it, so the filter process starts without it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
 from potluck.cli.render import echo, err, file_diff_text, human_bytes, safe_field, tensor_lines
 from potluck.errors import PotluckError
-from potluck.git import inspect as insp
 from potluck.git import sync
 from potluck.git.filter import PotluckFilter
 from potluck.git.filter_process import serve_stdio
 from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
-from potluck.git.merge_driver import run_merge_driver
-from potluck.git.merge_record import prepare_commit_msg as add_merge_trailers
 from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
 from potluck.git.sync import CheckoutFetcher
+from potluck.objects.manifest import is_manifest, parse
 
 
 @cli.command(name="filter-process", hidden=True)
@@ -92,6 +91,8 @@ def diff_driver(args: tuple[str, ...]) -> None:
     if len(args) < 7:
         echo(f"* Unmerged path {args[0] if args else '?'}")
         return
+    from potluck.git import inspect as insp  # here, not at the top: git's filter starts faster
+
     repo = Repo(".")
     path, old_file, new_file = args[0], args[1], args[4]
     d = insp.diff_sides(path, insp.file_side(repo, old_file), insp.file_side(repo, new_file))
@@ -106,9 +107,14 @@ def textconv(file: str) -> None:
     git-lfs pointer (a commit from before `potluck track --migrate`) is shown as it is."""
     with open(file, "rb") as f:
         head = f.read(MAX_POINTER_BYTES)
+        if is_manifest(head):  # a blob, as `git log -p` gives: no repository needed
+            echo(tensor_lines(parse(head + f.read(), file)))
+            return
     if is_pointer(head):
         echo("\n".join(safe_field(line) for line in head.decode("ascii", "replace").splitlines()))
         return
+    from potluck.git import inspect as insp  # a checkpoint in the work tree
+
     echo(tensor_lines(insp.file_side(Repo("."), file).manifest))
 
 
@@ -119,6 +125,8 @@ def textconv(file: str) -> None:
 @click.argument("path")
 def merge_driver(base: str, ours: str, theirs: str, path: str) -> None:
     """git merge driver: %O %A %B %P. Exit 0 merged, 1 conflict."""
+    from potluck.git.merge_driver import run_merge_driver
+
     try:
         result = run_merge_driver(Repo("."), base, ours, theirs, path)
     except PotluckError as e:
@@ -147,6 +155,8 @@ def prepare_commit_msg(message_file: str, source: str, commit: str) -> None:
     """git prepare-commit-msg hook: FILE [SOURCE [SHA]]. A merge commit gets a
     ``Potluck-Merge:`` trailer per file the merge driver merged; other commits are left alone."""
     del source, commit  # a merge is recognised by MERGE_HEAD (`git commit -m` says "message")
+    from potluck.git.merge_record import prepare_commit_msg as add_merge_trailers
+
     lines = add_merge_trailers(Git(Path.cwd()), Path(message_file).resolve())
     if lines:
         err(f"potluck: recorded how {len(lines)} file(s) were merged in the commit message")
