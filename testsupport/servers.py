@@ -14,7 +14,9 @@ import base64
 import itertools
 import json
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -81,9 +83,10 @@ class LfsServer:
     ``base`` the server root, ``storage`` giftless' storage directory. Counters:
     ``bytes_sent`` (body bytes of object downloads), ``bytes_received`` (body bytes of PUT
     uploads), ``requests`` (``(method, path, status)``). Faults: ``fail_next``,
-    ``truncate_next``, ``requires_auth``, ``redirect_loop = True`` (object downloads answer
-    302 to themselves); ``serve_ranges = True`` makes object downloads honour
-    ``Range: bytes=N-`` with 206 (giftless itself always answers 200).
+    ``truncate_next``, ``requires_auth``, ``chaos`` (random faults, reordered batch answers),
+    ``redirect_loop = True`` (object downloads answer 302 to themselves);
+    ``serve_ranges = True`` makes object downloads honour ``Range: bytes=N-`` with 206
+    (giftless itself always answers 200).
 
     Object downloads get a ``Content-Length`` (giftless sends none), so a truncated one looks
     like a dropped connection; their body goes out in ``send_block`` pieces (giftless iterates
@@ -99,6 +102,7 @@ class LfsServer:
         self.base = ""
         self.serve_ranges = False
         self.redirect_loop = False  # True: every object download redirects to itself
+        self._chaos: tuple[random.Random, float, float] | None = None
         self.send_block: int | None = 256 * 1024  # None: send giftless' (line-sized) pieces
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
@@ -184,6 +188,7 @@ class LfsServer:
             self._auth = None
             self.serve_ranges = False
             self.redirect_loop = False
+            self._chaos = None
         if new_repo:
             self.repo = f"repo{next(_repo_numbers)}"
         # giftless creates a repository's directory on the first PUT, racily: parallel first
@@ -207,6 +212,27 @@ class LfsServer:
         """The next ``n`` object downloads send only ``keep_bytes`` body bytes, then hang up."""
         with self._lock:
             self._faults.append(_Fault(n, 200, keep_bytes=keep_bytes))
+
+    def chaos(self, seed: int | None, rate: float = 0.0, delay: float = 0.0) -> None:
+        """Random faults (``None``: off): each request fails with probability ``rate`` with a
+        500 or a 503, or (an object download) is cut off after a few bytes; every request
+        waits ``delay`` seconds; batch responses list their objects in reverse order."""
+        with self._lock:
+            self._chaos = None if seed is None else (random.Random(seed), rate, delay)
+
+    def _chaos_fault(self, method: str, path: str) -> _Fault | None:
+        with self._lock:
+            if self._chaos is None:
+                return None
+            rng, rate, delay = self._chaos
+            roll, pick, keep = rng.random(), rng.random(), rng.randrange(0, 4096)
+        if delay:
+            time.sleep(delay)
+        if roll >= rate:
+            return None
+        if method == "GET" and BATCH not in path and pick < 0.5:
+            return _Fault(1, 200, keep_bytes=keep)
+        return _Fault(1, 503 if pick < 0.75 else 500, retry_after="0")
 
     def requires_auth(self, username: str | None, password: str = "") -> None:
         """Demand HTTP Basic ``username:password`` (``None``: anonymous again). Requests that
@@ -245,7 +271,7 @@ class LfsServer:
             given = environ.get("HTTP_AUTHORIZATION", "")
             if self._auth is not None and given != self._auth and not given.startswith("Bearer "):
                 return self._reply(method, path, start_response, 401, "authentication required")
-            fault = self._take_fault(method, path)
+            fault = self._take_fault(method, path) or self._chaos_fault(method, path)
             if fault is not None and fault.keep_bytes is None:
                 return self._reply(
                     method, path, start_response, fault.status, "injected fault", fault.retry_after
@@ -258,6 +284,8 @@ class LfsServer:
 
                     giftless.transfer._registered_adapters.clear()
                     giftless.transfer._registered_adapters.update(self._adapters)
+                    if self._chaos is not None:
+                        return self._reordered(app, environ, start_response)
                     return self._plain(app, environ, start_response)
             if method == "GET" and self.redirect_loop:
                 return self._redirect(path, environ, start_response)
@@ -296,6 +324,26 @@ class LfsServer:
         start_response("302 Found", [("Location", location), ("Content-Length", "0")])
         self._record("GET", path, 302)
         return [b""]
+
+    def _reordered(
+        self,
+        app: Callable[..., Iterable[bytes]],
+        environ: dict[str, Any],
+        start_response: StartResponse,
+    ) -> list[bytes]:
+        """A batch response with its objects in reverse order (clients must match by oid)."""
+        got: list[Any] = []
+        body = b"".join(self._plain(app, environ, lambda *a: got.append(a)))
+        status, headers = got[0][0], got[0][1]
+        try:
+            doc = json.loads(body)
+            doc["objects"] = list(reversed(doc.get("objects") or []))
+            body = json.dumps(doc).encode()
+        except (ValueError, AttributeError):
+            pass
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
 
     def _plain(
         self,
