@@ -1,7 +1,8 @@
 """``potluck fsck --repair``: fix what can be fixed locally, say exactly what to run for the rest.
 
-In order: temp files untouched for an hour are removed; every stored object is re-hashed and a
-corrupt or torn one is quarantined (moved to ``.git/potluck/objects/quarantine``, never
+In order: temp files untouched for an hour are removed; a missing object with a quarantined copy
+that verifies is put back; every stored object is re-hashed and a corrupt or torn one is
+quarantined (moved to ``.git/potluck/objects/quarantine``, never
 deleted); the objects the checked-out files need that are missing (quarantined ones included)
 are fetched from the remote and verified; a damaged manifest of the checked-out commit or of
 the index is written to the work tree in canonical form when it can be read leniently. History
@@ -54,11 +55,14 @@ def repair(repo: Repo, remote: str | None = None) -> RepairReport:
     """Repair the local repository (see the module doc); never raises for damaged data."""
     rep = RepairReport(temp_removed=maint.clean_temp(repo))
     problems = maint.fsck(repo)
+    _restore(repo, {p.oid for p in problems if p.kind == "missing"}, rep)
     for p in problems:
         if p.kind == "corrupt":
             where = repo.odb.quarantine(p.oid, p.detail)
-            rep.actions.append({"action": "quarantined", "oid": p.oid, "detail": str(where)})
+            detail = f"{p.detail}; moved to {where}"
+            rep.actions.append({"action": "quarantined", "oid": p.oid, "detail": detail})
     refetch = {p.oid for p in problems if p.kind in ("corrupt", "missing")}
+    refetch -= {a["oid"] for a in rep.actions if a["action"] == "restored"}
     if refetch:
         _refetch(repo, refetch, remote, rep)
     for p in problems:
@@ -70,6 +74,21 @@ def repair(repo: Repo, remote: str | None = None) -> RepairReport:
         if p.bad and not p.repair:
             p.repair = _advice(p, remote)
     return rep
+
+
+def _restore(repo: Repo, oids: set[str], rep: RepairReport) -> None:
+    """Put back quarantined copies of missing objects that verify (a whole object can be moved
+    aside by a process that raced another one repairing it); others go back to quarantine."""
+    for q in repo.store.quarantined():
+        if q.oid not in oids or not repo.store.restore(q):
+            continue
+        try:
+            repo.odb.verify(q.oid)
+        except IntegrityError:
+            repo.odb.quarantine(q.oid, q.reason)
+            continue
+        oids.discard(q.oid)
+        rep.actions.append({"action": "restored", "oid": q.oid, "detail": "from quarantine"})
 
 
 def _wanted(repo: Repo, oids: set[str]) -> Wanted:

@@ -103,3 +103,8 @@ class ObjectStore(Protocol):
     def quarantined(self) -> list[Quarantined]:
         """Every object moved aside by ``quarantine``, oldest first."""
         ...
+
+    def restore(self, q: Quarantined) -> bool:
+        """Put a quarantined object back under its id (the caller verifies it next); False when
+        the id is stored already or the quarantined copy is gone."""
+        ...

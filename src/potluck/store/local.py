@@ -174,6 +174,20 @@ class LocalStore:
             out.append(Quarantined(oid, str(p), reason, int(ns) / 1e9))
         return sorted(out, key=lambda q: (q.when, q.oid))
 
+    def restore(self, q: Quarantined) -> bool:
+        """Move a quarantined file back (unless the id is stored again meanwhile)."""
+        dest = self.path(q.oid)
+        if dest.exists():
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(q.location, dest)
+        except FileNotFoundError:
+            return False
+        Path(q.location + ".why").unlink(missing_ok=True)
+        _fsync_dir(dest.parent)
+        return True
+
     def clean_tmp(self, older_than_s: float) -> int:
         """Remove leftovers of interrupted writes older than ``older_than_s``; return the count."""
         tmp_dir = self.root / TMP_DIR

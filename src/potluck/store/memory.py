@@ -83,3 +83,13 @@ class MemoryStore:
     def quarantined(self) -> list[Quarantined]:
         """Every quarantined object, oldest first."""
         return [q for q, _ in self._quarantine]
+
+    def restore(self, q: Quarantined) -> bool:
+        """Put a quarantined object back (unless the id is stored again meanwhile)."""
+        for i, (entry, data) in enumerate(self._quarantine):
+            if entry == q and q.oid not in self._objects:
+                del self._quarantine[i]
+                self._objects[q.oid] = data
+                self._times[q.oid] = time.time()
+                return True
+        return False
