@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -59,28 +60,45 @@ def env_for(src: Path) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path, stdin: bytes = b"") -> float:
-    """Wall seconds of one run of ``cmd`` (which must succeed)."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(
+    cmd: list[str], env: dict[str, str], cwd: Path, stdin: bytes = b""
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run of ``cmd`` (which must succeed); CPU counts the
+    processes it started too. On a loaded machine CPU time is the closer estimate of what
+    the wall time would be on a quiet one."""
+    cpu = children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(cmd, input=stdin, capture_output=True, env=env, cwd=cwd, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()}")
-    return wall
+    return wall, children_cpu() - cpu
+
+
+def cell(times: tuple[float, float]) -> str:
+    return f"{times[0]:.3f} / {times[1]:.3f}"
 
 
 def interleaved_medians(
     repeat: int, runs: dict[str, tuple[list[str], dict[str, str], bytes]], cwd: Path
-) -> dict[str, float]:
-    """Median wall time of each labelled ``(cmd, env, stdin)``, taking turns so that a change
-    of load hits every label alike (one untimed warm-up run each first)."""
-    times: dict[str, list[float]] = {label: [] for label in runs}
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each labelled ``(cmd, env, stdin)``, taking turns so that
+    a change of load hits every label alike (one untimed warm-up run each first)."""
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
     for n in range(repeat + 1):
         for label, (cmd, env, stdin) in runs.items():
-            wall = timed(cmd, env, cwd, stdin)
+            measured = timed(cmd, env, cwd, stdin)
             if n:
-                times[label].append(wall)
-    return {label: statistics.median(t) for label, t in times.items()}
+                times[label].append(measured)
+    return {
+        label: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+        for label, t in times.items()
+    }
 
 
 def load() -> str:
@@ -108,9 +126,9 @@ def startup_rows(trees: dict[str, Path], repo: Path, repeat: int) -> list[list[s
         for what, (args, stdin) in commands.items():
             runs[f"{label} {what}"] = ([PY, "-m", "potluck", *args], env_for(src), stdin)
     medians = interleaved_medians(repeat, runs, repo)
-    rows = [["python -c pass", f"{medians['python -c pass']:.3f}", "-", "-"]]
+    rows = [["python -c pass", cell(medians["python -c pass"]), "-", "-"]]
     for label in trees:
-        rows.append([label, *(f"{medians[f'{label} {what}']:.3f}" for what in commands)])
+        rows.append([label, *(cell(medians[f"{label} {what}"]) for what in commands)])
     return rows
 
 
@@ -163,8 +181,9 @@ def build_history(root: Path, size_mb: int, commits: int) -> dict[str, Path]:
     return repos
 
 
-def log_p(repo: Path, env: dict[str, str], repeat: int = 1) -> float:
-    """Median wall time of ``git log -p`` (after one untimed run when ``repeat`` > 1)."""
+def log_p(repo: Path, env: dict[str, str], repeat: int = 1) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``git log -p`` (after one untimed run when ``repeat`` >
+    1)."""
     if repeat == 1:
         return timed(["git", "log", "-p"], env, repo)
     return interleaved_medians(repeat, {"": (["git", "log", "-p"], env, b"")}, repo)[""]
@@ -178,7 +197,7 @@ def clear_cache(repo: Path) -> None:
 def log_rows(repos: dict[str, Path], trees: dict[str, Path], repeat: int) -> list[list[str]]:
     """``git log -p`` medians: git-lfs, then potluck per tree without cache, cold and warm."""
     lfs = log_p(repos["git-lfs"], dict(os.environ), repeat)
-    rows = [["git-lfs", f"{lfs:.3f}", "1.0"]]
+    rows = [["git-lfs", cell(lfs), "1.0"]]
     repo = repos["potluck"]
     driver = f"{shlex.quote(PY)} -m potluck textconv --"
     git(repo, "config", "diff.potluck.textconv", driver)
@@ -186,13 +205,13 @@ def log_rows(repos: dict[str, Path], trees: dict[str, Path], repeat: int) -> lis
         env = env_for(src)
         git(repo, "config", "diff.potluck.cachetextconv", "false")
         nocache = log_p(repo, env)  # one run: each takes one textconv process per blob side
-        rows.append([f"{label}, no cache", f"{nocache:.3f}", f"{nocache / lfs:.1f}"])
+        rows.append([f"{label}, no cache", cell(nocache), f"{nocache[0] / lfs[0]:.1f}"])
         git(repo, "config", "diff.potluck.cachetextconv", "true")
         clear_cache(repo)
         cold = log_p(repo, env)
-        rows.append([f"{label}, cache cold", f"{cold:.3f}", f"{cold / lfs:.1f}"])
+        rows.append([f"{label}, cache cold", cell(cold), f"{cold[0] / lfs[0]:.1f}"])
         warm = log_p(repo, env, repeat)
-        rows.append([f"{label}, cache warm", f"{warm:.3f}", f"{warm / lfs:.1f}"])
+        rows.append([f"{label}, cache warm", cell(warm), f"{warm[0] / lfs[0]:.1f}"])
         clear_cache(repo)
     return rows
 
@@ -216,14 +235,15 @@ def main() -> None:
         repos = build_history(root, args.size_mb if not args.skip_log else 4, commits)
         print(f"load average before: {load()}")
         rows = startup_rows(trees, repos["potluck"], args.repeat)
-        print(render_table(rows, [["median s", "--version", "textconv", "filter start"]]))
+        head = [["median wall / CPU s", "--version", "textconv", "filter start"]]
+        print(render_table(rows, head))
         print(f"load average after: {load()}; target ≤ {TARGET_START_S} s on a quiet machine\n")
         if args.skip_log:
             return
         print(f"load average before: {load()}")
         rows = log_rows(repos, trees, args.repeat)
         head = f"git log -p, {args.commits} commits, {args.size_mb} MB"
-        print(render_table(rows, [[head, "median s", "× git-lfs"]]))
+        print(render_table(rows, [[head, "median wall / CPU s", "wall × git-lfs"]]))
         print(f"load average after: {load()}; target: cache warm ≤ {TARGET_LOG_RATIO}× git-lfs")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Generic, TypeVar
 
 from potluck.errors import UserError
@@ -42,6 +41,8 @@ class Registry(Generic[T]):
             return
         self._entry_points_loaded = True
         assert self.entry_point_group is not None
+        from importlib import metadata  # here: importing it costs every git hook's start
+
         for ep in metadata.entry_points(group=self.entry_point_group):
             if ep.name not in self._items:
                 self._items[ep.name] = ep.load()
