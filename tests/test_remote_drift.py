@@ -6,6 +6,7 @@ object store, and a wrong index entry falls back to the plain object."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -181,3 +182,26 @@ def test_a_3000_deep_index_chain_is_cut_then_the_plain_object_is_fetched_or_name
     assert f"first needed by {FILE}: tensor 'embed'" in out
     assert c("git", "symbolic-ref", "--short", "HEAD").strip() == "main"
     assert parse((other / FILE).read_bytes()) == m  # left as its manifest
+
+
+def test_a_chain_of_sparse_edits_travels_as_deltas_on_verified_bases(
+    repo: Path, git: Run, hub: Path, rng: np.random.Generator
+) -> None:
+    """The verification must not cost the deltas: v2's base (v1) is on the remote only as a
+    wire object, and v2 still travels as a small delta on it."""
+    m = model(rng, d=128)
+    embeds = []
+    for i in range(3):
+        commit_model(git, repo, m, f"v{i}")
+        git("git", "push", "-q", "origin", "main")
+        embeds.append(
+            parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode()).tensors()["embed"]
+        )
+        m = {k: v.copy() for k, v in m.items()}
+        flat = m["embed"].reshape(-1)
+        flat[rng.choice(flat.size, flat.size // 100, replace=False)] += np.float32(0.01)
+    index = wire_index(hub)
+    for older, newer in itertools.pairwise(embeds):
+        entry = index[newer.oid]
+        assert entry.base == older.oid and entry.wire.size < newer.size // 10
+    assert embeds[1].oid not in remote_objects(hub)  # v1 is there only as its delta

@@ -124,7 +124,7 @@ def push_objects(
     view = verify_remote(remote, refs, index or {})
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
-    encoded = _choose_encoded(odb, remote, refs, lacking, view) if encode else {}
+    encoded = _choose_encoded(odb, remote, refs, lacking, view, index or {}) if encode else {}
     plain = [r for r in lacking if r not in encoded]
     stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
     by_wire = {e.wire: e.oid for e in encoded.values()}
@@ -164,10 +164,12 @@ def _choose_encoded(
     refs: Sequence[ObjectRef],
     lacking: Sequence[ObjectRef],
     view: RemoteView,
+    index: Mapping[str, WireEntry],
 ) -> dict[ObjectRef, WireEntry]:
     """Which lacking objects to send encoded: small enough, with a delta base that the remote
-    has or gets in this push, and no stale index entry (a new entry for the same id would
-    compete with the stale one; plain bytes are always found)."""
+    has (plain, or through a usable index entry) or gets in this push, and no stale index
+    entry (a new entry for the same id would compete with the stale one; plain bytes are
+    always found)."""
     coming = {r.oid for r in refs} | view.present
     candidates = [r for r in lacking if r.oid not in view.stale]
     bases: dict[str, ObjectRef] = {}
@@ -175,8 +177,7 @@ def _choose_encoded(
         base = odb.header(r.oid).base_oid
         if base is not None and base not in coming and odb.has(base):
             bases[base] = ObjectRef(base, r.size)
-    absent = {r.oid for r in remote.missing(list(bases.values()))} if bases else set()
-    present = set(bases) - absent
+    present = verify_remote(remote, list(bases.values()), index).present if bases else set()
     chosen: dict[ObjectRef, WireEntry] = {}
     for r in candidates:
         entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
