@@ -421,18 +421,22 @@ def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
     file, not a flipped bit (``decode_object`` plus the hash does)."""
     header = read_header(f)
     pos = at = HEADER_SIZE  # where the next record starts; where ``f`` is
+    kinds = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME)
     for i in range(header.n_chunks):
         if pos + CHUNK_HEADER_SIZE > file_size:
             raise _corrupt(f"torn: the file ends at byte {file_size}, before chunk {i}")
         if at != pos:
             f.seek(pos)
+        raw = f.read(CHUNK_HEADER_SIZE)
+        if len(raw) != CHUNK_HEADER_SIZE:  # the file changed under us
+            raise _corrupt(f"torn: the file ends before chunk {i} header")
         at = pos + CHUNK_HEADER_SIZE
-        kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
-        if kind not in (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME):
+        kind, n = _CHUNK.unpack(raw)
+        if kind not in kinds:
             raise _corrupt(f"chunk {i} has unknown kind {kind}")
         if (kind == KIND_SAME and n) or (kind == KIND_RAW and n != header.chunk_length(i)):
             raise _corrupt(f"chunk {i} of kind {kind} has bad length {n}")
-        pos += CHUNK_HEADER_SIZE + n
+        pos = at + n
         if pos > file_size:
             raise _corrupt(f"torn: the file ends at byte {file_size}, inside chunk {i}")
     if pos != file_size:

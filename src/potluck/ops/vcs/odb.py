@@ -81,23 +81,21 @@ class ObjectDB:
         record layout is checked against the file size (``check_layout``: cheap, no hash); a
         torn object is quarantined and reported absent so that it is fetched or written again.
         A flipped bit is only found by ``verify`` (``potluck fsck``)."""
+        if not self.store.has(oid):  # one stat, as before: all a put of a new object pays
+            return False
         if oid in self._whole:
-            return self.store.has(oid)
+            return True
         problem = self.layout_problem(oid)
-        if problem is None:
-            return self.store.has(oid)
         if problem:
             self.quarantine(oid, problem)
-        return False
+        return problem is None
 
     def layout_problem(self, oid: str) -> str | None:
         """None when the object is present and whole (remembered), "" when it is absent, else
         what is wrong with its file."""
-        if not self.store.has(oid):  # the common case of a put: one stat, as before
-            return ""
         try:
             f = self.store.open(oid)
-        except MissingObjectError:  # deleted meanwhile
+        except MissingObjectError:
             return ""
         with f:
             size = f.seek(0, os.SEEK_END)
