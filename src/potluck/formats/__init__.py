@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.errors import FormatError
-from potluck.formats.base import CheckpointFormat, Layout
+from potluck.errors import FormatError, PotluckError
+from potluck.formats.base import CheckpointFormat, Layout, naming
 from potluck.formats.npz import NpzFormat
 from potluck.formats.safetensors import SafetensorsFormat
 from potluck.formats.torch_zip import TorchZipFormat
@@ -50,7 +50,7 @@ def detect(head: bytes, size: int) -> CheckpointFormat | None:
 
 
 def scan_file(path: str | os.PathLike[str]) -> Layout:
-    """Detect the format of the file at ``path`` and scan it."""
+    """Detect the format of the file at ``path`` and scan it; errors name ``path``."""
     with Path(path).open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEAD_SIZE)
@@ -61,7 +61,7 @@ def scan_file(path: str | os.PathLike[str]) -> Layout:
                 hint="track only checkpoint files, or add a format plugin",
             )
         f.seek(0)
-        return fmt.scan(f, size)
+        return _scan_named(fmt, f, size, str(path))
 
 
 def scan_stream(f: BinaryIO, size: int, *, name: str = "<stream>") -> Layout:
@@ -78,12 +78,18 @@ def scan_stream(f: BinaryIO, size: int, *, name: str = "<stream>") -> Layout:
             hint="track only checkpoint files (`potluck untrack PATTERN`), or add a format plugin",
         )
     f.seek(0)
+    return _scan_named(fmt, f, size, name)
+
+
+def _scan_named(fmt: CheckpointFormat, f: BinaryIO, size: int, name: str) -> Layout:
+    """``fmt.scan``, its errors naming the file ``name``."""
     try:
         return fmt.scan(f, size)
-    except FormatError as e:
-        if name in e.message:
+    except PotluckError as e:
+        renamed = naming(e, name)
+        if renamed is e:
             raise
-        raise FormatError(f"{name}: {e.message}", hint=e.hint, **e.data) from e
+        raise renamed from e
 
 
 _EXTENSIONS = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from potluck.errors import FormatError
+from potluck.errors import FormatError, PotluckError
 from potluck.tensors.views import View
 
 
@@ -94,6 +94,64 @@ class CheckpointFormat(Protocol):
         ...
 
 
+def naming(error: PotluckError, source: str) -> PotluckError:
+    """``error`` with its message prefixed by ``source`` (a file), unless it names it already.
+
+    Same class, hint and data (``source`` added).
+    """
+    if source in error.message:
+        return error
+    data = {**error.data, "source": source}
+    try:
+        renamed = type(error)(f"{source}: {error.message}", hint=error.hint, **data)
+    except TypeError:  # a subclass with its own constructor
+        renamed = PotluckError(f"{source}: {error.message}", hint=error.hint, **data)
+    return renamed
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """A short description of a value read from a file, for error messages.
+
+    Never the full ``repr`` of an untrusted value: that can be huge, nested too deeply to
+    print, or (a shared list nested 40 times) take exponential time.
+    """
+    if value is None or isinstance(value, (bool, float, complex)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"<{value.bit_length()}-bit integer>"
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}… ({len(value)} long)"
+    if isinstance(value, (list, tuple)) and len(value) <= 8 and all(map(_small, value)):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return f"<{type(value).__name__}>"
+
+
+def _small(x: object) -> bool:
+    if isinstance(x, int):
+        return x.bit_length() <= 64
+    return x is None or isinstance(x, float) or (isinstance(x, str) and len(x) <= 24)
+
+
+def check_shape(fmt: str, name: str, shape: tuple[int, ...]) -> None:
+    """Refuse a shape numpy cannot represent (empty tensors with absurd dimensions included)."""
+    n = 1
+    for d in shape:
+        n *= max(d, 1)
+        if n > MAX_ELEMENTS:
+            raise FormatError(
+                f"{fmt}: tensor {brief(name)} has an impossible shape "
+                f"({len(shape)} dimensions, more than 2**56 elements)",
+                hint="the file is corrupt or was crafted",
+            )
+
+
+#: Most elements (product of the dimensions, zeros counted as 1) a tensor may have.
+MAX_ELEMENTS = 1 << 56
+
+
 def check_tiling(fmt: str, size: int, segments: list[Segment]) -> tuple[Segment, ...]:
     """Validate that ``segments`` tile ``[0, size)`` exactly, in order; merge adjacent raw ones.
 
@@ -127,6 +185,7 @@ def check_tiling(fmt: str, size: int, segments: list[Segment]) -> tuple[Segment,
 
 
 __all__ = [
+    "MAX_ELEMENTS",
     "CheckpointFormat",
     "Layout",
     "RawSegment",
@@ -134,5 +193,8 @@ __all__ = [
     "StreamableFormat",
     "TensorSegment",
     "View",
+    "brief",
+    "check_shape",
     "check_tiling",
+    "naming",
 ]

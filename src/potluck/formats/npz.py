@@ -21,7 +21,15 @@ from typing import BinaryIO
 import numpy as np
 
 from potluck.errors import FormatError, UserError
-from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment, check_tiling
+from potluck.formats.base import (
+    Layout,
+    RawSegment,
+    Segment,
+    TensorSegment,
+    brief,
+    check_shape,
+    check_tiling,
+)
 from potluck.tensors.dtypes import from_numpy
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -169,7 +177,7 @@ def parse_npy_header(raw: bytes, what: str) -> NpyHeader:
     text = raw[start:].decode("utf-8" if raw[6] == 3 else "latin1", errors="replace")
     try:
         d = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise FormatError(f"{_FMT}: {what} has an unreadable .npy header") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise FormatError(f"{_FMT}: {what} has an invalid .npy header {text.strip()[:200]!r}")
@@ -177,10 +185,20 @@ def parse_npy_header(raw: bytes, what: str) -> NpyHeader:
     if not isinstance(shape, tuple) or not all(
         isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape
     ):
-        raise FormatError(f"{_FMT}: {what} has an invalid shape {shape!r}")
+        raise FormatError(f"{_FMT}: {what} has an invalid shape {brief(shape)}")
+    check_shape(_FMT, what, shape)
     if not isinstance(d["fortran_order"], bool):
         raise FormatError(f"{_FMT}: {what} has an invalid fortran_order")
     return NpyHeader(d["descr"], d["fortran_order"], shape, len(raw))
+
+
+def _descr_text(descr: object) -> str:
+    """``repr`` of a parsed ``descr`` (a literal: a tree, so linear), clipped to 1000 chars."""
+    try:
+        text = repr(descr)
+    except RecursionError:
+        return "<nested too deeply>"
+    return text if len(text) <= 1000 else text[:1000] + "…"
 
 
 def _classify(h: NpyHeader, what: str) -> tuple[np.dtype | None, str]:
@@ -189,11 +207,11 @@ def _classify(h: NpyHeader, what: str) -> tuple[np.dtype | None, str]:
     Object arrays are refused: reading them needs pickle, i.e. code execution.
     """
     if not isinstance(h.descr, str):
-        return None, f"structured dtype {h.descr!r}"
+        return None, f"structured dtype {_descr_text(h.descr)}"
     try:
         dt = np.dtype(h.descr)
     except (TypeError, ValueError):
-        raise FormatError(f"{_FMT}: {what} has an unknown dtype {h.descr!r}") from None
+        raise FormatError(f"{_FMT}: {what} has an unknown dtype {brief(h.descr)}") from None
     if dt.hasobject:
         raise FormatError(
             f"{_FMT}: {what} is an object array; reading it needs pickle code execution",
@@ -265,7 +283,7 @@ def _deflated_npy(f: BinaryIO, m: ZipMember, meta: dict[str, str]) -> None:
     h = parse_npy_header(_inflate_prefix(f, m, what), what)
     dt, canon = _classify(h, what)
     name = m.name[: -len(".npy")]
-    dtype = canon if dt is not None else str(h.descr)
+    dtype = canon if dt is not None else _descr_text(h.descr)
     meta[f"deflated:{name}"] = json.dumps({"dtype": dtype, "shape": list(h.shape)})
 
 

@@ -4,6 +4,18 @@
 tensors, storages, dtypes and plain containers — to inert stand-ins that build *descriptors*
 (``StorageRef``, ``TensorRef``) instead of tensors. Any other global (``os.system``, a custom
 class, …) raises ``FormatError``, like ``torch.load(weights_only=True)`` refuses it.
+
+Work and memory stay proportional to the pickle's size whatever it holds:
+
+* it runs on the pure-Python unpickler, whose opcodes that hash (dict keys, set items) only
+  accept strings, bytes, ``None``, booleans, integers below 2**61 and small tuples of strings:
+  hashing a tuple is not cached, so a key built from a shared tuple nested 40 times would take
+  2**40 steps (or overflow the C stack when nested deeply), and integers and tuples of
+  integers can be chosen to collide. ``BUILD`` only sets attributes of an ``OrderedDict`` (a
+  ``state_dict``'s ``_metadata``); it would otherwise rewrite the descriptors;
+* ``walk_tensors`` expands every container once: a list or dict the pickle references from
+  several places (its memo) is named at its first path only, so ``x = [t, t]`` nested 40 times
+  gives 2 names, not 2**40. Tensors referenced several times (tied weights) get every name.
 """
 
 from __future__ import annotations
@@ -11,12 +23,20 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from potluck.errors import FormatError
+from potluck.formats.base import brief
 
 _FMT = "pytorch"
+#: Deepest container nesting ``walk_tensors`` follows.
+MAX_DEPTH = 256
+#: Longest tensor name (characters) a nested key path may build.
+MAX_NAME = 1 << 16
+#: Largest dict key or set item that is a tuple (strings, bytes, None, booleans inside).
+_MAX_KEY_NODES = 64
 
 #: Typed storage classes pickled as ``torch.<Name>`` -> canonical dtype.
 STORAGE_DTYPES: dict[str, str] = {
@@ -109,7 +129,9 @@ def _ints(value: object, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(
         isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
     ):
-        raise FormatError(f"{_FMT}: tensor {what} {value!r} is not a tuple of non-negative ints")
+        raise FormatError(
+            f"{_FMT}: tensor {what} {brief(value)} is not a tuple of non-negative ints"
+        )
     return tuple(value)
 
 
@@ -121,7 +143,7 @@ def _make_tensor(
             f"{_FMT}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise FormatError(f"{_FMT}: tensor storage offset {offset!r} is invalid")
+        raise FormatError(f"{_FMT}: tensor storage offset {brief(offset)} is invalid")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     if len(shape) != len(strides):
         raise FormatError(f"{_FMT}: tensor size {shape} and stride {strides} differ in length")
@@ -149,7 +171,7 @@ def rebuild_tensor_v3(
 ) -> TensorRef:
     """Stand-in for ``torch._utils._rebuild_tensor_v3`` (untyped storage + explicit dtype)."""
     if not isinstance(dtype, TorchDtype):
-        raise FormatError(f"{_FMT}: _rebuild_tensor_v3 got dtype {dtype!r}")
+        raise FormatError(f"{_FMT}: _rebuild_tensor_v3 got dtype {brief(dtype)}")
     return _make_tensor(storage, offset, size, stride, dtype.name)
 
 
@@ -168,8 +190,59 @@ def _torch_device(kind: object, index: object = None) -> str:
 
 def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise FormatError(f"{_FMT}: unexpected _codecs.encode({type(text).__name__}, {encoding!r})")
+        raise FormatError(
+            f"{_FMT}: unexpected _codecs.encode({type(text).__name__}, {brief(encoding)})"
+        )
     return text.encode("latin1")
+
+
+_INT_KEY_LIMIT = 1 << 61  # below it an integer hashes to itself: no chosen collisions
+_KEY_ATOMS = (str, bytes, bool, type(None))
+
+
+def _refuse_key(key: object) -> FormatError:
+    return FormatError(
+        f"{_FMT}: data.pkl uses {brief(key)} as a dict key or set item; potluck reads keys "
+        "that are strings, bytes, integers below 2**61 or small tuples of strings",
+        hint="re-save the checkpoint with string (or small integer) keys",
+    )
+
+
+def _key(key: object) -> object:
+    """``key`` when it is cheap and collision-safe to hash; ``FormatError`` otherwise."""
+    kind = type(key)
+    if kind in _KEY_ATOMS or (isinstance(key, int) and -_INT_KEY_LIMIT < key < _INT_KEY_LIMIT):
+        return key
+    if kind is not tuple:
+        raise _refuse_key(key)
+    todo: list[object] = [key]
+    seen = 0
+    while todo:
+        item = todo.pop()
+        if type(item) is tuple:
+            seen += len(item)
+            if seen > _MAX_KEY_NODES:
+                raise _refuse_key(key)
+            todo.extend(item)
+        elif type(item) not in _KEY_ATOMS:
+            raise _refuse_key(key)
+    return key
+
+
+def _set(items: Iterable[object] = ()) -> set[object]:
+    return set(map(_key, items))
+
+
+def _frozenset(items: Iterable[object] = ()) -> frozenset[object]:
+    return frozenset(map(_key, items))
+
+
+def _ordered_dict(items: object = ()) -> collections.OrderedDict[object, object]:
+    out: collections.OrderedDict[object, object] = collections.OrderedDict()
+    pairs = items.items() if isinstance(items, dict) else items
+    for k, v in pairs:  # type: ignore[attr-defined]
+        out[_key(k)] = v
+    return out
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -181,9 +254,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "UntypedStorage"): StorageType(None),
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "set"): _set,
+    ("builtins", "frozenset"): _frozenset,
     ("builtins", "complex"): complex,
     ("_codecs", "encode"): _codecs_encode,
     **{("torch", k): StorageType(v) for k, v in STORAGE_DTYPES.items()},
@@ -191,8 +264,14 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` into plain containers and ``TensorRef`` descriptors."""
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickles ``data.pkl`` into plain containers and ``TensorRef`` descriptors.
+
+    The pure-Python unpickler, with the opcodes that hash or set attributes checked (see the
+    module docstring); everything else is the standard library's.
+    """
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes) -> None:
         super().__init__(io.BytesIO(data))
@@ -202,30 +281,101 @@ class SafeUnpickler(pickle.Unpickler):
         """Resolve an allowlisted global to its stand-in; refuse everything else."""
         try:
             return _ALLOWED[(module, name)]
-        except KeyError:
+        except (KeyError, TypeError):
             raise FormatError(
-                f"pickle needs code execution: {module}.{name}; potluck loads only weights "
-                "(like torch.load(weights_only=True))",
+                f"pickle needs code execution: {str(module)[:100]}.{str(name)[:100]}; "
+                "potluck loads only weights (like torch.load(weights_only=True))",
                 hint="re-save the checkpoint with plain tensors, dicts, lists and numbers only",
             ) from None
 
     def persistent_load(self, pid: Any) -> StorageRef:
         """``('storage', storage_type, key, location, numel)`` -> a ``StorageRef``."""
         if not (
-            isinstance(pid, tuple)
+            type(pid) is tuple
             and len(pid) == 5
             and pid[0] == "storage"
             and isinstance(pid[1], StorageType)
-            and isinstance(pid[2], str)
-            and isinstance(pid[4], int)
+            and type(pid[2]) is str
+            and type(pid[3]) is str
+            and type(pid[4]) is int
             and pid[4] >= 0
         ):
-            raise FormatError(f"{_FMT}: unsupported persistent id {pid!r:.200}")
-        ref = StorageRef(pid[2], pid[1].dtype, pid[4], str(pid[3]))
+            raise FormatError(f"{_FMT}: unsupported persistent id {brief(pid)}")
+        ref = StorageRef(pid[2], pid[1].dtype, pid[4], pid[3])
         known = self.storages.setdefault(ref.key, ref)
         if (known.dtype, known.numel) != (ref.dtype, ref.numel):
-            raise FormatError(f"{_FMT}: storage {ref.key!r} is described in two different ways")
+            raise FormatError(
+                f"{_FMT}: storage {brief(ref.key)} is described in two different ways"
+            )
         return known
+
+    def _stack(self) -> list[Any]:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        return stack
+
+    def _marked(self) -> list[Any]:
+        items: list[Any] = self.pop_mark()  # type: ignore[attr-defined]
+        return items
+
+    def _setitem(self) -> None:
+        stack = self._stack()
+        value = stack.pop()
+        key = stack.pop()
+        stack[-1][_key(key)] = value
+
+    def _setitems(self) -> None:
+        items = self._marked()
+        target = self._stack()[-1]
+        for i in range(0, len(items), 2):
+            target[_key(items[i])] = items[i + 1]
+
+    def _dict(self) -> None:
+        items = self._marked()
+        self._stack().append({_key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+    def _additems(self) -> None:
+        items = self._marked()
+        target = self._stack()[-1]
+        if type(target) is not set:
+            raise FormatError(f"{_FMT}: data.pkl adds set items to a {type(target).__name__}")
+        target.update(map(_key, items))
+
+    def _frozenset(self) -> None:
+        self._stack().append(frozenset(map(_key, self._marked())))
+
+    def _build(self) -> None:
+        stack = self._stack()
+        state = stack.pop()
+        inst = stack[-1]
+        if not (
+            type(inst) is collections.OrderedDict
+            and type(state) is dict
+            and all(type(k) is str for k in state)
+        ):
+            raise FormatError(
+                f"{_FMT}: data.pkl sets the state of a {type(inst).__name__}; potluck only "
+                "restores an OrderedDict's attributes (like torch.load(weights_only=True))",
+                hint="re-save the checkpoint with plain tensors, dicts, lists and numbers only",
+            )
+        inst.__dict__.update(state)
+
+
+_OVERRIDES: dict[bytes, Callable[[SafeUnpickler], None]] = {
+    pickle.SETITEM: SafeUnpickler._setitem,
+    pickle.SETITEMS: SafeUnpickler._setitems,
+    pickle.DICT: SafeUnpickler._dict,
+    pickle.ADDITEMS: SafeUnpickler._additems,
+    pickle.FROZENSET: SafeUnpickler._frozenset,
+    pickle.BUILD: SafeUnpickler._build,
+}
+SafeUnpickler.dispatch.update({op[0]: cast(Any, fn) for op, fn in _OVERRIDES.items()})
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc`` for a message, without printing values read from the file."""
+    if all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in exc.args):
+        return f"{type(exc).__name__}: {brief(str(exc), 200)}"
+    return type(exc).__name__
 
 
 def load_weights_pickle(data: bytes) -> tuple[object, dict[str, StorageRef]]:
@@ -237,38 +387,76 @@ def load_weights_pickle(data: bytes) -> tuple[object, dict[str, StorageRef]]:
         raise
     except Exception as exc:  # any failure of a hostile or corrupt pickle is a format error
         raise FormatError(
-            f"{_FMT}: data.pkl is not a valid weights pickle ({type(exc).__name__}: {exc})",
+            f"{_FMT}: data.pkl is not a valid weights pickle ({_describe(exc)})",
             hint="the checkpoint is corrupt or was not written by torch.save",
         ) from None
     return obj, unpickler.storages
 
 
-def walk_tensors(obj: object) -> list[tuple[str, TensorRef]]:
+def walk_tensors(obj: object, name_budget: int = 1 << 24) -> list[tuple[str, TensorRef]]:
     """``(name, tensor)`` for every tensor in nested dicts/lists/tuples, keys joined by ``.``.
 
-    List and tuple items are named by index; a bare top-level tensor is named ``tensor``.
+    List and tuple items are named by index; a bare top-level tensor is named ``tensor``. Each
+    container is expanded once (at its first path, depth first); a tensor gets a name for every
+    place it appears. The names may add up to ``name_budget`` characters (callers pass a
+    multiple of the pickle's size).
     """
     out: list[tuple[str, TensorRef]] = []
-    _walk(obj, "", out, set())
+    expanded: set[int] = set()
+    todo: list[tuple[object, str, int]] = [(obj, "", 0)]
+    while todo:
+        node, path, depth = todo.pop()
+        if isinstance(node, TensorRef):
+            name = path or "tensor"
+            name_budget -= len(name)
+            if name_budget < 0:
+                raise FormatError(f"{_FMT}: data.pkl names more tensors than it could hold")
+            out.append((name, node))
+            continue
+        children = _children(node)
+        if children is None or id(node) in expanded:
+            continue
+        expanded.add(id(node))
+        if depth >= MAX_DEPTH:
+            raise FormatError(f"{_FMT}: data.pkl is nested more than {MAX_DEPTH} levels deep")
+        todo.extend((v, _join(path, k), depth + 1) for k, v in reversed(children))
     return out
 
 
-def _walk(obj: object, path: str, out: list[tuple[str, TensorRef]], active: set[int]) -> None:
-    if isinstance(obj, TensorRef):
-        out.append((path or "tensor", obj))
-        return
-    children: list[tuple[object, object]]
-    if isinstance(obj, dict):
-        children = list(obj.items())
-    elif isinstance(obj, (list, tuple)):
-        children = list(enumerate(obj))
+def _children(node: object) -> list[tuple[object, object]] | None:
+    """The ``(key, child)`` pairs of a container that may lead to a tensor; None for a leaf."""
+    if isinstance(node, dict):
+        items: list[tuple[object, object]] = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
     else:
-        return
-    if id(obj) in active:
-        return  # a cycle: the container is already being walked
-    if len(active) > 256:
-        raise FormatError(f"{_FMT}: data.pkl is nested more than 256 levels deep")
-    active.add(id(obj))
-    for key, value in children:
-        _walk(value, f"{path}.{key}" if path else str(key), out, active)
-    active.discard(id(obj))
+        return None
+    return [(k, v) for k, v in items if isinstance(v, (TensorRef, dict, list, tuple))]
+
+
+def _join(path: str, key: object) -> str:
+    part = key if isinstance(key, str) else _key_text(key)
+    if len(path) + len(part) >= MAX_NAME:
+        raise _name_too_long()
+    return f"{path}.{part}" if path else part
+
+
+def _key_text(key: object) -> str:
+    """``str(key)`` for a key that passed ``_key`` or a list index, refused before it is built
+    when it would be longer than ``MAX_NAME``."""
+    todo, length = [key], 0
+    while todo:  # at most _MAX_KEY_NODES items: keys passed _key
+        item = todo.pop()
+        if isinstance(item, tuple):
+            todo.extend(item)
+        length += 4 * len(item) + 4 if isinstance(item, (str, bytes)) else 24
+    if length >= MAX_NAME:
+        raise _name_too_long()
+    return str(key)
+
+
+def _name_too_long() -> FormatError:
+    return FormatError(
+        f"{_FMT}: a tensor name in data.pkl is longer than {MAX_NAME} characters",
+        hint="the checkpoint is corrupt or was crafted",
+    )

@@ -18,7 +18,15 @@ import numpy as np
 
 from potluck.errors import FormatError
 from potluck.fileio import atomic_writer
-from potluck.formats.base import Layout, RawSegment, Segment, TensorSegment, check_tiling
+from potluck.formats.base import (
+    Layout,
+    RawSegment,
+    Segment,
+    TensorSegment,
+    brief,
+    check_shape,
+    check_tiling,
+)
 from potluck.tensors.dtypes import dtype_names, from_numpy, itemsize
 
 #: The safetensors library refuses headers larger than this (100 MB).
@@ -74,30 +82,32 @@ def _is_int(x: object) -> bool:
 
 def _parse_entry(name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
     """Validate one header entry; return ``(dtype, shape, begin, end)``."""
+    what = f"{_FMT}: tensor {brief(name)}"
     if not isinstance(entry, dict):
-        raise FormatError(f"{_FMT}: header entry for tensor {name!r} is not an object")
+        raise FormatError(f"{_FMT}: header entry for tensor {brief(name)} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPE_RANK:
         raise FormatError(
-            f"{_FMT}: tensor {name!r} has unknown dtype {dtype!r}",
+            f"{what} has unknown dtype {brief(dtype)}",
             hint=f"known dtypes: {', '.join(dtype_names())}",
         )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{_FMT}: tensor {name!r} has an invalid shape {shape!r}")
+        raise FormatError(f"{what} has an invalid shape {brief(shape)}")
+    check_shape(_FMT, name, tuple(shape))
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise FormatError(f"{_FMT}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise FormatError(f"{what} has invalid data_offsets {brief(offsets)}")
     begin, end = offsets
     expected = math.prod(shape) * itemsize(dtype)
     if end - begin != expected:
         raise FormatError(
-            f"{_FMT}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes "
+            f"{what} ({dtype}, shape {brief(shape)}) needs {expected} bytes "
             f"but its data_offsets [{begin}, {end}] span {end - begin}",
             hint="the header is inconsistent; the file is corrupt",
         )
@@ -113,11 +123,19 @@ def _parse_metadata(value: object) -> dict[str, str]:
 
 
 def _decode_header(raw: bytes) -> dict[str, Any]:
+    """The header's JSON object. Nesting is bounded by the JSON parser's recursion limit (a
+    valid header is 3 levels deep: entries, their fields, shape lists): deeper is an error."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
         raise FormatError(
-            f"{_FMT}: header is not valid UTF-8 JSON ({exc})",
+            f"{_FMT}: header is nested too deeply to be a safetensors header (a flat map of "
+            "tensor entries)",
+            hint="the file is corrupt or was crafted",
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, an over-long integer
+        raise FormatError(
+            f"{_FMT}: header is not valid UTF-8 JSON ({str(exc)[:200]})",
             hint="the file is corrupt or not a safetensors file",
         ) from None
     if not isinstance(header, dict):
@@ -139,13 +157,13 @@ def _tensor_segments(header: dict[str, Any], data_start: int, size: int) -> list
     for begin, end, name, dtype, shape in entries:
         if begin < pos:
             raise FormatError(
-                f"{_FMT}: tensor {name!r} at data offset {begin} is overlapping the "
+                f"{_FMT}: tensor {brief(name)} at data offset {begin} is overlapping the "
                 f"previous tensor, which ends at {pos}",
                 hint="the header is corrupt (overlapping data_offsets)",
             )
         if begin > pos:
             raise FormatError(
-                f"{_FMT}: {begin - pos} bytes before tensor {name!r} belong to no tensor",
+                f"{_FMT}: {begin - pos} bytes before tensor {brief(name)} belong to no tensor",
                 hint="the header is corrupt (a gap between data_offsets)",
             )
         out.append(TensorSegment(data_start + begin, end - begin, name, dtype, shape))
@@ -209,9 +227,53 @@ class SafetensorsFormat:
             for key, entry in json.loads(prefix[8:]).items():
                 if key != "__metadata__":
                     ends.append(int(entry["data_offsets"][1]))
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ):
             pass  # ``scan`` reports what is wrong with the header
         return self.scan(io.BytesIO(prefix), len(prefix) + max(0, *ends))
+
+
+def scan_own_file(path: str | os.PathLike[str], what: str, hint: str) -> Layout:
+    """Scan ``path``, a safetensors file potluck writes (a patch, a statistics file).
+
+    Errors name the file and tell a file cut short ("``what`` is truncated (N bytes, its header
+    needs M)") from one that is not safetensors at all ("not a ``what``", with ``hint``).
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(9)
+        fmt = SafetensorsFormat()
+        if (
+            len(head) < 9
+            or head[8:9] != b"{"
+            or not 2 <= fmt.prefix_length(head) - 8 < (MAX_HEADER_SIZE)
+        ):
+            raise FormatError(f"{path}: not a {what}", hint=hint, path=str(path))
+        need = fmt.prefix_length(head)
+        if need <= size:
+            f.seek(0)
+            try:
+                need = fmt.scan_prefix(f.read(need)).size
+            except FormatError as e:
+                raise FormatError(f"{path}: not a {what} ({e.message})", hint=hint) from e
+        if need > size:
+            raise FormatError(
+                f"{path}: {what} is truncated ({size} bytes, its header needs {need})",
+                hint="the download or copy was cut short; get the file again",
+                path=str(path),
+            )
+        f.seek(0)
+        try:
+            return fmt.scan(f, size)
+        except FormatError as e:
+            raise FormatError(f"{path}: not a {what} ({e.message})", hint=hint) from e
 
 
 def canonical_order(

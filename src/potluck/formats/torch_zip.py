@@ -21,7 +21,7 @@ from collections import defaultdict
 from typing import BinaryIO
 
 from potluck.errors import FormatError
-from potluck.formats.base import Layout, TensorSegment, View
+from potluck.formats.base import Layout, TensorSegment, View, brief, check_shape
 from potluck.formats.npz import ZipMember, fill_raw, first_member_name, read_exact_at
 from potluck.formats.npz import read_zip_members as _read_zip_members
 from potluck.formats.pickle_safe import StorageRef, TensorRef, load_weights_pickle, walk_tensors
@@ -97,7 +97,7 @@ def _check_bounds(name: str, t: TensorRef, storage_bytes: int) -> None:
     last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True))
     if (last + 1) * itemsize(t.dtype) > storage_bytes:
         raise FormatError(
-            f"{_FMT}: tensor {name!r} reaches past the end of its storage {t.storage.key!r}",
+            f"{_FMT}: tensor {name!r} reaches past the end of its storage {brief(t.storage.key)}",
             hint="the checkpoint is corrupt",
         )
 
@@ -147,8 +147,9 @@ class TorchZipFormat:
         members = _read_zip_members(f, size, _FMT)
         prefix, by_name = _archive(members)
         _check_byteorder(f, by_name.get(prefix + "byteorder"))
-        obj, storages = load_weights_pickle(_read_small(f, by_name[prefix + "data.pkl"]))
-        named = walk_tensors(obj)
+        pkl = _read_small(f, by_name[prefix + "data.pkl"])
+        obj, storages = load_weights_pickle(pkl)
+        named = walk_tensors(obj, name_budget=16 * len(pkl) + (1 << 20))
         users: dict[str, list[tuple[str, TensorRef]]] = defaultdict(list)
         seen: set[str] = set()
         for name, t in named:
@@ -158,13 +159,14 @@ class TorchZipFormat:
                     hint="rename keys so that joining nested keys with '.' stays unique",
                 )
             seen.add(name)
+            check_shape(_FMT, name, t.shape)
             users[t.storage.key].append((name, t))
         segments: list[TensorSegment] = []
         views: list[View] = []
         for key, storage in storages.items():
             member = by_name.get(f"{prefix}data/{key}")
             if member is None:
-                raise FormatError(f"{_FMT}: storage {key!r} has no member {prefix}data/{key}")
+                raise FormatError(f"{_FMT}: storage {brief(key)} has no member in {prefix}data/")
             seg, seg_views = _storage_segment(storage, member, users[key])
             segments.append(seg)
             views.extend(seg_views)

@@ -3,13 +3,19 @@ tensors (plain or views) by name from any reader. Pure numpy."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from potluck.errors import UserError
+from potluck.errors import FormatError, UserError
 from potluck.tensors.dtypes import to_numpy
+
+#: A view may copy out at most this many times its storage's bytes (or ``VIEW_FLOOR`` bytes):
+#: ``torch.ones(1).expand(10**11)`` is 4 bytes on disk and 373 GiB as an array.
+VIEW_GROWTH = 16
+VIEW_FLOOR = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,15 @@ def view_array(
     if offset < 0 or any(s < 0 for s in stride) or need > storage.size:
         raise UserError(f"view {name!r} reaches past its storage {storage_name!r}")
     item = storage.dtype.itemsize
+    nbytes = math.prod(shape) * item
+    if nbytes > max(VIEW_GROWTH * storage.nbytes, VIEW_FLOOR):
+        raise FormatError(
+            f"tensor {name!r} is a view of {storage.nbytes} bytes (storage {storage_name!r}) "
+            f"that would expand to {nbytes} bytes (shape {list(shape)}, stride {list(stride)})",
+            hint="re-save it materialised (`t.contiguous()`/`t.clone()`); potluck copies views "
+            f"out, up to {VIEW_GROWTH}x their storage",
+            tensor=name,
+        )
     arr = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=shape, strides=tuple(s * item for s in stride), writeable=False
     )

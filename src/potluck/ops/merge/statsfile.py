@@ -37,9 +37,8 @@ import numpy as np
 
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
-from potluck.formats import scan_file
 from potluck.formats.base import TensorSegment
-from potluck.formats.safetensors import build_header
+from potluck.formats.safetensors import build_header, scan_own_file
 from potluck.merging import STATS_KINDS, TensorStats
 from potluck.tensors.digests import canonical_json, tensor_sha256
 from potluck.tensors.dtypes import array_from_bytes
@@ -205,11 +204,8 @@ def _int(path: Path, meta: Mapping[str, str], key: str) -> int:
 
 
 def _open_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorSegment]]:
-    try:
-        layout = scan_file(path)
-    except FormatError as e:
-        raise FormatError(f"{path}: not a statistics file ({e.message})", hint=_HINT) from e
-    if layout.format != "safetensors" or "potluck_stats" not in layout.metadata:
+    layout = scan_own_file(path, "statistics file", _HINT)
+    if "potluck_stats" not in layout.metadata:
         raise FormatError(f"{path}: not a potluck statistics file", hint=_HINT)
     meta = layout.metadata
     if meta["potluck_stats"] != STATS_VERSION:
@@ -220,11 +216,7 @@ def _open_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorSegment]]:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise FormatError(f"{path}: metadata {missing} missing", hint=_HINT)
-    segments = {s.name: s for s in layout.tensor_segments()}
-    end = max((s.offset + s.length for s in segments.values()), default=0)
-    if end > path.stat().st_size:
-        raise FormatError(f"{path}: statistics file is truncated", hint="copy or compute it again")
-    return meta, segments
+    return meta, {s.name: s for s in layout.tensor_segments()}
 
 
 def load_stats(path: str | os.PathLike[str]) -> StatsFile:

@@ -32,9 +32,8 @@ import numpy as np
 from potluck.codecs import CODECS, ErrorReport, Payload
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
-from potluck.formats import scan_file
 from potluck.formats.base import TensorSegment
-from potluck.formats.safetensors import build_header
+from potluck.formats.safetensors import build_header, scan_own_file
 from potluck.tensors.digests import base_digest, canonical_json
 from potluck.tensors.dtypes import array_from_bytes, from_numpy
 
@@ -128,34 +127,49 @@ def write_patch(path: str | os.PathLike[str], contents: PatchContents) -> int:
     return size
 
 
-def _loads(meta: Mapping[str, str], key: str, kind: type) -> Any:
+def _loads(meta: Mapping[str, str], key: str, kind: type, items: type | None = None) -> Any:
+    """Metadata ``key`` as JSON of type ``kind`` (a dict's values or a list's items of type
+    ``items`` when given)."""
     try:
         value = json.loads(meta[key])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise FormatError(f"patch metadata {key!r} is missing or not JSON", hint=_HINT) from None
     if not isinstance(value, kind):
         raise FormatError(f"patch metadata {key!r} is not a {kind.__name__}", hint=_HINT)
+    found: Any = value
+    members = list(found.values() if isinstance(found, dict) else found)
+    if items is not None and not all(isinstance(v, items) for v in members):
+        what = "values" if isinstance(value, dict) else "items"
+        raise FormatError(f"patch metadata {key!r} has {what} that are not strings", hint=_HINT)
     return value
 
 
+_ERROR_FIELDS = ("relative_error", "max_abs_error", "kept_fraction")
+
+
 def _payload(name: str, entry: Any, arrays: dict[str, np.ndarray]) -> Payload:
-    if not isinstance(entry, dict) or not isinstance(entry.get("meta"), dict):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("meta"), dict)
+        or not isinstance(entry.get("codec"), str)
+    ):
         raise FormatError(f"patch entry for {name!r} is malformed", hint=_HINT)
     err = entry.get("error")
-    error = None if err is None else ErrorReport(**{k: float(v) for k, v in err.items()})
-    return Payload(str(entry.get("codec")), arrays, dict(entry["meta"]), error)
+    error = None
+    if err is not None:
+        if not (
+            isinstance(err, dict)
+            and set(err) == set(_ERROR_FIELDS)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in err.values())
+        ):
+            raise FormatError(f"patch entry for {name!r} has a malformed error report", hint=_HINT)
+        error = ErrorReport(**{k: float(err[k]) for k in _ERROR_FIELDS})
+    return Payload(entry["codec"], arrays, dict(entry["meta"]), error)
 
 
 def _read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    layout = scan_file(path)
-    size = Path(path).stat().st_size
-    end = max((s.offset + s.length for s in layout.tensor_segments()), default=0)
-    if end > size:
-        raise FormatError(
-            f"{path}: patch is truncated ({size} bytes, its header needs {end})",
-            hint="the download or copy was cut short; fetch the patch again",
-        )
-    if layout.format != "safetensors" or layout.metadata.get("potluck_patch") is None:
+    layout = scan_own_file(path, "potluck patch", _HINT)
+    if layout.metadata.get("potluck_patch") is None:
         raise FormatError(f"{path}: not a potluck patch", hint=_HINT)
     if layout.metadata["potluck_patch"] != PATCH_VERSION:
         raise FormatError(
@@ -202,10 +216,10 @@ def read_patch(path: str | os.PathLike[str]) -> PatchContents:
         raise FormatError(f"{path}: patch arrays for unknown tensor {stray[0]!r}", hint=_HINT)
     contents = PatchContents(
         payloads={n: _payload(n, e, grouped.get(n, {})) for n, e in sorted(tensors.items())},
-        base=_loads(meta, "base", dict),
-        result=_loads(meta, "result", dict),
-        added=_loads(meta, "added", list),
-        removed=_loads(meta, "removed", list),
+        base=_loads(meta, "base", dict, str),
+        result=_loads(meta, "result", dict, str),
+        added=_loads(meta, "added", list, str),
+        removed=_loads(meta, "removed", list, str),
         description=_loads(meta, "description", dict),
     )
     if meta.get("base_digest") != contents.base_digest:
