@@ -123,9 +123,11 @@ class ObjectDB:
     def read_chunks(self, oid: str, *, verify: bool = True) -> Iterator[bytes]:
         """Stream the object's logical bytes; with ``verify`` raise ``CorruptObjectError`` at the
         end when they do not hash to ``oid`` (callers must not trust data before the end)."""
-        h = _BackgroundHash(self._hash_pool() if verify else None)
         with self.store.open(oid) as f:
-            for chunk in decode_object(f, self._open_base, self._pool()):
+            several = read_header(f).n_chunks > 1  # one chunk: no hand-off to the pools
+            f.seek(0)
+            h = _BackgroundHash(self._hash_pool() if verify and several else None)
+            for chunk in decode_object(f, self._open_base, self._pool() if several else None):
                 if verify:
                     h.update(chunk)
                 yield chunk

@@ -1,0 +1,1 @@
+"""Scale benchmark: many small tensors and one huge tensor (python -m bench.scale)."""
