@@ -386,3 +386,23 @@ def test_model_files_with_views_list_every_tensor(tmp_path: Path) -> None:
     with open_path(tmp_path / "m.pt") as src:
         assert src.names() == ["a", "b", "c"]
         assert np.array_equal(src.read("c"), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("index", "problem"),
+    [
+        ('{"weight_map":' + "[" * 3000 + "]" * 3000 + "}", "maximum recursion depth exceeded"),
+        ('{"weight_map":["a.safetensors"]}', "'list' object has no attribute 'values'"),
+        ('{"weight_map":{"w":5}}', "weight_map names a file with something not a string"),
+    ],
+)
+def test_hostile_shard_index(tmp_path: Path, index: str, problem: str) -> None:
+    """A shard index nested deeply or of the wrong shape gave a traceback."""
+    from potluck.errors import UserError
+    from potluck.ops.models import open_path
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(UserError) as e:
+        open_path(tmp_path)
+    path = tmp_path / "model.safetensors.index.json"
+    assert e.value.message.startswith(f"{path}: not a valid shard index ({problem}")

@@ -184,7 +184,7 @@ def _records(data: bytes, source: str | None) -> tuple[dict[str, Any], list[Entr
                 records.append(_parse_record(json.loads(line)))
     except FormatError as e:
         raise _error(source, f"{e.message} on line {lineno}") from e
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, ArithmeticError, RecursionError) as e:
         raise _error(source, f"manifest is malformed on line {lineno}: {e}") from e
     if not isinstance(head, dict):
         raise _error(source, "manifest is malformed on line 2: not a JSON object")
@@ -199,8 +199,10 @@ def parse_lenient(data: bytes, source: str | None = None) -> Manifest:
     entries = tuple(r for r in records if not isinstance(r, View))
     views = tuple(r for r in records if isinstance(r, View))
     try:
+        if not isinstance(head["metadata"], dict):
+            raise TypeError("metadata is not a JSON object")
         m = Manifest(str(head["format"]), int(head["size"]), entries, views, dict(head["metadata"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
         raise _error(source, f"manifest is malformed on line 2: {e}") from e
     if sum(e.size for e in entries) != m.size:
         raise _error(source, "manifest sizes do not add up to the file size")

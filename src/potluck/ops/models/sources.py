@@ -243,8 +243,10 @@ def checkpoint_files(directory: Path) -> list[Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: not a valid shard index ({e})") from e
+                if not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map names a file with something not a string")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise UserError(f"{index}: not a valid shard index ({str(e)[:200]})") from e
             return [directory / f for f in dict.fromkeys(weight_map.values())]
     for pattern in _WEIGHT_PATTERNS:
         found = sorted(p for p in directory.glob(pattern) if p.is_file())

@@ -32,7 +32,7 @@ import numpy as np
 from potluck.codecs import CODECS, ErrorReport, Payload
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
-from potluck.formats.base import TensorSegment
+from potluck.formats.base import TensorSegment, naming
 from potluck.formats.safetensors import build_header, scan_own_file
 from potluck.tensors.digests import base_digest, canonical_json
 from potluck.tensors.dtypes import array_from_bytes, from_numpy
@@ -207,14 +207,12 @@ def _read_segment(f: BinaryIO, seg: TensorSegment) -> np.ndarray:
     return array_from_bytes(data, seg.dtype, seg.shape).copy()
 
 
-def read_patch(path: str | os.PathLike[str]) -> PatchContents:
-    """Read and check a patch file; a ``FormatError`` says what is wrong."""
-    meta, grouped = _read_arrays(path)
+def _contents(meta: Mapping[str, str], grouped: dict[str, dict[str, Any]]) -> PatchContents:
     tensors = _loads(meta, "tensors", dict)
     stray = sorted(set(grouped) - set(tensors))
     if stray:
-        raise FormatError(f"{path}: patch arrays for unknown tensor {stray[0]!r}", hint=_HINT)
-    contents = PatchContents(
+        raise FormatError(f"patch arrays for unknown tensor {stray[0]!r}", hint=_HINT)
+    return PatchContents(
         payloads={n: _payload(n, e, grouped.get(n, {})) for n, e in sorted(tensors.items())},
         base=_loads(meta, "base", dict, str),
         result=_loads(meta, "result", dict, str),
@@ -222,6 +220,18 @@ def read_patch(path: str | os.PathLike[str]) -> PatchContents:
         removed=_loads(meta, "removed", list, str),
         description=_loads(meta, "description", dict),
     )
+
+
+def read_patch(path: str | os.PathLike[str]) -> PatchContents:
+    """Read and check a patch file; a ``FormatError`` says what is wrong."""
+    meta, grouped = _read_arrays(path)
+    try:
+        contents = _contents(meta, grouped)
+    except FormatError as e:
+        renamed = naming(e, str(path))
+        if renamed is e:
+            raise
+        raise renamed from e
     if meta.get("base_digest") != contents.base_digest:
         raise IntegrityError(
             f"{path}: base_digest does not match the base hashes (the metadata was altered)",
