@@ -300,3 +300,23 @@ def test_small_objects_are_made_durable_by_one_sync_before_the_manifest(
     assert stats.new_objects == 42  # 40 small tensors, the header, one 4 MiB tensor
     assert events == ["fsync", "fsync", "sync 42"]  # the 4 MiB object is flushed on its own
     assert stats.unsynced == 0
+
+
+def test_ls_of_a_work_tree_file_reads_its_structure_only(
+    repo: Path, git: Run, rng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `potluck ls FILE` hashed every tensor of the file (a 2 GiB read for a listing)."""
+    from potluck.git import inspect as insp
+    from potluck.git.repo import Repo
+    from potluck.ops.vcs import snapshot
+
+    t = _many(5, rng)
+    save_st(repo / "m.safetensors", t)
+
+    def no_hashing(*args: object) -> str:
+        raise AssertionError("ls hashed a tensor")
+
+    monkeypatch.setattr(snapshot, "hash_range", no_hashing)
+    monkeypatch.chdir(repo)
+    rows = insp.ls(Repo(repo), "m.safetensors", None)
+    assert rows == [{"name": n, "dtype": "F32", "shape": [3, 5], "bytes": 60} for n in sorted(t)]

@@ -27,6 +27,7 @@ from potluck.ops.vcs import (
     missing_objects,
     read_range,
     scan_manifest,
+    scan_structure,
     unchanged_count,
 )
 
@@ -113,12 +114,12 @@ def load(
 
 def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
     """Rows (name, dtype, shape, bytes) of the tensors of a file."""
-    s = side(repo, repo.relpath(path) if rev is None else path, rev)
-    if s.manifest is None:
+    m = _listed(repo, path, rev)
+    if m is None:
         raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
     rows = [
         {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
-        for e in sorted(s.manifest.tensors().values(), key=lambda e: e.name)
+        for e in sorted(m.tensors().values(), key=lambda e: e.name)
     ]
     rows += [
         {
@@ -128,10 +129,24 @@ def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
             "bytes": 0,
             "note": f"view of {v.storage}",
         }
-        for v in s.manifest.views
+        for v in m.views
     ]
-    rows += _opaque_rows(s.manifest)
+    rows += _opaque_rows(m)
     return rows
+
+
+def _listed(repo: Repo, path: str, rev: str | None) -> Manifest | None:
+    """The manifest to list: a work-tree checkpoint's structure is read without hashing it."""
+    if rev is not None:
+        return repo.manifest_at(rev, path)
+    full = repo.root / repo.relpath(path)
+    if not full.exists():
+        return None
+    with open(full, "rb") as f:
+        head = f.read(len(MAGIC))
+        if is_manifest(head):
+            return parse(head + f.read())
+        return scan_structure(f, f.seek(0, 2), name=str(full))
 
 
 def _opaque_rows(m: Manifest) -> list[dict[str, Any]]:

@@ -18,7 +18,13 @@ from potluck.ops.vcs.pushfetch import (
     push_objects,
     store_fresh,
 )
-from potluck.ops.vcs.snapshot import Chain, read_range, scan_manifest, snapshot_stream
+from potluck.ops.vcs.snapshot import (
+    Chain,
+    read_range,
+    scan_manifest,
+    scan_structure,
+    snapshot_stream,
+)
 from potluck.ops.vcs.threeway import (
     Combine,
     Combiner,
@@ -52,6 +58,7 @@ __all__ = [
     "read_range",
     "resolve_manifest",
     "scan_manifest",
+    "scan_structure",
     "snapshot_stream",
     "store_fresh",
     "tensor_names",

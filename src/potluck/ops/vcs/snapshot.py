@@ -313,6 +313,13 @@ def _put(
     return _record(res, seg, stats)
 
 
+def scan_structure(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
+    """The manifest a file would get but with empty object ids: its structure only (names,
+    dtypes, shapes, sizes, views), read without hashing the tensors (for listings)."""
+    layout = scan_stream(f, size, name=name)
+    return layout_to_manifest(layout, [""] * len(layout.segments))
+
+
 def scan_manifest(f: BinaryIO, size: int, *, name: str = "<stdin>") -> Manifest:
     """The manifest a file would get, computing hashes only (nothing is stored)."""
     layout = scan_stream(f, size, name=name)
