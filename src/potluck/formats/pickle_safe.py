@@ -126,8 +126,8 @@ class TensorRef:
 
 
 def _ints(value: object, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value
+    if not isinstance(value, (tuple, list)) or (
+        value and ({type(x) for x in value} != {int} or min(value) < 0)  # bools are not ints
     ):
         raise FormatError(
             f"{_FMT}: tensor {what} {brief(value)} is not a tuple of non-negative ints"
