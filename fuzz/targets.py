@@ -5,7 +5,10 @@ propagates and is a bug. Time and memory are bounded by the runner (``fuzz.__mai
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +31,13 @@ from potluck.ops.vcs.wire import dump_index, parse_index
 from potluck.remote import ObjectRef
 from potluck.remote.lfs import parse_batch
 
-_TMP = Path(tempfile.mkdtemp(prefix="potluck-fuzz-"))
+
+@functools.cache
+def _tmp() -> Path:
+    """This process's scratch directory (removed at exit)."""
+    path = Path(tempfile.mkdtemp(prefix="potluck-fuzz-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def _wire(data: bytes) -> None:
 
 def _on_disk(suffix: str, read: Callable[[Path], object]) -> Callable[[bytes], None]:
     def check(data: bytes) -> None:
-        path = _TMP / f"input{suffix}"
+        path = _tmp() / f"input{suffix}"
         path.write_bytes(data)
         read(path)
 
