@@ -235,8 +235,8 @@ def main() -> None:
         repos = build_history(root, args.size_mb if not args.skip_log else 4, commits)
         print(f"load average before: {load()}")
         rows = startup_rows(trees, repos["potluck"], args.repeat)
-        head = [["median wall / CPU s", "--version", "textconv", "filter start"]]
-        print(render_table(rows, head))
+        columns = [["median wall / CPU s", "--version", "textconv", "filter start"]]
+        print(render_table(rows, columns))
         print(f"load average after: {load()}; target ≤ {TARGET_START_S} s on a quiet machine\n")
         if args.skip_log:
             return

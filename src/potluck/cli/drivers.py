@@ -107,7 +107,7 @@ def textconv(file: str) -> None:
     git-lfs pointer (a commit from before `potluck track --migrate`) is shown as it is."""
     with open(file, "rb") as f:
         head = f.read(MAX_POINTER_BYTES)
-        if is_manifest(head):  # a blob, as `git log -p` gives: no repository needed
+        if is_manifest(head):  # git smudges blobs first; a manifest stays when data is absent
             echo(tensor_lines(parse(head + f.read(), file)))
             return
     if is_pointer(head):
