@@ -87,3 +87,43 @@ def test_patch_with_malformed_error_report(tmp_path: Path, error: object) -> Non
     with pytest.raises(FormatError) as e:
         read_patch(path)
     assert e.value.message == f"{path}: patch entry for 'w' has a malformed error report"
+
+
+def _stats(path: Path, **changes: str) -> None:
+    meta = {
+        "data_sha256": "",
+        "description": "{}",
+        "input_axes": "{}",
+        "kind": "gram",
+        "model_digest": "x",
+        "model_sha256": "{}",
+        "potluck_stats": "1",
+        "samples": "3",
+        "tensor_sha256": "{}",
+        "tokens": "5",
+        **changes,
+    }
+    path.write_bytes(build_header([], dict(sorted(meta.items()))))
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"input_axes": '{"":null}'}, "metadata 'input_axes' holds an axis other than 0 or 1"),
+        (
+            {"model_sha256": "[" * 3000 + "]" * 3000},
+            "metadata 'model_sha256' is missing or not JSON",
+        ),
+    ],
+)
+def test_stats_file_with_malformed_metadata(
+    tmp_path: Path, changes: dict[str, str], problem: str
+) -> None:
+    """``TypeError: int() argument must be … not 'NoneType'`` and ``RecursionError``."""
+    from potluck.ops.merge.statsfile import load_stats
+
+    path = tmp_path / "s.stats"
+    _stats(path, **changes)
+    with pytest.raises(FormatError) as e:
+        load_stats(path)
+    assert e.value.message == f"{path}: {problem}"

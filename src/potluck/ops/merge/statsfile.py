@@ -189,7 +189,7 @@ def _digest(hashes: Mapping[str, str]) -> str:
 def _json(path: Path, meta: Mapping[str, str], key: str, kind: type) -> Any:
     try:
         value = json.loads(meta[key])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise FormatError(f"{path}: metadata {key!r} is missing or not JSON", hint=_HINT) from None
     if not isinstance(value, kind):
         raise FormatError(f"{path}: metadata {key!r} is not a {kind.__name__}", hint=_HINT)
@@ -239,6 +239,8 @@ def load_stats(path: str | os.PathLike[str]) -> StatsFile:
     for name, seg in segments.items():
         if kind == "gram" and (not _gram_shape(tuple(seg.shape)) or axes.get(name) not in (0, 1)):
             raise FormatError(f"{p}: Gram entry {name!r} is malformed", hint=_HINT)
+    if any(type(v) is not int or v not in (0, 1) for v in axes.values()):
+        raise FormatError(f"{p}: metadata 'input_axes' holds an axis other than 0 or 1", hint=_HINT)
     return StatsFile(
         path=p,
         kind=kind,
