@@ -32,12 +32,16 @@ class ExampleTimeout(Exception):
     """An example ran longer than ``--timeout`` seconds."""
 
 
+class _Alarm(BaseException):
+    """Raised by the timer: not an ``Exception``, so the code under test cannot swallow it."""
+
+
 class Unbounded(Exception):
     """An example's memory grew more than its input's size allows."""
 
 
 def _alarm(signum: int, frame: object) -> None:
-    raise ExampleTimeout("the example ran longer than the per-example timeout")
+    raise _Alarm
 
 
 def guarded(check: Callable[[Any], None], value: Any, size: int, timeout: float) -> None:
@@ -51,6 +55,8 @@ def guarded(check: Callable[[Any], None], value: Any, size: int, timeout: float)
         check(value)
     except PotluckError:
         pass
+    except _Alarm:
+        raise ExampleTimeout(f"the example ran longer than {timeout} s") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
