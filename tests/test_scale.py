@@ -136,6 +136,8 @@ def test_streamed_stats_special_values_and_retyped() -> None:
         (np.full(5, 1e300), np.full(5, -1e300)),  # squares overflow to inf
         (rng.normal(size=(33, 3)).astype(np.float32), rng.normal(size=(33, 3)).astype(np.float16)),
         (np.arange(12, dtype=np.int64), np.arange(12, dtype=np.float32)),  # retyped, equal values
+        (rng.normal(size=7).astype(np.complex64), rng.normal(size=7).astype(np.float32)),
+        (rng.normal(size=7).astype(np.float16), rng.normal(size=7).astype(np.complex128)),
     ]
     for old, new in cases:
         for block in (1, 2, 1 << 19):

@@ -90,11 +90,16 @@ class DeltaAccumulator:
         else:
             self.changed += int(np.count_nonzero(fo != fn))
         with np.errstate(invalid="ignore", over="ignore"):
-            d = np.abs(fn - fo)
-            self.max_abs = np.maximum(self.max_abs, np.max(d))  # NaN wins, as in np.max
+            # the copies are ours: computed in place (unless only the old one is complex)
+            d = np.subtract(fn, fo, out=fn) if fn.dtype == np.result_type(fn, fo) else fn - fo
+            if d.dtype.kind == "c":
+                d, fo = np.abs(d), np.abs(fo)
+                top = np.max(d)
+            else:  # |x| is exact for reals: max |d| = max(max d, -min d), |x|² = x²
+                top = np.maximum(np.max(d), -np.min(d))
+            self.max_abs = np.maximum(self.max_abs, top)  # NaN wins, as in np.max
             self.sq_delta.append(float(np.sum(np.square(d, out=d))))
-            a = np.abs(fo)
-            self.sq_old.append(float(np.sum(np.square(a, out=a))))
+            self.sq_old.append(float(np.sum(np.square(fo, out=fo))))
 
     def result(self) -> DeltaStats:
         """The statistics of everything added so far."""
