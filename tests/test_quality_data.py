@@ -111,6 +111,7 @@ def test_vader_class_sizes_match_an_independent_parse() -> None:
     assert set(t.train.texts + t.val.texts + t.test.texts) == (pos ^ neg)
 
 
+@pytest.mark.timeout(1200)  # ~90 s at load 5 on 2 cores; a real fine-tune, slow under load
 def test_smoke_pipeline_fine_tune_beats_the_frozen_probe() -> None:
     """Tiny version of the benchmark: 96 VADER words, 40 steps of a full fine-tune (encoder +
     head, lr 2e-4) vs an L-BFGS linear probe on the frozen base, both scored on the same 200 test

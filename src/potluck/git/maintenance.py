@@ -19,9 +19,8 @@ from typing import Any
 
 from potluck.errors import FormatError, IntegrityError, MissingObjectError, UserError
 from potluck.git.merge_driver import load_records
-from potluck.git.repo import Repo
+from potluck.git.repo import MAX_MANIFEST_BYTES, Repo, worktree_manifests
 from potluck.objects.manifest import (
-    MAGIC,
     Manifest,
     TensorEntry,
     is_manifest,
@@ -30,7 +29,6 @@ from potluck.objects.manifest import (
     salvage_oids,
 )
 
-MAX_MANIFEST_BYTES = 64 << 20  # far above the manifest of a 100k-tensor checkpoint
 NOT_FETCHED = "not-fetched"
 BAD_MANIFEST = "bad-manifest"  # in HEAD, the index or the work tree: checkout of it fails
 OLD_MANIFEST = "manifest-in-history"  # only in older commits: reported, cannot be rewritten
@@ -389,20 +387,6 @@ def _manifest_advice(d: DamagedManifest, current: bool, good: str | None = None)
 def git_blob_id(data: bytes) -> str:
     """The id git gives ``data`` as a blob (sha1 repositories)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-
-
-def worktree_manifests(repo: Repo) -> list[tuple[str, bytes]]:
-    """Tracked work-tree files that hold a manifest (data not checked out), with their text."""
-    out = []
-    for path in repo.git.ls_files():
-        full = repo.root / path
-        if not full.is_file() or full.is_symlink() or full.stat().st_size > MAX_MANIFEST_BYTES:
-            continue
-        with open(full, "rb") as f:
-            if not is_manifest(f.read(len(MAGIC))):
-                continue
-        out.append((path, full.read_bytes()))
-    return out
 
 
 def _current_blobs(repo: Repo) -> set[str]:

@@ -10,9 +10,12 @@ from typing import BinaryIO
 from potluck.config import RepoConfig
 from potluck.errors import FormatError, UserError
 from potluck.git.plumbing import Git
-from potluck.objects.manifest import Manifest, is_manifest, parse
+from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.vcs import ObjectDB
 from potluck.store.local import LocalStore
+
+#: Larger blobs or files are never read as manifests (far above a 100k-tensor manifest).
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class Repo:
@@ -76,3 +79,17 @@ def open_worktree_file(repo: Repo, path: str) -> Iterator[tuple[BinaryIO, int]]:
         raise UserError(f"{path}: no such file in the work tree")
     with open(full, "rb") as f:
         yield f, full.stat().st_size
+
+
+def worktree_manifests(repo: Repo) -> list[tuple[str, bytes]]:
+    """Tracked work-tree files that hold a manifest (data not checked out), with their text."""
+    out = []
+    for path in repo.git.ls_files():
+        full = repo.root / path
+        if not full.is_file() or full.is_symlink() or full.stat().st_size > MAX_MANIFEST_BYTES:
+            continue
+        with open(full, "rb") as f:
+            if not is_manifest(f.read(len(MAGIC))):
+                continue
+        out.append((path, full.read_bytes()))
+    return out

@@ -22,7 +22,7 @@ from potluck.git import wireindex
 from potluck.git.diskspace import check_space, disk_errors
 from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
-from potluck.git.repo import Repo
+from potluck.git.repo import MAX_MANIFEST_BYTES, Repo, worktree_manifests
 from potluck.objects.manifest import Manifest, is_manifest, parse
 from potluck.ops.vcs import (
     OnBytes,
@@ -39,7 +39,6 @@ from potluck.ops.vcs.wire import verify_remote
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 
 log = logging.getLogger("potluck")
-MAX_MANIFEST_BYTES = 64 << 20
 FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
 FETCH_INCLUDE = "potluck.fetchInclude"
 FETCH_EXCLUDE = "potluck.fetchExclude"
@@ -399,16 +398,7 @@ def _storages(m: Manifest, names: Sequence[str]) -> set[str]:
 
 def placeholders(repo: Repo) -> list[tuple[str, Manifest]]:
     """Tracked work-tree files that are manifests (their data was not checked out)."""
-    out = []
-    for path in repo.git.ls_files():
-        full = repo.root / path
-        if not full.is_file() or full.is_symlink() or full.stat().st_size > MAX_MANIFEST_BYTES:
-            continue
-        with open(full, "rb") as f:
-            if not is_manifest(f.read(64)):
-                continue
-        out.append((path, parse(full.read_bytes(), f"work-tree file {path}")))
-    return out
+    return [(p, parse(data, f"work-tree file {p}")) for p, data in worktree_manifests(repo)]
 
 
 def checkout_placeholders(repo: Repo) -> tuple[list[str], list[str]]:
