@@ -20,7 +20,7 @@ from potluck.git.repo import Repo
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.models import CONFIG_FILES, ModelSource, TensorInfo, open_path
-from potluck.ops.vcs import load_tensors, missing_objects
+from potluck.ops.vcs import TensorLoader, missing_objects
 
 __all__ = ["open_model"]
 
@@ -104,20 +104,21 @@ def _store_source(
     config_dir: Path | None,
 ) -> ModelSource:
     infos: dict[str, TensorInfo] = {}
-    owner: dict[str, Manifest] = {}
+    owner: dict[str, TensorLoader] = {}
     files: dict[str, str] = {}
     for path, m in manifests.items():
         if missing_objects(m, repo.odb):
             fetch_manifest(repo, m, path)
-        for name, e in m.tensors().items():
+        loader = TensorLoader(m, repo.odb)  # built once per file: reads stay O(1) per tensor
+        for name, e in loader.tensors.items():
             if name in infos:
                 raise UserError(f"{spec}: tensor {name!r} appears in two files")
             infos[name] = TensorInfo(name, e.dtype, tuple(e.shape))
-            owner[name] = m
+            owner[name] = loader
             files[name] = Path(path).name
 
     def read(name: str):  # type: ignore[no-untyped-def]
-        return load_tensors(owner[name], repo.odb, [name])[name]
+        return owner[name](name)
 
     identity = {"path": spec}
     if commit:

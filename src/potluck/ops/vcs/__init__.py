@@ -3,6 +3,7 @@ object transfer and the wire index. Imports no other wing."""
 
 from potluck.ops.vcs.diff import Reader, TensorChange, diff_manifests, unchanged_count
 from potluck.ops.vcs.materialize import (
+    TensorLoader,
     entry_offsets,
     load_tensors,
     missing_objects,
@@ -44,6 +45,7 @@ __all__ = [
     "PushReport",
     "Reader",
     "TensorChange",
+    "TensorLoader",
     "Wanted",
     "WireEntry",
     "diff_manifests",

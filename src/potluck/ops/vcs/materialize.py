@@ -91,13 +91,32 @@ def tensor_names(m: Manifest) -> list[str]:
     return [e.name for e in m.entries if isinstance(e, TensorEntry)] + [v.name for v in m.views]
 
 
+class TensorLoader:
+    """Decodes tensors of one manifest by name; the manifest's lookups are built once, so
+    loading the tensors of a 20k-tensor file one by one is linear (a ``load_tensors`` call per
+    name rebuilt them: 4.5 ms each)."""
+
+    def __init__(self, m: Manifest, odb: ObjectDB) -> None:
+        self.tensors = m.tensors()
+        self.views = {v.name: v for v in m.views}
+        self.odb = odb
+
+    def __call__(self, name: str) -> np.ndarray:
+        """The tensor (or view) ``name``."""
+        e = self.tensors.get(name)
+        return _entry_array(e, self.odb) if e is not None else self.load([name])[name]
+
+    def load(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The requested tensors (all when ``names`` is None)."""
+        read = lambda n: _entry_array(self.tensors[n], self.odb)  # noqa: E731
+        return collect_tensors(names, self.tensors, self.views, read)
+
+
 def load_tensors(
     m: Manifest, odb: ObjectDB, names: Iterable[str] | None = None
 ) -> dict[str, np.ndarray]:
     """Decode the requested tensors (all when ``names`` is None) into numpy arrays."""
-    tensors = m.tensors()
-    views = {v.name: v for v in m.views}
-    return collect_tensors(names, tensors, views, lambda n: _entry_array(tensors[n], odb))
+    return TensorLoader(m, odb).load(names)
 
 
 def _entry_array(e: TensorEntry, odb: ObjectDB) -> np.ndarray:
