@@ -10,6 +10,7 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, safe_field, table
+from potluck.errors import UserError
 from potluck.git import attributes, evalrec, from_lfs, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
@@ -94,11 +95,14 @@ def untrack(patterns: tuple[str, ...]) -> None:
 @handle_errors
 def ls_cmd(spec: str, as_json: bool) -> None:
     """List tensors of FILE or FILE@REV: name, dtype, shape, bytes."""
-    repo = Repo(".")
     path, rev = insp.split_rev(spec)
-    if rev is not None:
-        path = repo.relpath(path)
-    rows = insp.ls(repo, path, rev)
+    if rev is None or Path(spec).exists():  # any file or HF directory, in a repository or not
+        rows = insp.ls_path(spec)
+    else:
+        repo = Repo(".")
+        if rev is not None:
+            path = repo.relpath(path)
+        rows = insp.ls(repo, path, rev)
     if as_json:
         emit_json(rows)
         return
@@ -118,15 +122,39 @@ def ls_cmd(spec: str, as_json: bool) -> None:
 @cli.command(name="diff")
 @click.argument("args", nargs=-1)
 @click.option("--no-stats", is_flag=True, help="Only names and shapes (no tensor decoding).")
+@click.option(
+    "--no-index", is_flag=True, help="Compare two files or model directories A B on disk."
+)
 @json_opt
 @handle_errors
-def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
-    """Tensor-level diff: [REV_A [REV_B]] [[--] PATHS…].
+def diff_cmd(args: tuple[str, ...], no_stats: bool, no_index: bool, as_json: bool) -> None:
+    """Tensor-level diff: [REV_A [REV_B]] [[--] PATHS…], or A B (two files or directories).
 
     No revision: index vs work tree; one: REV_A vs work tree; two: REV_A vs REV_B. As in git,
-    leading arguments that name commits are revisions and the rest are paths.
+    leading arguments that name commits are revisions and the rest are paths. As with
+    `git diff --no-index`, two existing paths are compared directly outside a repository or
+    when one lies outside it.
     """
-    repo = Repo(".")
+    repo = insp.repo_here()
+    if no_index or insp.compares_paths(repo, list(args)):
+        if len(args) != 2:
+            raise UserError("--no-index compares exactly two paths", hint="potluck diff A B")
+        diffs = insp.diff_paths(args[0], args[1], stats=not no_stats)
+    else:
+        diffs = _repo_diff(repo, args, no_stats)
+    if as_json:
+        emit_json([d.to_dict() for d in diffs])
+        return
+    for d in diffs:
+        echo(file_diff_text(d))
+
+
+def _repo_diff(repo: Repo | None, args: tuple[str, ...], no_stats: bool) -> list[insp.FileDiff]:
+    if repo is None:
+        raise UserError(
+            "not in a git repository",
+            hint="outside a repository, `potluck diff A B` compares two files or directories",
+        )
     revs: list[str] = []
     rest = list(args)
     while rest and len(revs) < 2 and repo.git.rev_parse(f"{rest[0]}^{{commit}}") is not None:
@@ -134,12 +162,7 @@ def diff_cmd(args: tuple[str, ...], no_stats: bool, as_json: bool) -> None:
     paths = [repo.relpath(p) for p in rest]
     rev_a = revs[0] if revs else None
     rev_b = revs[1] if len(revs) > 1 else None
-    diffs = insp.diff(repo, rev_a, rev_b, paths, stats=not no_stats)
-    if as_json:
-        emit_json([d.to_dict() for d in diffs])
-        return
-    for d in diffs:
-        echo(file_diff_text(d))
+    return insp.diff(repo, rev_a, rev_b, paths, stats=not no_stats)
 
 
 @cli.command(name="log")
@@ -327,7 +350,7 @@ def status(as_json: bool) -> None:
             f"{p['missing_objects']} objects missing)"
         )
     if st["not_materialized"]:
-        from potluck.git.sync import pull_hint
+        from potluck.git.selection import pull_hint
 
         echo(f"  {pull_hint(Repo('.').git)}")
     if not st["conflicts"] and not st["not_materialized"]:

@@ -12,6 +12,7 @@ from potluck.cli.progress import byte_progress
 from potluck.cli.render import echo, emit_json, human_bytes
 from potluck.errors import UserError
 from potluck.git import remotes, sync
+from potluck.git import selection as sel
 from potluck.git.repo import Repo
 
 include_opt = click.option(
@@ -24,8 +25,8 @@ exclude_opt = click.option(
 )  # fmt: skip
 
 
-def _selection(include: tuple[str, ...], exclude: tuple[str, ...]) -> sync.Selection | None:
-    return sync.Selection(include, exclude) if include or exclude else None
+def _selection(include: tuple[str, ...], exclude: tuple[str, ...]) -> sel.Selection | None:
+    return sel.Selection(include, exclude) if include or exclude else None
 
 
 @cli.command()
@@ -122,7 +123,7 @@ def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...])
         stats, written, incomplete = sync.pull(repo, remote, selection, on_bytes)
     echo(f"potluck: fetched {stats.objects} objects ({human_bytes(stats.bytes)})")
     if selection is not None:
-        kept = sync.configured_selection(repo.git)
+        kept = sel.configured_selection(repo.git)
         echo(
             "potluck: checkouts and pulls fetch every tensor from now on"
             if not kept.include and not kept.exclude
@@ -133,10 +134,10 @@ def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...])
     for path in incomplete:
         echo(f"left as a manifest (tensors not selected): {path}")
     if incomplete:
-        echo(f"potluck: {sync.pull_hint(repo.git)}")
+        echo(f"potluck: {sel.pull_hint(repo.git)}")
 
 
-def _describe(selection: sync.Selection) -> str:
+def _describe(selection: sel.Selection) -> str:
     parts = [f"--include {g!r}" for g in selection.include]
     return " ".join(parts + [f"--exclude {g!r}" for g in selection.exclude])
 
