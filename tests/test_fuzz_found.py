@@ -127,3 +127,20 @@ def test_stats_file_with_malformed_metadata(
     with pytest.raises(FormatError) as e:
         load_stats(path)
     assert e.value.message == f"{path}: {problem}"
+
+
+def test_tensor_whose_dtype_does_not_divide_its_storage(tmp_path: Path) -> None:
+    """A float32 tensor (``_rebuild_tensor_v3``) over a 6-byte ``ByteStorage``: reading it
+    raised numpy's ``ValueError`` (found by ``python -m fuzz --atheris torch``)."""
+    from fuzz.pickles import archive, compile_pickle
+    from potluck.formats import scan_file
+
+    tensor = ("tensor", "0", "ByteStorage", 6, 0, [1], [1], True)
+    data, program = compile_pickle(("dict", [(("scalar", "a"), tensor)]), [])
+    (tmp_path / "x.pt").write_bytes(archive(data, program.storages))
+    with pytest.raises(FormatError) as e:
+        scan_file(tmp_path / "x.pt")
+    assert e.value.message == (
+        f"{tmp_path / 'x.pt'}: pytorch: tensor 'a' (F32) views storage '0' of 6 bytes, which is "
+        "not a whole number of F32 items"
+    )

@@ -116,6 +116,12 @@ def _storage_segment(
         )
     for name, t in users:
         _check_bounds(name, t, nbytes)
+        if nbytes % itemsize(t.dtype):
+            raise FormatError(
+                f"{_FMT}: tensor {name!r} ({t.dtype}) views storage {brief(storage.key)} of "
+                f"{nbytes} bytes, which is not a whole number of {t.dtype} items",
+                hint="the checkpoint is corrupt (torch.save does not write this)",
+            )
     if len(users) == 1:
         name, t = users[0]
         if (
