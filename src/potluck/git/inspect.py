@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from potluck.errors import UserError
+from potluck.errors import GitError, UserError
 from potluck.formats import scan_stream
 from potluck.formats.reader import read_tensors
 from potluck.git.maintenance import reachable_manifests
@@ -18,6 +18,7 @@ from potluck.git.merge_record import commit_trailers
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
+from potluck.ops.models.sources import checkpoint_files
 from potluck.ops.vcs import (
     Reader,
     TensorChange,
@@ -65,13 +66,21 @@ def _store_side(repo: Repo, m: Manifest) -> Side:
     return Side(m, lambda n: repo.odb.read_chunks(tensors[n].oid))
 
 
-def file_side(repo: Repo, file: str) -> Side:
-    """A side from any file on disk: a manifest, a checkpoint, or /dev/null (absent)."""
+def file_side(repo: Repo | None, file: str) -> Side:
+    """A side from any file on disk: a manifest, a checkpoint, or /dev/null (absent).
+
+    Without a repository a manifest (a placeholder) cannot be read: a ``UserError``.
+    """
     if file == "/dev/null":
         return Side(None, None)
     with open(file, "rb") as f:
         head = f.read(len(MAGIC))
         if is_manifest(head):
+            if repo is None:
+                raise UserError(
+                    f"{file} is a potluck placeholder (its tensors are in a repository's store)",
+                    hint="compare it inside its repository, or check it out first",
+                )
             return _store_side(repo, parse(head + f.read(), file))
         f.seek(0, 2)
         size = f.tell()
@@ -117,6 +126,20 @@ def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
     m = _listed(repo, path, rev)
     if m is None:
         raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
+    return _rows(m)
+
+
+def ls_path(path: str) -> list[dict[str, Any]]:
+    """``ls`` of a file or Hugging Face directory on disk, in a repository or not: the same rows
+    as ``ls``; a directory lists every shard's tensors (shard order)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file or directory", hint="check the path")
+    files = checkpoint_files(p) if p.is_dir() else [p]
+    return [row for f in files for row in _rows(_file_structure(f))]
+
+
+def _rows(m: Manifest) -> list[dict[str, Any]]:
     rows = [
         {"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.size}
         for e in sorted(m.tensors().values(), key=lambda e: e.name)
@@ -142,6 +165,11 @@ def _listed(repo: Repo, path: str, rev: str | None) -> Manifest | None:
     full = repo.root / repo.relpath(path)
     if not full.exists():
         return None
+    return _file_structure(full)
+
+
+def _file_structure(full: Path) -> Manifest:
+    """A checkpoint file's structure (read without hashing), or the manifest a placeholder is."""
     with open(full, "rb") as f:
         head = f.read(len(MAGIC))
         if is_manifest(head):
@@ -203,6 +231,75 @@ def diff_sides(path: str, a: Side, b: Side, stats: bool = True) -> FileDiff:
     return FileDiff(path, changes, unchanged_count(a.manifest, b.manifest))
 
 
+def check_path(repo: Repo, path: str) -> None:
+    """A ``UserError`` unless ``path`` (relative to the top) is in the work tree, the index or
+    a commit of any branch: a typo'd revision or path must not diff as "no changes"."""
+    if (repo.root / path).exists() or repo.git.ls_files(path):
+        return
+    if repo.git.run("log", "--all", "-1", "--format=%H", "--", f":(top){path}").strip():
+        return
+    raise UserError(
+        f"{path}: unknown revision or path not in the work tree nor in the history",
+        hint="a revision must name a commit (`git log`, `git branch`); use `--` before paths",
+    )
+
+
+def diff_paths(a: str, b: str, stats: bool = True) -> list[FileDiff]:
+    """Diff two checkpoint files, or two Hugging Face directories (all shards), anywhere: no
+    repository needed. Empty when they hold the same tensors."""
+    pa, pb = Path(a), Path(b)
+    for p in (pa, pb):
+        if not p.exists():
+            raise UserError(f"{p}: no such file or directory", hint="check the path")
+    if pa.is_dir() != pb.is_dir():
+        raise UserError(
+            f"cannot compare {a} with {b}: one is a directory, the other a file",
+            hint="compare two files or two model directories",
+        )
+    label = a if a == b else f"{a} -> {b}"
+    d = diff_sides(label, _disk_side(pa), _disk_side(pb), stats)
+    return [d] if d.changes else []
+
+
+def repo_here() -> Repo | None:
+    """The repository around the current directory, or None outside one."""
+    try:
+        return Repo(".")
+    except GitError:
+        return None
+
+
+def compares_paths(repo: Repo | None, args: list[str]) -> bool:
+    """The rule of ``potluck diff A B`` (as ``git diff --no-index``'s): two paths that exist on
+    disk are compared directly when there is no repository here or one of them lies outside it."""
+    if len(args) != 2 or not all(Path(a).exists() for a in args):
+        return False
+    return repo is None or any(not _inside(repo, a) for a in args)
+
+
+def _inside(repo: Repo, path: str) -> bool:
+    try:
+        repo.relpath(path)
+    except UserError:
+        return False
+    return True
+
+
+def _disk_side(p: Path) -> Side:
+    """A file's side, or a directory's shards joined into one side (tensors by name)."""
+    if not p.is_dir():
+        return file_side(None, str(p))
+    sides = [file_side(None, str(f)) for f in checkpoint_files(p)]
+    entries: list[Any] = []
+    owner: dict[str, Reader] = {}
+    for s in sides:
+        assert s.manifest is not None and s.read is not None
+        entries += s.manifest.entries
+        owner.update(dict.fromkeys(s.manifest.tensors(), s.read))
+    m = Manifest("directory", sum(e.size for e in entries), tuple(entries))
+    return Side(m, lambda n: owner[n](n))
+
+
 def tracked_paths(repo: Repo, rev: str | None, paths: list[str]) -> list[str]:
     """Files under potluck's filter at ``rev`` (or in the index), limited to ``paths``."""
     files = (
@@ -220,6 +317,8 @@ def diff(
 ) -> list[FileDiff]:
     """``potluck diff``: no revs = index vs work tree; one = rev vs work tree; two = a vs b."""
     a_rev = "" if rev_a is None else rev_a
+    for p in paths:
+        check_path(repo, p)
     names = sorted(set(tracked_paths(repo, rev_a, paths)) | set(tracked_paths(repo, rev_b, paths)))
     out = []
     for p in names:
@@ -235,8 +334,14 @@ def log(repo: Repo, path: str, max_count: int | None = None) -> list[dict[str, A
     None), changes counted against the first parent."""
     rel = repo.relpath(path)
     rows = []
+    found = repo.git.log_path(rel, max_count)
+    if not found and not (repo.root / rel).exists():
+        raise UserError(
+            f"{path}: not in the work tree nor in the history of HEAD",
+            hint="check the path (`git log --all -- PATH` lists commits on other branches)",
+        )
     with repo.git.batch() as batch:
-        for commit, subject, blob in repo.git.log_path(rel, max_count):
+        for commit, subject, blob in found:
             data = batch.get(blob) if blob else None
             cur = parse(data, f"{commit}:{rel}") if data is not None and is_manifest(data) else None
             prev_data = batch.get(f"{commit}^:{rel}")
@@ -307,12 +412,17 @@ def matches(name: str, patterns: list[str]) -> bool:
 __all__ = [
     "FileDiff",
     "Side",
+    "check_path",
+    "compares_paths",
     "diff",
+    "diff_paths",
     "du",
     "load",
     "log",
     "ls",
+    "ls_path",
     "missing_objects",
+    "repo_here",
     "side",
     "split_rev",
 ]

@@ -10,17 +10,19 @@ model can carry them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
 from potluck.git.repo import Repo
 from potluck.git.sync import fetch_manifest
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
-from potluck.ops.models import CONFIG_FILES, ModelSource, TensorInfo, open_path
+from potluck.ops.models import ModelSource, TensorInfo, open_path
 from potluck.ops.vcs import TensorLoader, missing_objects
+from potluck.ops.vcs.materialize import write_file
 
 __all__ = ["open_model"]
 
@@ -83,17 +85,63 @@ def _at_rev(path: str, rev: str, spec: str) -> ModelSource:
 
 
 def _config_files(repo: Repo, commit: str, rel: str) -> Path | None:
+    """The directory's non-weight top-level files and the sentence-transformers module folders
+    its ``modules.json`` names, copied from ``commit`` into a temporary directory (what
+    ``layout_files`` then picks from); None when there are none. A checkpoint potluck tracks
+    inside a module folder (``2_Dense/model.safetensors``) is written back whole."""
+    prefix = f"{rel}/"
+    blobs = {p[len(prefix) :]: oid for p, oid in repo.git.list_blobs(commit, [rel])}
+    top = [n for n in blobs if "/" not in n and not n.endswith(_WEIGHT_SUFFIXES)]
     tmp = Path(tempfile.mkdtemp(prefix="potluck-model-"))
-    found = False
-    for name in CONFIG_FILES:
-        data = repo.git.show_blob(f"{commit}:{rel}/{name}")
-        if data is not None:
-            (tmp / name).write_bytes(data)
-            found = True
-    if not found:
+    try:
+        for name in top:
+            _write_blob(repo, f"{commit}:{rel}/{name}", tmp / name)
+        folders = _module_paths(tmp / "modules.json")
+        for name in blobs:
+            if any(name.startswith(f"{f}/") for f in folders):
+                _write_blob(repo, f"{commit}:{rel}/{name}", tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not top:
         shutil.rmtree(tmp, ignore_errors=True)
         return None
     return tmp
+
+
+def _module_paths(modules_json: Path) -> list[str]:
+    """Module folders a sentence-transformers ``modules.json`` names (relative, inside)."""
+    try:
+        modules = json.loads(modules_json.read_bytes())
+    except (OSError, ValueError):
+        return []
+    paths = (
+        [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    )
+    return [
+        PurePosixPath(p).as_posix()
+        for p in paths
+        if isinstance(p, str)
+        and p
+        and not PurePosixPath(p).is_absolute()
+        and ".." not in PurePosixPath(p).parts
+    ]
+
+
+def _write_blob(repo: Repo, rev_path: str, dest: Path) -> None:
+    """Write a blob to ``dest``; a potluck manifest is written as the file it describes."""
+    data = repo.git.show_blob(rev_path)
+    if data is None:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not is_manifest(data):
+        dest.write_bytes(data)
+        return
+    m = parse(data, rev_path)
+    if missing_objects(m, repo.odb):
+        fetch_manifest(repo, m, rev_path.split(":", 1)[1])
+    with dest.open("wb") as f:
+        write_file(m, repo.odb, f, path=rev_path)
 
 
 def _store_source(
@@ -106,7 +154,10 @@ def _store_source(
     infos: dict[str, TensorInfo] = {}
     owner: dict[str, TensorLoader] = {}
     files: dict[str, str] = {}
+    metadata: dict[str, dict[str, str]] = {}  # each safetensors file's __metadata__ travels
     for path, m in manifests.items():
+        if m.format == "safetensors":
+            metadata[Path(path).name] = dict(m.metadata)
         if missing_objects(m, repo.odb):
             fetch_manifest(repo, m, path)
         loader = TensorLoader(m, repo.odb)  # built once per file: reads stay O(1) per tensor
@@ -123,7 +174,9 @@ def _store_source(
     identity = {"path": spec}
     if commit:
         identity["commit"] = commit
-    src = ModelSource(spec, infos, read, files=files, config_dir=config_dir, identity=identity)
+    src = ModelSource(
+        spec, infos, read, files=files, config_dir=config_dir, identity=identity, metadata=metadata
+    )
     if config_dir is not None and config_dir.name.startswith("potluck-model-"):
         src.closers.append(lambda: shutil.rmtree(config_dir, ignore_errors=True))
     return src
