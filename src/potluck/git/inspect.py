@@ -134,7 +134,7 @@ def ls_path(path: str) -> list[dict[str, Any]]:
     as ``ls``; a directory lists every shard's tensors (shard order)."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{path}: no such file or directory", hint="check the path")
+        raise UserError(f"{path} does not exist")
     files = checkpoint_files(p) if p.is_dir() else [p]
     return [row for f in files for row in _rows(_file_structure(f))]
 
