@@ -89,6 +89,8 @@ def test_ls_and_diff_outside_a_repository(tmp_path: Path) -> None:
     assert run("potluck", "diff", "base", "base") == ""  # same tensors: nothing, exit 0
     r = _cli(out, "diff", "base", "a.safetensors")
     assert r.returncode == 2 and "one is a directory" in r.stderr
+    r = _cli(out, "diff", "a.safetensors", "typo.safetensors")
+    assert r.returncode == 2 and "typo.safetensors: no such file" in r.stderr
     r = _cli(out, "diff", "nosuchrev")
     assert r.returncode == 2 and "not in a git repository" in r.stderr
 

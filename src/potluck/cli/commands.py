@@ -139,7 +139,7 @@ def diff_cmd(args: tuple[str, ...], no_stats: bool, no_index: bool, as_json: boo
     if no_index or insp.compares_paths(repo, list(args)):
         if len(args) != 2:
             raise UserError("--no-index compares exactly two paths", hint="potluck diff A B")
-        diffs = insp.diff_paths(args[0], args[1], stats=not no_stats)
+        diffs = insp.diff_paths(args[0], args[1], stats=not no_stats, repo=repo)
     else:
         diffs = _repo_diff(repo, args, no_stats)
     if as_json:

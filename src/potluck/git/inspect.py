@@ -244,9 +244,10 @@ def check_path(repo: Repo, path: str) -> None:
     )
 
 
-def diff_paths(a: str, b: str, stats: bool = True) -> list[FileDiff]:
+def diff_paths(a: str, b: str, stats: bool = True, repo: Repo | None = None) -> list[FileDiff]:
     """Diff two checkpoint files, or two Hugging Face directories (all shards), anywhere: no
-    repository needed. Empty when they hold the same tensors."""
+    repository needed (with one, placeholders are read from its store). Empty when they hold
+    the same tensors."""
     pa, pb = Path(a), Path(b)
     for p in (pa, pb):
         if not p.exists():
@@ -257,7 +258,7 @@ def diff_paths(a: str, b: str, stats: bool = True) -> list[FileDiff]:
             hint="compare two files or two model directories",
         )
     label = a if a == b else f"{a} -> {b}"
-    d = diff_sides(label, _disk_side(pa), _disk_side(pb), stats)
+    d = diff_sides(label, _disk_side(repo, pa), _disk_side(repo, pb), stats)
     return [d] if d.changes else []
 
 
@@ -272,9 +273,11 @@ def repo_here() -> Repo | None:
 def compares_paths(repo: Repo | None, args: list[str]) -> bool:
     """The rule of ``potluck diff A B`` (as ``git diff --no-index``'s): two paths that exist on
     disk are compared directly when there is no repository here or one of them lies outside it."""
-    if len(args) != 2 or not all(Path(a).exists() for a in args):
+    if len(args) != 2:
         return False
-    return repo is None or any(not _inside(repo, a) for a in args)
+    if repo is None:  # a missing one is then named by ``diff_paths``
+        return True
+    return all(Path(a).exists() for a in args) and any(not _inside(repo, a) for a in args)
 
 
 def _inside(repo: Repo, path: str) -> bool:
@@ -285,11 +288,11 @@ def _inside(repo: Repo, path: str) -> bool:
     return True
 
 
-def _disk_side(p: Path) -> Side:
+def _disk_side(repo: Repo | None, p: Path) -> Side:
     """A file's side, or a directory's shards joined into one side (tensors by name)."""
     if not p.is_dir():
-        return file_side(None, str(p))
-    sides = [file_side(None, str(f)) for f in checkpoint_files(p)]
+        return file_side(repo, str(p))
+    sides = [file_side(repo, str(f)) for f in checkpoint_files(p)]
     entries: list[Any] = []
     owner: dict[str, Reader] = {}
     for s in sides:
