@@ -223,7 +223,7 @@ def test_diff_stats_of_torch_views_equal_the_arrays(repo: Path, git: Run) -> Non
         _same(DeltaStats(**got[name]), want)
 
 
-# --- memory: a 96 MB tensor's diff stays within a few blocks --------------------------------------
+# --- memory: a 64 MiB tensor's diff stays within a few blocks -----------------------------------
 
 
 _HWM = (
