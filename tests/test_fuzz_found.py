@@ -144,3 +144,23 @@ def test_tensor_whose_dtype_does_not_divide_its_storage(tmp_path: Path) -> None:
         f"{tmp_path / 'x.pt'}: pytorch: tensor 'a' (F32) views storage '0' of 6 bytes, which is "
         "not a whole number of F32 items"
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"objects":' + b"[" * 3000 + b"]" * 3000 + b"}",  # RecursionError
+        b'{"objects":[{"oid":"%s","size":1,"error":{"code":Infinity}}]}' % OID.encode(),
+    ],
+)
+def test_lfs_batch_answers_nested_or_infinite_are_errors(body: bytes) -> None:
+    import httpx
+
+    from potluck.errors import PotluckError
+    from potluck.remote import ObjectRef
+    from potluck.remote.lfs import parse_batch
+
+    url = "http://lfs.invalid/info/lfs"
+    resp = httpx.Response(200, content=body, request=httpx.Request("POST", url + "/objects/batch"))
+    with pytest.raises(PotluckError, match="not LFS batch JSON"):
+        parse_batch(resp, [ObjectRef(OID, 1)], url)

@@ -434,7 +434,7 @@ def parse_batch(resp: httpx.Response, refs: Sequence[ObjectRef], url: str) -> di
         body = resp.json()
         entries = {str(o["oid"]): _entry(o) for o in body["objects"] or []}
         transfer, algo = body.get("transfer") or "basic", body.get("hash_algo") or "sha256"
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, ArithmeticError):
         raise PotluckError(
             f"{url} answered the batch request with something that is not LFS batch JSON",
             hint="check that the URL is a Git LFS endpoint (usually <repo>.git/info/lfs)",
