@@ -406,3 +406,19 @@ def test_hostile_shard_index(tmp_path: Path, index: str, problem: str) -> None:
         open_path(tmp_path)
     path = tmp_path / "model.safetensors.index.json"
     assert e.value.message.startswith(f"{path}: not a valid shard index ({problem}")
+
+
+def test_expanded_view_at_a_revision_names_rev_and_file(hostile: Path) -> None:
+    """``potluck.load(path, rev)`` named only the tensor; now ``rev:path`` too."""
+    add = bounded(["git", "add", "expand.pt"], hostile)
+    assert (add.returncode, add.stderr) == (0, "")
+    subprocess.run(["git", "commit", "-q", "-m", "expand"], cwd=hostile, check=True)
+    code = (
+        "import potluck, sys\n"
+        "try:\n"
+        "    potluck.load(sys.argv[1], rev='HEAD')\n"
+        "except potluck.errors.FormatError as e:\n"
+        "    print(e.message)\n"
+    )
+    r = bounded([sys.executable, "-c", code, str(hostile / "expand.pt")], hostile)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"HEAD:expand.pt: {EXPANDED}\n", "")

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from potluck.errors import GitError, UserError
+from potluck.errors import FormatError, GitError, UserError
 from potluck.formats import scan_stream
+from potluck.formats.base import naming
 from potluck.formats.reader import read_tensors
 from potluck.git.maintenance import reachable_manifests
 from potluck.git.merge_record import commit_trailers
@@ -118,7 +119,10 @@ def load(
         m = found
     if missing_objects(m, repo.odb):  # partial clone: fetch exactly what is asked for
         fetch_manifest(repo, m, rel, names)
-    return load_tensors(m, repo.odb, names)
+    try:
+        return load_tensors(m, repo.odb, names)
+    except FormatError as e:  # e.g. a view that would copy out far more than its storage
+        raise naming(e, rel if rev is None else f"{rev}:{rel}") from None
 
 
 def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
