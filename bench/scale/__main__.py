@@ -104,6 +104,7 @@ class Step:
     wall_s: float
     rss: int
     ok: bool = True
+    cpu_s: float = 0.0  # user + system time of the processes the step started
 
 
 def store_size(repo: Repo) -> tuple[int, int]:
@@ -131,7 +132,8 @@ class Runner:
         res: StepResult
         res, text = self.repo.measure(label, cmds)
         rss = res.peak_rss if own else res.peak_rss_children
-        self.out.append(Step(self.case, self.repo.tool.name, label, res.wall_s, rss, res.ok))
+        tool = self.repo.tool.name
+        self.out.append(Step(self.case, tool, label, res.wall_s, rss, res.ok, res.cpu_s))
         return text
 
     def value(self, label: str, number: float) -> None:
@@ -210,22 +212,29 @@ def _cell(value: float | None, spec: str, scale: float = 1) -> str:
 def case_table(steps: list[Step], case: str, data_bytes: int) -> str:
     labels = list(dict.fromkeys(s.step for s in steps if s.case == case))
     rows = [_row(steps, case, label, data_bytes) for label in labels]
-    header = [["step", "potluck s|MiB", "RSS MiB", "git-lfs s|MiB", "RSS MiB", "ratio", ""]]
+    header = [
+        ["", "potluck", "", "", "git-lfs", "", "", "potluck/git-lfs", "", ""],
+        ["step", "wall s|MiB", "CPU s", "RSS MiB", "wall s|MiB", "CPU s", "RSS MiB", "wall",
+         "CPU", ""],
+    ]  # fmt: skip
     return render_table(rows, header)
 
 
 def _row(steps: list[Step], case: str, label: str, data_bytes: int) -> list[str]:
-    pot = median(steps, case, "potluck", label, "wall_s")
-    lfs = median(steps, case, "git-lfs", label, "wall_s")
+    def m(tool: str, field: str) -> float | None:
+        return median(steps, case, tool, label, field)
+
+    pot, lfs = m("potluck", "wall_s"), m("git-lfs", "wall_s")
     if label.startswith("store"):
         per_data = _cell(pot, ".2f", data_bytes) + "x data"
-        return [label, _cell(pot, ".1f", MiB), "", _cell(lfs, ".1f", MiB), "", _ratio(pot, lfs),
-                per_data]  # fmt: skip
+        return [label, _cell(pot, ".1f", MiB), "", "", _cell(lfs, ".1f", MiB), "", "",
+                _ratio(pot, lfs), "", per_data]  # fmt: skip
     bad = any(not s.ok for s in steps if (s.case, s.step) == (case, label))
-    pot_rss = median(steps, case, "potluck", label, "rss")
-    lfs_rss = median(steps, case, "git-lfs", label, "rss")
-    return [label + ("!" if bad else ""), _cell(pot, ".2f"), _cell(pot_rss, ".0f", MiB),
-            _cell(lfs, ".2f"), _cell(lfs_rss, ".0f", MiB), _ratio(pot, lfs), ""]  # fmt: skip
+    pcpu, lcpu = m("potluck", "cpu_s"), m("git-lfs", "cpu_s")
+    return [label + ("!" if bad else ""),
+            _cell(pot, ".2f"), _cell(pcpu, ".2f"), _cell(m("potluck", "rss"), ".0f", MiB),
+            _cell(lfs, ".2f"), _cell(lcpu, ".2f"), _cell(m("git-lfs", "rss"), ".0f", MiB),
+            _ratio(pot, lfs), _ratio(pcpu, lcpu), ""]  # fmt: skip
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -246,6 +255,8 @@ def targets(steps: list[Step], data: dict[str, int]) -> list[tuple[str, str, boo
 
     pot, lfs = m("many", "potluck", "add v1"), m("many", "git-lfs", "add v1")
     judge("many: first add / git-lfs", None if not (pot and lfs) else pot / lfs, 3, "x")
+    pot, lfs = m("many", "potluck", "add v1", "cpu_s"), m("many", "git-lfs", "add v1", "cpu_s")
+    judge("many: first add / git-lfs, CPU time", None if not (pot and lfs) else pot / lfs, 3, "x")
     judge("many: potluck diff (changed tensors)", m("many", "potluck", "potluck diff"), 5, " s")
     stored = m("many", "potluck", "store bytes (allocated)")
     judge("many: store / data", None if stored is None else stored / data["many"], 1.2, "x")
