@@ -331,10 +331,12 @@ def write_safetensors(
     path: str | os.PathLike[str],
     specs: list[tuple[str, str, tuple[int, ...]]],
     arrays: Iterable[np.ndarray],
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a safetensors file atomically: ``specs`` in order, data from ``arrays`` (lazily)."""
+    """Write a safetensors file atomically: ``specs`` in order, data from ``arrays`` (lazily),
+    ``metadata`` as its ``__metadata__`` (none when None)."""
     with atomic_writer(path) as f:
-        f.write(build_header(specs, None))
+        f.write(build_header(specs, metadata))
         for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
             if from_numpy(arr.dtype) != dtype or tuple(arr.shape) != shape:
                 raise FormatError(f"tensor {name!r} changed dtype or shape while writing")

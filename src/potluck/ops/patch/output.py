@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from potluck.errors import FormatError, UserError
+from potluck.errors import UserError
 from potluck.fileio import atomic_dir, atomic_writer
-from potluck.formats.safetensors import build_header
+from potluck.formats.safetensors import write_safetensors
 from potluck.ops.models.sources import copy_layout
-from potluck.tensors.dtypes import from_numpy, to_numpy
+from potluck.tensors.dtypes import to_numpy
 
 __all__ = ["INDEX_NAME", "OutputPlan", "check_output", "plan_output", "write_output"]
 
@@ -134,13 +134,13 @@ def write_output(
     target = Path(out)
     if not plan.directory:
         specs = plan.shards[""]
-        _write_safetensors(target, specs, stream(specs), plan.metadata.get(""))
+        write_safetensors(target, specs, stream(specs), plan.metadata.get(""))
         if card is not None:
             _write_bytes(target.parent / "README.md", card.encode("utf-8"))
         return [str(target)]
     with atomic_dir(target) as tmp:
         for fname, specs in plan.shards.items():
-            _write_safetensors(tmp / fname, specs, stream(specs), plan.metadata.get(fname))
+            write_safetensors(tmp / fname, specs, stream(specs), plan.metadata.get(fname))
         if plan.index:
             _write_bytes(tmp / INDEX_NAME, _index_json(plan))
         copy_layout(config_dir, tmp)
@@ -148,18 +148,6 @@ def write_output(
             _write_bytes(tmp / "README.md", card.encode("utf-8"))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     return [str(target / n) for n in written]
-
-
-def _write_safetensors(
-    path: Path, specs: list[Spec], arrays: Iterator[np.ndarray], metadata: dict[str, str] | None
-) -> None:
-    """One safetensors file, atomically: ``specs`` in order, data from ``arrays`` (lazily)."""
-    with atomic_writer(path) as f:
-        f.write(build_header(specs, metadata))
-        for (name, dtype, shape), arr in zip(specs, arrays, strict=True):
-            if from_numpy(arr.dtype) != dtype or tuple(arr.shape) != shape:
-                raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
-            f.write(np.ascontiguousarray(arr).tobytes())
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
