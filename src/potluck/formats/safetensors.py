@@ -327,6 +327,21 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw
 
 
+def metadata_json(meta: Mapping[str, str], key: str, kind: type, *, what: str, hint: str) -> Any:
+    """``__metadata__`` entry ``key`` parsed as JSON of type ``kind``.
+
+    A missing key, text that is not JSON (or nested past the recursion limit) or another type is
+    a ``FormatError`` saying ``what`` (e.g. ``"patch metadata"``) ``key`` is wrong.
+    """
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, ValueError, RecursionError):
+        raise FormatError(f"{what} {key!r} is missing or not JSON", hint=hint) from None
+    if not isinstance(value, kind):
+        raise FormatError(f"{what} {key!r} is not a {kind.__name__}", hint=hint)
+    return value
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     specs: list[tuple[str, str, tuple[int, ...]]],

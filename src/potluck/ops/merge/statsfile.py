@@ -25,7 +25,6 @@ This module does no deep learning: ``ops.merge.stats_torch`` computes the statis
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
 from potluck.formats.base import TensorSegment
-from potluck.formats.safetensors import build_header, scan_own_file
+from potluck.formats.safetensors import build_header, metadata_json, scan_own_file
 from potluck.merging import STATS_KINDS, TensorStats
 from potluck.tensors.digests import canonical_json, tensor_sha256
 from potluck.tensors.dtypes import array_from_bytes
@@ -187,13 +186,7 @@ def _digest(hashes: Mapping[str, str]) -> str:
 
 
 def _json(path: Path, meta: Mapping[str, str], key: str, kind: type) -> Any:
-    try:
-        value = json.loads(meta[key])
-    except (KeyError, ValueError, RecursionError):
-        raise FormatError(f"{path}: metadata {key!r} is missing or not JSON", hint=_HINT) from None
-    if not isinstance(value, kind):
-        raise FormatError(f"{path}: metadata {key!r} is not a {kind.__name__}", hint=_HINT)
-    return value
+    return metadata_json(meta, key, kind, what=f"{path}: metadata", hint=_HINT)
 
 
 def _int(path: Path, meta: Mapping[str, str], key: str) -> int:

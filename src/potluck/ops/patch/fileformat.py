@@ -20,7 +20,6 @@ All JSON is compact with sorted keys, so the same inputs always give byte-identi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from potluck.codecs import CODECS, ErrorReport, Payload
 from potluck.errors import FormatError, IntegrityError, UserError
 from potluck.fileio import atomic_writer
 from potluck.formats.base import TensorSegment, naming
-from potluck.formats.safetensors import build_header, scan_own_file
+from potluck.formats.safetensors import build_header, metadata_json, scan_own_file
 from potluck.tensors.digests import base_digest, canonical_json
 from potluck.tensors.dtypes import array_from_bytes, from_numpy
 
@@ -130,12 +129,7 @@ def write_patch(path: str | os.PathLike[str], contents: PatchContents) -> int:
 def _loads(meta: Mapping[str, str], key: str, kind: type, items: type | None = None) -> Any:
     """Metadata ``key`` as JSON of type ``kind`` (a dict's values or a list's items of type
     ``items`` when given)."""
-    try:
-        value = json.loads(meta[key])
-    except (KeyError, ValueError, RecursionError):
-        raise FormatError(f"patch metadata {key!r} is missing or not JSON", hint=_HINT) from None
-    if not isinstance(value, kind):
-        raise FormatError(f"patch metadata {key!r} is not a {kind.__name__}", hint=_HINT)
+    value = metadata_json(meta, key, kind, what="patch metadata", hint=_HINT)
     found: Any = value
     members = list(found.values() if isinstance(found, dict) else found)
     if items is not None and not all(isinstance(v, items) for v in members):
