@@ -17,6 +17,7 @@ import pytest
 
 from conftest import Run, model, save_st
 from test_sync import FILE
+from test_sync_servers import use_lfs
 from testsupport.faultyfs import fault_env
 from testsupport.servers import LfsServer, lfs, lfs_server  # noqa: F401
 
@@ -130,9 +131,7 @@ def test_lfs_server_faults_keep_the_invariant(
     tmp_path: Path,
     seed: int,
 ) -> None:
-    (repo / ".lfsconfig").write_text(f'[lfs]\n\turl = "{lfs.url}"\n')
-    git("git", "add", ".lfsconfig")
-    git("git", "commit", "-q", "-m", "lfs endpoint")
+    use_lfs(git, repo, lfs)
     lfs.serve_ranges = True
 
     def faults(on: bool) -> Env:
@@ -172,9 +171,7 @@ def test_lfs_server_heavy_faults_keep_the_invariant(
     tmp_path: Path,
     seed: int,
 ) -> None:
-    (repo / ".lfsconfig").write_text(f'[lfs]\n\turl = "{lfs.url}"\n')
-    git("git", "add", ".lfsconfig")
-    git("git", "commit", "-q", "-m", "lfs endpoint")
+    use_lfs(git, repo, lfs)
 
     def faults(on: bool) -> Env:
         lfs.chaos(seed if on else None, 0.5, 0.002)
