@@ -51,6 +51,9 @@ LAZY_COMMANDS = {
     "experts": "modular_cmd",
     "compose": "modular_cmd",
     "eval": "eval_cmd",
+    "lineage": "lineage_cmd",
+    **dict.fromkeys(["gate", "report", "promote"], "gate_cmd"),
+    "hub": "hub_cmd",
     **dict.fromkeys(["push", "fetch", "pull", "clone", "remote"], "remote_cmd"),
 }
 

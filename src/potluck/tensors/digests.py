@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -26,3 +26,18 @@ def canonical_json(value: object) -> str:
 def base_digest(base: Mapping[str, str]) -> str:
     """sha256 of the canonical JSON of a {tensor name: sha256} dict."""
     return hashlib.sha256(canonical_json(dict(base)).encode("utf-8")).hexdigest()
+
+
+def weights_digest(tensors: Mapping[str, tuple[str, Sequence[int], str]]) -> str:
+    """Identity of a model's weights whatever the file format or sharding.
+
+    ``tensors`` maps each tensor name to ``(dtype, shape, sha256 of its little-endian C-order
+    bytes)`` (dtype spelled as safetensors does: ``F32``, ``BF16``, ...). The digest is the sha256
+    of the canonical JSON ``{"potluck_weights": "1", "tensors": {name: [dtype, shape, sha]}}``,
+    so two files holding the same named tensors have one digest, however they are split.
+    """
+    doc = {
+        "potluck_weights": "1",
+        "tensors": {n: [d, [int(x) for x in s], h] for n, (d, s, h) in sorted(tensors.items())},
+    }
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()

@@ -1,0 +1,1 @@
+"""CLI module for `potluck gate` (being built; registers its commands here)."""

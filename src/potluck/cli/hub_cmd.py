@@ -1,0 +1,1 @@
+"""CLI module for `potluck hub` (being built; registers its commands here)."""

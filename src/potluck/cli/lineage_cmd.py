@@ -1,0 +1,1 @@
+"""CLI module for `potluck lineage` (being built; registers its commands here)."""

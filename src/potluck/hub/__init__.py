@@ -1,0 +1,1 @@
+"""potluck hub: a read-only web view of potluck repositories (issue 18)."""

@@ -1,0 +1,1 @@
+"""Lineage: where each model came from, pinned by content (issue 17). Filled in by its owner."""
