@@ -26,6 +26,7 @@ from potluck.codecs.base import (
 from potluck.codecs.exact import ExactSparseCodec, ExactXorCodec, FullCodec
 from potluck.codecs.ia3 import IA3Codec, scales_payload
 from potluck.codecs.lowrank import LowRankCodec, dense_payload, factors_payload
+from potluck.codecs.mask import TaskMaskCodec
 from potluck.codecs.quant import QuantCodec
 from potluck.codecs.rules import DEFAULT_RULES, choose_codec
 from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
@@ -68,6 +69,7 @@ for _codec in (
     QuantCodec(),
     LowRankCodec(),
     IA3Codec(),
+    TaskMaskCodec(),
 ):
     CODECS.register(_codec.name, _codec)
 del _codec

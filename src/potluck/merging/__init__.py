@@ -13,7 +13,7 @@ entry-point group (a ``MergeMethod`` instance per entry point).
 
 from __future__ import annotations
 
-from potluck.merging import average, fisher, regmean, task_arithmetic, tsv
+from potluck.merging import average, emr, fisher, masks, regmean, task_arithmetic, tsv
 from potluck.merging.base import (
     COMPUTE_DTYPE,
     STATS_KINDS,
@@ -51,6 +51,8 @@ for _method in (
     *fisher.METHODS,
     *regmean.METHODS,
     *tsv.METHODS,
+    *masks.METHODS,
+    *emr.METHODS,
 ):
     MERGE_METHODS.register(_method.name, _method)
 del _method
