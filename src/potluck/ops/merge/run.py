@@ -30,6 +30,7 @@ from potluck.ops.merge.card import config_json, model_card
 from potluck.ops.merge.config import MergeConfig
 from potluck.ops.merge.plan import MergePlan, TensorJob, canonical_dtype, plan_merge
 from potluck.ops.merge.statsfile import StatsFile, check_stats_files, load_stats, stats_for
+from potluck.ops.merge.tasks import plan_task_parts, task_notes
 from potluck.ops.models.hfwriter import DEFAULT_SHARD_BYTES, HFDirWriter
 from potluck.ops.models.sources import ModelSource, open_path
 from potluck.tensors.dtypes import to_numpy
@@ -60,6 +61,7 @@ class MergeReport:
     carried: dict[str, str] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -97,6 +99,7 @@ def run_merge(
     with ExitStack() as stack:
         sources = _open_all(config, opener, stack)
         plan = plan_merge(config, sources)
+        parts = plan_task_parts(config, plan)  # tall_masks / emr: checked before merging
         base = sources[config.base_model] if config.base_model else None
         first = base or sources[config.referenced_models()[0]]
         writer = HFDirWriter(
@@ -115,9 +118,12 @@ def run_merge(
         except BaseException:
             writer.abort()
             raise
+        if parts is not None:
+            parts.write(out_dir, plan, sources)
     return MergeReport(
         str(out_dir), plan.method.name, files, len(plan.jobs),
-        round(time.perf_counter() - start, 3), workers, plan.notes, **plan.unmerged_dict(),
+        round(time.perf_counter() - start, 3), workers, plan.notes + task_notes(parts),
+        **plan.unmerged_dict(), tasks=parts.written if parts else {},
     )  # fmt: skip
 
 
