@@ -12,17 +12,25 @@ from pathlib import Path
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.progress import byte_progress
 from potluck.cli.render import echo, err, file_diff_text, human_bytes, safe_field, tensor_lines
 from potluck.errors import PotluckError
-from potluck.git import sync
-from potluck.git.filter import PotluckFilter
+from potluck.git.filter import Fetcher, FetcherOnFirstUse, PotluckFilter
 from potluck.git.filter_process import serve_stdio
 from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
 from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
-from potluck.git.sync import CheckoutFetcher
 from potluck.objects.manifest import is_manifest, parse
+
+
+def _checkout_fetcher(repo: Repo) -> FetcherOnFirstUse:
+    """The smudge filter's fetcher, made (and ``git.sync`` imported) on first use."""
+
+    def make() -> Fetcher:
+        from potluck.git import sync
+
+        return sync.CheckoutFetcher(repo)
+
+    return FetcherOnFirstUse(make)
 
 
 @cli.command(name="filter-process", hidden=True)
@@ -30,7 +38,7 @@ from potluck.objects.manifest import is_manifest, parse
 def filter_process() -> None:
     """git's long-running clean/smudge filter (filter.potluck.process)."""
     repo = Repo(".")
-    fetcher = CheckoutFetcher(repo)
+    fetcher = _checkout_fetcher(repo)
     try:
         with repo.git.batch() as batch:
             code = serve_stdio(PotluckFilter(repo, batch, fetcher), err)
@@ -55,7 +63,7 @@ def clean(path: str) -> None:
 def smudge(path: str) -> None:
     """Per-file smudge filter (stdin manifest → stdout checkpoint)."""
     repo = Repo(".")
-    fetcher = CheckoutFetcher(repo)
+    fetcher = _checkout_fetcher(repo)
     try:
         PotluckFilter(repo, None, fetcher).smudge(path, sys.stdin.buffer, sys.stdout.buffer)
     finally:
@@ -69,6 +77,9 @@ def smudge(path: str) -> None:
 def pre_push(remote: str, url: str) -> None:
     """git pre-push hook: upload the objects of the commits being pushed (REMOTE URL; the refs
     come on stdin). When another hook read stdin first, every local branch and tag counts."""
+    from potluck.cli.progress import byte_progress
+    from potluck.git import sync
+
     lines = [] if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read().splitlines()
     updates = sync.parse_pre_push(lines)
     if lines and not updates:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from potluck.errors import FormatError, PotluckError
-from potluck.git.plumbing import CatFileBatch
-from potluck.git.repo import Repo
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
-from potluck.ops.vcs import Chain, missing_objects, snapshot_stream, write_file
+
+if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads with the first clean or smudge
+    from potluck.git.plumbing import CatFileBatch
+    from potluck.git.repo import Repo
 
 COPY = 1 << 20
 PULL_HINT = "`potluck pull` fetches them and checks the file out"
@@ -30,6 +31,36 @@ class Fetcher(Protocol):
     def settle(self) -> None: ...
 
     def pull_hint(self) -> str: ...
+
+
+class FetcherOnFirstUse:
+    """A ``Fetcher`` made by ``make`` when a smudge first needs one: git's filter process
+    answers the handshake (and cleans) without the remote-transfer code or its config reads."""
+
+    def __init__(self, make: Callable[[], Fetcher]) -> None:
+        self._make = make
+        self._fetcher: Fetcher | None = None
+
+    def _get(self) -> Fetcher:
+        if self._fetcher is None:
+            self._fetcher = self._make()
+        return self._fetcher
+
+    def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]:
+        return self._get()(m, path)
+
+    def settle(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.settle()
+
+    def pull_hint(self) -> str:
+        return self._get().pull_hint()
+
+    def close(self) -> None:
+        """Close the fetcher if one was made (one that has a ``close``)."""
+        close = getattr(self._fetcher, "close", None)
+        if close is not None:
+            close()
 
 
 class PotluckFilter:
@@ -60,6 +91,8 @@ class PotluckFilter:
 
     def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
+        from potluck.ops.vcs import Chain, snapshot_stream
+
         head = src.read(len(MAGIC))
         if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
             dst.write(head + src.read())
@@ -75,6 +108,8 @@ class PotluckFilter:
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Write the checkpoint whose manifest is read from ``src`` to ``dst``."""
+        from potluck.ops.vcs import missing_objects, write_file
+
         head = src.read(len(MAGIC))
         if not is_manifest(head):  # committed before it was tracked: pass through
             with tempfile.SpooledTemporaryFile(

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from potluck.config import RepoConfig
 from potluck.errors import FormatError, UserError
 from potluck.git.plumbing import Git
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
-from potluck.ops.vcs import ObjectDB
 from potluck.store.local import LocalStore
+
+if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads on first use: git's filter starts without
+    from potluck.ops.vcs import ObjectDB
 
 #: Larger blobs or files are never read as manifests (far above a 100k-tensor manifest).
 MAX_MANIFEST_BYTES = 64 << 20
@@ -29,7 +32,13 @@ class Repo:
         self.potluck_dir = self.common_dir / "potluck"
         self.config = RepoConfig.load(self.root)
         self.store = LocalStore(self.potluck_dir / "objects")
-        self.odb = ObjectDB(self.store, self.config)
+
+    @cached_property
+    def odb(self) -> ObjectDB:
+        """The object database over ``store`` (made on first use)."""
+        from potluck.ops.vcs import ObjectDB
+
+        return ObjectDB(self.store, self.config)
 
     @property
     def tmp_dir(self) -> Path:

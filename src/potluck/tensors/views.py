@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from potluck.errors import FormatError, UserError
-from potluck.tensors.dtypes import to_numpy
+
+if TYPE_CHECKING:  # numpy loads on first use: the manifest parser (git's filter) needs View only
+    import numpy as np
 
 #: A view may copy out at most this many times its storage's bytes (or ``VIEW_FLOOR`` bytes):
 #: ``torch.ones(1).expand(10**11)`` is 4 bytes on disk and 373 GiB as an array.
@@ -43,6 +44,8 @@ def view_array(
     offset: int,
 ) -> np.ndarray:
     """Copy of the strided view (PyTorch semantics, strides in elements) into ``storage``."""
+    import numpy as np
+
     if any(d == 0 for d in shape):
         return np.zeros(shape, dtype=storage.dtype)
     need = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True)) + 1
@@ -72,6 +75,8 @@ def collect_tensors(
 ) -> dict[str, np.ndarray]:
     """The requested tensors (all when ``names`` is None): plain tensors through ``read(name)``,
     views as copies out of their storage (each storage read once)."""
+    from potluck.tensors.dtypes import to_numpy
+
     known = list(tensor_names)
     wanted = known + list(views) if names is None else list(names)
     unknown = [n for n in wanted if n not in views and n not in known]
