@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,12 @@ def _render_outputs(o: OutputChange) -> None:
 @click.option("--force", is_flag=True, help="Apply even to a base the patch was not made for.")
 @click.option("--card", is_flag=True, help="Also write README.md next to an output file.")
 @click.option("--base-model", help="base_model for the model card (default: BASE as given).")
+@click.option(
+    "--with",
+    "with_base",
+    metavar="ORIGINAL",
+    help="Task patch of a tall_masks/emr merge: the merge's original base (default: recorded).",
+)
 @handle_errors
 def apply_cmd(
     base: str,
@@ -247,9 +254,12 @@ def apply_cmd(
     force: bool,
     card: bool,
     base_model: str | None,
+    with_base: str | None,
 ) -> None:
     """Apply PATCH to BASE and write the result to -o (a directory when BASE is one)."""
-    with open_model(base) as src:
+    with ExitStack() as stack:
+        src = stack.enter_context(open_model(base))
+        original = None if with_base is None else stack.enter_context(open_model(with_base))
         directory = is_directory_ref(base, src)
         report = apply_patch(
             src,
@@ -260,6 +270,7 @@ def apply_cmd(
             directory=directory,
             card=card or directory,
             base_ref=base_model or base,
+            with_base=original,
         )
     for warning in report.warnings:
         secho(f"potluck: WARNING: {warning}", err=True, fg="red", bold=True)

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 
 from potluck.codecs import CODECS, Payload, decode_payload, payload_shape_dtype
+from potluck.codecs.mask import MASK_CODEC
 from potluck.errors import IntegrityError, UserError
 from potluck.fileio import file_sha256
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
 from potluck.ops.patch.card import card_text, check_card_path, relation
 from potluck.ops.patch.fileformat import PatchContents, read_patch
 from potluck.ops.patch.output import Spec, check_output, had_index, plan_output, write_output
+from potluck.ops.patch.masked import check_task_scale, open_origin, rebuild_masked
 from potluck.tensors.digests import tensor_sha256
 
 __all__ = ["ApplyReport", "apply_patch", "is_directory"]
@@ -125,11 +127,16 @@ def _tensors(
     scale: float,
     check_results: bool,
 ) -> Iterator[np.ndarray]:
+    origin: ModelSource | None = None,
     for name, _dtype, _shape in specs:
         if name not in patch.payloads:
             yield base.read(name)
             continue
-        arr = _rebuild(name, patch.payloads[name], base, scale)
+        payload = patch.payloads[name]
+        if origin is not None and payload.codec == MASK_CODEC:
+            arr = rebuild_masked(name, payload, base, origin)  # a tall_masks / emr task part
+        else:
+            arr = _rebuild(name, payload, base, scale)
         want = patch.result.get(name)
         if check_results and want is not None and tensor_sha256(arr) != want:
             raise IntegrityError(
@@ -155,6 +162,7 @@ def apply_patch(
     directory: bool | None = None,
     card: bool | None = None,
     base_ref: str | None = None,
+    with_base: ModelInput | None = None,
 ) -> ApplyReport:
     """Apply the patch at ``patch_path`` to the model BASE; write safetensors to ``out_path``.
 
@@ -166,7 +174,9 @@ def apply_patch(
     ``directory`` (default: ``is_directory(base)``) writes a model directory with the base's
     shard layout and config files (``potluck.ops.patch.output``); ``card`` (default: when
     writing a directory) writes a ``README.md`` model card naming ``base_ref`` (default: the
-    base's label) — next to the output file when it is not a directory.
+    base's label) — next to the output file when it is not a directory. A task patch of a
+    ``tall_masks``/``emr`` merge also needs the merge's original base: ``with_base``, or where
+    the patch records it (``ops.patch.masked``).
     """
     patch = read_patch(patch_path)
     report = ApplyReport(out_path=str(out_path), patch_sha256=file_sha256(patch_path))
@@ -181,6 +191,8 @@ def apply_patch(
             ref = base.label if base_ref is None else base_ref
             card_text_ = card_text(ref, report.patch_sha256, patch, scale=scale)
         _check_base(base, patch, force, report)
+        origin = open_origin(patch, with_base, base, stack)  # task patches: the original base
+        check_task_scale(patch, scale)
         _check_scale(patch, scale, force, report.warnings)
         order = _output_order(base, patch)
         plan = plan_output(
@@ -191,7 +203,7 @@ def apply_patch(
         report.files = write_output(
             out_path,
             plan,
-            lambda specs: _tensors(specs, base, patch, scale, check),
+            lambda specs: _tensors(specs, base, patch, scale, check, origin),
             config_dir=base.config_dir if as_dir else None,
             card=card_text_,
         )
