@@ -21,10 +21,18 @@ from potluck.ops.lineage.edge import (
     Lineage,
     Parent,
     lineage_path,
+    parse_lineage,
     read_lineage,
     write_lineage,
 )
-from potluck.ops.lineage.record import card_lines, inherited_edges, pin, plan_edge, record_output
+from potluck.ops.lineage.record import (
+    card_lines,
+    inherited_edges,
+    pin,
+    plan_edge,
+    record_output,
+    with_card_lineage,
+)
 
 __all__ = [
     "LINEAGE_FILE",
@@ -39,11 +47,13 @@ __all__ = [
     "lineage_path",
     "manifest_hashes",
     "manifests_digest",
+    "parse_lineage",
     "pin",
     "plan_edge",
     "read_lineage",
     "record_output",
     "tensor_hashes",
     "weights_digest_of",
+    "with_card_lineage",
     "write_lineage",
 ]

@@ -37,7 +37,7 @@ def array_sha256(arr: np.ndarray) -> str:
         part = flat[i : i + step]
         if part.dtype.byteorder == ">":
             part = part.astype(part.dtype.newbyteorder("<"))
-        h.update(np.ascontiguousarray(part).data)
+        h.update(np.ascontiguousarray(part).view(np.uint8).data)
     return h.hexdigest()
 
 

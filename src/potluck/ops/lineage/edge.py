@@ -26,6 +26,7 @@ __all__ = [
     "Lineage",
     "Parent",
     "lineage_path",
+    "parse_lineage",
     "read_lineage",
     "write_lineage",
 ]
@@ -170,10 +171,18 @@ def read_lineage(out: str | os.PathLike[str]) -> Lineage | None:
     path = lineage_path(out)
     if not path.is_file():
         return None
-    where = str(path)
     try:
-        doc = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: unreadable ({e.strerror})", hint=_HINT) from None
+    return parse_lineage(data, str(path))
+
+
+def parse_lineage(data: bytes, where: str) -> Lineage:
+    """Parse the bytes of a lineage file (``where`` names it in errors)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"{where}: not valid JSON ({str(e)[:200]})", hint=_HINT) from None
     if not isinstance(doc, dict) or doc.get("potluck_lineage") != LINEAGE_VERSION:
         raise FormatError(

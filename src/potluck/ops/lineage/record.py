@@ -12,7 +12,14 @@ from potluck.ops.lineage.digest import weights_digest_of
 from potluck.ops.lineage.edge import Edge, Lineage, Parent, read_lineage, write_lineage
 from potluck.ops.models.sources import ModelSource
 
-__all__ = ["card_lines", "inherited_edges", "pin", "plan_edge", "record_output"]
+__all__ = [
+    "card_lines",
+    "inherited_edges",
+    "pin",
+    "plan_edge",
+    "record_output",
+    "with_card_lineage",
+]
 
 
 def pin(source: ModelSource) -> Parent:
@@ -90,3 +97,13 @@ def card_lines(edge: Edge) -> list[str]:
 
 def _yaml(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+def with_card_lineage(card: str, edge: Edge) -> str:
+    """``card`` (a model card with YAML front matter) with ``card_lines(edge)`` added at the
+    end of its front matter; a card without front matter gets one."""
+    lines = card.split("\n")
+    if lines and lines[0] == "---" and "---" in lines[1:]:
+        end = lines.index("---", 1)
+        return "\n".join([*lines[:end], *card_lines(edge), *lines[end:]])
+    return "\n".join(["---", *card_lines(edge), "---", card])
