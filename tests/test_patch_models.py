@@ -19,6 +19,7 @@ from potluck.codecs import Payload
 from potluck.errors import FormatError, IntegrityError
 from potluck.formats import scan_file
 from potluck.objects.manifest import MAGIC
+from potluck.ops.lineage import weights_digest_of
 from potluck.ops.patch.apply import apply_patch
 from potluck.ops.patch.check import measure, summarize
 from potluck.ops.patch.create import create_patch, patch_info
@@ -98,7 +99,9 @@ def test_directory_in_directory_out(dirs: tuple[Path, Path, Arrays], tmp_path: P
     res = runner.invoke(cli, ["patch", "apply", str(base), str(patch), "-o", str(out)])
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([*SHARDS, *CONFIG, "model.safetensors.index.json", "README.md"])
+    assert names == sorted(
+        [*SHARDS, *CONFIG, "model.safetensors.index.json", "README.md", "lineage.json"]
+    )
     for fname, tensors in SHARDS.items():
         got = load_file(str(out / fname))
         assert list(got) == tensors
@@ -115,6 +118,12 @@ def test_directory_in_directory_out(dirs: tuple[Path, Path, Arrays], tmp_path: P
         "base_model_relation: finetune",
         "tags:",
         "- potluck",
+        "potluck_lineage:",  # the base pinned by weights digest (docs/lineage.md)
+        "  relation: patch",
+        "  method: patch",
+        "  parents:",
+        f"  - weights_digest: {weights_digest_of(base)}",
+        f"    ref: {json.dumps(str(base))}",
     ]
     assert f"patch sha256: `{hashlib.sha256(patch.read_bytes()).hexdigest()}`" in card
     assert "- author: ann" in card and "exact_xor (3 tensors)" in card and "exact: yes" in card
@@ -276,7 +285,7 @@ def test_revisions_and_tracked_patches(
     assert all(sha(got[n]) == sha(target[n]) for n in target)
     potluck("patch", "apply", "models/m@v1", "a.patch", "-o", "outdir")
     assert sorted(p.name for p in (repo / "outdir").iterdir()) == sorted(
-        [*SHARDS, *CONFIG, "model.safetensors.index.json", "README.md"]
+        [*SHARDS, *CONFIG, "model.safetensors.index.json", "README.md", "lineage.json"]
     )
     assert 'base_model: "models/m@v1"' in (repo / "outdir" / "README.md").read_text()
     # a second version of the patch: `potluck diff` names the payload arrays that changed

@@ -106,7 +106,8 @@ def test_apply_keeps_the_base_layout_and_files(case: str, tmp_path: Path) -> Non
     apply_adapter(base_dir, FIX / case / "adapter", tmp_path / "out", base_ref="org/tiny")
     out = tmp_path / "out"
     base_files = sorted(p.name for p in base_dir.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted([*base_files, "README.md"])
+    want_files = sorted([*base_files, "README.md", "lineage.json"])
+    assert sorted(p.name for p in out.iterdir()) == want_files
     for p in base_dir.iterdir():
         if p.suffix == ".safetensors":
             want, got = scan_file(p), scan_file(out / p.name)

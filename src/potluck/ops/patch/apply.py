@@ -17,11 +17,12 @@ from potluck.codecs import CODECS, Payload, decode_payload, payload_shape_dtype
 from potluck.codecs.mask import MASK_CODEC
 from potluck.errors import IntegrityError, UserError
 from potluck.fileio import file_sha256
+from potluck.ops.lineage import Edge, plan_edge, record_output, with_card_lineage
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
 from potluck.ops.patch.card import card_text, check_card_path, relation
 from potluck.ops.patch.fileformat import PatchContents, read_patch
-from potluck.ops.patch.output import Spec, check_output, had_index, plan_output, write_output
 from potluck.ops.patch.masked import check_task_scale, open_origin, rebuild_masked
+from potluck.ops.patch.output import Spec, check_output, had_index, plan_output, write_output
 from potluck.tensors.digests import tensor_sha256
 
 __all__ = ["ApplyReport", "apply_patch", "is_directory"]
@@ -126,8 +127,8 @@ def _tensors(
     patch: PatchContents,
     scale: float,
     check_results: bool,
-) -> Iterator[np.ndarray]:
     origin: ModelSource | None = None,
+) -> Iterator[np.ndarray]:
     for name, _dtype, _shape in specs:
         if name not in patch.payloads:
             yield base.read(name)
@@ -193,6 +194,9 @@ def apply_patch(
         _check_base(base, patch, force, report)
         origin = open_origin(patch, with_base, base, stack)  # task patches: the original base
         check_task_scale(patch, scale)
+        edge = _lineage_edge(base, patch, report.patch_sha256, scale, base_ref)
+        if card_text_ is not None:
+            card_text_ = with_card_lineage(card_text_, edge)
         _check_scale(patch, scale, force, report.warnings)
         order = _output_order(base, patch)
         plan = plan_output(
@@ -208,12 +212,24 @@ def apply_patch(
             card=card_text_,
         )
         report.removed = sorted(set(patch.removed) & set(base.names()))
+        if as_dir:
+            record_output(out_path, edge)
     report.card = card_text_ is not None
     report.results_verified = check and bool(patch.result)
     report.added = sorted(set(patch.payloads) - set(patch.base))
     report.changed = sorted(patch.base)
     report.relation = relation(patch)
     return report
+
+
+def _lineage_edge(
+    base: ModelSource, patch: PatchContents, sha: str, scale: float, base_ref: str | None
+) -> Edge:
+    """The lineage edge of the output: the base pinned by digest, the patch by sha256."""
+    params = {"patch_sha256": sha, "base_digest": patch.base_digest, "scale": scale}
+    rel = "adapter" if relation(patch) == "adapter" else "patch"
+    refs = [base.label if base_ref is None else base_ref]
+    return plan_edge([base], rel, "patch", params, refs)
 
 
 def _check_base(base: ModelSource, patch: PatchContents, force: bool, report: ApplyReport) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,14 @@ from potluck.errors import UserError
 from potluck.fileio import atomic_dir, file_sha256
 from potluck.formats import scan_file
 from potluck.formats.safetensors import build_header
+from potluck.ops.lineage import (
+    Edge,
+    Parent,
+    plan_edge,
+    record_output,
+    weights_digest_of,
+    with_card_lineage,
+)
 from potluck.ops.models.sources import ModelSource, copy_layout, open_path
 from potluck.ops.peft.adapter import (
     AdapterPlan,
@@ -126,6 +134,13 @@ def _check_out(out_dir: Path) -> None:
         )
 
 
+def _lineage_edge(base: ModelSource, ref: str, plan: AdapterPlan, sha: str, adapter: str) -> Edge:
+    """The output's lineage edge: the base and the adapter's weights, pinned by digest."""
+    edge = plan_edge([base], "adapter", plan.config.peft_type, {"adapter_sha256": sha}, [ref])
+    pinned = Parent(None, weights_digest_of(plan.adapter_file))
+    return replace(edge, parents=(*edge.parents, pinned), refs=(*edge.refs, adapter))
+
+
 def apply_adapter(
     base_dir: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],
@@ -149,7 +164,9 @@ def apply_adapter(
         root = _base_root(base)
         index = _index_files(base)
         ref = base_ref or plan.config.base_model or Path(base_dir).resolve().name
-        text = card(ref, Path(adapter_dir).resolve().name, plan, file_sha256(plan.adapter_file))
+        sha = file_sha256(plan.adapter_file)
+        edge = _lineage_edge(base, ref, plan, sha, str(adapter_dir))
+        text = with_card_lineage(card(ref, Path(adapter_dir).resolve().name, plan, sha), edge)
         with atomic_dir(out) as tmp:
             for fname, specs in files.items():
                 meta = scan_file(root / fname).metadata or None
@@ -159,4 +176,5 @@ def apply_adapter(
                 shutil.copyfile(p, tmp / p.name)
             copied = [p.name for p in index] + copy_layout(base.config_dir, tmp)
             (tmp / "README.md").write_text(text, encoding="utf-8")
+        record_output(out, edge)
     return PeftApplyReport(str(out), plan.config.peft_type, list(files), plan.changed(), copied)
