@@ -336,7 +336,8 @@ def _render_info(info: dict[str, Any]) -> None:
         echo(f"  {name}: removed")
     echo(
         f"{_fmt_bytes(info['full_bytes'])} of changed tensors, "
-        f"compression {info['compression_ratio']:.1f}x"
+        f"compression {info['compression_ratio']:.1f}x, "
+        f"{info['bits_per_parameter']:.4g} bits/parameter over {info['parameters']} parameters"
     )
     if info["description"]:
         echo(f"description: {json.dumps(info['description'], sort_keys=True)}")

@@ -6,6 +6,7 @@ name rules; ``patch_info`` summarises a patch file. Models are ``ModelSource``s
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -23,6 +24,7 @@ from potluck.codecs import (
     full_nbytes,
     get_codec,
     payload_nbytes,
+    payload_shape_dtype,
 )
 from potluck.codecs.rules import Rule
 from potluck.fileio import file_sha256
@@ -187,7 +189,8 @@ def _measure(name: str, payload: Payload, old: np.ndarray | None, new: np.ndarra
 def patch_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-able summary of a patch: size, per-tensor codec/params/error/bytes, ratio.
 
-    ``compression_ratio`` is the changed tensors' full size divided by the patch file's size.
+    ``compression_ratio`` is the changed tensors' full size divided by the patch file's size;
+    ``bits_per_parameter`` is the file's size in bits per element of the tensors it holds.
     """
     patch = read_patch(path)
     size = Path(path).stat().st_size
@@ -202,6 +205,7 @@ def patch_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "full_bytes": full_nbytes(p),
         }
     full = sum(t["full_bytes"] for t in tensors.values())
+    n_params = sum(math.prod(payload_shape_dtype(p)[0]) for p in patch.payloads.values())
     return {
         "path": str(path),
         "sha256": file_sha256(path),
@@ -213,6 +217,8 @@ def patch_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "payload_bytes": sum(t["bytes"] for t in tensors.values()),
         "full_bytes": full,
         "compression_ratio": full / size if size else 0.0,
+        "parameters": n_params,
+        "bits_per_parameter": 8 * size / n_params if n_params else 0.0,
         "exact": all(CODECS.get(p.codec).exact for p in patch.payloads.values()),
         "relation": relation(patch),
         "description": patch.description,
