@@ -369,8 +369,10 @@ def _patch_lineage(target: str) -> LineageResult:
             refs = (f"{mpath}@{commit[:10]}",)
             notes.append(f"base found in this repository: {mpath} at {commit[:10]}")
     codecs = sorted({p.codec for p in patch.payloads.values()})
+    rel = "adapter" if relation(patch) == "adapter" else "patch"
+    rel = "compose" if "composition" in patch.description else rel  # `compose export`
     edge = Edge(
-        file_sha256(target), (base_pin,), "adapter" if relation(patch) == "adapter" else "patch",
+        file_sha256(target), (base_pin,), rel,
         ",".join(codecs) or None,
         {"base_digest": patch.base_digest, "description": patch.description},
         path=target, refs=refs, source="patch",

@@ -12,11 +12,12 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from potluck.ops.lineage import Edge, card_lines, plan_edge
 from potluck.ops.merge.config import MergeConfig
 from potluck.ops.merge.plan import MergePlan
 from potluck.ops.models.sources import ModelSource
 
-__all__ = ["config_json", "model_card"]
+__all__ = ["config_json", "merge_edge", "model_card"]
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -31,12 +32,15 @@ def model_card(
     plan: MergePlan,
     sources: Mapping[str, ModelSource],
     config_text: str | None,
+    edge: Edge | None = None,
 ) -> str:
-    """The README.md of a merged model (see the module docstring)."""
+    """The README.md of a merged model (see the module docstring); ``edge`` (``merge_edge``)
+    pins the inputs by weights digest in the front matter."""
     refs = config.referenced_models()
     lines = ["---", "base_model:"]
     lines += [f"- {_yaml_str(r)}" for r in refs]
-    lines += ["base_model_relation: merge", "tags:", "- potluck", "- merge", "---", ""]
+    lines += ["base_model_relation: merge", "tags:", "- potluck", "- merge"]
+    lines += [*(card_lines(edge) if edge is not None else []), "---", ""]
     title = config.name or "Merged model"
     method = plan.method
     lines += [
@@ -61,6 +65,24 @@ def model_card(
     if config_text is not None:
         lines += ["## Configuration", "", "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def merge_edge(config: MergeConfig, plan: MergePlan, sources: Mapping[str, ModelSource]) -> Edge:
+    """The lineage edge of a merge output: every input pinned by digest (base first), the
+    method, its parameters and the seed."""
+    refs = config.referenced_models()
+    params = {"seed": config.seed, "parameters": _settings(config.parameters)}
+    return plan_edge([sources[r] for r in refs], "merge", plan.method.name, params, refs)
+
+
+def _settings(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {str(k): _settings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_settings(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def config_json(config_dir: Path | None, plan: MergePlan, config: MergeConfig) -> str | None:

@@ -26,7 +26,8 @@ import numpy as np
 from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS, MergeMethod
 from potluck.merging.blockwise import blockwise
-from potluck.ops.merge.card import config_json, model_card
+from potluck.ops.lineage import record_output
+from potluck.ops.merge.card import config_json, merge_edge, model_card
 from potluck.ops.merge.config import MergeConfig
 from potluck.ops.merge.plan import MergePlan, TensorJob, canonical_dtype, plan_merge
 from potluck.ops.merge.statsfile import StatsFile, check_stats_files, load_stats, stats_for
@@ -108,7 +109,8 @@ def run_merge(
         )  # fmt: skip
         try:
             _Runner(config, plan, sources, writer, workers, max_memory, progress).run()
-            extra = {"README.md": model_card(config, plan, sources, config_text)}
+            edge = merge_edge(config, plan, sources)
+            extra = {"README.md": model_card(config, plan, sources, config_text, edge)}
             cfg = config_json(first.config_dir, plan, config)
             if cfg is not None:
                 extra["config.json"] = cfg
@@ -118,6 +120,7 @@ def run_merge(
         except BaseException:
             writer.abort()
             raise
+        record_output(out_dir, edge)
         if parts is not None:
             parts.write(out_dir, plan, sources)
     return MergeReport(

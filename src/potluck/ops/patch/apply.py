@@ -228,6 +228,9 @@ def _lineage_edge(
     """The lineage edge of the output: the base pinned by digest, the patch by sha256."""
     params = {"patch_sha256": sha, "base_digest": patch.base_digest, "scale": scale}
     rel = "adapter" if relation(patch) == "adapter" else "patch"
+    if "composition" in patch.description:  # a fixed mixture written by `compose export`
+        rel = "compose"
+        params["composition"] = patch.description["composition"]
     refs = [base.label if base_ref is None else base_ref]
     return plan_edge([base], rel, "patch", params, refs)
 
