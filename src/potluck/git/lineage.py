@@ -244,7 +244,14 @@ _ARG_SPLIT = re.compile(r", (?=[A-Za-z_][A-Za-z0-9_]*=)")
 def parse_trailer(value: str) -> list[dict[str, Any]]:
     """The method groups of one ``Potluck-Merge`` trailer value (``PATH: ties(density=0.2,
     seed=0) 12 tensors; ours 2 tensors; one-sided: …``): method, params, seed, tensor count."""
-    _, _, rest = value.rpartition(": ") if value.startswith('"') else value.partition(": ")
+    if value.startswith('"'):  # a quoted path (it has spaces, ':', ';' or '"')
+        try:
+            _, end = json.JSONDecoder().raw_decode(value)
+        except ValueError:
+            return []
+        rest = value[end:].removeprefix(": ")
+    else:
+        rest = value.partition(": ")[2]
     out: list[dict[str, Any]] = []
     for part in rest.split("; "):
         m = _GROUP.match(part.strip())
