@@ -14,7 +14,7 @@ import click
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, err, file_diff_text, human_bytes, safe_field, tensor_lines
 from potluck.errors import PotluckError
-from potluck.git.filter import Fetcher, FetcherOnFirstUse, PotluckFilter
+from potluck.git.filter import Fetcher, FetcherOnFirstUse, PotluckFilter, started_to_show
 from potluck.git.filter_process import serve_stdio
 from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
 from potluck.git.plumbing import Git
@@ -41,7 +41,7 @@ def filter_process() -> None:
     fetcher = _checkout_fetcher(repo)
     try:
         with repo.git.batch() as batch:
-            code = serve_stdio(PotluckFilter(repo, batch, fetcher), err)
+            code = serve_stdio(PotluckFilter(repo, batch, fetcher, started_to_show()), err)
     finally:
         fetcher.close()
     sys.exit(code)
@@ -65,7 +65,8 @@ def smudge(path: str) -> None:
     repo = Repo(".")
     fetcher = _checkout_fetcher(repo)
     try:
-        PotluckFilter(repo, None, fetcher).smudge(path, sys.stdin.buffer, sys.stdout.buffer)
+        smudger = PotluckFilter(repo, None, fetcher, started_to_show())
+        smudger.smudge(path, sys.stdin.buffer, sys.stdout.buffer)
     finally:
         fetcher.close()
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
-from potluck.cli.render import SafeFormatter, echo
+from potluck.cli.render import SafeFormatter, echo, safe_field, safe_text
 from potluck.errors import PotluckError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,8 +64,55 @@ def _import_all() -> None:
         importlib.import_module(f"potluck.cli.{module}")
 
 
+def _closed_pipe() -> NoReturn:
+    """The reader of stdout stopped early (``potluck log | head``): end quietly with status 0,
+    like any filter whose reader has what it wanted (no error, no traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
+    sys.exit(0)
+
+
+def _escaped(e: click.ClickException) -> click.ClickException:
+    """``e`` with the user input its message quotes made safe for a terminal (a usage error
+    is one line: newlines are escaped too)."""
+    escaped: click.ClickException
+    if isinstance(e, click.UsageError):
+        escaped = click.UsageError(safe_field(e.format_message()), e.ctx)
+    else:
+        escaped = click.ClickException(safe_text(e.format_message()))
+    return escaped
+
+
 class LazyGroup(click.Group):
-    """A group that imports a subcommand's module the first time the subcommand is needed."""
+    """A group that imports a subcommand's module the first time the subcommand is needed;
+    for every command, a closed stdout pipe ends it with status 0 and click's own messages
+    (usage errors) show user input escaped."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:  # fmt: skip
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            raise _escaped(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _closed_pipe()
+        except click.ClickException as e:
+            raise _escaped(e) from None
+        except SystemExit:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise
+        return result
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands:

@@ -92,9 +92,12 @@ def err(msg: str) -> None:
 
 
 class SafeFormatter(logging.Formatter):
-    """A log formatter whose records go through ``safe_text``."""
+    """A log formatter whose records go through ``safe_text``; string arguments (paths,
+    tensor names) go through ``safe_field``, so a newline in one cannot start a line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.args, tuple):
+            record.args = tuple(safe_field(a) if isinstance(a, str) else a for a in record.args)
         return safe_text(super().format(record))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -19,6 +20,65 @@ if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads with the first clean or sm
 COPY = 1 << 20
 PULL_HINT = "`potluck pull` fetches them and checks the file out"
 log = logging.getLogger("potluck")
+#: git commands that smudge a blob only to show it (textconv, the external diff driver, blame)
+#: and never write it to the work tree.
+SHOW_ONLY = frozenset(
+    {"log", "show", "diff", "whatchanged", "format-patch", "range-diff", "blame", "annotate"}
+)
+#: git's options before the command name that take the next argument as their value.
+_VALUE_OPTIONS = frozenset(
+    {"-C", "-c", "--git-dir", "--work-tree", "--namespace", "--super-prefix", "--config-env"}
+)
+_SHELLS = frozenset({"sh", "dash", "bash"})
+
+
+def git_command(argv: list[str]) -> str | None:
+    """The command name of a git command line (``git -C x --no-pager log -p`` → ``log``);
+    None when ``argv`` is not git's."""
+    if not argv or os.path.basename(argv[0]) not in ("git", "git.exe"):
+        return None
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in _VALUE_OPTIONS:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]]
+
+
+def _proc_parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])  # after "pid (comm) state"
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def started_to_show() -> bool:
+    """True when the git that started this process runs a command that only shows blobs
+    (``git log -p``, ``git show``, ``git diff``): its smudges feed textconv or potluck's diff
+    driver, which read a manifest as it is, so no checkpoint needs rebuilding. Looks through a
+    ``sh -c`` git may put between; False whenever unsure (no ``/proc``, an alias, a
+    ``GIT_EXTERNAL_DIFF`` tool that wants the real files)."""
+    if "GIT_EXTERNAL_DIFF" in os.environ:
+        return False
+    pid = os.getppid()
+    for _ in range(3):
+        argv = _proc_cmdline(pid)
+        if argv and os.path.basename(argv[0]) in _SHELLS:
+            pid = _proc_parent(pid)
+            continue
+        return git_command(argv) in SHOW_ONLY
+    return False
 
 
 class Fetcher(Protocol):
@@ -71,11 +131,17 @@ class PotluckFilter:
     """
 
     def __init__(
-        self, repo: Repo, batch: CatFileBatch | None = None, fetch: Fetcher | None = None
+        self,
+        repo: Repo,
+        batch: CatFileBatch | None = None,
+        fetch: Fetcher | None = None,
+        show_only: bool = False,
     ) -> None:
         self.repo = repo
         self.batch = batch
         self.fetch = fetch
+        #: smudge passes manifests through (``started_to_show``: git only shows the blobs)
+        self.show_only = show_only
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
@@ -121,6 +187,9 @@ class PotluckFilter:
                 shutil.copyfileobj(spool, dst, COPY)
             return
         data = head + src.read()
+        if self.show_only:  # for textconv or the diff driver, which read manifests themselves
+            dst.write(data)
+            return
         manifest = parse(data, pathname)
         missing = missing_objects(manifest, self.repo.odb)
         fresh: Mapping[str, Path] = {}

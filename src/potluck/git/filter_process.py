@@ -45,6 +45,12 @@ class ProtocolError(PotluckError):
     """Git sent something this filter does not understand."""
 
 
+def _one_line(text: str) -> str:
+    """``text`` (a path from git) with newlines, carriage returns and tabs escaped, so that
+    it cannot start a log line of its own."""
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
 def _stderr_log(message: str) -> None:
     sys.stderr.write(message.rstrip("\n") + "\n")
     sys.stderr.flush()
@@ -141,7 +147,10 @@ def _handle(
         action(pathname, cast(BinaryIO, src), cast(BinaryIO, dst))
     except Exception as e:  # report any handler failure to git, then keep serving
         detail = str(e) if isinstance(e, PotluckError) else f"{type(e).__name__}: {e}"
-        log(f"potluck {command} failed for {pathname}: {detail}")
+        shown = _one_line(pathname)
+        if pathname:  # messages name the file too
+            detail = detail.replace(pathname, shown)
+        log(f"potluck {command} failed for {shown}: {detail}")
         dst.finish(ok=False)
         return
     dst.finish(ok=True)
