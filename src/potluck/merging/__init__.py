@@ -13,7 +13,16 @@ entry-point group (a ``MergeMethod`` instance per entry point).
 
 from __future__ import annotations
 
-from potluck.merging import average, emr, fisher, masks, regmean, task_arithmetic, tsv
+from potluck.merging import (
+    adamerging,
+    average,
+    emr,
+    fisher,
+    masks,
+    regmean,
+    task_arithmetic,
+    tsv,
+)
 from potluck.merging.base import (
     COMPUTE_DTYPE,
     STATS_KINDS,
@@ -53,6 +62,7 @@ for _method in (
     *tsv.METHODS,
     *masks.METHODS,
     *emr.METHODS,
+    *adamerging.METHODS,
 ):
     MERGE_METHODS.register(_method.name, _method)
 del _method

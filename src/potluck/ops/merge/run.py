@@ -27,6 +27,7 @@ from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS, MergeMethod
 from potluck.merging.blockwise import blockwise
 from potluck.ops.lineage import record_output
+from potluck.ops.merge.adamerging import learn_adamerging
 from potluck.ops.merge.card import config_json, merge_edge, model_card
 from potluck.ops.merge.config import MergeConfig
 from potluck.ops.merge.plan import MergePlan, TensorJob, canonical_dtype, plan_merge
@@ -97,6 +98,7 @@ def run_merge(
     start = time.perf_counter()
     if workers < 1:
         raise UserError(f"workers must be at least 1, not {workers}")
+    config, config_text = learn_adamerging(config, config_text)  # adamerging: λ from data
     with ExitStack() as stack:
         sources = _open_all(config, opener, stack)
         plan = plan_merge(config, sources)
