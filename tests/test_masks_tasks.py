@@ -182,3 +182,23 @@ def test_other_refusals(models: Path, tmp_path: Path) -> None:
                str(tmp_path / "d" / "ft-a.safetensors"), "-o", str(tmp_path / "M"))  # fmt: skip
     assert res.exit_code != 0 and "would both write tasks/ft-a.patch" in res.output
     assert not (tmp_path / "M").exists()
+
+
+def test_yaml_tall_masks_on_ties_with_a_lambda_per_model(models: Path) -> None:
+    (models / "tall.yaml").write_text(
+        "merge_method: tall_masks\nbase_model: base.safetensors\n"
+        "models:\n"
+        "  - {model: ft-a.safetensors, parameters: {mask_lambda: 0.2}}\n"
+        "  - {model: ft-b.safetensors, parameters: {mask_lambda: 0.6}}\n"
+        "parameters:\n  base_method: ties\n  density: 0.5\n"
+    )
+    _ok(models, "merge", "tall.yaml", "T")
+    base, merged = _load(models / "base.safetensors"), _load(models / "T" / "model.safetensors")
+    for name, lam in (("ft-a", 0.2), ("ft-b", 0.6)):
+        _ok(models, "patch", "apply", "T", f"T/tasks/{name}.patch", "-o", f"T-{name}")
+        ft = _load(models / f"{name}.safetensors")
+        got = _load(models / f"T-{name}" / "model.safetensors")
+        for k in SHAPES:
+            tau, tau_m = ft[k] - base[k], merged[k] - base[k]
+            mask = np.abs(tau) > np.float32(lam) * np.abs(tau_m - tau)
+            np.testing.assert_array_equal(got[k], np.where(mask, merged[k], base[k]))

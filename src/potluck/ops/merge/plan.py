@@ -29,7 +29,7 @@ from potluck.ops.models.sources import ModelSource, TensorInfo
 __all__ = ["MergePlan", "TensorJob", "layer_index", "plan_merge"]
 
 #: Per-model parameters in mergekit (``tensor_parameters``); everything else is per tensor.
-PER_MODEL = ("weight", "density", "gamma", "epsilon")
+PER_MODEL = ("weight", "density", "gamma", "epsilon", "mask_lambda")
 #: mergekit spellings of potluck parameter names.
 ALIASES = {"lambda": "lambda_"}
 #: Accepted for compatibility; they do not change the result (``int8_mask`` only saves memory).
