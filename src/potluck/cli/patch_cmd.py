@@ -354,3 +354,68 @@ def info_cmd(patch_file: str, as_json: bool) -> None:
         emit_json(info)
     else:
         _render_info(info)
+
+
+def _method_params(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"bad --param {item!r}", hint="write NAME=VALUE, e.g. density=0.2")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+@patch.command("rebase")
+@click.argument("patch_file", metavar="PATCH", type=click.Path(exists=True, dir_okay=False))
+@click.option("--onto", required=True, help="The new base (path or PATH@REV).")
+@click.option("--old-base", help="The base PATCH was made against (default: found by its hashes).")
+@click.option("--method", default="ta", show_default=True, help="Merge method (ta, ties, …).")
+@click.option("--param", "params", multiple=True, help="Method parameter NAME=VALUE.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods.")
+@click.option("--codec", default="exact_xor", show_default=True, help="Codec of the new patch.")
+@click.option("--rule", "rules", multiple=True, help="GLOB=codec[:k=v,…] for the new patch.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def rebase_cmd(
+    patch_file: str,
+    onto: str,
+    old_base: str | None,
+    method: str,
+    params: tuple[str, ...],
+    seed: int,
+    codec: str,
+    rules: tuple[str, ...],
+    out: str,
+    as_json: bool,
+) -> None:
+    """Port PATCH to a new version of its base (three-way merge relative to the old base)."""
+    from potluck.git.lineage import rebase_patch_in_repo
+
+    report = rebase_patch_in_repo(
+        patch_file, onto, out, old_base=old_base, method=method,
+        params=_method_params(params), seed=seed, codec=codec,
+        rules=tuple(parse_rule(r) for r in rules),
+    )  # fmt: skip
+    doc = {
+        "path": report.out_path, "method": report.method, "params": report.params,
+        "old_base_digest": report.old_base_digest, "new_base_digest": report.new_base_digest,
+        "tensors": [dataclasses.asdict(t) for t in report.tensors],
+        "conflicts": [t.name for t in report.conflicts], "base_only": report.base_only,
+    }  # fmt: skip
+    if as_json:
+        emit_json(doc)
+        return
+    for t in report.tensors:
+        sizes = "" if t.base_change is None else f" (base Δ {t.base_change:.3g}, "
+        sizes += "" if t.patch_change is None else f"patch Δ {t.patch_change:.3g})"
+        echo(f"  {t.name}: {t.status}: {t.resolution}{sizes}")
+    echo(
+        f"{len(report.tensors)} patched tensor(s), {len(report.conflicts)} conflict(s) resolved "
+        f"by {report.method}, {report.base_only} changed by the base only → {report.out_path} "
+        f"(pinned to {report.new_base_digest[:12]})"
+    )

@@ -31,6 +31,7 @@ from potluck.errors import FormatError, GitError, PotluckError, UserError
 from potluck.fileio import file_sha256
 from potluck.formats import scan_file
 from potluck.git.merge_record import commit_trailers
+from potluck.git.models import open_model
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
 from potluck.ops.lineage import (
@@ -43,8 +44,10 @@ from potluck.ops.lineage import (
     weights_digest_of,
 )
 from potluck.ops.lineage.edge import LINEAGE_FILE
+from potluck.ops.models.sources import ModelSource
 from potluck.ops.patch import read_patch
 from potluck.ops.patch.card import relation
+from potluck.ops.patch.rebase import RebaseReport, rebase_patch
 from potluck.ops.vcs import TensorLoader
 from potluck.tensors.digests import weights_digest
 
@@ -54,6 +57,8 @@ __all__ = [
     "find_base",
     "lineage_of",
     "model_paths",
+    "open_old_base",
+    "rebase_patch_in_repo",
     "version_at",
     "walk",
 ]
@@ -384,4 +389,60 @@ def _patch_lineage(target: str) -> LineageResult:
         {"base_digest": patch.base_digest, "description": patch.description},
         path=target, refs=refs, source="patch",
     )  # fmt: skip
-    return LineageResult(target, "patch", [edge], notes)
+    edges = [edge]
+    rebased = patch.description.get("rebased")
+    if isinstance(rebased, dict):  # `potluck patch rebase` wrote it: ported from an old base
+        with contextlib.suppress(FormatError):
+            edges.append(_rebase_edge(edge.child, rebased, target))
+    return LineageResult(target, "patch", edges, notes)
+
+
+def _rebase_edge(child: str, rebased: dict[str, Any], target: str) -> Edge:
+    """The edge ``patch rebase`` recorded in the patch's description."""
+    doc = {
+        "child": child,
+        "parents": [
+            {"digest": rebased.get("new_base_digest"), "ref": "new base"},
+            {"digest": rebased.get("old_base_digest"), "ref": "old base"},
+        ],
+        "relation": "patch",
+        "method": "rebase",
+        "params": {k: rebased.get(k) for k in ("method", "params", "seed", "from_patch_sha256")},
+        "path": target,
+    }
+    return Edge.from_dict(doc, f"{target}: description.rebased")
+
+
+def open_old_base(patch_path: str, old_base: str | None) -> ModelSource:
+    """The base a patch was made against: ``old_base`` (a path or ``path@rev``) when given,
+    else found by the sha256s the patch pins in the history of the repository holding the
+    patch (``find_base``). The caller closes it."""
+    if old_base is not None:
+        return open_model(old_base)
+    patch = read_patch(patch_path)
+    found = None
+    with contextlib.suppress(GitError):
+        found = find_base(Repo(Path(patch_path).absolute().parent), patch.base)
+    if found is None:
+        raise UserError(
+            f"{patch_path}: no model in this repository's history has the base tensors the patch "
+            f"pins (base_digest {patch.base_digest[:12]})",
+            hint="name the old base with --old-base PATH or PATH@REV",
+        )
+    commit, path, _version = found
+    root = Repo(Path(patch_path).absolute().parent).root
+    return open_model(f"{root / path}@{commit}")
+
+
+def rebase_patch_in_repo(
+    patch_path: str,
+    onto: str,
+    out_path: str,
+    *,
+    old_base: str | None = None,
+    **options: Any,
+) -> RebaseReport:
+    """``potluck patch rebase``: ``rebase_patch`` with the old base from ``open_old_base`` and
+    the new one opened by ``open_model`` (paths or ``path@rev``); ``options`` go through."""
+    with open_old_base(patch_path, old_base) as old, open_model(onto) as new:
+        return rebase_patch(patch_path, old, new, out_path, **options)
