@@ -240,6 +240,75 @@ CASES: dict[str, dict[str, Any]] = {
         ],
         "dtype": "float32",
     },
+    "nuslerp": {
+        "merge_method": "nuslerp",
+        "models": _models(["ft1", "ft2"], weight=[0.7, 0.3]),
+        "dtype": "float32",
+    },
+    "nuslerp_rows": {
+        "merge_method": "nuslerp",
+        "models": _models(["ft1", "ft3"], weight=[0.5, 0.5]),
+        "parameters": {"nuslerp_flatten": False},
+        "dtype": "float32",
+    },
+    "nuslerp_base_columns": {
+        "merge_method": "nuslerp",
+        "base_model": M + "base",
+        "models": _models(["ft1", "ft2"], weight=[0.4, 0.6]),
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "dtype": "float32",
+    },
+    "multislerp": {
+        "merge_method": "multislerp",
+        "models": _models(FT, weight=W3),
+        "dtype": "float32",
+    },
+    "multislerp_base": {
+        "merge_method": "multislerp",
+        "base_model": M + "base",
+        "models": _models(FT, weight=[1.0, 2.0, 1.0]),
+        "dtype": "float32",
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": _models(FT),
+        "dtype": "float32",
+    },
+    "karcher_base": {
+        "merge_method": "karcher",
+        "base_model": M + "base",
+        "models": _models(["ft1", "ft2"]),
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "dtype": "float32",
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": M + "base",
+        "models": _models(FT),
+        "dtype": "float32",
+    },
+    "sce_topk": {
+        "merge_method": "sce",
+        "base_model": M + "base",
+        "models": _models(FT),
+        "parameters": {"select_topk": 0.3},
+        "dtype": "float32",
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": M + "base",
+        "models": _models(["ft1"]),
+        "parameters": {"t": 0.005},
+        "dtype": "float32",
+    },
+    # Below near_threshold/: mask decisions that mergekit's float32 rounding can flip at the cut
+    # (see tests/test_mergekit_methods.py); not for tests/test_mergekit_equiv.py's exact checks.
+    "near_threshold/arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": M + "base",
+        "models": _models(["ft1"]),
+        "dtype": "float32",
+    },
     "linear_float16": {
         "merge_method": "linear",
         "models": _models(FT, weight=W3),
@@ -318,6 +387,7 @@ def main() -> None:
         case_dir = FIXTURES / name
         case_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(CASES[name], sort_keys=False)
+        text = text.replace(M, "../" * name.count("/") + M)  # cases in a subdirectory
         (case_dir / "config.yaml").write_text(text)
         print(f"mergekit: {name}", file=sys.stderr)
         run_mergekit(args.mergekit_yaml, case_dir)

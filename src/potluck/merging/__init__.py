@@ -19,7 +19,9 @@ from potluck.merging import (
     emr,
     fisher,
     masks,
+    mergekit_extra,
     regmean,
+    spherical,
     task_arithmetic,
     tsv,
 )
@@ -63,6 +65,8 @@ for _method in (
     *masks.METHODS,
     *emr.METHODS,
     *adamerging.METHODS,
+    *spherical.METHODS,
+    *mergekit_extra.METHODS,
 ):
     MERGE_METHODS.register(_method.name, _method)
 del _method

@@ -34,6 +34,10 @@ PER_MODEL = ("weight", "density", "gamma", "epsilon", "mask_lambda")
 ALIASES = {"lambda": "lambda_"}
 #: Accepted for compatibility; they do not change the result (``int8_mask`` only saves memory).
 NO_EFFECT = ("int8_mask",)
+#: mergekit methods whose base model is optional: the origin of their interpolation when given.
+OPTIONAL_BASE = ("nuslerp", "multislerp")
+#: mergekit methods that ignore the base's role: a given base is averaged like any model.
+BASE_AS_MODEL = ("karcher",)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
 
@@ -119,17 +123,22 @@ def _whole_model_slice(
     """``models:`` as one slice over all layers (mergekit's ``normalize_config``)."""
     base = config.base_model
     entries = list(config.models)
-    if method.needs_base or method.name == "slerp":
-        if base is None:
-            raise UserError(
-                f"merge method {method.name!r} needs base_model",
-                hint="add `base_model: PATH` (the model the fine-tunes started from)",
-            )
-        if base not in [m.model for m in entries]:
-            entries.append(ModelInput(base))
+    if (method.needs_base or method.name == "slerp") and base is None:
+        raise UserError(
+            f"merge method {method.name!r} needs base_model",
+            hint="add `base_model: PATH` (the model the fine-tunes started from)",
+        )
+    uses_base = _takes_base(method) or method.name in BASE_AS_MODEL
+    if base is not None and uses_base and base not in [m.model for m in entries]:
+        entries.append(ModelInput(base))  # mergekit adds the base as the last source
     n = _layer_count(sources[base or entries[0].model])
     srcs = tuple(SliceInput(m.model, (0, n), m.parameters) for m in entries)
     return SliceSpec(srcs, base)
+
+
+def _takes_base(method: MergeMethod) -> bool:
+    """Whether the method gets the base model apart from the models (when one is given)."""
+    return method.needs_base or method.name == "slerp" or method.name in OPTIONAL_BASE
 
 
 def _layer_count(src: ModelSource) -> int:
@@ -267,7 +276,7 @@ class _Planner:
     def _base_index(self, spec: SliceSpec) -> int | None:
         """Which of the slice's sources is the base model (None when the method has none)."""
         base_ref = spec.base_model or self.config.base_model
-        if not (self.method.needs_base or self.method.name == "slerp") or base_ref is None:
+        if not _takes_base(self.method) or base_ref is None:
             return None
         at = [i for i, src in enumerate(spec.sources) if src.model == base_ref]
         return at[0] if at else None
@@ -280,7 +289,7 @@ class _Planner:
     ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None, tuple[float, ...] | None]:
         """mergekit lists the base among a slice's sources; potluck's methods take it apart."""
         base_ref = spec.base_model or self.config.base_model
-        if not (self.method.needs_base or self.method.name == "slerp") or base_ref is None:
+        if not _takes_base(self.method) or base_ref is None:
             return tuple(inputs), None, weights
         at = [i for i, (m, _) in enumerate(inputs) if m == base_ref]
         if not at:
