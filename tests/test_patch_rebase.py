@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from conftest import Run, model, save_st
 from potluck.cli.main import cli
 from potluck.errors import IntegrityError
+from potluck.ops.compose import AddOptions, add_expert, find_expert
 from potluck.ops.lineage import weights_digest_of
 from potluck.ops.patch import apply_patch, create_patch, read_patch
 from potluck.ops.patch.rebase import rebase_patch
@@ -189,3 +190,61 @@ def test_old_base_found_through_history_and_lineage_shows_the_rebase(
 
 def _digest(tensors: Arrays) -> str:
     return weights_digest({n: ("F32", a.shape, tensor_sha256(a)) for n, a in tensors.items()})
+
+
+def test_experts_rebase_adds_a_low_rank_version_pinned_to_the_new_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    v1 = model(rng, n_layers=2, d=8)
+    lora = {
+        n: (rng.normal(size=(8, 2)) @ rng.normal(size=(2, 8))).astype(np.float32) * 0.01
+        for n in ("layers.0.w", "layers.1.w")
+    }
+    target = dict(v1, **{n: v1[n] + d for n, d in lora.items()})
+    v2 = dict(v1, **{"layers.0.w": v1["layers.0.w"] + 0.03, "embed": v1["embed"] * 1.5})
+    paths = {}
+    for name, tensors in (("v1", v1), ("target", target), ("v2", v2)):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_st(paths[name], tensors)
+    create_patch(
+        paths["v1"],
+        paths["target"],
+        tmp_path / "e.patch",
+        default_codec="lowrank",
+        params={"rank": 2},
+    )
+    lib = tmp_path / "lib"
+    add_expert(
+        lib,
+        tmp_path / "e.patch",
+        "math",
+        "1.0",
+        base=str(paths["v1"]),
+        options=AddOptions(tags=["math"]),
+    )
+    args = [
+        "experts",
+        "rebase",
+        "math@1.0",
+        "-L",
+        str(lib),
+        "--onto",
+        str(paths["v2"]),
+        "--old-base",
+        str(paths["v1"]),
+        "--version",
+        "2.0",
+        "--json",
+    ]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert (doc["version"], doc["tags"], doc["conflicts"]) == ("2.0", ["math"], ["layers.0.w"])
+    new = find_expert(lib, "math@2.0")
+    pinned = read_patch(new.patch_path)
+    assert pinned.base == {n: tensor_sha256(v2[n]) for n in lora}  # pinned to v2
+    assert {p.codec for p in pinned.payloads.values()} == {"lowrank"}
+    got = _applied(new.patch_path, paths["v2"], tmp_path)
+    for n in lora:  # TA keeps the LoRA update B·A; rank-2 re-encoding, float32 sums
+        want = (v2[n].astype(np.float64) + target[n] - v1[n]).astype(np.float32)
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-6)
+    assert got["embed"].tobytes() == v2["embed"].tobytes()

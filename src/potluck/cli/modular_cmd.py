@@ -315,3 +315,41 @@ def run_cmd(source: str, inputs: tuple[str, ...], tasks: tuple[str, ...], as_jso
         )
         lines.append(f"{r['input']!r}: {json.dumps(r['output'])}  experts: {used}")
     _emit(results, as_json, "\n".join(lines))
+
+
+@experts.command("rebase")
+@click.argument("ref")
+@_LIB
+@click.option("--onto", required=True, help="The new base (path or PATH@REV).")
+@click.option("--version", "version", required=True, help="Version of the rebased expert.")
+@click.option("--old-base", help="The expert's base (default: found by its pinned hashes).")
+@click.option("--method", default="ta", show_default=True, help="Merge method (ta, ties, …).")
+@click.option("--param", "params", multiple=True, help="Method parameter NAME=VALUE.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random methods.")
+@_JSON
+@handle_errors
+def rebase_cmd(
+    ref: str,
+    library: str,
+    onto: str,
+    version: str,
+    old_base: str | None,
+    method: str,
+    params: tuple[str, ...],
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Port expert REF to a new base version; adds it as NAME@VERSION (see patch rebase)."""
+    from potluck.cli.patch_cmd import parse_method_params
+    from potluck.git.lineage import rebase_expert_in_repo
+
+    rec, report = rebase_expert_in_repo(
+        library, ref, onto, version, old_base=old_base, method=method,
+        params=parse_method_params(params), seed=seed,
+    )  # fmt: skip
+    conflicts = [t.name for t in report.conflicts]
+    _emit(
+        {**rec.summary(), "conflicts": conflicts, "method": report.method},
+        as_json,
+        f"added {_line(rec)} ({len(conflicts)} conflict(s) resolved by {report.method})",
+    )

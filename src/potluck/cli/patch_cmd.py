@@ -356,7 +356,7 @@ def info_cmd(patch_file: str, as_json: bool) -> None:
         _render_info(info)
 
 
-def _method_params(items: tuple[str, ...]) -> dict[str, Any]:
+def parse_method_params(items: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -398,7 +398,7 @@ def rebase_cmd(
 
     report = rebase_patch_in_repo(
         patch_file, onto, out, old_base=old_base, method=method,
-        params=_method_params(params), seed=seed, codec=codec,
+        params=parse_method_params(params), seed=seed, codec=codec,
         rules=tuple(parse_rule(r) for r in rules),
     )  # fmt: skip
     doc = {

@@ -34,6 +34,8 @@ from potluck.git.merge_record import commit_trailers
 from potluck.git.models import open_model
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
+from potluck.ops.compose import ExpertRecord, find_expert
+from potluck.ops.compose.rebase import rebase_expert
 from potluck.ops.lineage import (
     Edge,
     Lineage,
@@ -58,6 +60,7 @@ __all__ = [
     "lineage_of",
     "model_paths",
     "open_old_base",
+    "rebase_expert_in_repo",
     "rebase_patch_in_repo",
     "version_at",
     "walk",
@@ -446,3 +449,19 @@ def rebase_patch_in_repo(
     the new one opened by ``open_model`` (paths or ``path@rev``); ``options`` go through."""
     with open_old_base(patch_path, old_base) as old, open_model(onto) as new:
         return rebase_patch(patch_path, old, new, out_path, **options)
+
+
+def rebase_expert_in_repo(
+    library: str,
+    ref: str,
+    onto: str,
+    version: str,
+    *,
+    old_base: str | None = None,
+    **options: Any,
+) -> tuple[ExpertRecord, RebaseReport]:
+    """``potluck experts rebase``: ``rebase_expert`` with the old base from ``open_old_base``
+    (the expert's patch pins it) and the new one opened by ``open_model``."""
+    patch = str(find_expert(library, ref).patch_path)
+    with open_old_base(patch, old_base) as old, open_model(onto) as new:
+        return rebase_expert(library, ref, old, new, version, **options)
