@@ -14,8 +14,14 @@ tasks interfere where their singular subspaces overlap. The paper's steps, per m
 Every 2-D tensor is a matrix here, embeddings included. Tensors that are not matrices (biases,
 norms, 1-D and ≥ 3-D tensors) take the mean of the task vectors (task arithmetic with λ = 1/T),
 scaled by α as well, as in the authors' code (github.com/AntoAndGar/task_singular_vectors).
-Per-model weights scale each τᵢ first. Matrices are SVD-ed in float64 (full SVD of each τᵢ; wide
-embeddings cost O(m·n·min(m, n))).
+Per-model weights scale each τᵢ first.
+
+The SVDs (``potluck.merging.svd``): with ``svd: fast`` (the default) each task's top k come from
+``top_k_svd`` (Gram eigendecomposition in float64 where the matrix is well conditioned at k,
+a float32 randomized sketch on large matrices whose spectrum falls fast enough, else the exact
+SVD; each within the tolerance stated there) and the Procrustes steps from ``polar_factor``;
+``svd: exact`` takes numpy's SVD (after a QR of tall matrices) everywhere, the reference.
+Randomized sketches draw from ``keyed_generator(seed, task index, tensor name)``.
 """
 
 from __future__ import annotations
@@ -26,42 +32,63 @@ from typing import Any
 import numpy as np
 
 from potluck.merging.base import MergeInputs, MergeMethod
+from potluck.merging.rng import keyed_generator
 from potluck.merging.steps import task_vectors
+from potluck.merging.svd import numerical_rank, polar_factor, thin_svd, top_k_svd
 from potluck.params import Param
 
+#: ``svd`` parameter values: the fast top-k paths, or numpy's full SVD everywhere.
+SVD_MODES = ("fast", "exact")
+SVD = Param(str, "fast", "fast top-k SVD (within 1e-5 of the full one) or exact", choices=SVD_MODES)
 
-def compress(tau: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def compress(
+    tau: np.ndarray, k: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The top-``k`` singular triplets of one task matrix: (U [m, k'], σ [k'], Vᵀ [k', n]).
 
-    Triplets beyond the matrix's numerical rank (σ ≤ σ₁·max(m, n)·eps, numpy's ``matrix_rank``
-    tolerance) are dropped, so k' ≤ k: they add nothing to the sum, but their arbitrary singular
-    vectors would rotate the other tasks' directions in the decorrelation step (the authors'
-    code keeps them; it matters for low-rank updates such as LoRA's).
+    ``rng`` given: the fast ``top_k_svd``; None: the exact SVD. Triplets beyond the matrix's
+    numerical rank (σ ≤ σ₁·max(m, n)·eps, numpy's ``matrix_rank`` tolerance) are dropped, so
+    k' ≤ k: they add nothing to the sum, but their arbitrary singular vectors would rotate the
+    other tasks' directions in the decorrelation step (the authors' code keeps them; it matters
+    for low-rank updates such as LoRA's).
     """
-    u, s, vt = np.linalg.svd(tau, full_matrices=False)
-    tol = (s[0] if s.size else 0.0) * max(tau.shape) * np.finfo(np.float64).eps
-    k = min(k, int(np.count_nonzero(s > tol)))
+    if rng is None:
+        u, s, vt = thin_svd(tau)
+    else:
+        u, s, vt = top_k_svd(tau, k, rng=rng)
+    k = min(k, numerical_rank(s, tau.shape, float(np.finfo(np.float64).eps)))
     return u[:, :k], s[:k], vt[:k]
 
 
-def nearest_orthonormal(x: np.ndarray) -> np.ndarray:
+def nearest_orthonormal(x: np.ndarray, *, exact: bool = False) -> np.ndarray:
     """The matrix with orthonormal columns closest to ``x`` in Frobenius norm: PQᵀ of x = PDQᵀ
     (orthonormal rows instead when ``x`` is wider than tall, as in the authors' code)."""
-    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    if not exact:
+        return polar_factor(x)
+    p, _, qt = thin_svd(x)
     return np.asarray(p @ qt)
 
 
-def task_singular_sum(taus: np.ndarray, fraction: float) -> np.ndarray:
-    """Σ of the decorrelated top singular components of each task matrix in ``taus`` [T, m, n]."""
+def task_singular_sum(
+    taus: np.ndarray, fraction: float, *, name: str = "", seed: int = 0, exact: bool = True
+) -> np.ndarray:
+    """Σ of the decorrelated top singular components of each task matrix in ``taus`` [T, m, n]
+    (``exact=False``: fast SVDs, randomness keyed by ``seed``, task index and ``name``)."""
     _, m, n = taus.shape
     k = max(1, int(np.floor(min(m, n) * fraction + 1e-9)))
-    parts = [compress(tau, k) for tau in taus]
+    parts = [
+        compress(tau, k, None if exact else keyed_generator(seed, i, name))
+        for i, tau in enumerate(taus)
+    ]
     u = np.concatenate([p[0] for p in parts], axis=1)  # [m, T·k]
     s = np.concatenate([p[1] for p in parts])  # [T·k]
     vt = np.concatenate([p[2] for p in parts], axis=0)  # [T·k, n]
     if s.size == 0:  # every task vector is zero
         return np.zeros((m, n))
-    return np.asarray((nearest_orthonormal(u) * s) @ nearest_orthonormal(vt.T).T)
+    u_perp = nearest_orthonormal(u, exact=exact)
+    v_perp = nearest_orthonormal(vt.T, exact=exact)
+    return np.asarray((u_perp * s) @ v_perp.T)
 
 
 def tsv(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
@@ -73,7 +100,9 @@ def tsv(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     if taus.ndim != 3:
         return np.asarray(inputs.base + alpha * taus.mean(axis=0))
     fraction = float(p["sv_fraction"]) or 1.0 / len(taus)
-    return np.asarray(inputs.base + alpha * task_singular_sum(taus, fraction))
+    exact = p["svd"] == "exact"
+    delta = task_singular_sum(taus, fraction, name=inputs.name, seed=inputs.seed, exact=exact)
+    return np.asarray(inputs.base + alpha * delta)
 
 
 METHODS: tuple[MergeMethod, ...] = (
@@ -92,6 +121,7 @@ METHODS: tuple[MergeMethod, ...] = (
                 low=0.0,
                 high=1.0,
             ),
+            "svd": SVD,
         },
         needs_base=True,
     ),
