@@ -1,4 +1,5 @@
-"""``potluck eval record|show``: evaluation results on commits (git notes, see git/evalrec)."""
+"""``potluck eval``: point values on commits (``record|show``, git notes) and evaluation records
+tied to exact weights (``run|import|list|export|push|pull``, refs/potluck/evals)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from typing import Any
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import echo, emit_json
+from potluck.cli.render import echo, emit_json, safe_field
 from potluck.errors import UserError
-from potluck.git import evalrec
+from potluck.git import evalgate, evalrec
 from potluck.git.repo import Repo
+from potluck.ops.evals import hfexport, lmeval
+from potluck.ops.evals.records import EvalRecord
+from potluck.ops.evals.suite import load_suite
 
 
 @cli.group("eval")
@@ -90,3 +94,136 @@ def show(revs: tuple[str, ...], as_json: bool) -> None:
                 echo(_fmt(c))
     if as_json:
         emit_json(rows)
+
+
+# -- evaluation records tied to exact weights (refs/potluck/evals, docs/evaluations.md) ---------
+
+
+def _record_line(rec: EvalRecord) -> str:
+    se = "" if rec.stderr is None else f" ± {rec.stderr:.4f}"
+    oc = "outcomes" if rec.outcomes else "no per-item outcomes"
+    extra = f" gate {rec.gate.get('verdict')}" if rec.gate else ""
+    return (
+        f"  {safe_field(rec.task):<20} {rec.kind:<5} {safe_field(rec.metric):<10} "
+        f"{rec.value:.4f}{se}  n={rec.n}  {rec.trust}, {oc}{extra}  "
+        f"suite {rec.suite_digest[:12]}"
+    )
+
+
+@eval_group.command("run")
+@click.argument("suite_file", metavar="SUITE", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", metavar="[REV|DIR]", default="HEAD")
+@click.option("--path", "paths", multiple=True, help="Only checkpoints under PATH (with REV).")
+@click.option("--device", default="cpu", show_default=True, help="Recorded with the results.")
+@click.option("--force", is_flag=True, help="Run again even when a record is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@handle_errors
+def run(
+    suite_file: str, model: str, paths: tuple[str, ...], device: str, force: bool, as_json: bool
+) -> None:
+    """Evaluate REV (default HEAD) or a model DIR on SUITE and record the results."""
+    repo = Repo(".")
+    m = evalgate.resolve_model(repo, model, paths)
+    done = evalgate.evaluate(repo, load_suite(suite_file), m, device=device, force=force)
+    if as_json:
+        emit_json([{**r.to_dict(), "id": r.id, "cached": hit} for r, _, hit in done])
+        return
+    echo(f"{safe_field(model)}: weights {m.weights[:12]}")
+    for rec, _, hit in done:
+        echo(_record_line(rec) + ("  (cached)" if hit else ""))
+
+
+@eval_group.command("import")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--samples",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="samples_<task>_*.jsonl of the same run (repeatable): per-item outcomes.",
+)
+@click.option("--rev", help="The revision whose weights were evaluated.")
+@click.option("--model", "model_dir", help="The model directory that was evaluated.")
+@click.option("--weights", help="The weights digest, checked against --rev/--model if given.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@handle_errors
+def import_(
+    results: str,
+    samples: tuple[str, ...],
+    rev: str | None,
+    model_dir: str | None,
+    weights: str | None,
+    as_json: bool,
+) -> None:
+    """Record lm-evaluation-harness RESULTS (results_*.json) for exact weights."""
+    repo = Repo(".")
+    if (rev is None) == (model_dir is None):
+        raise UserError("give exactly one of --rev and --model", hint="which weights were run")
+    spec = rev if rev is not None else model_dir
+    assert spec is not None
+    actual = evalgate.resolve_model(repo, spec).weights
+    if weights is not None and weights != actual:
+        raise UserError(
+            f"--weights {weights[:12]} is not the digest of {spec} ({actual[:12]})",
+            hint="record results of the exact weights that were evaluated",
+        )
+    pairs = lmeval.import_results(results, samples, actual)
+    evalrec.store_records(repo, [r for r, _ in pairs], [o for _, o in pairs if o is not None])
+    if as_json:
+        emit_json([{**r.to_dict(), "id": r.id} for r, _ in pairs])
+        return
+    echo(f"{safe_field(spec)}: weights {actual[:12]}: {len(pairs)} record(s) imported")
+    for rec, _ in pairs:
+        echo(_record_line(rec))
+
+
+@eval_group.command("list")
+@click.argument("model", metavar="[REV|DIR]", default="HEAD")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@handle_errors
+def list_(model: str, as_json: bool) -> None:
+    """The records stored for the exact weights of REV (default HEAD) or DIR."""
+    repo = Repo(".")
+    m = evalgate.resolve_model(repo, model)
+    recs = evalrec.records_for(repo, m.weights)
+    if as_json:
+        emit_json({"weights": m.weights, "records": [{**r.to_dict(), "id": r.id} for r in recs]})
+        return
+    echo(f"{safe_field(model)}: weights {m.weights[:12]}" + ("" if recs else ": no records"))
+    for rec in recs:
+        echo(_record_line(rec))
+
+
+@eval_group.command("export")
+@click.argument("model", metavar="[REV|DIR]", default="HEAD")
+@click.option("--hf", "hf", is_flag=True, required=True, help="Hugging Face Hub metadata.")
+@click.option("-o", "--output", default=".", show_default=True, help="Directory to write to.")
+@click.option("--name", help="Model name in model-index (default: the directory's name).")
+@handle_errors
+def export(model: str, hf: bool, output: str, name: str | None) -> None:
+    """Write REV's records as .eval_results/*.yaml and model-index.yaml under --output."""
+    repo = Repo(".")
+    m = evalgate.resolve_model(repo, model)
+    recs = evalrec.records_for(repo, m.weights)
+    if not recs:
+        raise UserError(f"no records for {model} (weights {m.weights[:12]})",
+                        hint="run `potluck eval run SUITE` first")  # fmt: skip
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in hfexport.write_hf(out, name or repo.root.name, recs):
+        echo(f"wrote {safe_field(path)}")
+
+
+@eval_group.command("push")
+@click.argument("remote", default="origin")
+@handle_errors
+def push(remote: str) -> None:
+    """Push the records (refs/potluck/evals) to REMOTE, merging its records first."""
+    echo(evalrec.push_records(Repo("."), remote))
+
+
+@eval_group.command("pull")
+@click.argument("remote", default="origin")
+@handle_errors
+def pull(remote: str) -> None:
+    """Fetch REMOTE's records and merge them into ours (a union: records never conflict)."""
+    echo(evalrec.pull_records(Repo("."), remote))

@@ -4,7 +4,9 @@ by weights digest and suite digest), the merge gate, and promotion of an alias r
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,7 +66,9 @@ def checked_out(repo: Repo, model: Model) -> Iterator[Path]:
     assert model.commit is not None
     with tempfile.TemporaryDirectory(dir=repo.tmp_dir) as tmp:
         wt = Path(tmp) / "wt"
-        repo.git.run("worktree", "add", "-q", "--detach", str(wt), model.commit)
+        # git runs potluck's filter to check the model out: make sure it finds this potluck
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        repo.git.run("worktree", "add", "-q", "--detach", str(wt), model.commit, env={"PATH": path})
         try:
             yield wt
         finally:

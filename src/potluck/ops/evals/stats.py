@@ -130,6 +130,7 @@ def mcnemar_exact(
     lo, hi = (2 * t_lo - 1) * m / n, (2 * t_hi - 1) * m / n
     d = (cand - base).astype(np.float64)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    se = max(se, (hi - lo) / (2 * NormalDist().inv_cdf(1 - alpha)))
     return PairedTest(
         "mcnemar-exact", n, (b - c) / n, lo, hi, se, alpha, tolerance,
         verdict(lo, hi, tolerance), mde(se, alpha), discordant=m,
@@ -174,6 +175,7 @@ def tango_score(
     hi = _root(lambda d: tango_z(b, c, n, d), -z)
     d = (cand - base).astype(np.float64)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    se = max(se, (hi - lo) / (2 * z))  # no discordant item: the interval still has a width
     return PairedTest(
         "tango-score", n, (b - c) / n, lo, hi, se, alpha, tolerance,
         verdict(lo, hi, tolerance), mde(se, alpha), discordant=b + c,

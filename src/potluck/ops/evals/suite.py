@@ -41,6 +41,12 @@ METRICS = {"accuracy": "higher", "score": None}
 Item = dict[str, Any]
 
 
+def task_digest(described: Mapping[str, Any]) -> str:
+    """A task's digest: sha256 of the canonical JSON of what it measures."""
+    doc = {"potluck_suite_task": "1", **described}
+    return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Task:
     """One task of a suite, with its items loaded and its digest computed."""
@@ -67,8 +73,7 @@ class Task:
     @property
     def digest(self) -> str:
         """sha256 of the canonical JSON of ``describe()``."""
-        doc = {"potluck_suite_task": "1", **self.describe()}
-        return hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+        return task_digest(self.describe())
 
     def suite_field(self) -> dict[str, Any]:
         """``describe()`` plus the digest: a record's ``suite`` value."""
