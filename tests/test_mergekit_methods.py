@@ -55,7 +55,7 @@ NEW_CASES = [
 
 
 def merge(method: str, tensors: list[np.ndarray], base: np.ndarray | None = None,
-          weights: list[float] | None = None, **params: object) -> np.ndarray:  # fmt: skip
+          weights: list[float] | None = None, **params: Any) -> np.ndarray:  # fmt: skip
     return MERGE_METHODS.get(method).merge(tensors, base, weights, name="w", seed=0, **params)
 
 
@@ -162,14 +162,15 @@ def ref_multislerp(xs: list[np.ndarray], w: np.ndarray, eps: float = 1e-8) -> np
     tangent = sum(wi * (u - (u * mean).sum() * mean) for wi, u in zip(w, units, strict=True))
     tn = float(np.sqrt((tangent * tangent).sum())) + eps
     on_sphere = mean * math.cos(tn) + tangent * (math.sin(tn) / tn)
-    return (on_sphere * sum(wi * n for wi, n in zip(w, norms, strict=True))).reshape(xs[0].shape)
+    scale = sum(wi * n for wi, n in zip(w, norms, strict=True))
+    return np.asarray(on_sphere * scale).reshape(xs[0].shape)
 
 
 def ref_karcher(xs: list[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
     norms = [float(np.sqrt((x * x).sum())) for x in xs]
     units = [x.ravel() / n for x, n in zip(xs, norms, strict=True)]
     a = 1.0 / len(xs)
-    mean = sum(a * u for u in units)
+    mean = np.sum([a * u for u in units], axis=0)
     mean = mean / np.sqrt((mean * mean).sum())
     for _ in range(max_iter):
         tangent = np.zeros_like(mean)
@@ -183,7 +184,7 @@ def ref_karcher(xs: list[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> 
             break
         mean = math.cos(tn) * mean + math.sin(tn) * tangent / tn
         mean = mean / np.sqrt((mean * mean).sum())
-    return (sum(norms) * a * mean).reshape(xs[0].shape)
+    return np.asarray(sum(norms) * a * mean).reshape(xs[0].shape)
 
 
 def ref_sce(fts: list[np.ndarray], base: np.ndarray, topk: float) -> np.ndarray:
@@ -217,7 +218,7 @@ def ref_nearswap(base: np.ndarray, ft: np.ndarray, t: float) -> np.ndarray:
 
 def ref_softmax(row: np.ndarray) -> np.ndarray:
     e = np.exp(row - row.max())
-    return e / e.sum()
+    return np.asarray(e / e.sum())
 
 
 def ref_importance(ft: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -232,7 +233,7 @@ def ref_importance(ft: np.ndarray, base: np.ndarray) -> np.ndarray:
 def ref_threshold(imp: np.ndarray) -> float:
     s = sorted(imp.ravel().tolist())
     q1, q2, q3 = (s[int(q * (len(s) - 1))] for q in (0.25, 0.5, 0.75))
-    return q2 + 1.5 * (q3 - q1)
+    return float(q2 + 1.5 * (q3 - q1))
 
 
 def ref_arcee_fusion(base: np.ndarray, ft: np.ndarray) -> np.ndarray:
@@ -335,7 +336,7 @@ def test_nearswap_needs_t() -> None:
 )
 def test_parameter_errors_name_the_parameter(method: str, param: str, value: object) -> None:
     with pytest.raises(UserError) as e:
-        merge(method, [np.ones(3), np.ones(3)], np.zeros(3), **{param: value})
+        merge(method, [np.ones(3), np.ones(3)], np.zeros(3), None, **{param: value})
     assert e.value.message == (
         f"merge method {method!r}: parameter {param!r} = {value!r} is not allowed"
     )
