@@ -213,16 +213,19 @@ def gc(
     keep = needed | live_objects(repo, recent)
     rep = GcReport(dry_run=dry_run, damaged=[d.source for d in scan.damaged])
     rep.expire = {"prune": expire, "cutoff": _iso(cutoff)}
-    for oid in list(repo.store.iter_oids()):
-        size = _size(repo, oid)
-        if oid in keep or (not dry_run and _newer(repo, oid, started)):  # re-used meanwhile
+    sizes = {oid: _size(repo, oid) for oid in repo.store.iter_oids()}
+    dead = [oid for oid in sizes if oid not in keep]
+    # one call: each pack is rewritten once; objects re-used since gc started stay
+    gone = set(dead if dry_run else repo.store.delete_many(dead, keep_newer_than=started))
+    for oid, size in sizes.items():
+        if oid in gone:
+            rep.removed += 1
+            rep.freed += size
+        elif oid in keep or (oid in dead and _newer(repo, oid, started)):
             rep.kept += 1
             if oid not in needed:
                 rep.recent += 1
                 rep.recent_bytes += size
-        elif dry_run or repo.store.delete(oid):
-            rep.removed += 1
-            rep.freed += size
     if not dry_run:
         rep.temp_removed = clean_temp(repo, tmp_age_s)
     return rep

@@ -154,9 +154,16 @@ def rechunk(pieces: Iterable[Chunk], chunk_size: int) -> Iterator[bytes]:
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     pending = bytearray()
+    held: Chunk | None = None  # a short first piece, not copied until another one comes
     for piece in pieces:
+        if held is not None:
+            pending += memoryview(held).cast("B")
+            held = None
         if isinstance(piece, bytes) and not pending and len(piece) == chunk_size:
             yield piece
+            continue
+        if not pending and 0 < len(piece) < chunk_size:
+            held = piece
             continue
         view = memoryview(piece).cast("B")
         if pending:
@@ -171,7 +178,9 @@ def rechunk(pieces: Iterable[Chunk], chunk_size: int) -> Iterator[bytes]:
         for off in range(0, whole, chunk_size):
             yield bytes(view[off : off + chunk_size])
         pending += view[whole:]
-    if pending:
+    if held is not None:
+        yield held if isinstance(held, bytes) else bytes(held)
+    elif pending:
         yield bytes(pending)
 
 
@@ -251,6 +260,22 @@ def _write_header(out: BinaryIO, h: ObjectHeader) -> None:
     out.write(_HEADER.pack(MAGIC, h.version, h.itemsize, h.depth, 0, h.size, h.chunk_size, digest))
 
 
+_ENCODERS = threading.local()
+
+
+def _thread_encoder(itemsize: int, level: int, quick: float | None) -> _ChunkEncoder:
+    """This thread's encoder for these parameters (a zstd context is costly to create and
+    cannot be shared between threads; re-using one does not change its output)."""
+    cache: dict[tuple[int, int, float | None], _ChunkEncoder] | None
+    cache = getattr(_ENCODERS, "cache", None)
+    if cache is None:
+        cache = _ENCODERS.cache = {}
+    enc = cache.get((itemsize, level, quick))
+    if enc is None:
+        enc = cache[itemsize, level, quick] = _ChunkEncoder(itemsize, level, quick)
+    return enc
+
+
 class _EncoderPool:
     """One ``_ChunkEncoder`` per thread (zstd contexts are not shareable between threads)."""
 
@@ -258,13 +283,9 @@ class _EncoderPool:
         self.itemsize = itemsize
         self.level = level
         self.quick = quick
-        self._local = threading.local()
 
     def get(self) -> _ChunkEncoder:
-        enc: _ChunkEncoder | None = getattr(self._local, "enc", None)
-        if enc is None:
-            enc = self._local.enc = _ChunkEncoder(self.itemsize, self.level, self.quick)
-        return enc
+        return _thread_encoder(self.itemsize, self.level, self.quick)
 
     def encode(self, chunk: bytes, base_chunk: bytes | None) -> tuple[int, bytes]:
         enc = self.get()
@@ -366,6 +387,8 @@ def encode_object(
     header = ObjectHeader(
         VERSION, itemsize, depth, size, chunk_size, base_oid if use_base else None
     )
+    if not use_base and 0 < size <= chunk_size and executor is None:
+        return _encode_one_chunk(chunks, header, level, out, quick)
     start = out.tell() if out.seekable() else None
     _write_header(out, header)
     pool = _EncoderPool(itemsize, level, quick)
@@ -380,6 +403,29 @@ def encode_object(
         _write_header(out, header)
         out.seek(end)
     return EncodeStats(size, stored, header.depth, header.base_oid, *counts)
+
+
+def _encode_one_chunk(
+    chunks: Iterable[Chunk], header: ObjectHeader, level: int, out: BinaryIO, quick: float | None
+) -> EncodeStats:
+    """``encode_object`` of a standalone object of one chunk (most tensors of a model with many
+    small ones): the same bytes, without the per-chunk machinery."""
+    parts = [c if isinstance(c, bytes) else bytes(c) for c in chunks]
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if not data:  # the messages of ``_paired``
+        raise ValueError(f"chunks hold 0 bytes, declared size is {header.size}")
+    if len(data) != header.size:
+        raise ValueError(f"chunks hold more than the declared size {header.size}")
+    kind, payload = _thread_encoder(header.itemsize, level, quick).standalone(data)
+    record = _HEADER.pack(
+        MAGIC, header.version, header.itemsize, 0, 0, header.size, header.chunk_size, _ZERO_DIGEST
+    )
+    out.write(record + _CHUNK.pack(kind, len(payload)))
+    out.write(payload)
+    counts = [0, 0, 0, 0]
+    counts[kind] = 1
+    stored = HEADER_SIZE + CHUNK_HEADER_SIZE + len(payload)
+    return EncodeStats(header.size, stored, 0, None, *counts)
 
 
 # --- decoding -----------------------------------------------------------------------------------

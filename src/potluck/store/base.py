@@ -7,7 +7,7 @@ Verifying that an object's logical bytes hash to its id is done by the caller (`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -79,6 +79,16 @@ class ObjectStore(Protocol):
 
     def delete(self, oid: str) -> bool:
         """Remove ``oid``; return whether it was there."""
+        ...
+
+    def delete_many(self, oids: Iterable[str], keep_newer_than: float | None = None) -> list[str]:
+        """Remove every one of ``oids`` at once (gc); with ``keep_newer_than`` (seconds since
+        the epoch), objects written or freshened after it stay. Return the oids removed."""
+        ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose objects written with ``durable=False`` the store makes durable
+        together when it exits (``LocalStore``: one pack file); nestable."""
         ...
 
     def iter_oids(self) -> Iterator[str]:

@@ -1,29 +1,44 @@
-"""Loose object files on the local disk, fanned out by the first two hex digits of the id.
+"""Objects on the local disk: loose files fanned out by the first two hex digits of the id,
+and pack files of many small objects.
 
-Layout: ``root/ab/cdef…`` holds object ``abcdef…``; ``root/tmp/`` holds writes in progress;
+Layout: ``root/ab/cdef…`` holds object ``abcdef…``; ``root/pack/pack-<id>.pack`` holds small
+objects written together (``store.pack``); ``root/tmp/`` holds writes in progress;
 ``root/quarantine/`` holds objects moved aside as damaged (``<oid>.<ns>`` plus a ``.why`` text).
 A write goes to a fresh file in ``tmp/``, is fsynced and then renamed into place with
 ``os.replace``, so a process killed mid-write never leaves a partial object visible; its
-leftover in ``tmp/`` is removed later by ``clean_tmp``. An object's mtime is when it was
-written or last re-used (``freshen``): gc's grace period reads it.
+leftover in ``tmp/`` is removed later by ``clean_tmp``. Inside ``batch()``, objects written with
+``durable=False`` go into one pack instead, fsynced and renamed once when the batch ends. An
+object's mtime is when it was written or last re-used (``freshen``; for a packed object, its
+pack's): gc's grace period reads it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from potluck.store.base import Quarantined, missing, validate_oid
+from potluck.store.pack import Pack, PackWriter
+from potluck.store.packs import PackSet
 
 _HEX = frozenset("0123456789abcdef")
 TMP_DIR = "tmp"
 QUARANTINE_DIR = "quarantine"
+PACK_DIR = "pack"
+#: objects larger than this are written loose even inside a batch (bounds a writer's buffer)
+PACK_OBJECT_MAX = 8 << 20
+#: a batch of fewer objects than this is written as loose files (as git's unpackLimit): a pack
+#: pays off for many objects; a few loose files are simpler to look at
+PACK_MIN = 100
+#: a packed object re-used again within this many seconds does not touch its pack's time again
+FRESHEN_EVERY_S = 1.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,42 +56,126 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalStore:
-    """``ObjectStore`` of loose files under ``root`` (created on first write)."""
+    """``ObjectStore`` of loose files and packs under ``root`` (created on first write)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, pack_min: int = PACK_MIN) -> None:
         self.root = Path(root)
+        self.pack_min = pack_min
+        self._base = str(self.root)
+        self.packs = PackSet(self.root / PACK_DIR, self.root / TMP_DIR)
+        self._batch: PackWriter | None = None
+        self._freshened: dict[str, float] = {}  # pack name -> when this process touched it
 
     def path(self, oid: str) -> Path:
-        """Where ``oid`` lives (whether or not it exists)."""
+        """Where ``oid`` lives as a loose file (whether or not it exists)."""
         validate_oid(oid)
         return self.root / oid[:2] / oid[2:]
 
+    def _loose(self, oid: str) -> str:
+        validate_oid(oid)
+        return f"{self._base}{os.sep}{oid[:2]}{os.sep}{oid[2:]}"
+
+    def _packed(self, oid: str, refresh: bool = True) -> tuple[Pack | PackWriter, int, int] | None:
+        """Where a packed (or, in a batch, just written) object is."""
+        digest = bytes.fromhex(oid)
+        if self._batch is not None:
+            at = self._batch.find(digest)
+            if at is not None:
+                return self._batch, at[0], at[1]
+        return self.packs.find(digest, refresh)
+
     def has(self, oid: str) -> bool:
         """Whether ``oid`` is stored."""
-        return self.path(oid).is_file()
+        loose = self._loose(oid)
+        if self._packed(oid, refresh=False) is not None or os.path.isfile(loose):
+            return True
+        return self.packs.refresh() and self._packed(oid, refresh=False) is not None
 
     def open(self, oid: str) -> BinaryIO:
-        """Open the object file for reading."""
+        """Open the object for reading (a packed object is read into memory: it is small)."""
         try:
-            return open(self.path(oid), "rb")
+            return open(self._loose(oid), "rb")
         except FileNotFoundError:
-            raise missing(oid) from None
+            pass
+        where = self._packed(oid)
+        if where is None:
+            raise missing(oid)
+        src, offset, length = where
+        return io.BytesIO(src.read(offset, length))
 
     def stored_size(self, oid: str) -> int:
-        """Size of the object file in bytes."""
+        """Size of the object in bytes."""
         try:
-            return self.path(oid).stat().st_size
+            return os.stat(self._loose(oid)).st_size
         except FileNotFoundError:
-            raise missing(oid) from None
+            pass
+        where = self._packed(oid)
+        if where is None:
+            raise missing(oid)
+        return where[2]
 
     def writer(self, oid: str, durable: bool = True) -> AbstractContextManager[BinaryIO]:
         """Write ``oid`` through a temporary file, renamed into place when the block succeeds
-        (fsynced first unless ``durable`` is False)."""
+        (fsynced first unless ``durable`` is False). Inside ``batch()``, an object written
+        with ``durable`` False goes into the batch's pack."""
+        if self._batch is not None and not durable:
+            return self._pack_writer(oid)
         return self._writer(oid, self.path(oid), durable)
 
     @contextmanager
+    def _pack_writer(self, oid: str) -> Iterator[BinaryIO]:
+        if self._packed(oid, refresh=False) is not None:  # a loose copy too does no harm
+            with open(os.devnull, "wb") as sink:  # first write wins; discard this one
+                yield sink
+            return
+        buf = io.BytesIO()
+        yield buf
+        if self._batch is None:  # the batch ended inside the block
+            raise RuntimeError("a pack writer outlived its batch")
+        if len(buf.getbuffer()) > PACK_OBJECT_MAX:
+            with self._writer(oid, self.path(oid), durable=True) as f:
+                f.write(buf.getbuffer())
+            return
+        self._batch.add(bytes.fromhex(oid), buf.getbuffer())
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Objects written with ``durable=False`` inside go into one pack, fsynced and renamed
+        into ``pack/`` once when the outermost block exits without an exception (discarded on
+        one). Objects of the batch are readable from the store before it ends."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = batch = PackWriter(self.root / TMP_DIR)
+        try:
+            yield
+            if len(batch) < self.pack_min:
+                self._unpack(batch)
+                return
+            done = batch.finish(self.root / PACK_DIR)
+            if done is not None:
+                _fsync_dir(done.parent)
+                self.packs.refresh(force=True)
+        finally:
+            batch.discard()
+            self._batch = None
+
+    def _unpack(self, batch: PackWriter) -> None:
+        """Write the objects of a small batch as loose files, made durable by one ``os.sync``
+        (each flushed on its own where there is none)."""
+        self._batch = None
+        objects = batch.objects()
+        syncs = hasattr(os, "sync")
+        for digest, offset, length in objects:
+            oid = digest.hex()
+            with self._writer(oid, self.path(oid), durable=not syncs) as f:
+                f.write(batch.read(offset, length))
+        if objects and syncs:
+            os.sync()
+
+    @contextmanager
     def _writer(self, oid: str, dest: Path, durable: bool = True) -> Iterator[BinaryIO]:
-        if dest.exists():
+        if dest.exists() or self._packed(oid, refresh=False) is not None:
             with open(os.devnull, "wb") as sink:  # first write wins; discard this one
                 yield sink
             return
@@ -104,19 +203,44 @@ class LocalStore:
             _fsync_dir(dest.parent)
 
     def delete(self, oid: str) -> bool:
-        """Remove ``oid``; return whether it was there."""
-        path = self.path(oid)
+        """Remove ``oid`` (a packed one: its packs are rewritten without it); return whether
+        it was there."""
+        return bool(self.delete_many([oid]))
+
+    def delete_many(self, oids: Iterable[str], keep_newer_than: float | None = None) -> list[str]:
+        """Remove every one of ``oids`` (each pack holding some is rewritten once); with
+        ``keep_newer_than``, objects written or freshened after it stay. Return those removed."""
+        removed: set[str] = set()
+        in_packs: set[bytes] = set()
+        for oid in oids:
+            if self._delete_loose(oid, keep_newer_than):
+                removed.add(oid)
+            if self._batch is not None and self._batch.forget(bytes.fromhex(oid)):
+                removed.add(oid)
+            in_packs.add(bytes.fromhex(oid))
+        self.packs.refresh()
+        for pack in list(self.packs.packs.values()):
+            if any(pack.find(d) is not None for d in in_packs):
+                removed.update(d.hex() for d in self.packs.drop(pack, in_packs, keep_newer_than))
+        return sorted(removed)
+
+    def _delete_loose(self, oid: str, keep_newer_than: float | None) -> bool:
+        path = self._loose(oid)
         try:
-            path.unlink()
+            if keep_newer_than is not None and os.stat(path).st_mtime > keep_newer_than:
+                return False
+            os.unlink(path)
         except FileNotFoundError:
             return False
         except PermissionError:  # Windows refuses to delete read-only files
             os.chmod(path, stat.S_IWRITE)
-            path.unlink()
+            os.unlink(path)
         return True
 
     def iter_oids(self) -> Iterator[str]:
-        """Every stored oid; stray files and ``tmp/`` are skipped."""
+        """Every stored oid, loose then packed (each once); stray files and ``tmp/`` are
+        skipped."""
+        seen: set[str] = set()
         if not self.root.is_dir():
             return
         for fan in sorted(self.root.iterdir()):
@@ -125,27 +249,64 @@ class LocalStore:
             for f in sorted(fan.iterdir()):
                 oid = fan.name + f.name
                 if len(oid) == 64 and _HEX.issuperset(f.name) and f.is_file():
+                    seen.add(oid)
                     yield oid
+        for oid in self.packs.oids():
+            if oid not in seen:
+                yield oid
 
     def mtime(self, oid: str) -> float:
-        """When the object was written or last freshened."""
+        """When the object was written or last freshened (a packed one: its newest pack)."""
         try:
-            return self.path(oid).stat().st_mtime
+            return os.stat(self._loose(oid)).st_mtime
         except FileNotFoundError:
-            raise missing(oid) from None
+            pass
+        if self._packed(oid) is None:
+            raise missing(oid)
+        if self._batch is not None and self._batch.find(bytes.fromhex(oid)) is not None:
+            return time.time()
+        times = []
+        for pack in self.packs.holding(bytes.fromhex(oid)):
+            try:
+                times.append(os.stat(pack.path).st_mtime)
+            except FileNotFoundError:
+                continue
+        if not times:
+            raise missing(oid)
+        return max(times)
 
     def freshen(self, oid: str) -> bool:
-        """Set the object file's times to now; return whether it was there."""
+        """Set the object's time to now (a packed one: its pack's, at most once a second per
+        pack); return whether it was there."""
         try:
-            os.utime(self.path(oid))
+            os.utime(self._loose(oid))
+            return True
         except FileNotFoundError:
-            return False
+            pass
         except PermissionError:  # not the owner: a shared store; gc runs as its owner
             return True
+        where = self._packed(oid)
+        if where is None:
+            return False
+        src = where[0]
+        if isinstance(src, Pack):
+            self._freshen_pack(src)
         return True
 
+    def _freshen_pack(self, pack: Pack) -> None:
+        now = time.time()
+        name = pack.path.name
+        if now - self._freshened.get(name, 0.0) < FRESHEN_EVERY_S:
+            return
+        try:
+            os.utime(pack.path)
+        except (FileNotFoundError, PermissionError):
+            return
+        self._freshened[name] = now
+
     def quarantine(self, oid: str, reason: str) -> str | None:
-        """Rename the object file into ``quarantine/`` (atomic; never deleted)."""
+        """Move the object into ``quarantine/`` (a loose file: renamed; a packed object: copied
+        out, then its packs rewritten without it; never deleted)."""
         src = self.path(oid)
         qdir = self.root / QUARANTINE_DIR
         qdir.mkdir(parents=True, exist_ok=True)
@@ -154,10 +315,24 @@ class LocalStore:
         try:
             os.replace(src, dest)
         except FileNotFoundError:
-            dest.with_name(dest.name + ".why").unlink(missing_ok=True)
-            return None
+            if not self._quarantine_packed(oid, dest):
+                dest.with_name(dest.name + ".why").unlink(missing_ok=True)
+                return None
+            return str(dest)
         _fsync_dir(src.parent)
         return str(dest)
+
+    def _quarantine_packed(self, oid: str, dest: Path) -> bool:
+        where = self._packed(oid)
+        if where is None:
+            return False
+        src, offset, length = where
+        with open(dest, "wb") as f:
+            f.write(src.read(offset, length))
+            f.flush()
+            os.fsync(f.fileno())
+        self.delete_many([oid])
+        return True
 
     def quarantined(self) -> list[Quarantined]:
         """Every object in ``quarantine/``, oldest first."""
@@ -175,9 +350,10 @@ class LocalStore:
         return sorted(out, key=lambda q: (q.when, q.oid))
 
     def restore(self, q: Quarantined) -> bool:
-        """Move a quarantined file back (unless the id is stored again meanwhile)."""
+        """Move a quarantined file back, as a loose object (unless the id is stored again
+        meanwhile)."""
         dest = self.path(q.oid)
-        if dest.exists():
+        if self.has(q.oid):
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import BinaryIO
 
 from potluck.store.base import Quarantined, missing, validate_oid
@@ -53,6 +53,21 @@ class MemoryStore:
         """Remove ``oid``; return whether it was there."""
         self._times.pop(validate_oid(oid), None)
         return self._objects.pop(oid, None) is not None
+
+    def delete_many(self, oids: Iterable[str], keep_newer_than: float | None = None) -> list[str]:
+        """Remove every one of ``oids`` not freshened after ``keep_newer_than``."""
+        out = []
+        for oid in oids:
+            t = self._times.get(validate_oid(oid))
+            if t is None or (keep_newer_than is not None and t > keep_newer_than):
+                continue
+            self.delete(oid)
+            out.append(oid)
+        return sorted(out)
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Nothing to make durable in memory."""
+        return nullcontext()
 
     def iter_oids(self) -> Iterator[str]:
         """Every stored oid (a snapshot, so deleting while iterating is safe)."""

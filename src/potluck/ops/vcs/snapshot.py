@@ -3,13 +3,14 @@
 The file is scanned by its format plugin (structure only), then read once segment by segment:
 each segment is hashed; only segments whose hash is new are encoded and stored (a second read of
 that range, from the page cache). A tensor with an earlier version under the same name in
-``previous`` may be stored as a delta against it.
+``previous`` may be stored as a delta against it. The small objects of one file are written in
+one store batch (``ObjectStore.batch``: one pack file, synced once) that ends before the
+manifest is returned.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,9 +27,9 @@ from potluck.tensors.dtypes import grouping_size
 
 PIECE = 1 << 22
 #: New objects smaller than this are not flushed one by one (two fsyncs each: 20k tensors took
-#: a minute): one ``os.sync`` makes all of a file's small objects durable before its manifest is
-#: returned. Where there is no ``os.sync``, every object is flushed on its own.
-BATCH_DURABLE_BELOW = (4 << 20) if hasattr(os, "sync") else 0
+#: a minute): they go into the store's batch (one pack file, one fsync) that ends before the
+#: file's manifest is returned.
+BATCH_DURABLE_BELOW = 4 << 20
 
 
 @dataclass
@@ -39,14 +40,8 @@ class SnapshotStats:
     new_objects: int = 0
     logical_bytes: int = 0
     stored_bytes: int = 0
-    unsynced: int = 0  # new objects written without their own flush (see ``make_durable``)
-
-
-def make_durable(stats: SnapshotStats) -> None:
-    """Flush the objects this snapshot wrote without flushing each (one ``os.sync``)."""
-    if stats.unsynced:
-        os.sync()
-        stats.unsynced = 0
+    batched: int = 0  # new objects made durable by the store's batch, not one by one
+    unsynced: int = 0  # new objects not durable when the snapshot returns (none: see ``batched``)
 
 
 def hash_range(f: BinaryIO, offset: int, length: int) -> str:
@@ -102,14 +97,14 @@ def snapshot(
     prev = previous.tensors() if previous else {}
     stats = SnapshotStats()
     oids: list[str] = []
-    for seg in layout.segments:
-        base = None
-        if isinstance(seg, TensorSegment) and seg.name in prev:
-            base = prev[seg.name].oid
-        oids.append(_store_segment(f, seg, odb, base, stats))
-        if on_segment is not None:
-            on_segment(seg.length)
-    make_durable(stats)
+    with odb.store.batch():
+        for seg in layout.segments:
+            base = None
+            if isinstance(seg, TensorSegment) and seg.name in prev:
+                base = prev[seg.name].oid
+            oids.append(_store_segment(f, seg, odb, base, stats))
+            if on_segment is not None:
+                on_segment(seg.length)
     return layout_to_manifest(layout, oids), stats
 
 
@@ -201,25 +196,23 @@ def _stream_segments(
     stats = SnapshotStats()
     created: list[str] = []
     oids: list[str] = []
-    try:
-        for seg in layout.segments:
-            base = (
-                prev[seg.name].oid if isinstance(seg, TensorSegment) and seg.name in prev else None
-            )
-            oid, new = _stream_one(data, seg, prefix, odb, base, stats, name, spill_dir)
-            oids.append(oid)
-            if new:
-                created.append(oid)
-        if data.read(1):
-            raise FormatError(
-                f"{name}: the file continues past the {layout.size} bytes its header describes",
-                hint="the file is malformed (trailing data)",
-            )
-        make_durable(stats)
-    except BaseException:
-        for oid in created:
-            odb.store.delete(oid)
-        raise
+    with odb.store.batch():  # an exception discards the batch (LocalStore: its pack)
+        try:
+            for seg in layout.segments:
+                key = _named(seg)
+                base = prev[key].oid if key is not None and key in prev else None
+                oid, new = _stream_one(data, seg, prefix, odb, base, stats, name, spill_dir)
+                oids.append(oid)
+                if new:
+                    created.append(oid)
+            if data.read(1):
+                raise FormatError(
+                    f"{name}: the file continues past the {layout.size} bytes its header describes",
+                    hint="the file is malformed (trailing data)",
+                )
+        except BaseException:
+            odb.store.delete_many(created)
+            raise
     return layout_to_manifest(layout, oids), stats
 
 
@@ -250,6 +243,11 @@ def _stream_one(
             left -= len(piece)
         _check_length(b"" if left else b"x", seg, name, short=left)
         return _put(spill, 0, seg, odb, base, stats)
+
+
+def _named(seg: Segment) -> str | None:
+    """The tensor name of a segment (None for raw bytes)."""
+    return seg.name if isinstance(seg, TensorSegment) else None
 
 
 def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None) -> None:
@@ -288,7 +286,7 @@ def _record(res: PutResult, seg: Segment, stats: SnapshotStats) -> tuple[str, bo
     if res.new:
         stats.new_objects += 1
         stats.stored_bytes += res.stored
-        stats.unsynced += seg.length < BATCH_DURABLE_BELOW
+        stats.batched += seg.length < BATCH_DURABLE_BELOW
     return res.oid, res.new
 
 

@@ -1,0 +1,226 @@
+"""Pack files: many small objects in one immutable file, written and synced once.
+
+Layout (all integers little-endian)::
+
+    offset  size      field
+    0       8         head: magic b"PLKP", u8 version (1), 3 zero bytes
+    8       ...       records, back to back: b"PLKR", 32-byte raw oid, u64 length, the bytes
+    I       48 * n    index, sorted by oid: 32-byte raw oid, u64 offset of the bytes, u64 length
+    I+48n   56        tail: u64 I, u64 n, sha256 of (index + I + n), b"PLKPEND\\n"
+
+A pack is built in ``tmp/`` (``PackWriter``), fsynced once and renamed into ``pack/`` when
+complete, so a pack under ``pack/`` was whole when written. The reader (``Pack``) trusts the
+index only when the tail's checksum matches; a pack whose tail or index is damaged (a truncated
+copy, a bad disk) is read by walking its records instead (``salvaged``): each record names its
+object and length, and a record cut short is left out. Object bytes are not checksummed here:
+the caller hashes every object it reads against its id, as for loose files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+MAGIC = b"PLKP"
+VERSION = 1
+RECORD_MAGIC = b"PLKR"
+END = b"PLKPEND\n"
+SUFFIX = ".pack"
+
+_HEAD = struct.Struct("<4sB3x")
+_RECORD = struct.Struct("<4s32sQ")
+_ENTRY = struct.Struct("<32sQQ")
+_TAIL = struct.Struct("<QQ32s8s")
+HEAD_SIZE = _HEAD.size
+RECORD_SIZE = _RECORD.size
+ENTRY_SIZE = _ENTRY.size
+TAIL_SIZE = _TAIL.size
+
+
+class PackDamaged(Exception):
+    """The file is not a pack at all (bad head): nothing in it can be located."""
+
+
+def _index_checksum(index: bytes, offset: int, count: int) -> bytes:
+    h = hashlib.sha256(index)
+    h.update(struct.pack("<QQ", offset, count))
+    return h.digest()
+
+
+class Pack:
+    """A read-only pack: ``find`` locates an object by binary search over the sorted index."""
+
+    def __init__(self, path: Path, index: bytes, data_end: int, problem: str | None) -> None:
+        self.path = path
+        self.index = index  # n sorted _ENTRY records
+        self.count = len(index) // ENTRY_SIZE
+        self.data_end = data_end  # where the records end (the index starts)
+        self.problem = problem  # None, or why the index was rebuilt from the records
+        self._file = open(path, "rb")  # noqa: SIM115 - kept open: readable after an unlink
+        self._lock = threading.Lock()
+        st = os.fstat(self._file.fileno())
+        self.identity = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def load(cls, path: Path) -> Pack:
+        """Open the pack at ``path``; ``PackDamaged`` when it is not a pack, ``OSError`` when it
+        cannot be read (gone meanwhile)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEAD_SIZE)
+            if len(head) != HEAD_SIZE or _HEAD.unpack(head) != (MAGIC, VERSION):
+                raise PackDamaged(f"{path.name}: not a pack file (bad head)")
+            index, end, problem = _read_index(f, size)
+            if problem is not None:
+                index, end = _walk_records(f, size)
+        return cls(path, index, end, problem)
+
+    def close(self) -> None:
+        """Close the file handle (before the pack is deleted, for Windows)."""
+        self._file.close()
+
+    def find(self, digest: bytes) -> tuple[int, int] | None:
+        """(offset, length) of the object with raw id ``digest``, or None."""
+        idx, lo, hi = self.index, 0, self.count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            at = mid * ENTRY_SIZE
+            key = idx[at : at + 32]
+            if key < digest:
+                lo = mid + 1
+            elif key > digest:
+                hi = mid
+            else:
+                _, offset, length = _ENTRY.unpack_from(idx, at)
+                if offset < HEAD_SIZE + RECORD_SIZE or offset + length > self.data_end:
+                    return None  # cannot happen with a checksummed index; never read past
+                return offset, length
+        return None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (short when the file was cut meanwhile)."""
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.read(length)
+
+    def entries(self) -> list[tuple[str, int, int]]:
+        """(oid, offset, length) of every object, in oid order."""
+        rows = (_ENTRY.unpack_from(self.index, i) for i in range(0, len(self.index), ENTRY_SIZE))
+        return [(d.hex(), off, n) for d, off, n in rows]
+
+
+def _read_index(f: BinaryIO, size: int) -> tuple[bytes, int, str | None]:
+    """(index, data end, None) from a whole pack, or (b"", 0, why) when the tail or index do
+    not check out."""
+    if size < HEAD_SIZE + TAIL_SIZE:
+        return b"", 0, "too short for an index"
+    f.seek(size - TAIL_SIZE)
+    offset, count, checksum, end = _TAIL.unpack(f.read(TAIL_SIZE))
+    if end != END or offset < HEAD_SIZE or offset + count * ENTRY_SIZE != size - TAIL_SIZE:
+        return b"", 0, "the index is missing or cut short"
+    f.seek(offset)
+    index = f.read(count * ENTRY_SIZE)
+    if _index_checksum(index, offset, count) != checksum:
+        return b"", 0, "the index does not match its checksum"
+    return index, offset, None
+
+
+def _walk_records(f: BinaryIO, size: int) -> tuple[bytes, int]:
+    """Rebuild the index of a pack from its records (a damaged tail): every record that is
+    whole; the walk stops at the first one that is not."""
+    found: dict[bytes, tuple[int, int]] = {}
+    pos = HEAD_SIZE
+    while pos + RECORD_SIZE <= size:
+        f.seek(pos)
+        magic, digest, length = _RECORD.unpack(f.read(RECORD_SIZE))
+        start = pos + RECORD_SIZE
+        if magic != RECORD_MAGIC or start + length > size:
+            break
+        found.setdefault(digest, (start, length))
+        pos = start + length
+    index = b"".join(_ENTRY.pack(d, off, n) for d, (off, n) in sorted(found.items()))
+    return index, pos
+
+
+class PackWriter:
+    """Builds one pack in ``tmp_dir``: ``add`` appends records, ``finish`` writes the index,
+    fsyncs once and renames the file into ``pack_dir``. Objects added are readable (``find``,
+    ``read``) before the pack is finished; ``discard`` leaves nothing."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="pack-", suffix=".tmp", dir=tmp_dir)
+        self.tmp = Path(name)
+        self._file = os.fdopen(fd, "w+b")
+        self._file.write(_HEAD.pack(MAGIC, VERSION))
+        self._pos = HEAD_SIZE
+        self._entries: dict[bytes, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Append one object (ignored when the id is in the pack already)."""
+        with self._lock:
+            if digest in self._entries:
+                return
+            self._file.write(_RECORD.pack(RECORD_MAGIC, digest, len(data)))
+            self._file.write(data)
+            self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
+            self._pos += RECORD_SIZE + len(data)
+
+    def find(self, digest: bytes) -> tuple[int, int] | None:
+        """(offset, length) of an object added to this pack, or None."""
+        return self._entries.get(digest)
+
+    def objects(self) -> list[tuple[bytes, int, int]]:
+        """(raw id, offset, length) of every object added, in the order added."""
+        return [(d, off, n) for d, (off, n) in self._entries.items()]
+
+    def forget(self, digest: bytes) -> bool:
+        """Leave an added object out of the index (its bytes stay, unreferenced)."""
+        with self._lock:
+            return self._entries.pop(digest, None) is not None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of an added object."""
+        with self._lock:
+            self._file.flush()
+            self._file.seek(offset)
+            data = self._file.read(length)
+            self._file.seek(0, os.SEEK_END)
+            return data
+
+    def finish(self, pack_dir: Path, durable: bool = True) -> Path | None:
+        """Write the index and tail, fsync, rename into ``pack_dir``; return the pack's path
+        (None, and nothing left, when no object was added)."""
+        if not self._entries:
+            self.discard()
+            return None
+        index = b"".join(_ENTRY.pack(d, off, n) for d, (off, n) in sorted(self._entries.items()))
+        count = len(self._entries)
+        checksum = _index_checksum(index, self._pos, count)
+        self._file.write(index)
+        self._file.write(_TAIL.pack(self._pos, count, checksum, END))
+        self._file.flush()
+        if durable:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        pack_dir.mkdir(parents=True, exist_ok=True)
+        dest = pack_dir / f"pack-{hashlib.sha256(index).hexdigest()[:40]}{SUFFIX}"
+        os.chmod(self.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.replace(self.tmp, dest)
+        return dest
+
+    def discard(self) -> None:
+        """Remove the unfinished pack."""
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,139 @@
+"""The packs of a ``LocalStore``: which exist, where an object is, and rewriting one without
+some objects (gc, quarantine).
+
+Packs appear (another process finished an add) and disappear (another process's gc rewrote
+one) at any time. The list is re-read when an object is not found and the ``pack/`` directory
+changed since it was last read (or changed so recently that its time cannot tell). A pack
+already open stays readable after another process deletes it (POSIX); one that is gone before
+it was opened is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from potluck.store.pack import SUFFIX, Pack, PackDamaged, PackWriter
+
+log = logging.getLogger("potluck")
+
+#: a directory time this close to when it was read may hide a later change in the same tick
+RACY_NS = 2_000_000_000
+
+
+class PackSet:
+    """The packs under ``pack_dir`` (rewrites are built in ``tmp_dir``)."""
+
+    def __init__(self, pack_dir: Path, tmp_dir: Path) -> None:
+        self.pack_dir = pack_dir
+        self.tmp_dir = tmp_dir
+        self.packs: dict[str, Pack] = {}
+        self.bad: dict[str, str] = {}  # file name -> why it is not a pack
+        self._seen: int | None = None  # the directory's mtime_ns when last read
+        self._read_at = 0
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the directory when it may have changed; return whether it was read."""
+        try:
+            mtime = os.stat(self.pack_dir).st_mtime_ns
+        except FileNotFoundError:
+            mtime = -1
+        if not force and mtime == self._seen and self._read_at - mtime > RACY_NS:
+            return False
+        self._seen, self._read_at = mtime, time.time_ns()
+        names = set() if mtime < 0 else {n for n in os.listdir(self.pack_dir) if n.endswith(SUFFIX)}
+        for gone in set(self.packs) - names:
+            self.packs.pop(gone).close()
+        for name in sorted(names - set(self.packs) - set(self.bad)):
+            self._open(name)
+        return True
+
+    def _open(self, name: str) -> None:
+        try:
+            pack = Pack.load(self.pack_dir / name)
+        except PackDamaged as e:
+            self.bad[name] = str(e)
+            return
+        except OSError:
+            return  # removed meanwhile (another gc)
+        if pack.problem:
+            log.warning("pack %s is damaged (%s): read from its records", name, pack.problem)
+        self.packs[name] = pack
+
+    def find(self, digest: bytes, refresh: bool = True) -> tuple[Pack, int, int] | None:
+        """The pack holding ``digest`` and where; re-reads the directory on a miss."""
+        for pack in self.packs.values():
+            at = pack.find(digest)
+            if at is not None:
+                return pack, at[0], at[1]
+        if refresh and self.refresh():
+            return self.find(digest, refresh=False)
+        return None
+
+    def holding(self, digest: bytes) -> list[Pack]:
+        """Every pack (known now) that holds ``digest``."""
+        return [p for p in self.packs.values() if p.find(digest) is not None]
+
+    def oids(self) -> Iterator[str]:
+        """Every packed oid (each once), after re-reading the directory."""
+        self.refresh(force=True)
+        seen: set[str] = set()
+        for pack in list(self.packs.values()):
+            for oid, _, _ in pack.entries():
+                if oid not in seen:
+                    seen.add(oid)
+                    yield oid
+
+    def drop(self, pack: Pack, digests: set[bytes], keep_newer_than: float | None) -> set[bytes]:
+        """Rewrite ``pack`` without ``digests`` (a new pack with the rest, same mtime; the old
+        one deleted); return the ids dropped. Nothing changes when the pack was written or
+        freshened after ``keep_newer_than`` (before or during the rewrite): its objects count as
+        re-used."""
+        try:
+            st = os.stat(pack.path)
+        except FileNotFoundError:
+            return set()  # rewritten by another process meanwhile
+        if keep_newer_than is not None and st.st_mtime > keep_newer_than:
+            return set()
+        entries = list(_raw_entries(pack))
+        rest = [(d, off, n) for d, off, n in entries if d not in digests]
+        if len(rest) == len(entries):
+            return set()
+        new = self._write(pack, rest) if rest else None
+        if new is not None:
+            os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+        try:
+            unchanged = os.stat(pack.path).st_mtime_ns == st.st_mtime_ns
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:  # freshened while we copied: keep it, forget the copy
+            if new is not None and new != pack.path:
+                new.unlink(missing_ok=True)
+            return set()
+        self._remove(pack)
+        return {d for d, _, _ in entries if d in digests}
+
+    def _write(self, pack: Pack, rest: list[tuple[bytes, int, int]]) -> Path | None:
+        writer = PackWriter(self.tmp_dir)
+        try:
+            for digest, off, n in rest:
+                writer.add(digest, pack.read(off, n))
+            return writer.finish(self.pack_dir)
+        except BaseException:
+            writer.discard()
+            raise
+
+    def _remove(self, pack: Pack) -> None:
+        name = pack.path.name
+        self.packs.pop(name, None)
+        pack.close()
+        pack.path.unlink(missing_ok=True)
+        self.refresh(force=True)
+
+
+def _raw_entries(pack: Pack) -> Iterator[tuple[bytes, int, int]]:
+    for oid, off, n in pack.entries():
+        yield bytes.fromhex(oid), off, n
