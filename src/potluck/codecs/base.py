@@ -13,7 +13,7 @@ import abc
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +24,8 @@ from potluck.params import Param, ParamValue
 from potluck.tensors.dtypes import from_numpy, to_numpy
 
 MetaValue = str | int | float
+#: Called with a byte range ``[start, stop)`` of the inputs a streaming codec is done with.
+Done = Callable[[int, int], None]
 Arrays = dict[str, np.ndarray]
 Meta = dict[str, MetaValue]
 
@@ -288,17 +290,65 @@ class UpdateCodec(abc.ABC):
         self, new: np.ndarray, base: np.ndarray, *, name: str, seed: int, **params: object
     ) -> Payload:
         """Encode ``new`` against ``base`` for tensor ``name``; ``seed`` keys any randomness."""
+        return self._payload(new, base, name, seed, params, None, None)
+
+    def encode_blocked(
+        self,
+        new: np.ndarray,
+        base: np.ndarray,
+        *,
+        name: str,
+        seed: int,
+        block: int | None,
+        done: Done | None = None,
+        **params: object,
+    ) -> Payload:
+        """``encode``'s payload, bit for bit, reading the inputs about ``block`` bytes at a time
+        when the codec ``streams`` (memory: a few blocks plus the payload); ``done(start, stop)``
+        gets each byte range of the inputs it no longer needs. Other codecs (and ``block=None``)
+        encode the whole tensor at once."""
+        return self._payload(new, base, name, seed, params, block, done)
+
+    def _payload(
+        self,
+        new: np.ndarray,
+        base: np.ndarray,
+        name: str,
+        seed: int,
+        params: Mapping[str, object],
+        block: int | None,
+        done: Done | None,
+    ) -> Payload:
         resolved = self.resolve_params(params)
         new, base = _as_array(new), _as_array(base)
         dtype_name = check_pair(new, base, codec=self.name, name=name)
-        arrays, meta, error = self._encode(new, base, name=name, seed=seed, params=resolved)
+        if block is not None and self.streams:
+            arrays, meta, error = self._encode_blocked(new, base, resolved, block, done)
+        else:
+            arrays, meta, error = self._encode(new, base, name=name, seed=seed, params=resolved)
         full_meta = tensor_meta(base.shape, dtype_name)
         full_meta.update(resolved)
         full_meta.update(meta)
         return Payload(codec=self.name, arrays=arrays, meta=full_meta, error=error)
 
+    def decode_blocks(
+        self, payload: Payload, base: np.ndarray, *, block: int, done: Done | None = None
+    ) -> Iterator[np.ndarray]:
+        """``decode``'s result as flat (1-D) arrays of the base's dtype, about ``block`` bytes
+        each, in order, when the codec ``streams`` (one whole flat array otherwise); ``done``
+        gets each byte range of the base it no longer needs."""
+        self._check_decodable(payload, base)
+        if self.streams:
+            yield from self._decode_blocks(payload, _as_array(base), block, done)
+        else:
+            yield self._decode(payload, _as_array(base)).reshape(-1)
+
     def decode(self, payload: Payload, base: np.ndarray) -> np.ndarray:
         """Rebuild the tensor from ``payload`` and ``base``; same dtype and shape as the base."""
+        self._check_decodable(payload, base)
+        return self._decode(payload, _as_array(base))
+
+    def _check_decodable(self, payload: Payload, base: np.ndarray) -> None:
         if payload.codec != self.name:
             raise UserError(
                 f"codec {self.name!r} cannot decode a {payload.codec!r} payload",
@@ -315,7 +365,27 @@ class UpdateCodec(abc.ABC):
                 f"but the base is {got[1]} {got[0]}",
                 hint="decode against the base the patch was made from",
             )
-        return self._decode(payload, base)
+
+    #: Whether ``encode_blocked``/``decode_blocks`` work block by block (exact codecs); the
+    #: others hold the whole tensor (low-rank needs the matrix, top-k the global order).
+    streams: ClassVar[bool] = False
+
+    def _encode_blocked(
+        self,
+        new: np.ndarray,
+        base: np.ndarray,
+        params: dict[str, ParamValue],
+        block: int,
+        done: Done | None,
+    ) -> tuple[Arrays, Meta, ErrorReport | None]:
+        """``_encode``'s result from ``block``-byte pieces (codecs that ``stream``)."""
+        raise NotImplementedError(self.name)
+
+    def _decode_blocks(
+        self, payload: Payload, base: np.ndarray, block: int, done: Done | None
+    ) -> Iterator[np.ndarray]:
+        """``_decode``'s result as flat pieces (codecs that ``stream``)."""
+        raise NotImplementedError(self.name)
 
     @abc.abstractmethod
     def _encode(

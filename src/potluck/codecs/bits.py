@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from potluck.codecs.base import malformed
@@ -131,3 +133,14 @@ def unshuffle_bytes(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     planes = np.frombuffer(data, np.uint8).reshape(size, count)
     out: np.ndarray = np.ascontiguousarray(planes.T).reshape(-1).view(dtype)
     return out
+
+
+def bit_ranges(a: np.ndarray, block: int) -> Iterator[tuple[int, int]]:
+    """``[lo, hi)`` ranges over ``bit_view(a)`` of about ``block`` bytes each, cut at element
+    boundaries (a complex128 element is two uint64)."""
+    bits = bit_dtype(a.dtype).itemsize
+    per = max(1, a.dtype.itemsize // bits)
+    total = a.size * per
+    step = max(1, block // (per * bits)) * per
+    for lo in range(0, total, step):
+        yield lo, min(total, lo + step)

@@ -10,23 +10,35 @@ model can carry them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
+import os
 import shutil
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
 from potluck.git.repo import Repo
 from potluck.git.sync import fetch_manifest
-from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
+from potluck.objects.manifest import MAGIC, Manifest, TensorEntry, is_manifest, parse
 from potluck.ops.models import ModelSource, TensorInfo, open_path
 from potluck.ops.vcs import TensorLoader, missing_objects
 from potluck.ops.vcs.materialize import write_file
+from potluck.tensors.dtypes import array_from_bytes
 
-__all__ = ["open_model"]
+__all__ = ["SPILL_BYTES", "open_model"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+#: A stored tensor at least this large is decoded into a memory-mapped temporary file (deleted
+#: at once, so nothing is left behind even on kill -9) instead of into memory: blockwise readers
+#: (merge, patch) then hold only the pages they use, whatever the tensor's size.
+SPILL_BYTES = 16 << 20
 
 
 def open_model(spec: str) -> ModelSource:
@@ -152,9 +164,10 @@ def _store_source(
     config_dir: Path | None,
 ) -> ModelSource:
     infos: dict[str, TensorInfo] = {}
-    owner: dict[str, TensorLoader] = {}
+    readers: dict[str, Callable[[], np.ndarray]] = {}
     files: dict[str, str] = {}
     metadata: dict[str, dict[str, str]] = {}  # each safetensors file's __metadata__ travels
+    spill = _Spill(repo)
     for path, m in manifests.items():
         if m.format == "safetensors":
             metadata[Path(path).name] = dict(m.metadata)
@@ -165,18 +178,70 @@ def _store_source(
             if name in infos:
                 raise UserError(f"{spec}: tensor {name!r} appears in two files")
             infos[name] = TensorInfo(name, e.dtype, tuple(e.shape))
-            owner[name] = loader
+            readers[name] = spill.reader(e, loader)
             files[name] = Path(path).name
-
-    def read(name: str):  # type: ignore[no-untyped-def]
-        return owner[name](name)
 
     identity = {"path": spec}
     if commit:
         identity["commit"] = commit
     src = ModelSource(
-        spec, infos, read, files=files, config_dir=config_dir, identity=identity, metadata=metadata
-    )
+        spec, infos, lambda n: readers[n](), files=files, config_dir=config_dir,
+        identity=identity, metadata=metadata, releasers=spill.releasers,
+    )  # fmt: skip
     if config_dir is not None and config_dir.name.startswith("potluck-model-"):
         src.closers.append(lambda: shutil.rmtree(config_dir, ignore_errors=True))
     return src
+
+
+class _Spill:
+    """Reads stored tensors; one of ``SPILL_BYTES`` or more is decoded chunk by chunk into an
+    unlinked temporary file (under the repository's ``.git/potluck/tmp``) that the returned array
+    maps, so the decoded bytes live in the page cache, not in the process. The file's space is
+    freed when the array is dropped (or the process ends, however it ends). ``releasers`` let
+    go of mapped pages a caller is done with (``ModelSource.release``)."""
+
+    def __init__(self, repo: Repo) -> None:
+        self.repo = repo
+        self.maps: dict[str, weakref.ref[mmap.mmap]] = {}
+        self.releasers: dict[str, Callable[[int, int | None], None]] = {}
+
+    def reader(self, e: TensorEntry, loader: TensorLoader) -> Callable[[], np.ndarray]:
+        if e.size < SPILL_BYTES:
+            return lambda: loader(e.name)
+        self.releasers[e.name] = lambda start, length: self._release(e.name, start, length)
+        return lambda: self._read(e)
+
+    def _read(self, e: TensorEntry) -> np.ndarray:
+        mm = _decode_to_map(self.repo, e)
+        self.maps[e.name] = weakref.ref(mm)
+        return array_from_bytes(memoryview(mm), e.dtype, e.shape)
+
+    def _release(self, name: str, start: int, length: int | None) -> None:
+        ref = self.maps.get(name)
+        mm = None if ref is None else ref()
+        if mm is None:
+            return
+        lo = max(0, start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = len(mm) if length is None else min(len(mm), start + length)
+        if hi > lo:
+            with contextlib.suppress(ValueError, OSError):  # closed, or not supported here
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _decode_to_map(repo: Repo, e: TensorEntry) -> mmap.mmap:
+    """The logical bytes of ``e``'s object in a read-only map of an unlinked temporary file."""
+    fd, name = tempfile.mkstemp(prefix="tensor-", suffix=".tmp", dir=repo.tmp_dir)
+    try:
+        os.unlink(name)
+        with os.fdopen(os.dup(fd), "wb") as f:
+            for chunk in repo.odb.read_chunks(e.oid):  # verified: raises at the end if corrupt
+                f.write(chunk)
+            written = f.tell()
+        if written != e.size:
+            raise UserError(
+                f"object {e.oid[:12]} of tensor {e.name!r} holds {written} bytes, not {e.size}",
+                hint="the store is inconsistent; run `potluck fsck`",
+            )
+        return mmap.mmap(fd, e.size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
