@@ -14,7 +14,6 @@ from click.testing import CliRunner, Result
 from safetensors.numpy import load_file
 
 from potluck.cli.main import cli
-from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS
 from potluck.merging.adamerging import layerwise_merge, prediction_entropy
 from potluck.ops.merge.adamerging import weight_conditions
@@ -34,8 +33,8 @@ def test_merge_step_and_entropy_match_naive_float64(rng: np.random.Generator) ->
     np.testing.assert_allclose(layerwise_merge(base, models - base, lam), want, atol=1e-15)
     got = MERGE_METHODS.get("adamerging").merge(list(models), base, list(lam), name="w", seed=0)
     np.testing.assert_allclose(got, want, atol=1e-15)
-    with pytest.raises(UserError, match="has no learned coefficients for 'w'"):
-        MERGE_METHODS.get("adamerging").merge(list(models), base, None, name="w", seed=0)
+    unlearned = MERGE_METHODS.get("adamerging").merge(list(models), base, None, name="w", seed=0)
+    np.testing.assert_allclose(unlearned, layerwise_merge(base, models - base, np.full(2, 0.3)))
     logits = np.array([[0.0, 0.0], [math.log(3.0), 0.0]])
     # H(½, ½) = ln 2; H(¾, ¼) = −¾ ln ¾ − ¼ ln ¼
     h = (math.log(2) + (-0.75 * math.log(0.75) - 0.25 * math.log(0.25))) / 2

@@ -16,6 +16,7 @@ from potluck.merging.steps import trim
 SHAPE = (3, 4)
 BASE_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"]
 BASE_METHODS += ["breadcrumbs_ties", "della", "della_linear", "model_stock", "tsv"]
+BASE_METHODS += ["consensus", "tall_masks", "emr", "adamerging"]
 
 
 def merge(method: str, models, base=None, weights=None, **params) -> np.ndarray:

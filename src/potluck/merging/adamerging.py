@@ -7,7 +7,8 @@ predictions (its own classification head on the merged encoder) on unlabelled in
 Learning needs torch, the models' heads and data, so it runs before the merge
 (``ops.merge.adamerging``): it writes the learned λₜ,ℓ into the configuration as each model's
 ``weight``, one ``{filter: tensor, value: λ}`` condition per tensor (mergekit's syntax; a
-configuration whose models carry a ``weight`` is merged without learning). This module holds
+configuration whose models carry a ``weight`` is merged without learning; a direct call without
+weights uses λ = ``init`` everywhere, the paper's starting point). This module holds
 the merge step (task arithmetic with those per-tensor weights) and the objective in numpy, the
 float64 reference of the torch code.
 """
@@ -19,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from potluck.errors import UserError
 from potluck.merging.base import MergeInputs, MergeMethod
 from potluck.merging.steps import task_vectors, weighted_sum
 from potluck.params import Param
@@ -44,13 +44,10 @@ def prediction_entropy(logits: np.ndarray) -> float:
 
 def _adamerging(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     assert inputs.base is not None  # needs_base is checked before any method runs
-    if not inputs.weights_given:
-        raise UserError(
-            f"merge method 'adamerging' has no learned coefficients for {inputs.name!r}",
-            hint="run it with `potluck merge` (it learns them from -p data=[…] first)",
-            tensor=inputs.name,
-        )
-    return layerwise_merge(inputs.base, task_vectors(inputs.models, inputs.base), inputs.weights)
+    lam = inputs.weights
+    if not inputs.weights_given:  # not learned (a direct call): the paper's starting point
+        lam = np.full(len(inputs.models), float(p["init"]))
+    return layerwise_merge(inputs.base, task_vectors(inputs.models, inputs.base), lam)
 
 
 METHODS: tuple[MergeMethod, ...] = (
