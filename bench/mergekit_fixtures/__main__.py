@@ -342,6 +342,8 @@ def run_mergekit(mergekit_yaml: Path, case_dir: Path) -> None:
             tensors.update(load_file(str(shard)))
         save_file(tensors, str(case_dir / "mergekit.safetensors"), metadata={"format": "pt"})
         shutil.copy(out / "config.json", case_dir / "mergekit-config.json")
+        if (out / "tokenizer.json").is_file():  # tokenizer_source cases
+            shutil.copy(out / "tokenizer.json", case_dir / "mergekit-tokenizer.json")
 
 
 def write_readme(cases: list[str]) -> None:
@@ -378,7 +380,14 @@ def main() -> None:
     )
     ap.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
     ap.add_argument("--mergekit-yaml", type=Path, default=DEFAULT_MERGEKIT)
+    ap.add_argument("--tokenizer", nargs="*", default=None, help="tokenizer cases only")
     args = ap.parse_args()
+    if args.tokenizer is not None:
+        from bench.mergekit_fixtures import tokenizer_cases
+
+        run = lambda case_dir: run_mergekit(args.mergekit_yaml, case_dir)  # noqa: E731
+        tokenizer_cases.build(FIXTURES / "tokenizer", run, args.tokenizer or None)
+        return
     models = make_models()
     for key, tensors in models.items():
         write_model(FIXTURES / "models" / key, tensors, LLAMA_CONFIG)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from potluck.errors import UserError
+from potluck.merging.lines import check_lines, lines_scale
 
 __all__ = [
     "MergeConfig",
@@ -53,7 +54,9 @@ _TOP_KEYS = {
     "exclude_tensors",
 }
 #: mergekit keys potluck accepts but does not act on (they do not change the merged tensors).
-IGNORED_KEYS = ("tokenizer", "chat_template")
+IGNORED_KEYS = ("chat_template",)
+#: ``tokenizer_source`` values that are not a model (see ``ops.merge.tokenizer``).
+TOKENIZER_SOURCES = ("union", "base")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
     seed: int = 0
     name: str | None = None
     ignored: tuple[str, ...] = ()
@@ -160,12 +164,35 @@ def parse_config(data: Any, *, where: str = "config", root: Path | None = None) 
         parameters=_params(data.get("parameters"), f"{where}: parameters"),
         dtype=_opt_str(data.get("dtype"), "dtype", where),
         out_dtype=_opt_str(data.get("out_dtype"), "out_dtype", where),
-        tokenizer_source=_opt_str(data.get("tokenizer_source"), "tokenizer_source", where),
+        **_tokenizer(data, ref, where),
         seed=seed,
         name=_opt_str(data.get("name"), "name", where),
         ignored=tuple(k for k in IGNORED_KEYS if k in data),
         exclude_tensors=_globs(data.get("exclude_tensors"), where),
     )
+
+
+def _tokenizer(data: Mapping[str, Any], ref: _RefResolver, where: str) -> dict[str, Any]:
+    """``tokenizer_source: union | base | MODEL`` or ``tokenizer: {source, pad_to_multiple_of}``
+    (mergekit: not both; ``tokens`` overrides are not supported)."""
+    source, pad = data.get("tokenizer_source"), None
+    if "tokenizer" in data:
+        tok = data["tokenizer"]
+        if source is not None:
+            raise UserError(f"{where}: give tokenizer_source or tokenizer, not both")
+        if not isinstance(tok, Mapping) or set(tok) - {"source", "pad_to_multiple_of"}:
+            raise UserError(
+                f"{where}: tokenizer must be a mapping of source and pad_to_multiple_of, "
+                f"not {tok!r}",
+                hint="per-token embedding overrides (tokenizer.tokens) are not supported",
+            )
+        source, pad = tok.get("source", "union"), tok.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise UserError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer")
+    source = _opt_str(source, "tokenizer_source", where)
+    if source is not None and source not in TOKENIZER_SOURCES:
+        source = ref(source, "tokenizer_source")
+    return {"tokenizer_source": source, "pad_to_multiple_of": pad}
 
 
 def _globs(value: Any, where: str) -> tuple[str, ...]:
@@ -225,7 +252,10 @@ def _params(value: Any, where: str) -> dict[str, Setting]:
     if not isinstance(value, Mapping):
         raise UserError(f"{where}: expected a mapping of parameter names to values")
     for name, setting in value.items():
-        _check_setting(setting, f"{where}.{name}")
+        if name == "lines" and isinstance(setting, Mapping):  # LiNeS: {alpha, beta}
+            check_lines(setting, f"{where}.{name}")
+        else:
+            _check_setting(setting, f"{where}.{name}")
     return {str(k): v for k, v in value.items()}
 
 
@@ -302,8 +332,11 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
     """The value of ``setting`` for ``tensor_name`` at depth ``t`` ∈ [0, 1] (None: no match).
 
     Numbers in a list are interpolated linearly at ``t·(n − 1)``; other lists are indexed at
-    ``floor(t·(n − 1))``; condition lists pick the first matching ``filter`` (as mergekit).
+    ``floor(t·(n − 1))``; condition lists pick the first matching ``filter`` (as mergekit); a
+    LiNeS ``{alpha, beta}`` mapping gives α + β·t in a layer, α elsewhere (``merging.lines``).
     """
+    if isinstance(setting, Mapping):
+        return lines_scale(*check_lines(setting, tensor_name), tensor_name, t)
     if isinstance(setting, (int, float, str, bool)):
         return setting
     if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):

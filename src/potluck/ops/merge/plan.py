@@ -24,6 +24,7 @@ from potluck.ops.merge.config import (
     SliceSpec,
     evaluate_setting,
 )
+from potluck.ops.merge.tokenizer import VocabPlan, plan_vocabulary
 from potluck.ops.models.sources import ModelSource, TensorInfo
 
 __all__ = ["MergePlan", "TensorJob", "layer_index", "plan_merge"]
@@ -93,6 +94,8 @@ class MergePlan:
     num_layers: int | None = None
     notes: list[str] = field(default_factory=list)
     unmerged: Unmerged = field(default_factory=Unmerged)
+    #: the output vocabulary when ``tokenizer_source`` is set (``ops.merge.tokenizer``)
+    vocab: VocabPlan | None = None
 
     def unmerged_dict(self) -> dict[str, Any]:
         """JSON-ready: ``carried`` {tensor: model}, ``left_out`` and ``excluded`` (sorted)."""
@@ -111,10 +114,16 @@ def plan_merge(
     method = MERGE_METHODS.get(config.merge_method)
     notes = [f"{k}: accepted from mergekit, has no effect in potluck" for k in config.ignored]
     slices = config.slices or (_whole_model_slice(config, method, sources),)
-    planner = _Planner(config, method, sources, out_dtype)
+    vocab = plan_vocabulary(
+        config.tokenizer_source,
+        config.pad_to_multiple_of,
+        config.base_model or config.referenced_models()[0],
+        sources,
+    )
+    planner = _Planner(config, method, sources, out_dtype, vocab)
     jobs = planner.plan(slices)
     notes += sorted(planner.notes) + planner.unmerged.notes()
-    return MergePlan(jobs, method, planner.out_layers, notes, planner.unmerged)
+    return MergePlan(jobs, method, planner.out_layers, notes, planner.unmerged, vocab)
 
 
 def _whole_model_slice(
@@ -153,8 +162,10 @@ class _Planner:
         method: MergeMethod,
         sources: Mapping[str, ModelSource],
         out_dtype: str | None,
+        vocab: VocabPlan | None = None,
     ) -> None:
         self.config, self.method, self.sources = config, method, sources
+        self.vocab = vocab
         self.out_dtype = out_dtype or config.out_dtype or config.dtype
         self.out_layers: int | None = None
         self.notes: set[str] = set()
@@ -255,10 +266,11 @@ class _Planner:
         if is_buffer(self._info(self._names_model(spec), name0)):
             return self._carry(spec, inputs, name0, out_name, t)
         infos = [self._info(m, n) for m, n in inputs]
-        self._check_alike(infos, out_name)
+        shape = self.vocab.out_shape(name0, infos[0].shape) if self.vocab else None
+        self._check_alike([i if shape is None else _rows_dropped(i) for i in infos], out_name)
         params, weights = self._params(spec, out_name, t)
         models, base, weights = self._split_base(spec, inputs, weights)
-        out = TensorInfo(out_name, self.out_dtype_for(infos[0]), infos[0].shape)
+        out = TensorInfo(out_name, self.out_dtype_for(infos[0]), shape or infos[0].shape)
         return TensorJob(out, self.method.name, models, base, params, weights, t)
 
     def _carry(
@@ -376,6 +388,11 @@ class _Planner:
             default = self.method.params[key].default
             return tuple(default if v is None else v for v in filled)
         return _one_value(key, values, tensor)
+
+
+def _rows_dropped(info: TensorInfo) -> TensorInfo:
+    """A vocabulary tensor's info without its row count (aligned by ``ops.merge.tokenizer``)."""
+    return TensorInfo(info.name, info.dtype, info.shape[1:])
 
 
 def _lookup(layers: Sequence[Mapping[str, Any]], key: str, tensor: str, t: float) -> Any:

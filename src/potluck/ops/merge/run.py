@@ -33,6 +33,7 @@ from potluck.ops.merge.config import MergeConfig
 from potluck.ops.merge.plan import MergePlan, TensorJob, canonical_dtype, plan_merge
 from potluck.ops.merge.statsfile import StatsFile, check_stats_files, load_stats, stats_for
 from potluck.ops.merge.tasks import plan_task_parts, task_notes
+from potluck.ops.merge.tokenizer import align_job, tokenizer_files
 from potluck.ops.models.hfwriter import DEFAULT_SHARD_BYTES, HFDirWriter
 from potluck.ops.models.sources import ModelSource, open_path
 from potluck.tensors.dtypes import to_numpy
@@ -116,6 +117,7 @@ def run_merge(
             cfg = config_json(first.config_dir, plan, config)
             if cfg is not None:
                 extra["config.json"] = cfg
+            extra.update(tokenizer_files(plan.vocab, extra.get("config.json")))
             if config_text is not None:
                 extra["potluck-merge.yaml"] = config_text
             files = writer.commit(first.config_dir, extra)
@@ -204,6 +206,7 @@ class _Runner:
         method = MERGE_METHODS.get(job.method)
         models = [self._read(m, n, method) for m, n in job.models]
         base = None if job.base is None else self._read(*job.base, method)
+        models, base = align_job(self.plan.vocab, job, models, base)  # tokenizer_source
         n_in = len(models) + (base is not None)
         bm = None
         if len(job.out.shape) >= 1 and job.out.size > BLOCK_ELEMENTS:
