@@ -55,7 +55,7 @@ def write_tokenizer(path: Path, tokens: list[str]) -> None:
 
 def make_models(root: Path, seed: int = 7) -> None:
     """Write ``root/{base,ft1,ft2}``: weights, ``config.json`` and tokenizer files."""
-    from bench.mergekit_fixtures.__main__ import exact_finetune, make_base, on_grid, write_model
+    from bench.mergekit_fixtures.__main__ import exact_finetune, make_base, write_model
 
     rng = np.random.default_rng(seed)
     vocabs = vocabularies(rng)
