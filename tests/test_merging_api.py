@@ -17,6 +17,7 @@ SHAPE = (3, 4)
 BASE_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"]
 BASE_METHODS += ["breadcrumbs_ties", "della", "della_linear", "model_stock", "tsv"]
 BASE_METHODS += ["consensus", "tall_masks", "emr", "adamerging"]
+BASE_METHODS += ["iso_c", "iso_cts"]
 
 
 def merge(method: str, models, base=None, weights=None, **params) -> np.ndarray:
@@ -64,7 +65,8 @@ def test_unknown_parameter_lists_the_valid_ones() -> None:
     with pytest.raises(UserError, match="'ties' has no parameter 'densty'") as err:
         merge("ties", [np.ones(SHAPE)], np.zeros(SHAPE), densty=0.5)
     assert "density" in err.value.data["valid"]
-    assert err.value.hint == "valid parameters: consensus, density, lambda_, normalize, rescale"
+    valid = "consensus, density, lambda_, lines, normalize, rescale"
+    assert err.value.hint == f"valid parameters: {valid}"
 
 
 @pytest.mark.parametrize("density", [0, 0.0, -0.1, 1.5, float("nan"), float("inf")])

@@ -36,7 +36,7 @@ def _value(text: str) -> Any:
 
 def _flag_config(
     method: str, base: str | None, models: tuple[str, ...], params: tuple[str, ...],
-    weights: str | None, seed: int, dtype: str | None,
+    weights: str | None, seed: int, dtype: str | None, lines: str | None = None,
 ) -> tuple[MergeConfig, str]:  # fmt: skip
     import yaml
 
@@ -58,9 +58,23 @@ def _flag_config(
         if not eq or not key:
             raise UserError(f"bad -p {p!r}", hint="write -p name=value, e.g. -p density=0.2")
         pairs[key.strip()] = _value(value)
+    if lines is not None:
+        pairs["lines"] = _lines(lines)
     if pairs:
         data["parameters"] = pairs
     return parse_config(data, where="flags"), yaml.safe_dump(data, sort_keys=False)
+
+
+def _lines(text: str) -> dict[str, float]:
+    """``--lines ALPHA,BETA`` → the ``lines: {alpha, beta}`` mapping (LiNeS)."""
+    parts = text.split(",")
+    try:
+        alpha, beta = (float(x) for x in parts)
+    except ValueError:
+        raise UserError(
+            f"--lines {text!r}: expected two numbers ALPHA,BETA", hint="e.g. --lines 0.5,1.0"
+        ) from None
+    return {"alpha": alpha, "beta": beta}
 
 
 def _render_plan(plan: MergePlan) -> None:
@@ -103,6 +117,7 @@ def _to_pipe(write: Callable[[], None]) -> None:
 @click.option("--weights", help="Flag form: per-model weights, comma separated.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Flag form: random seed.")
 @click.option("--dtype", help="Flag form: dtype (float32, float16, bfloat16).")
+@click.option("--lines", metavar="ALPHA,BETA", help="Flag form: LiNeS depth scaling of the update.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker threads.")
 @click.option("--max-memory", help="Bound on working memory, e.g. 2GB (default: none).")
 @click.option("--shard-size", default=None, help="Largest output shard (default 5GB).")
@@ -118,7 +133,7 @@ def merge(
     args: tuple[str, ...], method: str | None, base: str | None, output: str | None,
     params: tuple[str, ...], weights: str | None, seed: int, dtype: str | None, workers: int,
     max_memory: str | None, shard_size: str | None, explain: bool, overwrite: bool,
-    exclude: tuple[str, ...], as_json: bool,
+    exclude: tuple[str, ...], as_json: bool, lines: str | None = None,
 ) -> None:  # fmt: skip
     """Merge models: `potluck merge CONFIG.yaml OUT_DIR` (mergekit YAML), or
     `potluck merge --method ties --base B A1 A2 -o OUT -p density=0.2`.
@@ -127,11 +142,13 @@ def merge(
     (`model.safetensors@branch`, `dir@v1`).
     """
     if method:
-        config, text = _flag_config(method, base, args, params, weights, seed, dtype)
+        config, text = _flag_config(method, base, args, params, weights, seed, dtype, lines)
         out = output
     else:
         if not args or len(args) > 2:
             raise UserError("give CONFIG.yaml OUT_DIR, or --method with models and -o OUT")
+        if lines is not None:
+            raise UserError("--lines is a flag-form option", hint="in YAML: lines: {alpha, beta}")
         config = load_config(args[0])
         text = Path(args[0]).read_text()
         out = args[1] if len(args) > 1 else output

@@ -19,6 +19,7 @@ from potluck.merging import (
     emr,
     fisher,
     isotropic,
+    lines,
     masks,
     mergekit_extra,
     regmean,
@@ -70,5 +71,5 @@ for _method in (
     *spherical.METHODS,
     *mergekit_extra.METHODS,
 ):
-    MERGE_METHODS.register(_method.name, _method)
+    MERGE_METHODS.register(_method.name, lines.lines_option(_method))
 del _method

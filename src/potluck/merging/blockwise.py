@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from potluck.merging.base import MergeInputs, MergeMethod, all_values, model_value
+from potluck.merging.lines import scale_task_vector
 from potluck.merging.steps import TrimCut, apply_cut, magnitude_cut, rescale
 from potluck.merging.task_arithmetic import generalized_task_arithmetic
 from potluck.merging.validate import COMPUTE_DTYPE
@@ -91,10 +92,11 @@ class BlockMerge:
         w = self.weights if self.weights is not None else np.ones(len(models), COMPUTE_DTYPE)
         resolved = self.method.resolve_params(self.params)
         inputs = MergeInputs(stacked, b, w, self.name, self.seed, self.weights is not None)
-        return generalized_task_arithmetic(
+        merged = generalized_task_arithmetic(
             inputs, resolved, method=self.method.name, sparsifier=self._cut,
             consensus=_GTA[self.method.name],
         )  # fmt: skip
+        return scale_task_vector(merged, b, float(resolved.get("lines", 1.0)))  # LiNeS
 
     def _weights(self) -> list[float] | None:
         return None if self.weights is None else [float(x) for x in self.weights]
