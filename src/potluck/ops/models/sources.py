@@ -11,6 +11,7 @@ the object store for ``file@rev``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
@@ -26,9 +27,11 @@ from potluck.errors import UserError
 from potluck.formats import scan_file
 from potluck.formats.base import Layout, TensorSegment
 from potluck.formats.reader import read_tensors
+from potluck.tensors.digests import tensor_sha256
 from potluck.tensors.dtypes import to_numpy
 
 __all__ = [
+    "BLOCK_BYTES",
     "CONFIG_FILES",
     "ModelSource",
     "TensorInfo",
@@ -38,6 +41,10 @@ __all__ = [
     "layout_files",
     "open_path",
 ]
+
+#: Bytes per block when a tensor is hashed, encoded, decoded or written piece by piece (patch
+#: create/apply); mapped pages behind each block are let go, so memory stays a few blocks.
+BLOCK_BYTES = 16 << 20
 
 #: Files copied from a model directory to a derived one (config, tokenizer, generation settings).
 CONFIG_FILES = (
@@ -145,6 +152,26 @@ class ModelSource:
         fn = self.releasers.get(name)
         if fn is not None:
             fn(start, length)
+
+    def blocks(self, name: str, arr: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """The tensor (``arr`` when already read) as flat C-order pieces of about
+        ``BLOCK_BYTES``, letting the mapped pages of each piece go once the next is asked for."""
+        a = self.read(name) if arr is None else arr
+        flat = np.ascontiguousarray(a).reshape(-1)
+        step = max(1, BLOCK_BYTES // max(1, flat.dtype.itemsize))
+        for lo in range(0, flat.size, step):
+            yield flat[lo : lo + step]
+            self.release(name, lo * flat.dtype.itemsize, step * flat.dtype.itemsize)
+
+    def sha256(self, name: str, arr: np.ndarray | None = None) -> str:
+        """``tensor_sha256`` of the tensor (``arr`` when already read), hashed block by block."""
+        a = self.read(name) if arr is None else arr
+        if a.dtype.byteorder == ">" or not a.flags.c_contiguous:
+            return tensor_sha256(a)
+        h = hashlib.sha256()
+        for piece in self.blocks(name, a):
+            h.update(piece.view(np.uint8).data)
+        return h.hexdigest()
 
     def close(self) -> None:
         """Release open files and mappings."""

@@ -4,6 +4,7 @@ a safetensors file or a model directory (layout in ``output``, model card in ``c
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,12 +19,21 @@ from potluck.codecs.mask import MASK_CODEC
 from potluck.errors import IntegrityError, UserError
 from potluck.fileio import file_sha256
 from potluck.ops.lineage import Edge, plan_edge, record_output, with_card_lineage
+from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
 from potluck.ops.patch.card import card_text, check_card_path, relation
 from potluck.ops.patch.fileformat import PatchContents, read_patch
 from potluck.ops.patch.masked import check_task_scale, open_origin, rebuild_masked
-from potluck.ops.patch.output import Spec, check_output, had_index, plan_output, write_output
+from potluck.ops.patch.output import (
+    Blocks,
+    Spec,
+    check_output,
+    had_index,
+    plan_output,
+    write_output,
+)
 from potluck.tensors.digests import tensor_sha256
+from potluck.tensors.dtypes import to_numpy
 
 __all__ = ["ApplyReport", "apply_patch", "is_directory"]
 
@@ -52,7 +62,7 @@ def _verify_base(base: ModelSource, patch: PatchContents) -> list[str]:
     present = set(base.names())
     bad = []
     for name, want in sorted(patch.base.items()):
-        if name not in present or tensor_sha256(base.read(name)) != want:
+        if name not in present or base.sha256(name) != want:
             bad.append(name)
     return bad
 
@@ -128,24 +138,66 @@ def _tensors(
     scale: float,
     check_results: bool,
     origin: ModelSource | None = None,
-) -> Iterator[np.ndarray]:
+) -> Iterator[np.ndarray | Blocks]:
     for name, _dtype, _shape in specs:
         if name not in patch.payloads:
-            yield base.read(name)
+            yield Blocks(base.blocks(name))
             continue
         payload = patch.payloads[name]
+        streamed = _streamed(name, payload, base, scale, origin is not None)
+        if streamed is not None:
+            yield Blocks(
+                _checked(name, streamed, patch.result.get(name) if check_results else None)
+            )
+            continue
         if origin is not None and payload.codec == MASK_CODEC:
             arr = rebuild_masked(name, payload, base, origin)  # a tall_masks / emr task part
         else:
             arr = _rebuild(name, payload, base, scale)
         want = patch.result.get(name)
         if check_results and want is not None and tensor_sha256(arr) != want:
-            raise IntegrityError(
-                f"patched tensor {name!r} does not match the hash recorded in the patch",
-                hint="the patch or the base is corrupt; nothing was written",
-                tensor=name,
-            )
+            raise _result_mismatch(name)
         yield arr
+
+
+def _result_mismatch(name: str) -> IntegrityError:
+    return IntegrityError(
+        f"patched tensor {name!r} does not match the hash recorded in the patch",
+        hint="the patch or the base is corrupt; nothing was written",
+        tensor=name,
+    )
+
+
+def _streamed(
+    name: str, payload: Payload, base: ModelSource, scale: float, masked: bool
+) -> Iterator[np.ndarray] | None:
+    """The patched tensor block by block, when its codec streams (exact codecs, scale 1) and it
+    is larger than a block; None otherwise (the tensor is rebuilt whole)."""
+    codec = CODECS.get(payload.codec)
+    if scale != 1.0 or not codec.streams or (masked and payload.codec == MASK_CODEC):
+        return None
+    shape, dtype = payload_shape_dtype(payload)
+    if payload.codec == "full":
+        old = np.broadcast_to(np.zeros((), to_numpy(dtype)), shape)  # never read
+    else:
+        old = base.read(name)
+    if old.nbytes <= sources.BLOCK_BYTES or old.dtype.byteorder == ">":
+        return None
+
+    def done(start: int, stop: int) -> None:
+        base.release(name, start, stop - start)
+
+    return codec.decode_blocks(payload, old, block=sources.BLOCK_BYTES, done=done)
+
+
+def _checked(name: str, pieces: Iterator[np.ndarray], want: str | None) -> Iterator[np.ndarray]:
+    """``pieces``, then an ``IntegrityError`` if their bytes do not hash to ``want``."""
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(np.ascontiguousarray(piece).view(np.uint8).data)
+        yield piece
+    if want is not None and h.hexdigest() != want:
+        raise _result_mismatch(name)
 
 
 def is_directory(model: ModelSource) -> bool:

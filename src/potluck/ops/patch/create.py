@@ -26,13 +26,14 @@ from potluck.codecs import (
     payload_nbytes,
     payload_shape_dtype,
 )
+from potluck.codecs.base import Done
 from potluck.codecs.rules import Rule
 from potluck.fileio import file_sha256
-from potluck.ops.models.sources import ModelInput, open_input
+from potluck.ops.models import sources
+from potluck.ops.models.sources import ModelInput, ModelSource, open_input
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
-from potluck.tensors.digests import tensor_sha256
 
 __all__ = ["PatchEntry", "PatchInfo", "create_patch", "encode_tensor", "patch_info"]
 
@@ -73,12 +74,18 @@ def encode_tensor(
     rules: Sequence[Rule],
     default: tuple[str, Mapping[str, object]],
     seed: int,
+    *,
+    block: int | None = None,
+    done: Done | None = None,
 ) -> Payload:
-    """``new`` encoded against ``old``: ``full`` when shape or dtype changed, else by rule."""
+    """``new`` encoded against ``old``: ``full`` when shape or dtype changed, else by rule.
+
+    With ``block`` (bytes), codecs that stream read the inputs block by block and call ``done``
+    with each byte range they are finished with (the payload is the same)."""
     if old.shape != new.shape or old.dtype != new.dtype:
         return get_codec("full").encode(new, np.zeros_like(new), name=name, seed=seed)
     codec, params = choose_codec(name, rules, default=default)
-    return codec.encode(new, old, name=name, seed=seed, **params)
+    return codec.encode_blocked(new, old, name=name, seed=seed, block=block, done=done, **params)
 
 
 def _entry(name: str, payload: Payload) -> PatchEntry:
@@ -120,9 +127,9 @@ def create_patch(
         added = sorted(set(target_names) - set(base_names))
         removed = sorted(set(base_names) - set(target_names))
         for name in common:
-            enc.changed(name, base.read(name), target.read(name), rules, default, seed, check)
+            enc.changed(name, base, target, rules, default, seed, check)
         for name in added:
-            enc.added(name, target.read(name), seed, check)
+            enc.added(name, target, seed, check)
     payloads = enc.payloads
     contents = PatchContents(
         payloads, enc.base, enc.result, added, removed, dict(description or {})
@@ -152,30 +159,43 @@ class _Encoded:
     def changed(
         self,
         name: str,
-        old: np.ndarray,
-        new: np.ndarray,
+        base: ModelSource,
+        target: ModelSource,
         rules: Sequence[Rule],
         default: tuple[str, Mapping[str, object]],
         seed: int,
         check: bool,
     ) -> None:
-        """Encode a tensor both models have, unless its bytes, dtype and shape are the same."""
-        old_hash, new_hash = tensor_sha256(old), tensor_sha256(new)
+        """Encode a tensor both models have, unless its bytes, dtype and shape are the same.
+
+        Hashing and the exact codecs go block by block (``sources.BLOCK_BYTES``), letting the
+        inputs' pages go behind them; other codecs hold the tensor."""
+        old, new = base.read(name), target.read(name)
+        old_hash, new_hash = base.sha256(name, old), target.sha256(name, new)
         if old_hash == new_hash and old.dtype == new.dtype and old.shape == new.shape:
             return
-        self.payloads[name] = encode_tensor(name, old, new, rules, default, seed)
+        block = sources.BLOCK_BYTES if max(old.nbytes, new.nbytes) > sources.BLOCK_BYTES else None
+
+        def done(start: int, stop: int) -> None:
+            base.release(name, start, stop - start)
+            target.release(name, start, stop - start)
+
+        self.payloads[name] = encode_tensor(
+            name, old, new, rules, default, seed, block=block, done=done
+        )
         self.base[name] = old_hash
         if CODECS.get(self.payloads[name].codec).exact:
             self.result[name] = new_hash
         if check:
             self.quality.append(_measure(name, self.payloads[name], old, new))
 
-    def added(self, name: str, new: np.ndarray, seed: int, check: bool) -> None:
+    def added(self, name: str, target: ModelSource, seed: int, check: bool) -> None:
         """Store a tensor only TARGET has, whole (``full``)."""
+        new = target.read(name)
         self.payloads[name] = get_codec("full").encode(
             new, np.zeros_like(new), name=name, seed=seed
         )
-        self.result[name] = tensor_sha256(new)
+        self.result[name] = target.sha256(name, new)
         if check:
             self.quality.append(_measure(name, self.payloads[name], None, new))
 

@@ -16,26 +16,37 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from potluck.errors import UserError
+from potluck.errors import FormatError, UserError
 from potluck.fileio import atomic_dir, atomic_writer
-from potluck.formats.safetensors import write_safetensors
+from potluck.formats.safetensors import build_header
+from potluck.ops.models import sources
 from potluck.ops.models.sources import copy_layout
-from potluck.tensors.dtypes import to_numpy
+from potluck.tensors.dtypes import from_numpy, to_numpy
 
-__all__ = ["INDEX_NAME", "OutputPlan", "check_output", "plan_output", "write_output"]
+__all__ = ["INDEX_NAME", "Blocks", "OutputPlan", "check_output", "plan_output", "write_output"]
 
 #: The shard index a directory output gets.
 INDEX_NAME = "model.safetensors.index.json"
 _INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 Spec = tuple[str, str, tuple[int, ...]]
-TensorStream = Callable[[list[Spec]], Iterator[np.ndarray]]
+
+
+@dataclass
+class Blocks:
+    """A tensor given as flat C-order pieces of its dtype, written one after the other (a tensor
+    rebuilt block by block never exists whole in memory)."""
+
+    pieces: Iterable[np.ndarray]
+
+
+TensorStream = Callable[[list[Spec]], Iterator[np.ndarray | Blocks]]
 
 
 @dataclass
@@ -134,13 +145,13 @@ def write_output(
     target = Path(out)
     if not plan.directory:
         specs = plan.shards[""]
-        write_safetensors(target, specs, stream(specs), plan.metadata.get(""))
+        _write_safetensors(target, specs, stream(specs), plan.metadata.get(""))
         if card is not None:
             _write_bytes(target.parent / "README.md", card.encode("utf-8"))
         return [str(target)]
     with atomic_dir(target) as tmp:
         for fname, specs in plan.shards.items():
-            write_safetensors(tmp / fname, specs, stream(specs), plan.metadata.get(fname))
+            _write_safetensors(tmp / fname, specs, stream(specs), plan.metadata.get(fname))
         if plan.index:
             _write_bytes(tmp / INDEX_NAME, _index_json(plan))
         copy_layout(config_dir, tmp)
@@ -148,6 +159,39 @@ def write_output(
             _write_bytes(tmp / "README.md", card.encode("utf-8"))
         written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     return [str(target / n) for n in written]
+
+
+def _write_safetensors(
+    path: Path,
+    specs: list[Spec],
+    tensors: Iterable[np.ndarray | Blocks],
+    metadata: Mapping[str, str] | None,
+) -> None:
+    """A safetensors file written atomically, each tensor piece by piece (``BLOCK_BYTES``)."""
+    with atomic_writer(path) as f:
+        f.write(build_header(specs, metadata))
+        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
+            if isinstance(t, Blocks):
+                pieces: Iterable[np.ndarray] = t.pieces
+            elif from_numpy(t.dtype) != dtype or tuple(t.shape) != shape:
+                raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
+            else:
+                pieces = _pieces(t)
+            written = 0
+            for piece in pieces:
+                if from_numpy(piece.dtype) != dtype:
+                    raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
+                f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data)
+                written += piece.nbytes
+            if written != math.prod(shape) * to_numpy(dtype).itemsize:
+                raise FormatError(f"tensor {name!r} changed dtype or shape while writing")
+
+
+def _pieces(arr: np.ndarray) -> Iterator[np.ndarray]:
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    step = max(1, sources.BLOCK_BYTES // max(1, flat.dtype.itemsize))
+    for lo in range(0, flat.size, step):
+        yield flat[lo : lo + step]
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
