@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from conftest import Run, model, save_st
 from potluck.cli.main import cli
 from potluck.errors import IntegrityError
+from potluck.merging import MERGE_METHODS
 from potluck.ops.compose import AddOptions, add_expert, find_expert
 from potluck.ops.lineage import weights_digest_of
 from potluck.ops.patch import apply_patch, create_patch, read_patch
@@ -24,7 +25,7 @@ from test_vcs import commit
 
 Arrays = dict[str, np.ndarray]
 #: task arithmetic's parameters, defaults resolved (what the rebased patch records)
-PARAMS = {"lambda_": 1.0, "normalize": False}
+PARAMS = MERGE_METHODS.get("task_arithmetic").resolve_params({})
 
 
 def _versions() -> tuple[Arrays, Arrays, Arrays]:
