@@ -119,6 +119,9 @@ class TaskMaskCodec(UpdateCodec):
 
     name: ClassVar[str] = MASK_CODEC
     exact: ClassVar[bool] = False
+    #: Rebuilding needs two models (merged and original base): the one-base ``encode`` and
+    #: ``decode`` refuse, so the one-base codec contract does not apply to this codec.
+    two_models: ClassVar[bool] = True
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2405.07813"
 
     def check_base(self, payload: Payload, merged: np.ndarray) -> None:
