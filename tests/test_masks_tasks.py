@@ -202,3 +202,11 @@ def test_yaml_tall_masks_on_ties_with_a_lambda_per_model(models: Path) -> None:
             tau, tau_m = ft[k] - base[k], merged[k] - base[k]
             mask = np.abs(tau) > np.float32(lam) * np.abs(tau_m - tau)
             np.testing.assert_array_equal(got[k], np.where(mask, merged[k], base[k]))
+
+
+def test_experts_add_refuses_a_task_patch(models: Path, emr_out: tuple[Path, str]) -> None:
+    res = _cli(models, "experts", "add", "-L", "lib", "E/tasks/ft-a.patch", "--name", "ft-a",
+               "--version", "1.0.0")  # fmt: skip
+    assert res.exit_code != 0
+    assert "is a task_mask part of a tall_masks/emr merge: compose serves" in res.output
+    assert not (models / "lib").exists()

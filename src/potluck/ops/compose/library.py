@@ -141,6 +141,13 @@ def _delta(name: str, p: Payload) -> ExpertDelta:
         return ExpertDelta("dense", shape, delta=p.arrays["delta"])
     if p.codec == "ia3" and len(shape) in (1, 2):
         return ExpertDelta("ia3", shape, scales=p.arrays["scales"], axis=int(p.meta["axis"]))
+    if p.codec == "task_mask":  # a task part of a tall_masks/emr merge: needs two models
+        raise UserError(
+            f"tensor {name!r} is a task_mask part of a tall_masks/emr merge: compose serves "
+            "low-rank and (IA)³ experts of one base, and a task part also needs the original base",
+            hint="rebuild the task with `potluck patch apply MERGED PATCH -o DIR`",
+            tensor=name,
+        )
     raise UserError(
         f"tensor {name!r} uses codec {p.codec!r} ({mode or 'no mode'}, {len(shape)}-D): an "
         "expert must be a low-rank (LoRA) or (IA)³ patch of 1-D/2-D tensors",
