@@ -80,7 +80,9 @@ def test_digest_from_manifests_needs_no_decoding_and_matches_the_file(repo: Path
     assert version_at(Repo(repo), c1, "absent.safetensors") is None
 
 
-def test_commits_give_finetune_and_quantized_edges(repo: Path, git: Run) -> None:
+def test_commits_give_finetune_and_quantized_edges(
+    repo: Path, git: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v1 = _small()
     save_st(repo / "m.safetensors", v1)
     c1 = commit(git, "m.safetensors", "v1")
@@ -101,6 +103,14 @@ def test_commits_give_finetune_and_quantized_edges(repo: Path, git: Run) -> None
              commit=c2, path="m.safetensors", source="commit"),
     ]  # fmt: skip
     assert walk(Repo(repo), c1) == []  # the first version is a root
+    monkeypatch.chdir(repo)
+    r = CliRunner().invoke(cli, ["lineage", "m.safetensors"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [
+        "m.safetensors (file): 2 edge(s)",
+        f"  {d3[:12]} @{c3[:10]} m.safetensors  <- quantized [cast] <- {d2[:12]} @{c_docs[:10]}",
+        f"  {d2[:12]} @{c2[:10]} m.safetensors  <- finetune <- {d1[:12]} @{c1[:10]}",
+    ]
 
 
 RULE = {"path": "*.safetensors", "tensors": "*", "method": "ties", "params": {"density": 0.5}}
@@ -262,6 +272,17 @@ def test_committed_output_directory_keeps_its_recorded_edge(
         "lineage.json",
     )
     assert (edge.parents, edge.relation) == (want.edges[0].parents, "patch")
+    # weights edited after: the stale lineage.json vouches for nothing; the commit is a finetune
+    shard = repo / "patched" / "model-00002-of-00002.safetensors"
+    save_st(shard, {n: a * 2 for n, a in load_file(str(shard)).items()})
+    git("git", "commit", "-q", "-am", "edited by hand")
+    edited = git("git", "rev-parse", "HEAD").strip()
+    now = walk(Repo(repo), "HEAD")
+    assert [(e.commit, e.relation, e.source) for e in now] == [
+        (edited, "finetune", "commit"),
+        (head, "patch", "lineage.json"),
+    ]
+    assert now[0].parents == (Parent(head, want.weights_digest),)
 
 
 def test_lineage_of_a_patch_finds_its_base_in_the_repository(repo: Path, git: Run) -> None:
