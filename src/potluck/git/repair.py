@@ -1,13 +1,14 @@
 """``potluck fsck --repair``: fix what can be fixed locally, say exactly what to run for the rest.
 
-In order: temp files untouched for an hour are removed; a missing object with a quarantined copy
-that verifies is put back; every stored object is re-hashed and a corrupt or torn one is
-quarantined (moved to ``.git/potluck/objects/quarantine``, never
-deleted); the objects the checked-out files need that are missing (quarantined ones included)
-are fetched from the remote and verified; a damaged manifest of the checked-out commit or of
-the index is written to the work tree in canonical form when it can be read leniently. History
-is never rewritten and the index is not touched. Then the repository is checked again (without
-re-hashing the objects already verified): it is healthy when no problem is left.
+In order: temp files untouched for an hour are removed; a pack whose index is damaged is
+rewritten from its whole records (the damaged file quarantined); a missing object with a
+quarantined copy that verifies is put back; every stored object is re-hashed and a corrupt or
+torn one is quarantined (moved to ``.git/potluck/objects/quarantine``, never deleted); the
+objects the checked-out files need that are missing (quarantined ones included) are fetched from
+the remote and verified; a damaged manifest of the checked-out commit or of the index is written
+to the work tree in canonical form when it can be read leniently. History is never rewritten and
+the index is not touched. Then the repository is checked again (without re-hashing the objects
+already verified): it is healthy when no problem is left.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class RepairReport:
 def repair(repo: Repo, remote: str | None = None) -> RepairReport:
     """Repair the local repository (see the module doc); never raises for damaged data."""
     rep = RepairReport(temp_removed=maint.clean_temp(repo))
+    for name, why, kept in repo.store.repair_packs():
+        detail = f"{why}; rewritten with the {kept} whole objects it held, moved to quarantine"
+        rep.actions.append({"action": "repacked", "path": f"pack {name}", "detail": detail})
     problems = maint.fsck(repo)
     _restore(repo, {p.oid for p in problems if p.kind == "missing"}, rep)
     for p in problems:

@@ -119,7 +119,7 @@ class LocalStore:
         (fsynced first unless ``durable`` is False). Inside ``batch()``, an object written
         with ``durable`` False goes into the batch's pack."""
         if self._batch is not None and not durable:
-            return self._pack_writer(oid)
+            return self._pack_writer(validate_oid(oid))
         return self._writer(oid, self.path(oid), durable)
 
     @contextmanager
@@ -333,6 +333,12 @@ class LocalStore:
             os.fsync(f.fileno())
         self.delete_many([oid])
         return True
+
+    def repair_packs(self) -> list[tuple[str, str, int]]:
+        """Rewrite damaged packs (a cut or damaged index: read from their records) into whole
+        ones and move the damaged files into ``quarantine/``; return (pack file name, problem,
+        objects kept) for each (``fsck --repair``)."""
+        return self.packs.rebuild_damaged(self.root / QUARANTINE_DIR)
 
     def quarantined(self) -> list[Quarantined]:
         """Every object in ``quarantine/``, oldest first."""

@@ -116,6 +116,26 @@ class PackSet:
         self._remove(pack)
         return {d for d, _, _ in entries if d in digests}
 
+    def rebuild_damaged(self, quarantine_dir: Path) -> list[tuple[str, str, int]]:
+        """Rewrite every pack whose index had to be rebuilt from its records into a whole pack
+        of the objects it still holds, and move the damaged file (and any file under ``pack/``
+        that is not a pack) into ``quarantine_dir`` with a ``.why`` text; return
+        (file name, problem, objects kept) for each."""
+        self.refresh(force=True)
+        out: list[tuple[str, str, int]] = []
+        damaged = [(n, p.problem, p) for n, p in self.packs.items() if p.problem is not None]
+        for name, problem, pack in damaged:
+            self._write(pack, list(_raw_entries(pack)))
+            self.packs.pop(name, None)
+            pack.close()
+            out.append((name, problem, pack.count))
+        out += [(name, problem, 0) for name, problem in self.bad.items()]
+        for name, problem, _ in out:
+            _move_aside(self.pack_dir / name, quarantine_dir, problem)
+        self.bad.clear()
+        self.refresh(force=True)
+        return out
+
     def _write(self, pack: Pack, rest: list[tuple[bytes, int, int]]) -> Path | None:
         writer = PackWriter(self.tmp_dir)
         try:
@@ -137,3 +157,13 @@ class PackSet:
 def _raw_entries(pack: Pack) -> Iterator[tuple[bytes, int, int]]:
     for oid, off, n in pack.entries():
         yield bytes.fromhex(oid), off, n
+
+
+def _move_aside(path: Path, quarantine_dir: Path, why: str) -> None:
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    dest = quarantine_dir / f"{path.name}.{time.time_ns()}"
+    dest.with_name(dest.name + ".why").write_text(why + "\n", encoding="utf-8")
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        dest.with_name(dest.name + ".why").unlink(missing_ok=True)

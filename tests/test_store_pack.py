@@ -1,0 +1,326 @@
+"""Pack files for small objects (issue 14, item 18): the first add of a file with many small
+tensors writes one pack (one fsync) instead of a file per object; every store operation keeps
+working on packed objects (the store contract, gc, fsck and its repair, a crash mid-add)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pytest
+
+import test_store_contract as contract
+from conftest import Run, save_st
+from potluck.objects.manifest import parse
+from potluck.store import LocalStore, ObjectStore, validate_oid
+from potluck.store.local import PACK_MIN
+from potluck.store.pack import Pack
+
+FILE = "m.safetensors"
+N = PACK_MIN + 20  # tensors in a file: enough for its add to make a pack
+
+
+class PackPerWrite(LocalStore):
+    """A LocalStore whose every write goes into a pack of its own (the contract, packed)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, pack_min=1)
+
+    @contextmanager
+    def _one(self, oid: str) -> Iterator[BinaryIO]:
+        with self.batch(), LocalStore.writer(self, oid, durable=False) as f:
+            yield f
+
+    def writer(self, oid: str, durable: bool = True) -> AbstractContextManager[BinaryIO]:
+        return self._one(validate_oid(oid))
+
+
+class TestPackedStoreContract(contract.TestStoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> ObjectStore:
+        return PackPerWrite(tmp_path / "objects")
+
+
+def oid_of(i: int) -> tuple[str, bytes]:
+    data = f"object {i}".encode() * (i % 7 + 1)
+    return contract.oid_of(data), data
+
+
+def packs(root: Path) -> list[Path]:
+    return sorted((root / "pack").glob("*.pack"))
+
+
+def loose(root: Path) -> set[str]:
+    return {p.parent.name + p.name for p in root.glob("??/*") if len(p.name) == 62}
+
+
+def test_a_batch_is_one_pack_readable_before_it_ends_and_by_other_stores(tmp_path: Path) -> None:
+    root = tmp_path / "objects"
+    store, other = LocalStore(root), LocalStore(root)
+    objs = dict(oid_of(i) for i in range(PACK_MIN))
+    assert not other.has(next(iter(objs)))  # ``other`` has read the (absent) pack directory
+    with store.batch():
+        for oid, data in objs.items():
+            with store.writer(oid, durable=False) as f:
+                f.write(data)
+            assert store.has(oid) and contract.read(store, oid) == data
+        assert packs(root) == [] and not other.has(oid)
+    assert len(packs(root)) == 1 and loose(root) == set()
+    assert list((root / "tmp").iterdir()) == []
+    for oid, data in objs.items():  # a pack that appeared since ``other`` last looked
+        assert other.has(oid) and contract.read(other, oid) == data
+        assert other.stored_size(oid) == len(data)
+    assert sorted(other.iter_oids()) == sorted(objs)
+    with store.batch():  # a second pack, published in the same clock tick as the first
+        for i in range(PACK_MIN, 2 * PACK_MIN):
+            oid, data = oid_of(i)
+            with store.writer(oid, durable=False) as f:
+                f.write(data)
+    assert len(packs(root)) == 2 and other.has(oid) and contract.read(other, oid) == data
+
+
+def test_a_small_batch_is_written_as_loose_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    objs = dict(oid_of(i) for i in range(PACK_MIN - 1))
+    with store.batch():
+        for oid, data in objs.items():
+            with store.writer(oid, durable=False) as f:
+                f.write(data)
+    assert packs(tmp_path) == [] and loose(tmp_path) == set(objs)
+
+
+def test_a_batch_that_raises_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, pack_min=1)
+    oid, data = oid_of(1)
+    with pytest.raises(RuntimeError, match="boom"), store.batch():
+        with store.writer(oid, durable=False) as f:
+            f.write(data)
+        raise RuntimeError("boom")
+    assert not store.has(oid) and packs(tmp_path) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_delete_many_rewrites_a_pack_once_keeping_its_time_and_the_rest(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, pack_min=1)
+    objs = dict(oid_of(i) for i in range(10))
+    with store.batch():
+        for oid, data in objs.items():
+            with store.writer(oid, durable=False) as f:
+                f.write(data)
+    (old,) = packs(tmp_path)
+    then = time.time() - 3600
+    os.utime(old, (then, then))
+    doomed = sorted(objs)[:4]
+    assert store.delete_many(doomed, keep_newer_than=then - 1) == []  # written after: kept
+    assert store.delete_many(doomed, keep_newer_than=then + 1) == doomed
+    (new,) = packs(tmp_path)
+    assert new != old and new.stat().st_mtime == pytest.approx(then)
+    assert sorted(store.iter_oids()) == sorted(set(objs) - set(doomed))
+    for oid in set(objs) - set(doomed):
+        assert contract.read(LocalStore(tmp_path), oid) == objs[oid]
+    assert store.delete_many(sorted(objs)) == sorted(set(objs) - set(doomed))
+    assert packs(tmp_path) == [] and list(store.iter_oids()) == []
+
+
+# --- in a repository ----------------------------------------------------------------------------
+
+
+def many(rng: np.random.Generator, n: int, width: int = 64) -> dict[str, np.ndarray]:
+    return {f"layers.{i:05d}.w": rng.normal(size=width).astype(np.float32) for i in range(n)}
+
+
+def store_root(repo: Path) -> Path:
+    return repo / ".git" / "potluck" / "objects"
+
+
+def allocated(root: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def staged_oids(git: Run) -> set[str]:
+    return set(parse(git("git", "cat-file", "blob", f":{FILE}").encode()).oids())
+
+
+def packed_oids(repo: Path) -> set[str]:
+    return {oid for p in packs(store_root(repo)) for oid, _, _ in Pack.load(p).entries()}
+
+
+def test_first_add_of_many_small_tensors_makes_one_pack_near_the_data_size(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    """Before: one file per object, a 4 KiB block each: 3.47x the data on disk (1100-byte
+    tensors). Now one pack: the data plus ~100 bytes per object."""
+    data = save_st(repo / FILE, many(rng, 1000, width=275))
+    git("git", "add", FILE)
+    root = store_root(repo)
+    assert len(packs(root)) == 1 and loose(root) == set()
+    assert packed_oids(repo) == staged_oids(git)
+    assert allocated(root) <= 1.2 * len(data) + (64 << 10), (allocated(root), len(data))
+    git("git", "commit", "-q", "-m", "v1")
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+    assert git("potluck", "fsck") == "ok: all objects verified\n"
+
+
+def test_gc_drops_dead_packed_objects_after_the_grace_period_and_keeps_live_ones(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    t = many(rng, N)
+    save_st(repo / FILE, t)
+    git("git", "add", FILE)
+    v1 = staged_oids(git)
+    changed = sorted(t)[: N // 2]
+    t.update({name: rng.normal(size=64).astype(np.float32) for name in changed})
+    data = save_st(repo / FILE, t)
+    git("git", "add", FILE)  # v1's objects of the changed tensors are now unreferenced
+    v2 = staged_oids(git)
+    dead = v1 - v2
+    assert len(dead) == N // 2 and len(packs(store_root(repo))) == 1  # v2's 60: written loose
+    rep = json.loads(git("potluck", "gc", "--json"))
+    assert (rep["removed"], rep["recent"]) == (0, len(dead))  # within the grace period
+    rep = json.loads(git("potluck", "gc", "--prune=now", "--json"))
+    assert (rep["removed"], rep["kept"]) == (len(dead), len(v2))
+    assert packed_oids(repo) == v1 - dead and loose(store_root(repo)) == v2 - v1
+    assert git("potluck", "fsck") == "ok: all objects verified\n"
+    git("git", "commit", "-q", "-m", "v2")
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+
+
+def committed_many(repo: Path, git: Run, rng: np.random.Generator) -> tuple[bytes, list[str]]:
+    """A file of N small tensors committed and pushed; its bytes and its objects in the order
+    of the pack's records (the header, then the tensors)."""
+    data = save_st(repo / FILE, many(rng, N))
+    git("git", "add", FILE)
+    git("git", "commit", "-q", "-m", "v1")
+    git("git", "push", "-q", "origin", "main")
+    m = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
+    return data, [e.oid for e in m.entries]
+
+
+def test_a_flipped_byte_in_a_packed_object_is_quarantined_and_fetched_again(
+    repo: Path, git: Run, hub: Path, rng: np.random.Generator
+) -> None:
+    data, oids = committed_many(repo, git, rng)
+    (pack_path,) = packs(store_root(repo))
+    victim = oids[7]
+    offset, length = Pack.load(pack_path).find(bytes.fromhex(victim)) or (0, 0)
+    raw = bytearray(pack_path.read_bytes())
+    raw[offset + length - 10] ^= 0xFF
+    pack_path.chmod(0o644)
+    pack_path.write_bytes(bytes(raw))
+    out = git("potluck", "fsck", check=False)
+    assert f"corrupt object {victim[:12]}: object {victim[:12]} is corrupt: its content " in out
+    assert out.endswith("1 problems; `potluck fsck --repair` fixes what can be fixed here\n")
+    rep = json.loads(git("potluck", "fsck", "--repair", "--json"))
+    assert (rep["healthy"], rep["left"], rep["quarantined"]) == (True, [], 1)
+    assert [a["action"] for a in rep["actions"]] == ["quarantined", "fetched"]
+    qdir = store_root(repo) / "quarantine"
+    (q,) = [p for p in qdir.iterdir() if p.suffix != ".why"]
+    assert q.name.startswith(victim) and q.read_bytes() == raw[offset : offset + length]
+    assert packed_oids(repo) == set(oids) - {victim} and loose(store_root(repo)) == {victim}
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+
+
+def test_a_torn_pack_loses_only_its_cut_object_and_is_repaired(
+    repo: Path, git: Run, hub: Path, rng: np.random.Generator
+) -> None:
+    data, oids = committed_many(repo, git, rng)
+    (pack_path,) = packs(store_root(repo))
+    last = oids[-1]
+    offset, length = Pack.load(pack_path).find(bytes.fromhex(last)) or (0, 0)
+    pack_path.chmod(0o644)
+    os.truncate(pack_path, offset + length // 2)  # the index, the tail and half the last object
+    r = subprocess.run(["potluck", "fsck"], cwd=repo, capture_output=True, text=True)
+    assert f"missing object {last[:12]}: object is not in the store" in r.stdout
+    assert r.stdout.endswith("1 problems; `potluck fsck --repair` fixes what can be fixed here\n")
+    assert r.stderr == (
+        f"potluck: pack {pack_path.name} is damaged (the index is missing or cut short): "
+        "read from its records\n"
+    )
+    r = subprocess.run(["potluck", "fsck", "--repair"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith(
+        f"repacked pack {pack_path.name}: the index is missing or cut short; rewritten with the "
+        f"{N} whole objects it held, moved to quarantine\nfetched: 1 objects from file://"
+    ), r.stdout
+    assert r.stdout.endswith("ok: repository healthy\n")
+    assert packed_oids(repo) == set(oids) - {last} and loose(store_root(repo)) == {last}
+    assert all(Pack.load(p).problem is None for p in packs(store_root(repo)))
+    assert git("potluck", "fsck") == "ok: all objects verified\n"
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def filter_pid(git_pid: int) -> int | None:
+    """The pid of the potluck filter process under git (git runs it through ``sh -c``)."""
+    todo = children(git_pid)
+    while todo:
+        pid = todo.pop()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"filter-process" in argv and not argv[0].endswith(b"sh"):
+            return pid
+        todo += children(pid)
+    return None
+
+
+def kill_filter_mid_pack(repo: Path) -> bool:
+    """Run ``git add`` and kill -9 its filter once the pack is being written; return whether
+    the kill came before the add finished."""
+    tmp = store_root(repo) / "tmp"
+    proc = subprocess.Popen(["git", "add", FILE], cwd=repo, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        partial = [p for p in tmp.glob("pack-*.tmp") if p.stat().st_size > 64 << 10]
+        pid = filter_pid(proc.pid)
+        if partial and pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.communicate(timeout=120)
+    return proc.returncode != 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize(
+    "n", [3000, pytest.param(20000, marks=pytest.mark.heavy)], ids=["3k", "20k"]
+)
+def test_kill_9_during_a_many_tensor_add_leaves_no_trusted_partial_pack(
+    repo: Path, git: Run, rng: np.random.Generator, n: int
+) -> None:
+    data = save_st(repo / FILE, many(rng, n, width=275))
+    killed = kill_filter_mid_pack(repo)
+    root = store_root(repo)
+    assert killed and packs(root) == [] and loose(root) == set()  # nothing published
+    assert len(list((root / "tmp").glob("pack-*.tmp"))) == 1  # the leftover, for clean_tmp
+    assert git("potluck", "fsck") == "ok: all objects verified\n"
+    git("git", "add", FILE)
+    git("git", "commit", "-q", "-m", "v1")
+    assert len(packs(root)) == 1 and all(Pack.load(p).problem is None for p in packs(root))
+    (repo / FILE).unlink()
+    git("git", "checkout", "--", FILE)
+    assert (repo / FILE).read_bytes() == data
+    assert git("potluck", "fsck") == "ok: all objects verified\n"
