@@ -126,11 +126,16 @@ def run(
     m = evalgate.resolve_model(repo, model, paths)
     done = evalgate.evaluate(repo, load_suite(suite_file), m, device=device, force=force)
     if as_json:
-        emit_json([{**r.to_dict(), "id": r.id, "cached": hit} for r, _, hit in done])
+        rows = [(t.name, hit, None if r is None else {**r.to_dict(), "id": r.id})
+                for t, r, _, hit in done]  # fmt: skip
+        emit_json([{"task": n, "cached": hit, "record": rec} for n, hit, rec in rows])
         return
     echo(f"{safe_field(model)}: weights {m.weights[:12]}")
-    for rec, _, hit in done:
-        echo(_record_line(rec) + ("  (cached)" if hit else ""))
+    for t, rec, _, hit in done:
+        if rec is None:
+            echo(f"  {safe_field(t.name):<20} external task: no record for these weights")
+        else:
+            echo(_record_line(rec) + ("  (cached)" if hit else ""))
 
 
 @eval_group.command("import")

@@ -149,8 +149,9 @@ def _branches(sh: Shell, repo: Repo, rng: np.random.Generator, log: Log) -> Suit
     for rev in ("main", "alice", "bob"):
         model = evalgate.resolve_model(repo, rev)
         log(f"$ potluck eval run evals/suite.yaml {rev}     (weights {model.weights[:12]})")
-        for rec, _, hit in evalgate.evaluate(repo, loaded, model):
-            log(_record_line(rec, hit))
+        for _, rec, _, hit in evalgate.evaluate(repo, loaded, model):
+            if rec is not None:
+                log(_record_line(rec, hit))
     return loaded
 
 

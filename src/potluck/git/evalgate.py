@@ -21,6 +21,7 @@ from potluck.ops.evals.gate import (
     TaskVerdict,
     compare_task,
     gate_record,
+    missing_record,
     passing_gates,
     pick,
 )
@@ -75,32 +76,45 @@ def checked_out(repo: Repo, model: Model) -> Iterator[Path]:
             repo.git.run("worktree", "remove", "--force", str(wt), check=False)
 
 
-def _cached(repo: Repo, weights: str, task: Task) -> tuple[EvalRecord, Outcomes] | None:
+def _cached(repo: Repo, weights: str, task: Task) -> tuple[EvalRecord, Outcomes | None] | None:
     rec = pick(records_for(repo, weights), task.digest)
-    if rec is None or rec.outcomes is None or rec.trust != "verified":
+    if rec is None:
         return None
-    oc = read_outcomes(repo, rec.outcomes)
-    return None if oc is None else (rec, oc)
+    oc = None if rec.outcomes is None else read_outcomes(repo, rec.outcomes)
+    if task.external is None and (oc is None or rec.trust != "verified"):
+        return None  # a task potluck can run is run again rather than trusted
+    return rec, oc
+
+
+Evaluated = tuple[Task, EvalRecord | None, Outcomes | None, bool]
 
 
 def evaluate(
     repo: Repo, suite: Suite, model: Model, *, device: str = "cpu", force: bool = False
-) -> list[tuple[EvalRecord, Outcomes, bool]]:
-    """(record, outcomes, from cache) per task; runs only the tasks not cached for these
-    exact weights and suite digests, and stores their records."""
-    done = {t.name: None if force else _cached(repo, model.weights, t) for t in suite.tasks}
-    todo = [t for t in suite.tasks if done[t.name] is None]
+) -> list[Evaluated]:
+    """(task, record, outcomes, from cache) per task. Runs only the runnable tasks not cached
+    for these exact weights and suite digests, and stores their records; an external task
+    (``digest:`` in the suite) is only looked up (record None when there is none)."""
+    done = {
+        t.name: None if force and t.external is None else _cached(repo, model.weights, t)
+        for t in suite.tasks
+    }
+    todo = [t for t in suite.tasks if done[t.name] is None and t.external is None]
     fresh: dict[str, tuple[EvalRecord, Outcomes]] = {}
     if todo:
         with checked_out(repo, model) as where:
             results = run_suite(suite, where, model.weights, tasks=todo, device=device)
         store_records(repo, [r.record for r in results], [r.outcomes for r in results])
         fresh = {r.record.task: (r.record, r.outcomes) for r in results}
-    out = []
+    out: list[Evaluated] = []
     for t in suite.tasks:
         hit = done[t.name]
-        rec, oc = hit if hit is not None else fresh[t.name]
-        out.append((rec, oc, hit is not None))
+        if hit is not None:
+            out.append((t, hit[0], hit[1], True))
+        elif t.name in fresh:
+            out.append((t, *fresh[t.name], False))
+        else:
+            out.append((t, None, None, False))
     return out
 
 
@@ -121,12 +135,17 @@ def gate(
     for suite in suites:
         b = evaluate(repo, suite, base, device=device)
         c = evaluate(repo, suite, cand, device=device)
-        for task, (br, bo, _), (cr, co, _) in zip(suite.tasks, b, c, strict=True):
+        for (task, br, bo, _), (_, cr, co, _) in zip(b, c, strict=True):
             tol = task.tolerance if tolerance is None else tolerance
+            if br is None or cr is None:
+                side = "base" if br is None else "candidate"
+                verdicts.append(missing_record(task.name, task.digest, tol, side))
+                continue
             v = compare_task(br, cr, bo, co, tolerance=tol, alpha=alpha, seed=task.seed)
             verdicts.append(v)
             gate_recs.append(gate_record(cr, v, base.weights, cand.spec))
-    store_records(repo, gate_recs)
+    if gate_recs:
+        store_records(repo, gate_recs)
     return GateResult(base.spec, cand.spec, tuple(verdicts), gate_recs)
 
 

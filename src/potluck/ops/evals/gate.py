@@ -75,6 +75,14 @@ def _inconclusive(base: EvalRecord, cand: EvalRecord | None, tol: float, why: st
     )  # fmt: skip
 
 
+def missing_record(task: str, digest: str, tolerance: float, side: str) -> TaskVerdict:
+    """``inconclusive``: one side has no record of the task (an external task not imported)."""
+    return TaskVerdict(
+        task, digest, "?", "inconclusive", tolerance, None, None,
+        reason=f"{side}: no record of this task for its weights (suite {digest[:12]})",
+    )  # fmt: skip
+
+
 def compare_task(
     base: EvalRecord,
     cand: EvalRecord,

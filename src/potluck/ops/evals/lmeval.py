@@ -96,7 +96,7 @@ def _config(doc: Mapping[str, Any]) -> tuple[str | None, int | None, list[int]]:
     return (
         device if isinstance(device, str) else None,
         bs if isinstance(bs, int) and not isinstance(bs, bool) else None,
-        seeds,
+        list(dict.fromkeys(seeds)),
     )
 
 

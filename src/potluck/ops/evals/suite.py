@@ -14,6 +14,8 @@ loader, and each task's digest (what two records must share to be compared).
         prompt_template: "{text}"
         tolerance: 0.01
         batch_size: 16
+      - name: hellaswag                                 # external: records imported or run
+        digest: 5f0c...                                 # elsewhere, compared by this digest
 
 A task's digest is the sha256 of the canonical JSON of its name, version, the sha256 of the
 dataset's bytes (or of a packaged dataset's canonical items), split, prompt template, metric and
@@ -61,6 +63,7 @@ class Task:
     tolerance: float
     batch_size: int
     seed: int
+    external: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """The fields the digest covers (stored in every record as ``suite``)."""
@@ -72,8 +75,9 @@ class Task:
 
     @property
     def digest(self) -> str:
-        """sha256 of the canonical JSON of ``describe()``."""
-        return task_digest(self.describe())
+        """sha256 of the canonical JSON of ``describe()`` (an external task: the digest the
+        suite names)."""
+        return self.external or task_digest(self.describe())
 
     def suite_field(self) -> dict[str, Any]:
         """``describe()`` plus the digest: a record's ``suite`` value."""
@@ -149,10 +153,24 @@ def _dataset(spec: object, base: Path, where: str) -> tuple[dict[str, Any], list
     return {"file": path.name, "sha256": sha, "split": split}, items
 
 
+def _external(raw: Mapping[str, Any], where: str, default_tol: float) -> Task:
+    digest, tol = raw.get("digest"), raw.get("tolerance", default_tol)
+    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        raise _err(where, "an external task's digest is a 64-hex suite digest")
+    if not isinstance(tol, int | float) or tol < 0:
+        raise _err(where, "tolerance is a number >= 0")
+    return Task(
+        str(raw["name"]), "", {}, (), "", "higher", None, float(tol), 1,
+        int(raw.get("seed", 0)), external=digest,
+    )  # fmt: skip
+
+
 def _task(raw: object, base: Path, where: str, default_tol: float) -> Task:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
         raise _err(where, "each task needs a name")
     where = f"{where}: task {raw['name']}"
+    if "digest" in raw:
+        return _external(raw, where, default_tol)
     metric = str(raw.get("metric", "accuracy"))
     if metric not in METRICS:
         raise _err(where, f"unknown metric {metric!r}", "accuracy, or score with a direction")
