@@ -5,22 +5,28 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import Run
+from conftest import BIN, Run, run_in
 from potluck.cli import eval_cmd, gate_cmd  # noqa: F401  (register the commands)
 from potluck.cli.main import cli
 from potluck.demo.communal_story import CONFIG, nudge, write_suite
 from potluck.demo.model import init_params, retrain, save_safetensors
+from potluck.git import evalgate
 from potluck.git.evalrec import EVALS_REF
+from potluck.git.repo import Repo
+from potluck.ops.evals.suite import load_suite
 from potluck.tensors.digests import tensor_sha256, weights_digest
 from potluck.tensors.dtypes import from_numpy
 
 SUITE = "evals/suite.yaml"
+LMEVAL = Path(__file__).parent / "data" / "lmeval"
 
 
 def invoke(repo: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
@@ -44,23 +50,61 @@ def _commit(git: Run, repo: Path, p: dict[str, np.ndarray], msg: str) -> str:
     return git("git", "rev-parse", "HEAD").strip()
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Built once per module: v1 (with the suite), ``good`` (a tiny nudge of layer 0) and
+    ``bad`` (layer 1's attention retrained) branches; the params and commits."""
+    root = tmp_path_factory.mktemp("gate") / "repo"
+    root.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(root.parent))
+        for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+            mp.setenv(k, "Test")
+        for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+            mp.setenv(k, "test@example.invalid")
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        mp.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+        git = run_in(root)
+        git("git", "init", "-q", "-b", "main")
+        git("potluck", "init")
+        git("potluck", "track", "*.safetensors", "*.npz")
+        rng = np.random.default_rng(17)
+        p0 = init_params(CONFIG, rng)
+        write_suite(root, p0, rng)
+        git("git", "add", "evals", ".gitattributes")
+        v1 = _commit(git, root, p0, "v1")
+        git("git", "switch", "-q", "-c", "good")
+        pg = nudge(p0, rng, "h.0.mlp", 1e-4)
+        good = _commit(git, root, pg, "good")
+        git("git", "switch", "-q", "-c", "bad", "main")
+        pb = retrain(p0, rng, ("h.1.attn",))
+        bad = _commit(git, root, pb, "bad")
+        git("git", "switch", "-q", "main")
+        suite = load_suite(root / SUITE)
+        repo = Repo(root)
+        for rev in ("main", "good"):  # cached records: the tests below evaluate only ``bad``
+            evalgate.evaluate(repo, suite, evalgate.resolve_model(repo, rev))
+    return {"root": root, "p0": p0, "pg": pg, "pb": pb, "v1": v1, "good": good, "bad": bad}
+
+
 @pytest.fixture
-def story(repo: Path, git: Run) -> dict[str, object]:
-    """v1 (with the suite), ``good`` (a tiny nudge of layer 0) and ``bad`` (layer 1's attention
-    retrained) branches; returns the params and commits."""
-    rng = np.random.default_rng(17)
-    p0 = init_params(CONFIG, rng)
-    write_suite(repo, p0, rng)
-    git("git", "add", "evals")
-    v1 = _commit(git, repo, p0, "v1")
-    git("git", "switch", "-q", "-c", "good")
-    pg = nudge(p0, rng, "h.0.mlp", 1e-4)
-    good = _commit(git, repo, pg, "good")
-    git("git", "switch", "-q", "-c", "bad", "main")
-    pb = retrain(p0, rng, ("h.1.attn",))
-    bad = _commit(git, repo, pb, "bad")
-    git("git", "switch", "-q", "main")
-    return {"p0": p0, "pg": pg, "pb": pb, "v1": v1, "good": good, "bad": bad}
+def story(template: dict[str, object], tmp_path: Path) -> dict[str, object]:
+    """A private copy of the template repository (``repo``) and its data."""
+    root = tmp_path / "repo"
+    shutil.copytree(template["root"], root, symlinks=True)  # type: ignore[arg-type]
+    return {**template, "repo": root}
+
+
+@pytest.fixture
+def repo(story: dict[str, object]) -> Path:
+    """The story's repository."""
+    return story["repo"]  # type: ignore[return-value]
+
+
+@pytest.fixture
+def git(repo: Path) -> Run:
+    """Command runner in the story's repository."""
+    return run_in(repo)
 
 
 def test_eval_run_records_exact_weights_with_outcomes_and_caches(
@@ -76,7 +120,8 @@ def test_eval_run_records_exact_weights_with_outcomes_and_caches(
         "verified", "score", 300, "accuracy", "higher",
     )  # fmt: skip
     # stored under the weights digest on refs/potluck/evals, outcomes as their own object
-    paths = git("git", "ls-tree", "-r", "--name-only", EVALS_REF).split()
+    listed = git("git", "ls-tree", "-r", "--name-only", EVALS_REF).split()
+    paths = [p for p in listed if weights in p or rec["outcomes"] in p]
     assert sorted(paths) == sorted([
         f"records/{weights[:2]}/{weights}/{row['record']['id']}.json",
         f"outcomes/{rec['outcomes'][:2]}/{rec['outcomes']}.json",
@@ -137,22 +182,32 @@ def test_promote_needs_a_passing_gate_record_for_the_exact_weights(
 
 
 def test_records_travel_with_push_and_pull_and_merge_as_a_union(
-    tmp_path: Path, repo: Path, git: Run, hub: Path, story: dict, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, repo: Path, git: Run, story: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    hub = tmp_path / "hub.git"
+    git("git", "init", "-q", "--bare", "-b", "main", str(hub))
+    git("git", "remote", "add", "origin", str(hub))
     git("git", "push", "-q", "origin", "main", "good", "bad")
     invoke(repo, monkeypatch, "eval", "run", SUITE, "good")
     code, out, _ = invoke(repo, monkeypatch, "eval", "push")
     assert (code, out) == (0, f"pushed {EVALS_REF} to origin\n")
     other = tmp_path / "other"
-    git("potluck", "-q", "clone", str(hub), str(other))
+    git("git", "clone", "-q", str(hub), str(other))  # plain git: weights stay placeholders
     code, out, _ = invoke(other, monkeypatch, "eval", "pull")
     assert (code, out) == (0, "records fast-forwarded\n")
     # both sides add records: a pull merges them (union), a push then fast-forwards the hub
-    assert invoke(other, monkeypatch, "eval", "run", SUITE, "origin/bad")[0] == 0
-    assert invoke(repo, monkeypatch, "eval", "run", SUITE, "main")[0] == 0
+    results = str(LMEVAL / "base" / "results.json")
+    code, out, err = invoke(other, monkeypatch, "eval", "import", results, "--rev", "origin/bad")
+    assert code == 0, err
+    assert invoke(repo, monkeypatch, "eval", "run", SUITE, "bad")[0] == 0
     code, out, _ = invoke(other, monkeypatch, "eval", "push")
     assert code == 0
     code, out, _ = invoke(repo, monkeypatch, "eval", "pull")
-    assert (code, out) == (0, "merged 2 file(s) of records\n")
+    assert (code, out) == (0, "merged 1 file(s) of records\n")
     code, out, _ = invoke(repo, monkeypatch, "eval", "list", "bad", "--json")
-    assert [r["weights"] for r in json.loads(out)["records"]] == [digest_of(story["pb"])]
+    recs = json.loads(out)["records"]
+    assert sorted((r["task"] if "task" in r else r["suite"]["task"], r["trust"]) for r in recs) == [
+        ("agree", "verified"),
+        ("tiny_sums", "community"),
+    ]
+    assert {r["weights"] for r in recs} == {digest_of(story["pb"])}
