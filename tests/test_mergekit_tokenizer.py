@@ -195,3 +195,23 @@ def test_tokenizer_key_errors(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(UserError) as e:
         load_config(cfg)
     assert message in e.value.message
+
+
+def test_token_no_model_has_gets_zeros(tmp_path: Path, models_copy: Path) -> None:
+    """``tokenizer_source`` a tokenizer beyond the inputs: its token no model has is a zero row."""
+    other = tmp_path / "other"
+    other.mkdir()
+    data = json.loads((models_copy / "ft1" / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 18, "content": "zz", "special": False})
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    cfg = localized("union", tmp_path, models_copy)
+    cfg.write_text(cfg.read_text().replace("tokenizer_source: union", f"tokenizer_source: {other}"))
+    out = tmp_path / "out"
+    run_merge(load_config(cfg), out)
+    ids = token_ids(out / "tokenizer.json")
+    assert ids == token_ids(other / "tokenizer.json")
+    merged = read_dir(out)
+    for name in VOCAB_TENSORS:
+        assert merged[name].shape == (19, 8)
+        np.testing.assert_array_equal(merged[name][18], np.zeros(8, np.float32))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 19

@@ -239,14 +239,16 @@ def align_vocab(
         return list(arrays)
     perms = np.stack([plan.rows_of[r] for r in refs])
     has = perms >= 0
-    fill = _fill_rows(plan, refs, arrays, perms, has)
+    need = np.flatnonzero(~has.all(axis=0))  # tokens some model lacks: only these are filled
+    fill = _fill_rows(plan, refs, arrays, perms[:, need], has[:, need])
     out = []
     for a, p, h in zip(arrays, perms, has, strict=True):
-        new = np.zeros((plan.rows, *a.shape[1:]), dtype=np.float64)
-        new[: len(p)] = fill
+        new = np.empty((plan.rows, *a.shape[1:]), dtype=a.dtype)  # the inputs' dtype, as mergekit
         new[: len(p)][h] = a[p[h]]
+        lack = ~h[need]
+        new[need[lack]] = fill[lack]
         if plan.rows > len(p):
-            new[len(p) :] = new[: len(p)].mean(axis=0)  # mergekit: pad with the mean row
+            new[len(p) :] = new[: len(p)].mean(axis=0, dtype=np.float64)  # mergekit: the mean row
         out.append(new)
     return out
 
@@ -258,12 +260,12 @@ def _fill_rows(
     perms: np.ndarray,
     has: np.ndarray,
 ) -> np.ndarray:
-    """Row per output token for the models that lack it (see the module docstring)."""
+    """Row per token (columns of ``perms``/``has``) for the models that lack it: the one model
+    that has it, else the base's, else the mean of those that have it (none: zeros)."""
     count = has.sum(axis=0)
     fill = np.zeros((perms.shape[1], *arrays[0].shape[1:]), dtype=np.float64)
     for i, a in enumerate(arrays):
-        rows = a[np.maximum(perms[i], 0)].astype(np.float64)
-        fill += np.where(has[i].reshape(-1, *([1] * (a.ndim - 1))), rows, 0.0)
+        fill[has[i]] += a[perms[i][has[i]]]
     fill /= np.maximum(count, 1).reshape(-1, *([1] * (fill.ndim - 1)))
     if plan.base in refs:
         b = list(refs).index(plan.base)
