@@ -6,6 +6,7 @@ Run with the mergekit venv (see ``bench/requirements-mergekit.txt``), from the r
     /work/venvs/mergekit/bin/pip install torch==2.13.0          # the CPU wheel, first
     /work/venvs/mergekit/bin/pip install -r bench/requirements-mergekit.txt
     /work/venvs/mergekit/bin/python -m bench.mergekit_fixtures  # [--only CASE ...]
+    /work/venvs/mergekit/bin/python -m bench.mergekit_fixtures --tokenizer  # tokenizer/ cases
 
 What it writes (everything is regenerated; ~2.5 MB in all):
 
@@ -361,6 +362,11 @@ def write_readme(cases: list[str]) -> None:
         "",
         "`models/`: base, ft1 (dense delta), ft2 (half the entries, sign conflicts with ft1),",
         "ft3 (10 % sparse); Llama-shaped, hidden 32, 3 layers, float32.",
+        "",
+        "`tokenizer/` (`--tokenizer`, see `tokenizer_cases.py`): models with different",
+        "vocabularies merged with tokenizer_source union / base / a model / pad_to_multiple_of;",
+        "checked by `tests/test_mergekit_tokenizer.py`. `near_threshold/`: checked by",
+        "`tests/test_mergekit_methods.py` only.",
         "",
         "| case | merge_method | dtype |",
         "| --- | --- | --- |",
