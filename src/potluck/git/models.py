@@ -166,6 +166,7 @@ def _store_source(
     infos: dict[str, TensorInfo] = {}
     readers: dict[str, Callable[[], np.ndarray]] = {}
     files: dict[str, str] = {}
+    known: dict[str, str] = {}
     metadata: dict[str, dict[str, str]] = {}  # each safetensors file's __metadata__ travels
     spill = _Spill(repo)
     for path, m in manifests.items():
@@ -179,6 +180,7 @@ def _store_source(
                 raise UserError(f"{spec}: tensor {name!r} appears in two files")
             infos[name] = TensorInfo(name, e.dtype, tuple(e.shape))
             readers[name] = spill.reader(e, loader)
+            known[name] = e.oid  # the sha256 of the tensor's little-endian bytes
             files[name] = Path(path).name
 
     identity = {"path": spec}
@@ -186,7 +188,7 @@ def _store_source(
         identity["commit"] = commit
     src = ModelSource(
         spec, infos, lambda n: readers[n](), files=files, config_dir=config_dir,
-        identity=identity, metadata=metadata, releasers=spill.releasers,
+        identity=identity, metadata=metadata, releasers=spill.releasers, known_sha256=known,
     )  # fmt: skip
     if config_dir is not None and config_dir.name.startswith("potluck-model-"):
         src.closers.append(lambda: shutil.rmtree(config_dir, ignore_errors=True))

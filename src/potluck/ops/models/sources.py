@@ -112,7 +112,8 @@ class ModelSource:
     ``config_dir`` is a directory holding the model's ``config.json`` and tokenizer files, when
     there is one. ``identity`` describes where the tensors came from (path, revision, hashes) for
     provenance records. ``metadata`` maps each safetensors file to its ``__metadata__`` (e.g.
-    ``{"format": "pt"}``), which a model derived file by file keeps.
+    ``{"format": "pt"}``), which a model derived file by file keeps. ``known_sha256`` holds
+    tensor hashes known without reading (stored tensors: their object ids).
     """
 
     label: str
@@ -124,6 +125,7 @@ class ModelSource:
     closers: list[Callable[[], None]] = field(default_factory=list)
     releasers: dict[str, Callable[[int, int | None], None]] = field(default_factory=dict)
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    known_sha256: dict[str, str] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         """Tensor names in the source's order."""
@@ -164,7 +166,11 @@ class ModelSource:
             self.release(name, lo * flat.dtype.itemsize, step * flat.dtype.itemsize)
 
     def sha256(self, name: str, arr: np.ndarray | None = None) -> str:
-        """``tensor_sha256`` of the tensor (``arr`` when already read), hashed block by block."""
+        """``tensor_sha256`` of the tensor (``arr`` when already read), hashed block by block;
+        ``known_sha256`` (a stored tensor's object id) answers without reading."""
+        known = self.known_sha256.get(name)
+        if known is not None:
+            return known
         a = self.read(name) if arr is None else arr
         if a.dtype.byteorder == ">" or not a.flags.c_contiguous:
             return tensor_sha256(a)
