@@ -123,6 +123,11 @@ def plan_merge(
     planner = _Planner(config, method, sources, out_dtype, vocab)
     jobs = planner.plan(slices)
     notes += sorted(planner.notes) + planner.unmerged.notes()
+    if vocab is not None:
+        notes.append(
+            f"tokenizer_source {vocab.source}: {len(vocab.tokens)} tokens, {vocab.rows} rows "
+            f"in {', '.join(sorted(vocab.tensors))}"
+        )
     return MergePlan(jobs, method, planner.out_layers, notes, planner.unmerged, vocab)
 
 
