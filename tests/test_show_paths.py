@@ -37,12 +37,22 @@ def _history(repo: Path, git: Run, rng: np.random.Generator) -> tuple[list[bytes
     return files, texts
 
 
-def test_git_log_p_shows_tensor_lines_without_rebuilding_a_checkpoint(
+def test_show_commands_read_manifests_and_checkout_still_rebuilds(
     repo: Path, git: Run, rng: np.random.Generator
 ) -> None:
     files, texts = _history(repo, git, rng)
+    # git diff between commits: the diff driver reads the manifests' tensors from the store
+    out = git("git", "diff", "HEAD~1", "HEAD", "--", "m.safetensors").splitlines()
+    assert out[0] == "potluck diff a/m.safetensors b/m.safetensors"
+    assert out[1].split()[:3] == ["changed", "layers.0.b", "F32[8]"]
+    assert out[2:] == ["  (1 tensors differ, 2 unchanged)"]
+    # a checkout still rebuilds the checkpoint, byte for byte
+    git("git", "checkout", "-q", "HEAD~1", "--", "m.safetensors")
+    assert (repo / "m.safetensors").read_bytes() == files[0]
+    git("git", "checkout", "-q", "HEAD", "--", "m.safetensors")
+    assert (repo / "m.safetensors").read_bytes() == files[1]
+    # git log -p with no tensor data at all: a smudge would leave manifests and warn on stderr
     git("git", "config", "diff.potluck.cachetextconv", "false")
-    # no tensor data at all: a smudge would leave manifests and warn on stderr
     shutil.rmtree(repo / ".git" / "potluck" / "objects")
     proc = subprocess.run(
         ["git", "log", "-p", "--format=%s", "--", "m.safetensors"],
@@ -53,30 +63,9 @@ def test_git_log_p_shows_tensor_lines_without_rebuilding_a_checkpoint(
     new = texts[1].splitlines()
     changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
     assert [a.split()[0] for a, _ in changed] == ["layers.0.b"]
-    out = proc.stdout.decode()
-    assert f"-{changed[0][0]}\n+{changed[0][1]}\n" in out
-    assert "".join(f"+{line}\n" for line in old) in out  # the first commit adds every line
-    assert len(files[0]) == len(files[1])
-
-
-def test_checkout_still_rebuilds_the_checkpoint(
-    repo: Path, git: Run, rng: np.random.Generator
-) -> None:
-    files, _ = _history(repo, git, rng)
-    git("git", "checkout", "-q", "HEAD~1", "--", "m.safetensors")
-    assert (repo / "m.safetensors").read_bytes() == files[0]
-    git("git", "-c", "core.pager=cat", "checkout", "-q", "HEAD", "--", "m.safetensors")
-    assert (repo / "m.safetensors").read_bytes() == files[1]
-
-
-def test_git_diff_between_commits_reads_manifests_from_the_store(
-    repo: Path, git: Run, rng: np.random.Generator
-) -> None:
-    _history(repo, git, rng)
-    out = git("git", "diff", "HEAD~1", "HEAD", "--", "m.safetensors").splitlines()
-    assert out[0] == "potluck diff a/m.safetensors b/m.safetensors"
-    assert out[1].split()[:3] == ["changed", "layers.0.b", "F32[8]"]
-    assert out[2:] == ["  (1 tensors differ, 2 unchanged)"]
+    log = proc.stdout.decode()
+    assert f"-{changed[0][0]}\n+{changed[0][1]}\n" in log
+    assert "".join(f"+{line}\n" for line in old) in log  # the first commit adds every line
 
 
 def test_git_command_names() -> None:
