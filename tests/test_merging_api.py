@@ -18,6 +18,9 @@ BASE_METHODS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcru
 BASE_METHODS += ["breadcrumbs_ties", "della", "della_linear", "model_stock", "tsv"]
 BASE_METHODS += ["consensus", "tall_masks", "emr", "adamerging"]
 BASE_METHODS += ["iso_c", "iso_cts"]
+BASE_METHODS += ["sce", "nearswap", "arcee_fusion"]
+#: methods of one model besides the base, and their required parameters
+ONE_MODEL = {"passthrough": {}, "nearswap": {"t": 0.5}, "arcee_fusion": {}}
 
 
 def merge(method: str, models, base=None, weights=None, **params) -> np.ndarray:
@@ -36,15 +39,17 @@ def test_builtins_are_registered_with_reference_and_schema() -> None:
         assert method.needs_base == (name in BASE_METHODS)
         for pname, p in method.params.items():
             assert p.description and p.allowed()
-            assert p.check(name, pname, p.default) == p.default
+            required = p.default is None  # no default (nearswap's t, as in mergekit)
+            assert required or p.check(name, pname, p.default) == p.default
 
 
 def test_every_method_runs_on_defaults(rng) -> None:
     base = rng.normal(size=SHAPE).astype(np.float32)
     models = [(base + rng.normal(size=SHAPE)).astype(np.float32) for _ in range(2)]
     for name, method in MERGE_METHODS.items():
-        ms = models[:1] if name == "passthrough" else models
-        out = method.merge(ms, base if method.needs_base else None, None, name="w", seed=1)
+        ms = models[:1] if name in ONE_MODEL else models
+        b, params = (base if method.needs_base else None), ONE_MODEL.get(name, {})
+        out = method.merge(ms, b, None, name="w", seed=1, **params)
         assert out.shape == SHAPE
         assert out.dtype == (np.float32 if name == "passthrough" else np.float64)
 
@@ -152,7 +157,7 @@ def test_low_precision_inputs_compute_in_float64() -> None:
 @pytest.mark.parametrize("method", BASE_METHODS)
 def test_method_needing_a_base_without_one(method: str) -> None:
     with pytest.raises(UserError, match=f"merge method '{method}' needs a base model"):
-        merge(method, [np.ones(SHAPE), np.ones(SHAPE)])
+        merge(method, [np.ones(SHAPE)] * (1 if method in ONE_MODEL else 2))
 
 
 @pytest.mark.parametrize(
@@ -283,7 +288,8 @@ def test_empty_and_scalar_tensors(shape: tuple[int, ...]) -> None:
     base = np.zeros(shape)
     models = [np.full(shape, 1.0), np.full(shape, 2.0)]
     for name, method in MERGE_METHODS.items():
-        ms = models[:1] if name == "passthrough" else models
+        ms = models[:1] if name in ONE_MODEL else models
         params = {"density": 0.5} if name in ("dare_ties", "della", "della_linear") else {}
+        params.update(ONE_MODEL.get(name, {}))
         out = method.merge(ms, base, None, name="w", seed=0, **params)
         assert out.shape == shape

@@ -66,6 +66,8 @@ def sce_erase(taus: np.ndarray) -> np.ndarray:
 def sce(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     """SCE (mergekit): base + Σ wᵢ·maskᵢ·τᵢ / max(Σ wᵢ·maskᵢ, 1e-6)."""
     assert inputs.base is not None  # needs_base is checked before any method runs
+    if inputs.base.size == 0:
+        return np.array(inputs.base, copy=True)
     taus = task_vectors(inputs.models, inputs.base)
     if float(p["select_topk"]) < 1:
         taus = taus * sce_select(taus, float(p["select_topk"]))
@@ -122,9 +124,13 @@ def arcee_fusion(inputs: MergeInputs, p: Mapping[str, Any]) -> np.ndarray:
     """Arcee Fusion (mergekit): base + (model − base) where importance ≥ threshold."""
     assert inputs.base is not None
     base, model = inputs.base, inputs.models[0]
+    if base.size == 0:
+        return np.array(base, copy=True)
+    if base.ndim == 0:  # a scalar is a vector of one entry (torch's softmax over dim -1)
+        base, model = base.reshape(1), model.reshape(1)
     importance = fusion_importance(model, base)
     mask = importance >= fusion_threshold(importance)
-    return np.asarray(base + (model - base) * mask)
+    return np.asarray(base + (model - base) * mask).reshape(inputs.base.shape)
 
 
 METHODS: tuple[MergeMethod, ...] = (
