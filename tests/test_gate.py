@@ -211,3 +211,38 @@ def test_records_travel_with_push_and_pull_and_merge_as_a_union(
         ("tiny_sums", "community"),
     ]
     assert {r["weights"] for r in recs} == {digest_of(story["pb"])}
+
+
+def test_report_of_a_gated_branch(
+    repo: Path, git: Run, story: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert invoke(repo, monkeypatch, "gate", "main", "bad", "--suite", SUITE)[0] == 1
+    code, out, _ = invoke(repo, monkeypatch, "report", "main..bad", "--markdown")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "## potluck report `main..bad`"
+    assert "2 tensors changed, 18 unchanged." in lines
+    assert "| model.safetensors | h.1 | 2 | 1.41e+00 | 100.0 % |" in lines
+    [lineage] = [x for x in lines if x.startswith("- ") and "finetune" in x]
+    assert lineage.startswith(f"- {story['bad'][:10]} model.safetensors: ")
+    [row] = [x for x in lines if x.startswith("| agree |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["agree", "accuracy", "1.0000 ± 0.0000"]
+    assert cells[4].endswith("(paired)") and cells[5] == "**fail**"
+
+
+def test_report_escapes_hostile_tensor_names(
+    repo: Path, git: Run, story: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    git("git", "switch", "-q", "-c", "hostile", "main")
+    evil = {"h.0.<script>|x": np.ones(4, np.float32), "a\nb": np.zeros(2, np.float32)}
+    save_safetensors(evil, repo / "evil.safetensors")
+    git("git", "add", "evil.safetensors")
+    git("git", "commit", "-q", "-m", "hostile names")
+    code, out, _ = invoke(repo, monkeypatch, "report", "main..hostile", "--markdown")
+    assert code == 0
+    lines = out.splitlines()
+    assert "| evil.safetensors | h.0 | 1 | – | – |" in lines
+    assert "| evil.safetensors | a\\\\u000ab | 1 | – | – |" in lines
+    assert "- h.0.\\<script\\>\\|x (evil.safetensors): added" in lines
+    assert not any("<script>" in x for x in lines)

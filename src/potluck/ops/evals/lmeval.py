@@ -135,7 +135,7 @@ def import_results(
 def _sample_task(path: Path, tasks: Mapping[str, Any]) -> str:
     name = path.name
     for task in sorted(tasks, key=len, reverse=True):
-        if name.startswith(f"samples_{task}_"):
+        if name.startswith(f"samples_{task}_") or name == f"samples_{task}.jsonl":
             return task
     raise UserError(
         f"{path}: not a samples file of a task in the results ({', '.join(sorted(tasks))})",
