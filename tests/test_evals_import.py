@@ -153,3 +153,35 @@ def test_export_hf_writes_eval_results_and_model_index(
         {"type": "acc", "value": raw["acc,none"], "name": "acc", "verified": False}
     ]
     assert np.isclose(result["metrics"][0]["value"], 0.45)
+
+
+def test_eval_run_of_a_hugging_face_classifier_directory(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in torch loader on a tiny BERT classifier; the reference is the model's own
+    argmax on each text, computed here with transformers."""
+    from tiny_models import MOVIE_WORDS, save_tiny, tiny_bert
+
+    torch = pytest.importorskip("torch")
+    model = tiny_bert(3, vocab_size=len(MOVIE_WORDS), classifier=True, num_labels=2)
+    mdir = save_tiny(model, tmp_path / "clf", words=MOVIE_WORDS)
+    texts = ["good movie", "bad plot", "the movie was good", "the plot was bad", "bad bad"]
+    rows = [{"id": f"t{i}", "text": t, "label": i % 2} for i, t in enumerate(texts)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "suite.yaml").write_text(
+        "potluck_suite: 1\nloader: potluck.ops.evals.hf:sequence_classifier\n"
+        "tasks:\n  - name: movies\n    dataset: {path: data.jsonl}\n    batch_size: 2\n"
+    )
+    code, out, err = invoke(
+        repo, monkeypatch, "eval", "run", str(tmp_path / "suite.yaml"), str(mdir), "--json"
+    )
+    assert code == 0, err
+    [row] = json.loads(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mdir)
+    with torch.no_grad():
+        preds = [int(model(**tok([t], return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    expected = [float(p == r["label"]) for p, r in zip(preds, rows, strict=True)]
+    assert row["record"]["value"] == pytest.approx(sum(expected) / 5)
+    assert (row["record"]["weights"], row["record"]["n"]) == (weights_digest_of(mdir), 5)
