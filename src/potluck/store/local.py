@@ -55,6 +55,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _PackedWrite:
+    """The writer of one object into the store's batch (buffered: it is small)."""
+
+    def __init__(self, store: LocalStore, oid: str) -> None:
+        self.store, self.oid, self.buf = store, oid, io.BytesIO()
+
+    def __enter__(self) -> BinaryIO:
+        return self.buf
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        batch, data = self.store._batch, self.buf.getbuffer()
+        if kind is not None:
+            return
+        if batch is None:
+            raise RuntimeError("a pack writer outlived its batch")
+        if len(data) > PACK_OBJECT_MAX:
+            with self.store.writer(self.oid, durable=True) as f:
+                f.write(data)
+            return
+        batch.add(bytes.fromhex(self.oid), data)
+
+
 class LocalStore:
     """``ObjectStore`` of loose files and packs under ``root`` (created on first write)."""
 
@@ -77,7 +99,7 @@ class LocalStore:
 
     def _packed(self, oid: str, refresh: bool = True) -> tuple[Pack | PackWriter, int, int] | None:
         """Where a packed (or, in a batch, just written) object is."""
-        digest = bytes.fromhex(oid)
+        digest = bytes.fromhex(validate_oid(oid))
         if self._batch is not None:
             at = self._batch.find(digest)
             if at is not None:
@@ -85,19 +107,24 @@ class LocalStore:
         return self.packs.find(digest, refresh)
 
     def has(self, oid: str) -> bool:
-        """Whether ``oid`` is stored."""
+        """Whether ``oid`` is stored. Inside a batch, packs published by other processes since
+        it began may be missed (the object is then written again: harmless)."""
         loose = self._loose(oid)
         if self._packed(oid, refresh=False) is not None or os.path.isfile(loose):
             return True
+        if self._batch is not None:
+            return False
         return self.packs.refresh() and self._packed(oid, refresh=False) is not None
 
     def open(self, oid: str) -> BinaryIO:
-        """Open the object for reading (a packed object is read into memory: it is small)."""
-        try:
-            return open(self._loose(oid), "rb")
-        except FileNotFoundError:
-            pass
-        where = self._packed(oid)
+        """Open the object for reading (a packed object is read into memory: it is small).
+        A packed copy is preferred to a loose one (every method looks in that order)."""
+        where = self._packed(oid, refresh=False)
+        if where is None:
+            try:
+                return open(self._loose(oid), "rb")
+            except FileNotFoundError:
+                where = self._packed(oid)
         if where is None:
             raise missing(oid)
         src, offset, length = where
@@ -105,11 +132,12 @@ class LocalStore:
 
     def stored_size(self, oid: str) -> int:
         """Size of the object in bytes."""
-        try:
-            return os.stat(self._loose(oid)).st_size
-        except FileNotFoundError:
-            pass
-        where = self._packed(oid)
+        where = self._packed(oid, refresh=False)
+        if where is None:
+            try:
+                return os.stat(self._loose(oid)).st_size
+            except FileNotFoundError:
+                where = self._packed(oid)
         if where is None:
             raise missing(oid)
         return where[2]
@@ -122,21 +150,10 @@ class LocalStore:
             return self._pack_writer(validate_oid(oid))
         return self._writer(oid, self.path(oid), durable)
 
-    @contextmanager
-    def _pack_writer(self, oid: str) -> Iterator[BinaryIO]:
+    def _pack_writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
         if self._packed(oid, refresh=False) is not None:  # a loose copy too does no harm
-            with open(os.devnull, "wb") as sink:  # first write wins; discard this one
-                yield sink
-            return
-        buf = io.BytesIO()
-        yield buf
-        if self._batch is None:  # the batch ended inside the block
-            raise RuntimeError("a pack writer outlived its batch")
-        if len(buf.getbuffer()) > PACK_OBJECT_MAX:
-            with self._writer(oid, self.path(oid), durable=True) as f:
-                f.write(buf.getbuffer())
-            return
-        self._batch.add(bytes.fromhex(oid), buf.getbuffer())
+            return self._writer(oid, self.path(oid))  # discards: first write wins
+        return _PackedWrite(self, oid)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -146,6 +163,7 @@ class LocalStore:
         if self._batch is not None:
             yield
             return
+        self.packs.refresh()  # inside, a miss does not look for new packs again
         self._batch = batch = PackWriter(self.root / TMP_DIR)
         try:
             yield
@@ -211,18 +229,24 @@ class LocalStore:
         """Remove every one of ``oids`` (each pack holding some is rewritten once); with
         ``keep_newer_than``, objects written or freshened after it stay. Return those removed."""
         removed: set[str] = set()
-        in_packs: set[bytes] = set()
+        digests: set[bytes] = set()
         for oid in oids:
             if self._delete_loose(oid, keep_newer_than):
                 removed.add(oid)
-            if self._batch is not None and self._batch.forget(bytes.fromhex(oid)):
-                removed.add(oid)
-            in_packs.add(bytes.fromhex(oid))
+            digests.add(bytes.fromhex(oid))
+        removed.update(d.hex() for d in self._drop_packed(digests, keep_newer_than))
+        return sorted(removed)
+
+    def _drop_packed(self, digests: set[bytes], keep_newer_than: float | None) -> set[bytes]:
+        """Remove the packed copies of ``digests`` (each pack holding some rewritten once)."""
+        dropped = set()
+        if self._batch is not None:
+            dropped = {d for d in digests if self._batch.forget(d)}
         self.packs.refresh()
         for pack in list(self.packs.packs.values()):
-            if any(pack.find(d) is not None for d in in_packs):
-                removed.update(d.hex() for d in self.packs.drop(pack, in_packs, keep_newer_than))
-        return sorted(removed)
+            if any(pack.find(d) is not None for d in digests):
+                dropped |= self.packs.drop(pack, digests, keep_newer_than)
+        return dropped
 
     def _delete_loose(self, oid: str, keep_newer_than: float | None) -> bool:
         path = self._loose(oid)
@@ -257,10 +281,11 @@ class LocalStore:
 
     def mtime(self, oid: str) -> float:
         """When the object was written or last freshened (a packed one: its newest pack)."""
-        try:
-            return os.stat(self._loose(oid)).st_mtime
-        except FileNotFoundError:
-            pass
+        if self._packed(oid, refresh=False) is None:
+            try:
+                return os.stat(self._loose(oid)).st_mtime
+            except FileNotFoundError:
+                pass
         if self._packed(oid) is None:
             raise missing(oid)
         if self._batch is not None and self._batch.find(bytes.fromhex(oid)) is not None:
@@ -278,14 +303,15 @@ class LocalStore:
     def freshen(self, oid: str) -> bool:
         """Set the object's time to now (a packed one: its pack's, at most once a second per
         pack); return whether it was there."""
-        try:
-            os.utime(self._loose(oid))
-            return True
-        except FileNotFoundError:
-            pass
-        except PermissionError:  # not the owner: a shared store; gc runs as its owner
-            return True
-        where = self._packed(oid)
+        where = self._packed(oid, refresh=False)
+        if where is None:
+            try:
+                os.utime(self._loose(oid))
+                return True
+            except FileNotFoundError:
+                where = self._packed(oid)
+            except PermissionError:  # not the owner: a shared store; gc runs as its owner
+                return True
         if where is None:
             return False
         src = where[0]
@@ -312,13 +338,13 @@ class LocalStore:
         qdir.mkdir(parents=True, exist_ok=True)
         dest = qdir / f"{oid}.{time.time_ns()}"
         dest.with_name(dest.name + ".why").write_text(reason + "\n", encoding="utf-8")
+        if self._quarantine_packed(oid, dest):  # the copy ``open`` returns goes first
+            return str(dest)
         try:
             os.replace(src, dest)
         except FileNotFoundError:
-            if not self._quarantine_packed(oid, dest):
-                dest.with_name(dest.name + ".why").unlink(missing_ok=True)
-                return None
-            return str(dest)
+            dest.with_name(dest.name + ".why").unlink(missing_ok=True)
+            return None
         _fsync_dir(src.parent)
         return str(dest)
 
@@ -331,7 +357,7 @@ class LocalStore:
             f.write(src.read(offset, length))
             f.flush()
             os.fsync(f.fileno())
-        self.delete_many([oid])
+        self._drop_packed({bytes.fromhex(oid)}, None)
         return True
 
     def repair_packs(self) -> list[tuple[str, str, int]]:

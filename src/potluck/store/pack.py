@@ -60,6 +60,7 @@ class Pack:
         self.path = path
         self.index = index  # n sorted _ENTRY records
         self.count = len(index) // ENTRY_SIZE
+        self._fan = _fanout(index, self.count)
         self.data_end = data_end  # where the records end (the index starts)
         self.problem = problem  # None, or why the index was rebuilt from the records
         self._file = open(path, "rb")  # noqa: SIM115 - kept open: readable after an unlink
@@ -87,7 +88,7 @@ class Pack:
 
     def find(self, digest: bytes) -> tuple[int, int] | None:
         """(offset, length) of the object with raw id ``digest``, or None."""
-        idx, lo, hi = self.index, 0, self.count
+        idx, lo, hi = self.index, self._fan[digest[0]], self._fan[digest[0] + 1]
         while lo < hi:
             mid = (lo + hi) // 2
             at = mid * ENTRY_SIZE
@@ -113,6 +114,24 @@ class Pack:
         """(oid, offset, length) of every object, in oid order."""
         rows = (_ENTRY.unpack_from(self.index, i) for i in range(0, len(self.index), ENTRY_SIZE))
         return [(d.hex(), off, n) for d, off, n in rows]
+
+
+def _fanout(index: bytes, count: int) -> list[int]:
+    """``fan[b]``: the first entry whose id starts with a byte >= ``b`` (257 values), so that a
+    lookup searches only the entries sharing its first byte."""
+    fan = [0] * 257
+    lo = 0
+    for b in range(1, 256):
+        hi = count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if index[mid * ENTRY_SIZE] < b:
+                lo = mid + 1
+            else:
+                hi = mid
+        fan[b] = lo
+    fan[256] = count
+    return fan
 
 
 def _read_index(f: BinaryIO, size: int) -> tuple[bytes, int, str | None]:
