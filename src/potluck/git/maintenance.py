@@ -28,7 +28,6 @@ from potluck.objects.manifest import (
     parse_lenient,
     salvage_oids,
 )
-from potluck.store.local import FRESHEN_EVERY_S
 
 NOT_FETCHED = "not-fetched"
 BAD_MANIFEST = "bad-manifest"  # in HEAD, the index or the work tree: checkout of it fails
@@ -216,15 +215,13 @@ def gc(
     rep.expire = {"prune": expire, "cutoff": _iso(cutoff)}
     sizes = {oid: _size(repo, oid) for oid in repo.store.iter_oids()}
     dead = [oid for oid in sizes if oid not in keep]
-    # one call: each pack is rewritten once; objects re-used since gc started stay (a pack's
-    # time is refreshed at most once a second, so "since" starts that much earlier for packs)
-    since = started - FRESHEN_EVERY_S
-    gone = set(dead if dry_run else repo.store.delete_many(dead, keep_newer_than=since))
+    # one call: each pack is rewritten once; objects re-used since gc started stay
+    gone = set(dead if dry_run else repo.store.delete_many(dead, keep_newer_than=started))
     for oid, size in sizes.items():
         if oid in gone:
             rep.removed += 1
             rep.freed += size
-        elif oid in keep or (oid in dead and _newer(repo, oid, since)):
+        elif oid in keep or (oid in dead and _newer(repo, oid, started)):
             rep.kept += 1
             if oid not in needed:
                 rep.recent += 1

@@ -37,8 +37,6 @@ PACK_OBJECT_MAX = 8 << 20
 #: a batch of fewer objects than this is written as loose files (as git's unpackLimit): a pack
 #: pays off for many objects; a few loose files are simpler to look at
 PACK_MIN = 100
-#: a packed object re-used again within this many seconds does not touch its pack's time again
-FRESHEN_EVERY_S = 1.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +84,6 @@ class LocalStore:
         self._base = str(self.root)
         self.packs = PackSet(self.root / PACK_DIR, self.root / TMP_DIR)
         self._batch: PackWriter | None = None
-        self._freshened: dict[str, float] = {}  # pack name -> when this process touched it
 
     def path(self, oid: str) -> Path:
         """Where ``oid`` lives as a loose file (whether or not it exists)."""
@@ -301,8 +298,8 @@ class LocalStore:
         return max(times)
 
     def freshen(self, oid: str) -> bool:
-        """Set the object's time to now (a packed one: its pack's, at most once a second per
-        pack); return whether it was there."""
+        """Set the object's time to now (a packed one: its pack's); return whether it was
+        there."""
         where = self._packed(oid, refresh=False)
         if where is None:
             try:
@@ -320,15 +317,10 @@ class LocalStore:
         return True
 
     def _freshen_pack(self, pack: Pack) -> None:
-        now = time.time()
-        name = pack.path.name
-        if now - self._freshened.get(name, 0.0) < FRESHEN_EVERY_S:
-            return
         try:
-            os.utime(pack.path)
+            os.utime(pack.path)  # every time: gc re-checks the time just before it rewrites
         except (FileNotFoundError, PermissionError):
             return
-        self._freshened[name] = now
 
     def quarantine(self, oid: str, reason: str) -> str | None:
         """Move the object into ``quarantine/`` (a loose file: renamed; a packed object: copied
