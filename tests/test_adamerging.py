@@ -88,18 +88,21 @@ def _learned(yaml_text: str) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _entropy_of(root: Path, encoder: dict[str, np.ndarray], t: int) -> float:
+def _entropies(root: Path, encoders: list[dict[str, np.ndarray]], t: int) -> list[float]:
+    """Task t's mean prediction entropy on its first 4 texts under each encoder."""
     import torch
     import transformers
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(root / f"task{t}")
-    state = {k: torch.from_numpy(v) for k, v in encoder.items()}
-    model.load_state_dict(state, strict=False)
     tok = transformers.AutoTokenizer.from_pretrained(root / f"task{t}")
     texts = [json.loads(x)["text"] for x in (root / f"d{t}.jsonl").read_text().splitlines()]
-    with torch.no_grad():
-        logits = model.eval()(**tok(texts[:4], return_tensors="pt", padding=True)).logits
-    return prediction_entropy(logits.double().numpy())
+    batch = tok(texts[:4], return_tensors="pt", padding=True)
+    out = []
+    for encoder in encoders:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in encoder.items()}, strict=False)
+        with torch.no_grad():
+            out.append(prediction_entropy(model.eval()(**batch).logits.double().numpy()))
+    return out
 
 
 def test_learns_layerwise_coefficients_that_lower_entropy(classifiers: Path) -> None:
@@ -128,8 +131,8 @@ def test_learns_layerwise_coefficients_that_lower_entropy(classifiers: Path) -> 
             base[name].astype(np.float64), taus, np.array([0.3, 0.3])
         ).astype(np.float32)
     learned_encoder = {n: merged[n] for n in lam[0]}
-    before = sum(_entropy_of(root, init, t) for t in (0, 1))
-    after = sum(_entropy_of(root, learned_encoder, t) for t in (0, 1))
+    pairs = [_entropies(root, [init, learned_encoder], t) for t in (0, 1)]
+    before, after = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     assert after < before
 
 
