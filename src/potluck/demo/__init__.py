@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from potluck.demo.communal_story import communal_story
 from potluck.demo.merge_story import MERGE_RULE, merge_sources, report_merge
 from potluck.demo.model import (
     Params,
@@ -106,6 +107,7 @@ def run_demo(workdir: Path | None = None, log: Log = print) -> dict[str, object]
     res.update(report_merge(sh, merge_sources(load(str(root / FILE)), *sides), log))
     res.update(share(sh, log))
     res.update(patch_story(sh, Path(str(res["share_root"])) / "hub.git", revs, rng, log))
+    res.update(communal_story(root.with_name(root.name + "-communal"), log))
     if importlib.util.find_spec("torch") is not None:  # the routing story needs torch
         from potluck.demo.routing_story import routing_story
 
@@ -211,12 +213,14 @@ def main(keep: bool = False) -> int:
     t0 = time.perf_counter()
     res = run_demo()
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s")
-    dirs = [str(res[k]) for k in ("root", "share_root", "patch_root", "routing_root") if k in res]
+    keys = ("root", "share_root", "patch_root", "routing_root", "communal_root")
+    dirs = [str(res[k]) for k in keys if k in res]
     if not keep:
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
     else:
         print(f"repositories kept at {', '.join(dirs)}")
-    checks = ("merge_ok", "trailer_ok", "checkout_ok", "pull_ok", "patch_ok")
+    checks = ["merge_ok", "trailer_ok", "checkout_ok", "pull_ok", "patch_ok"]
+    checks += ["gate_pass", "gate_fail"]
     ok = all(res[k] is True for k in checks) and bool(res["patch_refused"])
     return 0 if ok else 1

@@ -164,6 +164,30 @@ def _gate(repo: Repo, suite: Suite, base: str, cand: str, log: Log) -> GateResul
     return result
 
 
+def _rebase(sh: Shell, rng: np.random.Generator, log: Log) -> str:
+    """Carol's patch, made against v1, follows the base to its new version (main)."""
+    log("\n== the base moved (v1 -> main): a patch made against v1 is rebased onto it")
+    carol = nudge(_read(sh.root / FILE), rng, "h.0.", 1e-3)  # main's checkout = the new base
+    v1 = {k: v for k, v in _read_rev(sh, "v1").items()}
+    carol = {k: v1[k] + (carol[k] - _read(sh.root / FILE)[k]) for k in v1}  # made against v1
+    save_safetensors(carol, sh.root / "carol.safetensors")
+    sh("potluck", "patch", "create", f"{FILE}@v1", "carol.safetensors", "-o", "carol.patch")
+    log(f"$ potluck patch create {FILE}@v1 carol.safetensors -o carol.patch")
+    out = sh("potluck", "patch", "rebase", "carol.patch", "--onto", f"{FILE}@main",
+             "-o", "carol-main.patch")  # fmt: skip
+    log(f"$ potluck patch rebase carol.patch --onto {FILE}@main -o carol-main.patch")
+    lines = out.strip().splitlines()
+    for line in [*lines[:3], *(["  …"] if len(lines) > 4 else []), *lines[-1:]]:
+        log(f"  {line.strip()}")
+    return lines[-1] if lines else ""
+
+
+def _read_rev(sh: Shell, rev: str) -> Params:
+    from potluck.git.inspect import load
+
+    return {k: np.asarray(v) for k, v in load(str(sh.root / FILE), rev=rev).items()}
+
+
 def communal_story(root: Path, log: Log) -> dict[str, object]:
     """Run the story in a fresh repository at ``root``; returns the checks (for tests)."""
     rng = np.random.default_rng(17)
@@ -202,8 +226,10 @@ def communal_story(root: Path, log: Log) -> dict[str, object]:
     for e in edges:
         parents = ", ".join(p.digest[:12] for p in e.parents)
         log(f"  {e.child[:12]} <- {e.relation} <- {parents}")
+    rebased = _rebase(sh, rng, log)
     return {
         "communal_root": str(root),
+        "rebase_out": rebased,
         "gate_pass": ok.verdict == "pass",
         "gate_fail": bad.verdict == "fail",
         "report_md": md,
