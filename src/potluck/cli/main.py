@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import select
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -64,6 +65,17 @@ def _import_all() -> None:
         importlib.import_module(f"potluck.cli.{module}")
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (not some other pipe, such as a git
+    subprocess's stdin, that broke)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no real stdout
+        return False
+
+
 def _closed_pipe() -> NoReturn:
     """The reader of stdout stopped early (``potluck log | head``): end quietly with status 0,
     like any filter whose reader has what it wanted (no error, no traceback)."""
@@ -102,6 +114,8 @@ class LazyGroup(click.Group):
             result = super().invoke(ctx)
             sys.stdout.flush()
         except BrokenPipeError:
+            if not _stdout_closed():
+                raise
             _closed_pipe()
         except click.ClickException as e:
             raise _escaped(e) from None

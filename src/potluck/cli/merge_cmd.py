@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +93,6 @@ def _render_plan(plan: MergePlan) -> None:
                    f"{params}{weights}{base} ← {inputs}")  # fmt: skip
 
 
-def _to_pipe(write: Callable[[], None]) -> None:
-    """Run ``write``; a reader that stops early (``| head``) ends the command quietly with
-    status 0, like any filter whose reader has what it wanted (no error, no traceback)."""
-    try:
-        write()
-        sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
-        sys.exit(0)
-
-
 @cli.command()
 @click.argument("args", nargs=-1)
 @click.option("--method", help="Flag form: the merge method (then ARGS are the models).")
@@ -159,9 +144,9 @@ def merge(
             data = {"method": plan.method.name, "notes": plan.notes,
                     "tensors": [j.to_dict() for j in plan.jobs],
                     **plan.unmerged_dict()}  # fmt: skip
-            _to_pipe(lambda: emit_json(data))
+            emit_json(data)  # a closed pipe: cli.main ends quietly
         else:
-            _to_pipe(lambda: _render_plan(plan))
+            _render_plan(plan)
         return
     if not out:
         raise UserError("no output directory", hint="give OUT_DIR (or -o OUT in the flag form)")
