@@ -143,7 +143,7 @@ def gate(
                 continue
             v = compare_task(br, cr, bo, co, tolerance=tol, alpha=alpha, seed=task.seed)
             verdicts.append(v)
-            gate_recs.append(gate_record(cr, v, base.weights, cand.spec))
+            gate_recs.append(gate_record(cr, v, base.weights, cand.commit or cand.spec))
     if gate_recs:
         store_records(repo, gate_recs)
     return GateResult(base.spec, cand.spec, tuple(verdicts), gate_recs)

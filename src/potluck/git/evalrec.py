@@ -319,12 +319,15 @@ def records_for(repo: Repo, weights: str, ref: str = EVALS_REF) -> list[EvalReco
     if head is None:
         return []
     out = []
-    for path, oid in repo.git.list_blobs(head, [f"records/{weights[:2]}/{weights}/"]):
-        data = repo.git.show_blob(oid)
-        rec = record_from_bytes(data or b"", f"{ref}:{path}")
-        if rec.weights != weights:
-            raise UserError(f"{ref}:{path} is filed under another weights digest", hint="")
-        out.append(rec)
+    with repo.git.batch() as cat:  # one git process however many records
+        for path, oid in repo.git.list_blobs(head, [f"records/{weights[:2]}/{weights}/"]):
+            rec = record_from_bytes(cat.get(oid) or b"", f"{ref}:{path}")
+            if rec.weights != weights:
+                raise UserError(
+                    f"{ref}:{path} is filed under another weights digest ({rec.weights[:12]})",
+                    hint="the records ref was edited by hand; remove that file",
+                )
+            out.append(rec)
     return sorted(out, key=lambda r: (r.task, r.kind, r.id))
 
 
