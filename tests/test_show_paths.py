@@ -156,3 +156,11 @@ def test_log_records_escape_newlines_in_their_arguments() -> None:
     )  # fmt: skip
     text = SafeFormatter("potluck: %(message)s").format(record)
     assert text == "potluck: a\\nb.safetensors left as a manifest: 1 of 2 objects\nx\ny"
+
+
+def test_version_is_the_installed_metadatas(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    for prog in ("potluck", "git-potluck"):
+        out = subprocess.run([prog, "--version"], cwd=tmp_path, capture_output=True, check=True)
+        assert out.stdout.decode() == f"potluck, version {version('potluck')}\n"
