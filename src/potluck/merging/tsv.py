@@ -20,7 +20,7 @@ The SVDs (``potluck.merging.svd``): with ``svd: fast`` (the default) each task's
 ``top_k_svd`` (Gram eigendecomposition in float64 where the matrix is well conditioned at k,
 a float32 randomized sketch on large matrices whose spectrum falls fast enough, else the exact
 SVD; each within the tolerance stated there) and the Procrustes steps from ``polar_factor``;
-``svd: exact`` takes numpy's SVD (after a QR of tall matrices) everywhere, the reference.
+``svd: exact`` takes numpy's full SVD everywhere, as before: the reference.
 Randomized sketches draw from ``keyed_generator(seed, task index, tensor name)``.
 """
 
