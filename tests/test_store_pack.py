@@ -324,3 +324,40 @@ def test_kill_9_during_a_many_tensor_add_leaves_no_trusted_partial_pack(
     git("git", "checkout", "--", FILE)
     assert (repo / FILE).read_bytes() == data
     assert git("potluck", "fsck") == "ok: all objects verified\n"
+
+
+def open_packs() -> int:
+    """How many pack files this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").endswith(".pack")
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_open_pack_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store with thousands of packs must not run out of file descriptors: at most
+    ``MAX_OPEN_PACKS`` stay open (3 here); packs another store removed meanwhile do not
+    disturb reading the others."""
+    from potluck.store import pack as pack_mod
+
+    monkeypatch.setattr(pack_mod._OPEN, "limit", 3)
+    store = LocalStore(tmp_path, pack_min=1)
+    objs = dict(oid_of(i) for i in range(6))
+    for oid, data in objs.items():  # six packs of one object each
+        with store.batch(), store.writer(oid, durable=False) as f:
+            f.write(data)
+    before = open_packs()
+    reader = LocalStore(tmp_path)
+    for oid, data in objs.items():
+        assert contract.read(reader, oid) == data
+        assert open_packs() - before <= 3
+    gone = sorted(objs)[-1]
+    assert LocalStore(tmp_path).delete_many([gone]) == [gone]
+    assert not reader.has(gone) and len(packs(tmp_path)) == 5
+    for oid, data in objs.items():
+        if oid != gone:
+            assert contract.read(reader, oid) == data

@@ -107,11 +107,9 @@ class LocalStore:
         """Whether ``oid`` is stored. Inside a batch, packs published by other processes since
         it began may be missed (the object is then written again: harmless)."""
         loose = self._loose(oid)
-        if self._packed(oid, refresh=False) is not None or os.path.isfile(loose):
-            return True
-        if self._batch is not None:
-            return False
-        return self.packs.refresh() and self._packed(oid, refresh=False) is not None
+        if self._batch is None:
+            self.packs.refresh()  # one stat: notices packs other processes added or removed
+        return self._packed(oid, refresh=False) is not None or os.path.isfile(loose)
 
     def open(self, oid: str) -> BinaryIO:
         """Open the object for reading (a packed object is read into memory: it is small).
@@ -124,8 +122,23 @@ class LocalStore:
                 where = self._packed(oid)
         if where is None:
             raise missing(oid)
+        return io.BytesIO(self._read_packed(oid, where))
+
+    def _read_packed(self, oid: str, where: tuple[Pack | PackWriter, int, int]) -> bytes:
+        """The bytes of a packed object; when its pack was removed meanwhile (another process's
+        gc rewrote it), from wherever the object is now."""
         src, offset, length = where
-        return io.BytesIO(src.read(offset, length))
+        try:
+            return src.read(offset, length)
+        except FileNotFoundError:
+            self.packs.refresh(force=True)
+        again = self._packed(oid, refresh=False)
+        if again is None:
+            if os.path.isfile(self._loose(oid)):
+                with open(self._loose(oid), "rb") as f:
+                    return f.read()
+            raise missing(oid) from None
+        return again[0].read(again[1], again[2])
 
     def stored_size(self, oid: str) -> int:
         """Size of the object in bytes."""
@@ -312,15 +325,21 @@ class LocalStore:
         if where is None:
             return False
         src = where[0]
-        if isinstance(src, Pack):
-            self._freshen_pack(src)
+        if isinstance(src, Pack) and not self._freshen_pack(src):
+            self.packs.refresh(force=True)  # rewritten meanwhile: touch where it is now
+            again = self._packed(oid, refresh=False)
+            return again is not None and self.freshen(oid)
         return True
 
-    def _freshen_pack(self, pack: Pack) -> None:
+    def _freshen_pack(self, pack: Pack) -> bool:
+        """Touch the pack; False when it is gone (another process's gc removed it)."""
         try:
             os.utime(pack.path)  # every time: gc re-checks the time just before it rewrites
-        except (FileNotFoundError, PermissionError):
-            return
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # not the owner: a shared store; gc runs as its owner
+            pass
+        return True
 
     def quarantine(self, oid: str, reason: str) -> str | None:
         """Move the object into ``quarantine/`` (a loose file: renamed; a packed object: copied
@@ -344,9 +363,9 @@ class LocalStore:
         where = self._packed(oid)
         if where is None:
             return False
-        src, offset, length = where
+        data = self._read_packed(oid, where)
         with open(dest, "wb") as f:
-            f.write(src.read(offset, length))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         self._drop_packed({bytes.fromhex(oid)}, None)

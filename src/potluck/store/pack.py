@@ -63,10 +63,8 @@ class Pack:
         self._fan = _fanout(index, self.count)
         self.data_end = data_end  # where the records end (the index starts)
         self.problem = problem  # None, or why the index was rebuilt from the records
-        self._file = open(path, "rb")  # noqa: SIM115 - kept open: readable after an unlink
+        self._file: BinaryIO | None = None  # opened on the first read (``_OPEN`` bounds them)
         self._lock = threading.Lock()
-        st = os.fstat(self._file.fileno())
-        self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
     def load(cls, path: Path) -> Pack:
@@ -84,7 +82,11 @@ class Pack:
 
     def close(self) -> None:
         """Close the file handle (before the pack is deleted, for Windows)."""
-        self._file.close()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        _OPEN.forget(self)
 
     def find(self, digest: bytes) -> tuple[int, int] | None:
         """(offset, length) of the object with raw id ``digest``, or None."""
@@ -105,15 +107,49 @@ class Pack:
         return None
 
     def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` (short when the file was cut meanwhile)."""
+        """``length`` bytes from ``offset`` (short when the file was cut meanwhile);
+        ``FileNotFoundError`` when the pack was removed (by another process's gc) while its
+        handle was closed."""
         with self._lock:
+            opened = self._file is None
+            if self._file is None:
+                self._file = open(self.path, "rb")  # noqa: SIM115 - kept: readable after unlink
             self._file.seek(offset)
-            return self._file.read(length)
+            data = self._file.read(length)
+        _OPEN.used(self, opened)
+        return data
 
     def entries(self) -> list[tuple[str, int, int]]:
         """(oid, offset, length) of every object, in oid order."""
         rows = (_ENTRY.unpack_from(self.index, i) for i in range(0, len(self.index), ENTRY_SIZE))
         return [(d.hex(), off, n) for d, off, n in rows]
+
+
+class _OpenPacks:
+    """The packs whose file is open, least recently read first: at most ``limit`` (a store
+    with thousands of packs must not run out of file descriptors)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._order: dict[int, Pack] = {}
+        self._lock = threading.Lock()
+
+    def used(self, pack: Pack, opened: bool) -> None:
+        with self._lock:
+            self._order.pop(id(pack), None)
+            self._order[id(pack)] = pack
+            excess = len(self._order) - self.limit if opened else 0
+            victims = [self._order.pop(k) for k in list(self._order)[: max(0, excess)]]
+        for victim in victims:  # closed outside our lock: ``close`` takes the pack's lock
+            victim.close()
+
+    def forget(self, pack: Pack) -> None:
+        with self._lock:
+            self._order.pop(id(pack), None)
+
+
+MAX_OPEN_PACKS = 64
+_OPEN = _OpenPacks(MAX_OPEN_PACKS)
 
 
 def _fanout(index: bytes, count: int) -> list[int]:

@@ -102,7 +102,10 @@ class PackSet:
         rest = [(d, off, n) for d, off, n in entries if d not in digests]
         if len(rest) == len(entries):
             return set()
-        new = self._write(pack, rest) if rest else None
+        try:
+            new = self._write(pack, rest) if rest else None
+        except FileNotFoundError:
+            return set()  # removed by another process's gc while we copied
         if new is not None:
             os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
         try:
