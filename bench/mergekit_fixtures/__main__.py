@@ -91,10 +91,12 @@ def exact_finetune(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return ft
 
 
-def make_models(seed: int = 2024) -> dict[str, dict[str, Any]]:
+def make_models(
+    seed: int = 2024, shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, dict[str, Any]]:
     """base, ft1 (dense), ft2 (half, sign conflicts with ft1), ft3 (10 % sparse)."""
     rng = np.random.default_rng(seed)
-    shapes = llama_shapes(HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB)
+    shapes = shapes or llama_shapes(HIDDEN, LAYERS, HEADS, KV_HEADS, INTER, VOCAB)
     base = make_base(rng, shapes)
     fts: dict[str, dict[str, Any]] = {"ft1": {}, "ft2": {}, "ft3": {}}
     for name, b in base.items():
@@ -241,75 +243,6 @@ CASES: dict[str, dict[str, Any]] = {
         ],
         "dtype": "float32",
     },
-    "nuslerp": {
-        "merge_method": "nuslerp",
-        "models": _models(["ft1", "ft2"], weight=[0.7, 0.3]),
-        "dtype": "float32",
-    },
-    "nuslerp_rows": {
-        "merge_method": "nuslerp",
-        "models": _models(["ft1", "ft3"], weight=[0.5, 0.5]),
-        "parameters": {"nuslerp_flatten": False},
-        "dtype": "float32",
-    },
-    "nuslerp_base_columns": {
-        "merge_method": "nuslerp",
-        "base_model": M + "base",
-        "models": _models(["ft1", "ft2"], weight=[0.4, 0.6]),
-        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
-        "dtype": "float32",
-    },
-    "multislerp": {
-        "merge_method": "multislerp",
-        "models": _models(FT, weight=W3),
-        "dtype": "float32",
-    },
-    "multislerp_base": {
-        "merge_method": "multislerp",
-        "base_model": M + "base",
-        "models": _models(FT, weight=[1.0, 2.0, 1.0]),
-        "dtype": "float32",
-    },
-    "karcher": {
-        "merge_method": "karcher",
-        "models": _models(FT),
-        "dtype": "float32",
-    },
-    "karcher_base": {
-        "merge_method": "karcher",
-        "base_model": M + "base",
-        "models": _models(["ft1", "ft2"]),
-        "parameters": {"max_iter": 20, "tol": 1e-6},
-        "dtype": "float32",
-    },
-    "sce": {
-        "merge_method": "sce",
-        "base_model": M + "base",
-        "models": _models(FT),
-        "dtype": "float32",
-    },
-    "sce_topk": {
-        "merge_method": "sce",
-        "base_model": M + "base",
-        "models": _models(FT),
-        "parameters": {"select_topk": 0.3},
-        "dtype": "float32",
-    },
-    "nearswap": {
-        "merge_method": "nearswap",
-        "base_model": M + "base",
-        "models": _models(["ft1"]),
-        "parameters": {"t": 0.005},
-        "dtype": "float32",
-    },
-    # Below near_threshold/: mask decisions that mergekit's float32 rounding can flip at the cut
-    # (see tests/test_mergekit_methods.py); not for tests/test_mergekit_equiv.py's exact checks.
-    "near_threshold/arcee_fusion": {
-        "merge_method": "arcee_fusion",
-        "base_model": M + "base",
-        "models": _models(["ft1"]),
-        "dtype": "float32",
-    },
     "linear_float16": {
         "merge_method": "linear",
         "models": _models(FT, weight=W3),
@@ -365,8 +298,9 @@ def write_readme(cases: list[str]) -> None:
         "",
         "`tokenizer/` (`--tokenizer`, see `tokenizer_cases.py`): models with different",
         "vocabularies merged with tokenizer_source union / base / a model / pad_to_multiple_of;",
-        "checked by `tests/test_mergekit_tokenizer.py`. `near_threshold/`: checked by",
-        "`tests/test_mergekit_methods.py` only.",
+        "checked by `tests/test_mergekit_tokenizer.py`. `small/` (`--small`, see",
+        "`small_cases.py`): the mergekit 0.1.5 methods (nuslerp … arcee_fusion) on smaller",
+        "models of the same kind; checked by `tests/test_mergekit_methods.py`.",
         "",
         "| case | merge_method | dtype |",
         "| --- | --- | --- |",
@@ -387,7 +321,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
     ap.add_argument("--mergekit-yaml", type=Path, default=DEFAULT_MERGEKIT)
     ap.add_argument("--tokenizer", nargs="*", default=None, help="tokenizer cases only")
+    ap.add_argument("--small", nargs="*", default=None, help="small/ (mergekit 0.1.5 methods)")
     args = ap.parse_args()
+    if args.small is not None:
+        from bench.mergekit_fixtures import small_cases
+
+        run = lambda case_dir: run_mergekit(args.mergekit_yaml, case_dir)  # noqa: E731
+        small_cases.build(FIXTURES / "small", run, args.small or None)
+        return
     if args.tokenizer is not None:
         from bench.mergekit_fixtures import tokenizer_cases
 
@@ -402,7 +343,6 @@ def main() -> None:
         case_dir = FIXTURES / name
         case_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(CASES[name], sort_keys=False)
-        text = text.replace(M, "../" * name.count("/") + M)  # cases in a subdirectory
         (case_dir / "config.yaml").write_text(text)
         print(f"mergekit: {name}", file=sys.stderr)
         run_mergekit(args.mergekit_yaml, case_dir)
