@@ -361,3 +361,25 @@ def test_open_pack_files_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for oid, data in objs.items():
         if oid != gone:
             assert contract.read(reader, oid) == data
+
+
+def test_merge_packs_makes_one_with_the_newest_time(tmp_path: Path) -> None:
+    """Every lookup searches every pack: gc merges them once there are ``PACK_MERGE_AT``."""
+    from potluck.store.local import PACK_MERGE_AT
+
+    store = LocalStore(tmp_path, pack_min=1)
+    objs = dict(oid_of(i) for i in range(PACK_MERGE_AT))
+    for i, (oid, data) in enumerate(objs.items()):
+        before = set(packs(tmp_path))
+        with store.batch(), store.writer(oid, durable=False) as f:
+            f.write(data)
+        (new,) = set(packs(tmp_path)) - before
+        os.utime(new, (1_000_000_000 + i,) * 2)
+    assert store.merge_packs(PACK_MERGE_AT + 1) == 0 and len(packs(tmp_path)) == PACK_MERGE_AT
+    assert store.merge_packs() == PACK_MERGE_AT
+    (merged,) = packs(tmp_path)
+    assert merged.stat().st_mtime == 1_000_000_000 + PACK_MERGE_AT - 1
+    reader = LocalStore(tmp_path)
+    assert sorted(reader.iter_oids()) == sorted(objs)
+    for oid, data in objs.items():
+        assert contract.read(reader, oid) == data and contract.read(store, oid) == data

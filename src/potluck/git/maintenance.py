@@ -227,6 +227,7 @@ def gc(
                 rep.recent += 1
                 rep.recent_bytes += size
     if not dry_run:
+        repo.store.merge_packs()
         rep.temp_removed = clean_temp(repo, tmp_age_s)
     return rep
 

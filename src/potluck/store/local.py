@@ -32,6 +32,8 @@ _HEX = frozenset("0123456789abcdef")
 TMP_DIR = "tmp"
 QUARANTINE_DIR = "quarantine"
 PACK_DIR = "pack"
+#: gc merges the packs into one when there are this many (every lookup searches every pack)
+PACK_MERGE_AT = 16
 #: objects larger than this are written loose even inside a batch (bounds a writer's buffer)
 PACK_OBJECT_MAX = 8 << 20
 #: a batch of fewer objects than this is written as loose files (as git's unpackLimit): a pack
@@ -370,6 +372,11 @@ class LocalStore:
             os.fsync(f.fileno())
         self._drop_packed({bytes.fromhex(oid)}, None)
         return True
+
+    def merge_packs(self, at_least: int = PACK_MERGE_AT) -> int:
+        """Merge all packs into one when there are at least ``at_least`` (gc); return how many
+        were merged."""
+        return self.packs.merge(at_least)
 
     def repair_packs(self) -> list[tuple[str, str, int]]:
         """Rewrite damaged packs (a cut or damaged index: read from their records) into whole

@@ -119,6 +119,42 @@ class PackSet:
         self._remove(pack)
         return {d for d, _, _ in entries if d in digests}
 
+    def merge(self, at_least: int) -> int:
+        """Copy the objects of every pack into one new pack when there are at least
+        ``at_least`` (lookups search every pack), then remove the old ones; return how many
+        were merged. The new pack takes the newest time of the old ones (and now, when one
+        was refreshed during the merge), so no object's grace period gets shorter."""
+        self.refresh(force=True)
+        olds = [p for p in self.packs.values() if p.problem is None]
+        if len(olds) < max(2, at_least):
+            return 0
+        times = {p.path.name: os.stat(p.path).st_mtime_ns for p in olds if p.path.exists()}
+        olds = [p for p in olds if p.path.name in times]
+        writer = PackWriter(self.tmp_dir)
+        try:
+            for pack in olds:
+                for digest, off, n in _raw_entries(pack):
+                    if writer.find(digest) is None:
+                        writer.add(digest, pack.read(off, n))
+            new = writer.finish(self.pack_dir)
+        except BaseException:
+            writer.discard()
+            raise
+        if new is None:
+            return 0
+        newest = max(times.values())
+        os.utime(new, ns=(newest, newest))
+        for pack in olds:
+            try:
+                touched = os.stat(pack.path).st_mtime_ns != times[pack.path.name]
+            except FileNotFoundError:
+                touched = False
+            if touched:
+                os.utime(new)
+            if pack.path != new:
+                self._remove(pack)
+        return len(olds)
+
     def rebuild_damaged(self, quarantine_dir: Path) -> list[tuple[str, str, int]]:
         """Rewrite every pack whose index had to be rebuilt from its records into a whole pack
         of the objects it still holds, and move the damaged file (and any file under ``pack/``
