@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import Run
-from potluck.git.evalrec import EVALS_REF
+from potluck.git.evalstore import EVALS_REF
 from potluck.ops.evals.gate import compare_task
 from potluck.ops.evals.lmeval import import_results
 from potluck.ops.evals.records import record_from_dict

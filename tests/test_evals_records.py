@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Run
 from potluck.errors import UserError
-from potluck.git.evalrec import EVALS_REF, records_for, store_records
+from potluck.git.evalstore import EVALS_REF, records_for, store_records
 from potluck.git.repo import Repo
 from potluck.ops.evals.records import EvalRecord, make_outcomes, paired, record_from_dict
 from potluck.ops.evals.suite import load_suite

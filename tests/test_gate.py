@@ -19,7 +19,7 @@ from potluck.cli.main import cli
 from potluck.demo.communal_story import CONFIG, nudge, write_suite
 from potluck.demo.model import init_params, retrain, save_safetensors
 from potluck.git import evalgate
-from potluck.git.evalrec import EVALS_REF
+from potluck.git.evalstore import EVALS_REF
 from potluck.git.repo import Repo
 from potluck.ops.evals.suite import load_suite
 from potluck.tensors.digests import tensor_sha256, weights_digest

@@ -12,7 +12,7 @@ import click
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, safe_field
 from potluck.errors import UserError
-from potluck.git import evalgate, evalrec
+from potluck.git import evalgate, evalrec, evalstore
 from potluck.git.repo import Repo
 from potluck.ops.evals import hfexport, lmeval
 from potluck.ops.evals.records import EvalRecord
@@ -172,7 +172,7 @@ def import_(
             hint="record results of the exact weights that were evaluated",
         )
     pairs = lmeval.import_results(results, samples, actual)
-    evalrec.store_records(repo, [r for r, _ in pairs], [o for _, o in pairs if o is not None])
+    evalstore.store_records(repo, [r for r, _ in pairs], [o for _, o in pairs if o is not None])
     if as_json:
         emit_json([{**r.to_dict(), "id": r.id} for r, _ in pairs])
         return
@@ -189,7 +189,7 @@ def list_(model: str, as_json: bool) -> None:
     """The records stored for the exact weights of REV (default HEAD) or DIR."""
     repo = Repo(".")
     m = evalgate.resolve_model(repo, model)
-    recs = evalrec.records_for(repo, m.weights)
+    recs = evalstore.records_for(repo, m.weights)
     if as_json:
         emit_json({"weights": m.weights, "records": [{**r.to_dict(), "id": r.id} for r in recs]})
         return
@@ -208,7 +208,7 @@ def export(model: str, hf: bool, output: str, name: str | None) -> None:
     """Write REV's records as .eval_results/*.yaml and model-index.yaml under --output."""
     repo = Repo(".")
     m = evalgate.resolve_model(repo, model)
-    recs = evalrec.records_for(repo, m.weights)
+    recs = evalstore.records_for(repo, m.weights)
     if not recs:
         raise UserError(f"no records for {model} (weights {m.weights[:12]})",
                         hint="run `potluck eval run SUITE` first")  # fmt: skip
@@ -223,7 +223,7 @@ def export(model: str, hf: bool, output: str, name: str | None) -> None:
 @handle_errors
 def push(remote: str) -> None:
     """Push the records (refs/potluck/evals) to REMOTE, merging its records first."""
-    echo(evalrec.push_records(Repo("."), remote))
+    echo(evalstore.push_records(Repo("."), remote))
 
 
 @eval_group.command("pull")
@@ -231,4 +231,4 @@ def push(remote: str) -> None:
 @handle_errors
 def pull(remote: str) -> None:
     """Fetch REMOTE's records and merge them into ours (a union: records never conflict)."""
-    echo(evalrec.pull_records(Repo("."), remote))
+    echo(evalstore.pull_records(Repo("."), remote))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from potluck.errors import UserError
-from potluck.git.evalrec import digest_at, read_outcomes, records_for, store_records
+from potluck.git.evalstore import digest_at, read_outcomes, records_for, store_records
 from potluck.git.repo import Repo
 from potluck.ops.evals.gate import (
     GateResult,

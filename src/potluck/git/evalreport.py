@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from potluck.errors import UserError
-from potluck.git.evalrec import EVALS_REF, digest_at, read_outcomes, records_for
+from potluck.git.evalstore import EVALS_REF, digest_at, read_outcomes, records_for
 from potluck.git.inspect import diff as diff_revs
 from potluck.git.lineage import walk
 from potluck.git.repo import Repo
