@@ -76,7 +76,7 @@ def test_a_batch_is_one_pack_readable_before_it_ends_and_by_other_stores(tmp_pat
     assert len(packs(root)) == 1 and loose(root) == set()
     assert list((root / "tmp").iterdir()) == []
     for oid, data in objs.items():  # a pack that appeared since ``other`` last looked
-        assert other.has(oid) and contract.read(other, oid) == data
+        assert contract.read(other, oid) == data and other.has(oid)
         assert other.stored_size(oid) == len(data)
     assert sorted(other.iter_oids()) == sorted(objs)
     with store.batch():  # a second pack, published in the same clock tick as the first
@@ -84,7 +84,7 @@ def test_a_batch_is_one_pack_readable_before_it_ends_and_by_other_stores(tmp_pat
             oid, data = oid_of(i)
             with store.writer(oid, durable=False) as f:
                 f.write(data)
-    assert len(packs(root)) == 2 and other.has(oid) and contract.read(other, oid) == data
+    assert len(packs(root)) == 2 and contract.read(other, oid) == data and other.has(oid)
 
 
 def test_a_small_batch_is_written_as_loose_files(tmp_path: Path) -> None:

@@ -98,7 +98,9 @@ class LocalStore:
 
     def _packed(self, oid: str, refresh: bool = True) -> tuple[Pack | PackWriter, int, int] | None:
         """Where a packed (or, in a batch, just written) object is."""
-        digest = bytes.fromhex(validate_oid(oid))
+        return self._where(bytes.fromhex(validate_oid(oid)), refresh)
+
+    def _where(self, digest: bytes, refresh: bool) -> tuple[Pack | PackWriter, int, int] | None:
         if self._batch is not None:
             at = self._batch.find(digest)
             if at is not None:
@@ -108,10 +110,10 @@ class LocalStore:
     def has(self, oid: str) -> bool:
         """Whether ``oid`` is stored. Inside a batch, packs published by other processes since
         it began may be missed (the object is then written again: harmless)."""
-        loose = self._loose(oid)
+        loose = self._loose(oid)  # validates ``oid``
         if self._batch is None:
             self.packs.refresh()  # one stat: notices packs other processes added or removed
-        return self._packed(oid, refresh=False) is not None or os.path.isfile(loose)
+        return self._where(bytes.fromhex(oid), False) is not None or os.path.isfile(loose)
 
     def open(self, oid: str) -> BinaryIO:
         """Open the object for reading (a packed object is read into memory: it is small).
@@ -163,7 +165,7 @@ class LocalStore:
         return self._writer(oid, self.path(oid), durable)
 
     def _pack_writer(self, oid: str) -> AbstractContextManager[BinaryIO]:
-        if self._packed(oid, refresh=False) is not None:  # a loose copy too does no harm
+        if self._where(bytes.fromhex(oid), False) is not None:  # a loose copy does no harm
             return self._writer(oid, self.path(oid))  # discards: first write wins
         return _PackedWrite(self, oid)
 

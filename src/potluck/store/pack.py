@@ -212,7 +212,7 @@ class PackWriter:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="pack-", suffix=".tmp", dir=tmp_dir)
         self.tmp = Path(name)
-        self._file = os.fdopen(fd, "w+b")
+        self._file = os.fdopen(fd, "w+b", buffering=1 << 20)
         self._file.write(_HEAD.pack(MAGIC, VERSION))
         self._pos = HEAD_SIZE
         self._entries: dict[bytes, tuple[int, int]] = {}
@@ -226,8 +226,7 @@ class PackWriter:
         with self._lock:
             if digest in self._entries:
                 return
-            self._file.write(_RECORD.pack(RECORD_MAGIC, digest, len(data)))
-            self._file.write(data)
+            self._file.write(_RECORD.pack(RECORD_MAGIC, digest, len(data)) + data)
             self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
             self._pos += RECORD_SIZE + len(data)
 

@@ -22,6 +22,9 @@ log = logging.getLogger("potluck")
 
 #: a directory time this close to when it was read may hide a later change in the same tick
 RACY_NS = 2_000_000_000
+#: while the time is that close, a plain look re-reads the directory at most this often (a
+#: forced one, after a miss where absence matters, always does)
+RESCAN_NS = 50_000_000
 
 
 class PackSet:
@@ -41,7 +44,8 @@ class PackSet:
             mtime = os.stat(self.pack_dir).st_mtime_ns
         except FileNotFoundError:
             mtime = -1
-        if not force and mtime == self._seen and self._read_at - mtime > RACY_NS:
+        settled = self._read_at - mtime > RACY_NS or time.time_ns() - self._read_at < RESCAN_NS
+        if not force and mtime == self._seen and settled:
             return False
         self._seen, self._read_at = mtime, time.time_ns()
         names = set() if mtime < 0 else {n for n in os.listdir(self.pack_dir) if n.endswith(SUFFIX)}
@@ -64,12 +68,13 @@ class PackSet:
         self.packs[name] = pack
 
     def find(self, digest: bytes, refresh: bool = True) -> tuple[Pack, int, int] | None:
-        """The pack holding ``digest`` and where; re-reads the directory on a miss."""
+        """The pack holding ``digest`` and where; with ``refresh``, re-reads the directory on a
+        miss."""
         for pack in self.packs.values():
             at = pack.find(digest)
             if at is not None:
                 return pack, at[0], at[1]
-        if refresh and self.refresh():
+        if refresh and self.refresh(force=True):
             return self.find(digest, refresh=False)
         return None
 
