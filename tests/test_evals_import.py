@@ -15,29 +15,52 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import Run
+from conftest import Run, run_in
 from potluck.git.evalstore import EVALS_REF
 from potluck.ops.evals.gate import compare_task
 from potluck.ops.evals.lmeval import import_results
 from potluck.ops.evals.records import record_from_dict
 from potluck.ops.lineage import weights_digest_of
-from test_gate import invoke
+from test_gate import invoke, module_env
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 RESULTS = {m: DATA / m / "results.json" for m in ("base", "tuned")}
 SAMPLES = {m: DATA / m / "samples_tiny_sums.jsonl" for m in ("base", "tuned")}
 
 
-@pytest.fixture
-def models(repo: Path, git: Run) -> dict[str, str]:
-    """base.npz committed, then tuned.npz over it (same path): the revisions of each."""
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """base.npz committed, then tuned.npz over it (same path): the repository (built once per
+    module) and the revision of each."""
+    root = tmp_path_factory.mktemp("lmeval") / "repo"
     out = {}
-    for name in ("base", "tuned"):
-        shutil.copy(DATA / f"{name}.npz", repo / "model.npz")
-        git("git", "add", "model.npz")
-        git("git", "commit", "-q", "-m", name)
-        out[name] = git("git", "rev-parse", "HEAD").strip()
-    return out
+    with module_env(root) as git:
+        for name in ("base", "tuned"):
+            shutil.copy(DATA / f"{name}.npz", root / "model.npz")
+            git("git", "add", "model.npz", ".gitattributes")
+            git("git", "commit", "-q", "-m", name)
+            out[name] = git("git", "rev-parse", "HEAD").strip()
+    return root, out
+
+
+@pytest.fixture
+def repo(template: tuple[Path, dict[str, str]], tmp_path: Path) -> Path:
+    """A private copy of the template repository."""
+    root = tmp_path / "repo"
+    shutil.copytree(template[0], root, symlinks=True)
+    return root
+
+
+@pytest.fixture
+def git(repo: Path) -> Run:
+    """Command runner in the copy."""
+    return run_in(repo)
+
+
+@pytest.fixture
+def models(template: tuple[Path, dict[str, str]]) -> dict[str, str]:
+    """The commits of base and tuned."""
+    return template[1]
 
 
 def _samples(model: str) -> dict[str, float]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +52,10 @@ def _commit(git: Run, repo: Path, p: dict[str, np.ndarray], msg: str) -> str:
     return git("git", "rev-parse", "HEAD").strip()
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Built once per module: v1 (with the suite), ``good`` (a tiny nudge of layer 0) and
-    ``bad`` (layer 1's attention retrained) branches; the params and commits."""
-    root = tmp_path_factory.mktemp("gate") / "repo"
+@contextmanager
+def module_env(root: Path) -> Iterator[Run]:
+    """The environment conftest's autouse fixture gives a test, for a module-scoped fixture
+    building a repository at ``root`` (created, ``potluck init``-ed, models tracked)."""
     root.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(root.parent))
@@ -68,6 +69,15 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         git("git", "init", "-q", "-b", "main")
         git("potluck", "init")
         git("potluck", "track", "*.safetensors", "*.npz")
+        yield git
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Built once per module: v1 (with the suite), ``good`` (a tiny nudge of layer 0) and
+    ``bad`` (layer 1's attention retrained) branches; the params and commits."""
+    root = tmp_path_factory.mktemp("gate") / "repo"
+    with module_env(root) as git:
         rng = np.random.default_rng(17)
         p0 = init_params(CONFIG, rng)
         write_suite(root, p0, rng)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from potluck.demo.communal_story import communal_story
 
 
+@pytest.mark.heavy  # ~10 s of CPU; test_demo runs the same story inside run_demo
 def test_communal_story(tmp_path: Path) -> None:
     lines: list[str] = []
     res = communal_story(tmp_path / "communal", lines.append)
