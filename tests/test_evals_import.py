@@ -208,3 +208,27 @@ def test_eval_run_of_a_hugging_face_classifier_directory(
     expected = [float(p == r["label"]) for p, r in zip(preds, rows, strict=True)]
     assert row["record"]["value"] == pytest.approx(sum(expected) / 5)
     assert (row["record"]["weights"], row["record"]["n"]) == (weights_digest_of(mdir), 5)
+
+
+def test_eval_add_refuses_a_record_of_other_weights(
+    tmp_path: Path, repo: Path, git: Run, models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [(rec, _)] = import_results(RESULTS["base"], [], weights_digest_of(DATA / "base.npz"))
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(rec.to_dict()))
+    code, _, err = invoke(repo, monkeypatch, "eval", "add", str(path), models["tuned"])
+    tuned = weights_digest_of(DATA / "tuned.npz")
+    assert (code, err.splitlines()[0]) == (
+        2,
+        f"potluck: error: the record of tiny_sums is for weights {rec.weights[:12]}, but "
+        f"{models['tuned']} holds weights {tuned[:12]}",
+    )
+    assert git("git", "rev-parse", "-q", "--verify", EVALS_REF, check=False) == ""
+    path.write_text(json.dumps({**rec.to_dict(), "trust": "verified"}))
+    code, _, err = invoke(repo, monkeypatch, "eval", "add", str(path), models["base"])
+    assert code == 2 and "a record added from a file is 'community'" in err
+    path.write_text(json.dumps([rec.to_dict()]))
+    code, out, _ = invoke(repo, monkeypatch, "eval", "add", str(path), models["base"])
+    assert (code, out) == (0, f"{models['base']}: weights {rec.weights[:12]}: 1 record(s) added\n")
+    code, out, _ = invoke(repo, monkeypatch, "eval", "list", models["base"], "--json")
+    assert [r["id"] for r in json.loads(out)["records"]] == [rec.id]

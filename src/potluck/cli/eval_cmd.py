@@ -15,7 +15,7 @@ from potluck.errors import UserError
 from potluck.git import evalgate, evalrec, evalstore
 from potluck.git.repo import Repo
 from potluck.ops.evals import hfexport, lmeval
-from potluck.ops.evals.records import EvalRecord
+from potluck.ops.evals.records import EvalRecord, record_from_dict
 from potluck.ops.evals.suite import load_suite
 
 
@@ -179,6 +179,44 @@ def import_(
     echo(f"{safe_field(spec)}: weights {actual[:12]}: {len(pairs)} record(s) imported")
     for rec, _ in pairs:
         echo(_record_line(rec))
+
+
+@eval_group.command("add")
+@click.argument("record_file", metavar="RECORD.json", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", metavar="[REV|DIR]", default="HEAD")
+@handle_errors
+def add(record_file: str, model: str) -> None:
+    """Add records written elsewhere (a JSON record or list of them, schema potluck_eval 1) for
+    the weights of REV (default HEAD) or DIR; refused unless they name exactly those weights."""
+    repo = Repo(".")
+    m = evalgate.resolve_model(repo, model)
+    recs = _records_file(record_file)
+    for rec in recs:
+        evalstore.check_record_weights(rec, m.weights, model)
+        if rec.trust == "verified" or rec.outcomes is not None:
+            raise UserError(
+                f"{record_file}: a record added from a file is 'community' and has no outcomes",
+                hint="potluck eval run writes verified records; import lm-eval with --samples",
+            )
+    evalstore.store_records(repo, recs)
+    echo(f"{safe_field(model)}: weights {m.weights[:12]}: {len(recs)} record(s) added")
+
+
+def _records_file(path: str) -> list[EvalRecord]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{path}: cannot read JSON: {e}", hint="a record or a list", path=path
+        ) from e
+    docs = doc if isinstance(doc, list) else [doc]
+    out = []
+    for i, d in enumerate(docs):
+        try:
+            out.append(record_from_dict(d))
+        except UserError as e:
+            raise UserError(f"{path}: record {i}: {e.message}", hint=e.hint) from e
+    return out
 
 
 @eval_group.command("list")

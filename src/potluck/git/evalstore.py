@@ -162,15 +162,14 @@ def read_outcomes(repo: Repo, oid: str) -> Outcomes | None:
     return oc
 
 
-def check_record_weights(repo: Repo, rec: EvalRecord, rev: str, paths: Sequence[str] = ()) -> None:
-    """Refuse a record whose weights digest is not the one of ``rev``'s weights."""
-    actual = digest_at(repo, rev, paths)
-    if rec.weights != actual:
+def check_record_weights(rec: EvalRecord, weights: str, what: str) -> None:
+    """Refuse a record whose weights digest is not ``weights`` (the digest of ``what``)."""
+    if rec.weights != weights:
         raise UserError(
-            f"the record is for weights {rec.weights[:12]}, but {rev} holds weights "
-            f"{actual[:12]}",
+            f"the record of {rec.task} is for weights {rec.weights[:12]}, but {what} holds "
+            f"weights {weights[:12]}",
             hint="record evaluations of the exact weights they measured",
-            rev=rev, record_weights=rec.weights, weights=actual,
+            record_weights=rec.weights, weights=weights,
         )  # fmt: skip
 
 
