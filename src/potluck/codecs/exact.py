@@ -201,7 +201,7 @@ class ExactXorCodec(UpdateCodec):
         base_bits = bit_view(base)
         k, n = base_bits.itemsize, base_bits.size
         with tempfile.TemporaryFile() as tmp:
-            self._decompress_to(data, tmp, base.nbytes)
+            self._decompress_to(data, tmp, base.nbytes, block)
             for lo, hi in bit_ranges(base, block):
                 planes = np.empty((hi - lo, k), np.uint8)
                 for p in range(k):
@@ -212,12 +212,13 @@ class ExactXorCodec(UpdateCodec):
                 _done(done, k, lo, hi)
                 yield from_bit_view(out, base.dtype, (-1,))
 
-    def _decompress_to(self, data: np.ndarray, out: BinaryIO, nbytes: int) -> None:
-        """Decompress the payload's zstd frame into ``out`` piece by piece: exactly ``nbytes``."""
+    def _decompress_to(self, data: np.ndarray, out: BinaryIO, nbytes: int, block: int) -> None:
+        """Decompress the payload's zstd frame into ``out`` ``block`` bytes at a time: exactly
+        ``nbytes``."""
         written = 0
         try:
             with zstandard.ZstdDecompressor().stream_reader(data.data) as r:
-                while piece := r.read(1 << 20):
+                while piece := r.read(max(block, 4096)):
                     written += len(piece)
                     if written > nbytes:
                         break
@@ -329,7 +330,8 @@ def _compress_file(f: BinaryIO, size: int, level: int) -> bytes:
     reaper.start()
     try:
         with memoryview(mm) as view:
-            return cctx.compress(view)
+            out = cctx.compress(view)
+        return bytes(memoryview(out))  # compact: `out` keeps its compressBound-sized buffer
     finally:
         stop.set()
         reaper.join()

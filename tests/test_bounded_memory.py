@@ -1,0 +1,261 @@
+"""Memory of merge, patch create and patch apply is bounded by a few blocks, not by the largest
+tensor, also when the inputs are revisions (``FILE@REV``, read from the object store) — issue 14.
+
+The default-run tests force tiny blocks (``sources.BLOCK_BYTES``, ``run.BLOCK_ELEMENTS``,
+``git.models.SPILL_BYTES``) on a 4 MiB tensor and check with ``tracemalloc`` (numpy's buffers are
+traced) that no step holds more than a few blocks, and that blocked results are byte-identical
+to the one-shot ones. The heavy test runs the real commands on a 2 GiB tensor and measures their
+peak RSS (``-m heavy``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from potluck.codecs import exact
+from potluck.errors import CorruptObjectError
+from potluck.git import models as git_models
+from potluck.git.models import open_model
+from potluck.ops.merge import run as merge_run
+from potluck.ops.merge.config import parse_config
+from potluck.ops.models import sources
+from potluck.ops.patch import apply_patch, create_patch
+from tests.conftest import run_in, save_st
+
+MiB = 1 << 20
+BLOCK = 64 << 10
+ELEMENTS = MiB  # a 4 MiB F32 tensor: 64 blocks
+RULES = [("w_sparse", "exact_sparse", {}), ("w_full", "full", {})]
+
+
+def _versions() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """v1 and v2 of a small model: every 97th element of the big tensors changes in v2."""
+    rng = np.random.default_rng(14)
+    v1 = {
+        "w": rng.standard_normal(ELEMENTS, dtype=np.float32).reshape(1024, 1024),
+        "w_sparse": rng.standard_normal(100_000, dtype=np.float32),
+        "w_full": rng.standard_normal(50_000, dtype=np.float32),
+        "h": rng.standard_normal(100_000).astype(ml_dtypes.bfloat16),
+        "b": np.arange(16, dtype=np.float32),
+    }
+    v2 = {k: v.copy() for k, v in v1.items()}
+    for k in ("w", "w_sparse", "w_full", "h"):
+        flat = v2[k].reshape(-1)
+        flat[::97] = (flat[::97].astype(np.float32) + np.float32(1e-3)).astype(flat.dtype)
+    return v1, v2
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A potluck repository with ``m.safetensors`` committed as v1 then v2 (shared: read only);
+    objects are stored in 64 KiB chunks (the store's own unit of streaming)."""
+    root = tmp_path_factory.mktemp("bounded") / "repo"
+    root.mkdir()
+    run = run_in(root)
+    run("git", "init", "-q", "-b", "main")
+    run("potluck", "init")
+    run("potluck", "track", "*.safetensors")
+    (root / ".potluck.json").write_text(json.dumps({"chunk_bytes": BLOCK}))
+    run("git", "add", ".gitattributes", ".potluck.json")
+    run("git", "commit", "-q", "-m", "track")
+    for i, version in enumerate(_versions(), 1):
+        save_st(root / "m.safetensors", version)
+        run("git", "add", "m.safetensors")
+        run("git", "commit", "-q", "-m", f"v{i}")
+    return root
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 KiB blocks; stored tensors of 1 MiB or more spill to a mapped temporary file."""
+    monkeypatch.setattr(sources, "BLOCK_BYTES", BLOCK)
+    monkeypatch.setattr(git_models, "SPILL_BYTES", MiB)
+    monkeypatch.setattr(merge_run, "BLOCK_ELEMENTS", BLOCK // 4)
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    """Peak bytes traced while ``fn`` runs (numpy registers its buffers with tracemalloc)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _peak_beside_zstd(fn: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> int:
+    """``_peak`` of ``fn`` leaving out the inside of ``exact._compress_file``'s one zstd call:
+    python-zstandard reserves ``ZSTD_compressBound(size)`` for its output there, untouched
+    (not resident) beyond the compressed bytes, and ``_compress_file`` keeps a compact copy."""
+    peaks = []
+    real = exact._compress_file
+
+    def compress(*args: object) -> bytes:
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        out = real(*args)  # type: ignore[arg-type]
+        tracemalloc.reset_peak()
+        return out
+
+    monkeypatch.setattr(exact, "_compress_file", compress)
+    last = _peak(fn)
+    assert peaks, "the exact_xor payload was not encoded block by block"
+    return max(*peaks, last)
+
+
+def _create(out: Path) -> None:
+    with open_model("m.safetensors@HEAD~1") as a, open_model("m.safetensors@HEAD") as b:
+        create_patch(a, b, out, rules=RULES)
+
+
+def _apply(patch: Path, out: Path) -> None:
+    with open_model("m.safetensors@HEAD~1") as a:
+        apply_patch(a, patch, out)
+
+
+def test_blocked_patch_equals_one_shot_and_rebuilds_v2(
+    history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(history)
+    _create(tmp_path / "one.patch")  # 16 MiB blocks: every tensor in one piece
+    _apply(tmp_path / "one.patch", tmp_path / "one.safetensors")
+    monkeypatch.setattr(sources, "BLOCK_BYTES", BLOCK)
+    monkeypatch.setattr(git_models, "SPILL_BYTES", MiB)
+    _create(tmp_path / "blocked.patch")
+    _apply(tmp_path / "blocked.patch", tmp_path / "blocked.safetensors")
+    assert (tmp_path / "blocked.patch").read_bytes() == (tmp_path / "one.patch").read_bytes()
+    want = (history / "m.safetensors").read_bytes()  # the work tree holds v2
+    assert (tmp_path / "one.safetensors").read_bytes() == want
+    assert (tmp_path / "blocked.safetensors").read_bytes() == want
+
+
+def test_patch_create_and_apply_from_revisions_hold_a_few_blocks(
+    history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_blocks: None
+) -> None:
+    monkeypatch.chdir(history)
+    patch, out = tmp_path / "p.patch", tmp_path / "out.safetensors"
+    created = _peak_beside_zstd(lambda: _create(patch), monkeypatch)
+    applied = _peak(lambda: _apply(patch, out))
+    # not even half the 4 MiB tensor: store chunks and 64 KiB blocks, the payloads (~250 KB)
+    assert max(created, applied) < ELEMENTS * 4 / 2, (created, applied)
+    assert out.read_bytes() == (history / "m.safetensors").read_bytes()
+    monkeypatch.setattr(git_models, "SPILL_BYTES", 16 * MiB)  # control: decoded into memory
+    assert _peak(lambda: _apply(patch, tmp_path / "whole.safetensors")) > ELEMENTS * 4
+
+
+def test_merge_from_revisions_holds_a_few_blocks(
+    history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_blocks: None
+) -> None:
+    monkeypatch.chdir(history)
+    config = parse_config(
+        {"merge_method": "linear", "models": [{"model": "m.safetensors@HEAD~1"},
+                                              {"model": "m.safetensors@HEAD"}]},
+        where="test",
+    )  # fmt: skip
+    out = tmp_path / "merged"
+    peak = _peak(lambda: merge_run.run_merge(config, out, opener=open_model, workers=1))
+    # a block: 16k rows' elements, float64 copies of two inputs and the result, plus temporaries
+    assert peak < 48 * BLOCK < ELEMENTS * 4, peak
+    v1, v2 = _versions()
+    from safetensors.numpy import load_file
+
+    got = load_file(str(out / "model.safetensors"))
+    want = ((v1["w"].astype(np.float64) + v2["w"]) / 2).astype(np.float32)
+    assert got["w"].tobytes() == want.tobytes()
+
+
+def test_spilled_tensor_leaves_no_file_when_its_object_is_corrupt(
+    history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_blocks: None
+) -> None:
+    work = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(history), str(work)], check=True)
+    monkeypatch.chdir(work)
+    src = open_model("m.safetensors@HEAD")
+    oid = src.known_sha256["w"]
+    obj = next(p for p in (work / ".git/potluck/objects").rglob(f"*{oid[4:]}*") if p.is_file())
+    data = bytearray(obj.read_bytes())
+    data[-100] ^= 0xFF  # inside the last chunk's payload
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(data))
+    with pytest.raises(CorruptObjectError):
+        src.read("w")
+    src.close()
+    assert list((work / ".git/potluck/tmp").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- heavy: 2 GiB
+
+_PEAK = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(r.returncode)"
+)
+
+
+def _peak_rss_mib(cmd: list[str], cwd: Path) -> float:
+    """Peak RSS (MiB) of the command ``cmd`` run in ``cwd``, measured by a parent of its own."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, *cmd], cwd=cwd, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    return int(r.stderr.decode().strip().splitlines()[-1]) / 1024
+
+
+def _big_blocks(elements: int, changed: bool) -> Iterator[bytes]:
+    rng = np.random.default_rng(1)
+    for start in range(0, elements, 1 << 22):
+        a = rng.standard_normal(min(1 << 22, elements - start), dtype=np.float32)
+        if changed:
+            a[::97] += np.float32(1e-3)
+        yield a.tobytes()
+
+
+def _write_big(path: Path, elements: int, changed: bool) -> str:
+    meta = {"w": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]}}
+    head = json.dumps(meta).encode()
+    head += b" " * (-len(head) % 8)
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for piece in _big_blocks(elements, changed):
+            f.write(piece)
+            h.update(piece)
+    return h.hexdigest()
+
+
+@pytest.mark.heavy
+def test_two_gib_tensor_from_revisions_stays_under_512_mib(repo: Path, tmp_path: Path) -> None:
+    run = run_in(repo)
+    elements = (2048 * MiB) // 4
+    _write_big(repo / "m.safetensors", elements, False)
+    run("git", "add", "m.safetensors")
+    run("git", "commit", "-q", "-m", "v1")
+    want = _write_big(repo / "m.safetensors", elements, True)
+    run("git", "add", "m.safetensors")
+    run("git", "commit", "-q", "-m", "v2")
+    old, new = "m.safetensors@HEAD~1", "m.safetensors@HEAD"
+    steps = {
+        "merge": ["potluck", "merge", "--method", "linear", old, new, "-o", "../merged"],
+        "create": ["potluck", "patch", "create", old, new, "-o", "../p.patch"],
+        "apply": ["potluck", "patch", "apply", old, "../p.patch", "-o", "../out.safetensors"],
+    }
+    rss = {k: _peak_rss_mib(cmd, repo) for k, cmd in steps.items()}
+    assert max(rss.values()) <= 512, rss
+    h = hashlib.sha256()
+    with (tmp_path / "out.safetensors").open("rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while piece := f.read(16 * MiB):
+            h.update(piece)
+    assert h.hexdigest() == want
+    assert os.path.getsize(tmp_path / "merged" / "model.safetensors") > elements * 4
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 1024 * 1024  # the test itself
