@@ -42,7 +42,8 @@ class TinyGPT(LM):  # type: ignore[misc]
         ids = list((context + cont).encode())[-CFG.ctx :]
         n = len(cont.encode())
         logits = forward(self.p, np.asarray(ids[:-1]))
-        lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        top = logits.max(-1, keepdims=True)
+        lp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         tgt = ids[-n:]
         rows = lp[-n:]
         total = float(sum(rows[i, t] for i, t in enumerate(tgt)))
@@ -81,8 +82,12 @@ metadata:
 def _models() -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
     base = init_params(CFG, rng)
-    tuned = {k: (v + 0.05 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
-             if k.startswith("h.0.") else v for k, v in base.items()}
+    tuned = {
+        k: (v + 0.05 * np.abs(v) * rng.standard_normal(v.shape)).astype(np.float32)
+        if k.startswith("h.0.")
+        else v
+        for k, v in base.items()
+    }
     return {"base": base, "tuned": tuned}
 
 
@@ -91,8 +96,16 @@ def _dataset(path: Path) -> None:
     with path.open("w") as f:
         for _ in range(40):
             a, b = (int(x) for x in rng.integers(1, 10, 2))
-            f.write(json.dumps({"question": f"{a}+{b}=", "label": 0,
-                                "choices": [str(a + b), str(a + b + 1), str(a * b + 2)]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"{a}+{b}=",
+                        "label": 0,
+                        "choices": [str(a + b), str(a + b + 1), str(a * b + 2)],
+                    }
+                )
+                + "\n"
+            )
 
 
 def main() -> None:
@@ -106,14 +119,29 @@ def main() -> None:
         for name, params in _models().items():
             np.savez(HERE / f"{name}.npz", **params)
             out = Path(tmp) / name
-            sys.argv = ["lm_eval", "--model", "potluck_tiny", "--model_args",
-                        f"path={HERE / f'{name}.npz'}", "--tasks", "tiny_sums", "--include_path",
-                        str(tasks), "--output_path", str(out), "--log_samples", "--seed", "1234"]
+            sys.argv = [
+                "lm_eval",
+                "--model",
+                "potluck_tiny",
+                "--model_args",
+                f"path={HERE / f'{name}.npz'}",
+                "--tasks",
+                "tiny_sums",
+                "--include_path",
+                str(tasks),
+                "--output_path",
+                str(out),
+                "--log_samples",
+                "--seed",
+                "1234",
+            ]
             cli_evaluate()
             (HERE / name).mkdir(exist_ok=True)
             shutil.copy(next(out.rglob("results_*.json")), HERE / name / "results.json")
-            shutil.copy(next(out.rglob("samples_tiny_sums_*.jsonl")),
-                        HERE / name / "samples_tiny_sums.jsonl")
+            shutil.copy(
+                next(out.rglob("samples_tiny_sums_*.jsonl")),
+                HERE / name / "samples_tiny_sums.jsonl",
+            )
 
 
 if __name__ == "__main__":
