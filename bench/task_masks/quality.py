@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.task_masks.quality", description=__doc__)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--mask-lambdas", default=",".join(map(str, MASK_LAMBDAS)))
     args = ap.parse_args(argv)
     import torch
 
@@ -87,25 +88,32 @@ def main(argv: list[str] | None = None) -> int:
             os.symlink(r.encoder, link)
         inputs.append(link)
     results: dict[str, Any] = {"probe": probe, "individual": individual, "methods": {}}
-    results["methods"]["tall_masks"] = _tall_masks(inputs, root, val, test, heads)
+    lambdas = [float(x) for x in args.mask_lambdas.split(",")]
+    results["methods"]["tall_masks"] = _tall_masks(inputs, root, val, test, heads, lambdas)
     rebuilt, rep, merge_s = merge_and_rebuild("emr", [], inputs, root / "emr")
     results["methods"]["emr"] = {
         "test": {n: test.scores(p, heads, [n])[n] for n, p in rebuilt.items()},
         "tasks": rep["tasks"], "merge_s": merge_s,
     }  # fmt: skip
     results["load"] = os.getloadavg()
-    (root / f"quality-s{args.seed}.json").write_text(json.dumps(results, indent=2) + "\n")
+    tag = f"s{args.seed}" + ("" if args.steps == 200 else f"-steps{args.steps}")
+    (root / f"quality-{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     _print(results)
     return 0
 
 
 def _tall_masks(
-    inputs: list[Path], root: Path, val: Any, test: Any, heads: dict[str, Any]
+    inputs: list[Path],
+    root: Path,
+    val: Any,
+    test: Any,
+    heads: dict[str, Any],
+    lambdas: list[float],
 ) -> dict[str, Any]:
     """tall_masks with mask_lambda picked per task on validation."""
     best: dict[str, tuple[float, float, float]] = {}
     sizes, merge_s = {}, 0.0
-    for lam in MASK_LAMBDAS:
+    for lam in lambdas:
         rebuilt, rep, secs = merge_and_rebuild(
             "tall_masks", ["-p", f"mask_lambda={lam}"], inputs, root / f"tall-{lam}"
         )
