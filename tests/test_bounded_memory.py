@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from potluck.codecs import exact
+from potluck.codecs.rules import Rule
 from potluck.errors import CorruptObjectError
 from potluck.git import models as git_models
 from potluck.git.models import open_model
@@ -37,7 +38,7 @@ from tests.conftest import run_in, save_st
 MiB = 1 << 20
 BLOCK = 64 << 10
 ELEMENTS = MiB  # a 4 MiB F32 tensor: 64 blocks
-RULES = [("w_sparse", "exact_sparse", {}), ("w_full", "full", {})]
+RULES: list[Rule] = [("w_sparse", "exact_sparse", {}), ("w_full", "full", {})]
 
 
 def _versions() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

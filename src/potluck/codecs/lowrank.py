@@ -7,6 +7,9 @@ block, biases included, to this codec.
 
 ``factors_payload`` and ``dense_payload`` build the same payloads from factors or a delta
 computed elsewhere (an imported LoRA, a mixture of experts), without an SVD.
+
+Memory: one tensor (the delta matrix in the compute dtype, plus the SVD's work): the SVD needs
+the whole matrix, so this codec does not stream (``UpdateCodec.streams`` is False).
 """
 
 from __future__ import annotations
