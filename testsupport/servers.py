@@ -1,5 +1,6 @@
-"""Real servers on loopback for tests: Git LFS (giftless, in-process) and S3 (moto).
+"""Real servers on loopback for tests: Git LFS (giftless, in-process), S3 (moto), PostgreSQL.
 
+``PostgresServer`` runs Debian's PostgreSQL 15 (the hub's index tests).
 ``LfsServer`` serves giftless through a WSGI middleware that counts bytes and requests and
 injects faults (error statuses, truncated downloads, a Basic-auth wall, optional Range
 support). ``MotoS3`` runs moto's S3 in server mode. Both are context managers; the pytest
@@ -488,6 +489,67 @@ class MotoS3:
             "secret": self.SECRET,
             "client_kwargs": {"endpoint_url": self.endpoint, "region_name": self.REGION},
         }
+
+
+class PostgresServer:
+    """A real PostgreSQL (Debian's ``postgresql`` package) on ``127.0.0.1:<free port>``.
+
+    ``initdb`` runs as the ``postgres`` user when this process is root (root cannot run the
+    server); trust authentication on loopback only. ``url`` is ``postgresql://hub@HOST:PORT/postgres``.
+    ``unavailable()`` says why it cannot start here (None when it can).
+    """
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._dir: Path | None = None
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if not (cls.BIN / "initdb").exists():
+            return f"PostgreSQL 15 is not installed ({cls.BIN}); apt-get install postgresql"
+        return None
+
+    def _run(self, *args: str) -> None:
+        import os
+        import subprocess
+
+        cmd = list(args)
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def __enter__(self) -> PostgresServer:
+        import os
+        import shutil
+        import socket
+        import tempfile
+
+        self._dir = Path(tempfile.mkdtemp(prefix="potluck-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self._dir, "postgres", "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        data = self._dir / "data"
+        self._run(str(self.BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "hub",
+                  "--no-sync", "-E", "UTF8")  # fmt: skip
+        opts = f"-h 127.0.0.1 -p {port} -k {self._dir} -F -c fsync=off"
+        self._run(str(self.BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l",
+                  str(self._dir / "log"), "-w", "start")  # fmt: skip
+        self.url = f"postgresql://hub@127.0.0.1:{port}/postgres"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        if self._dir is None:
+            return
+        if self.url:
+            self._run(str(self.BIN / "pg_ctl"), "-D", str(self._dir / "data"), "-m", "immediate",
+                      "-w", "stop")  # fmt: skip
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # -- fixtures (import them into a test module) -----------------------------------------------
