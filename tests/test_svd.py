@@ -5,8 +5,11 @@ paths agreeing."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS
@@ -17,6 +20,14 @@ from potluck.merging.svd import (
     thin_svd,
     top_k_svd,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread() -> Iterator[None]:
+    """One BLAS thread: these are LAPACK-bound, and a multi-threaded OpenBLAS on a loaded machine
+    ran this module in 115 s instead of 7 s here (load ≈ 18 on 2 cores); results are the same."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _factors(m: int, n: int, r: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
