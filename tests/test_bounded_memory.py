@@ -235,6 +235,7 @@ def _write_big(path: Path, elements: int, changed: bool) -> str:
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(3600)
 def test_two_gib_tensor_from_revisions_stays_under_512_mib(repo: Path, tmp_path: Path) -> None:
     run = run_in(repo)
     elements = (2048 * MiB) // 4
