@@ -16,12 +16,14 @@ from typing import Any
 import jinja2
 import markupsafe
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from potluck.errors import PotluckError, UserError
 from potluck.hub import evalpages, pages, tensors
+from potluck.hub.cache import PageCache
 from potluck.hub.pages import Hub, NotFound
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,10 @@ def _error(request: Request, exc: Exception, env: jinja2.Environment) -> Respons
     return HTMLResponse(html, status, headers=HEADERS)
 
 
-def _endpoint(hub: Hub, env: jinja2.Environment, template: str, page: Page, api: bool) -> Any:
-    def run(request: Request) -> Response:  # sync: Starlette runs it in its thread pool
+def _endpoint(
+    hub: Hub, env: jinja2.Environment, template: str, page: Page, api: bool, cache: PageCache
+) -> Any:
+    def render(request: Request) -> Response:
         try:
             data = page(hub, request)
         except Exception as exc:
@@ -119,6 +123,18 @@ def _endpoint(hub: Hub, env: jinja2.Environment, template: str, page: Page, api:
             return JSONResponse(data, headers=HEADERS)
         html = env.get_template(template).render(page=data, repo=data.get("repo"))
         return HTMLResponse(html, headers=HEADERS)
+
+    async def run(request: Request) -> Response:
+        key = ("api" if api else "html", request.url.path, request.url.query)
+        if cache.due():
+            await run_in_threadpool(cache.refresh)
+        hit = cache.get(key)
+        if hit is not None:
+            return Response(hit[0], media_type=hit[1], headers=HEADERS)
+        response = await run_in_threadpool(render, request)  # git, numpy, SQL: off the loop
+        if response.status_code == 200 and response.media_type:
+            cache.put(key, bytes(response.body), response.media_type)
+        return response
 
     return run
 
@@ -131,11 +147,13 @@ def _css(request: Request) -> Response:
 def make_app(hub: Hub) -> Starlette:
     """The ASGI application serving ``hub``."""
     env = _env()
+    cache = PageCache(hub.engine)
     routes = [Route("/static/style.css", _css, methods=["GET"])]
     for path, (template, page) in PAGES.items():
-        routes.append(Route(path, _endpoint(hub, env, template, page, False), methods=["GET"]))
+        html = _endpoint(hub, env, template, page, False, cache)
+        routes.append(Route(path, html, methods=["GET"]))
         api = "/api/" if path == "/" else "/api" + path
-        routes.append(Route(api, _endpoint(hub, env, template, page, True), methods=["GET"]))
+        routes.append(Route(api, _endpoint(hub, env, template, page, True, cache), methods=["GET"]))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error(request, NotFound(f"no page {request.url.path[:200]!r}"), env)

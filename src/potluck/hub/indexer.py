@@ -7,6 +7,7 @@ moved. ``reindex(full=True)`` drops the repository's rows first (``potluck hub r
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -229,4 +230,5 @@ def reindex(engine: Engine, name: str, repo: Repo, full: bool = False) -> int:
             or ix.get_state(conn, name, "evals") != (repo.git.rev_parse(evalstore.EVALS_REF) or "")
         ):
             _index_evals(conn, name, repo)
+        ix.set_state(conn, "", "generation", str(time.time_ns()))  # cached pages are stale
     return len(new)

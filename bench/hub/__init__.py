@@ -1,0 +1,1 @@
+"""bench.hub: load test of potluck hub (see __main__)."""
