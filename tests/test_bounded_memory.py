@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from potluck.codecs import exact
+from potluck.codecs import exact, get_codec, payloads_equal
 from potluck.codecs.rules import Rule
 from potluck.errors import CorruptObjectError
 from potluck.git import models as git_models
@@ -124,6 +124,32 @@ def _create(out: Path) -> None:
 def _apply(patch: Path, out: Path) -> None:
     with open_model("m.safetensors@HEAD~1") as a:
         apply_patch(a, patch, out)
+
+
+@pytest.mark.parametrize("codec", ["exact_xor", "exact_sparse", "full"])
+@pytest.mark.parametrize(
+    "dtype", [np.float32, ml_dtypes.bfloat16, np.complex128, np.int8, np.float64, np.bool_]
+)
+def test_exact_codecs_blocked_equal_one_shot(codec: str, dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    for shape in [(0,), (1,), (37, 29)]:
+        base = (rng.standard_normal(shape) * 3).astype(dtype)
+        new = base.copy()
+        new.reshape(-1)[::7] = (rng.standard_normal(new.reshape(-1)[::7].shape) * 5).astype(dtype)
+        c = get_codec(codec)
+        one = c.encode(new, base, name="t", seed=0)
+        seen: list[tuple[int, int]] = []
+        for block in (24, 1000, 1 << 20):
+            seen.clear()
+            blocked = c.encode_blocked(
+                new, base, name="t", seed=0, block=block, done=lambda a, b: seen.append((a, b))
+            )
+            assert payloads_equal(blocked, one)
+            pieces = list(c.decode_blocks(one, base, block=block))
+            assert b"".join(p.tobytes() for p in pieces) == new.tobytes()
+            assert all(p.ndim == 1 and p.dtype == new.dtype for p in pieces)
+            if codec != "full":
+                assert sum(b - a for a, b in seen) == base.nbytes  # every byte let go once
 
 
 def test_blocked_patch_equals_one_shot_and_rebuilds_v2(
