@@ -132,18 +132,20 @@ def _apply(patch: Path, out: Path) -> None:
 )
 def test_exact_codecs_blocked_equal_one_shot(codec: str, dtype: type) -> None:
     rng = np.random.default_rng(3)
+    seen: list[tuple[int, int]] = []
+
+    def done(start: int, stop: int) -> None:
+        seen.append((start, stop))
+
     for shape in [(0,), (1,), (37, 29)]:
         base = (rng.standard_normal(shape) * 3).astype(dtype)
         new = base.copy()
         new.reshape(-1)[::7] = (rng.standard_normal(new.reshape(-1)[::7].shape) * 5).astype(dtype)
         c = get_codec(codec)
         one = c.encode(new, base, name="t", seed=0)
-        seen: list[tuple[int, int]] = []
         for block in (24, 1000, 1 << 20):
             seen.clear()
-            blocked = c.encode_blocked(
-                new, base, name="t", seed=0, block=block, done=lambda a, b: seen.append((a, b))
-            )
+            blocked = c.encode_blocked(new, base, name="t", seed=0, block=block, done=done)
             assert payloads_equal(blocked, one)
             pieces = list(c.decode_blocks(one, base, block=block))
             assert b"".join(p.tobytes() for p in pieces) == new.tobytes()
