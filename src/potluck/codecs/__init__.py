@@ -3,9 +3,9 @@
 ``CODECS`` holds the built-ins; third-party codecs register through the ``potluck.codecs``
 entry-point group. Exact: ``full``, ``exact_xor``, ``exact_sparse``. Lossy (each reports an
 ``ErrorReport``): ``sparse_topk``, ``sparse_threshold``, ``dare``, ``ternary``, ``bitdelta``,
-``quant``, ``lowrank``, ``ia3``. ``factors_payload`` and ``dense_payload`` (``lowrank``) and
-``scales_payload`` (``ia3``) build payloads from factors, deltas or scales computed elsewhere
-(an imported adapter, a fixed mixture of experts).
+``quant``, ``lowrank``, ``qlowrank``, ``ia3``. ``factors_payload`` and ``dense_payload``
+(``lowrank``) and ``scales_payload`` (``ia3``) build payloads from factors, deltas or scales
+computed elsewhere (an imported adapter, a fixed mixture of experts).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from potluck.codecs.exact import ExactSparseCodec, ExactXorCodec, FullCodec
 from potluck.codecs.ia3 import IA3Codec, scales_payload
 from potluck.codecs.lowrank import LowRankCodec, dense_payload, factors_payload
 from potluck.codecs.mask import TaskMaskCodec
+from potluck.codecs.qlowrank import QLowRankCodec
 from potluck.codecs.quant import QuantCodec
 from potluck.codecs.rules import DEFAULT_RULES, choose_codec
 from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
@@ -68,6 +69,7 @@ for _codec in (
     BitDeltaCodec(),
     QuantCodec(),
     LowRankCodec(),
+    QLowRankCodec(),
     IA3Codec(),
     TaskMaskCodec(),
 ):
