@@ -463,3 +463,18 @@ def test_chromium_renders_every_page(server: str, tmp_path: Path) -> None:
                 assert shape.get(sel, 0) >= 1, (p, sel)
     bob = shapes["/r/communal/commit/bob"]
     assert (bob["rect.cell"], bob["tr.change"]) == (2, 2)
+
+
+def test_new_commits_show_after_reindex(hubrepo: Path, tmp_path: Path) -> None:
+    """Pages are cached until the index changes: a reindex makes the new commit visible."""
+    copy = tmp_path / "copy"
+    shutil.copytree(hubrepo, copy, symlinks=True)
+    h = hub_for([str(copy)], f"sqlite:///{tmp_path / 'c.sqlite'}")
+    assert h.reindex() == {"copy": 7}
+    with serving(h) as url:
+        assert len(json.loads(get(url + "/api/r/copy/commits")[1])["commits"]) == 7
+        Shell(copy, lambda _line: None)("git", "commit", "-q", "--allow-empty", "-m", "later")
+        assert h.reindex() == {"copy": 1}
+        time.sleep(1.1)  # the cache reads the index generation at most once a second
+        got = json.loads(get(url + "/api/r/copy/commits")[1])["commits"]
+        assert [c["subject"] for c in got][:1] == ["later"]
