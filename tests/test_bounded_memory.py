@@ -138,7 +138,7 @@ def test_exact_codecs_blocked_equal_one_shot(codec: str, dtype: type) -> None:
         seen.append((start, stop))
 
     for shape in [(0,), (1,), (37, 29)]:
-        base = (rng.standard_normal(shape) * 3).astype(dtype)
+        base: np.ndarray = (rng.standard_normal(shape) * 3).astype(dtype)
         new = base.copy()
         new.reshape(-1)[::7] = (rng.standard_normal(new.reshape(-1)[::7].shape) * 5).astype(dtype)
         c = get_codec(codec)
