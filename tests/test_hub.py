@@ -176,6 +176,7 @@ EXPECTED_COMMITS = {
     "merge bob": (0, 0, 2),
     "evil: <b>bold</b> names": (1, 0, 0),
 }
+LAYERS = ["h.0", "h.1", "ln_f.bias", "ln_f.weight", "wpe", "wte"]
 EXPECTED_REFS = [
     ("alias", "stable"),
     ("branch", "alice"),
@@ -258,13 +259,18 @@ def test_commit_page_and_heatmap(server: str, hubrepo: Path) -> None:
         ("h.1.attn.proj.weight", "changed"),
         ("h.1.attn.qkv.weight", "changed"),
     ]
-    assert svg_shape(d["heatmap"]) == {
-        "svg.heatmap": 1,
-        "rect.cell": 2,
-        "text.layer": 1,
-        "layers": ["h.1"],
-        "cells": ["h.1.attn.proj.weight", "h.1.attn.qkv.weight"],
-    }
+    shape = svg_shape(d["heatmap"])
+    assert (shape["svg.heatmap"], shape["rect.cell"], shape["text.layer"]) == (1, 20, 6)
+    assert shape["layers"] == LAYERS
+    assert [n for n, st in shape["cells"] if st != "unchanged"] == [
+        "h.1.attn.proj.weight",
+        "h.1.attn.qkv.weight",
+    ]
+    assert [n for n, _ in shape["cells"]][:3] == [
+        "h.0.attn.proj.weight",
+        "h.0.attn.qkv.weight",
+        "h.0.ln_1.bias",
+    ]
 
 
 def test_diff_between_any_two_revisions(server: str) -> None:
@@ -276,7 +282,9 @@ def test_diff_between_any_two_revisions(server: str) -> None:
         "h.1.attn.proj.weight",
         "h.1.attn.qkv.weight",
     ]
-    assert svg_shape(d["heatmap"])["layers"] == ["h.0", "h.1"]
+    shape = svg_shape(d["heatmap"])
+    assert shape["layers"] == LAYERS
+    assert sorted(n for n, st in shape["cells"] if st != "unchanged") == names
     again = api(server, "/r/communal/diff?a=v1&b=merge-bob")  # now from the index
     assert again == d
 
@@ -398,7 +406,9 @@ class _Shape(HTMLParser):
             key = f"{tag}.{cls}"
             self.counts[key] = self.counts.get(key, 0) + 1
             if key == "rect.cell":
-                self.counts.setdefault("cells", []).append(a.get("data-name"))
+                self.counts.setdefault("cells", []).append(
+                    (a.get("data-name"), a.get("data-status"))
+                )
             if key == "text.layer":
                 self._text = key
 
@@ -462,7 +472,7 @@ def test_chromium_renders_every_page(server: str, tmp_path: Path) -> None:
             else:
                 assert shape.get(sel, 0) >= 1, (p, sel)
     bob = shapes["/r/communal/commit/bob"]
-    assert (bob["rect.cell"], bob["tr.change"]) == (2, 2)
+    assert (bob["rect.cell"], bob["tr.change"]) == (20, 2)
 
 
 def test_new_commits_show_after_reindex(hubrepo: Path, tmp_path: Path) -> None:

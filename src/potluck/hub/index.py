@@ -8,6 +8,7 @@ Tables, every row keyed by the repository's name in the hub:
   commits (``base`` = the first parent for indexed commits, "" for a root commit; other pairs
   are added when a page first asks for them, see ``potluck.hub.pages``);
 * ``pairs``: which (base, head) pairs ``changes`` holds (an empty diff is a fact too);
+* ``manifests``: the tensor names of each model file version (the heat map's unchanged cells);
 * ``refs``: branches, tags and aliases (``refs/potluck/aliases/*``);
 * ``evals``: the evaluation records (``potluck.git.evalstore``) of the indexed weights;
 * ``state``: what was indexed (the evals ref's commit), to re-read only what moved.
@@ -49,6 +50,14 @@ COMMITS = sa.Table(
     sa.Column("removed", sa.Integer, nullable=False),
     sa.Column("changed", sa.Integer, nullable=False),
     sa.Column("paths", sa.Text, nullable=False),  # newline-separated model files at the commit
+    sa.Column("blobs", sa.Text, nullable=False),  # "path\tmanifest blob id" lines
+)
+MANIFESTS = sa.Table(
+    "manifests",
+    META,
+    sa.Column("repo", _R, primary_key=True),
+    sa.Column("oid", sa.String(64), primary_key=True),
+    sa.Column("names", sa.Text, nullable=False),  # newline-separated tensor and view names
 )
 PAIRS = sa.Table(
     "pairs",
@@ -153,5 +162,5 @@ def set_state(conn: Connection, repo: str, key: str, value: str) -> None:
 
 def drop_repo(conn: Connection, repo: str) -> None:
     """Forget everything indexed about ``repo``."""
-    for t in (STATE, COMMITS, PAIRS, CHANGES, REFS, EVALS):
+    for t in (STATE, COMMITS, PAIRS, CHANGES, REFS, EVALS, MANIFESTS):
         conn.execute(sa.delete(t).where(t.c.repo == repo))

@@ -42,12 +42,16 @@ class Models:
 
     def at(self, commit: str) -> dict[str, Manifest]:
         """path → manifest of every potluck-tracked file in ``commit``."""
+        return {path: m for path, (_oid, m) in self.blobs(commit).items()}
+
+    def blobs(self, commit: str) -> dict[str, tuple[str, Manifest]]:
+        """path → (blob id, manifest) of every potluck-tracked file in ``commit``."""
         if not commit:
             return {}
         git = self.repo.git
         blobs = git.list_blobs(commit)
         sizes = git.object_sizes([oid for _, oid in blobs])
-        out: dict[str, Manifest] = {}
+        out: dict[str, tuple[str, Manifest]] = {}
         with git.batch() as cat:
             for path, oid in blobs:
                 if sizes.get(oid, MAX_MANIFEST_BYTES + 1) > MAX_MANIFEST_BYTES:
@@ -59,7 +63,7 @@ class Models:
                     if len(self._parsed) > 512:
                         self._parsed.clear()
                     self._parsed[oid] = parse(data, f"{commit[:12]}:{path}")
-                out[path] = self._parsed[oid]
+                out[path] = (oid, self._parsed[oid])
         return out
 
     def diff(self, base: str, head: str) -> PairDiff:
@@ -156,6 +160,8 @@ def _index_commit(conn: Connection, name: str, models: Models, row: list[str]) -
     d = models.diff(base, sha)
     store_pair(conn, name, base, sha, d)
     count = {k: sum(1 for _, c in d.changes if c.status == k) for k in ("added", "removed")}
+    blobs = models.blobs(sha)
+    _store_names(conn, name, blobs)
     conn.execute(
         sa.insert(ix.COMMITS).values(
             repo=name,
@@ -168,9 +174,20 @@ def _index_commit(conn: Connection, name: str, models: Models, row: list[str]) -
             added=count["added"],
             removed=count["removed"],
             changed=len(d.changes) - count["added"] - count["removed"],
-            paths="\n".join(sorted(models.at(sha))),
+            paths="\n".join(sorted(blobs)),
+            blobs="\n".join(f"{p}\t{oid}" for p, (oid, _m) in sorted(blobs.items())),
         )
     )
+
+
+def _store_names(conn: Connection, name: str, blobs: dict[str, tuple[str, Manifest]]) -> None:
+    """The tensor names of each manifest blob not indexed yet (for heat maps' unchanged cells)."""
+    t = ix.MANIFESTS
+    for oid, m in {oid: m for oid, m in blobs.values()}.items():
+        if conn.execute(sa.select(t.c.oid).where(t.c.repo == name, t.c.oid == oid)).first():
+            continue
+        names = sorted(set(m.tensors()) | {v.name for v in m.views})
+        conn.execute(sa.insert(t).values(repo=name, oid=oid, names="\n".join(names)))
 
 
 def _index_evals(conn: Connection, name: str, repo: Repo) -> None:

@@ -192,25 +192,48 @@ def _pair(hub: Hub, name: str, base: str, head: str) -> tuple[int, list[dict[str
 
 def diff(hub: Hub, name: str, a: str, b: str) -> dict[str, Any]:
     """Per-tensor statistics from revision ``a`` to ``b`` and the heat map of ‖Δ‖/‖W‖."""
-    base, head = resolve(hub, name, a), resolve(hub, name, b)
+    return _changes(hub, name, resolve(hub, name, a), resolve(hub, name, b))
+
+
+def _head_names(hub: Hub, name: str, head: str) -> dict[str, list[str]]:
+    """path → tensor names of every model file at ``head`` (from the index)."""
+    with hub.engine.connect() as c:
+        blobs = c.execute(
+            sa.select(ix.COMMITS.c.blobs).where(ix.COMMITS.c.repo == name, ix.COMMITS.c.sha == head)
+        ).scalar()
+        pairs = [line.split("\t") for line in (blobs or "").split("\n") if line]
+        oids = {oid for _, oid in pairs}
+        t = ix.MANIFESTS
+        names = dict(
+            c.execute(
+                sa.select(t.c.oid, t.c.names).where(t.c.repo == name, t.c.oid.in_(oids))
+            ).all()
+        )
+    return {p: [n for n in names.get(oid, "").split("\n") if n] for p, oid in pairs}
+
+
+def _changes(hub: Hub, name: str, base: str, head: str) -> dict[str, Any]:
+    """The diff table and heat map: one cell per tensor of ``head`` (unchanged ones white) and
+    per removed tensor."""
     unchanged, rows = _pair(hub, name, base, head)
     rows.sort(key=lambda r: (-(r["rel"] if r["rel"] is not None else -1.0), r["path"], r["name"]))
-    cells = [
-        (r["name"] if _single_path(rows) else f"{r['path']}:{r['name']}", r["status"], r["rel"])
-        for r in rows
-    ]
+    heads = _head_names(hub, name, head)
+    several = len(set(heads) | {r["path"] for r in rows}) > 1
+    cells: dict[tuple[str, str], tuple[str, str, float | None]] = {}
+    for path, names in heads.items():
+        for n in names:
+            cells[(path, n)] = (f"{path}:{n}" if several else n, "unchanged", 0.0)
+    for r in rows:
+        label = f"{r['path']}:{r['name']}" if several else r["name"]
+        cells[(r["path"], r["name"])] = (label, r["status"], r["rel"])
     return {
         "repo": name,
-        "base": base,
+        "base": base or None,
         "head": head,
         "unchanged": unchanged,
         "changes": rows,
-        "heatmap": svg.heatmap(cells),
+        "heatmap": svg.heatmap(list(cells.values())),
     }
-
-
-def _single_path(rows: list[dict[str, Any]]) -> bool:
-    return len({r["path"] for r in rows}) <= 1
 
 
 def commit(hub: Hub, name: str, rev: str) -> dict[str, Any]:
@@ -221,21 +244,8 @@ def commit(hub: Hub, name: str, rev: str) -> dict[str, Any]:
             c, sa.select(ix.COMMITS).where(ix.COMMITS.c.repo == name, ix.COMMITS.c.sha == sha)
         )[0]
     parents = meta["parents"].split()
-    out = diff(hub, name, parents[0], sha) if parents else _root_diff(hub, name, sha)
+    out = _changes(hub, name, parents[0] if parents else "", sha)
     out["commit"] = {k: meta[k] for k in ("sha", "author", "time", "subject", "weights")}
     out["commit"]["parents"] = parents
     out["paths"] = [p for p in meta["paths"].split("\n") if p]
     return out
-
-
-def _root_diff(hub: Hub, name: str, sha: str) -> dict[str, Any]:
-    unchanged, rows = _pair(hub, name, "", sha)
-    cells = [(r["name"], r["status"], r["rel"]) for r in rows]
-    return {
-        "repo": name,
-        "base": None,
-        "head": sha,
-        "unchanged": unchanged,
-        "changes": rows,
-        "heatmap": svg.heatmap(cells),
-    }
