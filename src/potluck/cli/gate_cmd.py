@@ -82,7 +82,7 @@ def report(revs: str, as_md: bool, as_json: bool) -> None:
     if as_json:
         emit_json(r.to_dict())
     else:
-        click.echo(to_markdown(r), nl=False)
+        echo(to_markdown(r).rstrip("\n"))  # markdown escapes its fields; echo the rest
 
 
 @cli.command("promote")
