@@ -138,6 +138,18 @@ class ObjectRemote(Protocol):
         ...
 
 
+@runtime_checkable
+class UploadPlanner(Protocol):
+    """An ``ObjectRemote`` that can answer "which of these do you lack?" the way an upload
+    asks it, and keep that answer for the ``upload`` that follows (Git LFS: one upload batch
+    per 100 objects instead of a download batch and then an upload batch)."""
+
+    def plan_upload(self, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
+        """The refs the remote lacks (as ``missing``); what it said about them is kept for
+        the next ``upload`` of those refs."""
+        ...
+
+
 def unique_refs(refs: Sequence[ObjectRef]) -> list[ObjectRef]:
     """``refs`` without repeats, in first-seen order; one oid with two sizes is refused."""
     seen: dict[str, ObjectRef] = {}

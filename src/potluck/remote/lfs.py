@@ -108,6 +108,8 @@ class LfsRemote:
             max_redirects=MAX_REDIRECTS,
         )
         self._engine = Engine(options, self.url)
+        self._planned: dict[str, Entry] = {}  # upload actions from plan_upload, by oid
+        self._plan_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop workers and close pooled connections."""
@@ -125,15 +127,32 @@ class LfsRemote:
                 absent.add(oid)
         return [r for r in refs if r.oid in absent]
 
+    def plan_upload(self, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
+        """Refs the server lacks, asked with ``upload`` batches (an object of another size is
+        lacking too); their upload actions are kept for ``upload``, so a push asks one batch
+        per ``batch_size`` objects. A server that refuses the upload batch (HTTP 403: read-only
+        access) is asked with download batches instead, and the push fails only if something
+        must really be uploaded."""
+        todo = unique_refs(refs)
+        try:
+            entries = self._checked_batch("upload", todo)
+        except UserError as e:
+            if e.data.get("status") != 403:
+                raise
+            return self.missing(refs)
+        with self._plan_lock:
+            self._planned.update((o, e) for o, e in entries.items() if "upload" in e.actions)
+        return [r for r in refs if "upload" in entries[r.oid].actions]
+
     def upload(
         self, refs: Sequence[ObjectRef], open_object: Opener, on_bytes: OnBytes | None = None
     ) -> TransferStats:
-        """PUT every object the server asks for, then run its ``verify`` action."""
+        """PUT every object the server asks for, then run its ``verify`` action (the server's
+        answer from ``plan_upload`` is used where there is one: no second batch)."""
         todo = unique_refs(refs)
-        entries = self._batch("upload", todo)
-        for oid, entry in entries.items():
-            if entry.error is not None:
-                raise self._object_error(oid, entry.error)
+        with self._plan_lock:
+            entries = {r.oid: e for r in todo if (e := self._planned.pop(r.oid, None))}
+        entries.update(self._checked_batch("upload", [r for r in todo if r.oid not in entries]))
         wanted = [r for r in todo if "upload" in entries[r.oid].actions]
         meter = Meter(on_bytes)
         meter.skipped(len(todo) - len(wanted))
@@ -172,6 +191,14 @@ class LfsRemote:
         return meter.stats
 
     # -- batch API and authentication --------------------------------------------------------
+
+    def _checked_batch(self, operation: str, refs: list[ObjectRef]) -> dict[str, Entry]:
+        """``_batch``, raising the first per-object error."""
+        entries = self._batch(operation, refs)
+        for oid, entry in entries.items():
+            if entry.error is not None:
+                raise self._object_error(oid, entry.error)
+        return entries
 
     def _batch(self, operation: str, refs: list[ObjectRef]) -> dict[str, Entry]:
         """Batch ``refs`` in chunks of ``batch_size``; the first alone (it settles auth)."""

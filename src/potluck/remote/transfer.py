@@ -30,6 +30,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CHUNK = 1 << 20
+#: the largest piece an upload reads at once (a store chunk, 4 MiB by default, fits whole)
+SEND_PIECE = 8 << 20
 MAX_WAIT = 30.0
 DAMAGED_HINT = (
     "the remote's copy is damaged (or the transfer corrupts it); upload a good copy from a "
@@ -283,7 +285,8 @@ class _Fetch:
 
 
 def read_exact(stream: Any, ref: ObjectRef) -> Iterator[bytes]:
-    """Yield ``ref.size`` bytes of ``stream`` in 1 MiB pieces, checking their sha256 on the way.
+    """Yield ``ref.size`` bytes of ``stream`` in pieces of what its ``read`` returns (at most
+    ``SEND_PIECE`` bytes; bytes pass through uncopied), checking their sha256 on the way.
 
     The hash is checked before the last piece is yielded, so a bad local object fails the
     upload before it completes. Raises ``IntegrityError`` for a short or mismatching stream.
@@ -291,7 +294,7 @@ def read_exact(stream: Any, ref: ObjectRef) -> Iterator[bytes]:
     hasher = hashlib.sha256()
     left = ref.size
     while left > 0:
-        piece = stream.read(min(CHUNK, left))
+        piece = stream.read(min(SEND_PIECE, left))
         if not piece:
             raise _local_bad(ref.oid, f"its stream ended after {ref.size - left} bytes")
         piece = bytes(piece)

@@ -10,7 +10,6 @@ before it enters the store.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError, PotluckError
+from potluck.objects.encoding import decode_object, read_header
 from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.wire import (
@@ -32,11 +32,12 @@ from potluck.ops.vcs.wire import (
     verify_remote,
 )
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
+from potluck.remote.base import Opener, Sink, UploadPlanner
+from potluck.remote.base import TransferStats as Stats
 from potluck.tensors.dtypes import grouping_size
 
 OnBytes = Callable[[int], None]
 log = logging.getLogger("potluck")
-COPY = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def push_objects(
     ``PushReport.encoded``.
     """
     refs = sorted(wanted.refs)
-    view = verify_remote(remote, refs, index or {})
+    view = verify_remote(_Planning(remote), refs, index or {})
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
     encoded = _choose_encoded(odb, remote, refs, lacking, view, index or {}) if encode else {}
@@ -177,7 +178,8 @@ def _choose_encoded(
         base = odb.header(r.oid).base_oid
         if base is not None and base not in coming and odb.has(base):
             bases[base] = ObjectRef(base, r.size)
-    present = verify_remote(remote, list(bases.values()), index).present if bases else set()
+    asked = list(bases.values())
+    present = verify_remote(_Planning(remote), asked, index).present if bases else set()
     chosen: dict[ObjectRef, WireEntry] = {}
     for r in candidates:
         entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
@@ -186,16 +188,62 @@ def _choose_encoded(
     return chosen
 
 
+class _Planning:
+    """``remote`` for ``verify_remote`` during a push: where the remote can (``UploadPlanner``)
+    the existence check is the upload's own question, so the upload asks no second batch."""
+
+    def __init__(self, remote: ObjectRemote) -> None:
+        self._remote = remote
+        self.url = remote.url
+
+    def missing(self, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
+        if isinstance(self._remote, UploadPlanner):
+            return self._remote.plan_upload(refs)
+        return self._remote.missing(refs)
+
+    def upload(self, refs: Sequence[ObjectRef], opener: Opener, on: OnBytes | None = None) -> Stats:
+        return self._remote.upload(refs, opener, on)
+
+    def download(
+        self, refs: Sequence[ObjectRef], sink: Sink, tmp: Path, on: OnBytes | None = None
+    ) -> Stats:
+        return self._remote.download(refs, sink, tmp, on)
+
+    def close(self) -> None:
+        self._remote.close()
+
+
 @contextmanager
 def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
     """A read-only stream of an object's logical bytes. It is not re-hashed here: the remote
     layer hashes what it sends and fails before the last byte when it does not match, so a
     corrupt local object is never uploaded whole."""
-    stream = _ChunkReader(_named(odb.read_chunks(ref.oid, verify=False), ref.oid))
+    stream = _ChunkReader(_named(_logical_chunks(odb, ref.oid), ref.oid))
     try:
-        yield io.BufferedReader(stream, COPY)
+        yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
     finally:
         stream.close()
+
+
+def _logical_chunks(odb: ObjectDB, oid: str) -> Iterator[bytes]:
+    """The logical chunks of a stored object, decoded in the calling thread (uploads already
+    run on the remote's workers; a hand-off to the decode pool per chunk only adds waiting).
+    A stored raw chunk is its own wire form: it is passed on as read, never copied. A delta
+    object decodes through the object database (its base chain)."""
+    with odb.store.open(oid) as f:
+        if read_header(f).base_oid is None:
+            f.seek(0)
+            yield from decode_object(f, _no_base, None)
+            return
+    yield from odb.read_chunks(oid, verify=False)
+
+
+def _no_base(oid: str) -> Iterator[bytes]:
+    raise CorruptObjectError(
+        f"an object without a delta base refers to base {oid[:12]}",
+        hint="`potluck fsck` names the tensors and commits that use it",
+        oid=oid,
+    )
 
 
 def _named(chunks: Iterator[bytes], oid: str) -> Iterator[bytes]:
@@ -211,32 +259,37 @@ def _named(chunks: Iterator[bytes], oid: str) -> Iterator[bytes]:
         ) from e
 
 
-class _ChunkReader(io.RawIOBase):
-    """A raw binary stream over an iterator of byte chunks."""
+class _ChunkReader:
+    """A read-only stream over an iterator of byte chunks. ``read(n)`` hands out a whole chunk
+    as it came when it fits (no copy), else the next ``n`` bytes of it."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buf = memoryview(b"")
+        self._buf = b""
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (fewer at a chunk's end; ``b""`` at the end of the stream)."""
+        while self._pos >= len(self._buf):
             nxt = next(self._chunks, None)
             if nxt is None:
-                return 0
-            self._buf = memoryview(nxt)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+                return b""
+            self._buf, self._pos = nxt, 0
+        if self._pos == 0 and (n < 0 or n >= len(self._buf)):
+            out, self._buf = self._buf, b""
+            return out
+        end = len(self._buf) if n < 0 else self._pos + n
+        out = self._buf[self._pos : end]
+        self._pos += len(out)
+        return out
 
     def close(self) -> None:
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
-        super().close()
 
 
 def fetch_objects(

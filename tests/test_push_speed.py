@@ -1,0 +1,122 @@
+"""A first push asks the Git LFS server one batch per 100 objects and sends each object's
+stored chunks without the decode pool; request counts are asserted, never wall time."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from potluck.config import RepoConfig
+from potluck.errors import IntegrityError
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.pushfetch import Wanted, push_objects
+from potluck.remote import ObjectRef, RemoteOptions
+from potluck.remote.lfs import LfsRemote
+from potluck.store.local import LocalStore
+from testsupport.servers import LfsServer
+
+N = 150  # two batches of 100
+
+
+def _kinds(server: LfsServer) -> Counter[str]:
+    return Counter(
+        "batch" if "batch" in path else "verify" if "verify" in path else method
+        for method, path, _ in server.requests
+    )
+
+
+def _wanted(db: ObjectDB, blobs: list[bytes]) -> Wanted:
+    wanted = Wanted()
+    for n, data in enumerate(blobs):
+        oid = db.put_bytes(data, itemsize=4).oid
+        wanted.refs[ObjectRef(oid, len(data))] = _where(n)
+        wanted.itemsizes[oid] = 4
+    return wanted
+
+
+def _where(n: int) -> object:
+    from potluck.ops.vcs.pushfetch import Where
+
+    return Where("model.safetensors", f"t{n}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> LfsServer:
+    with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> ObjectDB:
+    return ObjectDB(LocalStore(tmp_path / "objects"), RepoConfig(chunk_bytes=4096), workers=2)
+
+
+def _blobs(seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)  # float32 noise: stored byte-grouped + zstd
+    return [rng.standard_normal(1500 + n, dtype=np.float32).tobytes() for n in range(N)]
+
+
+def test_first_push_asks_one_batch_per_100_objects(server: LfsServer, db: ObjectDB) -> None:
+    server.reset()
+    blobs = _blobs(1)
+    wanted = _wanted(db, blobs)
+    remote = LfsRemote(server.url, RemoteOptions(workers=4))
+    server.reset_counters()
+    try:
+        report = push_objects(db, remote, wanted)
+    finally:
+        remote.close()
+    assert (report.checked, report.uploaded, report.already_there) == (N, N, 0)
+    assert _kinds(server) == {"batch": 2, "PUT": N, "verify": N}
+    assert server.bytes_received == sum(len(b) for b in blobs)
+    stored = {p.name: p.read_bytes() for p in server.storage.rglob("*") if p.is_file()}
+    assert {hashlib.sha256(b).hexdigest(): b for b in blobs} == {
+        k: v for k, v in stored.items() if k in {hashlib.sha256(b).hexdigest() for b in blobs}
+    }
+    # a second push: the same single batch round finds everything there, nothing is sent
+    again = LfsRemote(server.url, RemoteOptions(workers=4))
+    server.reset_counters()
+    try:
+        second = push_objects(db, again, wanted)
+    finally:
+        again.close()
+    assert (second.uploaded, second.already_there) == (0, N)
+    assert _kinds(server) == {"batch": 2}
+
+
+def test_push_streams_in_the_uploading_thread_without_the_decode_pool(
+    server: LfsServer, db: ObjectDB
+) -> None:
+    server.reset()
+    wanted = _wanted(db, _blobs(2)[:3])
+    remote = LfsRemote(server.url, RemoteOptions(workers=1))
+    calls: list[str] = []
+    real = db.read_chunks
+    db.read_chunks = lambda oid, **kw: calls.append(oid) or real(oid, **kw)  # type: ignore[method-assign]
+    try:
+        report = push_objects(db, remote, wanted)
+    finally:
+        remote.close()
+    assert (report.uploaded, calls) == (3, [])  # standalone objects: never through read_chunks
+
+
+def test_corrupt_raw_chunk_is_not_uploaded(server: LfsServer, db: ObjectDB) -> None:
+    server.reset()
+    wanted = _wanted(db, [np.random.default_rng(3).bytes(20000)])  # incompressible: raw chunks
+    (ref,) = wanted.refs
+    path = db.store.path(ref.oid)  # type: ignore[attr-defined]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # the last byte of the last raw chunk: no zstd checksum guards it
+    path.chmod(0o644)
+    path.write_bytes(bytes(raw))
+    remote = LfsRemote(server.url, RemoteOptions(workers=1))
+    try:
+        with pytest.raises(IntegrityError, match=f"local object {ref.oid} cannot be uploaded"):
+            push_objects(db, remote, wanted)
+    finally:
+        remote.close()
+    assert ref.oid not in {p.name for p in server.storage.rglob("*")}
