@@ -102,6 +102,19 @@ def patch() -> None:
 )
 @click.option("--eval-max", type=int, default=64, show_default=True, help="--eval examples.")
 @click.option("--threads", type=int, default=2, show_default=True, help="--eval torch threads.")
+@click.option(
+    "--budget",
+    metavar="SIZE",
+    help="Fit the patch in SIZE (bytes, 5MB, 512KiB, or x16 = 1/16 of the fp16 delta): "
+    "potluck picks each tensor's codec. Not with --codec/--rule/--rank/--density/--bits.",
+)
+@click.option(
+    "--max-error",
+    type=float,
+    metavar="TOL",
+    help="Keep every tensor's relative Frobenius error within TOL (alone: the smallest such "
+    "patch; with --budget: refused when it cannot fit).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def create_cmd(
@@ -122,10 +135,14 @@ def create_cmd(
     eval_file: str | None,
     eval_max: int,
     threads: int,
+    budget: str | None,
+    max_error: float | None,
     as_json: bool,
 ) -> None:
     """Write a patch turning BASE into TARGET (files, model directories or PATH@REV)."""
     flags = {"rank": rank, "density": density, "bits": bits}
+    if budget is not None or max_error is not None:
+        _refuse_codec_choice(flags, rules)
     described = {"author": author, "task": task, "license": license_}
     parsed = [parse_rule(r) for r in rules]
     if eval_file is not None and not check:
@@ -144,6 +161,8 @@ def create_cmd(
             description={k: v for k, v in described.items() if v is not None},
             tensors_glob=glob,
             check=check,
+            budget=budget,
+            max_error=max_error,
         )
         if eval_file is not None and info.quality is not None:
             outputs = eval_patch(
@@ -158,6 +177,24 @@ def create_cmd(
     _render_create(info)
 
 
+def _refuse_codec_choice(flags: dict[str, int | float | None], rules: tuple[str, ...]) -> None:
+    """--budget/--max-error choose every tensor's codec: a codec chosen by hand conflicts."""
+    ctx = click.get_current_context()
+    given = [f"--{k}" for k, v in flags.items() if v is not None]
+    if ctx.get_parameter_source("codec") == click.core.ParameterSource.COMMANDLINE:
+        given.insert(0, "--codec")
+    if rules:
+        given.append("--rule")
+    if given:
+        raise UserError(
+            f"--budget/--max-error choose each tensor's codec; {', '.join(given)} cannot be "
+            "combined with them",
+            hint="drop " + ", ".join(given) + " to let the budget decide, or drop "
+            "--budget/--max-error to choose codecs yourself",
+            conflicting=given,
+        )
+
+
 def create_json(info: PatchInfo) -> dict[str, Any]:
     """The JSON ``patch create --json`` prints."""
     return {
@@ -170,6 +207,7 @@ def create_json(info: PatchInfo) -> dict[str, Any]:
                 "bytes": e.nbytes,
                 "full_bytes": e.full_nbytes,
                 "relative_error": e.relative_error,
+                "predicted_error": e.predicted_error,
             }
             for e in info.entries
         },
@@ -183,6 +221,8 @@ def create_json(info: PatchInfo) -> dict[str, Any]:
 def _render_create(info: PatchInfo) -> None:
     for e in info.entries:
         err = "exact" if e.relative_error is None else f"rel.err {e.relative_error:.3g}"
+        if e.predicted_error is not None:
+            err += f" (predicted {e.predicted_error:.3g})"
         mark = " (added)" if e.name in info.added else ""
         echo(f"{e.name}{mark}: {e.codec}, {_fmt_bytes(e.nbytes)}, {err}")
     for name in info.removed:
@@ -330,6 +370,8 @@ def _render_info(info: dict[str, Any]) -> None:
     for name, t in info["tensors"].items():
         err = t["error"]
         text = "exact" if err is None else f"rel.err {err['relative_error']:.3g}"
+        if t.get("predicted_error") is not None:
+            text += f" (predicted {t['predicted_error']:.3g})"
         params = ",".join(f"{k}={v}" for k, v in sorted(t["params"].items()))
         echo(f"  {name}: {t['codec']}[{params}] {_fmt_bytes(t['bytes'])}, {text}")
     for name in info["removed"]:

@@ -31,6 +31,7 @@ from potluck.codecs.rules import Rule
 from potluck.fileio import file_sha256
 from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
+from potluck.ops.patch.budget import Plan, plan_patch
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
@@ -47,6 +48,7 @@ class PatchEntry:
     nbytes: int
     full_nbytes: int
     relative_error: float | None
+    predicted_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ def encode_tensor(
 
 def _entry(name: str, payload: Payload) -> PatchEntry:
     err = None if payload.error is None else payload.error.relative_error
-    return PatchEntry(name, payload.codec, payload_nbytes(payload), full_nbytes(payload), err)
+    pred = payload.meta.get("predicted_error")
+    pred = float(pred) if isinstance(pred, float | int) else None
+    return PatchEntry(name, payload.codec, payload_nbytes(payload), full_nbytes(payload), err, pred)
 
 
 def create_patch(
@@ -105,6 +109,8 @@ def create_patch(
     description: Mapping[str, Any] | None = None,
     tensors_glob: str | None = None,
     check: bool = False,
+    budget: str | int | None = None,
+    max_error: float | None = None,
 ) -> PatchInfo:
     """Write a patch turning the model BASE into TARGET (paths or ``ModelSource``s).
 
@@ -114,6 +120,9 @@ def create_patch(
     params), else ``default_codec`` with ``params``. ``tensors_glob`` limits the patch to the
     matching names. The file is written atomically and is byte-identical for identical inputs.
     ``check`` decodes every payload and measures it against TARGET (``PatchInfo.quality``).
+    ``budget`` (bytes, ``5MB`` or ``x16``) and/or ``max_error`` (relative Frobenius error per
+    tensor) replace the rules: ``ops.patch.budget`` picks each tensor's codec and records its
+    predicted error in the payload's meta (``predicted_error``).
     """
     default = (default_codec, dict(params or {}))
     CODECS.get(default_codec)
@@ -126,11 +135,21 @@ def create_patch(
         common = sorted(set(base_names) & set(target_names))
         added = sorted(set(target_names) - set(base_names))
         removed = sorted(set(base_names) - set(target_names))
+        plan: Plan | None = None
+        if budget is not None or max_error is not None:
+            plan = plan_patch(
+                base, target, common, added, budget=budget, max_error=max_error, seed=seed
+            )
         for name in common:
-            enc.changed(name, base, target, rules, default, seed, check)
+            chosen = rules if plan is None or name not in plan.choices else plan.rule(name)
+            enc.changed(name, base, target, chosen, default, seed, check)
         for name in added:
             enc.added(name, target, seed, check)
     payloads = enc.payloads
+    if plan is not None:
+        for name, choice in plan.choices.items():
+            if name in payloads:
+                payloads[name].meta["predicted_error"] = choice.predicted_error
     contents = PatchContents(
         payloads, enc.base, enc.result, added, removed, dict(description or {})
     )
@@ -216,11 +235,13 @@ def patch_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     size = Path(path).stat().st_size
     tensors: dict[str, Any] = {}
     for name, p in patch.payloads.items():
-        params = {k: v for k, v in p.meta.items() if k not in ("version", "shape", "dtype")}
+        hidden = ("version", "shape", "dtype", "predicted_error")
+        params = {k: v for k, v in p.meta.items() if k not in hidden}
         tensors[name] = {
             "codec": p.codec,
             "params": params,
             "error": None if p.error is None else vars(p.error),
+            "predicted_error": p.meta.get("predicted_error"),
             "bytes": payload_nbytes(p),
             "full_bytes": full_nbytes(p),
         }

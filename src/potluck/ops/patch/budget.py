@@ -1,0 +1,308 @@
+"""Patches at a size budget: choose each tensor's codec by a rate–distortion allocation.
+
+For every changed float matrix, its singular spectrum (``merging.svd.top_k_svd``) gives the
+predicted error of each candidate encoding at each rank r:
+
+* ``lowrank`` with float16 factors: 2·r·(m + n) bytes, squared error Σ_{i≥r} σᵢ² (Eckart–Young)
+  plus float16 rounding (σᵢ²·2·(2⁻¹¹)²/3 per kept direction);
+* ``qlowrank`` with int8 or int4 factors: ``qlowrank.factor_bytes``, squared error the tail
+  plus ``qlowrank.predicted_sq_error`` per kept direction;
+* ``full`` (exact): the tensor's bytes, error 0; ``qlowrank`` rank 0: 0 bytes, error ‖Δ‖.
+
+Each tensor's options are reduced to the lower convex hull of (bytes, squared error). The
+allocation starts every tensor at its cheapest option (with ``max_error``: its cheapest option
+whose predicted relative error is within the tolerance) and then repeatedly takes the hull step
+with the largest error reduction per byte that still fits the budget (ties by tensor name) —
+the Lagrangian optimum of Σ‖Δ̂ₜ − Δₜ‖²_F (the whole delta's squared Frobenius error) on the
+hull, up to the last step. The result depends only on the inputs (deterministic).
+
+Tensors without a choice — 1-D, non-float, reshaped, non-finite, and added ones — are stored
+exactly (``full``) and count as fixed cost, with an estimate of the file's header per tensor.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from potluck.codecs.base import stable_key
+from potluck.codecs.qlowrank import factor_bytes, predicted_sq_error
+from potluck.errors import UserError
+from potluck.merging.svd import top_k_svd
+from potluck.ops.models.sources import ModelSource
+
+__all__ = [
+    "Choice",
+    "Option",
+    "Plan",
+    "TensorCurve",
+    "allocate",
+    "exact_curve",
+    "header_estimate",
+    "matrix_curve",
+    "parse_budget",
+    "plan_patch",
+    "tensor_curve",
+]
+
+#: Header bytes of a patch file besides its tensors (metadata keys, digests, description).
+FIXED_HEADER = 2048
+#: Header bytes per stored tensor, plus ``PER_NAME`` per character of its name (its codec meta,
+#: error, base and result hashes and up to four array entries, each naming the tensor).
+PER_TENSOR = 1100
+PER_NAME = 8
+
+_F16_REL = 2 * (2.0**-11) ** 2 / 3
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a tensor: codec, parameters, payload bytes, predicted squared error."""
+
+    codec: str
+    params: Mapping[str, object]
+    nbytes: int
+    sq_error: float
+
+
+@dataclass(frozen=True)
+class TensorCurve:
+    """A tensor's candidate encodings: the lower convex hull, cheapest first."""
+
+    name: str
+    norm_sq: float
+    fp16_bytes: int
+    options: list[Option]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The allocation's pick for one tensor, with its predicted relative error."""
+
+    codec: str
+    params: Mapping[str, object]
+    nbytes: int
+    predicted_error: float
+
+
+@dataclass
+class Plan:
+    """Per-tensor choices, the bytes they take and the budget they were fitted to."""
+
+    choices: dict[str, Choice] = field(default_factory=dict)
+    payload_bytes: int = 0
+    header_bytes: int = 0
+    budget: int | None = None
+    fp16_delta_bytes: int = 0
+
+    def rule(self, name: str) -> list[tuple[str, str, Mapping[str, object]]]:
+        """The one codec rule that encodes ``name`` as planned (an fnmatch-escaped pattern)."""
+        c = self.choices[name]
+        return [(re.sub(r"([\[\]*?])", r"[\1]", name), c.codec, dict(c.params))]
+
+
+def parse_budget(text: str | int, fp16_delta_bytes: int) -> int:
+    """Bytes from ``--budget``: an int, ``5MB``/``5MiB`` (decimal/binary units) or ``x16``
+    (1/16 of the changed tensors' size as a float16 delta)."""
+    s = str(text).strip().lower().replace(" ", "")
+    hint = "write bytes (1000000), a size (5MB, 512KiB) or a fraction of the fp16 delta (x16)"
+    if s.startswith("x"):
+        try:
+            ratio = float(s[1:])
+        except ValueError:
+            raise UserError(f"bad --budget {text!r}", hint=hint) from None
+        if not ratio > 0 or not math.isfinite(ratio):
+            raise UserError(f"bad --budget {text!r}: the ratio must be positive", hint=hint)
+        return int(fp16_delta_bytes / ratio)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-z]*)", s)
+    if m is None or m.group(2) not in _UNITS:
+        raise UserError(f"bad --budget {text!r}", hint=hint)
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def header_estimate(names: Sequence[str]) -> int:
+    """An upper estimate of a patch file's non-payload bytes for tensors ``names``."""
+    return FIXED_HEADER + sum(PER_TENSOR + PER_NAME * len(n) for n in names)
+
+
+def exact_curve(name: str, nbytes: int, fp16_bytes: int) -> TensorCurve:
+    """A tensor that is stored exactly (``full``): one option, error 0."""
+    return TensorCurve(name, 0.0, fp16_bytes, [Option("full", {}, nbytes, 0.0)])
+
+
+def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> TensorCurve:
+    """The hull of a float delta's candidate encodings (``delta`` of ndim ≥ 2, finite)."""
+    a = delta.reshape(delta.shape[0], -1)
+    m, n = a.shape
+    norm_sq = float(np.sum(a.astype(np.float64) ** 2))
+    rng = np.random.Generator(np.random.Philox(key=stable_key(seed, name, "budget")))
+    u, s, vt = top_k_svd(a, min(m, n), rng=rng)
+    s2 = s**2
+    tail = np.maximum(norm_sq - np.concatenate([[0.0], np.cumsum(s2)]), 0.0)
+    u_max, v_max = np.abs(u).max(axis=0), np.abs(vt).max(axis=1)
+    options = [Option("qlowrank", {"rank": 0, "bits": 4}, 0, norm_sq)]
+    if full_bytes > 0:
+        options.append(Option("full", {}, full_bytes, 0.0))
+    f16 = np.concatenate([[0.0], np.cumsum(s2 * _F16_REL)])
+    for bits in (8, 4):
+        q = np.concatenate([[0.0], np.cumsum(predicted_sq_error(s, u_max, v_max, m, n, bits))])
+        for r in range(1, s.size + 1):
+            nb = factor_bytes(r, m, n, bits)
+            options.append(Option("qlowrank", {"rank": r, "bits": bits}, nb, tail[r] + q[r]))
+    for r in range(1, s.size + 1):
+        params = {"rank": r, "factors": "F16"}
+        options.append(Option("lowrank", params, 4 * r * (m + n) // 2, tail[r] + f16[r]))
+    return TensorCurve(name, norm_sq, 2 * m * n, lower_hull(options))
+
+
+def lower_hull(options: Sequence[Option]) -> list[Option]:
+    """The options on the lower convex hull of (bytes, squared error), cheapest first, each
+    strictly better than the one before (ties broken by codec and parameters, so the result
+    does not depend on the input order)."""
+    pts = sorted(options, key=lambda o: (o.nbytes, o.sq_error, o.codec, sorted(o.params.items())))
+    hull: list[Option] = []
+    for p in pts:
+        if hull and p.sq_error >= hull[-1].sq_error:
+            continue
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _cross(a: Option, b: Option, c: Option) -> float:
+    """> 0 when b lies strictly below the segment a → c."""
+    return (b.nbytes - a.nbytes) * (c.sq_error - a.sq_error) - (b.sq_error - a.sq_error) * (
+        c.nbytes - a.nbytes
+    )
+
+
+def _rel(curve: TensorCurve, opt: Option) -> float:
+    return math.sqrt(opt.sq_error / curve.norm_sq) if curve.norm_sq > 0 else 0.0
+
+
+def _start(curve: TensorCurve, max_error: float | None) -> int:
+    """Index of the cheapest hull option within ``max_error`` (the exact end always is)."""
+    if max_error is None:
+        return 0
+    for i, opt in enumerate(curve.options):
+        if _rel(curve, opt) <= max_error:
+            return i
+    return len(curve.options) - 1
+
+
+def allocate(curves: Sequence[TensorCurve], budget: int | None, max_error: float | None) -> Plan:
+    """Choose an option per tensor (module docstring); ``budget`` in bytes of the whole file.
+
+    A budget below the smallest feasible patch is a ``UserError`` naming that size."""
+    ordered = sorted(curves, key=lambda c: c.name)
+    at = {c.name: _start(c, max_error) for c in ordered}
+    header = header_estimate([c.name for c in ordered])
+    used = header + sum(c.options[at[c.name]].nbytes for c in ordered)
+    if budget is not None and used > budget:
+        raise _too_small(budget, used, header, max_error)
+    if budget is not None:
+        used = _greedy(ordered, at, budget - used) + used
+    plan = Plan(budget=budget, header_bytes=header)
+    plan.fp16_delta_bytes = sum(c.fp16_bytes for c in ordered)
+    for c in ordered:
+        opt = c.options[at[c.name]]
+        plan.choices[c.name] = Choice(opt.codec, opt.params, opt.nbytes, _rel(c, opt))
+    plan.payload_bytes = used - header
+    return plan
+
+
+def _greedy(curves: Sequence[TensorCurve], at: dict[str, int], room: int) -> int:
+    """Take hull steps by error reduction per byte while they fit ``room``; the bytes spent."""
+    by_name = {c.name: c for c in curves}
+    heap: list[tuple[float, str]] = []
+
+    def push(c: TensorCurve) -> None:
+        i = at[c.name]
+        if i + 1 < len(c.options):
+            a, b = c.options[i], c.options[i + 1]
+            gain = (a.sq_error - b.sq_error) / max(b.nbytes - a.nbytes, 1)
+            heapq.heappush(heap, (-gain, c.name))
+
+    for c in curves:
+        push(c)
+    spent = 0
+    while heap:
+        _gain, name = heapq.heappop(heap)
+        c = by_name[name]
+        i = at[name]
+        step = c.options[i + 1].nbytes - c.options[i].nbytes
+        if spent + step > room:
+            continue  # this tensor's next step does not fit; its later ones are dearer still
+        spent += step
+        at[name] = i + 1
+        push(c)
+    return spent
+
+
+def _too_small(budget: int, needed: int, header: int, max_error: float | None) -> UserError:
+    what = (
+        f"no encoding meets --max-error {max_error:g} within it"
+        if max_error is not None
+        else "it is smaller than the patch's fixed overhead (header and exactly-stored tensors)"
+    )
+    return UserError(
+        f"--budget {budget} bytes is too small: {what}; the smallest feasible budget is "
+        f"{needed} bytes",
+        hint=f"pass --budget {needed} or more"
+        + ("" if max_error is None else ", or raise --max-error"),
+        budget=budget,
+        smallest_budget=needed,
+        header_bytes=header,
+    )
+
+
+def tensor_curve(name: str, old: np.ndarray, new: np.ndarray, seed: int) -> TensorCurve:
+    """The candidate encodings of one changed tensor (exact only where no codec choice applies:
+    reshaped, non-float, 1-D or non-finite deltas)."""
+    fp16 = 2 * int(new.size)
+    if old.shape != new.shape or old.dtype != new.dtype or new.ndim < 2 or new.size == 0:
+        return exact_curve(name, int(new.nbytes), fp16)
+    if new.dtype.kind != "f" or new.dtype.itemsize < 2:
+        return exact_curve(name, int(new.nbytes), fp16)
+    ct = np.float64 if new.dtype == np.float64 else np.float32
+    delta = new.astype(ct) - old.astype(ct)
+    if not np.all(np.isfinite(delta)):
+        return exact_curve(name, int(new.nbytes), fp16)
+    return matrix_curve(name, delta, seed, int(new.nbytes))
+
+
+def plan_patch(
+    base: ModelSource,
+    target: ModelSource,
+    common: Sequence[str],
+    added: Sequence[str],
+    *,
+    budget: str | int | None,
+    max_error: float | None,
+    seed: int,
+) -> Plan:
+    """Read each tensor pair once, build its curve, and allocate (``allocate``); unchanged
+    tensors are left out, added ones stored whole. Memory: one tensor pair and its SVD."""
+    if max_error is not None and not (0 <= max_error < math.inf):
+        raise UserError(f"bad --max-error {max_error}", hint="a relative error, e.g. 0.05 for 5 %")
+    curves = []
+    for name in common:
+        old, new = base.read(name), target.read(name)
+        same = old.dtype == new.dtype and old.shape == new.shape
+        if same and base.sha256(name, old) == target.sha256(name, new):
+            continue
+        curves.append(tensor_curve(name, old, new, seed))
+    for name in added:
+        new = target.read(name)
+        curves.append(exact_curve(name, int(new.nbytes), 2 * int(new.size)))
+    fp16 = sum(c.fp16_bytes for c in curves)
+    limit = None if budget is None else parse_budget(budget, fp16)
+    return allocate(curves, limit, max_error)
