@@ -156,6 +156,7 @@ def test_registry_lists_every_codec_and_metadata() -> None:
             "bitdelta",
             "quant",
             "lowrank",
+            "qlowrank",
             "ia3",
             "task_mask",
         ]
