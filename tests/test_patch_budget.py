@@ -173,3 +173,24 @@ def test_cli_budget_and_codec_conflict_and_info(models: tuple[Path, Path]) -> No
     assert shown.exit_code == 0
     line = next(x for x in shown.output.splitlines() if "l1.attn.weight" in x)
     assert "(predicted " in line and ("qlowrank[" in line or "lowrank[" in line)
+
+
+def test_row_sparse_delta_factors_only_changed_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    base = {"emb.weight": rng.standard_normal((600, 32)).astype(np.float32)}
+    target = {"emb.weight": base["emb.weight"].copy()}
+    rows = np.arange(0, 600, 50)
+    target["emb.weight"][rows] += np.float32(0.1) * rng.standard_normal((12, 32)).astype(np.float32)
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(target, str(tmp_path / "t.safetensors"))
+    fp16 = 2 * 12 * 32
+    info = create_patch(
+        tmp_path / "b.safetensors",
+        tmp_path / "t.safetensors",
+        tmp_path / "p.patch",
+        budget=header_estimate(["emb.weight"]) + fp16 // 2,
+    )
+    p = patch_info(tmp_path / "p.patch")["tensors"]["emb.weight"]
+    assert p["params"]["rows"] == "changed"
+    assert p["bytes"] <= fp16 // 2
+    assert info.entries[0].relative_error is not None and info.entries[0].relative_error < 0.5

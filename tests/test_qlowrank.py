@@ -100,3 +100,19 @@ def test_malformed_rank_refused() -> None:
     p.meta["kept_rank"] = 99
     with pytest.raises(UserError, match="malformed qlowrank payload: kept_rank 99"):
         codec.decode(p, base)
+
+
+def test_changed_rows_only_are_factored_and_the_rest_stay_exact() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((40, 16)).astype(np.float32)
+    new = base.copy()
+    new[[2, 9, 30]] += np.float32(0.5) * rng.standard_normal((3, 16)).astype(np.float32)
+    codec = get_codec("qlowrank")
+    p = codec.encode(new, base, name="emb", seed=0, rank=3, bits=8, rows="changed")
+    assert p.meta["mode"] == "row_factors"
+    assert p.arrays["rows"].tolist() == [2, 9, 30]
+    assert payload_nbytes(p) == factor_bytes(3, 3, 16, 8) + 3 * 4
+    got = codec.decode(p, base)
+    untouched = np.setdiff1d(np.arange(40), [2, 9, 30])
+    assert np.array_equal(got[untouched], base[untouched])
+    assert p.error is not None and p.error.relative_error < 0.02

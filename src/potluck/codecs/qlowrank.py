@@ -7,7 +7,9 @@ SVD Δ_r = Σᵢ σᵢ uᵢ vᵢᵀ the codec stores r rows ``b_q`` (row i = σ�
 direction is not drowned by a large one. int8 codes are int8 arrays (r, m) / (r, n); int4
 codes (−7..7) are stored as code + 8, two per byte, low nibble first, in flat uint8 arrays.
 Scales ``b_scales`` / ``a_scales`` (r,) are in the compute dtype. Bytes: r·(m + n)·bits/8
-plus 2r scales.
+plus 2r scales. ``rows="changed"`` factors only the rows of Δ that are not zero (their uint32
+indices in ``rows``, m then counts those rows; the other rows stay exactly unchanged), as
+``lowrank`` does for embeddings a fine-tune touched in a few thousand token rows.
 
 Error bound (tested in ``tests/test_qlowrank.py``): with bᵢ, aᵢ the exact rows, b̂ᵢ, âᵢ the
 dequantised ones, sbᵢ, saᵢ their scales, each entry is off by at most half a scale, so
@@ -103,6 +105,13 @@ class QLowRankCodec(LossyCodec):
         Param(int, 16, "rank kept", low=0, name="rank"),
         Param(int, 8, "bits per factor code", choices=(4, 8), name="bits"),
         Param(str, "auto", "SVD algorithm", choices=("auto", "exact"), name="method"),
+        Param(
+            str,
+            "all",
+            "factor all rows, or only rows that changed (sparse embeddings)",
+            choices=("all", "changed"),
+            name="rows",
+        ),
     )
 
     def _approximate(
@@ -117,6 +126,10 @@ class QLowRankCodec(LossyCodec):
         if delta.ndim < 2:
             return {"delta": delta.reshape(-1).copy()}, {"mode": "dense", "kept_rank": 0}, 1.0
         a = delta.reshape(delta.shape[0], int(np.prod(delta.shape[1:])))
+        rows = None
+        if params["rows"] == "changed":
+            rows = np.flatnonzero(np.any(a != 0, axis=1)).astype(np.uint32)
+            a = a[rows]
         rank, bits = int(params["rank"]), int(params["bits"])
         side = min(a.shape)
         rank = min(rank, side)
@@ -132,19 +145,32 @@ class QLowRankCodec(LossyCodec):
         a_q, a_scales = _codes(np.ascontiguousarray(vt.astype(a.dtype)), bits)
         arrays = {"b_q": b_q, "b_scales": b_scales, "a_q": a_q, "a_scales": a_scales}
         meta: Meta = {"mode": "factors", "kept_rank": rank, "randomized": int(randomized)}
+        if rows is not None:
+            arrays["rows"] = rows
+            meta["mode"] = "row_factors"
         return arrays, meta, (rank / side if side else 1.0)
 
     def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
         mode = meta_str(payload, "mode")
         if mode == "dense":
             return get_array(payload, "delta", base.dtype, (base.size,)).reshape(base.shape)
-        if mode != "factors" or base.ndim < 2:
+        if mode not in ("factors", "row_factors") or base.ndim < 2:
             raise malformed(self.name, f"mode {mode!r} for a {base.ndim}-D tensor")
         r, bits, m = meta_int(payload, "kept_rank"), meta_int(payload, "bits"), base.shape[0]
         n = int(np.prod(base.shape[1:]))
-        if r < 0 or r > min(m, n):
-            raise malformed(self.name, f"kept_rank {r} for a {m} x {n} matrix")
-        b = _uncodes(payload, "b", (r, m), bits, base.dtype)
+        rows = None
+        if mode == "row_factors":
+            rows = get_array(payload, "rows", np.uint32)
+            if rows.ndim != 1 or (rows.size and int(rows.max()) >= m):
+                raise malformed(self.name, "row indices out of range")
+        k = m if rows is None else rows.size
+        if r < 0 or r > min(k, n):
+            raise malformed(self.name, f"kept_rank {r} for a {k} x {n} matrix")
+        b = _uncodes(payload, "b", (r, k), bits, base.dtype)
         a = _uncodes(payload, "a", (r, n), bits, base.dtype)
-        out: np.ndarray = (b.T @ a).reshape(base.shape)
-        return out
+        part = b.T @ a
+        if rows is None:
+            return np.asarray(part).reshape(base.shape)
+        out = np.zeros((m, n), dtype=base.dtype)
+        out[rows] = part
+        return out.reshape(base.shape)

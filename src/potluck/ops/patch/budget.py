@@ -138,8 +138,17 @@ def exact_curve(name: str, nbytes: int, fp16_bytes: int) -> TensorCurve:
 
 
 def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> TensorCurve:
-    """The hull of a float delta's candidate encodings (``delta`` of ndim ≥ 2, finite)."""
+    """The hull of a float delta's candidate encodings (``delta`` of ndim ≥ 2, finite).
+
+    When some rows of Δ are zero, the factored options cover only the changed rows
+    (``rows="changed"``, 4 bytes of index per row)."""
     a = delta.reshape(delta.shape[0], -1)
+    fp16 = 2 * int(np.count_nonzero(a))
+    changed = np.flatnonzero(np.any(a != 0, axis=1))
+    extra: dict[str, object] = {}
+    index_bytes = 0
+    if changed.size < a.shape[0]:
+        a, extra, index_bytes = a[changed], {"rows": "changed"}, 4 * int(changed.size)
     m, n = a.shape
     norm_sq = float(np.sum(a.astype(np.float64) ** 2))
     rng = np.random.Generator(np.random.Philox(key=stable_key(seed, name, "budget")))
@@ -154,19 +163,23 @@ def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> Te
     for bits in (8, 4):
         q = np.concatenate([[0.0], np.cumsum(predicted_sq_error(s, u_max, v_max, m, n, bits))])
         for r in range(1, s.size + 1):
-            nb = factor_bytes(r, m, n, bits)
-            options.append(Option("qlowrank", {"rank": r, "bits": bits}, nb, tail[r] + q[r]))
+            nb = factor_bytes(r, m, n, bits) + index_bytes
+            params = {"rank": r, "bits": bits, **extra}
+            options.append(Option("qlowrank", params, nb, tail[r] + q[r]))
     for r in range(1, s.size + 1):
-        params = {"rank": r, "factors": "F16"}
-        options.append(Option("lowrank", params, 4 * r * (m + n) // 2, tail[r] + f16[r]))
-    return TensorCurve(name, norm_sq, 2 * m * n, lower_hull(options))
+        params = {"rank": r, "factors": "F16", **extra}
+        nb = 2 * r * (m + n) + index_bytes
+        options.append(Option("lowrank", params, nb, tail[r] + f16[r]))
+    return TensorCurve(name, norm_sq, fp16, lower_hull(options))
 
 
 def lower_hull(options: Sequence[Option]) -> list[Option]:
     """The options on the lower convex hull of (bytes, squared error), cheapest first, each
     strictly better than the one before (ties broken by codec and parameters, so the result
     does not depend on the input order)."""
-    pts = sorted(options, key=lambda o: (o.nbytes, o.sq_error, o.codec, sorted(o.params.items())))
+    pts = sorted(
+        options, key=lambda o: (o.nbytes, o.sq_error, o.codec, repr(sorted(o.params.items())))
+    )
     hull: list[Option] = []
     for p in pts:
         if hull and p.sq_error >= hull[-1].sq_error:
