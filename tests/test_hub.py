@@ -229,6 +229,15 @@ def test_reindex_cli(hubrepo: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert "not a database URL: 'mysql+nope://x'" in r.output
     assert "Traceback" not in r.output
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(
+        cli, ["hub", "reindex", str(hubrepo), "--db", f"postgresql://hub@127.0.0.1:{port}/x"]
+    )
+    assert r.exit_code == 2
+    assert r.output.startswith(f"potluck: error: cannot open the hub index at 127.0.0.1:{port}/x: ")
+    assert "Traceback" not in r.output
 
 
 # -- pages and their JSON twins -------------------------------------------------------------

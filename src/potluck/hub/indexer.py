@@ -56,14 +56,15 @@ class Models:
             for path, oid in blobs:
                 if sizes.get(oid, MAX_MANIFEST_BYTES + 1) > MAX_MANIFEST_BYTES:
                     continue
-                if oid not in self._parsed:
+                m = self._parsed.get(oid)  # pages run in threads: one lookup, no re-read
+                if m is None:
                     data = cat.get(oid)
                     if data is None or not is_manifest(data):
                         continue
                     if len(self._parsed) > 512:
                         self._parsed.clear()
-                    self._parsed[oid] = parse(data, f"{commit[:12]}:{path}")
-                out[path] = (oid, self._parsed[oid])
+                    m = self._parsed[oid] = parse(data, f"{commit[:12]}:{path}")
+                out[path] = (oid, m)
         return out
 
     def diff(self, base: str, head: str) -> PairDiff:

@@ -27,13 +27,22 @@ def _floats(a: np.ndarray) -> np.ndarray:
         return flat.view(np.uint8).astype(np.float64)
 
 
-def hist(a: np.ndarray) -> dict[str, Any]:
-    """Counts of ``a``'s finite values over ``HIST_BINS`` equal bins, computed in blocks."""
-    lo, hi, n = np.inf, -np.inf, a.size
-    flat = a.reshape(-1)
-    for i in range(0, n, _BLOCK):
+def hist(a: np.ndarray, minus: np.ndarray | None = None) -> dict[str, Any]:
+    """Counts of the finite values of ``a`` (or of ``a - minus``) over ``HIST_BINS`` equal bins,
+    in blocks of ``_BLOCK`` elements: no float64 copy of the whole tensor is made."""
+    flat, n = a.reshape(-1), a.size
+    other = None if minus is None else minus.reshape(-1)
+
+    def block(i: int) -> np.ndarray:
         f = _floats(flat[i : i + _BLOCK])
-        f = f[np.isfinite(f)]
+        if other is not None:
+            f = f - _floats(other[i : i + _BLOCK])
+        finite: np.ndarray = f[np.isfinite(f)]
+        return finite
+
+    lo, hi = np.inf, -np.inf
+    for i in range(0, n, _BLOCK):
+        f = block(i)
         if f.size:
             lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
     if not np.isfinite(lo):
@@ -42,8 +51,7 @@ def hist(a: np.ndarray) -> dict[str, Any]:
         hi = lo + 1.0
     counts = np.zeros(HIST_BINS, dtype=np.int64)
     for i in range(0, n, _BLOCK):
-        f = _floats(flat[i : i + _BLOCK])
-        counts += np.histogram(f[np.isfinite(f)], bins=HIST_BINS, range=(lo, hi))[0]
+        counts += np.histogram(block(i), bins=HIST_BINS, range=(lo, hi))[0]
     return {"counts": counts.tolist(), "lo": lo, "hi": hi}
 
 
@@ -125,13 +133,7 @@ def _add_delta(
     old = load_tensors(pm, hub.repo(name).odb, [tname])[tname]
     if old.shape != value.shape:
         return
-    flat_new, flat_old = value.reshape(-1), old.reshape(-1)
-    delta = np.empty(value.size, dtype=np.float64)
-    for i in range(0, value.size, _BLOCK):
-        delta[i : i + _BLOCK] = _floats(flat_new[i : i + _BLOCK]) - _floats(
-            flat_old[i : i + _BLOCK]
-        )
-    out["delta"], out["delta_base"] = hist(delta), base[0]
+    out["delta"], out["delta_base"] = hist(value, old), base[0]
     out["delta_svg"] = svg.histogram(
         out["delta"]["counts"], out["delta"]["lo"], out["delta"]["hi"], "delta vs first parent"
     )
