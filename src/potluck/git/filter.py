@@ -6,9 +6,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from potluck.errors import FormatError, PotluckError
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
@@ -93,6 +93,12 @@ class Fetcher(Protocol):
     def pull_hint(self) -> str: ...
 
 
+class BatchFetcher(Fetcher, Protocol):
+    """A ``Fetcher`` that also fetches the objects of several files in one batch."""
+
+    def fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]: ...
+
+
 class FetcherOnFirstUse:
     """A ``Fetcher`` made by ``make`` when a smudge first needs one: git's filter process
     answers the handshake (and cleans) without the remote-transfer code or its config reads."""
@@ -108,6 +114,17 @@ class FetcherOnFirstUse:
 
     def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]:
         return self._get()(m, path)
+
+    def fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]:
+        """One fetch for all of ``files`` when the fetcher can, else one per file."""
+        fetcher = self._get()
+        many = getattr(fetcher, "fetch_many", None)
+        if many is not None:
+            return cast(BatchFetcher, fetcher).fetch_many(files)
+        fresh: dict[str, Path] = {}
+        for path, m in files:
+            fresh.update(fetcher(m, path))
+        return fresh
 
     def settle(self) -> None:
         if self._fetcher is not None:
@@ -142,6 +159,10 @@ class PotluckFilter:
         self.fetch = fetch
         #: smudge passes manifests through (``started_to_show``: git only shows the blobs)
         self.show_only = show_only
+        #: delayed smudges waiting for the batch download, and those ready to be answered
+        self._delayed: dict[str, tuple[bytes, Manifest]] = {}
+        self._ready: dict[str, tuple[bytes, Manifest]] = {}
+        self._fresh: dict[str, Path] = {}
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
@@ -173,42 +194,118 @@ class PotluckFilter:
         dst.write(dumps(manifest))
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
-        """Write the checkpoint whose manifest is read from ``src`` to ``dst``."""
-        from potluck.ops.vcs import missing_objects, write_file
+        """Write the checkpoint whose manifest is read from ``src`` to ``dst`` (for a path
+        delayed earlier, ``src`` is empty and the kept manifest is used)."""
+        self.smudge_or_delay(pathname, src, dst, can_delay=False)
 
+    def smudge_or_delay(
+        self, pathname: str, src: BinaryIO, dst: BinaryIO, can_delay: bool = True
+    ) -> bool:
+        """Smudge as ``smudge`` does, except that a manifest whose objects are not all local
+        is kept for one batch download (``available_blobs``): return True, nothing written."""
+        from potluck.ops.vcs import missing_objects
+
+        if pathname in self._ready:  # delayed: git sends it again with no content
+            src.read()
+            self._serve_ready(pathname, dst)
+            return False
         head = src.read(len(MAGIC))
         if not is_manifest(head):  # committed before it was tracked: pass through
-            with tempfile.SpooledTemporaryFile(
-                max_size=64 << 20, dir=str(self.repo.tmp_dir)
-            ) as spool:
-                spool.write(head)
-                shutil.copyfileobj(src, spool, COPY)  # all input first, then answer
-                spool.seek(0)
-                shutil.copyfileobj(spool, dst, COPY)
-            return
+            self._pass_through(head, src, dst)
+            return False
         data = head + src.read()
         if self.show_only:  # for textconv or the diff driver, which read manifests themselves
             dst.write(data)
-            return
+            return False
         manifest = parse(data, pathname)
-        missing = missing_objects(manifest, self.repo.odb)
+        if can_delay and self.fetch is not None and missing_objects(manifest, self.repo.odb):
+            self._delayed[pathname] = (data, manifest)
+            return True
+        self._smudge_manifest(pathname, data, manifest, dst)
+        return False
+
+    def available_blobs(self) -> list[str]:
+        """Fetch the objects of every delayed file in one batch and name those files (git
+        then asks for each); an empty list when none is delayed. A failed fetch is logged:
+        the files are then answered as their manifests, as ``smudge`` does."""
+        if not self._delayed:
+            return []
+        batch, self._delayed = self._delayed, {}
+        files = [(path, m) for path, (_, m) in batch.items()]
+        try:
+            fresh = self._fetch_many(files)
+        except PotluckError as e:
+            log.warning("fetching the tensors of %d files failed: %s", len(files), e)
+            fresh = {}
+        self._fresh.update(fresh)
+        self._ready.update(batch)
+        return list(batch)
+
+    def _fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]:
+        many = getattr(self.fetch, "fetch_many", None)
+        if many is not None:
+            return cast(BatchFetcher, self.fetch).fetch_many(files)
+        fresh: dict[str, Path] = {}
+        for path, m in files:
+            if self.fetch is not None:
+                fresh.update(self.fetch(m, path))
+        return fresh
+
+    def _serve_ready(self, pathname: str, dst: BinaryIO) -> None:
+        """Answer a delayed path; after the last one, the batch's fresh files are settled."""
+        data, manifest = self._ready.pop(pathname)
+        try:
+            self._write(pathname, data, manifest, dst, self._fresh)
+        finally:
+            if not self._ready and not self._delayed and self._fresh:
+                self._fresh = {}
+                if self.fetch is not None:
+                    self.fetch.settle()
+
+    def _pass_through(self, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=str(self.repo.tmp_dir)) as spool:
+            spool.write(head)
+            shutil.copyfileobj(src, spool, COPY)  # all input first, then answer
+            spool.seek(0)
+            shutil.copyfileobj(spool, dst, COPY)
+
+    def _smudge_manifest(
+        self, pathname: str, data: bytes, manifest: Manifest, dst: BinaryIO
+    ) -> None:
+        """Fetch what this file lacks (one batch for the file), then write it."""
+        from potluck.ops.vcs import missing_objects
+
         fresh: Mapping[str, Path] = {}
-        if missing and self.fetch is not None:
+        if self.fetch is not None and missing_objects(manifest, self.repo.odb):
             try:
                 fresh = self.fetch(manifest, pathname)
             except PotluckError as e:
                 log.warning("%s: fetching its tensors failed: %s", pathname, e)
-            missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
         try:
-            if missing:  # leave the manifest: never a broken checkpoint
-                hint = self.fetch.pull_hint() if self.fetch is not None else PULL_HINT
-                log.warning(
-                    "%s left as a manifest: %d of %d objects are not in the local store; %s",
-                    pathname, len(missing), len(set(manifest.oids())), hint,
-                )  # fmt: skip
-                dst.write(data)
-                return
-            write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)
+            self._write(pathname, data, manifest, dst, fresh)
         finally:
             if fresh and self.fetch is not None:
                 self.fetch.settle()
+
+    def _write(
+        self,
+        pathname: str,
+        data: bytes,
+        manifest: Manifest,
+        dst: BinaryIO,
+        fresh: Mapping[str, Path],
+    ) -> None:
+        """The checkpoint, or the manifest as it is when objects are missing (never a broken
+        checkpoint)."""
+        from potluck.ops.vcs import missing_objects, write_file
+
+        missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
+        if missing:
+            hint = self.fetch.pull_hint() if self.fetch is not None else PULL_HINT
+            log.warning(
+                "%s left as a manifest: %d of %d objects are not in the local store; %s",
+                pathname, len(missing), len(set(manifest.oids())), hint,
+            )  # fmt: skip
+            dst.write(data)
+            return
+        write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)

@@ -1,9 +1,12 @@
 """Git's long-running filter process protocol (gitattributes(5), "Long Running Filter Process").
 
-``serve`` speaks protocol version 2 with the ``clean`` and ``smudge`` capabilities (never
-``delay``). Each request's content is streamed to the handler through a ``PacketReader``; the
-handler's output is streamed back as it is written (a handler reads all the input it needs before
-its first write). A failure, even after part of the content was sent, is reported as
+``serve`` speaks protocol version 2 with the ``clean`` and ``smudge`` capabilities, and
+``delay`` when the handler can delay smudges (``DelayingHandler``) and git offers it: a smudge
+sent with ``can-delay=1`` may be answered ``status=delayed``; git later asks
+``list_available_blobs`` and requests each listed path again (with empty content).
+Each request's content is streamed to the handler through a ``PacketReader``; the handler's
+output is streamed back as it is written (a handler reads all the input it needs before its
+first write). A failure, even after part of the content was sent, is reported as
 ``status=error`` so git discards the output. stdout is the protocol channel:
 nothing but packets is ever written to it; diagnostics go through ``log``.
 """
@@ -14,7 +17,7 @@ import contextlib
 import io
 import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast, runtime_checkable
 
 from potluck.errors import PotluckError
 from potluck.git.pktline import (
@@ -29,6 +32,8 @@ from potluck.git.pktline import (
 
 IO_BUFFER = 1 << 20
 CAPABILITIES = ("clean", "smudge")
+DELAY = "delay"
+LIST_AVAILABLE = "list_available_blobs"
 
 
 class FilterHandler(Protocol):
@@ -39,6 +44,26 @@ class FilterHandler(Protocol):
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Turn a stored blob (``src``) into worktree content (written to ``dst``)."""
+
+
+@runtime_checkable
+class DelayingHandler(Protocol):
+    """A ``FilterHandler`` that can put smudges off and answer them together later."""
+
+    def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """As ``FilterHandler.clean``."""
+
+    def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
+        """As ``FilterHandler.smudge``; also answers a path delayed earlier (``src`` empty)."""
+
+    def smudge_or_delay(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> bool:
+        """Smudge now (return False) or keep the request for later without writing anything
+        to ``dst`` (return True)."""
+
+    def available_blobs(self) -> list[str]:
+        """Make delayed paths ready (waiting as long as needed) and name them; an empty list
+        once nothing is delayed any more. Must not raise for a failed download: each path it
+        names is then answered as well as it can be (a manifest left as it is)."""
 
 
 class ProtocolError(PotluckError):
@@ -56,8 +81,11 @@ def _stderr_log(message: str) -> None:
     sys.stderr.flush()
 
 
-def handshake(stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Perform the version and capability negotiation; raise ``ProtocolError`` on mismatch."""
+def handshake(
+    stdin: BinaryIO, stdout: BinaryIO, capabilities: tuple[str, ...] = CAPABILITIES
+) -> list[str]:
+    """Perform the version and capability negotiation; return the capabilities agreed on;
+    raise ``ProtocolError`` on mismatch."""
     hint = "this git is too old or too new for potluck's filter; use git >= 2.11"
     welcome = read_text_list(stdin)
     if not welcome or welcome[0] != "git-filter-client":
@@ -67,11 +95,12 @@ def handshake(stdin: BinaryIO, stdout: BinaryIO) -> None:
     write_text_list(stdout, ["git-filter-server", "version=2"])
     stdout.flush()
     offered = {line.removeprefix("capability=") for line in read_text_list(stdin)}
-    ours = [c for c in CAPABILITIES if c in offered]
-    if not ours:
+    ours = [c for c in capabilities if c in offered]
+    if not [c for c in ours if c in CAPABILITIES]:
         raise ProtocolError(f"git offers no usable filter capability: {offered!r}", hint=hint)
     write_text_list(stdout, [f"capability={c}" for c in ours])
     stdout.flush()
+    return ours
 
 
 class _Response(io.RawIOBase):
@@ -131,20 +160,30 @@ def _handle(
     stdin: BinaryIO,
     stdout: BinaryIO,
     log: Callable[[str], None],
+    delay: bool = False,
 ) -> None:
-    """Answer one request (its key/values already read)."""
+    """Answer one request (its key/values already read); ``delay``: git agreed to delays."""
     command = request.get("command", "")
     pathname = request.get("pathname", "")
+    if command == LIST_AVAILABLE and delay:  # no content section follows
+        _list_available(cast(DelayingHandler, handler), stdout, log)
+        return
     src = PacketReader(stdin)
     if command not in CAPABILITIES:
         log(f"potluck filter: unsupported command {command!r} for {pathname!r}")
         src.drain()
         _send_error(stdout)
         return
-    action = handler.clean if command == "clean" else handler.smudge
     dst = _Response(src, stdout)
     try:
-        action(pathname, cast(BinaryIO, src), cast(BinaryIO, dst))
+        if command == "smudge" and delay and request.get("can-delay") == "1":
+            delaying = cast(DelayingHandler, handler)
+            if delaying.smudge_or_delay(pathname, cast(BinaryIO, src), cast(BinaryIO, dst)):
+                _send_delayed(src, stdout)
+                return
+        else:
+            action = handler.clean if command == "clean" else handler.smudge
+            action(pathname, cast(BinaryIO, src), cast(BinaryIO, dst))
     except Exception as e:  # report any handler failure to git, then keep serving
         detail = str(e) if isinstance(e, PotluckError) else f"{type(e).__name__}: {e}"
         shown = _one_line(pathname)
@@ -154,6 +193,29 @@ def _handle(
         dst.finish(ok=False)
         return
     dst.finish(ok=True)
+
+
+def _send_delayed(src: PacketReader, stdout: BinaryIO) -> None:
+    """Answer ``status=delayed`` (after the request's remaining content)."""
+    src.drain()
+    write_text(stdout, "status=delayed")
+    write_flush(stdout)
+    stdout.flush()
+
+
+def _list_available(handler: DelayingHandler, stdout: BinaryIO, log: Callable[[str], None]) -> None:
+    """Answer ``list_available_blobs``: the paths now ready, then ``status=success``."""
+    try:
+        names = handler.available_blobs()
+    except Exception as e:  # a bug: git then gives up on the delayed paths, and says so
+        log(f"potluck filter: preparing delayed files failed: {type(e).__name__}: {e}")
+        write_flush(stdout)
+        _send_error(stdout)
+        return
+    write_text_list(stdout, [f"pathname={n}" for n in names])
+    write_text(stdout, "status=success")
+    write_flush(stdout)
+    stdout.flush()
 
 
 def serve(
@@ -167,8 +229,9 @@ def serve(
     ``stdin``/``stdout`` should be buffered binary streams (see ``serve_stdio``). Handler
     exceptions are reported to git as ``status=error`` and logged; serving continues.
     """
+    ours = CAPABILITIES + ((DELAY,) if isinstance(handler, DelayingHandler) else ())
     try:
-        handshake(stdin, stdout)
+        delay = DELAY in handshake(stdin, stdout, ours)
     except EOFError:
         log("potluck filter: git closed the pipe during the handshake")
         return 1
@@ -181,7 +244,7 @@ def serve(
         except EOFError:
             return 0
         try:
-            _handle(handler, request, stdin, stdout, log)
+            _handle(handler, request, stdin, stdout, log, delay)
         except EOFError:
             log("potluck filter: git closed the pipe in the middle of a request")
             return 1

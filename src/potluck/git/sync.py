@@ -495,16 +495,22 @@ class CheckoutFetcher:
         """Fetch the selected objects ``m`` needs that are not local. After a failure that
         is not about this file's objects (the remote unreachable, retries exhausted), later
         files fail at once instead of retrying again."""
-        if not self.enabled:
+        return self.fetch_many([(path, m)])
+
+    def fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]:
+        """``__call__`` for several files in one batch (a delayed checkout)."""
+        if not self.enabled or not files:
             return {}
-        wanted = wanted_for([(path, m)], self.selection)
+        path = files[0][0] if len(files) == 1 else f"{len(files)} files"
+        wanted = wanted_for(files, self.selection)
         lacking = [r for r in wanted.refs if not self.repo.odb.has(r.oid)]
         if not lacking:
             return {}
         if self._failed is not None:
             raise self._failed
-        whole = len(wanted.refs) == len(set(m.oids()))  # the file is written if all come
-        check_space(self.repo, path, sum(r.size for r in lacking), m.size if whole else 0)
+        whole = len(wanted.refs) == len({o for _, m in files for o in m.oids()})  # all written
+        written = sum(m.size for _, m in files) if whole else 0
+        check_space(self.repo, path, sum(r.size for r in lacking), written)
         try:
             with disk_errors(self.repo, f"fetching the objects of {path}"):
                 if self._remote is None or self._index is None:

@@ -1,0 +1,115 @@
+"""Delayed checkout (gitattributes(5) "Delay"): the filter process answers smudges of files whose
+objects are missing with ``status=delayed`` and fetches them all in one batch when git asks
+``list_available_blobs``; real git, the loopback giftless LFS server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Run, run_in, save_st
+from test_sync import sha, store_oids
+from test_sync_servers import use_lfs
+from testsupport.servers import LfsServer, lfs_server  # noqa: F401
+
+SHARDS = [f"model-{i + 1:05d}-of-00008.safetensors" for i in range(8)]
+BATCH = "/objects/batch"
+
+
+@pytest.fixture
+def srv(lfs_server: LfsServer) -> LfsServer:  # noqa: F811
+    """The module's giftless, reset: no faults, zero counters, a fresh repository."""
+    lfs_server.reset()
+    return lfs_server
+
+
+@pytest.fixture
+def pushed(repo: Path, git: Run, hub: Path, srv: LfsServer) -> Path:
+    """``repo`` with a model in 8 safetensors shards committed and pushed to ``hub``
+    (objects on ``srv``)."""
+    use_lfs(git, repo, srv)
+    rng = np.random.default_rng(7)
+    for i, name in enumerate(SHARDS):
+        save_st(
+            repo / name,
+            {f"layers.{i}.w": rng.normal(0, 0.02, (32, 32)).astype(np.float32),
+             f"layers.{i}.b": np.full(32, i, np.float32)},
+        )  # fmt: skip
+    git("git", "add", *SHARDS)
+    git("git", "commit", "-q", "-m", "8 shards")
+    git("git", "push", "-q", "origin", "main")
+    srv.reset_counters()
+    return hub
+
+
+def clone_traced(
+    tmp_path: Path, hub: Path, name: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``potluck clone`` with git's packet trace (which shows the filter protocol)."""
+    trace = tmp_path / f"{name}.trace"
+    env = dict(os.environ, GIT_TRACE_PACKET=str(trace))
+    r = subprocess.run(
+        ["potluck", "clone", str(hub), str(tmp_path / name)],
+        cwd=tmp_path, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    return r, trace.read_text(errors="replace")
+
+
+def test_clone_of_8_shards_fetches_them_in_one_batch(
+    repo: Path, pushed: Path, srv: LfsServer, tmp_path: Path
+) -> None:
+    r, trace = clone_traced(tmp_path, pushed, "clone")
+    assert r.returncode == 0, r.stderr
+    assert "capability=delay" in trace
+    assert trace.count("status=delayed") == 8
+    assert trace.count("command=list_available_blobs") == 2  # the batch, then "none left"
+    assert [p for p in srv.paths("POST") if p.endswith(BATCH)] == [srv.paths("POST")[0]]
+    gets = srv.paths("GET")
+    assert len(gets) == len(set(gets)) == 24  # 16 tensors and 8 headers, each once
+    for name in SHARDS:
+        assert sha(tmp_path / "clone" / name) == sha(repo / name)
+    assert run_in(tmp_path / "clone")("git", "status", "--porcelain") == ""
+
+
+def test_failed_delayed_fetch_leaves_manifests_and_pull_completes(
+    repo: Path, pushed: Path, srv: LfsServer, tmp_path: Path
+) -> None:
+    srv.fail_next(1000, status=500, method="GET")  # the server's downloads stay broken
+    r, trace = clone_traced(tmp_path, pushed, "broken")
+    broken = tmp_path / "broken"
+    assert r.returncode == 1
+    assert trace.count("status=delayed") == 8
+    assert f"cloned into {broken}, but 8 file(s) could not be fetched" in r.stderr
+    assert "fetching the tensors of 8 files failed: download of object" in r.stderr
+    assert r.stderr.count("left as a manifest: 3 of 3 objects are not in the local store") == 8
+    assert "Traceback" not in r.stderr
+    for name in SHARDS:
+        assert (broken / name).read_bytes().startswith(b"potluck manifest v1\n")
+    assert store_oids(broken) == set()  # nothing half-written entered the store
+    assert not list((broken / ".git" / "potluck" / "tmp" / "incoming" / "fresh").glob("*"))
+    srv.reset(new_repo=False)
+    b = run_in(broken)
+    b("potluck", "pull")
+    for name in SHARDS:
+        assert sha(broken / name) == sha(repo / name)
+    assert b("git", "status", "--porcelain") == ""
+
+
+def test_checkout_with_everything_local_is_not_delayed(
+    repo: Path, git: Run, pushed: Path, srv: LfsServer, tmp_path: Path
+) -> None:
+    before = {name: sha(repo / name) for name in SHARDS}
+    for name in SHARDS:
+        (repo / name).unlink()
+    trace = tmp_path / "local.trace"
+    env = dict(os.environ, GIT_TRACE_PACKET=str(trace))
+    subprocess.run(["git", "checkout", "--", "."], cwd=repo, check=True, env=env)
+    text = trace.read_text(errors="replace")
+    assert "capability=delay" in text and text.count("can-delay=1") == 8
+    assert "status=delayed" not in text and "list_available_blobs" not in text
+    assert {name: sha(repo / name) for name in SHARDS} == before
+    assert srv.requests == []  # nothing asked of the remote
