@@ -497,3 +497,34 @@ def test_new_commits_show_after_reindex(hubrepo: Path, tmp_path: Path) -> None:
         time.sleep(1.1)  # the cache reads the index generation at most once a second
         got = json.loads(get(url + "/api/r/copy/commits")[1])["commits"]
         assert [c["subject"] for c in got][:1] == ["later"]
+
+
+def test_hub_command_serves(hubrepo: Path, tmp_path: Path) -> None:
+    """The real ``potluck hub``: indexes, says where it serves, answers; a bad port is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    cmd = [f"{BIN}/potluck", "hub", str(hubrepo), "--port", str(port), "--db", db]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                status, body, _ = get(f"http://127.0.0.1:{port}/api/")
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "potluck hub did not answer"
+                time.sleep(0.2)
+        assert (status, json.loads(body)) == (200, {"repos": ["communal"]})
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert out == ""
+    assert err.splitlines()[:2] == [
+        "potluck hub: communal: 7 new commit(s) indexed",
+        f"potluck hub: serving http://127.0.0.1:{port}/",
+    ]
+    r = CliRunner().invoke(cli, ["hub", str(hubrepo), "--port", "0", "--db", db])
+    assert (r.exit_code, r.output.splitlines()[0]) == (2, "potluck: error: port 0 is out of range")
