@@ -47,11 +47,15 @@ def pushed(repo: Path, git: Run, hub: Path, srv: LfsServer) -> Path:
 
 
 def clone_traced(
-    tmp_path: Path, hub: Path, name: str
+    tmp_path: Path, hub: Path, name: str, config: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], str]:
-    """``potluck clone`` with git's packet trace (which shows the filter protocol)."""
+    """``potluck clone`` with git's packet trace (which shows the filter protocol), every git
+    command given ``config``."""
     trace = tmp_path / f"{name}.trace"
-    env = dict(os.environ, GIT_TRACE_PACKET=str(trace))
+    items = list((config or {}).items())
+    env = dict(os.environ, GIT_TRACE_PACKET=str(trace), GIT_CONFIG_COUNT=str(len(items)))
+    for i, (key, value) in enumerate(items):
+        env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
     r = subprocess.run(
         ["potluck", "clone", str(hub), str(tmp_path / name)],
         cwd=tmp_path, capture_output=True, text=True, env=env,
@@ -73,6 +77,13 @@ def test_clone_of_8_shards_fetches_them_in_one_batch(
     for name in SHARDS:
         assert sha(tmp_path / "clone" / name) == sha(repo / name)
     assert run_in(tmp_path / "clone")("git", "status", "--porcelain") == ""
+    srv.reset_counters()  # potluck.delayCheckout=false: one batch per file, as before
+    r, trace = clone_traced(tmp_path, pushed, "per-file", {"potluck.delayCheckout": "false"})
+    assert r.returncode == 0, r.stderr
+    assert "status=delayed" not in trace and trace.count("can-delay=1") == 8
+    assert len([p for p in srv.paths("POST") if p.endswith(BATCH)]) == 8
+    for name in SHARDS:
+        assert sha(tmp_path / "per-file" / name) == sha(repo / name)
 
 
 def test_failed_delayed_fetch_leaves_manifests_and_pull_completes(

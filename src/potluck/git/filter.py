@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads with the first clean or sm
 
 COPY = 1 << 20
 PULL_HINT = "`potluck pull` fetches them and checks the file out"
+#: git config: ``false`` makes the filter process fetch each file's objects when git asks for
+#: the file (one download batch per file) instead of delaying them into one batch.
+DELAY_CHECKOUT = "potluck.delayCheckout"
 log = logging.getLogger("potluck")
 #: git commands that smudge a blob only to show it (textconv, the external diff driver, blame)
 #: and never write it to the work tree.
@@ -163,6 +166,7 @@ class PotluckFilter:
         self._delayed: dict[str, tuple[bytes, Manifest]] = {}
         self._ready: dict[str, tuple[bytes, Manifest]] = {}
         self._fresh: dict[str, Path] = {}
+        self._delay_ok: bool | None = None
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
@@ -218,11 +222,23 @@ class PotluckFilter:
             dst.write(data)
             return False
         manifest = parse(data, pathname)
-        if can_delay and self.fetch is not None and missing_objects(manifest, self.repo.odb):
+        if (
+            can_delay
+            and self.fetch is not None
+            and missing_objects(manifest, self.repo.odb)
+            and self._may_delay()
+        ):
             self._delayed[pathname] = (data, manifest)
             return True
         self._smudge_manifest(pathname, data, manifest, dst)
         return False
+
+    def _may_delay(self) -> bool:
+        """``potluck.delayCheckout`` (default true), read once."""
+        if self._delay_ok is None:
+            value = (self.repo.git.config_get(DELAY_CHECKOUT) or "true").strip().lower()
+            self._delay_ok = value not in ("false", "no", "off", "0")
+        return self._delay_ok
 
     def available_blobs(self) -> list[str]:
         """Fetch the objects of every delayed file in one batch and name those files (git
