@@ -15,6 +15,7 @@ import dataclasses
 import importlib.metadata
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -68,6 +69,8 @@ class Transfer:
     wall_s: float
     nbytes: int  # object bytes the server received (PUT bodies) or sent (GET bodies)
     requests: int
+    cpu_s: float = 0.0  # user+sys CPU of the client processes (git, hooks, potluck / git-lfs)
+    server_cpu_s: float = 0.0  # user+sys CPU of this process (the LFS server's threads)
 
 
 @dataclasses.dataclass
@@ -91,11 +94,19 @@ class RemoteRun:
 def measured(server: LfsServer, label: str, action: Callable[[], None], sent: bool) -> Transfer:
     """Run action with zeroed server counters; sent: count bytes the server sent."""
     server.reset_counters()
+    c0, s0 = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     action()
     wall = time.perf_counter() - t0
+    cpu, server_cpu = _cpu(resource.RUSAGE_CHILDREN) - c0, _cpu(resource.RUSAGE_SELF) - s0
     nbytes = server.bytes_sent if sent else server.bytes_received
-    return Transfer(label, wall, nbytes, len(server.requests))
+    return Transfer(label, wall, nbytes, len(server.requests), cpu, server_cpu)
+
+
+def _cpu(who: int) -> float:
+    """User + system CPU seconds of this process or of its waited-for children."""
+    use = resource.getrusage(who)
+    return use.ru_utime + use.ru_stime
 
 
 def prepare(repo: tools.Repo, bare: Path, url: str) -> None:
@@ -176,10 +187,12 @@ def run_tool(
 
 def transfer_cells(t: Transfer | None) -> list[str]:
     if t is None:
-        return ["-"] * 3
+        return ["-"] * 5
     return [
         measure.fmt(t.nbytes / checkpoints.MB, ".1f"),
         measure.fmt(t.wall_s, ".2f"),
+        measure.fmt(t.cpu_s, ".2f"),
+        measure.fmt(t.server_cpu_s, ".2f"),
         str(t.requests),
     ]
 
@@ -192,12 +205,14 @@ def total_push(run: RemoteRun) -> Transfer | None:
     if not run.pushes:
         return None
     requests = sum(p.requests for p in run.pushes)
-    return Transfer("total", run.push_wall(), run.pushed_bytes(), requests)
+    cpu = sum(p.cpu_s for p in run.pushes)
+    server_cpu = sum(p.server_cpu_s for p in run.pushes)
+    return Transfer("total", run.push_wall(), run.pushed_bytes(), requests, cpu, server_cpu)
 
 
 def results_table(runs: list[RemoteRun], versions: list[checkpoints.Version]) -> str:
-    top = ["step"] + [c for r in runs for c in [r.tool, "", ""]]
-    sub = [""] + ["MB", "wall s", "reqs"] * len(runs)
+    top = ["step"] + [c for r in runs for c in [r.tool, "", "", "", ""]]
+    sub = [""] + ["MB", "wall s", "cpu s", "srv cpu", "reqs"] * len(runs)
     rows = [
         [f"push {v.label}"] + [c for r in runs for c in transfer_cells(find_push(r, v.label))]
         for v in versions
@@ -234,6 +249,10 @@ def push_ratio(pot: RemoteRun, lfs: RemoteRun, label: str, wall: bool) -> float 
     return ratio(a.wall_s, b.wall_s) if wall else ratio(a.nbytes, b.nbytes)
 
 
+def cpu_ratio(a: Transfer | None, b: Transfer | None) -> float | None:
+    return None if a is None or b is None else ratio(a.cpu_s, b.cpu_s)
+
+
 def clone_ratio(pot: RemoteRun, lfs: RemoteRun, wall: bool) -> float | None:
     a, b = pot.clone, lfs.clone
     if a is None or b is None:
@@ -249,10 +268,15 @@ def evaluate(runs: list[RemoteRun], versions: list[checkpoints.Version]) -> list
     pot, lfs = (next(r for r in runs if r.tool == name) for name in TOOL_NAMES)
     if not (complete(pot) and complete(lfs)):
         pot, lfs = RemoteRun("potluck"), RemoteRun("git-lfs")  # no ratios from partial runs
-    v3 = versions[2].label
+    v1 = versions[0].label
+    first_lfs = find_push(lfs, v1)
+    v3 = versions[2].label if len(versions) > 2 else ""
     rows = [
         Ratio("upload after v3 (1%-sparse), bytes", 0.02, push_ratio(pot, lfs, v3, False)),
-        Ratio("full clone wall", 1.2, clone_ratio(pot, lfs, True)),
+        Ratio("first push (v1) wall", 1.2, push_ratio(pot, lfs, v1, True)),
+        Ratio("full clone wall", 1.0, clone_ratio(pot, lfs, True)),
+        Ratio("first push (v1) client CPU", None, cpu_ratio(find_push(pot, v1), first_lfs)),
+        Ratio("full clone client CPU", None, cpu_ratio(pot.clone, lfs.clone)),
     ]
     for label in (v.label for v in versions if v.label != v3):
         rows.append(Ratio(f"upload {label}, bytes", None, push_ratio(pot, lfs, label, False)))
@@ -318,7 +342,7 @@ def bench(args: argparse.Namespace, skips: dict[str, str]) -> list[RemoteRun]:
     try:
         versions = checkpoints.build_history(
             SIZE_ALIASES.get(args.size, args.size), args.dtype, ckpt_dir
-        )
+        )[: args.versions]
         checkpoints.describe_history(args.dtype, versions)
         runs: list[RemoteRun] = []
         with LfsServer(store) as server:
@@ -344,6 +368,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = sorted([*checkpoints.SIZES, *SIZE_ALIASES])
     p.add_argument("--size", choices=sizes, default="gpt2", help="medium = gpt2 (~498 MB f32)")
     p.add_argument("--dtype", choices=sorted(checkpoints.DTYPES), default="f32")
+    p.add_argument(
+        "--versions",
+        type=int,
+        choices=range(1, 6),
+        default=5,
+        help="push only v1..vN, then clone vN (1: first push and clone alone)",
+    )
     p.add_argument("--threads", type=int, default=2, help="thread count forced on both tools")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per git command")
     p.add_argument("--workdir", type=Path, help="parent of the temp dirs (default: system tmp)")
