@@ -225,6 +225,11 @@ def test_reindex_cli(hubrepo: Path, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'i.sqlite'}"
     r = CliRunner().invoke(cli, ["hub", "reindex", str(hubrepo), "--db", db])
     assert (r.exit_code, r.output) == (0, "communal: 7 commit(s) indexed\n")
+    r = CliRunner().invoke(cli, ["hub", "reindex", str(tmp_path / "nope"), "--db", db])
+    assert (r.exit_code, r.output.splitlines()[0]) == (
+        2,
+        f"potluck: error: {tmp_path / 'nope'}: no such directory",
+    )
     r = CliRunner().invoke(cli, ["hub", "reindex", str(hubrepo), "--db", "mysql+nope://x"])
     assert r.exit_code == 2
     assert "not a database URL: 'mysql+nope://x'" in r.output
@@ -469,6 +474,14 @@ def test_chromium_renders_every_page(server: str, tmp_path: Path) -> None:
         "/r/communal/evals": ["svg.evalchart", "table#gates"],
     }
     procs = {p: chromium(server + p, tmp_path / str(i), "--dump-dom") for i, p in enumerate(pages)}
+    png = tmp_path / "commit.png"
+    shot = chromium(
+        server + "/r/communal/commit/bob",
+        tmp_path / "shot",
+        f"--screenshot={png}",
+        "--window-size=800,600",
+        "--hide-scrollbars",
+    )
     shapes = {}
     for p, want in pages.items():
         dom, _ = procs[p].communicate(timeout=120)
@@ -482,6 +495,10 @@ def test_chromium_renders_every_page(server: str, tmp_path: Path) -> None:
                 assert shape.get(sel, 0) >= 1, (p, sel)
     bob = shapes["/r/communal/commit/bob"]
     assert (bob["rect.cell"], bob["tr.change"]) == (20, 2)
+    shot.communicate(timeout=120)
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (800, 600)
 
 
 def test_new_commits_show_after_reindex(hubrepo: Path, tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ def hub_for(paths: list[str], db: str | None) -> Hub:
     """A hub over the repositories at ``paths`` (default: the current one)."""
     repos: dict[str, Repo] = {}
     for p in paths or ["."]:
+        if not Path(p).is_dir():
+            raise UserError(f"{p}: no such directory", hint="give the path of a git repository")
         repo = Repo(Path(p))
         name = repo.root.name or "repo"
         while name in repos:
