@@ -17,13 +17,16 @@ from potluck.errors import UserError
 from potluck.ops.patch.apply import apply_patch
 from potluck.ops.patch.budget import (
     Option,
+    Plan,
     TensorCurve,
     allocate,
+    check_fits,
     header_estimate,
     lower_hull,
     parse_budget,
 )
 from potluck.ops.patch.create import create_patch, patch_info
+from potluck.ops.patch.fileformat import read_patch
 
 SHAPES = {"l0.attn.weight": (192, 128), "l0.mlp.weight": (256, 128), "l1.attn.weight": (192, 128)}
 
@@ -194,3 +197,15 @@ def test_row_sparse_delta_factors_only_changed_rows(tmp_path: Path) -> None:
     assert p["params"]["rows"] == "changed"
     assert p["bytes"] <= fp16 // 2
     assert info.entries[0].relative_error is not None and info.entries[0].relative_error < 0.5
+
+
+def test_real_header_checked_before_writing(models: tuple[Path, Path]) -> None:
+    base, target = models
+    out = base.parent / "fits.patch"
+    info = create_patch(base, target, out, budget="x8")
+    contents = read_patch(out)
+    check_fits(Plan(budget=info.size), contents)  # exactly fits
+    with pytest.raises(UserError) as exc:
+        check_fits(Plan(budget=info.size - 1, header_bytes=100), contents)
+    assert exc.value.data["smallest_budget"] == info.size
+    assert f"the patch needs {info.size} bytes" in str(exc.value)

@@ -35,6 +35,7 @@ from potluck.codecs.qlowrank import factor_bytes, predicted_sq_error
 from potluck.errors import UserError
 from potluck.merging.svd import top_k_svd
 from potluck.ops.models.sources import ModelSource
+from potluck.ops.patch.fileformat import PatchContents, patch_bytes
 
 __all__ = [
     "Choice",
@@ -42,6 +43,7 @@ __all__ = [
     "Plan",
     "TensorCurve",
     "allocate",
+    "check_fits",
     "exact_curve",
     "header_estimate",
     "matrix_curve",
@@ -51,11 +53,13 @@ __all__ = [
 ]
 
 #: Header bytes of a patch file besides its tensors (metadata keys, digests, description).
-FIXED_HEADER = 2048
+FIXED_HEADER = 1536
 #: Header bytes per stored tensor, plus ``PER_NAME`` per character of its name (its codec meta,
-#: error, base and result hashes and up to four array entries, each naming the tensor).
-PER_TENSOR = 1100
-PER_NAME = 8
+#: error, base and result hashes and up to five array entries, each naming the tensor). On
+#: all-MiniLM-L6-v2 (103 tensors, names of 45 characters on average) the real header took
+#: 72 kB against 106 kB estimated; ``check_fits`` measures the real one before writing.
+PER_TENSOR = 700
+PER_NAME = 7
 
 _F16_REL = 2 * (2.0**-11) ** 2 / 3
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -319,3 +323,23 @@ def plan_patch(
     fp16 = sum(c.fp16_bytes for c in curves)
     limit = None if budget is None else parse_budget(budget, fp16)
     return allocate(curves, limit, max_error)
+
+
+def check_fits(plan: Plan, contents: PatchContents) -> None:
+    """Refuse, before anything is written, a patch whose real size (header included) exceeds
+    the plan's budget (the header estimate was too low); the error names the size it needs."""
+    if plan.budget is None:
+        return
+    header = len(next(iter(patch_bytes(contents))))
+    size = header + sum(
+        int(a.nbytes) for p in contents.payloads.values() for a in p.arrays.values()
+    )
+    if size > plan.budget:
+        raise UserError(
+            f"--budget {plan.budget} bytes is too small for the patch potluck planned: its "
+            f"header took {header} bytes, {header - plan.header_bytes} more than estimated; "
+            f"the patch needs {size} bytes",
+            hint=f"pass --budget {size} or more",
+            budget=plan.budget,
+            smallest_budget=size,
+        )

@@ -31,7 +31,7 @@ from potluck.codecs.rules import Rule
 from potluck.fileio import file_sha256
 from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
-from potluck.ops.patch.budget import Plan, plan_patch
+from potluck.ops.patch.budget import Plan, check_fits, plan_patch
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
@@ -153,6 +153,8 @@ def create_patch(
     contents = PatchContents(
         payloads, enc.base, enc.result, added, removed, dict(description or {})
     )
+    if plan is not None:
+        check_fits(plan, contents)
     size = write_patch(out_path, contents)
     return PatchInfo(
         path=str(out_path),
