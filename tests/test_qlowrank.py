@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from potluck.codecs import get_codec, payload_nbytes
-from potluck.codecs.qlowrank import factor_bytes, predicted_sq_error
+from potluck.codecs.qlowrank import factor_bytes, mixed_bytes, predicted_sq_error
 from potluck.errors import UserError
 
 
@@ -23,12 +23,13 @@ def _pair(m: int = 48, n: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return base, (base + delta).astype(np.float32)
 
 
-def _naive(delta: np.ndarray, rank: int, bits: int) -> np.ndarray:
-    """Element by element: exact SVD, per-row absmax scale, round half even, multiply back."""
-    qmax = 2 ** (bits - 1) - 1
+def _naive(delta: np.ndarray, rank: int, bits: int, high: int = 0) -> np.ndarray:
+    """Element by element: exact SVD, per-row absmax scale, round half even, multiply back
+    (the ``high`` leading directions with 8 bits)."""
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     out = np.zeros(delta.shape, np.float64)
     for i in range(rank):
+        qmax = 2 ** ((8 if i < high else bits) - 1) - 1
         rows = []
         for vec in (u[:, i] * s[i], vt[i]):
             vec = vec.astype(np.float32)
@@ -116,3 +117,21 @@ def test_changed_rows_only_are_factored_and_the_rest_stay_exact() -> None:
     untouched = np.setdiff1d(np.arange(40), [2, 9, 30])
     assert np.array_equal(got[untouched], base[untouched])
     assert p.error is not None and p.error.relative_error < 0.02
+
+
+def test_mixed_precision_matches_naive_and_beats_int4() -> None:
+    base, new = _pair()
+    delta = new.astype(np.float32) - base
+    codec = get_codec("qlowrank")
+    kw: dict[str, object] = {"rank": 8, "bits": 4, "method": "exact"}
+    mixed = codec.encode(new, base, name="w", seed=0, high=3, **kw)
+    got = codec.decode(mixed, base).astype(np.float64) - base
+    want = (base.astype(np.float64) + _naive(delta, 8, 4, high=3)).astype(np.float32) - base
+    assert np.allclose(got, want, rtol=0, atol=1e-6)
+    assert payload_nbytes(mixed) == mixed_bytes(8, 3, 48, 80, 4)
+    plain = codec.encode(new, base, name="w", seed=0, **kw)
+    assert mixed.error is not None and plain.error is not None
+    assert mixed.error.relative_error < plain.error.relative_error
+    mixed.meta["high"] = 9
+    with pytest.raises(UserError, match="malformed qlowrank payload: high 9 for kept_rank 8"):
+        codec.decode(mixed, base)

@@ -11,6 +11,11 @@ plus 2r scales. ``rows="changed"`` factors only the rows of Δ that are not zero
 indices in ``rows``, m then counts those rows; the other rows stay exactly unchanged), as
 ``lowrank`` does for embeddings a fine-tune touched in a few thousand token rows.
 
+Mixed precision (after Delta-CoMe, Ping et al. 2024: the leading singular vectors carry most of
+the delta, so they get more bits): ``high`` = h > 0 stores the h leading directions with int8
+codes in ``hb_q``/``hb_scales``/``ha_q``/``ha_scales`` and the remaining r − h with ``bits``
+in ``b_q``…; the bound below holds per direction with each direction's own scales.
+
 Error bound (tested in ``tests/test_qlowrank.py``): with bᵢ, aᵢ the exact rows, b̂ᵢ, âᵢ the
 dequantised ones, sbᵢ, saᵢ their scales, each entry is off by at most half a scale, so
 ‖b̂ᵢ − bᵢ‖₂ ≤ √m·sbᵢ/2 and ‖âᵢ − aᵢ‖₂ ≤ √n·saᵢ/2, and by the triangle inequality
@@ -45,13 +50,18 @@ from potluck.codecs.lowrank import RANDOMIZED_MIN_RATIO, RANDOMIZED_MIN_SIDE, tr
 from potluck.codecs.quant import dequantize, quantize
 from potluck.params import Param, ParamValue
 
-__all__ = ["QLowRankCodec", "factor_bytes", "predicted_sq_error"]
+__all__ = ["QLowRankCodec", "factor_bytes", "mixed_bytes", "predicted_sq_error"]
 
 
 def factor_bytes(rank: int, m: int, n: int, bits: int, scale_bytes: int = 4) -> int:
     """Payload bytes of a rank-``rank`` ``qlowrank`` payload of an m × n matrix."""
     codes = -(-rank * m // 2) + -(-rank * n // 2) if bits == 4 else rank * (m + n)
     return codes + 2 * rank * scale_bytes if rank else 0
+
+
+def mixed_bytes(rank: int, high: int, m: int, n: int, bits: int) -> int:
+    """Payload bytes of a ``qlowrank`` payload whose ``high`` leading directions are int8."""
+    return factor_bytes(high, m, n, 8) + factor_bytes(rank - high, m, n, bits)
 
 
 def predicted_sq_error(
@@ -112,6 +122,9 @@ class QLowRankCodec(LossyCodec):
             choices=("all", "changed"),
             name="rows",
         ),
+        Param(
+            int, 0, "leading directions stored with 8 bits (mixed precision)", low=0, name="high"
+        ),
     )
 
     def _approximate(
@@ -140,10 +153,15 @@ class QLowRankCodec(LossyCodec):
         u, s, vt = truncated_svd(
             a, rank, randomized=randomized, rng=rng, oversample=10, power_iters=2
         )
-        b_rows = (u * s).T.astype(a.dtype)
-        b_q, b_scales = _codes(np.ascontiguousarray(b_rows), bits)
-        a_q, a_scales = _codes(np.ascontiguousarray(vt.astype(a.dtype)), bits)
-        arrays = {"b_q": b_q, "b_scales": b_scales, "a_q": a_q, "a_scales": a_scales}
+        high = min(int(params["high"]), rank)
+        b_rows = np.ascontiguousarray((u * s).T.astype(a.dtype))
+        a_rows = np.ascontiguousarray(vt.astype(a.dtype))
+        arrays: Arrays = {}
+        for prefix, lo, hi, width in (("", high, rank, bits), ("h", 0, high, 8)):
+            if prefix and not high:
+                continue
+            arrays[f"{prefix}b_q"], arrays[f"{prefix}b_scales"] = _codes(b_rows[lo:hi], width)
+            arrays[f"{prefix}a_q"], arrays[f"{prefix}a_scales"] = _codes(a_rows[lo:hi], width)
         meta: Meta = {"mode": "factors", "kept_rank": rank, "randomized": int(randomized)}
         if rows is not None:
             arrays["rows"] = rows
@@ -166,8 +184,14 @@ class QLowRankCodec(LossyCodec):
         k = m if rows is None else rows.size
         if r < 0 or r > min(k, n):
             raise malformed(self.name, f"kept_rank {r} for a {k} x {n} matrix")
-        b = _uncodes(payload, "b", (r, k), bits, base.dtype)
-        a = _uncodes(payload, "a", (r, n), bits, base.dtype)
+        h = meta_int(payload, "high") if r else 0
+        if h < 0 or h > r:
+            raise malformed(self.name, f"high {h} for kept_rank {r}")
+        b = _uncodes(payload, "b", (r - h, k), bits, base.dtype)
+        a = _uncodes(payload, "a", (r - h, n), bits, base.dtype)
+        if h:
+            b = np.concatenate([_uncodes(payload, "hb", (h, k), 8, base.dtype), b])
+            a = np.concatenate([_uncodes(payload, "ha", (h, n), 8, base.dtype), a])
         part = b.T @ a
         if rows is None:
             return np.asarray(part).reshape(base.shape)
