@@ -545,3 +545,22 @@ def test_hub_command_serves(hubrepo: Path, tmp_path: Path) -> None:
     ]
     r = CliRunner().invoke(cli, ["hub", str(hubrepo), "--port", "0", "--db", db])
     assert (r.exit_code, r.output.splitlines()[0]) == (2, "potluck: error: port 0 is out of range")
+
+
+def test_index_of_another_layout_is_rebuilt(tmp_path: Path) -> None:
+    """An index written by another version (a table without today's columns) is made again."""
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as c:
+        c.execute("create table commits (repo text, sha text)")
+        c.execute("insert into commits values ('r', 'abc')")
+    engine = ix.engine_for(f"sqlite:///{db}")
+    with engine.connect() as c:
+        assert ix.rows(c, sa.select(ix.COMMITS)) == []
+        assert ix.get_state(c, "", "schema") == ix.SCHEMA
+        assert [col["name"] for col in sa.inspect(c).get_columns("commits")][-2:] == [
+            "paths",
+            "blobs",
+        ]
+    engine.dispose()

@@ -26,6 +26,8 @@ from sqlalchemy.engine import Connection, Engine
 from potluck.errors import UserError
 
 META = sa.MetaData()
+#: The layout of the tables; an index with another value is rebuilt from scratch.
+SCHEMA = "1"
 _R = sa.String(200)
 _SHA = sa.String(64)
 
@@ -73,8 +75,8 @@ CHANGES = sa.Table(
     sa.Column("repo", _R, primary_key=True),
     sa.Column("base", sa.String(40), primary_key=True),
     sa.Column("head", sa.String(40), primary_key=True),
-    sa.Column("path", sa.String(1000), primary_key=True),
-    sa.Column("name", sa.String(1000), primary_key=True),
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("old", sa.Text, nullable=True),
     sa.Column("new", sa.Text, nullable=True),
@@ -89,7 +91,7 @@ REFS = sa.Table(
     "refs",
     META,
     sa.Column("repo", _R, primary_key=True),
-    sa.Column("name", sa.String(1000), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
     sa.Column("kind", sa.String(20), nullable=False),  # branch, tag, alias
     sa.Column("sha", sa.String(40), nullable=False),
 )
@@ -120,7 +122,7 @@ def engine_for(url: str) -> Engine:
     try:
         args = {"check_same_thread": False} if url.startswith("sqlite") else {}
         eng = sa.create_engine(url, connect_args=args, pool_pre_ping=True)
-        META.create_all(eng)
+        _create(eng)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as e:
         raise UserError(
             f"not a database URL: {url.split('@')[-1]!r}",
@@ -132,6 +134,23 @@ def engine_for(url: str) -> Engine:
             hint="check that the database server runs and the URL names it",
         ) from e
     return eng
+
+
+def _create(eng: Engine) -> None:
+    """Create the tables; an index of another schema version is dropped and made again (it is a
+    cache of git: ``reindex`` refills it)."""
+    META.create_all(eng)
+    with eng.begin() as conn:
+        try:
+            found = get_state(conn, "", "schema")
+        except sa.exc.DBAPIError:  # a table of an older layout
+            found = None
+    if found == SCHEMA:
+        return
+    META.drop_all(eng)
+    META.create_all(eng)
+    with eng.begin() as conn:
+        set_state(conn, "", "schema", SCHEMA)
 
 
 @contextmanager
