@@ -20,6 +20,7 @@ from potluck.ops.patch.budget import (
     Plan,
     TensorCurve,
     allocate,
+    array_cost,
     check_fits,
     header_estimate,
     lower_hull,
@@ -137,6 +138,7 @@ def test_budget_below_overhead_refused_naming_smallest(models: tuple[Path, Path]
     with pytest.raises(UserError) as exc:
         create_patch(base, target, out, budget=1000)
     smallest = header_estimate([*sorted(SHAPES), "l0.bias"]) + 4 * 128
+    smallest += array_cost("l0.bias", 1) + sum(array_cost(n, 4) for n in SHAPES)
     assert exc.value.data["smallest_budget"] == smallest
     assert str(exc.value).startswith(
         "--budget 1000 bytes is too small: it is smaller than the patch's fixed overhead"
@@ -191,7 +193,7 @@ def test_row_sparse_delta_factors_only_changed_rows(tmp_path: Path) -> None:
         tmp_path / "b.safetensors",
         tmp_path / "t.safetensors",
         tmp_path / "p.patch",
-        budget=header_estimate(["emb.weight"]) + fp16 // 2,
+        budget=header_estimate(["emb.weight"]) + array_cost("emb.weight", 5) + fp16 // 2,
     )
     p = patch_info(tmp_path / "p.patch")["tensors"]["emb.weight"]
     assert p["params"]["rows"] == "changed"

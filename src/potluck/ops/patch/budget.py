@@ -54,12 +54,14 @@ __all__ = [
 
 #: Header bytes of a patch file besides its tensors (metadata keys, digests, description).
 FIXED_HEADER = 1536
-#: Header bytes per stored tensor, plus ``PER_NAME`` per character of its name (its codec meta,
-#: error, base and result hashes and up to five array entries, each naming the tensor). On
-#: all-MiniLM-L6-v2 (103 tensors, names of 45 characters on average) the real header took
-#: 72 kB against 106 kB estimated; ``check_fits`` measures the real one before writing.
-PER_TENSOR = 700
-PER_NAME = 7
+#: Header bytes per stored tensor, plus ``PER_NAME`` per character of its name (its codec meta
+#: and error, base and result hashes, as escaped JSON) …
+PER_TENSOR = 600
+PER_NAME = 3
+#: … plus, per payload array, ``PER_ARRAY`` and the name again (dtype, shape, offsets); an
+#: option's array entries count in its bytes. ``check_fits`` measures the real header before
+#: writing.
+PER_ARRAY = 100
 
 _F16_REL = 2 * (2.0**-11) ** 2 / 3
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -136,9 +138,16 @@ def header_estimate(names: Sequence[str]) -> int:
     return FIXED_HEADER + sum(PER_TENSOR + PER_NAME * len(n) for n in names)
 
 
+def array_cost(name: str, count: int) -> int:
+    """Header bytes of ``count`` payload arrays of tensor ``name``."""
+    return count * (PER_ARRAY + len(name))
+
+
 def exact_curve(name: str, nbytes: int, fp16_bytes: int) -> TensorCurve:
     """A tensor that is stored exactly (``full``): one option, error 0."""
-    return TensorCurve(name, 0.0, fp16_bytes, [Option("full", {}, nbytes, 0.0)])
+    return TensorCurve(
+        name, 0.0, fp16_bytes, [Option("full", {}, nbytes + array_cost(name, 1), 0.0)]
+    )
 
 
 def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> TensorCurve:
@@ -160,21 +169,60 @@ def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> Te
     s2 = s**2
     tail = np.maximum(norm_sq - np.concatenate([[0.0], np.cumsum(s2)]), 0.0)
     u_max, v_max = np.abs(u).max(axis=0), np.abs(vt).max(axis=1)
-    options = [Option("qlowrank", {"rank": 0, "bits": 4}, 0, norm_sq)]
+    rows_arr = 1 if extra else 0
+    index_bytes += array_cost(name, rows_arr)
+    options = [Option("qlowrank", {"rank": 0, "bits": 4}, array_cost(name, 4), norm_sq)]
     if full_bytes > 0:
-        options.append(Option("full", {}, full_bytes, 0.0))
+        options.append(Option("full", {}, full_bytes + array_cost(name, 1), 0.0))
     f16 = np.concatenate([[0.0], np.cumsum(s2 * _F16_REL)])
     for bits in (8, 4):
         q = np.concatenate([[0.0], np.cumsum(predicted_sq_error(s, u_max, v_max, m, n, bits))])
         for r in range(1, s.size + 1):
-            nb = factor_bytes(r, m, n, bits) + index_bytes
+            nb = factor_bytes(r, m, n, bits) + index_bytes + array_cost(name, 4)
             params = {"rank": r, "bits": bits, **extra}
             options.append(Option("qlowrank", params, nb, tail[r] + q[r]))
+    q4 = predicted_sq_error(s, u_max, v_max, m, n, 4)
+    q8 = predicted_sq_error(s, u_max, v_max, m, n, 8)
+    options += _mixed_options(tail, q4, q8, m, n, index_bytes + array_cost(name, 8), extra)
     for r in range(1, s.size + 1):
         params = {"rank": r, "factors": "F16", **extra}
-        nb = 2 * r * (m + n) + index_bytes
+        nb = 2 * r * (m + n) + index_bytes + array_cost(name, 2)
         options.append(Option("lowrank", params, nb, tail[r] + f16[r]))
     return TensorCurve(name, norm_sq, fp16, lower_hull(options))
+
+
+def _mixed_options(
+    tail: np.ndarray,
+    q4: np.ndarray,
+    q8: np.ndarray,
+    m: int,
+    n: int,
+    index_bytes: int,
+    extra: Mapping[str, object],
+) -> list[Option]:
+    """``qlowrank`` with ``high`` = h leading directions int8 and r − h int4, for every
+    0 < h < r, reduced to the Pareto-optimal ones (less error for more bytes) in numpy."""
+    k = q4.size
+    h, r = np.arange(k + 1)[:, None], np.arange(k + 1)[None, :]
+    c4, c8 = np.concatenate([[0.0], np.cumsum(q4)]), np.concatenate([[0.0], np.cumsum(q8)])
+    err = tail[r] + c8[h] + c4[r] - c4[h]
+    low = r - h
+    nb = h * (m + n + 8) + (low * m + 1) // 2 + (low * n + 1) // 2 + 8 * low + index_bytes
+    ok = (h > 0) & (h < r)
+    hs, rs = np.broadcast_to(h, ok.shape)[ok], np.broadcast_to(r, ok.shape)[ok]
+    nbs, errs = nb[ok], err[ok]
+    order = np.lexsort((errs, nbs))
+    best = np.minimum.accumulate(errs[order])
+    keep = order[np.concatenate([[True], errs[order][1:] < best[:-1]])] if order.size else order
+    return [
+        Option(
+            "qlowrank",
+            {"rank": int(rs[i]), "bits": 4, "high": int(hs[i]), **extra},
+            int(nbs[i]),
+            float(errs[i]),
+        )
+        for i in keep
+    ]
 
 
 def lower_hull(options: Sequence[Option]) -> list[Option]:
