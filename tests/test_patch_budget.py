@@ -211,3 +211,12 @@ def test_real_header_checked_before_writing(models: tuple[Path, Path]) -> None:
         check_fits(Plan(budget=info.size - 1, header_bytes=100), contents)
     assert exc.value.data["smallest_budget"] == info.size
     assert f"the patch needs {info.size} bytes" in str(exc.value)
+
+
+def test_negative_or_nan_tolerance_refused(models: tuple[Path, Path]) -> None:
+    base, target = models
+    for bad in (-0.1, float("nan")):
+        want = r"^bad --max-error (-0\.1|nan)\nhint: a relative error"
+        with pytest.raises(UserError, match=want):
+            create_patch(base, target, base.parent / "bad.patch", max_error=bad)
+    assert not (base.parent / "bad.patch").exists()
