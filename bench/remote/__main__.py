@@ -173,6 +173,8 @@ def run_tool(
         try:
             repo = tools.Repo(tools.TOOLS[name], root, args.threads, args.timeout)
             repo.env["GIT_TERMINAL_PROMPT"] = "0"  # never wait for a password
+            if name == "potluck" and args.potluck_src is not None:
+                repo.env["PYTHONPATH"] = str(args.potluck_src)  # before/after comparisons
             bare = root / "origin.git"
             prepare(repo, bare, server.url_for(LFS_ORG, name))
             push_history(repo, server, versions, run)
@@ -374,6 +376,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=range(1, 6),
         default=5,
         help="push only v1..vN, then clone vN (1: first push and clone alone)",
+    )
+    p.add_argument(
+        "--potluck-src",
+        type=Path,
+        help="run potluck from this source tree (PYTHONPATH; e.g. a `git archive` of an older "
+        "commit's src/) to compare before and after a change in one session",
     )
     p.add_argument("--threads", type=int, default=2, help="thread count forced on both tools")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per git command")
