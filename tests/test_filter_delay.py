@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import Run, run_in, save_st
+from potluck.objects.manifest import parse
 from test_sync import sha, store_oids
 from test_sync_servers import use_lfs
 from testsupport.servers import LfsServer, lfs_server  # noqa: F401
@@ -108,6 +109,33 @@ def test_failed_delayed_fetch_leaves_manifests_and_pull_completes(
     for name in SHARDS:
         assert sha(broken / name) == sha(repo / name)
     assert b("git", "status", "--porcelain") == ""
+
+
+def test_object_missing_on_the_remote_costs_only_its_file(
+    repo: Path, git: Run, pushed: Path, srv: LfsServer, tmp_path: Path
+) -> None:
+    shard = SHARDS[2]
+    w = parse(git("git", "cat-file", "blob", f"HEAD:{shard}").encode()).tensors()["layers.2.w"]
+    stored = srv.object_path(w.oid)
+    aside = tmp_path / "aside"
+    stored.rename(aside)  # the remote lost one tensor of shard 3
+    r, trace = clone_traced(tmp_path, pushed, "holey")
+    holey = tmp_path / "holey"
+    assert r.returncode == 1 and trace.count("status=delayed") == 8
+    assert "fetching the tensors of 8 files at once failed" in r.stderr
+    assert f"{shard}: fetching its tensors failed: 1 object(s) missing on" in r.stderr
+    assert f"{shard} left as a manifest: 3 of 3 objects are not in the local store" in r.stderr
+    assert f"cloned into {holey}, but 1 file(s) could not be fetched" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (holey / shard).read_bytes().startswith(b"potluck manifest v1\n")
+    for name in SHARDS:
+        if name != shard:
+            assert sha(holey / name) == sha(repo / name)
+    aside.rename(stored)  # pushed again, say
+    h = run_in(holey)
+    h("potluck", "pull")
+    assert sha(holey / shard) == sha(repo / shard)
+    assert h("git", "status", "--porcelain") == ""
 
 
 def test_checkout_with_everything_local_is_not_delayed(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
-from potluck.errors import FormatError, PotluckError
+from potluck.errors import FormatError, IntegrityError, PotluckError
 from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
 
 if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads with the first clean or smudge
@@ -121,13 +121,14 @@ class FetcherOnFirstUse:
     def fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]:
         """One fetch for all of ``files`` when the fetcher can, else one per file."""
         fetcher = self._get()
-        many = getattr(fetcher, "fetch_many", None)
-        if many is not None:
+        if getattr(fetcher, "fetch_many", None) is not None:
             return cast(BatchFetcher, fetcher).fetch_many(files)
-        fresh: dict[str, Path] = {}
-        for path, m in files:
-            fresh.update(fetcher(m, path))
-        return fresh
+        for path, m in files:  # fresh files are gone after settle: the objects are stored
+            try:
+                fetcher(m, path)
+            finally:
+                fetcher.settle()
+        return {}
 
     def settle(self) -> None:
         if self._fetcher is not None:
@@ -249,7 +250,10 @@ class PotluckFilter:
         batch, self._delayed = self._delayed, {}
         files = [(path, m) for path, (_, m) in batch.items()]
         try:
-            fresh = self._fetch_many(files)
+            fresh = dict(self._fetch_many(files))
+        except IntegrityError as e:  # about some objects only: the other files may still come
+            log.warning("fetching the tensors of %d files at once failed: %s", len(files), e)
+            fresh = self._fetch_each(files)
         except PotluckError as e:
             log.warning("fetching the tensors of %d files failed: %s", len(files), e)
             fresh = {}
@@ -258,14 +262,23 @@ class PotluckFilter:
         return list(batch)
 
     def _fetch_many(self, files: Sequence[tuple[str, Manifest]]) -> Mapping[str, Path]:
-        many = getattr(self.fetch, "fetch_many", None)
-        if many is not None:
+        if getattr(self.fetch, "fetch_many", None) is not None:
             return cast(BatchFetcher, self.fetch).fetch_many(files)
-        fresh: dict[str, Path] = {}
+        return self._fetch_each(files)
+
+    def _fetch_each(self, files: Sequence[tuple[str, Manifest]]) -> dict[str, Path]:
+        """One fetch per file (``smudge``'s way), each settled at once: the objects that came
+        are then in the store, so no fresh files are returned."""
         for path, m in files:
-            if self.fetch is not None:
-                fresh.update(self.fetch(m, path))
-        return fresh
+            if self.fetch is None:
+                break
+            try:
+                self.fetch(m, path)
+            except PotluckError as e:
+                log.warning("%s: fetching its tensors failed: %s", path, e)
+            finally:
+                self.fetch.settle()
+        return {}
 
     def _serve_ready(self, pathname: str, dst: BinaryIO) -> None:
         """Answer a delayed path; after the last one, the batch's fresh files are settled."""
