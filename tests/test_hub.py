@@ -318,6 +318,12 @@ def test_tensor_page(server: str, hubrepo: Path) -> None:
         ("v1: community base model and its evaluation suite", "added"),
     ]
     assert svg_shape(t["values_svg"])["rect.bar"] == 40
+    same = api(server, "/r/communal/tensor?rev=bob&path=model.safetensors&name=h.0.ln_1.bias")
+    assert (same["delta"], same["delta_unchanged"], same["delta_base"]) == (
+        None,
+        True,
+        sha(hubrepo, "v1"),
+    )
 
 
 def test_lineage_and_evals(server: str, hubrepo: Path) -> None:

@@ -105,17 +105,25 @@ def tensor(hub: Hub, name: str, rev: str, path: str, tensor_name: str) -> dict[s
         "history": _history(hub, name, path, tensor_name),
         "values": hist(value),
         "delta": None,
+        "delta_unchanged": False,
         "delta_base": None,
     }
     out["values_svg"] = svg.histogram(
         out["values"]["counts"], out["values"]["lo"], out["values"]["hi"], "values"
     )
-    _add_delta(hub, name, sha, path, tensor_name, value, out)
+    _add_delta(hub, name, sha, m, path, tensor_name, value, out)
     return out
 
 
 def _add_delta(
-    hub: Hub, name: str, sha: str, path: str, tname: str, value: np.ndarray, out: dict[str, Any]
+    hub: Hub,
+    name: str,
+    sha: str,
+    m: Manifest,
+    path: str,
+    tname: str,
+    value: np.ndarray,
+    out: dict[str, Any],
 ) -> None:
     """The histogram of (this − the first parent's version), when the parent has it, same shape."""
     with hub.engine.connect() as c:
@@ -129,6 +137,10 @@ def _add_delta(
         return
     pm = hub.models_of(name).at(base[0]).get(path)
     if pm is None or tname not in _names(pm):
+        return
+    old_e, new_e = pm.tensors().get(tname), m.tensors().get(tname)
+    if old_e is not None and new_e is not None and old_e.oid == new_e.oid:
+        out["delta_base"], out["delta_unchanged"] = base[0], True  # same bytes: nothing to load
         return
     old = load_tensors(pm, hub.repo(name).odb, [tname])[tname]
     if old.shape != value.shape:
