@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Run, run_in, save_st
+from conftest import BIN, Run, run_in, save_st
 from potluck.objects.manifest import parse
 from test_sync import sha, store_oids
 from test_sync_servers import use_lfs
@@ -21,30 +21,62 @@ SHARDS = [f"model-{i + 1:05d}-of-00008.safetensors" for i in range(8)]
 BATCH = "/objects/batch"
 
 
-@pytest.fixture
-def srv(lfs_server: LfsServer) -> LfsServer:  # noqa: F811
-    """The module's giftless, reset: no faults, zero counters, a fresh repository."""
+@pytest.fixture(scope="module")
+def published(
+    lfs_server: LfsServer,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path]:
+    """A repository with a model in 8 safetensors shards committed and pushed to a bare hub
+    (objects on the module's giftless), made once for the module: (repo, hub)."""
     lfs_server.reset()
+    root = tmp_path_factory.mktemp("published")
+    repo, hub = root / "repo", root / "hub.git"
+    repo.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        (root / "_home").mkdir()
+        mp.setenv("HOME", str(root / "_home"))
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        for who in ("AUTHOR", "COMMITTER"):
+            mp.setenv(f"GIT_{who}_NAME", "Test")
+            mp.setenv(f"GIT_{who}_EMAIL", "test@example.invalid")
+        mp.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+        git = run_in(repo)
+        git("git", "init", "-q", "-b", "main")
+        git("potluck", "init")
+        git("potluck", "track", "*.safetensors")
+        git("git", "init", "-q", "--bare", "-b", "main", str(hub))
+        git("git", "remote", "add", "origin", str(hub))
+        use_lfs(git, repo, lfs_server)
+        rng = np.random.default_rng(7)
+        for i, name in enumerate(SHARDS):
+            save_st(
+                repo / name,
+                {f"layers.{i}.w": rng.normal(0, 0.02, (32, 32)).astype(np.float32),
+                 f"layers.{i}.b": np.full(32, i, np.float32)},
+            )  # fmt: skip
+        git("git", "add", ".gitattributes", *SHARDS)
+        git("git", "commit", "-q", "-m", "8 shards")
+        git("git", "push", "-q", "origin", "main")
+    return repo, hub
+
+
+@pytest.fixture
+def srv(lfs_server: LfsServer, published: tuple[Path, Path]) -> LfsServer:  # noqa: F811
+    """The module's giftless with the shards, reset: no faults, zero counters."""
+    lfs_server.reset(new_repo=False)
     return lfs_server
 
 
 @pytest.fixture
-def pushed(repo: Path, git: Run, hub: Path, srv: LfsServer) -> Path:
-    """``repo`` with a model in 8 safetensors shards committed and pushed to ``hub``
-    (objects on ``srv``)."""
-    use_lfs(git, repo, srv)
-    rng = np.random.default_rng(7)
-    for i, name in enumerate(SHARDS):
-        save_st(
-            repo / name,
-            {f"layers.{i}.w": rng.normal(0, 0.02, (32, 32)).astype(np.float32),
-             f"layers.{i}.b": np.full(32, i, np.float32)},
-        )  # fmt: skip
-    git("git", "add", *SHARDS)
-    git("git", "commit", "-q", "-m", "8 shards")
-    git("git", "push", "-q", "origin", "main")
-    srv.reset_counters()
-    return hub
+def repo(published: tuple[Path, Path]) -> Path:
+    """The published repository (tests leave it as they found it)."""
+    return published[0]
+
+
+@pytest.fixture
+def pushed(published: tuple[Path, Path], srv: LfsServer) -> Path:
+    """The bare hub the shards were pushed to."""
+    return published[1]
 
 
 def clone_traced(
@@ -90,7 +122,7 @@ def test_clone_of_8_shards_fetches_them_in_one_batch(
 def test_failed_delayed_fetch_leaves_manifests_and_pull_completes(
     repo: Path, pushed: Path, srv: LfsServer, tmp_path: Path
 ) -> None:
-    srv.fail_next(1000, status=500, method="GET")  # the server's downloads stay broken
+    srv.fail_next(1000, status=403, method="GET")  # downloads refused (no retries)
     r, trace = clone_traced(tmp_path, pushed, "broken")
     broken = tmp_path / "broken"
     assert r.returncode == 1
