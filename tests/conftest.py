@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,27 @@ settings.load_profile("ci")
 BIN = str(Path(sys.executable).parent)
 
 
+@contextmanager
+def isolated_env(home: Path) -> Iterator[None]:
+    """The environment every test runs in: a fixed git identity, no user/global config,
+    ``home`` as HOME and potluck's scripts on PATH. Module-scoped fixtures that run git or
+    potluck use it too (they are set up before the autouse fixture below)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+        for who in ("AUTHOR", "COMMITTER"):
+            mp.setenv(f"GIT_{who}_NAME", "Test")
+            mp.setenv(f"GIT_{who}_EMAIL", "test@example.invalid")
+        mp.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _git_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every test: a fixed git identity, no user/global config, potluck scripts on PATH."""
-    home = tmp_path / "_home"
-    home.mkdir(exist_ok=True)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test")
-    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@example.invalid")
-    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test")
-    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.invalid")
-    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+def _git_env(tmp_path: Path) -> Iterator[None]:
+    """Every test runs in ``isolated_env`` with its own HOME."""
+    with isolated_env(tmp_path / "_home"):
+        yield
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from potluck.ops.merge import run as merge_run
 from potluck.ops.merge.config import parse_config
 from potluck.ops.models import sources
 from potluck.ops.patch import apply_patch, create_patch
-from tests.conftest import run_in, save_st
+from tests.conftest import isolated_env, run_in, save_st
 
 MiB = 1 << 20
 BLOCK = 64 << 10
@@ -64,6 +64,12 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     objects are stored in 64 KiB chunks (the store's own unit of streaming)."""
     root = tmp_path_factory.mktemp("bounded") / "repo"
     root.mkdir()
+    with isolated_env(root.parent / "_home"):
+        _commit_versions(root)
+    return root
+
+
+def _commit_versions(root: Path) -> None:
     run = run_in(root)
     run("git", "init", "-q", "-b", "main")
     run("potluck", "init")
@@ -75,7 +81,6 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
         save_st(root / "m.safetensors", version)
         run("git", "add", "m.safetensors")
         run("git", "commit", "-q", "-m", f"v{i}")
-    return root
 
 
 @pytest.fixture
