@@ -4,6 +4,7 @@ behaviour before delayed checkout) against delayed checkout (one download batch 
 
     .venv/bin/python -m bench.remote.shards [--shards 8] [--shard-mb 16] [--repeat 1]
 
+``--latency`` makes the server wait that long before each answer (a remote's round trip).
 Prints wall time, client CPU (git and potluck processes), the LFS server's requests (batch
 POSTs and object GETs) and bytes sent, for each mode; each clone is checked byte for byte.
 """
@@ -111,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--shard-mb", type=int, default=16)
     p.add_argument("--repeat", type=int, default=1, help="clones per mode (alternating)")
+    p.add_argument(
+        "--latency", type=float, default=0.0, help="seconds the server waits per request (RTT)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true")
     args = p.parse_args(argv)
-    print(f"# bench.remote.shards: {args.shards} shards x {args.shard_mb} MB; uptime:")
+    print(
+        f"# bench.remote.shards: {args.shards} shards x {args.shard_mb} MB, "
+        f"{args.latency * 1000:.0f} ms per request; uptime:"
+    )
     print("# " + measure.capture(["uptime"]).strip())
     rows: list[list[str]] = []
     with (
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         LfsServer(root / "lfs") as server,
     ):
         bare, digests = publish(root, server, args)
+        if args.latency:
+            server.chaos(0, rate=0.0, delay=args.latency)  # no faults, only the wait
         for _ in range(args.repeat):
             for label, delay in MODES.items():
                 rows.append([label, *clone_once(root, bare, server, delay, digests, args.timeout)])
