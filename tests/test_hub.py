@@ -508,18 +508,26 @@ def test_chromium_renders_every_page(server: str, tmp_path: Path) -> None:
 
 
 def test_new_commits_show_after_reindex(hubrepo: Path, tmp_path: Path) -> None:
-    """Pages are cached until the index changes: a reindex makes the new commit visible."""
+    """Two repositories in one hub, each with its own commits; pages are cached until the
+    index changes: a reindex makes a new commit visible in its own repository only."""
     copy = tmp_path / "copy"
     shutil.copytree(hubrepo, copy, symlinks=True)
-    h = hub_for([str(copy)], f"sqlite:///{tmp_path / 'c.sqlite'}")
-    assert h.reindex() == {"copy": 7}
+    h = hub_for([str(hubrepo), str(copy)], f"sqlite:///{tmp_path / 'c.sqlite'}")
+    assert h.reindex() == {"communal": 7, "copy": 7}
+
+    def subjects(url: str, name: str) -> list[str]:
+        return [c["subject"] for c in json.loads(get(f"{url}/api/r/{name}/commits")[1])["commits"]]
+
     with serving(h) as url:
-        assert len(json.loads(get(url + "/api/r/copy/commits")[1])["commits"]) == 7
+        assert json.loads(get(url + "/api/")[1]) == {"repos": ["communal", "copy"]}
+        assert subjects(url, "copy") == subjects(url, "communal")
+        assert len(subjects(url, "copy")) == 7
         Shell(copy, lambda _line: None)("git", "commit", "-q", "--allow-empty", "-m", "later")
-        assert h.reindex() == {"copy": 1}
+        assert h.reindex() == {"communal": 0, "copy": 1}
         time.sleep(1.1)  # the cache reads the index generation at most once a second
-        got = json.loads(get(url + "/api/r/copy/commits")[1])["commits"]
-        assert [c["subject"] for c in got][:1] == ["later"]
+        assert subjects(url, "copy")[:1] == ["later"]
+        assert "later" not in subjects(url, "communal")
+        assert len(subjects(url, "communal")) == 7
 
 
 def test_hub_command_serves(hubrepo: Path, tmp_path: Path) -> None:
