@@ -140,11 +140,7 @@ class LowRankCodec(LossyCodec):
     ) -> tuple[Arrays, Meta, float]:
         if delta.ndim < 2:
             return {"delta": delta.reshape(-1).copy()}, {"mode": "dense", "kept_rank": 0}, 1.0
-        a = delta.reshape(delta.shape[0], int(np.prod(delta.shape[1:])))
-        rows = None
-        if params["rows"] == "changed":
-            rows = np.flatnonzero(np.any(a != 0, axis=1)).astype(np.uint32)
-            a = a[rows]
+        a, rows = delta_matrix(delta, params["rows"] == "changed")
         rank, oversample = int(params["rank"]), int(params["oversample"])
         side = min(a.shape)
         randomized = params["method"] == "randomized" or (
@@ -163,9 +159,7 @@ class LowRankCodec(LossyCodec):
             "lora_A": np.ascontiguousarray(vt[:r].astype(store)),
         }
         meta: Meta = {"mode": "factors", "kept_rank": r, "randomized": int(randomized)}
-        if rows is not None:
-            arrays["rows"] = rows
-            meta["mode"] = "row_factors"
+        with_rows(arrays, meta, rows)
         return arrays, meta, (r / side if side else 1.0)
 
     def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
@@ -176,11 +170,7 @@ class LowRankCodec(LossyCodec):
             raise malformed(self.name, f"mode {mode!r} for a {base.ndim}-D tensor")
         r, m = meta_int(payload, "kept_rank"), base.shape[0]
         n = int(np.prod(base.shape[1:]))
-        rows = None
-        if mode == "row_factors":
-            rows = get_array(payload, "rows", np.uint32)
-            if rows.ndim != 1 or (rows.size and int(rows.max()) >= m):
-                raise malformed(self.name, "row indices out of range")
+        rows = payload_rows(self.name, payload, mode, m)
         store = payload.arrays.get("lora_B")
         dtype = np.float16 if store is not None and store.dtype == np.float16 else base.dtype
         k = m if rows is None else rows.size
@@ -190,11 +180,45 @@ class LowRankCodec(LossyCodec):
             part = (b.astype(np.float32) @ a.astype(np.float32)).astype(base.dtype)
         else:
             part = b @ a
-        if rows is None:
-            return np.asarray(part).reshape(base.shape)
-        out = np.zeros((m, n), dtype=base.dtype)
-        out[rows] = part
-        return out.reshape(base.shape)
+        return place_rows(part, rows, base)
+
+
+def delta_matrix(delta: np.ndarray, changed_rows: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A 2-D-or-more delta as the matrix the factor codecs approximate (rows × the rest) and,
+    with ``changed_rows``, only its rows that are not all zero plus their indices (``rows``
+    of a ``row_factors`` payload)."""
+    a = delta.reshape(delta.shape[0], int(np.prod(delta.shape[1:])))
+    if not changed_rows:
+        return a, None
+    rows = np.flatnonzero(np.any(a != 0, axis=1)).astype(np.uint32)
+    return a[rows], rows
+
+
+def with_rows(arrays: Arrays, meta: Meta, rows: np.ndarray | None) -> None:
+    """Mark a factors payload as ``row_factors`` over ``rows`` (nothing when None)."""
+    if rows is not None:
+        arrays["rows"] = rows
+        meta["mode"] = "row_factors"
+
+
+def payload_rows(codec: str, payload: Payload, mode: str, m: int) -> np.ndarray | None:
+    """The row indices of a ``row_factors`` payload of an ``m``-row tensor, checked."""
+    if mode != "row_factors":
+        return None
+    rows = get_array(payload, "rows", np.uint32)
+    if rows.ndim != 1 or (rows.size and int(rows.max()) >= m):
+        raise malformed(codec, "row indices out of range")
+    return rows
+
+
+def place_rows(part: np.ndarray, rows: np.ndarray | None, base: np.ndarray) -> np.ndarray:
+    """The decoded factor product as a delta of ``base``'s shape: ``part`` itself, or its
+    rows placed at ``rows`` with zeros elsewhere."""
+    if rows is None:
+        return np.asarray(part).reshape(base.shape)
+    out = np.zeros((base.shape[0], int(np.prod(base.shape[1:]))), dtype=base.dtype)
+    out[rows] = part
+    return out.reshape(base.shape)
 
 
 def _given_meta(

@@ -46,7 +46,15 @@ from potluck.codecs.base import (
     tensor_generator,
 )
 from potluck.codecs.bits import pack_nibbles, unpack_nibbles
-from potluck.codecs.lowrank import RANDOMIZED_MIN_RATIO, RANDOMIZED_MIN_SIDE, truncated_svd
+from potluck.codecs.lowrank import (
+    RANDOMIZED_MIN_RATIO,
+    RANDOMIZED_MIN_SIDE,
+    delta_matrix,
+    payload_rows,
+    place_rows,
+    truncated_svd,
+    with_rows,
+)
 from potluck.codecs.quant import dequantize, quantize
 from potluck.params import Param, ParamValue
 
@@ -138,11 +146,7 @@ class QLowRankCodec(LossyCodec):
     ) -> tuple[Arrays, Meta, float]:
         if delta.ndim < 2:
             return {"delta": delta.reshape(-1).copy()}, {"mode": "dense", "kept_rank": 0}, 1.0
-        a = delta.reshape(delta.shape[0], int(np.prod(delta.shape[1:])))
-        rows = None
-        if params["rows"] == "changed":
-            rows = np.flatnonzero(np.any(a != 0, axis=1)).astype(np.uint32)
-            a = a[rows]
+        a, rows = delta_matrix(delta, params["rows"] == "changed")
         rank, bits = int(params["rank"]), int(params["bits"])
         side = min(a.shape)
         rank = min(rank, side)
@@ -163,9 +167,7 @@ class QLowRankCodec(LossyCodec):
             arrays[f"{prefix}b_q"], arrays[f"{prefix}b_scales"] = _codes(b_rows[lo:hi], width)
             arrays[f"{prefix}a_q"], arrays[f"{prefix}a_scales"] = _codes(a_rows[lo:hi], width)
         meta: Meta = {"mode": "factors", "kept_rank": rank, "randomized": int(randomized)}
-        if rows is not None:
-            arrays["rows"] = rows
-            meta["mode"] = "row_factors"
+        with_rows(arrays, meta, rows)
         return arrays, meta, (rank / side if side else 1.0)
 
     def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
@@ -176,11 +178,7 @@ class QLowRankCodec(LossyCodec):
             raise malformed(self.name, f"mode {mode!r} for a {base.ndim}-D tensor")
         r, bits, m = meta_int(payload, "kept_rank"), meta_int(payload, "bits"), base.shape[0]
         n = int(np.prod(base.shape[1:]))
-        rows = None
-        if mode == "row_factors":
-            rows = get_array(payload, "rows", np.uint32)
-            if rows.ndim != 1 or (rows.size and int(rows.max()) >= m):
-                raise malformed(self.name, "row indices out of range")
+        rows = payload_rows(self.name, payload, mode, m)
         k = m if rows is None else rows.size
         if r < 0 or r > min(k, n):
             raise malformed(self.name, f"kept_rank {r} for a {k} x {n} matrix")
@@ -192,9 +190,4 @@ class QLowRankCodec(LossyCodec):
         if h:
             b = np.concatenate([_uncodes(payload, "hb", (h, k), 8, base.dtype), b])
             a = np.concatenate([_uncodes(payload, "ha", (h, n), 8, base.dtype), a])
-        part = b.T @ a
-        if rows is None:
-            return np.asarray(part).reshape(base.shape)
-        out = np.zeros((m, n), dtype=base.dtype)
-        out[rows] = part
-        return out.reshape(base.shape)
+        return place_rows(b.T @ a, rows, base)
