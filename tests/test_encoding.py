@@ -26,6 +26,7 @@ from potluck.objects.encoding import (
     byte_ungroup,
     decode_object,
     encode_object,
+    encode_small_many,
     read_header,
     rechunk,
     sha256_of_chunks,
@@ -504,3 +505,42 @@ def test_thread_pool_decode_matches_sequential() -> None:
     for ex in (None, pool):
         got = b"".join(decode_object(io.BytesIO(n_buf.getvalue()), open_base, ex))
         assert got == new.tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([1, 2, 4, 8]),
+    st.lists(
+        st.tuples(st.integers(1, 300), st.sampled_from(["zeros", "ramp", "noise"])),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_encode_small_many_writes_what_encode_object_writes(
+    itemsize: int, specs: list[tuple[int, str]]
+) -> None:
+    """The batch encoder (``encode_small_many``, used for files of many small tensors) writes
+    for each buffer exactly the file ``encode_object`` writes for it alone."""
+    rng = np.random.default_rng(len(specs))
+    datas: list[bytes] = []
+    for n, kind in specs:
+        size = n * itemsize
+        if kind == "zeros":
+            datas.append(bytes(size))
+        elif kind == "ramp":
+            datas.append(bytes(i % 7 for i in range(size)))
+        else:
+            datas.append(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    got = encode_small_many(
+        [memoryview(d) for d in datas], itemsize=itemsize, chunk_size=4096, level=1
+    )
+    for data, out in zip(datas, got, strict=True):
+        one = io.BytesIO()
+        encode_object([data], size=len(data), itemsize=itemsize, chunk_size=4096, level=1, out=one)
+        assert out == one.getvalue()
+
+
+@pytest.mark.parametrize("size", [0, 6, 4100])
+def test_encode_small_many_refuses_what_is_not_one_chunk(size: int) -> None:
+    with pytest.raises(ValueError, match=f"object 1: length {size} is not a positive multiple"):
+        encode_small_many([b"abcd", bytes(size)], itemsize=4, chunk_size=4096, level=1)

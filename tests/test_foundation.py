@@ -11,7 +11,7 @@ from potluck.config import RepoConfig
 from potluck.errors import UserError
 from potluck.formats import FORMATS
 from potluck.registry import Registry
-from potluck.tensors.dtypes import from_numpy, itemsize, to_numpy
+from potluck.tensors.dtypes import dtype_names, from_numpy, grouping_size, itemsize, to_numpy
 
 
 def test_registry_refuses_duplicates_and_names_known_ones() -> None:
@@ -48,3 +48,12 @@ def test_dtype_names() -> None:
     assert to_numpy("I64") == np.dtype("<i8")
     with pytest.raises(UserError, match="unknown dtype 'F12'"):
         to_numpy("F12")
+
+
+def test_the_itemsize_table_agrees_with_numpy_and_ml_dtypes() -> None:
+    """``itemsize`` answers from a table (no numpy import); numpy's dtypes are the reference."""
+    for name in dtype_names():
+        assert itemsize(name) == to_numpy(name).itemsize, name
+        assert grouping_size(name) == (to_numpy(name).itemsize if name != "C128" else 1)
+    with pytest.raises(UserError, match="unknown dtype 'F33'"):
+        itemsize("F33")

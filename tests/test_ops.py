@@ -181,3 +181,71 @@ def test_quick_put_stores_incompressible_chunks_verbatim_and_compresses_the_rest
     oid = hashlib.sha256(noise).hexdigest()
     slow.put(oid, lambda: [noise], size=len(noise), itemsize=4)
     assert slow.store.stored_size(oid) < 0.9 * len(noise)  # a commit still compresses
+
+
+def _mixed_file(rng: np.random.Generator, scale: float) -> bytes:
+    """Many small tensors of several dtypes (equal ones, empty ones) around two large ones."""
+    tensors: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}
+    for i in range(300):
+        kind = ("F32", "F16", "I8", "BF16")[i % 4]
+        shape = (int(rng.integers(0, 40)),) if i % 7 else (3, 5)
+        arr = random_array(rng, kind, shape) if i % 11 else np.zeros(shape, to_numpy(kind))
+        if kind in ("F32", "F16") and i % 3 == 0:
+            with np.errstate(invalid="ignore", over="ignore"):  # random bits: NaN, inf
+                arr = (arr * scale).astype(arr.dtype)  # changes in the second version
+        tensors[f"t.{i:03d}"], names[f"t.{i:03d}"] = arr, kind
+        if i in (100, 200):  # a large tensor breaks the run of small ones
+            big = rng.normal(size=(300, 300)).astype(np.float32) * scale
+            tensors[f"big.{i}"], names[f"big.{i}"] = big, "F32"
+    return st_bytes(tensors, names)
+
+
+def test_stream_snapshot_of_many_small_tensors_stores_the_same_objects(
+    rng, tmp_path, monkeypatch
+) -> None:
+    """The streamed add stores runs of small tensors together (``put_small_many``); its
+    manifests and every object's bytes equal those of the add one object at a time, also for
+    a second version whose changed tensors are stored as deltas against the first."""
+    from potluck.ops.vcs.snapshot import snapshot_stream
+    from potluck.store.local import LocalStore
+
+    v1 = _mixed_file(np.random.default_rng(7), 1.0)
+    v2 = _mixed_file(np.random.default_rng(7), 1.001)
+    batches: list[int] = []
+    together = ObjectDB.put_small_many
+    monkeypatch.setattr(
+        ObjectDB,
+        "put_small_many",
+        lambda self, items, durable=False: (
+            batches.append(len(items)) or together(self, items, durable)
+        ),
+    )
+    by_stream = ObjectDB(LocalStore(tmp_path / "a", pack_min=1), RepoConfig(), workers=1)
+    one_by_one = ObjectDB(MemoryStore(), RepoConfig(), workers=1)
+    prev_s = prev_f = None
+    for data in (v1, v2):
+        ms, _ = snapshot_stream(io.BytesIO(data), by_stream, prev_s, name="x", spill_dir=tmp_path)
+        mf, _ = snapshot(io.BytesIO(data), len(data), one_by_one, prev_f, name="x")
+        assert dumps(ms) == dumps(mf)
+        out = io.BytesIO()
+        write_file(ms, by_stream, out)
+        assert out.getvalue() == data
+        prev_s, prev_f = ms, mf
+    assert len(batches) < 40 and sum(batches) > 0.9 * 2 * 300  # runs end at empty and big ones
+    oids = set(one_by_one.store.iter_oids())
+    assert set(by_stream.store.iter_oids()) == oids
+    for oid in oids:
+        with by_stream.store.open(oid) as a, one_by_one.store.open(oid) as b:
+            assert a.read() == b.read(), oid
+
+
+def test_stream_snapshot_names_the_small_tensor_a_stream_ends_in(rng, tmp_path) -> None:
+    from potluck.ops.vcs.snapshot import snapshot_stream
+
+    tensors = {f"w{i}": np.full(10, i, np.float32) for i in range(50)}
+    data = st_bytes(tensors, dict.fromkeys(tensors, "F32"))
+    db = odb()
+    with pytest.raises(FormatError, match="ends 25 bytes short inside tensor 'w47'"):
+        snapshot_stream(io.BytesIO(data[: -2 * 40 - 25]), db, None, name="x", spill_dir=tmp_path)
+    assert list(db.store.iter_oids()) == []

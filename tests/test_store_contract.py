@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -53,6 +54,26 @@ class TestStoreContract:
         assert store.has(oid)
         assert read(store, oid) == data
         assert store.stored_size(oid) == len(data)
+
+    @pytest.mark.parametrize("batched", [False, True])
+    def test_write_many_and_has_many(self, store: ObjectStore, batched: bool) -> None:
+        """``write_many`` is ``writer`` of each (first write wins, also within one call) and
+        ``has_many`` is ``has`` of each; inside ``batch()`` the objects are readable at once."""
+        first = b"kept" * 9
+        put(store, oid_of(first), first)
+        blobs = [(oid_of(bytes([i]) * 50), bytes([i]) * 50) for i in range(150)]
+        again = [(oid_of(first), b"not these bytes"), blobs[3], (blobs[3][0], b"nor these")]
+        with store.batch() if batched else contextlib.nullcontext():
+            store.write_many([*blobs, *again], durable=not batched)
+            assert store.has_many([o for o, _ in blobs]) == {o for o, _ in blobs}
+        wanted = [oid_of(first), blobs[0][0], oid_of(b"absent"), blobs[149][0]]
+        assert (
+            store.has_many(wanted)
+            == {w for w in wanted if store.has(w)}
+            == set(wanted) - {oid_of(b"absent")}
+        )
+        assert read(store, oid_of(first)) == first
+        assert all(read(store, o) == data for o, data in blobs)
 
     def test_iter_and_delete(self, store: ObjectStore) -> None:
         blobs = {oid_of(bytes([i])): bytes([i]) * (i + 1) for i in range(5)}

@@ -7,6 +7,7 @@ register through the ``potluck.formats`` entry-point group.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,9 +39,18 @@ FORMATS.register("npz", NpzFormat())
 def detect(head: bytes, size: int) -> CheckpointFormat | None:
     """The first registered format whose ``sniff`` accepts the file, or None.
 
-    Built-ins are tried in the order safetensors, pytorch, npz; plugins after them.
+    Built-ins are tried in the order safetensors, pytorch, npz; plugins after them (looked
+    for only when no built-in format matches).
     """
-    for _name, fmt in FORMATS.items():
+    return _first_match(FORMATS.items(plugins=False), head, size) or _first_match(
+        FORMATS.items(), head, size
+    )
+
+
+def _first_match(
+    formats: Iterator[tuple[str, CheckpointFormat]], head: bytes, size: int
+) -> CheckpointFormat | None:
+    for _name, fmt in formats:
         try:
             if fmt.sniff(head, size):
                 return fmt

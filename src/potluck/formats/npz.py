@@ -16,9 +16,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, BinaryIO
 
 from potluck.errors import FormatError, UserError
 from potluck.formats.base import (
@@ -31,6 +29,9 @@ from potluck.formats.base import (
     check_tiling,
 )
 from potluck.tensors.dtypes import from_numpy
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # 30 bytes
@@ -209,6 +210,8 @@ def _classify(h: NpyHeader, what: str) -> tuple[np.dtype | None, str]:
     if not isinstance(h.descr, str):
         return None, f"structured dtype {_descr_text(h.descr)}"
     try:
+        import numpy as np
+
         dt = np.dtype(h.descr)
     except (TypeError, ValueError):
         raise FormatError(f"{_FMT}: {what} has an unknown dtype {brief(h.descr)}") from None

@@ -183,20 +183,22 @@ class PotluckFilter:
 
     def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
-        from potluck.ops.vcs import Chain, snapshot_stream
+        from potluck.ops.vcs.snapshot import Chain, cycles_uncollected, snapshot_stream
 
         head = src.read(len(MAGIC))
         if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
             dst.write(head + src.read())
             return
-        manifest, _ = snapshot_stream(
-            Chain(head, src),
-            self.repo.odb,
-            self._previous(pathname),
-            name=pathname,
-            spill_dir=self.repo.tmp_dir,
-        )
-        dst.write(dumps(manifest))
+        with cycles_uncollected():
+            manifest, _ = snapshot_stream(
+                Chain(head, src),
+                self.repo.odb,
+                self._previous(pathname),
+                name=pathname,
+                spill_dir=self.repo.tmp_dir,
+            )
+            text = dumps(manifest)
+        dst.write(text)
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Write the checkpoint whose manifest is read from ``src`` to ``dst`` (for a path

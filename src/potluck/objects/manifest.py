@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from potluck.errors import FormatError
@@ -98,6 +99,18 @@ def _entry_record(e: Entry) -> dict[str, Any]:
     }
 
 
+def _entry_line(e: Entry) -> str:
+    """``_dumps(_entry_record(e))``, written out directly (a manifest has one per tensor):
+    strings go through the JSON encoder's own ASCII escaping, so the text is the same."""
+    if type(e) is TensorEntry and all(type(d) is int for d in e.shape) and type(e.size) is int:
+        shape = ",".join(map(str, e.shape))
+        return (
+            f'{{"tensor":{_quote(e.name)},"dtype":{_quote(e.dtype)},"shape":[{shape}],'
+            f'"oid":{_quote(e.oid)},"size":{e.size}}}'
+        )
+    return _dumps(_entry_record(e))
+
+
 def _view_record(v: View) -> dict[str, Any]:
     return {
         "view": v.name,
@@ -113,7 +126,7 @@ def dumps(m: Manifest) -> bytes:
     """Canonical bytes of a manifest."""
     head = {"format": m.format, "size": m.size, "metadata": dict(sorted(m.metadata.items()))}
     lines = [MAGIC.decode().rstrip("\n"), _dumps(head)]
-    lines += [_dumps(_entry_record(e)) for e in m.entries]
+    lines += [_entry_line(e) for e in m.entries]
     lines += [_dumps(_view_record(v)) for v in sorted(m.views, key=lambda v: v.name)]
     return ("\n".join(lines) + "\n").encode("ascii")
 

@@ -77,6 +77,15 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ``oids`` that are stored (as ``has`` of each, at the cost of a few lookups)."""
+        ...
+
+    def write_many(self, objects: Iterable[tuple[str, bytes]], durable: bool = True) -> None:
+        """Write each ``(oid, bytes)`` as ``writer`` would (inside ``batch()`` with ``durable``
+        False: into the batch at once); an oid already stored keeps its bytes."""
+        ...
+
     def delete(self, oid: str) -> bool:
         """Remove ``oid``; return whether it was there."""
         ...

@@ -115,6 +115,55 @@ class LocalStore:
             self.packs.refresh()  # one stat: notices packs other processes added or removed
         return self._where(bytes.fromhex(oid), False) is not None or os.path.isfile(loose)
 
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ``oids`` that are stored: one look at the packs, then one directory listing per
+        fan-out directory the rest fall in (not a stat per object)."""
+        if self._batch is None:
+            self.packs.refresh()
+        found: set[str] = set()
+        rest: list[str] = []
+        for oid in oids:
+            if self._where(bytes.fromhex(validate_oid(oid)), False) is not None:
+                found.add(oid)
+            else:
+                rest.append(oid)
+        return found | self._loose_among(rest)
+
+    def _loose_among(self, oids: Iterable[str]) -> set[str]:
+        """The ``oids`` (valid ones) stored as loose files, by listing their fan-out dirs."""
+        by_fan: dict[str, list[str]] = {}
+        for oid in oids:
+            by_fan.setdefault(oid[:2], []).append(oid)
+        found: set[str] = set()
+        for fan, members in by_fan.items():
+            try:
+                names = set(os.listdir(os.path.join(self._base, fan)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            found.update(oid for oid in members if oid[2:] in names)
+        return found
+
+    def write_many(self, objects: Iterable[tuple[str, bytes]], durable: bool = True) -> None:
+        """Write each object; inside ``batch()`` with ``durable`` False, small ones go straight
+        into the batch's pack (an id stored already, or earlier in ``objects``, is skipped)."""
+        batch = self._batch
+        packed: list[tuple[str, bytes]] = []
+        for oid, data in objects:
+            validate_oid(oid)
+            if batch is None or durable or len(data) > PACK_OBJECT_MAX:
+                with self.writer(oid, durable) as f:
+                    f.write(data)
+            else:
+                packed.append((oid, data))
+        if batch is None or not packed:
+            return
+        loose = self._loose_among(oid for oid, _ in packed)
+        batch.add_many(
+            (digest, data)
+            for oid, data in packed
+            if oid not in loose and self.packs.find(digest := bytes.fromhex(oid), False) is None
+        )
+
     def open(self, oid: str) -> BinaryIO:
         """Open the object for reading (a packed object is read into memory: it is small).
         A packed copy is preferred to a loose one (every method looks in that order)."""

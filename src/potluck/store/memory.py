@@ -49,6 +49,16 @@ class MemoryStore:
             self._objects[oid] = buf.getvalue()
             self._times[oid] = time.time()
 
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ``oids`` that are stored."""
+        return {oid for oid in oids if self.has(oid)}
+
+    def write_many(self, objects: Iterable[tuple[str, bytes]], durable: bool = True) -> None:
+        """Publish each object (first write wins)."""
+        for oid, data in objects:
+            with self.writer(oid, durable) as f:
+                f.write(data)
+
     def delete(self, oid: str) -> bool:
         """Remove ``oid``; return whether it was there."""
         self._times.pop(validate_oid(oid), None)

@@ -24,6 +24,7 @@ import stat
 import struct
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -229,6 +230,19 @@ class PackWriter:
             self._file.write(_RECORD.pack(RECORD_MAGIC, digest, len(data)) + data)
             self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
             self._pos += RECORD_SIZE + len(data)
+
+    def add_many(self, objects: Iterable[tuple[bytes, bytes | memoryview]]) -> None:
+        """``add`` of each ``(raw id, bytes)``, written with one call."""
+        with self._lock:
+            parts: list[bytes | memoryview] = []
+            for digest, data in objects:
+                if digest in self._entries:
+                    continue
+                parts.append(_RECORD.pack(RECORD_MAGIC, digest, len(data)))
+                parts.append(data)
+                self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
+                self._pos += RECORD_SIZE + len(data)
+            self._file.write(b"".join(parts))
 
     def find(self, digest: bytes) -> tuple[int, int] | None:
         """(offset, length) of an object added to this pack, or None."""

@@ -13,10 +13,10 @@ import hashlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, MissingObjectError
@@ -26,6 +26,7 @@ from potluck.objects.encoding import (
     check_layout,
     decode_object,
     encode_object,
+    encode_small_many,
     read_header,
     rechunk,
 )
@@ -42,6 +43,15 @@ class PutResult:
     new: bool
     stored: int
     depth: int
+
+
+class SmallObject(NamedTuple):
+    """One object for ``ObjectDB.put_small_many``: content known to hash to ``oid``."""
+
+    oid: str
+    data: Chunk
+    itemsize: int
+    base_oid: str | None = None
 
 
 #: quick mode (objects downloaded from a remote): a chunk whose sample does not compress to half
@@ -184,6 +194,52 @@ class ObjectDB:
             if base is None:
                 raise
             return self._encode(oid, chunks, size, itemsize, None, quick, durable)
+
+    def put_small_many(
+        self, items: Sequence[SmallObject], durable: bool = False
+    ) -> list[PutResult]:
+        """``put`` of each item, in order, with the same objects as a result, for many objects of
+        at most one chunk each: those that are new and have no usable base are encoded together
+        (``encode_small_many``) and written to the store at once; the others (present already,
+        a delta candidate, repeated in ``items``) take ``put``'s own way."""
+        cs = self.config.chunk_bytes
+        wanted = {it.oid for it in items} | {it.base_oid for it in items if it.base_oid}
+        present = self.store.has_many(wanted)
+        together: dict[int, list[int]] = {}  # itemsize -> indexes encoded together
+        claimed: set[str] = set()
+        for k, it in enumerate(items):
+            base = it.base_oid if it.base_oid != it.oid else None
+            if it.oid in present or it.oid in claimed or (base is not None and base in present):
+                continue
+            if 0 < len(it.data) <= cs:
+                claimed.add(it.oid)
+                together.setdefault(it.itemsize, []).append(k)
+        results: dict[int, PutResult] = {}
+        for itemsize, members in together.items():
+            files = encode_small_many(
+                [items[k].data for k in members],
+                itemsize=itemsize,
+                chunk_size=cs,
+                level=self.config.zstd_level,
+            )
+            written = list(zip(members, files, strict=True))
+            self.store.write_many(((items[k].oid, f) for k, f in written), durable)
+            for k, f in written:
+                results[k] = PutResult(items[k].oid, True, len(f), 0)
+        return [
+            results[k] if k in results else self._put_one(it, durable) for k, it in enumerate(items)
+        ]
+
+    def _put_one(self, it: SmallObject, durable: bool) -> PutResult:
+        data = it.data
+        return self.put(
+            it.oid,
+            lambda: [data],
+            size=len(data),
+            itemsize=it.itemsize,
+            base_oid=it.base_oid,
+            durable=durable,
+        )
 
     def _usable_base(self, base_oid: str | None, size: int) -> tuple[str, int] | None:
         if base_oid is None or size == 0 or not self.store.has(base_oid):
