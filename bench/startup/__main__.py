@@ -8,9 +8,11 @@ Run from the repository root: ``.venv/bin/python -m bench.startup`` (``--help`` 
   put first on ``PYTHONPATH``. Target: ≤ 0.25 s on a quiet machine.
 * git log -p: the same ``--commits``-commit history of a ``--size-mb`` safetensors checkpoint
   (a few tensors changed per commit) committed with potluck and with git-lfs; ``git log -p`` on
-  each, potluck without the textconv cache, with a cold cache (its first run), warm, and
-  ``git log -p --no-textconv`` (the manifest lines themselves, no process per blob).
-  Target: ≤ 3× git-lfs, cold and warm. The filter passes manifests through when git only shows
+  each: potluck's first run as the commits left the repository (the filter wrote git's textconv
+  cache during ``git add``), then without the cache, with a cold cache (git converts each blob
+  on its first run: a plain ``git clone``), after ``potluck textconv --fill-cache`` (what
+  ``potluck clone`` does), warm, and ``git log -p --no-textconv`` (the manifest lines
+  themselves). Target: ≤ 3× git-lfs. The filter passes manifests through when git only shows
   blobs, so a cold run costs one textconv process per blob, never a checkpoint rebuild.
 
 The load average is printed with the results: on a shared machine, compare ratios measured in
@@ -197,29 +199,53 @@ def clear_cache(repo: Path) -> None:
 
 
 def log_rows(repos: dict[str, Path], trees: dict[str, Path], repeat: int) -> list[list[str]]:
-    """``git log -p`` medians: git-lfs, then potluck per tree without cache, cold and warm."""
+    """``git log -p`` medians: git-lfs; potluck as the commits left it (the filter noted each
+    manifest in git's textconv cache during ``git add``: the first ``git log -p`` of the
+    repository); then per tree: no cache, a cold cache (git converts every blob on its first
+    run), after ``potluck textconv --fill-cache`` (what ``potluck clone`` runs; its own time
+    in its own row), warm, and ``--no-textconv``."""
     lfs = log_p(repos["git-lfs"], dict(os.environ), repeat)
     rows = [["git-lfs", cell(lfs), "1.0"]]
     repo = repos["potluck"]
+    first = log_p(repo, env_for(trees["this tree"]))  # before any other run of git log -p
+    rows.append(["this tree, filled by git add, first run", cell(first), _ratio(first, lfs)])
     driver = f"{shlex.quote(PY)} -m potluck textconv --"
     git(repo, "config", "diff.potluck.textconv", driver)
     for label, src in trees.items():
         env = env_for(src)
         git(repo, "config", "diff.potluck.cachetextconv", "false")
         nocache = log_p(repo, env)  # one run: each takes one textconv process per blob side
-        rows.append([f"{label}, no cache", cell(nocache), f"{nocache[0] / lfs[0]:.1f}"])
+        rows.append([f"{label}, no cache", cell(nocache), _ratio(nocache, lfs)])
         git(repo, "config", "diff.potluck.cachetextconv", "true")
         clear_cache(repo)
         cold = log_p(repo, env)
-        rows.append([f"{label}, cache cold", cell(cold), f"{cold[0] / lfs[0]:.1f}"])
+        rows.append([f"{label}, cache cold", cell(cold), _ratio(cold, lfs)])
+        clear_cache(repo)
+        if _fills(env, repo):
+            fill = timed([PY, "-m", "potluck", "textconv", "--fill-cache"], env, repo)
+            rows.append([f"{label}, textconv --fill-cache", cell(fill), "-"])
+            filled = log_p(repo, env)
+            rows.append([f"{label}, after --fill-cache", cell(filled), _ratio(filled, lfs)])
         warm = log_p(repo, env, repeat)
-        rows.append([f"{label}, cache warm", cell(warm), f"{warm[0] / lfs[0]:.1f}"])
+        rows.append([f"{label}, cache warm", cell(warm), _ratio(warm, lfs)])
         clear_cache(repo)
         plain = interleaved_medians(
             repeat, {"": (["git", "log", "-p", "--no-textconv"], env, b"")}, repo
         )[""]
-        rows.append([f"{label}, --no-textconv", cell(plain), f"{plain[0] / lfs[0]:.1f}"])
+        rows.append([f"{label}, --no-textconv", cell(plain), _ratio(plain, lfs)])
     return rows
+
+
+def _ratio(times: tuple[float, float], lfs: tuple[float, float]) -> str:
+    return f"{times[0] / lfs[0]:.1f}"
+
+
+def _fills(env: dict[str, str], repo: Path) -> bool:
+    """Whether this tree's potluck has ``textconv --fill-cache`` (an older tree may not)."""
+    proc = subprocess.run(
+        [PY, "-m", "potluck", "textconv", "--help"], env=env, cwd=repo, capture_output=True
+    )
+    return b"--fill-cache" in proc.stdout
 
 
 def main() -> None:

@@ -12,13 +12,23 @@ from pathlib import Path
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import echo, err, file_diff_text, human_bytes, safe_field, tensor_lines
+from potluck.cli.render import (
+    echo,
+    echo_textconv,
+    err,
+    file_diff_text,
+    human_bytes,
+    safe_field,
+    tensor_lines,
+    textconv_text,
+)
 from potluck.errors import PotluckError
 from potluck.git.filter import Fetcher, FetcherOnFirstUse, PotluckFilter, started_to_show
 from potluck.git.filter_process import serve_stdio
 from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
 from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
+from potluck.git.textconv_cache import TextconvCache
 from potluck.objects.manifest import is_manifest, parse
 
 
@@ -39,11 +49,15 @@ def filter_process() -> None:
     """git's long-running clean/smudge filter (filter.potluck.process)."""
     repo = Repo(".")
     fetcher = _checkout_fetcher(repo)
+    show_only = started_to_show()
+    cache = None if show_only else TextconvCache(repo.git, textconv_text)
     try:
         with repo.git.batch() as batch:
-            code = serve_stdio(PotluckFilter(repo, batch, fetcher, started_to_show()), err)
+            code = serve_stdio(PotluckFilter(repo, batch, fetcher, show_only, cache), err)
     finally:
         fetcher.close()
+    if cache is not None:  # git waits for its filter to exit: the notes are there when it ends
+        cache.flush()
     sys.exit(code)
 
 
@@ -53,8 +67,11 @@ def filter_process() -> None:
 def clean(path: str) -> None:
     """Per-file clean filter (stdin checkpoint → stdout manifest)."""
     repo = Repo(".")
+    cache = TextconvCache(repo.git, textconv_text)
     with repo.git.batch() as batch:
-        PotluckFilter(repo, batch).clean(path, sys.stdin.buffer, sys.stdout.buffer)
+        PotluckFilter(repo, batch, textconv=cache).clean(path, sys.stdin.buffer, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+    cache.flush()
 
 
 @cli.command(name="smudge", hidden=True)
@@ -112,15 +129,30 @@ def diff_driver(args: tuple[str, ...]) -> None:
 
 
 @cli.command(name="textconv", hidden=True)
-@click.argument("file")
+@click.argument("file", required=False)
+@click.option(
+    "--fill-cache",
+    is_flag=True,
+    help="Write git's textconv cache for every manifest in the history (after a clone).",
+)
 @handle_errors
-def textconv(file: str) -> None:
+def textconv(file: str | None, fill_cache: bool) -> None:
     """One line per tensor (name, dtype[shape], content id) for `git log -p` and friends; a
-    git-lfs pointer (a commit from before `potluck track --migrate`) is shown as it is."""
+    git-lfs pointer (a commit from before `potluck track --migrate`) is shown as it is.
+    With --fill-cache (and no FILE): note every manifest of the history in git's textconv
+    cache, so that the first `git log -p` starts no textconv process."""
+    if fill_cache == (file is not None):
+        raise click.UsageError("give a FILE, or --fill-cache alone")
+    if file is None:
+        from potluck.git.textconv_cache import fill_history
+
+        added = fill_history(Repo(".").git, textconv_text)
+        err(f"potluck: textconv cache: {added} new notes")
+        return
     with open(file, "rb") as f:
         head = f.read(MAX_POINTER_BYTES)
         if is_manifest(head):  # git smudges blobs first; a manifest stays when data is absent
-            echo(tensor_lines(parse(head + f.read(), file)))
+            echo_textconv(parse(head + f.read(), file))
             return
     if is_pointer(head):
         echo("\n".join(safe_field(line) for line in head.decode("ascii", "replace").splitlines()))

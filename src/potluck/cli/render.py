@@ -72,7 +72,10 @@ def safe_text(text: str) -> str:
 def safe_field(text: object) -> str:
     """One value inside a layout (a name, a path): like ``safe_text``, and newlines and tabs
     are escaped too, so a value can never start a line of its own."""
-    return redact(_UNSAFE_FIELD.sub(_escape_char, str(text)))
+    text = str(text)
+    if text.isascii() and text.isprintable() and "://" not in text and "=" not in text:
+        return text  # nothing to escape or redact (most tensor names)
+    return redact(_UNSAFE_FIELD.sub(_escape_char, text))
 
 
 def echo(text: object = "", *, err: bool = False) -> None:
@@ -154,6 +157,19 @@ def file_diff_text(d: FileDiff) -> str:
         out.append(line)
     out.append(f"  ({len(d.changes)} tensors differ, {d.unchanged} unchanged)")
     return "\n".join(out)
+
+
+def textconv_text(m: Manifest) -> bytes:
+    """What ``potluck textconv`` prints for a manifest (``tensor_lines``, made safe), as the
+    bytes git's textconv cache keeps."""
+    return (safe_text(tensor_lines(m)) + "\n").encode("utf-8")
+
+
+def echo_textconv(m: Manifest) -> None:
+    """Print ``textconv_text(m)`` (the same bytes git's textconv cache keeps)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(textconv_text(m))
+    sys.stdout.buffer.flush()
 
 
 def tensor_lines(m: Manifest | None) -> str:

@@ -16,6 +16,7 @@ from potluck.objects.manifest import MAGIC, Manifest, dumps, is_manifest, parse
 if TYPE_CHECKING:  # ops.vcs (numpy, zstandard) loads with the first clean or smudge
     from potluck.git.plumbing import CatFileBatch
     from potluck.git.repo import Repo
+    from potluck.git.textconv_cache import TextconvCache
 
 COPY = 1 << 20
 PULL_HINT = "`potluck pull` fetches them and checks the file out"
@@ -157,10 +158,13 @@ class PotluckFilter:
         batch: CatFileBatch | None = None,
         fetch: Fetcher | None = None,
         show_only: bool = False,
+        textconv: TextconvCache | None = None,
     ) -> None:
         self.repo = repo
         self.batch = batch
         self.fetch = fetch
+        #: where the manifests cleaned and smudged are noted for git's textconv cache
+        self.textconv = textconv
         #: smudge passes manifests through (``started_to_show``: git only shows the blobs)
         self.show_only = show_only
         #: delayed smudges waiting for the batch download, and those ready to be answered
@@ -199,6 +203,8 @@ class PotluckFilter:
             )
             text = dumps(manifest)
         dst.write(text)
+        if self.textconv is not None:
+            self.textconv.note(text, manifest)
 
     def smudge(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Write the checkpoint whose manifest is read from ``src`` to ``dst`` (for a path
@@ -225,6 +231,8 @@ class PotluckFilter:
             dst.write(data)
             return False
         manifest = parse(data, pathname)
+        if self.textconv is not None:
+            self.textconv.note(data, manifest)
         if (
             can_delay
             and self.fetch is not None

@@ -1,0 +1,171 @@
+"""git's textconv cache for potluck manifests, filled before ``git log -p`` needs it.
+
+``git log -p`` shows a change of a tracked checkpoint through ``diff.potluck.textconv`` (one
+line per tensor). With ``diff.potluck.cachetextconv`` git keeps each blob's text in the notes
+ref ``refs/notes/textconv/potluck``, but only after it has started one textconv process per
+blob, which is what made a first ``git log -p`` hundreds of times slower than git-lfs's.
+
+potluck writes those notes itself wherever it holds a manifest anyway: the filter notes every
+manifest it cleans (``git add``) or smudges (checkout) and writes them in one notes commit when
+git's filter process ends; ``potluck textconv --fill-cache`` does it for the whole history (a
+clone). The notes are git's own cache format, which git reads and extends: a notes tree
+(blob id → text), committed without parent under the message by which git tells that the cache
+belongs to the configured textconv command. Notes of a cache made for another command are
+dropped, as git drops them. A failure to write the cache is logged and otherwise ignored: it
+is only a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from potluck.errors import PotluckError
+from potluck.git.plumbing import Git
+from potluck.objects.manifest import Manifest
+
+log = logging.getLogger("potluck")
+
+NOTES_REF = "refs/notes/textconv/potluck"
+ENABLED_KEY = "diff.potluck.cachetextconv"
+COMMAND_KEY = "diff.potluck.textconv"
+#: who the cache's commits are by (git's own cache commits use the user's name; this one
+#: must not fail where no user name is configured)
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "potluck",
+    "GIT_AUTHOR_EMAIL": "potluck@localhost",
+    "GIT_COMMITTER_NAME": "potluck",
+    "GIT_COMMITTER_EMAIL": "potluck@localhost",
+}
+
+Render = Callable[[Manifest], bytes]
+
+
+def blob_id(data: bytes, object_format: str = "sha1") -> str:
+    """The id git gives a blob with content ``data`` (``sha1`` or ``sha256`` repositories)."""
+    h = hashlib.new(object_format)
+    h.update(b"blob %d\0" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+class TextconvCache:
+    """Notes to add to the cache: ``note`` each manifest blob met, ``flush`` once at the end."""
+
+    def __init__(self, git: Git, render: Render) -> None:
+        self.git = git
+        self.render = render
+        self._pending: dict[bytes, Manifest] = {}  # manifest text -> parsed manifest
+
+    def note(self, text: bytes, manifest: Manifest) -> None:
+        """Remember the manifest blob ``text`` (parsed: ``manifest``) for ``flush``."""
+        self._pending[text] = manifest
+
+    def flush(self) -> int:
+        """Write the notes of every manifest noted since the last flush; return how many were
+        new (0 when the cache is off or the textconv command is not configured)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return 0
+        try:
+            return fill(self.git, ((t, m) for t, m in pending.items()), self.render)
+        except (PotluckError, OSError) as e:
+            log.warning("potluck: the textconv cache was not updated (%s)", e)
+            return 0
+
+
+def _settings(git: Git) -> str | None:
+    """The configured textconv command when the cache is on, else None."""
+    if (git.config_get(ENABLED_KEY) or "").lower() not in ("true", "yes", "on", "1"):
+        return None
+    return git.config_get(COMMAND_KEY) or None
+
+
+def _existing(git: Git, validity: str) -> tuple[str | None, dict[str, str]]:
+    """(the cache commit, its notes {blob id: text blob id}); no notes when it was made for
+    another command (git would not use them either)."""
+    commit = git.rev_parse(f"{NOTES_REF}^{{commit}}")
+    if commit is None:
+        return None, {}
+    raw = git.run("cat-file", "commit", commit).decode("utf-8", "replace")
+    message = raw.split("\n\n", 1)[1] if "\n\n" in raw else ""
+    subject = " ".join(message.split("\n\n", 1)[0].split("\n")).strip()
+    if subject != validity.strip():
+        return commit, {}
+    notes: dict[str, str] = {}
+    listing = git.run("ls-tree", "-r", "-z", commit).decode("ascii", "replace")
+    for line in filter(None, listing.split("\0")):
+        meta, path = line.split("\t", 1)
+        notes[path.replace("/", "")] = meta.split()[2]
+    return commit, notes
+
+
+def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) -> int:
+    """Add a note for each ``(manifest blob text, parsed manifest)`` that the cache lacks;
+    return how many were added. One notes commit for all of them."""
+    validity = _settings(git)
+    if validity is None:
+        return 0
+    fmt = git.run("rev-parse", "--show-object-format").decode().strip() or "sha1"
+    old, notes = _existing(git, validity)
+    fresh: dict[str, bytes] = {}
+    for text, manifest in manifests:
+        oid = blob_id(text, fmt)
+        if oid not in notes and oid not in fresh:
+            fresh[oid] = render(manifest)
+    if not fresh:
+        return 0
+    notes.update(_write_blobs(git, fresh))
+    tree_input = "".join(f"100644 blob {blob}\t{oid}\n" for oid, blob in sorted(notes.items()))
+    tree = git.run("mktree", input=tree_input.encode("ascii")).decode().strip()
+    commit = git.run("commit-tree", tree, "-m", validity, env=_IDENTITY).decode().strip()
+    expected = old or "0" * len(commit)  # none yet: the ref must not exist
+    proc = git.run_proc("update-ref", "-m", "potluck textconv cache", NOTES_REF, commit, expected)
+    if proc.returncode != 0:  # another writer (git log -p, a second filter) came first
+        log.info("potluck: the textconv cache changed meanwhile; these notes wait for next time")
+        return 0
+    return len(fresh)
+
+
+def _write_blobs(git: Git, texts: dict[str, bytes]) -> dict[str, str]:
+    """Store each text as a blob (one ``hash-object`` for all); {key: blob id}."""
+    with tempfile.TemporaryDirectory(prefix="potluck-textconv-", dir=git.git_dir()) as tmp:
+        paths = []
+        for i, text in enumerate(texts.values()):
+            path = Path(tmp) / str(i)
+            path.write_bytes(text)
+            paths.append(str(path))
+        out = git.run(
+            "hash-object", "-w", "--no-filters", "--stdin-paths", input="\n".join(paths).encode()
+        )
+    ids = out.decode().split()
+    if len(ids) != len(texts):
+        raise PotluckError(f"git hash-object stored {len(ids)} of {len(texts)} texts")
+    return dict(zip(texts, ids, strict=True))
+
+
+def fill_history(git: Git, render: Render) -> int:
+    """Note every manifest blob reachable from refs, reflogs or the index (the files the
+    ``filter=potluck`` attribute selects); return how many notes were added."""
+    from potluck.errors import FormatError
+    from potluck.objects.manifest import is_manifest, parse
+
+    blobs = list(git.reachable_blobs())
+    attrs = git.check_attr_many("filter", sorted({path for _, path in blobs}))
+    wanted = [oid for oid, path in blobs if attrs.get(path) == "potluck"]
+    with git.batch() as batch:
+
+        def manifests() -> Iterable[tuple[bytes, Manifest]]:
+            for oid in wanted:
+                data = batch.get(oid)
+                if data is None or not is_manifest(data):
+                    continue
+                try:
+                    yield data, parse(data)
+                except FormatError:
+                    continue  # a damaged manifest: its textconv says so when git runs it
+
+        return fill(git, manifests(), render)

@@ -1,0 +1,128 @@
+"""Issue 15: the first `git log -p` starts no textconv process per blob.
+
+potluck writes git's textconv cache (refs/notes/textconv/potluck) itself: the filter notes each
+manifest it cleans or smudges, `potluck clone` and `potluck textconv --fill-cache` note a whole
+history. The reference is git itself: `git log -p` with the cache off (git runs the textconv
+command for every blob) must print exactly what the cached run prints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Run, model, run_in, save_st
+from potluck.git.textconv_cache import NOTES_REF, blob_id
+from test_vcs import commit
+
+NAME = "m.safetensors"
+
+
+def _history(repo: Path, git: Run, rng: np.random.Generator, steps: int = 3) -> list[str]:
+    """``steps`` commits of one checkpoint (a tensor changes each time); its blob ids."""
+    weights = model(rng, n_layers=2, d=8)
+    blobs = []
+    for step in range(steps):
+        weights["layers.0.b"] = weights["layers.0.b"] + 1
+        save_st(repo / NAME, weights)
+        commit(git, NAME, f"step {step}")
+        blobs.append(git("git", "rev-parse", f"HEAD:{NAME}").strip())
+    return blobs
+
+
+def _log_p(repo: Path, *config: str) -> tuple[str, int]:
+    """(`git log -p` output, how many textconv processes it started: from GIT_TRACE)."""
+    args = ["git", *(a for c in config for a in ("-c", c)), "log", "-p", "--", NAME]
+    env = {**os.environ, "GIT_TRACE": "2"}
+    proc = subprocess.run(args, cwd=repo, capture_output=True, env=env, check=True)
+    trace = proc.stderr.decode().split("\n")
+    started = sum("textconv" in ln and "run_command" in ln for ln in trace)
+    return proc.stdout.decode(), started
+
+
+def _notes(git: Run) -> dict[str, str]:
+    listed = git("git", "notes", "--ref", "textconv/potluck", "list").split()
+    return dict(zip(listed[1::2], listed[0::2], strict=True))
+
+
+def test_git_add_fills_the_cache_and_git_log_p_runs_no_textconv(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    blobs = _history(repo, git, rng)
+    assert set(_notes(git)) == set(blobs)
+    command = git("git", "config", "diff.potluck.textconv").strip()
+    assert git("git", "log", "-1", "--format=%s", NOTES_REF).strip() == command
+    cached, started = _log_p(repo)
+    assert started == 0
+    reference, ran = _log_p(repo, "diff.potluck.cachetextconv=false")
+    assert ran == 2 * len(blobs) - 1  # git converted each side of each change itself
+    assert cached == reference
+    assert cached.count("+layers.0.b  F32[8]") == len(blobs)
+
+
+def test_each_note_is_what_the_textconv_command_prints(
+    repo: Path, git: Run, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    blobs = _history(repo, git, rng, steps=2)
+    for blob, note in _notes(git).items():
+        manifest = git("git", "cat-file", "blob", blob).encode()
+        assert blob_id(manifest) == blob
+        (tmp_path / "manifest").write_bytes(manifest)
+        printed = subprocess.run(
+            ["potluck", "textconv", "--", str(tmp_path / "manifest")],
+            cwd=repo, capture_output=True, check=True,
+        ).stdout  # fmt: skip
+        assert git("git", "cat-file", "blob", note).encode() == printed
+    assert len(blobs) == 2
+
+
+def test_a_cache_made_for_another_command_is_replaced(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    first = _history(repo, git, rng, steps=1)
+    git("git", "config", "diff.potluck.textconv", "git-potluck textconv --  ")
+    weights = model(rng, n_layers=2, d=8)
+    save_st(repo / NAME, weights)
+    commit(git, NAME, "other")
+    second = git("git", "rev-parse", f"HEAD:{NAME}").strip()
+    assert set(_notes(git)) == {second}  # the note made for the old command is gone
+    assert git("git", "log", "-1", "--format=%s", NOTES_REF).strip() == "git-potluck textconv --"
+    assert first[0] != second
+
+
+def test_fill_cache_notes_a_cloned_history_and_clone_does_it_itself(
+    repo: Path, git: Run, rng: np.random.Generator, tmp_path: Path, hub: Path
+) -> None:
+    blobs = _history(repo, git, rng)
+    git("git", "push", "-q", "origin", "main")
+    plain = tmp_path / "plain"
+    run_in(tmp_path)("git", "clone", "-q", "--no-checkout", str(hub), str(plain))
+    clone = run_in(plain)
+    clone("potluck", "init")
+    clone("git", "checkout", "-q", "main")
+    assert set(_notes(clone)) == {blobs[-1]}  # what the checkout smudged
+    out = clone("potluck", "textconv", "--fill-cache", check=False)
+    assert "potluck: textconv cache: 2 new notes" in out
+    assert set(_notes(clone)) == set(blobs)
+    cached, started = _log_p(plain)
+    assert started == 0
+    assert cached == _log_p(plain, "diff.potluck.cachetextconv=false")[0]
+    run_in(tmp_path)("potluck", "clone", str(hub), str(tmp_path / "second"))
+    assert set(_notes(run_in(tmp_path / "second"))) == set(blobs)
+
+
+def test_no_notes_when_the_cache_is_off(repo: Path, git: Run, rng: np.random.Generator) -> None:
+    git("git", "config", "diff.potluck.cachetextconv", "false")
+    _history(repo, git, rng, steps=1)
+    assert git("git", "rev-parse", "--verify", "--quiet", NOTES_REF, check=False).strip() == ""
+
+
+@pytest.mark.parametrize("args", [[], ["--fill-cache", "x"]])
+def test_textconv_wants_a_file_or_fill_cache(repo: Path, args: list[str]) -> None:
+    proc = subprocess.run(["potluck", "textconv", *args], cwd=repo, capture_output=True)
+    assert proc.returncode == 2
+    assert b"give a FILE, or --fill-cache alone" in proc.stderr
