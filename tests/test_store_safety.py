@@ -389,3 +389,31 @@ def test_prune_cutoff() -> None:
     assert maint.prune_cutoff("1.hour.ago", now) == now - 3600
     with pytest.raises(UserError, match=r"invalid prune expiry '2\.wekks\.ago'"):
         maint.prune_cutoff("2.wekks.ago", now)
+
+
+class _GcBetweenHasAndFreshen(MemoryStore):
+    """A store where another process's gc removes an object right after ``has`` saw it: the
+    window between a put's presence check and its freshen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collect: set[str] = set()
+
+    def freshen(self, oid: str) -> bool:
+        if oid in self.collect:
+            self.collect.discard(oid)
+            self.delete(oid)
+        return super().freshen(oid)
+
+
+def test_put_writes_again_an_object_gc_removed_after_it_was_found() -> None:
+    """Issue 14: ``put`` found the object, gc removed it before ``freshen``; the put reported
+    it as present and the manifest referred to a missing object."""
+    store = _GcBetweenHasAndFreshen()
+    db = ObjectDB(store, RepoConfig(), workers=1)
+    data = np.arange(300, dtype=np.float32).tobytes()
+    oid = db.put_bytes(data, itemsize=4).oid
+    store.collect.add(oid)
+    again = db.put_bytes(data, itemsize=4)
+    assert again.new and store.has(oid)
+    assert db.read_bytes(oid) == data

@@ -184,9 +184,11 @@ class ObjectDB:
         With ``durable`` False the object is not flushed on its own: the caller makes a batch
         of them durable at once (``os.sync``) before anything refers to them.
         """
-        if self.has(oid):  # re-used: fresh again, so gc's grace period covers it until referenced
-            self.store.freshen(oid)
+        # re-used: fresh again, so gc's grace period covers it until referenced; gone by the
+        # time it is freshened (another process's gc came between): written again below
+        if self.has(oid) and self.store.freshen(oid):
             return PutResult(oid, False, 0, 0)
+        self._whole.discard(oid)
         base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
             return self._encode(oid, chunks, size, itemsize, base, quick, durable)
