@@ -11,7 +11,7 @@ import click
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, safe_field, table
 from potluck.errors import UserError
-from potluck.git import attributes, evalrec, from_lfs, setup
+from potluck.git import attributes, evalrec, evalsync, from_lfs, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
 from potluck.git.merge_driver import resolve as resolve_conflict
@@ -41,6 +41,7 @@ def install_repo(repo: Repo) -> list[str]:
     for hook, line in setup.HOOKS.items():
         if setup.install_hook(repo.git, hook, line(command)):
             changed.append(f"hooks/{hook}")
+    changed += evalsync.configure_remotes(repo)  # evaluation records travel with git fetch
     repo.store.root.mkdir(parents=True, exist_ok=True)
     return changed
 

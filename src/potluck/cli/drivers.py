@@ -110,6 +110,17 @@ def pre_push(remote: str, url: str) -> None:
             f"potluck: uploaded {report.uploaded} objects ({human_bytes(report.bytes)}) "
             f"to {spec.url}"
         )
+    _push_records(repo, remote, lines)
+
+
+def _push_records(repo: Repo, remote: str, lines: list[str]) -> None:
+    """Evaluation records go with the push; a remote that refuses them gets a warning only."""
+    from potluck.git import evalsync
+
+    try:
+        evalsync.push_for_hook(repo, remote, lines)
+    except PotluckError as e:
+        err(f"potluck: warning: {e.message}")
 
 
 @cli.command(name="diff-driver", hidden=True)

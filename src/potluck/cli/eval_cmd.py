@@ -12,11 +12,18 @@ import click
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, safe_field
 from potluck.errors import UserError
-from potluck.git import evalgate, evalrec, evalstore
+from potluck.git import evalgate, evalrec, evalstore, evalsync
 from potluck.git.repo import Repo
 from potluck.ops.evals import hfexport, lmeval
 from potluck.ops.evals.records import EvalRecord, record_from_dict
 from potluck.ops.evals.suite import load_suite
+
+
+def _records_repo() -> Repo:
+    """This repository, with the records fetched from its remotes merged in (a union)."""
+    repo = Repo(".")
+    evalstore.absorb(repo)
+    return repo
 
 
 @cli.group("eval")
@@ -122,7 +129,7 @@ def run(
     suite_file: str, model: str, paths: tuple[str, ...], device: str, force: bool, as_json: bool
 ) -> None:
     """Evaluate REV (default HEAD) or a model DIR on SUITE and record the results."""
-    repo = Repo(".")
+    repo = _records_repo()
     m = evalgate.resolve_model(repo, model, paths)
     done = evalgate.evaluate(repo, load_suite(suite_file), m, device=device, force=force)
     if as_json:
@@ -160,7 +167,7 @@ def import_(
     as_json: bool,
 ) -> None:
     """Record lm-evaluation-harness RESULTS (results_*.json) for exact weights."""
-    repo = Repo(".")
+    repo = _records_repo()
     if (rev is None) == (model_dir is None):
         raise UserError("give exactly one of --rev and --model", hint="which weights were run")
     spec = rev if rev is not None else model_dir
@@ -188,7 +195,7 @@ def import_(
 def add(record_file: str, model: str) -> None:
     """Add records written elsewhere (a JSON record or list of them, schema potluck_eval 1) for
     the weights of REV (default HEAD) or DIR; refused unless they name exactly those weights."""
-    repo = Repo(".")
+    repo = _records_repo()
     m = evalgate.resolve_model(repo, model)
     recs = _records_file(record_file)
     for rec in recs:
@@ -225,7 +232,7 @@ def _records_file(path: str) -> list[EvalRecord]:
 @handle_errors
 def list_(model: str, as_json: bool) -> None:
     """The records stored for the exact weights of REV (default HEAD) or DIR."""
-    repo = Repo(".")
+    repo = _records_repo()
     m = evalgate.resolve_model(repo, model)
     recs = evalstore.records_for(repo, m.weights)
     if as_json:
@@ -244,7 +251,7 @@ def list_(model: str, as_json: bool) -> None:
 @handle_errors
 def export(model: str, hf: bool, output: str, name: str | None) -> None:
     """Write REV's records as .eval_results/*.yaml and model-index.yaml under --output."""
-    repo = Repo(".")
+    repo = _records_repo()
     m = evalgate.resolve_model(repo, model)
     recs = evalstore.records_for(repo, m.weights)
     if not recs:
@@ -261,7 +268,7 @@ def export(model: str, hf: bool, output: str, name: str | None) -> None:
 @handle_errors
 def push(remote: str) -> None:
     """Push the records (refs/potluck/evals) to REMOTE, merging its records first."""
-    echo(evalstore.push_records(Repo("."), remote))
+    echo(evalsync.push_records(Repo("."), remote))
 
 
 @eval_group.command("pull")

@@ -9,11 +9,18 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, safe_field
-from potluck.git import evalgate, evalreport
+from potluck.git import evalgate, evalreport, evalstore
 from potluck.git.repo import Repo
 from potluck.ops.evals.gate import GateResult, TaskVerdict, summary
 from potluck.ops.evals.report import to_markdown
 from potluck.ops.evals.suite import load_suite
+
+
+def _records_repo() -> Repo:
+    """This repository, with the records fetched from its remotes merged in (a union)."""
+    repo = Repo(".")
+    evalstore.absorb(repo)
+    return repo
 
 
 def _verdict_line(v: TaskVerdict) -> str:
@@ -59,7 +66,7 @@ def gate(
     """
     if (tolerance is not None and tolerance < 0) or not 0 < alpha < 0.5:
         raise click.BadParameter("--tolerance must be >= 0 and --alpha in (0, 0.5)")
-    repo = Repo(".")
+    repo = _records_repo()
     loaded = [load_suite(s) for s in suites]
     b = evalgate.resolve_model(repo, base)
     c = evalgate.resolve_model(repo, candidate)
@@ -78,7 +85,7 @@ def gate(
 @handle_errors
 def report(revs: str, as_md: bool, as_json: bool) -> None:
     """Tensor changes, lineage and evaluation deltas (with gate verdicts) of BASE..HEAD."""
-    r = evalreport.build_report(Repo("."), revs)
+    r = evalreport.build_report(_records_repo(), revs)
     if as_json:
         emit_json(r.to_dict())
     else:
@@ -92,5 +99,5 @@ def report(revs: str, as_md: bool, as_json: bool) -> None:
 @handle_errors
 def promote(rev: str, name: str, suites: tuple[str, ...]) -> None:
     """Point refs/potluck/aliases/NAME at REV, only if REV's exact weights passed the gate."""
-    ref, commit = evalgate.promote(Repo("."), rev, name, [load_suite(s) for s in suites])
+    ref, commit = evalgate.promote(_records_repo(), rev, name, [load_suite(s) for s in suites])
     echo(f"{ref} -> {commit[:10]}")

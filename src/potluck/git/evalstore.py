@@ -13,6 +13,7 @@ notes: ``potluck.git.evalrec``.)
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,9 @@ from potluck.ops.lineage import manifests_digest
 from potluck.ops.vcs import load_tensors
 
 EVALS_REF = "refs/potluck/evals"
+#: Remote-tracking copies of the records: ``refs/potluck/remotes/<remote>/evals``
+#: (``potluck.git.evalsync``).
+TRACKING_ROOT = "refs/potluck/remotes/"
 _ZERO = "0" * 40
 
 
@@ -113,6 +117,7 @@ def store_records(
     lose a record.
     """
     git = repo.git
+    absorb(repo)  # what was fetched from remotes, so the next push is a fast-forward
     head = git.rev_parse(EVALS_REF)
     given = {o.oid: o for o in outcomes}
     entries = [(_outcomes_path(o.oid), _hash_blob(git, o.dumps())) for o in given.values()]
@@ -173,19 +178,24 @@ def check_record_weights(rec: EvalRecord, weights: str, what: str) -> None:
         )  # fmt: skip
 
 
-def push_records(repo: Repo, remote: str) -> str:
-    """Push ``refs/potluck/evals`` to ``remote``, first merging the remote's records if it has
-    ones we lack; returns what happened."""
-    if repo.git.rev_parse(EVALS_REF) is None:
-        raise UserError("no evaluation records to push", hint="run `potluck eval run` first")
-    pull_records(repo, remote, missing_ok=True)
-    repo.git.run("push", "-q", remote, f"{EVALS_REF}:{EVALS_REF}")
-    return f"pushed {EVALS_REF} to {remote}"
+def tracking_ref(remote: str) -> str:
+    """Where the records of the remote ``remote`` (a name or a URL) are fetched to."""
+    if not _is_ref_component(remote):
+        remote = "url-" + hashlib.sha1(remote.encode()).hexdigest()[:16]
+    return f"{TRACKING_ROOT}{remote}/evals"
+
+
+def _is_ref_component(name: str) -> bool:
+    bad = (":", " ", "~", "^", "?", "*", "[", "\\", "..", "@{", "//")
+    return (
+        bool(name) and not name.startswith(("/", ".", "-")) and not name.endswith((".", "/"))
+        and not any(b in name for b in bad) and not name.endswith(".lock")
+    )  # fmt: skip
 
 
 def pull_records(repo: Repo, remote: str, *, missing_ok: bool = False) -> str:
     """Fetch the remote's records and merge them into ours (union of content-addressed files)."""
-    tracking = f"refs/potluck/remotes/{remote}/evals"
+    tracking = tracking_ref(remote)
     proc = repo.git.run_proc("fetch", "-q", remote, f"+{EVALS_REF}:{tracking}")
     if proc.returncode != 0:
         if missing_ok and b"couldn't find remote ref" in proc.stderr:
@@ -213,3 +223,20 @@ def merge_records_ref(repo: Repo, other: str) -> str:
     new = _commit_index(git, extra, [ours, theirs], f"potluck eval: merge {other}", repo.tmp_dir)
     git.run("update-ref", EVALS_REF, new, ours)
     return f"merged {len(extra)} file(s) of records"
+
+
+def tracking_refs(git: Git) -> list[str]:
+    """Every remote-tracking copy of the records (``TRACKING_ROOT``)."""
+    out = git.run("for-each-ref", "--format=%(refname)", TRACKING_ROOT).decode()
+    return [r for r in out.split() if r.endswith("/evals")]
+
+
+def absorb(repo: Repo) -> int:
+    """Union every remote-tracking copy of the records into ``refs/potluck/evals`` (a plain
+    ``git fetch`` brings them there); returns how many copies brought something new. Costs one
+    ``git for-each-ref`` when there is nothing to merge."""
+    new = 0
+    for ref in tracking_refs(repo.git):
+        if merge_records_ref(repo, ref) != "records already up to date":
+            new += 1
+    return new
