@@ -9,8 +9,17 @@ from pathlib import Path
 import click
 
 from potluck.cli.main import cli, handle_errors
-from potluck.cli.render import echo, emit_json, file_diff_text, human_bytes, safe_field, table
-from potluck.errors import UserError
+from potluck.cli.render import (
+    echo,
+    emit_json,
+    err,
+    file_diff_text,
+    human_bytes,
+    safe_field,
+    table,
+    textconv_text,
+)
+from potluck.errors import PotluckError, UserError
 from potluck.git import attributes, evalrec, evalsync, from_lfs, setup
 from potluck.git import inspect as insp
 from potluck.git import maintenance as maint
@@ -31,6 +40,25 @@ def init() -> None:
         f"potluck: configured {repo.root}"
         + (f" ({len(changed)} settings)" if changed else " (already configured)")
     )
+    if changed and _tracks_with_potluck(repo):  # a clone made with plain git
+        fill_textconv_cache(repo)
+
+
+def _tracks_with_potluck(repo: Repo) -> bool:
+    """Whether HEAD's top-level .gitattributes gives any path ``filter=potluck``."""
+    text = repo.git.show_blob("HEAD:.gitattributes")
+    return text is not None and b"filter=potluck" in text
+
+
+def fill_textconv_cache(repo: Repo) -> None:
+    """Note the history's manifests in git's textconv cache, so that the first `git log -p`
+    starts no textconv process per blob (only a cache: a failure is a warning)."""
+    from potluck.git.textconv_cache import fill_history
+
+    try:
+        fill_history(repo.git, textconv_text)
+    except PotluckError as e:
+        err(f"potluck: warning: the textconv cache for `git log -p` was not filled: {e}")
 
 
 def install_repo(repo: Repo) -> list[str]:

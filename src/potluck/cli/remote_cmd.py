@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from potluck.cli.commands import install_repo, json_opt
+from potluck.cli.commands import fill_textconv_cache, install_repo, json_opt
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.progress import byte_progress
-from potluck.cli.render import echo, emit_json, err, human_bytes, textconv_text
-from potluck.errors import PotluckError, UserError
+from potluck.cli.render import echo, emit_json, human_bytes
+from potluck.errors import UserError
 from potluck.git import remotes, sync
 from potluck.git import selection as sel
 from potluck.git.repo import Repo
@@ -129,7 +129,7 @@ def pull(remote: str | None, include: tuple[str, ...], exclude: tuple[str, ...])
             if not kept.include and not kept.exclude
             else f"potluck: checkouts and pulls fetch from now on: {_describe(kept)}"
         )
-    _fill_textconv_cache(repo)
+    fill_textconv_cache(repo)
     for path in written:
         echo(f"checked out {path}")
     for path in incomplete:
@@ -169,23 +169,12 @@ def clone(
         url, target, install=lambda r: _install(r), no_data=no_data,
         selection=_selection(include, exclude), branch=branch,
     )  # fmt: skip
-    _fill_textconv_cache(repo)
+    fill_textconv_cache(repo)
     left = sync.placeholders(repo)
     echo(
         f"potluck: cloned into {target}"
         + (f"; {len(left)} file(s) left as manifests" if left else "")
     )
-
-
-def _fill_textconv_cache(repo: Repo) -> None:
-    """Note the history's manifests in git's textconv cache: the first `git log -p` of the
-    clone then starts no textconv process per blob (only a cache: a failure is a warning)."""
-    from potluck.git.textconv_cache import fill_history
-
-    try:
-        fill_history(repo.git, textconv_text)
-    except PotluckError as e:
-        err(f"potluck: warning: the textconv cache for `git log -p` was not filled: {e}")
 
 
 def _install(repo: Repo) -> None:

@@ -154,8 +154,8 @@ def fill_history(git: Git, render: Render) -> int:
     from potluck.objects.manifest import is_manifest, parse
 
     blobs = list(git.reachable_blobs())
-    attrs = git.check_attr_many("filter", sorted({path for _, path in blobs}))
-    wanted = [oid for oid, path in blobs if attrs.get(path) == "potluck"]
+    tracked = _potluck_paths(git, sorted({path for _, path in blobs}))
+    wanted = [oid for oid, path in blobs if path in tracked]
     with git.batch() as batch:
 
         def manifests() -> Iterable[tuple[bytes, Manifest]]:
@@ -169,3 +169,19 @@ def fill_history(git: Git, render: Render) -> int:
                     continue  # a damaged manifest: its textconv says so when git runs it
 
         return fill(git, manifests(), render)
+
+
+def _potluck_paths(git: Git, paths: list[str]) -> set[str]:
+    """The ``paths`` that HEAD's .gitattributes give ``filter=potluck`` (read from HEAD's tree
+    through a scratch index: a clone made with ``--no-checkout`` has no work tree files yet)."""
+    if not paths or git.rev_parse("HEAD^{tree}") is None:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="potluck-attr-", dir=git.git_dir()) as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git.run("read-tree", "HEAD", env=env)
+        out = git.run(
+            "check-attr", "--cached", "-z", "--stdin", "filter",
+            input="\0".join(paths).encode("utf-8", "surrogateescape") + b"\0", env=env,
+        )  # fmt: skip
+    fields = out.decode("utf-8", "surrogateescape").split("\0")
+    return {fields[i] for i in range(0, len(fields) - 2, 3) if fields[i + 2] == "potluck"}
