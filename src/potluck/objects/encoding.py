@@ -1,4 +1,4 @@
-"""Physical encoding of stored objects (object file format v1).
+"""Physical encoding of stored objects (object file formats v1 and v2).
 
 An object's id is the sha256 of its *logical* bytes; this module decides only how those bytes
 are laid out on disk. Decoding always yields the logical bytes back bit for bit.
@@ -7,14 +7,15 @@ File layout (all integers little-endian)::
 
     offset size  field
     0      4     magic b"PLKO"
-    4      1     u8  version (1)
+    4      1     u8  version (1, or 2 with a model section)
     5      1     u8  itemsize: element width used for byte grouping (1, 2, 4 or 8)
     6      1     u8  depth: 0 = standalone, n = length of the delta chain below this object
     7      1     u8  reserved, 0
     8      8     u64 logical size in bytes (a multiple of itemsize)
     16     4     u32 chunk_size: logical bytes per chunk (a multiple of itemsize)
     20     32    base oid as a raw sha256 digest (all zero when depth == 0)
-    52     ...   one record per chunk: u8 kind, u32 payload length, payload
+    52     ...   version 2 only: u32 length L, then L bytes of model (``objects.structured``)
+    ...    ...   one record per chunk: u8 kind, u32 payload length, payload
 
 Chunk ``i`` holds logical bytes ``[i * chunk_size, min(size, (i + 1) * chunk_size))``, so the
 boundaries depend only on ``size`` and ``chunk_size``: a base and a delta of equal size line up
@@ -25,6 +26,12 @@ chunk by chunk. Chunk kinds:
   then byte 1, …), then one zstd frame.
 * 2 ``KIND_XOR``: XOR with the same chunk of the base object's logical bytes, grouped, zstd.
 * 3 ``KIND_SAME``: identical to the base chunk; the payload is empty.
+* 4 ``KIND_MODEL`` (version 2 only): the residual of the chunk against the model's
+  reconstruction from the same chunk of the base (``structured.residual``), grouped, zstd.
+
+Version 2 objects are written only for a matrix whose update a low-rank or scale model
+describes (``structdetect.best_model``) and only when that is smaller; every other object is
+version 1, byte for byte as before.
 
 zstd frames carry their content size and a checksum. Nothing here holds more than a couple of
 chunks in memory, whatever the object size or the depth of the delta chain.
@@ -44,18 +51,23 @@ from typing import BinaryIO
 import zstandard
 
 from potluck.errors import CorruptObjectError
+from potluck.objects.structured import Model, apply_residual, parse_model, reconstruct, residual
 
 MAGIC = b"PLKO"
 VERSION = 1
+VERSION_MODEL = 2
 KIND_RAW = 0
 KIND_GROUPED = 1
 KIND_XOR = 2
 KIND_SAME = 3
+KIND_MODEL = 4
+_KINDS = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME, KIND_MODEL)
 ITEMSIZES = (1, 2, 4, 8)
 MAX_DEPTH = 255
 
 _HEADER = struct.Struct("<4sBBBBQI32s")
 _CHUNK = struct.Struct("<BI")
+_SECTION = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size
 CHUNK_HEADER_SIZE = _CHUNK.size
 _ZERO_DIGEST = bytes(32)
@@ -104,11 +116,19 @@ class EncodeStats:
     grouped_chunks: int
     xor_chunks: int
     same_chunks: int
+    model_chunks: int = 0
+    model: str | None = None  # ``Model.kind`` of a version 2 object
 
     @property
     def chunks(self) -> int:
         """Total number of chunks."""
-        return self.raw_chunks + self.grouped_chunks + self.xor_chunks + self.same_chunks
+        return (
+            self.raw_chunks
+            + self.grouped_chunks
+            + self.xor_chunks
+            + self.same_chunks
+            + self.model_chunks
+        )
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -250,6 +270,15 @@ class _ChunkEncoder:
             return KIND_XOR, packed
         return kind, payload
 
+    def with_model(self, chunk: bytes, base: bytes, model: Model, start: int) -> tuple[int, bytes]:
+        """``against``, or the residual against ``model``'s reconstruction when smaller."""
+        kind, payload = self.against(chunk, base)
+        if kind == KIND_SAME:
+            return kind, payload
+        res = residual(chunk, reconstruct(model, base, start), self.itemsize)
+        packed = self.cctx.compress(byte_group(res, self.itemsize))
+        return (KIND_MODEL, packed) if len(packed) < len(payload) else (kind, payload)
+
 
 def _check_params(size: int, itemsize: int, chunk_size: int) -> None:
     if itemsize not in ITEMSIZES:
@@ -284,17 +313,25 @@ def _thread_encoder(itemsize: int, level: int, quick: float | None) -> _ChunkEnc
 class _EncoderPool:
     """One ``_ChunkEncoder`` per thread (zstd contexts are not shareable between threads)."""
 
-    def __init__(self, itemsize: int, level: int, quick: float | None = None) -> None:
+    def __init__(
+        self, itemsize: int, level: int, quick: float | None = None, model: Model | None = None
+    ) -> None:
         self.itemsize = itemsize
         self.level = level
         self.quick = quick
+        self.model = model
 
     def get(self) -> _ChunkEncoder:
         return _thread_encoder(self.itemsize, self.level, self.quick)
 
-    def encode(self, chunk: bytes, base_chunk: bytes | None) -> tuple[int, bytes]:
+    def encode(self, chunk: bytes, base_chunk: bytes | None, start: int = 0) -> tuple[int, bytes]:
+        """The record of one chunk whose first element is element ``start`` of the object."""
         enc = self.get()
-        return enc.standalone(chunk) if base_chunk is None else enc.against(chunk, base_chunk)
+        if base_chunk is None:
+            return enc.standalone(chunk)
+        if self.model is not None:
+            return enc.with_model(chunk, base_chunk, self.model, start)
+        return enc.against(chunk, base_chunk)
 
 
 def _paired(
@@ -324,14 +361,17 @@ def _write_chunks(
     base_chunks: Iterator[bytes] | None,
     executor: Executor | None = None,
     window: int = 4,
+    prefix: int = HEADER_SIZE,
 ) -> tuple[list[int], int]:
     """Write one record per chunk, in order; return the count per kind and the bytes written.
 
     With an ``executor``, up to ``window`` chunks are encoded concurrently (zstd and numpy
-    release the GIL); output order and bytes are the same as without one.
+    release the GIL); output order and bytes are the same as without one. ``prefix``: the
+    bytes already written (header and model section).
     """
-    counts = [0, 0, 0, 0]
-    stored = HEADER_SIZE
+    counts = [0, 0, 0, 0, 0]
+    stored = prefix
+    per = header.chunk_size // header.itemsize
     pending: deque[Future[tuple[int, bytes]]] = deque()
 
     def emit(kind: int, payload: bytes) -> None:
@@ -342,11 +382,11 @@ def _write_chunks(
         stored += CHUNK_HEADER_SIZE + len(payload)
 
     try:
-        for chunk, base_chunk in _paired(chunks, header, base_chunks):
+        for i, (chunk, base_chunk) in enumerate(_paired(chunks, header, base_chunks)):
             if executor is None:
-                emit(*pool.encode(chunk, base_chunk))
+                emit(*pool.encode(chunk, base_chunk, i * per))
                 continue
-            pending.append(executor.submit(pool.encode, chunk, base_chunk))
+            pending.append(executor.submit(pool.encode, chunk, base_chunk, i * per))
             if len(pending) >= window:
                 emit(*pending.popleft().result())
         while pending:
@@ -370,6 +410,7 @@ def encode_object(
     base_depth: int = 0,
     executor: Executor | None = None,
     quick: float | None = None,
+    model: Model | None = None,
 ) -> EncodeStats:
     """Write the object whose logical bytes are ``chunks`` to ``out`` and return what it cost.
 
@@ -381,6 +422,8 @@ def encode_object(
     With ``quick`` (a ratio), a standalone chunk whose 256 KiB sample does not compress below
     it is stored verbatim without compressing the whole chunk (used for downloaded objects,
     where the time matters more than a few percent of disk).
+    With a ``model`` (a structured update of the base: ``structdetect.best_model``) and a base,
+    the object is written in version 2 and each chunk may be a residual against the model.
     """
     _check_params(size, itemsize, chunk_size)
     if base is not None and base_oid is None:
@@ -389,25 +432,46 @@ def encode_object(
     depth = base_depth + 1 if use_base else 0
     if depth > MAX_DEPTH:
         raise ValueError(f"delta depth {depth} exceeds {MAX_DEPTH}")
+    model = model if use_base else None
+    if model is not None and (model.itemsize != itemsize or model.m * model.n * itemsize != size):
+        raise ValueError(f"a {model.m}x{model.n} {model.dtype} model does not fit {size} bytes")
     header = ObjectHeader(
-        VERSION, itemsize, depth, size, chunk_size, base_oid if use_base else None
+        VERSION if model is None else VERSION_MODEL,
+        itemsize,
+        depth,
+        size,
+        chunk_size,
+        base_oid if use_base else None,
     )
     if not use_base and 0 < size <= chunk_size and executor is None:
         return _encode_one_chunk(chunks, header, level, out, quick)
     start = out.tell() if out.seekable() else None
     _write_header(out, header)
-    pool = _EncoderPool(itemsize, level, quick)
+    section = model.to_bytes() if model is not None else b""
+    out.write(section)
+    pool = _EncoderPool(itemsize, level, quick, model)
     base_chunks = rechunk(base, chunk_size) if use_base and base is not None else None
     counts, stored = _write_chunks(
-        out, rechunk(chunks, chunk_size), header, pool, base_chunks, executor
+        out,
+        rechunk(chunks, chunk_size),
+        header,
+        pool,
+        base_chunks,
+        executor,
+        prefix=HEADER_SIZE + len(section),
     )
-    if use_base and counts[KIND_XOR] + counts[KIND_SAME] == 0 and start is not None:
+    used = counts[KIND_XOR] + counts[KIND_SAME] + counts[KIND_MODEL]
+    if use_base and model is None and used == 0 and start is not None:
         end = out.tell()
         out.seek(start)
         header = ObjectHeader(VERSION, itemsize, 0, size, chunk_size, None)
         _write_header(out, header)
         out.seek(end)
-    return EncodeStats(size, stored, header.depth, header.base_oid, *counts)
+    kind = model.kind if model is not None else None
+    raw, grouped, xor, same, modeled = counts
+    return EncodeStats(
+        size, stored, header.depth, header.base_oid, raw, grouped, xor, same, modeled, kind
+    )
 
 
 def _encode_one_chunk(
@@ -430,7 +494,7 @@ def _encode_one_chunk(
     counts = [0, 0, 0, 0]
     counts[kind] = 1
     stored = HEADER_SIZE + CHUNK_HEADER_SIZE + len(payload)
-    return EncodeStats(header.size, stored, 0, None, *counts)
+    return EncodeStats(header.size, stored, 0, None, counts[0], counts[1], counts[2], counts[3])
 
 
 def encode_small_many(
@@ -508,16 +572,35 @@ def read_header(f: BinaryIO) -> ObjectHeader:
     magic, version, itemsize, depth, reserved, size, chunk_size, digest = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise _corrupt(f"bad magic {magic!r} (expected {MAGIC!r})")
-    if version != VERSION:
+    if version not in (VERSION, VERSION_MODEL):
         raise _corrupt(f"unsupported format version {version}")
     if itemsize not in ITEMSIZES or reserved != 0:
         raise _corrupt(f"bad itemsize {itemsize} or reserved byte {reserved}")
     if chunk_size == 0 or chunk_size % itemsize or size % itemsize:
         raise _corrupt(f"size {size} / chunk_size {chunk_size} do not fit itemsize {itemsize}")
-    if (depth == 0) != (digest == _ZERO_DIGEST):
+    if (depth == 0) != (digest == _ZERO_DIGEST) or (version == VERSION_MODEL and depth == 0):
         raise _corrupt(f"depth {depth} does not match the base id")
     base_oid = digest.hex() if depth else None
     return ObjectHeader(version, itemsize, depth, size, chunk_size, base_oid)
+
+
+def read_model(f: BinaryIO, header: ObjectHeader) -> Model | None:
+    """The model section that follows a version 2 header (None for version 1); ``f`` must be
+    just after the header."""
+    if header.version != VERSION_MODEL:
+        return None
+    (length,) = _SECTION.unpack(_read_exact(f, _SECTION.size, "model section length"))
+    return parse_model(_read_exact(f, length, "model section"), header.size, header.itemsize)
+
+
+def describe(f: BinaryIO) -> str:
+    """How the object in ``f`` is stored, for listings: ``standalone``, ``delta`` or
+    ``delta+<model kind>`` (e.g. ``delta+lowrank8``)."""
+    header = read_header(f)
+    model = read_model(f, header)
+    if header.base_oid is None:
+        return "standalone"
+    return "delta" if model is None else f"delta+{model.kind}"
 
 
 def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
@@ -527,7 +610,14 @@ def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
     file, not a flipped bit (``decode_object`` plus the hash does)."""
     header = read_header(f)
     pos = at = HEADER_SIZE  # where the next record starts; where ``f`` is
-    kinds = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME)
+    kinds: tuple[int, ...] = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME)
+    if header.version == VERSION_MODEL:
+        raw = _read_exact(f, _SECTION.size, "model section length")
+        pos = at = HEADER_SIZE + _SECTION.size + _SECTION.unpack(raw)[0]
+        if pos > file_size:
+            raise _corrupt(f"torn: the file ends at byte {file_size}, inside the model section")
+        f.seek(pos)
+        kinds = _KINDS
     for i in range(header.n_chunks):
         if pos + CHUNK_HEADER_SIZE > file_size:
             raise _corrupt(f"torn: the file ends at byte {file_size}, before chunk {i}")
@@ -590,9 +680,17 @@ _DCTX = threading.local()
 
 
 def _decode_chunk(
-    kind: int, payload: bytes, length: int, i: int, k: int, base_chunk: bytes | None
+    kind: int,
+    payload: bytes,
+    length: int,
+    i: int,
+    k: int,
+    base_chunk: bytes | None,
+    model: Model | None = None,
+    per: int = 0,
 ) -> bytes:
-    """Logical bytes of one chunk record (``base_chunk`` given for XOR/SAME kinds)."""
+    """Logical bytes of one chunk record (``base_chunk`` given for XOR/SAME/MODEL kinds; a
+    MODEL chunk ``i`` starts at element ``i * per``)."""
     if kind == KIND_RAW:
         if len(payload) != length:
             raise _corrupt(f"raw chunk {i} has {len(payload)} bytes, not {length}")
@@ -603,22 +701,24 @@ def _decode_chunk(
     if dctx is None:
         dctx = _DCTX.dctx = zstandard.ZstdDecompressor()
     data = byte_ungroup(_unpack(dctx, payload, length, i), k)
+    if kind == KIND_MODEL and model is not None and base_chunk is not None:
+        return apply_residual(data, reconstruct(model, base_chunk, i * per), k)
     return data if base_chunk is None else xor_bytes(data, base_chunk)
 
 
 def _records(
     f: BinaryIO, header: ObjectHeader, cursor: _BaseCursor
 ) -> Iterator[tuple[int, bytes, int, int, bytes | None]]:
-    """(kind, payload, length, index, base chunk) per chunk record, validated."""
+    """(kind, payload, length, index, base chunk) per chunk record, validated (``f`` just
+    after the header and model section)."""
+    kinds = _KINDS if header.version == VERSION_MODEL else _KINDS[:KIND_MODEL]
     for i in range(header.n_chunks):
         length = header.chunk_length(i)
         kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
         payload = _read_exact(f, n, f"chunk {i} payload")
-        if kind not in (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME) or (
-            kind == KIND_SAME and n != 0
-        ):
+        if kind not in kinds or (kind == KIND_SAME and n != 0):
             raise _corrupt(f"chunk {i} has unknown kind {kind} or bad length {n}")
-        base_chunk = cursor.chunk(i) if kind in (KIND_XOR, KIND_SAME) else None
+        base_chunk = cursor.chunk(i) if kind in (KIND_XOR, KIND_SAME, KIND_MODEL) else None
         yield kind, payload, length, i, base_chunk
     if f.read(1):
         raise _corrupt("trailing bytes after the last chunk")
@@ -636,16 +736,20 @@ def decode_object(
     ``CorruptObjectError``.
     """
     header = read_header(f)
+    model = read_model(f, header)
     cursor = _BaseCursor(header, open_base)
     k = header.itemsize
+    per = header.chunk_size // k
     if executor is None:
         for kind, payload, length, i, base_chunk in _records(f, header, cursor):
-            yield _decode_chunk(kind, payload, length, i, k, base_chunk)
+            yield _decode_chunk(kind, payload, length, i, k, base_chunk, model, per)
         return
     pending: deque[Future[bytes]] = deque()
     try:
         for kind, payload, length, i, base_chunk in _records(f, header, cursor):
-            pending.append(executor.submit(_decode_chunk, kind, payload, length, i, k, base_chunk))
+            pending.append(
+                executor.submit(_decode_chunk, kind, payload, length, i, k, base_chunk, model, per)
+            )
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:

@@ -18,18 +18,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
+import zstandard
+
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, MissingObjectError
+from potluck.objects import structured
 from potluck.objects.encoding import (
     Chunk,
     ObjectHeader,
+    byte_group,
     check_layout,
     decode_object,
     encode_object,
     encode_small_many,
     read_header,
     rechunk,
+    xor_bytes,
 )
+from potluck.objects.structdetect import best_model
 from potluck.store.base import ObjectStore
 
 log = logging.getLogger("potluck")
@@ -175,6 +181,8 @@ class ObjectDB:
         base_oid: str | None = None,
         quick: bool = False,
         durable: bool = True,
+        dtype: str | None = None,
+        shape: tuple[int, ...] | None = None,
     ) -> PutResult:
         """Store the content ``chunks()`` (already known to hash to ``oid``) if absent.
 
@@ -182,7 +190,9 @@ class ObjectDB:
         store chunks as XOR deltas, unless that would make the chain deeper than allowed. With
         ``quick``, chunks that a sample shows to be nearly incompressible are stored verbatim.
         With ``durable`` False the object is not flushed on its own: the caller makes a batch
-        of them durable at once (``os.sync``) before anything refers to them.
+        of them durable at once (``os.sync``) before anything refers to them. A matrix's
+        ``dtype`` and ``shape`` let the encoder look for a structured update of the base (a
+        merged low-rank or scale update, stored as factors plus an exact residual).
         """
         # re-used: fresh again, so gc's grace period covers it until referenced; gone by the
         # time it is freshened (another process's gc came between): written again below
@@ -191,6 +201,9 @@ class ObjectDB:
         self._whole.discard(oid)
         base = self._usable_base(base_oid, size) if base_oid != oid else None
         try:
+            if base is not None and structured.eligible(dtype, shape, size):
+                assert dtype is not None and shape is not None
+                return self._encode_structured(oid, chunks, base, dtype, shape, durable)
             return self._encode(oid, chunks, size, itemsize, base, quick, durable)
         except CorruptObjectError:
             if base is None:
@@ -285,6 +298,40 @@ class ObjectDB:
             if base_iter is not None:
                 for _ in base_iter:  # drain: runs the base's hash check
                     pass
+        return PutResult(oid, True, stats.stored_size, stats.depth)
+
+    def _encode_structured(
+        self,
+        oid: str,
+        chunks: Callable[[], Iterable[Chunk]],
+        base: tuple[str, int],
+        dtype: str,
+        shape: tuple[int, ...],
+        durable: bool,
+    ) -> PutResult:
+        """``_encode`` of a matrix held in memory with its base (both at most
+        ``structured.MAX_ELEMENTS`` elements), with a model when one pays."""
+        new = b"".join(chunks())
+        old = b"".join(self.read_chunks(base[0]))
+        k = structured.DTYPE_ITEMSIZE[dtype]
+        cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
+        m, n = shape
+        model = best_model(old, new, dtype, (m, n), cctx.compress, byte_group, xor_bytes)
+        cs = self.config.chunk_bytes
+        with self.store.writer(oid, durable=durable) as out:
+            stats = encode_object(
+                [new],
+                size=len(new),
+                itemsize=k,
+                chunk_size=cs,
+                level=self.config.zstd_level,
+                out=out,
+                base=iter([old]),
+                base_oid=base[0],
+                base_depth=base[1],
+                executor=self._pool() if len(new) > cs else None,
+                model=model,
+            )
         return PutResult(oid, True, stats.stored_size, stats.depth)
 
     def put_bytes(self, data: bytes, itemsize: int = 1) -> PutResult:

@@ -351,6 +351,8 @@ def _put_buffer(
             itemsize=_element_size(seg),
             base_oid=base,
             durable=seg.length >= BATCH_DURABLE_BELOW,
+            dtype=seg.dtype if isinstance(seg, TensorSegment) else None,
+            shape=seg.shape if isinstance(seg, TensorSegment) else None,
         ),
         seg,
         stats,
@@ -384,6 +386,8 @@ def _put(
         itemsize=_element_size(seg),
         base_oid=base,
         durable=seg.length >= BATCH_DURABLE_BELOW,
+        dtype=seg.dtype if isinstance(seg, TensorSegment) else None,
+        shape=seg.shape if isinstance(seg, TensorSegment) else None,
     )
     return _record(res, seg, stats)
 

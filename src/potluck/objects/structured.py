@@ -1,0 +1,237 @@
+"""Structured updates of a 2-D tensor: the *model* part of object format v2.
+
+A changed matrix whose delta against its base is low-rank (a merged LoRA/DoRA, a rank-limited
+edit) or row-/column-scaled ((IA)^3 merged, per-channel requantisation) is stored as a small
+model (float32 factors) plus, per chunk, the exact residual of the new bit patterns against
+potluck's own reconstruction from the base. The reconstruction of element ``(i, j)`` is::
+
+    x = float64(base[i, j])
+    x = x * (row[i] * col[j])            # only when the model has scales (product is exact)
+    for k in 0..rank-1:                  # in this order, each product exact in float64
+        x = x + u[i, k] * v[j, k]
+    recon = round(x)                     # F32: float64 -> float32 (nearest even);
+                                         # F16: -> float32 -> float16; BF16: -> float32, then
+                                         # nearest-even on the bit pattern (NaN: truncated)
+
+All of it is elementwise IEEE arithmetic (no BLAS, no reductions), so every machine computes
+the same bits. The residual is ``new_bits - recon_bits`` modulo 2**bits, zigzag-mapped (small
+negative differences become small numbers), byte-grouped and zstd-compressed.
+
+Model section layout (little-endian), stored after the object header::
+
+    u32 length of what follows
+    u8  flags: 1 = row scales, 2 = column scales, 4 = low-rank factors
+    u8  dtype code: 1 = F32, 2 = F16, 3 = BF16
+    u16 rank (0 without factors)
+    u32 rows m, u32 cols n
+    f32[m] row scales, f32[n] column scales (when flagged)
+    f32[m * rank] u (row-major), f32[n * rank] v (row-major)
+
+Detection (``detect``) runs only at encode time; it is deterministic on one machine whatever
+the thread count (numpy's einsum and pairwise sums, no BLAS), and nothing it computes needs to
+be reproduced by a decoder: the stored factors are the model.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from potluck.errors import CorruptObjectError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    F32 = NDArray[np.float32]
+    F64 = NDArray[np.float64]
+
+ROWS = 1
+COLS = 2
+LOWRANK = 4
+DTYPE_CODES = {"F32": 1, "F16": 2, "BF16": 3}
+DTYPE_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_ITEMSIZE = {1: 4, 2: 2, 3: 2}
+#: detection runs on matrices of at least this many bytes and at most this many elements (an
+#: F32 matrix of 64 MiB: detection holds both versions, as float32, plus blocks of float64)
+MIN_BYTES = 64 << 10
+MAX_ELEMENTS = 1 << 24
+MAX_RANK = 64
+#: a sampled singular value must drop by this factor after the rank
+_GAP = 4.0
+#: at most this many rows and columns form the detection sample
+_SAMPLE = 256
+#: a scale model is tried when the sample's ratios fit it to this relative deviation
+_SCALE_FIT = 1e-2
+_HEAD = struct.Struct("<BBHII")
+_SEED = 0x706C6B
+
+
+@dataclass(frozen=True)
+class Model:
+    """A structured update: optional row/column scales and low-rank factors (float32)."""
+
+    dtype: str
+    m: int
+    n: int
+    row: F32 | None = None
+    col: F32 | None = None
+    u: F32 | None = None  # (m, rank)
+    v: F32 | None = None  # (n, rank)
+
+    @property
+    def rank(self) -> int:
+        """Number of rank-1 terms."""
+        return 0 if self.u is None else int(self.u.shape[1])
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the tensor."""
+        return _ITEMSIZE[DTYPE_CODES[self.dtype]]
+
+    @property
+    def kind(self) -> str:
+        """A short name for listings: lowrank, rowscale, colscale, scale or a combination."""
+        scale = {1: "rowscale", 2: "colscale", 3: "scale"}.get(
+            (ROWS if self.row is not None else 0) | (COLS if self.col is not None else 0)
+        )
+        parts = [p for p in (scale, f"lowrank{self.rank}" if self.rank else None) if p]
+        return "+".join(parts)
+
+    def to_bytes(self) -> bytes:
+        """The model section (with its length prefix)."""
+        flags = (ROWS if self.row is not None else 0) | (COLS if self.col is not None else 0)
+        flags |= LOWRANK if self.rank else 0
+        body = [_HEAD.pack(flags, DTYPE_CODES[self.dtype], self.rank, self.m, self.n)]
+        for arr in (self.row, self.col, self.u, self.v):
+            if arr is not None:
+                body.append(arr.astype("<f4").tobytes())
+        data = b"".join(body)
+        return struct.pack("<I", len(data)) + data
+
+
+def _corrupt(message: str) -> CorruptObjectError:
+    return CorruptObjectError(
+        f"corrupt object: {message}",
+        hint="run `potluck fsck` to find damaged objects and restore them from a remote",
+    )
+
+
+def parse_model(data: bytes, size: int, itemsize: int) -> Model:
+    """The model of a section body (without its length prefix), checked against the object's
+    ``size`` and ``itemsize``."""
+    import numpy as np
+
+    if len(data) < _HEAD.size:
+        raise _corrupt(f"model section of {len(data)} bytes is too short")
+    flags, code, rank, m, n = _HEAD.unpack_from(data)
+    dtype = {v: k for k, v in DTYPE_CODES.items()}.get(code)
+    if dtype is None or flags & ~(ROWS | COLS | LOWRANK) or bool(flags & LOWRANK) != (rank > 0):
+        raise _corrupt(f"model section has bad flags {flags}, dtype {code} or rank {rank}")
+    if _ITEMSIZE[code] != itemsize or m * n * itemsize != size:
+        raise _corrupt(f"model of a {m}x{n} {dtype} matrix does not fit {size} bytes")
+    want = 4 * ((m if flags & ROWS else 0) + (n if flags & COLS else 0) + (m + n) * rank)
+    if len(data) != _HEAD.size + want:
+        raise _corrupt(f"model section has {len(data) - _HEAD.size} bytes, not {want}")
+    floats = np.frombuffer(data, "<f4", offset=_HEAD.size)
+    at = 0
+
+    def take(count: int) -> F32:
+        nonlocal at
+        at += count
+        return floats[at - count : at].astype(np.float32)
+
+    row = take(m) if flags & ROWS else None
+    col = take(n) if flags & COLS else None
+    u = take(m * rank).reshape(m, rank) if rank else None
+    v = take(n * rank).reshape(n, rank) if rank else None
+    return Model(dtype, m, n, row, col, u, v)
+
+
+# --- reconstruction (the decoder's side: must be bit-identical everywhere) -----------------------
+
+
+def to_float64(bits: bytes | memoryview, dtype: str) -> F64:
+    """Values of little-endian ``dtype`` elements as float64 (exact)."""
+    import numpy as np
+
+    if dtype == "F32":
+        return np.frombuffer(bits, "<f4").astype(np.float64)
+    if dtype == "F16":
+        return np.frombuffer(bits, "<f2").astype(np.float64)
+    wide = np.frombuffer(bits, "<u2").astype(np.uint32) << np.uint32(16)
+    return wide.view(np.float32).astype(np.float64)
+
+
+def round_bits(x: F64, dtype: str) -> NDArray[np.unsignedinteger]:  # type: ignore[type-arg]
+    """Bit patterns of ``x`` rounded to ``dtype`` (the module docstring's rounding)."""
+    import numpy as np
+
+    f = x.astype(np.float32)
+    if dtype == "F32":
+        return f.view(np.uint32)
+    if dtype == "F16":
+        return f.astype(np.float16).view(np.uint16)
+    b = f.view(np.uint32)
+    nan = np.isnan(f)
+    up = (b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    out = np.where(nan, b >> np.uint32(16), up)
+    return out.astype(np.uint16)
+
+
+def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
+    """Bit patterns of the reconstruction of elements ``[start, start + len(base)/itemsize)``
+    (``base`` holds the base's bytes of those elements)."""
+    import numpy as np
+
+    count = len(base) // model.itemsize
+    if count == 0:
+        return b""
+    n = model.n
+    r0, r1 = start // n, (start + count - 1) // n + 1
+    off = start - r0 * n
+    x = np.zeros((r1 - r0) * n, np.float64)
+    x[off : off + count] = to_float64(base, model.dtype)
+    block = x.reshape(r1 - r0, n)
+    if model.row is not None or model.col is not None:
+        rs = np.ones(r1 - r0) if model.row is None else model.row[r0:r1].astype(np.float64)
+        cs = np.ones(n) if model.col is None else model.col.astype(np.float64)
+        np.multiply(block, np.multiply.outer(rs, cs), out=block)
+    if model.u is not None and model.v is not None:
+        u = model.u[r0:r1].astype(np.float64)
+        v = model.v.astype(np.float64)
+        term = np.empty_like(block)
+        for k in range(model.rank):
+            np.multiply.outer(u[:, k], v[:, k], out=term)
+            np.add(block, term, out=block)
+    return round_bits(x[off : off + count], model.dtype).tobytes()
+
+
+def residual(new: bytes | memoryview, recon: bytes, itemsize: int) -> bytes:
+    """Zigzag-mapped ``new - recon`` per element, modulo 2**(8 * itemsize)."""
+    import numpy as np
+
+    u, i = ("<u4", "<i4") if itemsize == 4 else ("<u2", "<i2")
+    d: Any = (np.frombuffer(new, u) - np.frombuffer(recon, u)).view(i)
+    zz = (d << 1) ^ (d >> (8 * itemsize - 1))
+    return bytes(zz.view(u).tobytes())
+
+
+def apply_residual(res: bytes, recon: bytes, itemsize: int) -> bytes:
+    """Inverse of ``residual``: the new bit patterns."""
+    import numpy as np
+
+    u: Any = np.uint32 if itemsize == 4 else np.uint16
+    z = cast(Any, np.frombuffer(res, u))
+    d = (z >> u(1)) ^ (u(0) - (z & u(1)))
+    return bytes((np.frombuffer(recon, u) + d).tobytes())
+
+
+def eligible(dtype: str | None, shape: tuple[int, ...] | None, size: int) -> bool:
+    """Whether ``detect`` may look at a tensor of this dtype, shape and byte size."""
+    if dtype not in DTYPE_CODES or shape is None or len(shape) != 2:
+        return False
+    m, n = shape
+    fits = m * n <= MAX_ELEMENTS and m * n * DTYPE_ITEMSIZE[dtype] == size
+    return min(m, n) >= 8 and size >= MIN_BYTES and fits
