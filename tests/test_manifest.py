@@ -50,3 +50,22 @@ def test_metadata_order_does_not_change_bytes() -> None:
     m1 = Manifest("npz", 0, (), (), {"b": "1", "a": "2"})
     m2 = Manifest("npz", 0, (), (), {"a": "2", "b": "1"})
     assert dumps(m1) == dumps(m2)
+
+
+def test_records_must_be_one_per_line_even_when_the_lines_join_into_valid_json() -> None:
+    """``parse`` decodes all lines as one JSON array first; a record split over two lines
+    next to two records on one line has the right count but is still refused (by line)."""
+    entry = b'{"tensor":"w","dtype":"BF16","shape":[3,4],"oid":"' + B.encode() + b'","size":24}'
+    split = b'{"raw":"' + A.encode() + b'","size":80},{"tensor":"w","dtype":"BF16","shape":[3\n'
+    rest = b'4],"oid":"' + B.encode() + b'","size":24}\n'
+    text = GOLDEN.replace(
+        b'{"raw":"' + A.encode() + b'","size":80}\n' + entry + b"\n", split + rest
+    )
+    with pytest.raises(FormatError, match="manifest is malformed on line 3"):
+        parse(text)
+
+
+@pytest.mark.parametrize("shape", [b"[true,4]", b"[3,-4]", b"[3.0,4]", b'"34"'])
+def test_a_shape_is_a_list_of_non_negative_integers(shape: bytes) -> None:
+    with pytest.raises(FormatError, match="bad shape"):
+        parse(GOLDEN.replace(b'"shape":[3,4]', b'"shape":' + shape))

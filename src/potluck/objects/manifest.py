@@ -102,12 +102,13 @@ def _entry_record(e: Entry) -> dict[str, Any]:
 def _entry_line(e: Entry) -> str:
     """``_dumps(_entry_record(e))``, written out directly (a manifest has one per tensor):
     strings go through the JSON encoder's own ASCII escaping, so the text is the same."""
-    if type(e) is TensorEntry and all(type(d) is int for d in e.shape) and type(e.size) is int:
+    if type(e) is TensorEntry and type(e.size) is int:
         shape = ",".join(map(str, e.shape))
-        return (
-            f'{{"tensor":{_quote(e.name)},"dtype":{_quote(e.dtype)},"shape":[{shape}],'
-            f'"oid":{_quote(e.oid)},"size":{e.size}}}'
-        )
+        if not shape or shape.replace(",", "").isdigit():  # every dimension printed an int
+            return (
+                f'{{"tensor":{_quote(e.name)},"dtype":{_quote(e.dtype)},"shape":[{shape}],'
+                f'"oid":{_quote(e.oid)},"size":{e.size}}}'
+            )
     return _dumps(_entry_record(e))
 
 
@@ -131,14 +132,21 @@ def dumps(m: Manifest) -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
+_OID_STR = re.compile(r"[0-9a-f]{64}")
+
+
 def _check_oid(oid: Any) -> str:
-    if not isinstance(oid, str) or len(oid) != 64 or not set(oid) <= _HEX:
+    if not isinstance(oid, str) or _OID_STR.fullmatch(oid) is None:
         raise FormatError(f"manifest: bad object id {oid!r}")
     return oid
 
 
+_INT_ONLY = {int}
+
+
 def _shape(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(isinstance(d, int) and d >= 0 for d in v):
+    """A list of non-negative integers (not booleans) as a tuple."""
+    if type(v) is not list or (v and (set(map(type, v)) != _INT_ONLY or min(v) < 0)):
         raise FormatError(f"manifest: bad shape {v!r}")
     return tuple(v)
 
@@ -178,14 +186,31 @@ def _error(source: str | None, message: str) -> FormatError:
     return FormatError(f"{where}{message}", hint=MANIFEST_HINT, source=source, problem=message)
 
 
-def _records(data: bytes, source: str | None) -> tuple[dict[str, Any], list[Entry | View]]:
-    """The head record and the segment/view records, one JSON object per non-empty line."""
+def _records(
+    data: bytes, source: str | None, whole: bool = False
+) -> tuple[dict[str, Any], list[Entry | View]]:
+    """The head record and the segment/view records, one JSON object per non-empty line.
+
+    With ``whole`` the lines are first decoded as one JSON array (one call instead of one per
+    tensor); the caller must then check that the text is canonical (``parse`` does), since
+    that is what guarantees one record per line. Any error takes the line-by-line way, which
+    names the line."""
     if not is_manifest(data):
         raise FormatError(
             f"{source}: not a potluck manifest" if source else "not a potluck manifest",
             hint="the blob does not start with the magic line",
             source=source,
         )
+    if whole:
+        try:
+            lines = data.decode("ascii").split("\n")
+            head, *rest = json.loads("[" + ",".join(lines[1:-1]) + "]")
+            if isinstance(head, dict) and len(rest) == len(lines) - 3 and not lines[-1]:
+                return head, [_parse_record(rec) for rec in rest]
+        except (ValueError, KeyError, TypeError, IndexError, ArithmeticError, RecursionError):
+            pass
+        except FormatError:
+            pass
     lineno = 2
     try:
         lines = data.decode("ascii").split("\n")
@@ -208,7 +233,10 @@ def parse_lenient(data: bytes, source: str | None = None) -> Manifest:
     """Parse a manifest that may not be in canonical form (other spacing, key order, escapes or
     line ends), checking everything else ``parse`` checks; ``source`` (a path, blob or commit)
     is named in every error. Used to read damaged manifests, never to write one."""
-    head, records = _records(data, source)
+    return _manifest(*_records(data, source), source)
+
+
+def _manifest(head: dict[str, Any], records: list[Entry | View], source: str | None) -> Manifest:
     entries = tuple(r for r in records if not isinstance(r, View))
     views = tuple(r for r in records if isinstance(r, View))
     try:
@@ -234,9 +262,10 @@ def _first_difference(data: bytes, canonical: bytes) -> str:
 def parse(data: bytes, source: str | None = None) -> Manifest:
     """Parse canonical manifest bytes; anything non-canonical raises ``FormatError`` (naming
     ``source``, e.g. ``path (blob 1a2b3c)``, and the first line that differs)."""
-    m = parse_lenient(data, source)
+    m = _manifest(*_records(data, source, whole=True), source)
     canonical = dumps(m)
     if canonical != data:
+        parse_lenient(data, source)  # names the line when one is malformed on its own
         raise _error(
             source, f"manifest is not in canonical form ({_first_difference(data, canonical)})"
         )
