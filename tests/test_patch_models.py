@@ -177,7 +177,9 @@ def test_lowrank_card_is_adapter_and_file_card(
     card = (one / "README.md").read_text()
     assert front_matter(card)[:2] == ['base_model: "org/base"', "base_model_relation: adapter"]
     assert "lowrank (1 tensor)" in card and "exact: no" in card
-    assert sorted(p.name for p in one.iterdir()) == ["README.md", "m.safetensors"]
+    assert sorted(p.name for p in one.iterdir()) == [
+        "README.md", "m.safetensors", "m.safetensors.lineage.json"
+    ]  # fmt: skip
 
 
 def test_check_matches_float64_reference(dirs: tuple[Path, Path, Arrays], tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ Nothing is written at commit time: an edge of a commit is derived when it is rea
 commit already pins (docs/lineage.md says why). For each commit that changed a model (a
 potluck-tracked checkpoint file, or a model directory: all its weight files together):
 
-* the model directory at that commit holds a ``lineage.json`` whose ``weights_digest`` is the
-  committed weights' digest (an output of ``potluck merge`` / ``patch apply`` / ``peft apply`` /
-  ``compose export`` committed as is): its edges;
+* the model directory at that commit holds a ``lineage.json`` (a single file: ``<file>.lineage.
+  json`` beside it) whose ``weights_digest`` is the committed weights' digest (an output of
+  ``potluck merge`` / ``patch apply`` / ``peft apply`` / ``compose export`` committed as is):
+  its edges;
 * the commit is a merge: relation ``merge``, every parent commit that has the model, method and
   parameters from the ``Potluck-Merge`` trailers the merge driver wrote (``potluck.git.
   merge_record``);
@@ -114,9 +115,9 @@ def version_at(repo: Repo, commit: str, path: str) -> ModelVersion | None:
         return TensorLoader(m, repo.odb).load([name])[name]
 
     hashes = manifest_hashes(manifests, read_view)
-    lineage_blob = None
-    if not (len(manifests) == 1 and path.endswith(_WEIGHT_SUFFIXES)):
-        lineage_blob = repo.git.show_blob(f"{commit}:{path.rstrip('/')}/{LINEAGE_FILE}")
+    single = len(manifests) == 1 and path.endswith(_WEIGHT_SUFFIXES)
+    beside = f"{path}.{LINEAGE_FILE}" if single else f"{path.rstrip('/')}/{LINEAGE_FILE}"
+    lineage_blob = repo.git.show_blob(f"{commit}:{beside}")
     return ModelVersion(weights_digest(hashes), hashes, lineage_blob)
 
 
@@ -192,10 +193,11 @@ def _commit_edges(
 
 
 def _recorded(child: ModelVersion, commit: str, path: str) -> list[Edge]:
-    """The edges of a committed ``lineage.json`` that describes these very weights."""
+    """The edges of a committed lineage file that describes these very weights."""
     if child.lineage_blob is None:
         return []
-    where = f"{commit}:{path}/{LINEAGE_FILE}"
+    single = path.endswith(_WEIGHT_SUFFIXES)
+    where = f"{commit}:{path}{'.' if single else '/'}{LINEAGE_FILE}"
     try:
         lin = parse_lineage(child.lineage_blob, where)
     except FormatError:

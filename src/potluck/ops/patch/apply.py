@@ -264,8 +264,7 @@ def apply_patch(
             card=card_text_,
         )
         report.removed = sorted(set(patch.removed) & set(base.names()))
-        if as_dir:
-            record_output(out_path, edge)
+        record_output(out_path, edge)  # a single file: <out>.lineage.json beside it
     report.card = card_text_ is not None
     report.results_verified = check and bool(patch.result)
     report.added = sorted(set(patch.payloads) - set(patch.base))
