@@ -354,3 +354,38 @@ def test_eligible_bounds() -> None:
     assert not structured.eligible("F32", (1 << 13, 1 << 12), 1 << 27)  # over 16M elements
     assert not structured.eligible("I32", (256, 64), 256 * 64 * 4)
     assert KIND_MODEL == 4
+
+
+# --- end to end: git add/commit/checkout, du and ls say what each object got -------------------
+
+
+def test_git_round_trip_and_listings(repo: object, git: object) -> None:
+    import json
+    from pathlib import Path
+
+    from conftest import save_st
+    from test_vcs import commit
+
+    assert isinstance(repo, Path) and callable(git)
+    old = base_matrix("F32")
+    bias = np.zeros(SHAPE[1], np.float32)
+    save_st(repo / "m.safetensors", {"w": old, "b": bias})
+    commit(git, "m.safetensors", "v1")
+    v1 = (repo / "m.safetensors").read_bytes()
+    save_st(repo / "m.safetensors", {"w": merged_lora(old, 8), "b": bias})
+    commit(git, "m.safetensors", "v2")
+    v2 = (repo / "m.safetensors").read_bytes()
+    rows = json.loads(git("potluck", "ls", "m.safetensors@HEAD", "--stored", "--json"))
+    got = {r["name"]: r["encoding"] for r in rows}
+    assert got == {"b": "standalone", "w": "delta+lowrank8"}
+    w_row = next(r for r in rows if r["name"] == "w")
+    assert 0 < w_row["stored"] < 0.25 * old.nbytes
+    du = json.loads(git("potluck", "du", "--json"))
+    assert du["encodings"]["delta+lowrank8"]["objects"] == 1
+    assert "delta+lowrank8: 1 objects" in git("potluck", "du")
+    (repo / "m.safetensors").unlink()
+    git("git", "checkout", "HEAD~1", "--", "m.safetensors")
+    assert (repo / "m.safetensors").read_bytes() == v1
+    git("git", "checkout", "HEAD", "--", "m.safetensors")
+    assert (repo / "m.safetensors").read_bytes() == v2
+    assert "ok" in git("potluck", "fsck")

@@ -120,18 +120,23 @@ def untrack(patterns: tuple[str, ...]) -> None:
 
 @cli.command(name="ls")
 @click.argument("spec")
+@click.option(
+    "--stored",
+    is_flag=True,
+    help="Also how each tensor is stored (FILE@REV, HEAD for FILE): standalone, delta or "
+    "delta+MODEL (a merged low-rank or scale update: lowrank8, rowscale, ...), and its bytes.",
+)
 @json_opt
 @handle_errors
-def ls_cmd(spec: str, as_json: bool) -> None:
+def ls_cmd(spec: str, stored: bool, as_json: bool) -> None:
     """List tensors of FILE or FILE@REV: name, dtype, shape, bytes."""
     path, rev = insp.split_rev(spec)
-    if rev is None or Path(spec).exists():  # any file or HF directory, in a repository or not
+    if not stored and (rev is None or Path(spec).exists()):  # any file or HF directory
         rows = insp.ls_path(spec)
     else:
         repo = Repo(".")
-        if rev is not None:
-            path = repo.relpath(path)
-        rows = insp.ls(repo, path, rev)
+        path = repo.relpath(path)
+        rows = insp.ls(repo, path, rev or "HEAD", stored=stored)
     if as_json:
         emit_json(rows)
         return
@@ -141,10 +146,12 @@ def ls_cmd(spec: str, as_json: bool) -> None:
             r["dtype"],
             "x".join(map(str, r["shape"])) or "()",
             r.get("note") or human_bytes(r["bytes"]),
+            *([r.get("encoding", ""), human_bytes(r.get("stored", 0))] if stored else []),
         ]
         for r in rows
     ]
-    echo(table(body, ["name", "dtype", "shape", "bytes"]))
+    heads = ["name", "dtype", "shape", "bytes", *(["encoding", "stored"] if stored else [])]
+    echo(table(body, heads))
     echo(f"{len(rows)} tensors, {human_bytes(sum(r['bytes'] for r in rows))}")
 
 
@@ -244,6 +251,8 @@ def du(as_json: bool) -> None:
         ["TOTAL (deduplicated)", "", human_bytes(rep["logical"]), human_bytes(rep["stored"])]
     )
     echo(table(rows, ["path", "versions", "logical", "stored"]))
+    for how, enc in rep["encodings"].items():
+        echo(f"{how}: {enc['objects']} objects, {human_bytes(enc['stored'])}")
     if rep["missing"]:
         echo(f"{rep['missing']} referenced objects are not present locally")
 

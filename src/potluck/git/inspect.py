@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from potluck.errors import FormatError, GitError, UserError
+from potluck.errors import CorruptObjectError, FormatError, GitError, UserError
 from potluck.formats import scan_stream
 from potluck.formats.base import naming
 from potluck.formats.reader import read_tensors
@@ -18,6 +18,7 @@ from potluck.git.maintenance import reachable_manifests
 from potluck.git.merge_record import commit_trailers
 from potluck.git.repo import Repo, open_worktree_file
 from potluck.git.sync import fetch_manifest
+from potluck.objects.encoding import describe
 from potluck.objects.manifest import MAGIC, Manifest, is_manifest, parse
 from potluck.ops.models.sources import checkpoint_files
 from potluck.ops.vcs import (
@@ -125,12 +126,37 @@ def load(
         raise naming(e, rel if rev is None else f"{rev}:{rel}") from None
 
 
-def ls(repo: Repo, path: str, rev: str | None) -> list[dict[str, Any]]:
-    """Rows (name, dtype, shape, bytes) of the tensors of a file."""
+def ls(repo: Repo, path: str, rev: str | None, stored: bool = False) -> list[dict[str, Any]]:
+    """Rows (name, dtype, shape, bytes) of the tensors of a file; with ``stored`` (a committed
+    version: ``rev``) also how each tensor's object is stored (``encoding``: standalone, delta,
+    delta+lowrank8, ...) and its bytes in the store (``stored``)."""
     m = _listed(repo, path, rev)
     if m is None:
         raise UserError(f"{path} does not exist" + (f" at {rev}" if rev else ""))
-    return _rows(m)
+    rows = _rows(m)
+    if stored:
+        tensors = m.tensors()
+        for row in rows:
+            entry = tensors.get(row["name"])
+            if entry is not None and "note" not in row:
+                row.update(_stored_as(repo, entry.oid))
+    return rows
+
+
+def _stored_as(repo: Repo, oid: str) -> dict[str, Any]:
+    """How one object is stored: its encoding and size (``missing`` when not here)."""
+    if not oid or not repo.store.has(oid):
+        return {"encoding": "missing", "stored": 0}
+    return {"encoding": _encoding_of(repo, oid), "stored": repo.store.stored_size(oid)}
+
+
+def _encoding_of(repo: Repo, oid: str) -> str:
+    """``encoding.describe`` of a present object ("damaged" when its header is unreadable)."""
+    try:
+        with repo.store.open(oid) as f:
+            return describe(f)
+    except CorruptObjectError:
+        return "damaged"
 
 
 def ls_path(path: str) -> list[dict[str, Any]]:
@@ -396,6 +422,11 @@ def du(repo: Repo) -> dict[str, Any]:
         row["oids"].update(m.oids())
         all_oids.update(m.oids())
     sizes = {o: repo.store.stored_size(o) for o in all_oids if repo.store.has(o)}
+    encodings: dict[str, dict[str, int]] = {}
+    for o, n in sizes.items():
+        row = encodings.setdefault(_encoding_of(repo, o), {"objects": 0, "stored": 0})
+        row["objects"] += 1
+        row["stored"] += n
     files = []
     for path, row in sorted(per_path.items()):
         stored = sum(sizes.get(o, 0) for o in row["oids"])
@@ -408,6 +439,7 @@ def du(repo: Repo) -> dict[str, Any]:
         "stored": sum(sizes.values()),
         "objects": len(sizes),
         "missing": len(all_oids) - len(sizes),
+        "encodings": dict(sorted(encodings.items())),
     }
 
 
