@@ -31,6 +31,7 @@ from potluck.ops.patch import (
     stack_patches,
 )
 from potluck.ops.patch.evaluate import check_eval_target, eval_patch
+from potluck.ops.patch.weights import StatsLookup
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 
@@ -115,6 +116,13 @@ def patch() -> None:
     help="Keep every tensor's relative Frobenius error within TOL (alone: the smallest such "
     "patch; with --budget: refused when it cannot fit).",
 )
+@click.option(
+    "--gram",
+    "gram_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --budget/--max-error: weight each tensor's error by its effect on the layer's "
+    "outputs, from a `potluck stats gram` file (--embeddings there covers embeddings).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def create_cmd(
@@ -137,6 +145,7 @@ def create_cmd(
     threads: int,
     budget: str | None,
     max_error: float | None,
+    gram_file: str | None,
     as_json: bool,
 ) -> None:
     """Write a patch turning BASE into TARGET (files, model directories or PATH@REV)."""
@@ -147,6 +156,7 @@ def create_cmd(
     parsed = [parse_rule(r) for r in rules]
     if eval_file is not None and not check:
         raise UserError("--eval needs --check", hint="add --check")
+    stats = None if gram_file is None else _gram_stats(gram_file, budget, max_error)
     with open_model(base) as base_src, open_model(target) as target_src:
         if eval_file is not None:
             check_eval_target(target_src)  # before anything is written
@@ -163,6 +173,7 @@ def create_cmd(
             check=check,
             budget=budget,
             max_error=max_error,
+            stats=stats,
         )
         if eval_file is not None and info.quality is not None:
             outputs = eval_patch(
@@ -175,6 +186,22 @@ def create_cmd(
         emit_json(create_json(info))
         return
     _render_create(info)
+
+
+def _gram_stats(path: str, budget: str | None, max_error: float | None) -> StatsLookup:
+    """The Gram statistics of ``--gram`` by tensor name (only with --budget/--max-error)."""
+    from potluck.ops.merge.statsfile import load_stats
+
+    if budget is None and max_error is None:
+        raise UserError("--gram needs --budget or --max-error", hint="add --budget SIZE")
+    stats = load_stats(path)
+    if stats.kind != "gram":
+        raise UserError(
+            f"{path} holds {stats.kind} statistics, not Gram matrices",
+            hint="compute them with `potluck stats gram MODEL --data FILE -o OUT --embeddings`",
+            path=path,
+        )
+    return stats.tensor_stats
 
 
 def _refuse_codec_choice(flags: dict[str, int | float | None], rules: tuple[str, ...]) -> None:

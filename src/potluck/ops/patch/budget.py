@@ -22,6 +22,7 @@ exactly (``full``) and count as fixed cost, with an estimate of the file's heade
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import re
@@ -35,7 +36,9 @@ from potluck.codecs.qlowrank import factor_bytes, predicted_sq_error
 from potluck.errors import UserError
 from potluck.merging.svd import top_k_svd
 from potluck.ops.models.sources import ModelSource
+from potluck.ops.patch.budget_sign import sign_options
 from potluck.ops.patch.fileformat import PatchContents, patch_bytes
+from potluck.ops.patch.weights import InputWeight, StatsLookup, input_weight
 
 __all__ = [
     "Choice",
@@ -70,12 +73,19 @@ _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 @dataclass(frozen=True)
 class Option:
-    """One way to store a tensor: codec, parameters, payload bytes, predicted squared error."""
+    """One way to store a tensor: codec, parameters, payload bytes, predicted squared error and
+    the allocation's loss (the squared error, or with statistics its effect on the outputs:
+    ``ops.patch.weights``; NaN means the squared error)."""
 
     codec: str
     params: Mapping[str, object]
     nbytes: int
     sq_error: float
+    loss: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.loss):
+            object.__setattr__(self, "loss", self.sq_error)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class TensorCurve:
     norm_sq: float
     fp16_bytes: int
     options: list[Option]
+    weighted: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,45 +161,95 @@ def exact_curve(name: str, nbytes: int, fp16_bytes: int) -> TensorCurve:
     )
 
 
-def matrix_curve(name: str, delta: np.ndarray, seed: int, full_bytes: int) -> TensorCurve:
+def matrix_curve(
+    name: str,
+    delta: np.ndarray,
+    seed: int,
+    full_bytes: int,
+    weight: InputWeight | None = None,
+) -> TensorCurve:
     """The hull of a float delta's candidate encodings (``delta`` of ndim ≥ 2, finite).
 
     When some rows of Δ are zero, the factored options cover only the changed rows
-    (``rows="changed"``, 4 bytes of index per row)."""
-    a = delta.reshape(delta.shape[0], -1)
+    (``rows="changed"``, 4 bytes of index per row). With ``weight`` (the inputs' Gram matrix)
+    each option's loss is its predicted effect on the layer's outputs (``ops.patch.weights``)."""
+    whole = delta.reshape(delta.shape[0], -1)
+    a = whole
     fp16 = 2 * int(np.count_nonzero(a))
     changed = np.flatnonzero(np.any(a != 0, axis=1))
     extra: dict[str, object] = {}
     index_bytes = 0
+    w = weight
     if changed.size < a.shape[0]:
         a, extra, index_bytes = a[changed], {"rows": "changed"}, 4 * int(changed.size)
+        w = None if weight is None else weight.restrict_rows(changed)
     m, n = a.shape
     norm_sq = float(np.sum(a.astype(np.float64) ** 2))
     rng = np.random.Generator(np.random.Philox(key=stable_key(seed, name, "budget")))
     u, s, vt = top_k_svd(a, min(m, n), rng=rng)
     s2 = s**2
     tail = np.maximum(norm_sq - np.concatenate([[0.0], np.cumsum(s2)]), 0.0)
+    wt = _Weighting.of(w, a, u, s2, vt, tail)
     u_max, v_max = np.abs(u).max(axis=0), np.abs(vt).max(axis=1)
     rows_arr = 1 if extra else 0
     index_bytes += array_cost(name, rows_arr)
-    options = [Option("qlowrank", {"rank": 0, "bits": 4}, array_cost(name, 4), norm_sq)]
+    options = [wt.option("qlowrank", {"rank": 0, "bits": 4}, array_cost(name, 4), 0, 0.0)]
     if full_bytes > 0:
-        options.append(Option("full", {}, full_bytes + array_cost(name, 1), 0.0))
+        options.append(Option("full", {}, full_bytes + array_cost(name, 1), 0.0, 0.0))
     f16 = np.concatenate([[0.0], np.cumsum(s2 * _F16_REL)])
     for bits in (8, 4):
         q = np.concatenate([[0.0], np.cumsum(predicted_sq_error(s, u_max, v_max, m, n, bits))])
         for r in range(1, s.size + 1):
             nb = factor_bytes(r, m, n, bits) + index_bytes + array_cost(name, 4)
             params = {"rank": r, "bits": bits, **extra}
-            options.append(Option("qlowrank", params, nb, tail[r] + q[r]))
+            options.append(wt.option("qlowrank", params, nb, r, q[r]))
     q4 = predicted_sq_error(s, u_max, v_max, m, n, 4)
     q8 = predicted_sq_error(s, u_max, v_max, m, n, 8)
-    options += _mixed_options(tail, q4, q8, m, n, index_bytes + array_cost(name, 8), extra)
+    mixed = _mixed_options(tail, q4, q8, m, n, index_bytes + array_cost(name, 8), extra)
+    for o in mixed:
+        r = int(str(o.params["rank"]))
+        options.append(wt.option(o.codec, o.params, o.nbytes, r, o.sq_error - tail[r]))
     for r in range(1, s.size + 1):
         params = {"rank": r, "factors": "F16", **extra}
         nb = 2 * r * (m + n) + index_bytes + array_cost(name, 2)
-        options.append(Option("lowrank", params, nb, tail[r] + f16[r]))
-    return TensorCurve(name, norm_sq, fp16, lower_hull(options))
+        options.append(wt.option("lowrank", params, nb, r, f16[r]))
+    if delta.ndim == 2:
+        options += [Option(*o) for o in sign_options(name, whole, weight, norm_sq)]
+    return TensorCurve(name, norm_sq, fp16, lower_hull(options), weighted=weight is not None)
+
+
+@dataclass(frozen=True)
+class _Weighting:
+    """Squared error and loss of a rank-r option: the truncation tail plus rounding noise."""
+
+    tail: np.ndarray
+    wtail: np.ndarray
+    noise_weight: float
+
+    @staticmethod
+    def of(
+        w: InputWeight | None,
+        a: np.ndarray,
+        u: np.ndarray,
+        s2: np.ndarray,
+        vt: np.ndarray,
+        tail: np.ndarray,
+    ) -> _Weighting:
+        """Weighted tails Σ_{i≥r} σᵢ² gᵢ from the whole weighted error (``weights``)."""
+        if w is None:
+            return _Weighting(tail, tail, 1.0)
+        total = w.error(a)
+        cum = np.concatenate([[0.0], np.cumsum(s2 * w.direction_weights(u, vt))])
+        return _Weighting(tail, np.maximum(total - cum, 0.0), w.mean_diag)
+
+    def option(
+        self, codec: str, params: Mapping[str, object], nbytes: int, rank: int, noise: float
+    ) -> Option:
+        """The option keeping ``rank`` directions with squared rounding error ``noise``."""
+        sq = float(self.tail[rank] + noise)
+        return Option(
+            codec, params, nbytes, sq, float(self.wtail[rank] + noise * self.noise_weight)
+        )
 
 
 def _mixed_options(
@@ -226,15 +287,13 @@ def _mixed_options(
 
 
 def lower_hull(options: Sequence[Option]) -> list[Option]:
-    """The options on the lower convex hull of (bytes, squared error), cheapest first, each
+    """The options on the lower convex hull of (bytes, loss), cheapest first, each
     strictly better than the one before (ties broken by codec and parameters, so the result
     does not depend on the input order)."""
-    pts = sorted(
-        options, key=lambda o: (o.nbytes, o.sq_error, o.codec, repr(sorted(o.params.items())))
-    )
+    pts = sorted(options, key=lambda o: (o.nbytes, o.loss, o.codec, repr(sorted(o.params.items()))))
     hull: list[Option] = []
     for p in pts:
-        if hull and p.sq_error >= hull[-1].sq_error:
+        if hull and p.loss >= hull[-1].loss:
             continue
         while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
             hull.pop()
@@ -244,9 +303,7 @@ def lower_hull(options: Sequence[Option]) -> list[Option]:
 
 def _cross(a: Option, b: Option, c: Option) -> float:
     """> 0 when b lies strictly below the segment a → c."""
-    return (b.nbytes - a.nbytes) * (c.sq_error - a.sq_error) - (b.sq_error - a.sq_error) * (
-        c.nbytes - a.nbytes
-    )
+    return (b.nbytes - a.nbytes) * (c.loss - a.loss) - (b.loss - a.loss) * (c.nbytes - a.nbytes)
 
 
 def _rel(curve: TensorCurve, opt: Option) -> float:
@@ -293,7 +350,7 @@ def _greedy(curves: Sequence[TensorCurve], at: dict[str, int], room: int) -> int
         i = at[c.name]
         if i + 1 < len(c.options):
             a, b = c.options[i], c.options[i + 1]
-            gain = (a.sq_error - b.sq_error) / max(b.nbytes - a.nbytes, 1)
+            gain = (a.loss - b.loss) / max(b.nbytes - a.nbytes, 1)
             heapq.heappush(heap, (-gain, c.name))
 
     for c in curves:
@@ -329,9 +386,15 @@ def _too_small(budget: int, needed: int, header: int, max_error: float | None) -
     )
 
 
-def tensor_curve(name: str, old: np.ndarray, new: np.ndarray, seed: int) -> TensorCurve:
+def tensor_curve(
+    name: str,
+    old: np.ndarray,
+    new: np.ndarray,
+    seed: int,
+    stats: StatsLookup | None = None,
+) -> TensorCurve:
     """The candidate encodings of one changed tensor (exact only where no codec choice applies:
-    reshaped, non-float, 1-D or non-finite deltas)."""
+    reshaped, non-float, 1-D or non-finite deltas); ``stats``: Gram statistics by name."""
     fp16 = 2 * int(new.size)
     if old.shape != new.shape or old.dtype != new.dtype or new.ndim < 2 or new.size == 0:
         return exact_curve(name, int(new.nbytes), fp16)
@@ -341,7 +404,31 @@ def tensor_curve(name: str, old: np.ndarray, new: np.ndarray, seed: int) -> Tens
     delta = new.astype(ct) - old.astype(ct)
     if not np.all(np.isfinite(delta)):
         return exact_curve(name, int(new.nbytes), fp16)
-    return matrix_curve(name, delta, seed, int(new.nbytes))
+    shape = (delta.shape[0], int(delta.size // max(delta.shape[0], 1)))
+    weight = None if stats is None else input_weight(name, stats(name), shape)
+    return matrix_curve(name, delta, seed, int(new.nbytes), weight)
+
+
+def rescale_unweighted(curves: Sequence[TensorCurve]) -> list[TensorCurve]:
+    """With statistics for some tensors only, the others' losses (squared weight errors) are
+    put on the outputs' scale: times the median, over the weighted tensors, of (loss of
+    dropping the whole delta) / ‖Δ‖²."""
+    ratios = [
+        c.options[0].loss / c.norm_sq
+        for c in curves
+        if c.weighted and c.norm_sq > 0 and c.options[0].sq_error == c.norm_sq
+    ]
+    if not ratios:
+        return list(curves)
+    k = float(np.median(ratios))
+    return [
+        c
+        if c.weighted
+        else dataclasses.replace(
+            c, options=[dataclasses.replace(o, loss=o.sq_error * k) for o in c.options]
+        )
+        for c in curves
+    ]
 
 
 def plan_patch(
@@ -353,9 +440,11 @@ def plan_patch(
     budget: str | int | None,
     max_error: float | None,
     seed: int,
+    stats: StatsLookup | None = None,
 ) -> Plan:
     """Read each tensor pair once, build its curve, and allocate (``allocate``); unchanged
-    tensors are left out, added ones stored whole. Memory: one tensor pair and its SVD."""
+    tensors are left out, added ones stored whole. Memory: one tensor pair and its SVD.
+    ``stats`` (Gram statistics by tensor name) weights each error by its effect on outputs."""
     if max_error is not None and not (0 <= max_error < math.inf):
         raise UserError(f"bad --max-error {max_error}", hint="a relative error, e.g. 0.05 for 5 %")
     curves = []
@@ -364,10 +453,12 @@ def plan_patch(
         same = old.dtype == new.dtype and old.shape == new.shape
         if same and base.sha256(name, old) == target.sha256(name, new):
             continue
-        curves.append(tensor_curve(name, old, new, seed))
+        curves.append(tensor_curve(name, old, new, seed, stats))
     for name in added:
         new = target.read(name)
         curves.append(exact_curve(name, int(new.nbytes), 2 * int(new.size)))
+    if stats is not None:
+        curves = rescale_unweighted(curves)
     fp16 = sum(c.fp16_bytes for c in curves)
     limit = None if budget is None else parse_budget(budget, fp16)
     return allocate(curves, limit, max_error)

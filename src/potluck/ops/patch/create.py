@@ -35,6 +35,7 @@ from potluck.ops.patch.budget import Plan, check_fits, plan_patch
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
+from potluck.ops.patch.weights import StatsLookup
 
 __all__ = ["PatchEntry", "PatchInfo", "create_patch", "encode_tensor", "patch_info"]
 
@@ -111,6 +112,7 @@ def create_patch(
     check: bool = False,
     budget: str | int | None = None,
     max_error: float | None = None,
+    stats: StatsLookup | None = None,
 ) -> PatchInfo:
     """Write a patch turning the model BASE into TARGET (paths or ``ModelSource``s).
 
@@ -122,7 +124,9 @@ def create_patch(
     ``check`` decodes every payload and measures it against TARGET (``PatchInfo.quality``).
     ``budget`` (bytes, ``5MB`` or ``x16``) and/or ``max_error`` (relative Frobenius error per
     tensor) replace the rules: ``ops.patch.budget`` picks each tensor's codec and records its
-    predicted error in the payload's meta (``predicted_error``).
+    predicted error in the payload's meta (``predicted_error``). ``stats`` (Gram statistics by
+    tensor name, e.g. ``StatsFile.tensor_stats``) weights the allocation's errors by their
+    effect on each layer's outputs (``ops.patch.weights``).
     """
     default = (default_codec, dict(params or {}))
     CODECS.get(default_codec)
@@ -138,7 +142,14 @@ def create_patch(
         plan: Plan | None = None
         if budget is not None or max_error is not None:
             plan = plan_patch(
-                base, target, common, added, budget=budget, max_error=max_error, seed=seed
+                base,
+                target,
+                common,
+                added,
+                budget=budget,
+                max_error=max_error,
+                seed=seed,
+                stats=stats,
             )
         for name in common:
             chosen = rules if plan is None or name not in plan.choices else plan.rule(name)
