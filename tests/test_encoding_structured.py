@@ -174,14 +174,17 @@ def test_reconstruction_matches_naive_float64_loop(dtype: str, scales: bool) -> 
     rng = np.random.default_rng(3)
     base = base_matrix(dtype, 4, (m, n))
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    limit = 1 << structured.factor_bits(r)
     model = Model(
         dtype,
         m,
         n,
         row=f32(m) if scales else None,
         col=f32(n) if scales else None,
-        u=f32(m, r) * np.float32(0.1),
-        v=f32(n, r) * np.float32(0.1),
+        u=rng.integers(1 - limit, limit, (m, r)).astype(np.int32),
+        v=rng.integers(1 - limit, limit, (n, r)).astype(np.int32),
+        eu=rng.integers(-40, -20, m).astype(np.int8),
+        ev=rng.integers(-40, -20, n).astype(np.int8),
     )
     want = []
     for i in range(m):
@@ -190,9 +193,10 @@ def test_reconstruction_matches_naive_float64_loop(dtype: str, scales: bool) -> 
             if scales:
                 assert model.row is not None and model.col is not None
                 x = x * (float(model.row[i]) * float(model.col[j]))
-            for k in range(r):
-                assert model.u is not None and model.v is not None
-                x = x + float(model.u[i, k]) * float(model.v[j, k])
+            assert model.u is not None and model.v is not None
+            assert model.eu is not None and model.ev is not None
+            total = sum(int(model.u[i, k]) * int(model.v[j, k]) for k in range(r))  # exact
+            x = x + float(total) * 2.0 ** (int(model.eu[i]) + int(model.ev[j]))
             want.append(_round_naive(x, dtype))
     width = "<u4" if dtype == "F32" else "<u2"
     flat = base.tobytes()
@@ -208,22 +212,22 @@ def test_reconstruction_matches_naive_float64_loop(dtype: str, scales: bool) -> 
 
 GOLDEN_MODEL = (
     "504c4b4f020401000002000000000000000100009a7da1da62b9bde6e5fc843d1003baa8358e30e88e196434"
-    "321e4235a8d7e4356c000000040101000800000010000000000000000000003f0000803f0000c03f00000040"
-    "00002040000040400000604000000000000080be0000003f000040bf0000803f0000a0bf0000c03f0000e0bf"
-    "00000040000010c000002040000030c000004040000050c000006040000070c0042000000028b52ffd640000"
-    "9500004000004800c4000f0004500200999326351af1897a7d041700000028b52ffd6400004d000010000001"
-    "007b0a6001601aa7f5"
+    "321e4235a8d7e43584000000040101000800000010000000fffffffffffffffffefefefefefefefefefefefe"
+    "fefefefe000000000100000002000000030000000400000005000000060000000700000000000000ffffffff"
+    "02000000fdffffff04000000fbffffff06000000f9ffffff08000000f7ffffff0a000000f5ffffff0c000000"
+    "f3ffffff0e000000f1ffffff042000000028b52ffd6400009500004000004800c4000f000450020099932635"
+    "1af1897a7d041700000028b52ffd6400004d000010000001007b0a6001601aa7f5"
 )
 
 
 def _golden() -> tuple[bytes, bytes, Model]:
     base = np.arange(128, dtype="<f4").reshape(8, 16)
-    u = np.arange(8, dtype=np.float32).reshape(8, 1) * np.float32(0.5)
-    v = (np.arange(16, dtype=np.float32) * np.float32(0.25) * (-1) ** np.arange(16)).reshape(16, 1)
-    v = v.astype(np.float32)
-    new = (base + u @ v.T).astype("<f4")
+    u = np.arange(8, dtype=np.int32).reshape(8, 1)
+    v = (np.arange(16, dtype=np.int32) * (-1) ** np.arange(16)).reshape(16, 1).astype(np.int32)
+    eu, ev = np.full(8, -1, np.int8), np.full(16, -2, np.int8)
+    new = (base + (u @ v.T) * np.float32(0.125)).astype("<f4")
     new[1, 2] = 1e6  # one element the model does not explain
-    return base.tobytes(), new.tobytes(), Model("F32", 8, 16, u=u, v=v)
+    return base.tobytes(), new.tobytes(), Model("F32", 8, 16, u=u, v=v, eu=eu, ev=ev)
 
 
 def test_golden_v2_bytes() -> None:
@@ -290,7 +294,7 @@ def test_corrupted_factor_is_caught_by_the_hash() -> None:
     odb = db()
     old = base_matrix("F32")
     oid = put_pair(odb, old, merged_lora(old, 8), "F32", SHAPE)
-    _damage(odb, oid, lambda blob: 52 + 4 + 12 + 100)  # inside u
+    _damage(odb, oid, lambda blob: 52 + 4 + 12 + SHAPE[0] + SHAPE[1] + 100)  # in U
     with pytest.raises(CorruptObjectError, match="is corrupt: its content hashes to"):
         odb.read_bytes(oid)
 
@@ -389,3 +393,11 @@ def test_git_round_trip_and_listings(repo: object, git: object) -> None:
     git("git", "checkout", "HEAD", "--", "m.safetensors")
     assert (repo / "m.safetensors").read_bytes() == v2
     assert "ok" in git("potluck", "fsck")
+
+
+def test_factor_out_of_bounds_is_rejected() -> None:
+    blob = bytearray.fromhex(GOLDEN_MODEL)
+    at = 52 + 4 + 12 + 8 + 16 + 4  # U[1, 0]
+    blob[at : at + 4] = struct.pack("<i", 1 << 26)
+    with pytest.raises(CorruptObjectError, match="model factors exceed 26 bits"):
+        b"".join(decode_object(io.BytesIO(bytes(blob)), lambda oid: iter([b""])))

@@ -21,6 +21,8 @@ from potluck.objects.structured import (
     _SEED,
     MAX_RANK,
     Model,
+    factor_bits,
+    quantize,
     reconstruct,
     residual,
 )
@@ -133,9 +135,11 @@ def _lowrank(delta: _Delta, rank: int, dtype: str) -> Model | None:
     q = _mgs(delta.times(delta.t_times(q)))
     if q.shape[1] == 0:
         return None
-    u = q.astype(np.float32)
-    v = delta.t_times(u.astype(np.float64)).T.astype(np.float32)
-    return Model(dtype, delta.m, delta.n, u=u, v=np.ascontiguousarray(v))
+    bits = factor_bits(q.shape[1])
+    u, eu = quantize(q, bits)
+    uf = u.astype(np.float64) * np.ldexp(1.0, eu.astype(np.int32))[:, None]
+    v, ev = quantize(delta.t_times(uf).T, bits)
+    return Model(dtype, delta.m, delta.n, u=u, v=np.ascontiguousarray(v), eu=eu, ev=ev)
 
 
 def _ratios(old: F32, new: F32) -> F64:
@@ -159,7 +163,7 @@ def _median(q: F64, axis: int) -> F64:
     return np.where(np.isfinite(med), med, 1.0)
 
 
-def _scale_kind(qs: F64) -> int:
+def _scale_kind(qs: F64, dtype: str) -> int:
     """Which scale model fits the sampled ratios: 1 rows, 2 columns, 3 both, 0 none."""
     import numpy as np
 
@@ -169,7 +173,7 @@ def _scale_kind(qs: F64) -> int:
     for kind, fit in ((1, r[:, None]), (2, c[None, :]), (3, rc)):
         with np.errstate(all="ignore"):
             dev = np.abs(qs / fit - 1)
-        if np.nanmedian(dev) < _SCALE_FIT if np.isfinite(dev).any() else False:
+        if np.isfinite(dev).any() and np.nanmedian(dev) < _SCALE_FIT[dtype]:
             return kind
     return 0
 
@@ -214,7 +218,7 @@ def candidates(old_bits: bytes, new_bits: bytes, dtype: str, shape: tuple[int, i
     if np.count_nonzero(ds) < ds.size // 2:
         return []  # sparse changes: the XOR delta is good at those
     found: list[Model] = []
-    kind = _scale_kind(_ratios(olds, news))
+    kind = _scale_kind(_ratios(olds, news), dtype)
     if kind:
         found.append(_scales(old, new, kind, dtype))
     rank = _sample_rank(ds, m, n)

@@ -2,20 +2,23 @@
 
 A changed matrix whose delta against its base is low-rank (a merged LoRA/DoRA, a rank-limited
 edit) or row-/column-scaled ((IA)^3 merged, per-channel requantisation) is stored as a small
-model (float32 factors) plus, per chunk, the exact residual of the new bit patterns against
-potluck's own reconstruction from the base. The reconstruction of element ``(i, j)`` is::
+model (integer factors, float32 scales) plus, per chunk, the exact residual of the new bit
+patterns against potluck's own reconstruction from the base. Element ``(i, j)`` is rebuilt as::
 
     x = float64(base[i, j])
-    x = x * (row[i] * col[j])            # only when the model has scales (product is exact)
-    for k in 0..rank-1:                  # in this order, each product exact in float64
-        x = x + u[i, k] * v[j, k]
+    x = x * (row[i] * col[j])            # only with scales (the product is exact)
+    x = x + (sum_k U[i, k] * V[j, k]) * (2**eu[i] * 2**ev[j])   # only with factors
     recon = round(x)                     # F32: float64 -> float32 (nearest even);
                                          # F16: -> float32 -> float16; BF16: -> float32, then
                                          # nearest-even on the bit pattern (NaN: truncated)
 
-All of it is elementwise IEEE arithmetic (no BLAS, no reductions), so every machine computes
-the same bits. The residual is ``new_bits - recon_bits`` modulo 2**bits, zigzag-mapped (small
-negative differences become small numbers), byte-grouped and zstd-compressed.
+The factors are integers below ``2**factor_bits(rank)`` (24 bits at rank 8) with a power-of-two
+scale per row of U and per row of V, so for one element every product and every partial sum
+of the low-rank term is an integer below 2**53 at one common scale: exact in float64 in any
+order. The term is therefore computed by a BLAS matrix product (fast, any thread count) and
+is still the same bits on every machine; the rest is elementwise IEEE arithmetic with one
+rounding per step. The residual is ``new_bits - recon_bits`` modulo 2**bits, zigzag-mapped
+(small negative differences become small numbers), byte-grouped and zstd-compressed.
 
 Model section layout (little-endian), stored after the object header::
 
@@ -25,11 +28,11 @@ Model section layout (little-endian), stored after the object header::
     u16 rank (0 without factors)
     u32 rows m, u32 cols n
     f32[m] row scales, f32[n] column scales (when flagged)
-    f32[m * rank] u (row-major), f32[n * rank] v (row-major)
+    with factors: i8[m] eu, i8[n] ev, i32[m * rank] U (row-major), i32[n * rank] V (row-major)
 
-Detection (``detect``) runs only at encode time; it is deterministic on one machine whatever
-the thread count (numpy's einsum and pairwise sums, no BLAS), and nothing it computes needs to
-be reproduced by a decoder: the stored factors are the model.
+Detection (``structdetect``) runs only at encode time; it is deterministic on one machine
+whatever the thread count (numpy's einsum and pairwise sums, no BLAS), and nothing it computes
+needs to be reproduced by a decoder: the stored factors are the model.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 
     F32 = NDArray[np.float32]
     F64 = NDArray[np.float64]
+    I32 = NDArray[np.int32]
+    I8 = NDArray[np.int8]
 
 ROWS = 1
 COLS = 2
@@ -62,9 +67,18 @@ MAX_RANK = 64
 _GAP = 4.0
 #: at most this many rows and columns form the detection sample
 _SAMPLE = 256
-#: a scale model is tried when the sample's ratios fit it to this relative deviation
-_SCALE_FIT = 1e-2
+#: a scale model is tried when the sample's ratios fit it to this relative deviation (the
+#: median; twice the dtype's unit roundoff: what rounding a scaled value leaves)
+_SCALE_FIT = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}
 _HEAD = struct.Struct("<BBHII")
+
+
+def factor_bits(rank: int) -> int:
+    """Factor integers of a rank-``rank`` model stay below ``2**factor_bits(rank)`` in
+    magnitude, so a sum of ``rank`` products stays below 2**53 (exact in float64)."""
+    return (53 - max(rank, 1).bit_length()) // 2
+
+
 _SEED = 0x706C6B
 
 
@@ -77,8 +91,10 @@ class Model:
     n: int
     row: F32 | None = None
     col: F32 | None = None
-    u: F32 | None = None  # (m, rank)
-    v: F32 | None = None  # (n, rank)
+    u: I32 | None = None  # (m, rank) integers, row i times 2**eu[i]
+    v: I32 | None = None  # (n, rank) integers, row j times 2**ev[j]
+    eu: I8 | None = None
+    ev: I8 | None = None
 
     @property
     def rank(self) -> int:
@@ -104,9 +120,13 @@ class Model:
         flags = (ROWS if self.row is not None else 0) | (COLS if self.col is not None else 0)
         flags |= LOWRANK if self.rank else 0
         body = [_HEAD.pack(flags, DTYPE_CODES[self.dtype], self.rank, self.m, self.n)]
-        for arr in (self.row, self.col, self.u, self.v):
+        for arr in (self.row, self.col):
             if arr is not None:
                 body.append(arr.astype("<f4").tobytes())
+        if self.u is not None and self.v is not None:
+            assert self.eu is not None and self.ev is not None
+            body += [self.eu.astype("i1").tobytes(), self.ev.astype("i1").tobytes()]
+            body += [self.u.astype("<i4").tobytes(), self.v.astype("<i4").tobytes()]
         data = b"".join(body)
         return struct.pack("<I", len(data)) + data
 
@@ -127,26 +147,28 @@ def parse_model(data: bytes, size: int, itemsize: int) -> Model:
         raise _corrupt(f"model section of {len(data)} bytes is too short")
     flags, code, rank, m, n = _HEAD.unpack_from(data)
     dtype = {v: k for k, v in DTYPE_CODES.items()}.get(code)
-    if dtype is None or flags & ~(ROWS | COLS | LOWRANK) or bool(flags & LOWRANK) != (rank > 0):
+    bad_rank = bool(flags & LOWRANK) != (rank > 0) or rank > MAX_RANK
+    if dtype is None or flags & ~(ROWS | COLS | LOWRANK) or bad_rank:
         raise _corrupt(f"model section has bad flags {flags}, dtype {code} or rank {rank}")
     if _ITEMSIZE[code] != itemsize or m * n * itemsize != size:
         raise _corrupt(f"model of a {m}x{n} {dtype} matrix does not fit {size} bytes")
-    want = 4 * ((m if flags & ROWS else 0) + (n if flags & COLS else 0) + (m + n) * rank)
+    scales = 4 * ((m if flags & ROWS else 0) + (n if flags & COLS else 0))
+    want = scales + (m + n) * rank * 4 + (m + n if rank else 0)
     if len(data) != _HEAD.size + want:
         raise _corrupt(f"model section has {len(data) - _HEAD.size} bytes, not {want}")
-    floats = np.frombuffer(data, "<f4", offset=_HEAD.size)
-    at = 0
-
-    def take(count: int) -> F32:
-        nonlocal at
-        at += count
-        return floats[at - count : at].astype(np.float32)
-
-    row = take(m) if flags & ROWS else None
-    col = take(n) if flags & COLS else None
-    u = take(m * rank).reshape(m, rank) if rank else None
-    v = take(n * rank).reshape(n, rank) if rank else None
-    return Model(dtype, m, n, row, col, u, v)
+    floats = np.frombuffer(data, "<f4", offset=_HEAD.size, count=scales // 4).astype(np.float32)
+    row = floats[:m] if flags & ROWS else None
+    col = floats[m if flags & ROWS else 0 :] if flags & COLS else None
+    if not rank:
+        return Model(dtype, m, n, row, col)
+    at = _HEAD.size + scales
+    exps = np.frombuffer(data, "i1", offset=at, count=m + n).astype(np.int8)
+    eu, ev = exps[:m], exps[m:]
+    ints = np.frombuffer(data, "<i4", offset=at + m + n).astype(np.int32)
+    if int(np.abs(ints.astype(np.int64)).max()) >= 1 << factor_bits(rank):
+        raise _corrupt(f"model factors exceed {factor_bits(rank)} bits")
+    u, v = ints[: m * rank].reshape(m, rank), ints[m * rank :].reshape(n, rank)
+    return Model(dtype, m, n, row, col, u, v, eu, ev)
 
 
 # --- reconstruction (the decoder's side: must be bit-identical everywhere) -----------------------
@@ -198,13 +220,12 @@ def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
         rs = np.ones(r1 - r0) if model.row is None else model.row[r0:r1].astype(np.float64)
         cs = np.ones(n) if model.col is None else model.col.astype(np.float64)
         np.multiply(block, np.multiply.outer(rs, cs), out=block)
-    if model.u is not None and model.v is not None:
-        u = model.u[r0:r1].astype(np.float64)
-        v = model.v.astype(np.float64)
-        term = np.empty_like(block)
-        for k in range(model.rank):
-            np.multiply.outer(u[:, k], v[:, k], out=term)
-            np.add(block, term, out=block)
+    if model.u is not None and model.v is not None and model.eu is not None:
+        assert model.ev is not None
+        term = np.matmul(model.u[r0:r1].astype(np.float64), model.v.astype(np.float64).T)
+        scale = np.multiply.outer(_pow2(model.eu[r0:r1]), _pow2(model.ev))
+        np.multiply(term, scale, out=term)  # powers of two: exact
+        np.add(block, term, out=block)
     return round_bits(x[off : off + count], model.dtype).tobytes()
 
 
@@ -226,6 +247,24 @@ def apply_residual(res: bytes, recon: bytes, itemsize: int) -> bytes:
     z = cast(Any, np.frombuffer(res, u))
     d = (z >> u(1)) ^ (u(0) - (z & u(1)))
     return bytes((np.frombuffer(recon, u) + d).tobytes())
+
+
+def _pow2(e: I8) -> F64:
+    import numpy as np
+
+    return np.ldexp(np.ones(e.shape), e.astype(np.int32))
+
+
+def quantize(a: F64, bits: int) -> tuple[I32, I8]:
+    """Rows of ``a`` (finite) as integers below ``2**bits`` times ``2**e[row]``: (ints, e)."""
+    import numpy as np
+
+    top = np.abs(a).max(axis=1) if a.size else np.zeros(a.shape[0])
+    _, ex = np.frexp(top)  # top < 2**ex (0 for a zero row)
+    e = np.clip(ex.astype(np.int64) - bits, -127, 127)
+    limit = float(1 << bits) - 1
+    q = np.clip(np.rint(np.ldexp(a, -e[:, None])), -limit, limit)
+    return q.astype(np.int32), e.astype(np.int8)
 
 
 def eligible(dtype: str | None, shape: tuple[int, ...] | None, size: int) -> bool:
