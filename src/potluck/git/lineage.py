@@ -24,14 +24,14 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from potluck.errors import FormatError, GitError, PotluckError, UserError
 from potluck.fileio import file_sha256
 from potluck.formats import scan_file
-from potluck.git.merge_record import commit_trailers
+from potluck.git.merge_record import TRAILER, commit_trailers
 from potluck.git.models import open_model
 from potluck.git.repo import Repo
 from potluck.objects.manifest import Manifest, is_manifest, parse
@@ -139,12 +139,16 @@ def model_paths(repo: Repo, rev: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _commits(repo: Repo, rev: str, path: str, limit: int) -> list[tuple[str, list[str]]]:
-    raw = repo.git.run(
-        "log", f"--max-count={limit}", "--format=%H %P", rev, "--", ":(top,literal)" + path
-    )
-    rows = [line.split() for line in raw.decode().splitlines() if line.strip()]
-    return [(r[0], r[1:]) for r in rows]
+def _commits(repo: Repo, rev: str, path: str, limit: int) -> list[tuple[str, list[str], bool]]:
+    """(commit, parents, whether it is a squash merge the merge driver recorded), newest first."""
+    fmt = f"--format=%H %P%x1f%(trailers:key={TRAILER},valueonly,separator=%x1e)%x00"
+    raw = repo.git.run("log", f"--max-count={limit}", fmt, rev, "--", ":(top,literal)" + path)
+    out = []
+    for record in raw.decode("utf-8", "surrogateescape").split("\0"):
+        ids, _, values = record.strip("\n").partition("\x1f")
+        if ids.split():
+            out.append((ids.split()[0], ids.split()[1:], "; squashed " in values))
+    return out
 
 
 def _version(repo: Repo, cache: _Cache, commit: str, path: str) -> ModelVersion | None:
@@ -164,8 +168,11 @@ def walk(repo: Repo, rev: str = "HEAD", path: str | None = None, limit: int = 20
     cache = _Cache()
     edges: list[Edge] = []
     for p in paths:
-        for c, parents in _commits(repo, commit, p, limit):
-            edges += _commit_edges(repo, cache, c, parents, p)
+        for c, parents, squash in _commits(repo, commit, p, limit):
+            if squash and len(parents) == 1:
+                edges += _squash_edges(repo, cache, c, parents[0], p)
+            else:
+                edges += _commit_edges(repo, cache, c, parents, p)
     return edges
 
 
@@ -247,6 +254,32 @@ def _merge_edge(
                 source="merge-trailer")  # fmt: skip
 
 
+def _squash_edges(repo: Repo, cache: _Cache, commit: str, parent: str, path: str) -> list[Edge]:
+    """A squash merge the driver recorded: a merge edge from the first parent and the squashed
+    branch's tip (named with its weights digest by the trailer: the tip is no parent of the
+    commit and may never have been fetched here)."""
+    child, first = _version(repo, cache, commit, path), _version(repo, cache, parent, path)
+    if child is None or first is None:
+        return _commit_edges(repo, cache, commit, [parent], path)
+    squashed: list[tuple[str, str]] = []
+    for wpath, _blob in _weight_blobs(repo, commit, path):
+        for value in commit_trailers(repo.git, [commit], wpath).get(commit, []):
+            m = _SQUASHED.search(value)
+            if m is not None:
+                squashed.append((m["commit"], m["digest"]))
+    if not squashed:
+        return _commit_edges(repo, cache, commit, [parent], path)
+    tip = squashed[0][0]
+    theirs = _version(repo, cache, tip, path) if repo.git.rev_parse(tip + "^{commit}") else None
+    if theirs is None and path.endswith(_WEIGHT_SUFFIXES):  # one file: its digest is the model's
+        theirs = ModelVersion(squashed[0][1], {})
+    if theirs is None:
+        return _commit_edges(repo, cache, commit, [parent], path)
+    edge = _merge_edge(repo, commit, path, child, [(parent, first), (tip, theirs)])
+    return [replace(edge, params={**edge.params, "squash": True}, source="squash-trailer")]
+
+
+_SQUASHED = re.compile(r"; squashed (?P<commit>[0-9a-f]{40,64}) (?P<digest>[0-9a-f]{64})$")
 _GROUP = re.compile(r"^(?P<method>[A-Za-z0-9_.-]+)(?:\((?P<args>.*)\))? (?P<n>\d+) tensors?$")
 _ARG_SPLIT = re.compile(r", (?=[A-Za-z_][A-Za-z0-9_]*=)")
 

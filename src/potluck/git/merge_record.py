@@ -81,8 +81,10 @@ class MergeEntry:
         d["combined"] = [MethodGroup(**g) for g in d["combined"]]
         return cls(**d)
 
-    def trailer_value(self) -> str:
-        """``PATH: ties(…) 12 tensors; ours 2 tensors; one-sided: 30 from theirs, 4 from ours``."""
+    def trailer_value(self, squashed: tuple[str, str] | None = None) -> str:
+        """``PATH: ties(…) 12 tensors; ours 2 tensors; one-sided: 30 from theirs, 4 from ours``;
+        a squash merge adds ``; squashed COMMIT DIGEST`` (the squashed branch's tip and the
+        weights digest of this file there, since that commit is no parent of the squash)."""
         parts = [f"{g.label()} {_count(len(g.tensors))}" for g in self.combined]
         parts.append(
             f"one-sided: {len(self.from_theirs)} from theirs, {len(self.from_ours)} from ours"
@@ -91,6 +93,8 @@ class MergeEntry:
             sides = [self.resolved.get(n, "unresolved") for n in self.conflicts]
             counts = ", ".join(f"{sides.count(s)} {s}" for s in sorted(set(sides)))
             parts.append(f"conflicts: {counts} (potluck resolve)")
+        if squashed is not None:
+            parts.append(f"squashed {squashed[0]} {squashed[1]}")
         return f"{_quote_path(self.path)}: " + "; ".join(parts)
 
 
@@ -183,10 +187,10 @@ def latest_entry(git: Git, path: str) -> MergeEntry | None:
     return found[-1] if found else None
 
 
-def merge_entries(git: Git) -> list[MergeEntry]:
+def merge_entries(git: Git, theirs: str = "MERGE_HEAD") -> list[MergeEntry]:
     """The entries describing the merge in progress (module docstring), newest per path; [] when
-    no merge is in progress."""
-    head, merge_head = git.rev_parse("HEAD"), git.rev_parse("MERGE_HEAD")
+    no merge is in progress. ``theirs``: the merged commit (a squash names it)."""
+    head, merge_head = git.rev_parse("HEAD"), git.rev_parse(theirs)
     if head is None or merge_head is None:
         return []
     base_commit = git.merge_base(head, merge_head)
@@ -215,12 +219,13 @@ def prepare_commit_msg(git: Git, message_file: Path) -> list[str]:
     are dropped by the next commit or merge."""
     if not record_file(git).exists():
         return []
-    if git.rev_parse("MERGE_HEAD") is None:
+    squashed = None if git.rev_parse("MERGE_HEAD") else squash_head(git)
+    if git.rev_parse("MERGE_HEAD") is None and squashed is None:
         _write_entries(git, [])
         return []
-    entries = merge_entries(git)
+    entries = merge_entries(git, squashed or "MERGE_HEAD")
     _write_entries(git, entries)  # whatever does not describe this merge is stale
-    lines = trailers(entries)
+    lines = trailers(entries) if squashed is None else squash_trailers(git, entries, squashed)
     if lines:
         text = message_file.read_bytes()
         if text and not text.endswith(b"\n"):  # git merge writes no final newline; without
@@ -238,8 +243,8 @@ def prepare_commit_msg(git: Git, message_file: Path) -> list[str]:
 
 
 def commit_trailers(git: Git, commits: list[str], path: str) -> dict[str, list[str]]:
-    """Per merge commit among ``commits``, the values of its ``Potluck-Merge`` trailers about
-    ``path`` (one ``git show`` for all of them)."""
+    """Per merge commit (or squash merge) among ``commits``, the values of its
+    ``Potluck-Merge`` trailers about ``path`` (one ``git show`` for all of them)."""
     if not commits:
         return {}
     fmt = f"--format=%H%x1f%P%x1f%(trailers:key={TRAILER},valueonly,separator=%x1e)%x00"
@@ -248,8 +253,41 @@ def commit_trailers(git: Git, commits: list[str], path: str) -> dict[str, list[s
     out: dict[str, list[str]] = {}
     for record in raw.split("\0"):
         fields = record.strip("\n").split("\x1f")
-        if len(fields) != 3 or len(fields[1].split()) < 2:
+        if len(fields) != 3 or (len(fields[1].split()) < 2 and "; squashed " not in fields[2]):
             continue
         values = [v.strip() for v in fields[2].split("\x1e") if v.strip().startswith(prefix)]
         out[fields[0]] = values
+    return out
+
+
+def squash_head(git: Git) -> str | None:
+    """The tip of the branch ``git merge --squash`` merged (the first ``commit`` line of
+    ``SQUASH_MSG``), while its commit is being made; else None."""
+    try:
+        text = git.git_path("SQUASH_MSG").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("commit "):
+            return git.rev_parse(line.split()[1] + "^{commit}")
+    return None
+
+
+def squash_trailers(git: Git, entries: list[MergeEntry], squashed: str) -> list[str]:
+    """The trailers of a squash merge: each entry's, naming the squashed commit and the weights
+    digest of its file there."""
+    from potluck.git.repo import Repo
+    from potluck.objects.manifest import parse
+    from potluck.ops.lineage import manifests_digest
+    from potluck.ops.vcs.materialize import load_tensors
+
+    repo = Repo(git.cwd)
+    out = []
+    for e in entries:
+        blob = git.show_blob(e.blobs["theirs"] or "")
+        if blob is None:
+            continue
+        m = parse(blob, f"{squashed}:{e.path}")
+        digest = manifests_digest([m], lambda mm, n: load_tensors(mm, repo.odb, [n])[n])
+        out.append(f"{TRAILER}: {e.trailer_value((squashed, digest))}")
     return out
