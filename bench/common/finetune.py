@@ -61,6 +61,9 @@ class FinetuneConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     constant_lr: bool = False
+    #: "" (random head, the first recipe) or "probe": the head starts as the linear probe on
+    #: the frozen base encoder (LP-FT, Kumar et al., ICLR 2022; ``probe_head``)
+    head_init: str = ""
 
     def key_fields(self) -> dict[str, Any]:
         """The fields hashed by ``key``: later-added fields only when not at their default."""
@@ -88,7 +91,14 @@ class FinetuneConfig:
 
 
 #: Fields added after the first cached runs, with the defaults that leave a key unchanged.
-LATER_FIELDS: dict[str, Any] = {"lora_rank": 0, "lora_alpha": 16.0, "constant_lr": False}
+LATER_FIELDS: dict[str, Any] = {
+    "lora_rank": 0,
+    "lora_alpha": 16.0,
+    "constant_lr": False,
+    "head_init": "",
+}
+#: The L2 strengths a probe head is chosen from (on validation accuracy).
+PROBE_L2 = (1e-4, 1e-3, 1e-2)
 #: The linears a LoRA adapts in each layer (here and in bench/modular/contrib.py).
 LORA_TARGETS = (
     "attention.self.query",
@@ -287,12 +297,53 @@ def train_loop(
     return losses
 
 
+def train_probe(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, l2: float) -> Any:
+    """A linear head on frozen embeddings: full-batch L-BFGS, cross-entropy + l2·‖W‖²."""
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], n_classes)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Any:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xs), ys) + l2 * head.weight.pow(2).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return head
+
+
+def probe_head(encoder: Any, task: data.Task, tokenizer: Any, cfg: FinetuneConfig) -> Any:
+    """The linear probe on ``encoder`` (frozen): L2 strength from ``PROBE_L2`` picked on
+    validation accuracy (bench.quality's probe protocol)."""
+    import torch
+
+    encoder.train(False)
+    x = model.embed(encoder, tokenizer, task.train.texts, max_length=cfg.max_length)
+    xv = model.embed(encoder, tokenizer, task.val.texts, max_length=cfg.max_length)
+    best, best_acc = None, -1.0
+    for l2 in PROBE_L2:
+        head = train_probe(x, np.array(task.train.labels), len(task.label_names), cfg.seed, l2)
+        with torch.inference_mode():
+            acc = float(np.mean(head(torch.from_numpy(xv)).argmax(-1).numpy() == task.val.labels))
+        if acc > best_acc:
+            best, best_acc = head, acc
+    return best
+
+
 def _train(cfg: FinetuneConfig, task: data.Task, tokenizer: Any) -> tuple[Any, Any, list[float]]:
     import torch
 
     encoder = model.load_encoder()
     config: Any = encoder.config
     head = torch.nn.Linear(int(config.hidden_size), len(task.label_names))
+    if cfg.head_init == "probe":
+        head = probe_head(encoder, task, tokenizer, cfg)
+    elif cfg.head_init:
+        raise ValueError(f"head_init {cfg.head_init!r}: expected '' or 'probe'")
     loras = add_lora(encoder, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else {}
     trained = [p for m in loras.values() for p in (m.lora_a, m.lora_b)] if loras \
         else list(encoder.parameters())  # fmt: skip

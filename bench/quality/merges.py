@@ -38,10 +38,24 @@ GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
     "regmean_emb": [({"alpha": a}, {"weight": 1.0}) for a in (0.5, 0.9)],
     # TSV-Merge (added with the method, after the first runs); the paper uses α = 1
     "tsv": [({"alpha": a}, {"weight": 1.0}) for a in (0.7, 1.0)],
-}
+    # issue 16's methods (added after the TSV runs). Iso-C / Iso-CTS: the paper tunes α on
+    # held-out data; these three points bracket the neutral 1.
+    "iso_c": [({"alpha": a}, {"weight": 1.0}) for a in (0.7, 1.0, 1.3)],
+    "iso_cts": [({"alpha": a}, {"weight": 1.0}) for a in (0.7, 1.0, 1.3)],
+    # LiNeS on task arithmetic and on TIES (λ and density at their usual best here)
+    "ta_lines": [({"lambda": 1.0, "lines": {"alpha": a, "beta": 1.0 - a}}, {"weight": 1.0})
+                 for a in (0.2, 0.4)],
+    "ties_lines": [({"lambda": 1.0, "lines": {"alpha": a, "beta": 1.0 - a}},
+                    {"weight": 1.0, "density": 0.2}) for a in (0.2, 0.4)],
+    # TALL-mask consensus (k = 2, mask_lambda 0.4) on task arithmetic and on TIES
+    "consensus": [
+        ({"base_method": "task_arithmetic", "lambda": lam, "k": 2}, {"weight": 1.0})
+        for lam in (0.5, 1.0)
+    ] + [({"base_method": "ties", "lambda": 1.0, "k": 2}, {"weight": 1.0, "density": 0.2})],
+}  # fmt: skip
 STATS_KIND = {"fisher": "fisher", "regmean": "gram", "regmean_emb": "gram_emb"}
 #: grid name → potluck merge method, where they differ
-METHOD_OF = {"regmean_emb": "regmean"}
+METHOD_OF = {"regmean_emb": "regmean", "ta_lines": "task_arithmetic", "ties_lines": "ties"}
 
 
 @dataclass(frozen=True)
@@ -112,13 +126,14 @@ def grid_search(
         merge_s = time.perf_counter() - t0
         val = val_scores(weights)
         mean = sum(val.values()) / len(val)
-        tried.append({"top": top, "per_model": per_model, "val_mean": mean, "val": val})
+        tried.append({"top": top, "per_model": per_model, "val_mean": mean, "val": val,
+                      "merge_s": round(merge_s, 1)})  # fmt: skip
         log(f"  {method} {top} {per_model}: val {mean:.4f}  (merge {merge_s:.1f} s)")
         if not best or mean > best["val_mean"]:
             if best:
                 shutil.rmtree(best["dir"])
             best = {"dir": str(weights.parent), "weights": str(weights), "config": cfg,
-                    "val_mean": mean, "val": val}  # fmt: skip
+                    "val_mean": mean, "val": val, "merge_s": round(merge_s, 1)}  # fmt: skip
         else:
             shutil.rmtree(weights.parent)
     best["grid"] = tried

@@ -50,7 +50,32 @@ def row_metrics(accs: Mapping[str, float], r: Mapping[str, Any]) -> dict[str, fl
     }
 
 
-def _row(label: str, accs: Mapping[str, float], r: Mapping[str, Any], tasks: list[str]) -> str:
+def extra(best: Mapping[str, Any]) -> tuple[float, float]:
+    """(mean extra bytes per task, mean bits per parameter per task) of a merges entry: its
+    task patches (``tasks``), else (0, 0) — a single merged model carries nothing per task."""
+    tasks = best.get("tasks") or {}
+    if not tasks:
+        return 0.0, 0.0
+    return (float(np.mean([w["bytes"] for w in tasks.values()])),
+            float(np.mean([w["bits_per_parameter"] for w in tasks.values()])))  # fmt: skip
+
+
+def _extra_cells(best: Mapping[str, Any] | None) -> str:
+    if best is None:
+        return " — | — |"
+    size, bits = extra(best)
+    secs = best.get("merge_s")
+    size_txt = "0" if not size else f"{size / 1e6:.2f} MB ({bits:.3f} bit/param)"
+    return f" {size_txt} | {'—' if secs is None else secs} |"
+
+
+def _row(
+    label: str,
+    accs: Mapping[str, float],
+    r: Mapping[str, Any],
+    tasks: list[str],
+    best: Mapping[str, Any] | None = None,
+) -> str:
     m = row_metrics(accs, r)
     cells = [f"{100 * accs[t]:.1f}" for t in tasks]
     kept_txt = "—" if np.isnan(m["kept"]) else f"{100 * m['kept']:.0f}"
@@ -58,6 +83,7 @@ def _row(label: str, accs: Mapping[str, float], r: Mapping[str, Any], tasks: lis
         f"| {label} | "
         + " | ".join(cells)
         + f" | {100 * m['avg']:.1f} | {100 * m['norm']:.1f} | {kept_txt} |"
+        + _extra_cells(best)
     )
 
 
@@ -72,16 +98,31 @@ def merge_table(r: Mapping[str, Any]) -> str:
     tasks = list(r["individual"])
     good = ", ".join(gain_tasks(r)) or "none"
     head = "| model | " + " | ".join(tasks) + f" | avg | normalised | gain kept % ({good}) |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    head += " extra per task | merge s |"
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
     lines.append(
         _row("linear probe (frozen base)", {t: r["probe"][t]["test_acc"] for t in tasks}, r, tasks)
     )
     lines.append(_row("individual fine-tunes", r["individual"], r, tasks))
     for method, best in r["merges"].items():
-        lines.append(_row(f"merge: {method} ({_params(best)})", best["test"], r, tasks))
+        lines.append(_row(f"merge: {method} ({_params(best)})", best["test"], r, tasks, best))
     gains = [f"{t}: {100 * (r['individual'][t] - r['probe'][t]['test_acc']):+.1f}" for t in tasks]
     lines.append("")
     lines.append("Fine-tuning gain over the probe (points): " + ", ".join(gains))
+    return "\n".join(lines)
+
+
+def gain_table(r: Mapping[str, Any]) -> str:
+    """Gain kept (%) per task with a clear gain (``gain_tasks``), per merge, and their mean."""
+    good = gain_tasks(r)
+    if not good:
+        return "(no task whose fine-tune beats the probe by 5 points)"
+    lines = ["| merge | " + " | ".join(good) + " | mean |", "|" + "---|" * (len(good) + 2)]
+    for method, best in r["merges"].items():
+        kept = [gain_kept(best["test"][t], r["probe"][t]["test_acc"], r["individual"][t])
+                for t in good]  # fmt: skip
+        cells = " | ".join(f"{100 * k:.0f}" for k in kept)
+        lines.append(f"| {method} | {cells} | {100 * float(np.mean(kept)):.0f} |")
     return "\n".join(lines)
 
 
@@ -115,7 +156,8 @@ def patch_table(r: Mapping[str, Any]) -> str:
 def markdown(r: Mapping[str, Any]) -> str:
     """All tables of one run."""
     g = r.get("git", {}).get("gitmerge", {})
-    parts = ["## Merges (test accuracy %)", merge_table(r), "", "## Patches", patch_table(r)]
+    parts = ["## Merges (test accuracy %)", merge_table(r), "", "## Gain kept per task (%)",
+             gain_table(r), "", "## Patches", patch_table(r)]  # fmt: skip
     if g:
         parts += ["", "## git merge through the driver",
                   f"`git merge` of {g['tasks']}: test {g['test']}; max |git − potluck merge| = "

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.common import data, finetune, model
 
-from . import merges, patches, report, stages, workflow
+from . import merges, patches, report, stages, taskparts, workflow
 from .stages import RESULTS, Stopwatch, log
 
 TASKS = ("fortune_topic", "fortune_lang", "fortune_topic_es", "vader_words", "tweet_sentiment")
@@ -38,6 +38,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-patches", action="store_true")
     p.add_argument("--no-git", action="store_true", help="skip the git-workflow stage")
+    p.add_argument(
+        "--no-task-parts",
+        action="store_true",
+        help="skip tall_masks / emr (merged model + per-task masks, rebuilt tasks)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(stages.RECIPES),
+        default="base",
+        help="fine-tuning recipe (stages.RECIPES); lpft: results-lpft-s<seed>.json",
+    )
     p.add_argument("--lora", action="store_true",
                    help="LoRA contributors (finetune.lora_recipe) instead of full fine-tunes; "
                         "results-lora-s<seed>.json, merges in merges-lora-s<seed>/")  # fmt: skip
@@ -46,8 +57,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _tag(args: argparse.Namespace) -> str:
-    """``s<seed>`` for full fine-tunes, ``lora-s<seed>`` for LoRA contributors."""
-    return f"lora-s{args.seed}" if args.lora else f"s{args.seed}"
+    """``s<seed>`` for full fine-tunes, ``lora-s<seed>`` for LoRA contributors,
+    ``<recipe>-s<seed>`` for another fine-tuning recipe."""
+    if args.lora:
+        return f"lora-s{args.seed}"
+    return f"s{args.seed}" if args.recipe == "base" else f"{args.recipe}-s{args.seed}"
 
 
 def _contributors(
@@ -57,17 +71,19 @@ def _contributors(
     runs = {}
     for t in reversed(tasks):  # bench/common trains in forward order: share its cache
         cfg = finetune.lora_recipe(t.name, args.seed) if args.lora \
-            else stages.finetune_config(t.name, args.seed, args.steps)  # fmt: skip
+            else stages.finetune_config(t.name, args.seed, args.steps, args.recipe)  # fmt: skip
         runs[t.name] = stages.cached_finetune(cfg, args.out / "finetunes")
     clock.stage("fine-tunes", t0)
     t0 = time.perf_counter()
     contributors = []
+    need = not args.no_git or any(m in merges.STATS_KIND for m in args.methods)  # their readers
     for t in tasks:
         run = runs[t.name]
         folder = args.out / "stats" / f"{run.folder.name}-f{args.fisher_n}-g{args.gram_n}"
-        st = stages.contributor_stats(run, t, folder, args.fisher_n, args.gram_n)
+        st = stages.contributor_stats(run, t, folder, args.fisher_n, args.gram_n) if need else {}
         contributors.append(merges.Contributor(t.name, run.encoder, run.head, st))
-    clock.stage("statistics (Fisher + Gram per contributor)", t0)
+    if need:
+        clock.stage("statistics (Fisher + Gram per contributor)", t0)
     return contributors, runs
 
 
@@ -149,6 +165,8 @@ def _git_workflow(
         "max_abs_diff_vs_potluck_merge": report.max_abs_diff(got, ref),
     }
     for method, best in results["merges"].items():
+        if "weights" not in best:  # task-part rows: no single merged model to commit
+            continue
         msg = f"potluck merge config (best on validation): {best['config']}"
         commit = workflow.commit_merge(ws, method, Path(best["weights"]), msg)
         workflow.record(ws, commit, {t: {"accuracy": a} for t, a in best["test"].items()})
@@ -156,6 +174,23 @@ def _git_workflow(
     commits["eval_show_gitmerge"] = workflow.eval_show(ws, merged)
     log(commits["eval_show_gitmerge"])
     return commits
+
+
+def _task_parts(
+    args: argparse.Namespace,
+    contributors: list[merges.Contributor],
+    val: stages.Evaluator,
+    test: stages.Evaluator,
+    heads: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """tall_masks / emr rows (``taskparts``): each task rebuilt from its mask patch."""
+
+    def on(ev: stages.Evaluator) -> Callable[[Path, str], float]:
+        return lambda weights, task: ev.scores(weights, heads, [task])[task]
+
+    work = args.out / f"taskparts-{_tag(args)}"
+    rows = taskparts.run(contributors, work, on(val), on(test), args.seed)
+    return {f"{m} + task masks": row for m, row in rows.items()}
 
 
 def _scorer(test: stages.Evaluator, heads: dict[str, Any], task: str) -> Callable[[Path], float]:
@@ -202,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"tasks": [t.summary() for t in tasks], "probe": probe,
                                "individual": individual}  # fmt: skip
     results["merges"] = _merges(args, contributors, val, test, heads, clock)
+    if not args.no_task_parts:
+        t0 = time.perf_counter()
+        results["merges"].update(_task_parts(args, contributors, val, test, heads))
+        clock.stage("task parts (tall_masks, emr: merge, rebuild each task)", t0)
     if not args.no_git:
         t0 = time.perf_counter()
         results["git"] = _git_workflow(args, contributors, runs, results, test, heads)
@@ -221,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = {"platform": platform.platform(), "threads": 2,
                           "torch": torch.__version__}  # fmt: skip
     results["variant"] = "lora" if args.lora else "full"
+    results["recipe"] = "lora" if args.lora else args.recipe
     path = args.out / f"results-{_tag(args)}.json"
     _keep_previous(path, results)
     merges.save_json(path, results)

@@ -41,9 +41,19 @@ class Stopwatch:
         log(f"[time] {name}: {self.times[name]} s")
 
 
-def finetune_config(task: str, seed: int, steps: int) -> finetune.FinetuneConfig:
-    """The benchmark's fine-tune settings (bench.common defaults, 2 threads)."""
-    return finetune.FinetuneConfig(task=task, seed=seed, steps=steps, threads=2)
+#: Fine-tuning recipes: "base" (the first: random head, bench.common defaults) and "lpft"
+#: (the second, chosen on validation: the head starts as the linear probe, then the same full
+#: fine-tune; LP-FT, Kumar et al., ICLR 2022).
+RECIPES = {"base": "", "lpft": "probe"}
+
+
+def finetune_config(
+    task: str, seed: int, steps: int, recipe: str = "base"
+) -> finetune.FinetuneConfig:
+    """The benchmark's fine-tune settings (bench.common defaults, 2 threads) for ``recipe``."""
+    return finetune.FinetuneConfig(
+        task=task, seed=seed, steps=steps, threads=2, head_init=RECIPES[recipe]
+    )
 
 
 def cached_finetune(cfg: finetune.FinetuneConfig, root: Path) -> finetune.Finetuned:
@@ -110,23 +120,7 @@ class Evaluator:
         return {n: self.accuracy(emb, n, heads[n]) for n in names}
 
 
-def train_probe(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, l2: float) -> Any:
-    """A linear head on frozen embeddings: full-batch L-BFGS, cross-entropy + l2·‖W‖²."""
-    import torch
-
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], n_classes)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> Any:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(xs), ys) + l2 * head.weight.pow(2).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    opt.step(closure)  # type: ignore[no-untyped-call]
-    return head
+train_probe = finetune.train_probe
 
 
 def linear_probe(
@@ -137,7 +131,7 @@ def linear_probe(
 
     y = np.array(task.train.labels)
     best: dict[str, Any] = {}
-    for l2 in (1e-4, 1e-3, 1e-2):
+    for l2 in finetune.PROBE_L2:
         head = train_probe(train_emb, y, len(task.label_names), seed, l2)
         with torch.inference_mode():
             val = float(
