@@ -88,14 +88,13 @@ def push_for_hook(repo: Repo, remote: str, lines: Iterable[str]) -> str | None:
     git = repo.git
     if os.environ.get(SKIP_ENV) or _pushes_records(lines):
         return None
-    named = remote in _remotes(git)
-    if named:
+    if remote in _remotes(git):
         configure_remote(git, remote)
     absorb(repo)
     local = git.rev_parse(EVALS_REF)
     if local is None:
         return None
-    known = git.rev_parse(tracking_ref(remote)) if named else None
+    known = git.rev_parse(tracking_ref(remote))  # a URL's too: the last push there set it
     if known is not None and git.is_ancestor(local, known):
         return None  # the remote had them at the last fetch, and records are never removed
     return push_records_merging(repo, remote)
