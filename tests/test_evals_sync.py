@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
-from conftest import Run, run_in
+import numpy as np
+
+from conftest import Run, model, run_in, save_st
 from potluck.git.evalstore import EVALS_REF, absorb, records_for, store_records
 from potluck.git.evalsync import fetch_refspec
 from potluck.git.repo import Repo
 from potluck.ops.evals.records import EvalRecord, record_from_dict
+from potluck.ops.lineage import weights_digest_of
 
 W = "ab" * 32
 
 
-def _record(task: str) -> EvalRecord:
+def _record(task: str, weights: str = W) -> EvalRecord:
     return record_from_dict({
-        "potluck_eval": "1", "weights": W, "suite": {"task": task, "digest": "cd" * 32},
+        "potluck_eval": "1", "weights": weights, "suite": {"task": task, "digest": "cd" * 32},
         "metric": "accuracy", "direction": "higher", "value": 0.5, "stderr": 0.1, "n": 10,
         "trust": "verified", "runner": {"name": "test"},
     })  # fmt: skip
@@ -46,13 +50,17 @@ def _hub_records(hub: Path) -> list[str]:
     return sorted(p.rsplit("/", 1)[1] for p in out.split())
 
 
-def _tasks(root: Path) -> list[str]:
-    return [r.task for r in records_for(Repo(root), W)]
+def _tasks(root: Path, weights: str = W) -> list[str]:
+    return [r.task for r in records_for(Repo(root), weights)]
 
 
 def test_concurrent_records_travel_with_plain_git(
     tmp_path: Path, repo: Path, git: Run, hub: Path
 ) -> None:
+    save_st(repo / "m.safetensors", model(np.random.default_rng(0), n_layers=1, d=8))
+    git("git", "add", "m.safetensors")
+    git("git", "commit", "-q", "-m", "a model")
+    w = weights_digest_of(repo / "m.safetensors")
     git("git", "push", "-q", "origin", "main")
     b = tmp_path / "b"
     gb = _clone(hub, b)  # the hub has no records yet: the glob refspec makes that no error
@@ -61,7 +69,7 @@ def test_concurrent_records_travel_with_plain_git(
     ]  # fmt: skip
     gb("git", "fetch")
     # A records, then pushes a branch: the records go along; git's output stays git's own
-    rec_a, rec_b = _record("from_a"), _record("from_b")
+    rec_a, rec_b = _record("from_a", w), _record("from_b", w)
     store_records(Repo(repo), [rec_a])
     pushed = _commit_and_push(git, repo, "a")
     assert pushed.returncode == 0, pushed.stderr
@@ -76,19 +84,22 @@ def test_concurrent_records_travel_with_plain_git(
     assert pushed.returncode == 0, pushed.stderr
     assert pushed.stderr.splitlines() == [f"To {hub}", " * [new branch]      HEAD -> b"]
     assert _hub_records(hub) == sorted([f"{rec_a.id}.json", f"{rec_b.id}.json"])
-    assert _tasks(b) == ["from_a", "from_b"]
+    assert _tasks(b, w) == ["from_a", "from_b"]
     # a third person: plain git clone + potluck init; the first read merges the records in
     c = tmp_path / "c"
     gc = _clone(hub, c)
     assert gc("git", "rev-parse", "-q", "--verify", EVALS_REF, check=False) == ""
-    assert absorb(Repo(c)) == 1
-    assert _tasks(c) == ["from_a", "from_b"]
+    listed = json.loads(gc("potluck", "eval", "list", "main", "--json"))
+    assert (listed["weights"], [r["suite"]["task"] for r in listed["records"]]) == (
+        w, ["from_a", "from_b"]
+    )  # fmt: skip
+    assert gc("git", "rev-parse", EVALS_REF) == run_in(hub)("git", "rev-parse", EVALS_REF)
     # A gets B's record with a plain git pull (the fetch refspec), merged as a union
-    git("git", "pull", "-q", "--no-rebase", "origin", "main")
-    git("git", "fetch", "-q")
-    assert _tasks(repo) == ["from_a"]  # the local ref is only unioned when potluck reads
+    git("git", "branch", "-q", "--set-upstream-to=origin/main")
+    git("git", "pull", "-q", "--no-rebase")
+    assert _tasks(repo, w) == ["from_a"]  # the local ref is only unioned when potluck reads
     assert absorb(Repo(repo)) == 1
-    assert _tasks(repo) == ["from_a", "from_b"]
+    assert _tasks(repo, w) == ["from_a", "from_b"]
 
 
 def test_a_remote_that_refuses_records_still_takes_the_push(
