@@ -91,7 +91,7 @@ class RemoteRun:
 # --------------------------------------------------------------------------- one tool
 
 
-def measured(server: LfsServer, label: str, action: Callable[[], None], sent: bool) -> Transfer:
+def measured(server: LfsServer, label: str, action: Callable[[], object], sent: bool) -> Transfer:
     """Run action with zeroed server counters; sent: count bytes the server sent."""
     server.reset_counters()
     c0, s0 = _cpu(resource.RUSAGE_CHILDREN), _cpu(resource.RUSAGE_SELF)
@@ -176,6 +176,9 @@ def run_tool(
             if name == "potluck" and args.potluck_src is not None:
                 repo.env["PYTHONPATH"] = str(args.potluck_src)  # before/after comparisons
             bare = root / "origin.git"
+            # giftless makes a repository's directory on its first PUT, racily: parallel
+            # first uploads (potluck's) failed with 500 and were retried. Make it up front.
+            (server.storage / LFS_ORG / name).mkdir(parents=True, exist_ok=True)
             prepare(repo, bare, server.url_for(LFS_ORG, name))
             push_history(repo, server, versions, run)
             clone_history(repo, server, bare, versions[-1], run)

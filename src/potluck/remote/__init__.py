@@ -24,6 +24,7 @@ from potluck.remote.base import (
     Sink,
     TransferStats,
 )
+from potluck.remote.memory import reuse_freed_memory
 
 if TYPE_CHECKING:  # the backends (httpx, fsspec) load on first use: every git command
     from potluck.remote.fsspec_remote import FsspecRemote  # starts potluck, few need them
@@ -86,6 +87,7 @@ def open_remote(
     Raises ``UserError`` for a URL without a scheme or with one no backend handles.
     """
     scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    reuse_freed_memory()  # a transfer churns through multi-MiB buffers
     if scheme and scheme in REMOTES:
         return REMOTES.get(scheme)(url, options, credentials, storage_options)
     import fsspec

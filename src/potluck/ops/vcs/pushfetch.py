@@ -309,17 +309,17 @@ def fetch_objects(
     not what the entry says, a chain too deep) is dropped with a warning and its object is
     fetched as plain bytes instead. A missing object on the remote raises
     ``MissingObjectError`` (naming every one, and the file and tensor that need the first)
-    before anything of that batch is downloaded. With ``fresh`` (and nothing to fetch
-    encoded), verified plain objects are left as files in ``tmp_dir/fresh`` and listed there
-    instead of being stored: the caller can use them at once and must then call
-    ``store_fresh``.
+    before anything of that batch is downloaded. With ``fresh``, verified plain objects are
+    left as files in ``tmp_dir/fresh`` and listed there instead of being stored (except the
+    delta bases of objects fetched encoded: those must be in the store to decode them): the
+    caller can use them at once and must then call ``store_fresh``.
     """
     lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
     stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
     tmp_dir.mkdir(parents=True, exist_ok=True)
     usable = dict(index or {})
     while True:
-        todo = [r for r in lacking if not odb.has(r.oid)]
+        todo = [r for r in lacking if not odb.has(r.oid) and r.oid not in (fresh or {})]
         owners = _owners(todo, usable)
         try:
             with _name_missing(wanted, owners):
@@ -349,14 +349,16 @@ def _fetch_planned(
     fresh: dict[str, Path] | None,
     stats: TransferStats,
 ) -> None:
-    """One try: plain objects, then the encoded ones level by level."""
+    """One try: plain objects, then the encoded ones level by level. With ``fresh``, plain
+    objects stay files there, except the delta bases the encoded ones decode through."""
     plain, levels = plan_fetch(todo, index, odb.has)
-    keep = fresh if fresh is not None and not levels else None
+    bases = {entry.base for level in levels for _, entry in level}
+    keep = fresh
     if keep is not None:
         (tmp_dir / "fresh").mkdir(exist_ok=True)
 
     def sink(ref: ObjectRef, path: Path) -> None:
-        if keep is not None:
+        if keep is not None and ref.oid not in bases:
             dest = tmp_dir / "fresh" / ref.oid
             os.replace(path, dest)
             keep[ref.oid] = dest
