@@ -3,7 +3,8 @@
 For each case (shape, dtype, update) one base matrix and its updated version are stored with
 ``ObjectDB.put`` twice in one run: as before (no dtype/shape given: XOR delta + zstd) and with
 the structured detection; prints the stored size as % of the matrix, encode and decode MB/s
-(logical bytes over wall time, one encoder thread), and the encoding chosen. Decoding is
+(logical bytes per CPU second of this process, all its threads: the machine may be shared;
+one encoder thread), and the encoding chosen. Decoding is
 checked bit for bit. Run: ``python -m bench.vcs.structured [--repeat N]``.
 """
 
@@ -55,7 +56,7 @@ CASES: list[tuple[tuple[int, int], str, str, Callable[..., np.ndarray]]] = [
 def one(
     shape: tuple[int, int], dtype: str, update: Callable[..., np.ndarray], structured: bool
 ) -> tuple[float, float, float, str]:
-    """(stored fraction, encode s, decode s, encoding) of one base/update pair."""
+    """(stored fraction, encode CPU s, decode CPU s, encoding) of one base/update pair."""
     rng = np.random.default_rng(0)
     old = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(NP[dtype])
     new = update(old, rng)
@@ -64,7 +65,7 @@ def one(
     base = hashlib.sha256(ob).hexdigest()
     db.put(base, lambda: [ob], size=len(ob), itemsize=old.dtype.itemsize)
     oid = hashlib.sha256(nb).hexdigest()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     res = db.put(
         oid,
         lambda: [nb],
@@ -74,9 +75,9 @@ def one(
         dtype=dtype if structured else None,
         shape=shape if structured else None,
     )
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     back = db.read_bytes(oid)
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     if back != nb:
         raise SystemExit(f"round trip of {shape} {dtype} is not bit-exact")
     with db.store.open(oid) as f:
@@ -89,7 +90,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="best of N timings")
     args = ap.parse_args()
     print(f"# load: {os.getloadavg()}")
-    head = f"{'case':36} {'before %':>8} {'after %':>8} {'enc MB/s':>18} {'dec MB/s':>18}  encoding"
+    speeds = f"{'enc MB/CPU-s':>18} {'dec MB/CPU-s':>18}"
+    head = f"{'case':36} {'before %':>8} {'after %':>8} {speeds}  encoding"
     print(head)
     for shape, dtype, label, update in CASES:
         mb = shape[0] * shape[1] * np.dtype(NP[dtype]).itemsize / 1e6

@@ -75,6 +75,7 @@ _FSCK_HINT = "run `potluck fsck` to find damaged objects and restore them from a
 # Keep a standalone candidate only when zstd saves more than 2%; stop trying once XOR saves half.
 _RAW_RATIO = 0.98
 _XOR_GOOD_ENOUGH = 0.5
+_MODEL_GOOD_ENOUGH = 0.25
 # Between those, a compressed sample of the chunk decides whether a full standalone try can pay.
 _SAMPLE_BYTES = 256 * 1024
 _SAMPLE_MARGIN = 0.05
@@ -271,12 +272,15 @@ class _ChunkEncoder:
         return kind, payload
 
     def with_model(self, chunk: bytes, base: bytes, model: Model, start: int) -> tuple[int, bytes]:
-        """``against``, or the residual against ``model``'s reconstruction when smaller."""
-        kind, payload = self.against(chunk, base)
-        if kind == KIND_SAME:
-            return kind, payload
+        """The residual against ``model``'s reconstruction when it is small (a quarter of the
+        chunk: no other kind comes near), else the smaller of it and ``against``."""
+        if chunk == base:
+            return KIND_SAME, b""
         res = residual(chunk, reconstruct(model, base, start), self.itemsize)
         packed = self.cctx.compress(byte_group(res, self.itemsize))
+        if len(packed) <= _MODEL_GOOD_ENOUGH * len(chunk):
+            return KIND_MODEL, packed
+        kind, payload = self.against(chunk, base)
         return (KIND_MODEL, packed) if len(packed) < len(payload) else (kind, payload)
 
 

@@ -43,15 +43,24 @@ _SPANS = 4
 _MARGIN = 0.95
 
 
-def _floats(bits: bytes, dtype: str, shape: tuple[int, int]) -> F32:
+def _raw(bits: bytes, dtype: str, shape: tuple[int, int]) -> NDArray[np.generic]:
+    """The matrix as stored (F32, F16, or BF16 bit patterns as uint16), without a copy."""
+    import numpy as np
+
+    kind = {"F32": "<f4", "F16": "<f2"}.get(dtype, "<u2")
+    return np.frombuffer(bits, kind).reshape(shape)
+
+
+def _floats(raw: NDArray[np.generic], dtype: str) -> F32:
+    """Elements of ``_raw`` (or a piece of it) as float32 (exact; no copy for F32)."""
     import numpy as np
 
     if dtype == "F32":
-        return np.frombuffer(bits, "<f4").reshape(shape)
+        return raw.astype(np.float32, copy=False)
     if dtype == "F16":
-        return np.frombuffer(bits, "<f2").astype(np.float32).reshape(shape)
-    wide = np.frombuffer(bits, "<u2").astype(np.uint32) << np.uint32(16)
-    return wide.view(np.float32).reshape(shape)
+        return raw.astype(np.float32)
+    wide = raw.astype(np.uint32) << np.uint32(16)
+    return wide.view(np.float32)
 
 
 def _row_blocks(m: int, n: int) -> Iterator[tuple[int, int]]:
@@ -208,24 +217,30 @@ def candidates(old_bits: bytes, new_bits: bytes, dtype: str, shape: tuple[int, i
     import numpy as np
 
     m, n = shape
-    old, new = _floats(old_bits, dtype, shape), _floats(new_bits, dtype, shape)
-    if not (np.isfinite(old).all() and np.isfinite(new).all()):
-        return []
     rows = np.unique(np.linspace(0, m - 1, min(m, _SAMPLE)).astype(np.int64))
     cols = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE)).astype(np.int64))
-    olds, news = old[np.ix_(rows, cols)], new[np.ix_(rows, cols)]
+    pick = np.ix_(rows, cols)  # the sample, converted alone: most pairs end here
+    olds = _floats(_raw(old_bits, dtype, shape)[pick], dtype)
+    news = _floats(_raw(new_bits, dtype, shape)[pick], dtype)
+    if not (np.isfinite(olds).all() and np.isfinite(news).all()):
+        return []
     ds = news.astype(np.float64) - olds
     if np.count_nonzero(ds) < ds.size // 2:
         return []  # sparse changes: the XOR delta is good at those
-    found: list[Model] = []
     kind = _scale_kind(_ratios(olds, news), dtype)
+    rank = _sample_rank(ds, m, n)
+    if not (kind or rank):
+        return []
+    old = _floats(_raw(old_bits, dtype, shape), dtype)
+    new = _floats(_raw(new_bits, dtype, shape), dtype)
+    if not (np.isfinite(old).all() and np.isfinite(new).all()):
+        return []
+    found: list[Model] = []
     if kind:
         found.append(_scales(old, new, kind, dtype))
-    rank = _sample_rank(ds, m, n)
-    if rank:
-        model = _lowrank(_Delta(old, new), rank, dtype)
-        if model is not None:
-            found.append(model)
+    model = _lowrank(_Delta(old, new), rank, dtype) if rank else None
+    if model is not None:
+        found.append(model)
     return found
 
 

@@ -10,7 +10,8 @@ patterns against potluck's own reconstruction from the base. Element ``(i, j)`` 
     x = x + (sum_k U[i, k] * V[j, k]) * (2**eu[i] * 2**ev[j])   # only with factors
     recon = round(x)                     # F32: float64 -> float32 (nearest even);
                                          # F16: -> float32 -> float16; BF16: -> float32, then
-                                         # nearest-even on the bit pattern (NaN: truncated)
+                                         # (b + 0x7FFF + (b >> 16 & 1)) >> 16 on the
+                                         # float32 bits b, modulo 2**32
 
 The factors are integers below ``2**factor_bits(rank)`` (24 bits at rank 8) with a power-of-two
 scale per row of U and per row of V, so for one element every product and every partial sum
@@ -37,6 +38,7 @@ needs to be reproduced by a decoder: the stored factors are the model.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -95,6 +97,20 @@ class Model:
     v: I32 | None = None  # (n, rank) integers, row j times 2**ev[j]
     eu: I8 | None = None
     ev: I8 | None = None
+
+    @functools.cached_property
+    def _factors64(self) -> tuple[F64, F64] | None:
+        import numpy as np
+
+        if self.u is None or self.v is None or self.eu is None or self.ev is None:
+            return None
+        u = self.u.astype(np.float64) * _pow2(self.eu)[:, None]  # powers of two: exact
+        v = self.v.astype(np.float64) * _pow2(self.ev)[:, None]
+        return u, np.ascontiguousarray(v)
+
+    def factors64(self) -> tuple[F64, F64] | None:
+        """U and V as float64 with their scales applied (exact), once per model."""
+        return self._factors64
 
     @property
     def rank(self) -> int:
@@ -196,10 +212,10 @@ def round_bits(x: F64, dtype: str) -> NDArray[np.unsignedinteger]:  # type: igno
     if dtype == "F16":
         return f.astype(np.float16).view(np.uint16)
     b = f.view(np.uint32)
-    nan = np.isnan(f)
-    up = (b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    out = np.where(nan, b >> np.uint32(16), up)
-    return out.astype(np.uint16)
+    b16 = b >> np.uint32(16)
+    np.add(b, np.uint32(0x7FFF), out=b)  # modulo 2**32: also defined for NaN and infinities
+    np.add(b, b16 & np.uint32(1), out=b)
+    return (b >> np.uint32(16)).astype(np.uint16)
 
 
 def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
@@ -212,21 +228,18 @@ def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
         return b""
     n = model.n
     r0, r1 = start // n, (start + count - 1) // n + 1
-    off = start - r0 * n
-    x = np.zeros((r1 - r0) * n, np.float64)
-    x[off : off + count] = to_float64(base, model.dtype)
-    block = x.reshape(r1 - r0, n)
+    off = start - r0 * n  # the elements are [off, off + count) of rows r0..r1, flattened
+    x = to_float64(base, model.dtype)
     if model.row is not None or model.col is not None:
         rs = np.ones(r1 - r0) if model.row is None else model.row[r0:r1].astype(np.float64)
         cs = np.ones(n) if model.col is None else model.col.astype(np.float64)
-        np.multiply(block, np.multiply.outer(rs, cs), out=block)
-    if model.u is not None and model.v is not None and model.eu is not None:
-        assert model.ev is not None
-        term = np.matmul(model.u[r0:r1].astype(np.float64), model.v.astype(np.float64).T)
-        scale = np.multiply.outer(_pow2(model.eu[r0:r1]), _pow2(model.ev))
-        np.multiply(term, scale, out=term)  # powers of two: exact
-        np.add(block, term, out=block)
-    return round_bits(x[off : off + count], model.dtype).tobytes()
+        np.multiply(x, np.multiply.outer(rs, cs).reshape(-1)[off : off + count], out=x)
+    factors = model.factors64()
+    if factors is not None:
+        # each (i, j): integer products at one power-of-two scale, sums below 2**53: exact
+        term = np.matmul(factors[0][r0:r1], factors[1].T)
+        np.add(x, term.reshape(-1)[off : off + count], out=x)
+    return round_bits(x, model.dtype).tobytes()
 
 
 def residual(new: bytes | memoryview, recon: bytes, itemsize: int) -> bytes:
