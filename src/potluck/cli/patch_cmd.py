@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -154,12 +155,26 @@ def create_cmd(
         _refuse_codec_choice(flags, rules)
     described = {"author": author, "task": task, "license": license_}
     parsed = [parse_rule(r) for r in rules]
-    if eval_file is not None and not check:
-        raise UserError("--eval needs --check", hint="add --check")
+    weighting = budget is not None or max_error is not None
+    if eval_file is not None and not check and not weighting:
+        raise UserError(
+            "--eval needs --check (or --budget/--max-error, whose errors it then weights)",
+            hint="add --check",
+        )
+    if eval_file is not None and gram_file is not None and weighting:
+        raise UserError(
+            "--eval and --gram both weight the budget's errors; pass one of them",
+            hint="drop --gram to use Gram matrices of TARGET on the --eval inputs",
+        )
     stats = None if gram_file is None else _gram_stats(gram_file, budget, max_error)
-    with open_model(base) as base_src, open_model(target) as target_src:
+    with ExitStack() as stack:
+        base_src = stack.enter_context(open_model(base))
+        target_src = stack.enter_context(open_model(target))
         if eval_file is not None:
-            check_eval_target(target_src)  # before anything is written
+            target_dir = check_eval_target(target_src)  # before anything is written
+            if weighting:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="potluck-gram-"))
+                stats = _eval_gram(target_dir, eval_file, eval_max, Path(tmp))
         info = create_patch(
             base_src,
             target_src,
@@ -186,6 +201,16 @@ def create_cmd(
         emit_json(create_json(info))
         return
     _render_create(info)
+
+
+def _eval_gram(model_dir: Path, data: str, max_samples: int, tmp: Path) -> StatsLookup:
+    """Gram statistics (with embedding lookup counts) of TARGET on the --eval inputs."""
+    from potluck.ops.merge.stats_torch import compute_stats
+    from potluck.ops.merge.statsfile import load_stats
+
+    out = tmp / "eval.gram.stats"
+    compute_stats("gram", model_dir, data, out, max_samples=max_samples, embeddings=True)
+    return load_stats(out).tensor_stats
 
 
 def _gram_stats(path: str, budget: str | None, max_error: float | None) -> StatsLookup:
