@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
 
-import potluck.cli.patch_cmd  # noqa: E402, F401  (registers `patch`)
+import potluck.cli.patch_cmd  # noqa: E402  (registers `patch`)
 import potluck.cli.stats_cmd  # noqa: E402, F401  (registers `stats`)
 from potluck.cli.main import cli  # noqa: E402
 from tiny_models import MOVIE_WORDS, save_tiny, tiny_bert  # noqa: E402

@@ -66,12 +66,23 @@ def settings(budgets: list[str], gram: Path | None) -> list[tuple[str, dict[str,
 
 
 def gram_file(folder: Path, task: data.Task, work: Path, n: int) -> Path:
-    """The fine-tune's Gram statistics (with embedding counts) on its first ``n`` texts."""
-    meta = json.loads((folder / "meta.json").read_text())
-    run = finetune.Finetuned(
-        folder, folder / "encoder.safetensors", folder / "head.safetensors", meta
-    )
-    return stages.contributor_stats(run, task, work, 0, n)["gram_emb"]
+    """The fine-tune's Gram statistics (with embedding counts) on its first ``n`` training
+    texts, as ``potluck stats gram --embeddings`` computes them."""
+    from potluck.ops.merge.stats_torch import gram_matrices, input_axes
+    from potluck.ops.merge.statsfile import write_stats
+
+    path = work / f"{task.name}.gram_emb.stats"
+    enc = model.load_encoder(folder / "encoder.safetensors")
+    batches = [
+        {k: v for k, v in b.items() if k != "labels"}
+        for b in stages._batches(task, model.load_tokenizer(), n, 16)
+    ]
+    tensors = gram_matrices(enc, batches, lambda m, b: m(**b), embeddings=True)
+    axes = {k: v for k, v in input_axes(enc, embeddings=True).items() if k in tensors}
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    work.mkdir(parents=True, exist_ok=True)
+    write_stats(path, "gram", tensors, samples=n, tokens=tokens, input_axes=axes)
+    return path
 
 
 def one_run(
