@@ -401,3 +401,10 @@ def test_factor_out_of_bounds_is_rejected() -> None:
     blob[at : at + 4] = struct.pack("<i", 1 << 26)
     with pytest.raises(CorruptObjectError, match="model factors exceed 26 bits"):
         b"".join(decode_object(io.BytesIO(bytes(blob)), lambda oid: iter([b""])))
+
+
+def test_damaged_section_length_reads_nothing_more() -> None:
+    blob = bytearray.fromhex(GOLDEN_MODEL)
+    blob[52:56] = struct.pack("<I", 0xFFFFFFF0)  # a 4 GiB model section
+    with pytest.raises(CorruptObjectError, match="model section length 4294967280 is not 132"):
+        b"".join(decode_object(io.BytesIO(bytes(blob)), lambda oid: iter([b""])))

@@ -51,7 +51,15 @@ from typing import BinaryIO
 import zstandard
 
 from potluck.errors import CorruptObjectError
-from potluck.objects.structured import Model, apply_residual, parse_model, reconstruct, residual
+from potluck.objects.structured import HEAD_SIZE as MODEL_HEAD_SIZE
+from potluck.objects.structured import (
+    Model,
+    apply_residual,
+    parse_model,
+    reconstruct,
+    residual,
+    section_length,
+)
 
 MAGIC = b"PLKO"
 VERSION = 1
@@ -594,7 +602,12 @@ def read_model(f: BinaryIO, header: ObjectHeader) -> Model | None:
     if header.version != VERSION_MODEL:
         return None
     (length,) = _SECTION.unpack(_read_exact(f, _SECTION.size, "model section length"))
-    return parse_model(_read_exact(f, length, "model section"), header.size, header.itemsize)
+    head = _read_exact(f, min(length, MODEL_HEAD_SIZE), "model section")
+    want = section_length(head, header.size, header.itemsize)
+    if length != want:
+        raise _corrupt(f"model section length {length} is not {want}")
+    rest = _read_exact(f, length - len(head), "model section")
+    return parse_model(head + rest, header.size, header.itemsize)
 
 
 def describe(f: BinaryIO) -> str:

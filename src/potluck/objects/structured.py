@@ -154,14 +154,15 @@ def _corrupt(message: str) -> CorruptObjectError:
     )
 
 
-def parse_model(data: bytes, size: int, itemsize: int) -> Model:
-    """The model of a section body (without its length prefix), checked against the object's
-    ``size`` and ``itemsize``."""
-    import numpy as np
+HEAD_SIZE = _HEAD.size
 
-    if len(data) < _HEAD.size:
-        raise _corrupt(f"model section of {len(data)} bytes is too short")
-    flags, code, rank, m, n = _HEAD.unpack_from(data)
+
+def section_length(head: bytes, size: int, itemsize: int) -> int:
+    """The length a model section must have, from its first ``HEAD_SIZE`` bytes, checked
+    against the object's ``size`` and ``itemsize`` (so a damaged length reads nothing)."""
+    if len(head) < _HEAD.size:
+        raise _corrupt(f"model section of {len(head)} bytes is too short")
+    flags, code, rank, m, n = (int(v) for v in _HEAD.unpack_from(head))
     dtype = {v: k for k, v in DTYPE_CODES.items()}.get(code)
     bad_rank = bool(flags & LOWRANK) != (rank > 0) or rank > MAX_RANK
     if dtype is None or flags & ~(ROWS | COLS | LOWRANK) or bad_rank:
@@ -169,9 +170,20 @@ def parse_model(data: bytes, size: int, itemsize: int) -> Model:
     if _ITEMSIZE[code] != itemsize or m * n * itemsize != size:
         raise _corrupt(f"model of a {m}x{n} {dtype} matrix does not fit {size} bytes")
     scales = 4 * ((m if flags & ROWS else 0) + (n if flags & COLS else 0))
-    want = scales + (m + n) * rank * 4 + (m + n if rank else 0)
-    if len(data) != _HEAD.size + want:
-        raise _corrupt(f"model section has {len(data) - _HEAD.size} bytes, not {want}")
+    return _HEAD.size + scales + (m + n) * rank * 4 + (m + n if rank else 0)
+
+
+def parse_model(data: bytes, size: int, itemsize: int) -> Model:
+    """The model of a section body (without its length prefix), checked against the object's
+    ``size`` and ``itemsize``."""
+    import numpy as np
+
+    want = section_length(data, size, itemsize)
+    if len(data) != want:
+        raise _corrupt(f"model section has {len(data)} bytes, not {want}")
+    flags, code, rank, m, n = _HEAD.unpack_from(data)
+    dtype = {v: k for k, v in DTYPE_CODES.items()}[code]
+    scales = 4 * ((m if flags & ROWS else 0) + (n if flags & COLS else 0))
     floats = np.frombuffer(data, "<f4", offset=_HEAD.size, count=scales // 4).astype(np.float32)
     row = floats[:m] if flags & ROWS else None
     col = floats[m if flags & ROWS else 0 :] if flags & COLS else None
