@@ -29,8 +29,12 @@ def _results() -> dict[str, Any]:
         "individual": {"a": 0.9, "b": 0.92},
         "merges": {
             "ties": {"test": {"a": 0.7, "b": 0.9}, "config": cfg, "merge_s": 3.5},
-            "emr + task masks": {"test": {"a": 0.88, "b": 0.92}, "config": cfg, "tasks": tasks,
-                                 "merge_s": 7.0},  # fmt: skip
+            "emr + task masks": {
+                "test": {"a": 0.88, "b": 0.92},
+                "config": cfg,
+                "tasks": tasks,
+                "merge_s": 7.0,
+            },
         },
     }
 
