@@ -213,7 +213,7 @@ def matrix_curve(
         params = {"rank": r, "factors": "F16", **extra}
         nb = 2 * r * (m + n) + index_bytes + array_cost(name, 2)
         options.append(wt.option("lowrank", params, nb, r, f16[r]))
-    if delta.ndim == 2:
+    if delta.ndim == 2 and not extra:  # sign codecs store every row: not for row-sparse Δ
         options += [Option(*o) for o in sign_options(name, whole, weight, norm_sq)]
     return TensorCurve(name, norm_sq, fp16, lower_hull(options), weighted=weight is not None)
 
