@@ -1,4 +1,5 @@
-"""Each fine-tune shipped as lossy patches: accuracy kept vs patch size vs the fp16 delta."""
+"""Each fine-tune shipped as lossy patches: accuracy kept vs patch size vs the fp16 delta (fixed
+codecs, then ``--budget`` at 1/8 … 1/64 of the fp16 delta)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ CODECS: list[tuple[str, str, dict[str, object], list[Rule]]] = [
 ]
 
 
+#: ``patch create --budget`` settings measured after the fixed codecs (issue 20's curves).
+BUDGETS = ("x8", "x16", "x32", "x64")
+
+
 def fp16_delta_bytes(base: Path, target: Path) -> int:
     """2 bytes × the number of parameters whose bits changed (the reference size)."""
     from safetensors.numpy import load_file
@@ -66,11 +71,15 @@ def patch_rows(
     work.mkdir(parents=True, exist_ok=True)
     ref = fp16_delta_bytes(base, target)
     rows = []
-    for label, codec, params, rules in CODECS:
+    settings: list[tuple[str, dict[str, Any]]] = [
+        (label, {"rules": rules, "default_codec": codec, "params": params})
+        for label, codec, params, rules in CODECS
+    ]
+    settings += [(f"budget {b}", {"budget": b}) for b in BUDGETS]
+    for label, kw in settings:
         t0 = time.perf_counter()
         patch, out = work / "p.potluck", work / "patched.safetensors"
-        info = create_patch(base, target, patch, rules=rules, default_codec=codec, params=params,
-                            seed=seed)  # fmt: skip
+        info = create_patch(base, target, patch, seed=seed, **kw)
         apply_patch(base, patch, out)
         acc = score(out)
         rows.append({"codec": label, "bytes": info.size, "fp16_delta_bytes": ref,
