@@ -168,13 +168,21 @@ def push(
         wanted = Wanted()
         for blob, (path, m) in manifests.items():
             wanted.add_manifest(m, path, commits.get(blob))
-        report = push_objects(
-            repo.odb, obj_remote, wanted, on_bytes, index=index.get() if wanted else {},
-            encode=encode and len(wanted) > 0,
+        publisher = wireindex.Publisher(repo.git, spec.name, fetched=encode)
+        try:
+            report = push_objects(
+                repo.odb, obj_remote, wanted, on_bytes, index=index.get() if wanted else {},
+                encode=encode and len(wanted) > 0, early=publisher.start,
+            )  # fmt: skip
+        except BaseException:
+            publisher.join()  # never leave a git push half done; the upload's error wins
+            raise
+        early = publisher.result()
+        published = report.encoded and (
+            early if report.early else wireindex.publish(
+                repo.git, spec.name, report.encoded, fetched=encode
+            )
         )  # fmt: skip
-        published = report.encoded and wireindex.publish(
-            repo.git, spec.name, report.encoded, fetched=encode
-        )
         if report.encoded and not published:
             report = _push_plain_instead(repo, obj_remote, wanted, report, on_bytes)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 
 from potluck.errors import FormatError
 from potluck.git.plumbing import Git
@@ -119,3 +120,41 @@ def _commit_with(git: Git, parent: str | None, blob: str) -> str:
         "commit-tree", tree, *parents, "-m", "potluck wire index", env=_IDENTITY
     )  # fmt: skip
     return out.decode().strip()
+
+
+class Publisher:
+    """Publishes the wire index on a thread while the plain objects upload (``early``)."""
+
+    def __init__(self, git: Git, remote: str, fetched: bool) -> None:
+        self.git, self.remote, self.fetched = git, remote, fetched
+        self._thread: threading.Thread | None = None
+        self._outcome: list[bool | BaseException] = []
+
+    def start(self, entries: tuple[WireEntry, ...]) -> None:
+        """Start publishing ``entries`` (their wire objects are on the remote)."""
+
+        def run() -> None:
+            try:
+                done = publish(self.git, self.remote, entries, fetched=self.fetched)
+                self._outcome.append(done)
+            except BaseException as e:  # re-raised by result
+                self._outcome.append(e)
+
+        self._thread = threading.Thread(target=run, name="potluck-publish-index", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the publication, if one was started."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> bool:
+        """Wait for the publication: whether the remote took the index (False when none was
+        started); its error, if it raised one."""
+        if self._thread is None:
+            return False
+        self.join()
+        outcome = self._outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome

@@ -100,6 +100,7 @@ class PushReport:
     already_there: int
     encoded: tuple[WireEntry, ...] = ()
     stale: int = 0
+    early: bool = False  # ``encoded`` went to the ``early`` callback
 
 
 def push_objects(
@@ -110,6 +111,7 @@ def push_objects(
     *,
     index: Mapping[str, WireEntry] | None = None,
     encode: bool = False,
+    early: Callable[[tuple[WireEntry, ...]], None] | None = None,
 ) -> PushReport:
     """Upload the wanted objects the remote lacks.
 
@@ -119,7 +121,9 @@ def push_objects(
     the local store; if one is not, raise ``MissingObjectError`` naming file, tensor and commit
     before anything is uploaded. With ``encode``, objects whose stored file is much smaller
     than their bytes travel encoded (``ops.vcs.wire``); the caller must then publish
-    ``PushReport.encoded``.
+    ``PushReport.encoded``. Encoded objects go first: when every delta base they name was on
+    the remote before this push, ``early`` gets their entries before the plain objects are
+    sent (``PushReport.early``), so the caller can publish the index while they upload.
     """
     refs = sorted(wanted.refs)
     view = verify_remote(_Planning(remote), refs, index or {})
@@ -127,9 +131,16 @@ def push_objects(
     _check_local(odb, remote, wanted, lacking)
     encoded = _choose_encoded(odb, remote, refs, lacking, view, index or {}) if encode else {}
     plain = [r for r in lacking if r not in encoded]
-    stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
     by_wire = {e.wire: e.oid for e in encoded.values()}
     wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
+    sending = {r.oid for r in lacking}
+    announce = bool(encoded) and all(
+        e.base is None or e.base not in sending for e in encoded.values()
+    )
+    if early is not None and announce:
+        early(tuple(encoded.values()))
+    announce = announce and early is not None
+    stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
     there = len(refs) - len(lacking) + stats.skipped
     stale = sum(1 for r in lacking if r.oid in view.stale)
     if stale:
@@ -139,7 +150,7 @@ def push_objects(
         )  # fmt: skip
     return PushReport(
         len(refs), stats.objects + wire_stats.objects, stats.bytes + wire_stats.bytes, there,
-        tuple(encoded.values()), stale,
+        tuple(encoded.values()), stale, announce,
     )  # fmt: skip
 
 
