@@ -54,6 +54,11 @@ GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
     ] + [({"base_method": "ties", "lambda": 1.0, "k": 2}, {"weight": 1.0, "density": 0.2})],
 }  # fmt: skip
 STATS_KIND = {"fisher": "fisher", "regmean": "gram", "regmean_emb": "gram_emb"}
+#: Methods whose merge is θ_base + s·M with M independent of the grid's scale parameter ``s``
+#: (Iso-C and Iso-CTS: θ_base + α·σ̄·U·Vᵀ per matrix, θ_base + α·mean τ elsewhere): the first
+#: grid point is merged, the others are θ_base + (s / s₀)·(merged − θ_base) (``scaled_copy``;
+#: equal to a merge at s up to float32 rounding) — their SVDs cost minutes per merge here.
+LINEAR_IN = {"iso_c": "alpha", "iso_cts": "alpha"}
 #: grid name → potluck merge method, where they differ
 METHOD_OF = {"regmean_emb": "regmean", "ta_lines": "task_arithmetic", "ties_lines": "ties"}
 
@@ -106,6 +111,26 @@ def run_one(cfg: Mapping[str, Any], out: Path) -> Path:
     return files[0]
 
 
+def scaled_copy(merged: Path, factor: float, out: Path) -> Path:
+    """``out/<name>``: θ_base + factor·(merged − θ_base) for the floating tensors of ``merged``
+    (others copied), in ``merged``'s dtypes."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    base, got = load_file(str(model.base_weights())), load_file(str(merged))
+    result = {}
+    for name, arr in got.items():
+        if np.issubdtype(arr.dtype, np.floating):
+            b = base[name].astype(np.float64)
+            arr = (b + factor * (arr.astype(np.float64) - b)).astype(arr.dtype)
+        result[name] = arr
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file(result, str(out / merged.name), metadata={"format": "pt"})
+    return out / merged.name
+
+
 Scorer = Callable[[Path], dict[str, float]]
 
 
@@ -119,10 +144,18 @@ def grid_search(
     """Every grid point of ``method`` merged and scored on validation; the best kept on disk."""
     best: dict[str, Any] = {}
     tried = []
+    first: tuple[Path, float] | None = None  # LINEAR_IN: (merged weights kept, its scale)
+    key = LINEAR_IN.get(method)
     for i, (top, per_model) in enumerate(GRID[method]):
         t0 = time.perf_counter()
         cfg = merge_config(method, top, per_model, contributors, seed)
-        weights = run_one(cfg, work / f"{method}-{i}")
+        if key and first:
+            weights = scaled_copy(first[0], float(top[key]) / first[1], work / f"{method}-{i}")
+        else:
+            weights = run_one(cfg, work / f"{method}-{i}")
+            if key:
+                kept = work / f"{method}-first"
+                first = (scaled_copy(weights, 1.0, kept), float(top[key]))
         merge_s = time.perf_counter() - t0
         val = val_scores(weights)
         mean = sum(val.values()) / len(val)
@@ -136,6 +169,9 @@ def grid_search(
                     "val_mean": mean, "val": val, "merge_s": round(merge_s, 1)}  # fmt: skip
         else:
             shutil.rmtree(weights.parent)
+    if first:
+        shutil.rmtree(first[0].parent)
+        best["merge_s"] = tried[0]["merge_s"]  # the one real merge (others are rescaled copies)
     best["grid"] = tried
     return best
 

@@ -83,9 +83,8 @@ def merge_and_rebuild(
     rebuilt = {}
     for p in inputs:
         task = p.name.removesuffix(".safetensors")
-        dest = work / f"{task}.safetensors"
-        apply_patch(work / "out", work / "out" / "tasks" / f"{task}.patch", dest)
-        rebuilt[task] = dest
+        apply_patch(work / "out", work / "out" / "tasks" / f"{task}.patch", work / task)
+        rebuilt[task] = work / task / "model.safetensors"  # the merged model is a directory
     return rebuilt, rep.tasks, merge_s, cfg
 
 

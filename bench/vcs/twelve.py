@@ -31,6 +31,8 @@ N_MATRICES = 12
 COLS = 4096
 #: profile rows: (label, substrings of "file:function" whose cumulative time counts)
 BUCKETS = [
+    ("start-up imports", ("<frozen importlib._bootstrap>:_find_and_load",)),
+    ("decode in this thread", ("encoding.py:_decode_chunk",)),
     ("wait for decode workers", ("_base.py:result",)),
     ("hash hand-off and check", ("odb.py:update", "odb.py:hexdigest")),
     ("write pkt-lines to git", ("pktline.py:write_packet", "pktline.py:write")),
@@ -94,7 +96,7 @@ def summarise(prof: Path) -> str:
     for label, keys in BUCKETS:
         secs = 0.0
         for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in raw.items():
-            where = f"{os.path.basename(file)}:{func}" if file != "~" else func
+            where = f"{os.path.basename(file) if file.startswith('/') else file}:{func}"
             if any(k in where for k in keys):
                 secs += ct
         rows.append([label, fmt(secs, ".2f"), fmt(100 * secs / total, ".0f")])

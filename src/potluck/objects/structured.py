@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -249,9 +250,46 @@ def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
     factors = model.factors64()
     if factors is not None:
         # each (i, j): integer products at one power-of-two scale, sums below 2**53: exact
-        term = np.matmul(factors[0][r0:r1], factors[1].T)
+        with _one_blas_thread():  # chunks decode in parallel already; the sum is exact anyway
+            term = np.matmul(factors[0][r0:r1], factors[1].T)
         np.add(x, term.reshape(-1)[off : off + count], out=x)
     return round_bits(x, model.dtype).tobytes()
+
+
+class _OneBlasThread:
+    """While any thread is inside, BLAS runs one thread (its original count comes back when
+    the last one leaves): reconstructions run on a pool of their own, and BLAS threads on top
+    of it only spin. The low-rank term is exact, so this changes speed, never bits."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.limiter: Any = None
+        self.controller: Any = None
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                if self.controller is None:
+                    from threadpoolctl import ThreadpoolController
+
+                    self.controller = ThreadpoolController()
+                self.limiter = self.controller.limit(limits=1, user_api="blas")
+            self.users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0 and self.limiter is not None:
+                self.limiter.restore_original_limits()
+                self.limiter = None
+
+
+_BLAS_GUARD = _OneBlasThread()
+
+
+def _one_blas_thread() -> _OneBlasThread:
+    return _BLAS_GUARD
 
 
 def residual(new: bytes | memoryview, recon: bytes, itemsize: int) -> bytes:
