@@ -74,6 +74,24 @@ def finetune_from(weights: Path, task: data.Task, cfg: finetune.FinetuneConfig, 
     return seconds
 
 
+class NotCached(RuntimeError):
+    """A contributor's fine-tune is not in the cache (this benchmark never trains them)."""
+
+
+def cached_only(cfg: finetune.FinetuneConfig, root: Path) -> finetune.Finetuned:
+    """The cached fine-tune of ``cfg`` under ``root`` (bench.quality's ``finetunes/``, or
+    bench.common's cache); ``NotCached`` rather than training it."""
+    folder = f"{cfg.task}-{cfg.key()}"
+    names = ("meta.json", "encoder.safetensors", "head.safetensors")
+    if not any(all((d / folder / n).is_file() for n in names)
+               for d in (root, stages.MINILM_CACHE)):  # fmt: skip
+        raise NotCached(
+            f"{cfg.task}: no cached fine-tune {folder} under {root} or {stages.MINILM_CACHE}; "
+            "run `python -m bench.quality` first (its first stage trains them)"
+        )
+    return stages.cached_finetune(cfg, root)
+
+
 def _port(patch: Path, v1: Path, v2: Path, method: str, folder: Path) -> tuple[Path, float, int]:
     """Rebase ``patch`` onto v2 with ``method`` and apply it: (encoder, seconds, conflicts)."""
     from potluck.ops.patch import apply_patch
@@ -121,12 +139,12 @@ def _contributor(task: data.Task, args: argparse.Namespace, root: Path, sc: _Sco
 
     v1, v2 = model.base_weights(), root / "v2" / "encoder.safetensors"
     cfg = stages.finetune_config(task.name, args.seed, args.steps)
-    run = stages.cached_finetune(cfg, args.out)
+    run = cached_only(cfg, args.out / "finetunes")
     head = finetune.load_head(run.head)
     work = root / task.name
     work.mkdir(parents=True, exist_ok=True)
     create_patch(v1, run.encoder, work / "contrib.patch")
-    sc.row(task.name, "v1 + patch (original)", run.encoder, head, None)
+    sc.row(task.name, "v1 + patch (original)", run.encoder, head, run.meta.get("train_s"))
     sc.row(task.name, "v2, old head", v2, head, None)
     for method in args.methods:
         enc, sec, conflicts = _port(work / "contrib.patch", v1, v2, method, work)
@@ -145,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     movers = [data.load_task(n, seed=args.seed) for n in MOVERS]
     contributors = [data.load_task(n, seed=args.seed) for n in CONTRIBUTORS]
+    try:  # before the base moves: never train a contributor here
+        for t in contributors:
+            cached_only(
+                stages.finetune_config(t.name, args.seed, args.steps), args.out / "finetunes"
+            )
+    except NotCached as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     move_cfg = stages.finetune_config("+".join(MOVERS), args.seed, args.move_steps)
     root = args.out / f"rebase-s{args.seed}-{move_cfg.key()}"
     move_s = move_base(movers, move_cfg, root / "v2")
