@@ -16,6 +16,7 @@ the same run. Thread counts are fixed (``--threads``); the load average is print
     .venv/bin/python -m bench.scale            # 20k tensors + 256 MiB tensor, 3 repeats
     .venv/bin/python -m bench.scale --quick    # 2k tensors + 64 MiB tensor, 1 repeat
     .venv/bin/python -m bench.scale --big      # the 2 GiB tensor (needs ~12 GB of disk)
+    .venv/bin/python -m bench.scale --cases llama --llama-gb 20   # issue 19: bench/scale/llama.py
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from bench.common.measure import CommandError, capture, fmt, machine_info, render_table, scratch
 from bench.common.tools import TOOLS, Repo, StepResult, probe_tool
+from bench.scale import llama
 
 MiB = 1 << 20
 FILE = "m.safetensors"
@@ -276,7 +278,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensors", type=int, default=None, help="many: tensors (default 20000)")
     p.add_argument("--changed", type=int, default=None, help="many: changed (default 10%%)")
     p.add_argument("--big-mib", type=int, default=None, help="big: tensor size in MiB")
-    p.add_argument("--cases", default="many,big", help="many,big")
+    p.add_argument("--cases", default="many,big", help="many,big,llama")
+    p.add_argument("--llama-gb", type=float, default=20, help="llama: model size in GB")
+    p.add_argument("--llama-shard-gb", type=float, default=5, help="llama: largest shard, GB")
+    p.add_argument("--llama-max-memory", default="2GB", help="llama: merge --max-memory")
+    p.add_argument("--llama-reserve-gb", type=float, default=15, help="llama: disk left free")
     p.add_argument("--repeat", type=int, default=None, help="repeats (default 3; quick 1)")
     p.add_argument("--tools", default="potluck,git-lfs", help="potluck,git-lfs")
     p.add_argument("--threads", type=int, default=2, help="threads of every tool (default 2)")
@@ -301,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(f"skipping {name}: {why}", file=sys.stderr)
             args.tools.remove(name)
+    if "llama" in args.cases:  # one run of its own (bench/scale/llama.py); --repeat is ignored
+        args.cases.remove("llama")
+        rc = llama.run(args)
+        if rc or not args.cases:
+            return rc
     print(f"uptime before: {capture(['uptime'])}")
     steps: list[Step] = []
     data: dict[str, int] = {}
