@@ -116,9 +116,9 @@ def test_commits_give_finetune_and_quantized_edges(
 RULE = {"path": "*.safetensors", "tensors": "*", "method": "ties", "params": {"density": 0.5}}
 
 
-def test_merge_commit_edge_names_both_parents_method_parameters_and_seed(
-    repo: Path, git: Run
-) -> None:
+def diverged(repo: Path, git: Run) -> tuple[dict[str, np.ndarray], str, dict[str, np.ndarray], str]:
+    """A TIES merge rule (seed 3), a base commit of ``m.safetensors``, then one change of it on
+    ``feature`` and another on ``main`` (checked out): (theirs, its commit, ours, its commit)."""
     (repo / ".potluck.json").write_text(json.dumps({"merge": [dict(RULE, seed=3)]}))
     commit(git, ".potluck.json", "rules")
     base = _small()
@@ -132,6 +132,13 @@ def test_merge_commit_edge_names_both_parents_method_parameters_and_seed(
     ours = dict(base, **{"layers.0.w": base["layers.0.w"] - 0.25})
     save_st(repo / "m.safetensors", ours)
     c_ours = commit(git, "m.safetensors", "ours")
+    return theirs, c_theirs, ours, c_ours
+
+
+def test_merge_commit_edge_names_both_parents_method_parameters_and_seed(
+    repo: Path, git: Run
+) -> None:
+    theirs, c_theirs, ours, c_ours = diverged(repo, git)
     git("git", "merge", "-q", "--no-edit", "feature")
     head = git("git", "rev-parse", "HEAD").strip()
     merged = Repo(repo)

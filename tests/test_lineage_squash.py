@@ -5,33 +5,20 @@ fetched the branch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from conftest import Run, run_in, save_st
 from potluck.git.lineage import walk
 from potluck.git.repo import Repo
 from potluck.ops.lineage import Parent
-from test_lineage import RULE, _digest, _small
+from test_lineage import _digest, diverged
 from test_vcs import commit
 
 
 def test_squash_merge_through_the_driver_is_a_merge_edge(
     repo: Path, git: Run, tmp_path: Path
 ) -> None:
-    (repo / ".potluck.json").write_text(json.dumps({"merge": [dict(RULE, seed=3)]}))
-    commit(git, ".potluck.json", "rules")
-    base = _small()
-    save_st(repo / "m.safetensors", base)
-    commit(git, "m.safetensors", "base")
-    git("git", "switch", "-q", "-c", "feature")
-    theirs = dict(base, **{"layers.0.w": base["layers.0.w"] + 0.5})
-    save_st(repo / "m.safetensors", theirs)
-    c_theirs = commit(git, "m.safetensors", "theirs")
-    git("git", "switch", "-q", "main")
-    ours = dict(base, **{"layers.0.w": base["layers.0.w"] - 0.25})
-    save_st(repo / "m.safetensors", ours)
-    c_ours = commit(git, "m.safetensors", "ours")
+    theirs, c_theirs, ours, c_ours = diverged(repo, git)
     git("git", "merge", "-q", "--squash", "feature")
     git("git", "commit", "-q", "-m", "squashed feature")
     head = git("git", "rev-parse", "HEAD").strip()
