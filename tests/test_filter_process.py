@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from potluck.errors import UserError
 from potluck.git import pktline
-from potluck.git.filter_process import serve
+from potluck.git.filter_process import PIPE_BYTES, serve, widen_pipe
 from potluck.git.pktline import MAX_DATA, MAX_PACKET, PacketReader, PacketWriter
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -229,6 +229,12 @@ class CaseHandler:
         dst.write(src.read().upper())
 
     def smudge(self, pathname, src, dst):
+        if pathname == "pipes.txt":  # the capacity of the pipes git talks to us through
+            import fcntl
+            src.read()
+            sizes = [fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd in (0, 1)]
+            dst.write(" ".join(map(str, sizes)).encode())
+            return
         dst.write(src.read().lower())
 
 sys.exit(serve_stdio(CaseHandler()))
@@ -327,3 +333,33 @@ def test_failure_after_partial_output_is_reported_as_error() -> None:
     assert PacketReader(resp).read() == b"ok"
     assert pktline.read_text_list(resp) == []
     assert "failed after writing" in logs[0]
+
+
+LINUX_PIPES = pytest.mark.skipif(sys.platform != "linux", reason="pipe capacity is Linux's")
+
+
+@LINUX_PIPES
+def test_widen_pipe() -> None:
+    import fcntl
+
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 64 * 1024  # Linux's default
+        assert widen_pipe(w) == PIPE_BYTES == fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+        assert widen_pipe(r, 128 * 1024) == 128 * 1024 == fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(r)
+        os.close(w)
+    with open(os.devnull, "rb") as f:  # not a pipe: nothing to widen
+        assert widen_pipe(f.fileno()) == 0
+
+
+@LINUX_PIPES
+def test_real_git_pipes_are_widened(filtered_repo: Path) -> None:
+    root = filtered_repo
+    (root / "pipes.txt").write_bytes(b"x\n")
+    git(root, "add", "pipes.txt")
+    git(root, "commit", "-q", "-m", "p")
+    (root / "pipes.txt").unlink()
+    git(root, "checkout", "--", "pipes.txt")
+    assert (root / "pipes.txt").read_bytes() == f"{PIPE_BYTES} {PIPE_BYTES}".encode()

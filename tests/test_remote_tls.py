@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,3 +96,20 @@ def test_plain_http_never_makes_the_tls_context(monkeypatch: pytest.MonkeyPatch)
         server.shutdown()
         server.server_close()
     assert made == []
+
+
+def test_the_remote_layer_leaves_httpx_command_line_tool_out() -> None:
+    """httpx's CLI (rich, pygments, click) is never imported by a process that talks to a
+    remote, and the client still works; an httpx imported before potluck is left alone."""
+    code = (
+        "import sys\n"
+        "from potluck.remote.lfs import LfsRemote\n"
+        "import httpx\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'pygments', 'click'}))\n"
+        "print(sys.modules['httpx._main'], httpx.Client is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "None True"]
+    first = "import httpx._main, sys\nimport potluck.remote.lfs\nprint(sys.modules['httpx._main'])"
+    out = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("<module 'httpx._main'")

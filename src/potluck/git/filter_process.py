@@ -31,6 +31,9 @@ from potluck.git.pktline import (
 )
 
 IO_BUFFER = 1 << 20
+#: what the filter asks Linux for as the capacity of its pipes to and from git (the default is
+#: 64 KiB: a 500 MB smudge then blocks ~8000 times on git draining one packet at a time)
+PIPE_BYTES = 1 << 20
 CAPABILITIES = ("clean", "smudge")
 DELAY = "delay"
 LIST_AVAILABLE = "list_available_blobs"
@@ -261,6 +264,8 @@ def serve_stdio(handler: FilterHandler, log: Callable[[str], None] = _stderr_log
 
     Nothing else in the process may write to stdout (``print`` would corrupt the protocol).
     """
+    for fd in (0, 1):
+        widen_pipe(fd)
     stdin = open(0, "rb", buffering=IO_BUFFER, closefd=False)  # noqa: SIM115
     stdout = open(1, "wb", buffering=IO_BUFFER, closefd=False)  # noqa: SIM115
     try:
@@ -268,3 +273,27 @@ def serve_stdio(handler: FilterHandler, log: Callable[[str], None] = _stderr_log
     finally:
         with contextlib.suppress(BrokenPipeError):
             stdout.flush()
+
+
+def widen_pipe(fd: int, size: int = PIPE_BYTES) -> int:
+    """Ask for a pipe buffer of ``size`` bytes on ``fd`` (Linux ``F_SETPIPE_SZ``), so that git
+    and the filter hand each other a megabyte per wake-up instead of 64 KiB: fewer context
+    switches, which count on a busy machine. Returns the capacity the pipe has now, 0 when
+    ``fd`` is no pipe or the system has no such call; a refusal (``pipe-max-size``, the
+    per-user limit) leaves the pipe as it was."""
+    try:
+        import fcntl
+    except ImportError:  # not on this system (Windows)
+        return 0
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+    if set_size is None or get_size is None:
+        return 0
+    try:
+        return int(fcntl.fcntl(fd, set_size, size))
+    except OSError:
+        pass
+    try:
+        return int(fcntl.fcntl(fd, get_size))
+    except OSError:
+        return 0

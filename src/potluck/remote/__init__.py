@@ -8,6 +8,7 @@ filesystem. Persistence layer: never imports ``potluck.ops``, ``git``, ``cli`` o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -25,6 +26,13 @@ from potluck.remote.base import (
     TransferStats,
 )
 from potluck.remote.memory import reuse_freed_memory
+
+#: httpx imports its command-line tool (``httpx._main``: rich, pygments, click) unless that
+#: import fails, and then only loses ``httpx.main``, which potluck never calls: blocked before
+#: the first import of httpx (both backends import it through this package), it saves a
+#: fifth of a second of every process that pushes or fetches (git's hook, the filter).
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 if TYPE_CHECKING:  # the backends (httpx, fsspec) load on first use: every git command
     from potluck.remote.fsspec_remote import FsspecRemote  # starts potluck, few need them
