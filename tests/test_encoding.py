@@ -155,7 +155,7 @@ def test_delta_round_trip(c: tuple[int, int, int, str, int], how: str) -> None:
     )
     header = read_header(io.BytesIO(objs.blobs[oid]))
     assert (header.depth, header.base_oid) == (stats.depth, stats.base_oid)
-    uses_base = stats.xor_chunks + stats.same_chunks > 0
+    uses_base = stats.xor_chunks + stats.same_chunks + stats.diff_chunks > 0
     assert stats.depth == (1 if uses_base else 0)
     if how == "same" and data:
         assert stats.same_chunks == stats.chunks

@@ -1,4 +1,4 @@
-"""Physical encoding of stored objects (object file formats v1 and v2).
+"""Physical encoding of stored objects (object file formats v1 to v4).
 
 An object's id is the sha256 of its *logical* bytes; this module decides only how those bytes
 are laid out on disk. Decoding always yields the logical bytes back bit for bit.
@@ -7,14 +7,15 @@ File layout (all integers little-endian)::
 
     offset size  field
     0      4     magic b"PLKO"
-    4      1     u8  version (1, or 2 with a model section)
+    4      1     u8  version: 1; 2 with a model section; 3 and 4 are 1 and 2 whose chunks
+                     may also be of kind 5
     5      1     u8  itemsize: element width used for byte grouping (1, 2, 4 or 8)
     6      1     u8  depth: 0 = standalone, n = length of the delta chain below this object
     7      1     u8  reserved, 0
     8      8     u64 logical size in bytes (a multiple of itemsize)
     16     4     u32 chunk_size: logical bytes per chunk (a multiple of itemsize)
     20     32    base oid as a raw sha256 digest (all zero when depth == 0)
-    52     ...   version 2 only: u32 length L, then L bytes of model (``objects.structured``)
+    52     ...   versions 2 and 4: u32 length L, then L bytes of model (``objects.structured``)
     ...    ...   one record per chunk: u8 kind, u32 payload length, payload
 
 Chunk ``i`` holds logical bytes ``[i * chunk_size, min(size, (i + 1) * chunk_size))``, so the
@@ -26,12 +27,18 @@ chunk by chunk. Chunk kinds:
   then byte 1, …), then one zstd frame.
 * 2 ``KIND_XOR``: XOR with the same chunk of the base object's logical bytes, grouped, zstd.
 * 3 ``KIND_SAME``: identical to the base chunk; the payload is empty.
-* 4 ``KIND_MODEL`` (version 2 only): the residual of the chunk against the model's
+* 4 ``KIND_MODEL`` (versions 2 and 4): the residual of the chunk against the model's
   reconstruction from the same chunk of the base (``structured.residual``), grouped, zstd.
+* 5 ``KIND_DIFF`` (versions 3 and 4, itemsize 2 or 4): the zigzagged integer difference of
+  the elements' bit patterns and the base's, one stream per byte plane, each zstd or verbatim
+  (``objects.streams``).
 
 Version 2 objects are written only for a matrix whose update a low-rank or scale model
-describes (``structdetect.best_model``) and only when that is smaller; every other object is
-version 1, byte for byte as before.
+describes (``structdetect.best_model``) and only when that is smaller. A delta chunk is stored
+as a difference (kind 5) instead of an XOR (kind 2) only when a sample of the chunk says it is
+smaller (the whole chunk when it is small); an object with such a chunk gets version 3 (or 4
+with a model), written over the header once the chunks are out. Every other object is version
+1, byte for byte as before, so readers that know versions 1 and 2 read all of those.
 
 zstd frames carry their content size and a checksum. Nothing here holds more than a couple of
 chunks in memory, whatever the object size or the depth of the delta chain.
@@ -45,12 +52,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import zstandard
 
 from potluck.errors import CorruptObjectError
+from potluck.objects import streams
 from potluck.objects.structured import HEAD_SIZE as MODEL_HEAD_SIZE
 from potluck.objects.structured import (
     Model,
@@ -64,12 +72,16 @@ from potluck.objects.structured import (
 MAGIC = b"PLKO"
 VERSION = 1
 VERSION_MODEL = 2
+VERSION_DIFF = 3
+VERSION_MODEL_DIFF = 4
+VERSIONS = (VERSION, VERSION_MODEL, VERSION_DIFF, VERSION_MODEL_DIFF)
 KIND_RAW = 0
 KIND_GROUPED = 1
 KIND_XOR = 2
 KIND_SAME = 3
 KIND_MODEL = 4
-_KINDS = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME, KIND_MODEL)
+KIND_DIFF = 5
+_BASE_KINDS = (KIND_XOR, KIND_SAME, KIND_MODEL, KIND_DIFF)
 ITEMSIZES = (1, 2, 4, 8)
 MAX_DEPTH = 255
 
@@ -87,6 +99,11 @@ _MODEL_GOOD_ENOUGH = 0.25
 # Between those, a compressed sample of the chunk decides whether a full standalone try can pay.
 _SAMPLE_BYTES = 256 * 1024
 _SAMPLE_MARGIN = 0.05
+# XOR or difference: spans of a chunk compressed both ways decide (the whole chunk, both ways,
+# when it is under _DIFF_SPANS spans); a difference must be this much smaller to be chosen.
+_DIFF_SPAN = 32 * 1024
+_DIFF_SPANS = 4
+_DIFF_MARGIN = 0.99
 
 Chunk = bytes | bytearray | memoryview
 OpenBase = Callable[[str], Iterator[bytes]]
@@ -126,7 +143,8 @@ class EncodeStats:
     xor_chunks: int
     same_chunks: int
     model_chunks: int = 0
-    model: str | None = None  # ``Model.kind`` of a version 2 object
+    model: str | None = None  # ``Model.kind`` of a version 2 or 4 object
+    diff_chunks: int = 0
 
     @property
     def chunks(self) -> int:
@@ -137,7 +155,23 @@ class EncodeStats:
             + self.xor_chunks
             + self.same_chunks
             + self.model_chunks
+            + self.diff_chunks
         )
+
+
+def has_model(version: int) -> bool:
+    """Whether objects of this format version carry a model section (versions 2 and 4)."""
+    return version in (VERSION_MODEL, VERSION_MODEL_DIFF)
+
+
+def chunk_kinds(version: int) -> tuple[int, ...]:
+    """The chunk kinds an object of this format version may hold."""
+    kinds = [KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME]
+    if has_model(version):
+        kinds.append(KIND_MODEL)
+    if version in (VERSION_DIFF, VERSION_MODEL_DIFF):
+        kinds.append(KIND_DIFF)
+    return tuple(kinds)
 
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -264,22 +298,47 @@ class _ChunkEncoder:
         sample = byte_group(chunk[:_SAMPLE_BYTES], self.itemsize)
         return len(self.cctx.compress(sample)) > (xor_ratio + _SAMPLE_MARGIN) * _SAMPLE_BYTES
 
-    def against(self, chunk: bytes, base: bytes) -> tuple[int, bytes]:
-        """Best of identical, XOR-delta and the standalone kinds."""
+    def xor(self, chunk: Chunk, base: Chunk) -> bytes:
+        """The XOR-delta payload (kind 2)."""
+        return self.cctx.compress(byte_group(xor_bytes(chunk, base), self.itemsize))
+
+    def delta(self, chunk: bytes, base: bytes, diff: bool) -> tuple[int, bytes]:
+        """The XOR delta, or with ``diff`` (itemsize 2 or 4) the difference streams when they
+        are smaller: measured on the whole chunk when it is short, else on spans of it."""
+        if not diff or self.itemsize not in streams.ITEMSIZES:
+            return KIND_XOR, self.xor(chunk, base)
+        if len(chunk) < _DIFF_SPANS * _DIFF_SPAN * 2:
+            x, d = self.xor(chunk, base), streams.encode(chunk, base, self.itemsize, self.cctx)
+            return (KIND_DIFF, d) if len(d) < _DIFF_MARGIN * len(x) else (KIND_XOR, x)
+        xs = ds = 0
+        step = (len(chunk) - _DIFF_SPAN) // (_DIFF_SPANS - 1) // self.itemsize * self.itemsize
+        for at in range(0, _DIFF_SPANS * step, step):
+            c, b = chunk[at : at + _DIFF_SPAN], base[at : at + _DIFF_SPAN]
+            xs += len(self.xor(c, b))
+            ds += len(streams.encode(c, b, self.itemsize, self.cctx))
+        if ds < _DIFF_MARGIN * xs:
+            return KIND_DIFF, streams.encode(chunk, base, self.itemsize, self.cctx)
+        return KIND_XOR, self.xor(chunk, base)
+
+    def against(self, chunk: bytes, base: bytes, diff: bool = False) -> tuple[int, bytes]:
+        """Best of identical, delta (XOR, or with ``diff`` possibly difference streams) and the
+        standalone kinds."""
         if chunk == base:
             return KIND_SAME, b""
-        packed = self.cctx.compress(byte_group(xor_bytes(chunk, base), self.itemsize))
+        delta, packed = self.delta(chunk, base, diff)
         if len(packed) <= _XOR_GOOD_ENOUGH * len(chunk):
-            return KIND_XOR, packed
+            return delta, packed
         if self.standalone_looks_worse(chunk, len(packed) / len(chunk)):
             kind, payload = KIND_RAW, chunk
         else:
             kind, payload = self.standalone(chunk)
         if len(packed) < len(payload) and len(packed) < _RAW_RATIO * len(chunk):
-            return KIND_XOR, packed
+            return delta, packed
         return kind, payload
 
-    def with_model(self, chunk: bytes, base: bytes, model: Model, start: int) -> tuple[int, bytes]:
+    def with_model(
+        self, chunk: bytes, base: bytes, model: Model, start: int, diff: bool = False
+    ) -> tuple[int, bytes]:
         """The residual against ``model``'s reconstruction when it is small (a quarter of the
         chunk: no other kind comes near), else the smaller of it and ``against``."""
         if chunk == base:
@@ -288,7 +347,7 @@ class _ChunkEncoder:
         packed = self.cctx.compress(byte_group(res, self.itemsize))
         if len(packed) <= _MODEL_GOOD_ENOUGH * len(chunk):
             return KIND_MODEL, packed
-        kind, payload = self.against(chunk, base)
+        kind, payload = self.against(chunk, base, diff)
         return (KIND_MODEL, packed) if len(packed) < len(payload) else (kind, payload)
 
 
@@ -326,12 +385,18 @@ class _EncoderPool:
     """One ``_ChunkEncoder`` per thread (zstd contexts are not shareable between threads)."""
 
     def __init__(
-        self, itemsize: int, level: int, quick: float | None = None, model: Model | None = None
+        self,
+        itemsize: int,
+        level: int,
+        quick: float | None = None,
+        model: Model | None = None,
+        diff: bool = False,
     ) -> None:
         self.itemsize = itemsize
         self.level = level
         self.quick = quick
         self.model = model
+        self.diff = diff
 
     def get(self) -> _ChunkEncoder:
         return _thread_encoder(self.itemsize, self.level, self.quick)
@@ -342,8 +407,8 @@ class _EncoderPool:
         if base_chunk is None:
             return enc.standalone(chunk)
         if self.model is not None:
-            return enc.with_model(chunk, base_chunk, self.model, start)
-        return enc.against(chunk, base_chunk)
+            return enc.with_model(chunk, base_chunk, self.model, start, self.diff)
+        return enc.against(chunk, base_chunk, self.diff)
 
 
 def _paired(
@@ -381,7 +446,7 @@ def _write_chunks(
     release the GIL); output order and bytes are the same as without one. ``prefix``: the
     bytes already written (header and model section).
     """
-    counts = [0, 0, 0, 0, 0]
+    counts = [0] * (KIND_DIFF + 1)
     stored = prefix
     per = header.chunk_size // header.itemsize
     pending: deque[Future[tuple[int, bytes]]] = deque()
@@ -423,6 +488,7 @@ def encode_object(
     executor: Executor | None = None,
     quick: float | None = None,
     model: Model | None = None,
+    diff: bool = True,
 ) -> EncodeStats:
     """Write the object whose logical bytes are ``chunks`` to ``out`` and return what it cost.
 
@@ -436,6 +502,9 @@ def encode_object(
     where the time matters more than a few percent of disk).
     With a ``model`` (a structured update of the base: ``structdetect.best_model``) and a base,
     the object is written in version 2 and each chunk may be a residual against the model.
+    With ``diff`` (the default), a delta chunk of 2- or 4-byte elements may be stored as
+    difference streams when they are smaller (``out`` must be seekable: the header then gets
+    version 3, or 4 with a model); without it the object is what versions 1 and 2 wrote.
     """
     _check_params(size, itemsize, chunk_size)
     if base is not None and base_oid is None:
@@ -461,7 +530,8 @@ def encode_object(
     _write_header(out, header)
     section = model.to_bytes() if model is not None else b""
     out.write(section)
-    pool = _EncoderPool(itemsize, level, quick, model)
+    diff = diff and use_base and itemsize in streams.ITEMSIZES and start is not None
+    pool = _EncoderPool(itemsize, level, quick, model, diff)
     base_chunks = rechunk(base, chunk_size) if use_base and base is not None else None
     counts, stored = _write_chunks(
         out,
@@ -472,17 +542,22 @@ def encode_object(
         executor,
         prefix=HEADER_SIZE + len(section),
     )
-    used = counts[KIND_XOR] + counts[KIND_SAME] + counts[KIND_MODEL]
-    if use_base and model is None and used == 0 and start is not None:
+    used = sum(counts[k] for k in _BASE_KINDS)
+    final = header
+    if use_base and model is None and used == 0:  # stands alone after all
+        final = ObjectHeader(VERSION, itemsize, 0, size, chunk_size, None)
+    elif counts[KIND_DIFF]:
+        final = replace(header, version=VERSION_DIFF if model is None else VERSION_MODEL_DIFF)
+    if final != header and start is not None:  # (difference chunks imply a seekable ``out``)
         end = out.tell()
         out.seek(start)
-        header = ObjectHeader(VERSION, itemsize, 0, size, chunk_size, None)
-        _write_header(out, header)
+        _write_header(out, final)
         out.seek(end)
+        header = final
     kind = model.kind if model is not None else None
-    raw, grouped, xor, same, modeled = counts
+    raw, grouped, xor, same, modeled, diffs = counts
     return EncodeStats(
-        size, stored, header.depth, header.base_oid, raw, grouped, xor, same, modeled, kind
+        size, stored, header.depth, header.base_oid, raw, grouped, xor, same, modeled, kind, diffs
     )
 
 
@@ -584,22 +659,22 @@ def read_header(f: BinaryIO) -> ObjectHeader:
     magic, version, itemsize, depth, reserved, size, chunk_size, digest = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise _corrupt(f"bad magic {magic!r} (expected {MAGIC!r})")
-    if version not in (VERSION, VERSION_MODEL):
+    if version not in VERSIONS:
         raise _corrupt(f"unsupported format version {version}")
     if itemsize not in ITEMSIZES or reserved != 0:
         raise _corrupt(f"bad itemsize {itemsize} or reserved byte {reserved}")
     if chunk_size == 0 or chunk_size % itemsize or size % itemsize:
         raise _corrupt(f"size {size} / chunk_size {chunk_size} do not fit itemsize {itemsize}")
-    if (depth == 0) != (digest == _ZERO_DIGEST) or (version == VERSION_MODEL and depth == 0):
+    if (depth == 0) != (digest == _ZERO_DIGEST) or (version != VERSION and depth == 0):
         raise _corrupt(f"depth {depth} does not match the base id")
     base_oid = digest.hex() if depth else None
     return ObjectHeader(version, itemsize, depth, size, chunk_size, base_oid)
 
 
 def read_model(f: BinaryIO, header: ObjectHeader) -> Model | None:
-    """The model section that follows a version 2 header (None for version 1); ``f`` must be
-    just after the header."""
-    if header.version != VERSION_MODEL:
+    """The model section that follows a version 2 or 4 header (None for versions 1 and 3);
+    ``f`` must be just after the header."""
+    if not has_model(header.version):
         return None
     (length,) = _SECTION.unpack(_read_exact(f, _SECTION.size, "model section length"))
     head = _read_exact(f, min(length, MODEL_HEAD_SIZE), "model section")
@@ -611,13 +686,15 @@ def read_model(f: BinaryIO, header: ObjectHeader) -> Model | None:
 
 
 def describe(f: BinaryIO) -> str:
-    """How the object in ``f`` is stored, for listings: ``standalone``, ``delta`` or
-    ``delta+<model kind>`` (e.g. ``delta+lowrank8``)."""
+    """How the object in ``f`` is stored, for listings: ``standalone``, ``delta``,
+    ``delta+<model kind>`` (e.g. ``delta+lowrank8``), with ``+diff`` when some chunks are
+    difference streams (``delta+diff``, ``delta+lowrank8+diff``)."""
     header = read_header(f)
     model = read_model(f, header)
     if header.base_oid is None:
         return "standalone"
-    return "delta" if model is None else f"delta+{model.kind}"
+    how = "delta" if model is None else f"delta+{model.kind}"
+    return how + "+diff" if KIND_DIFF in chunk_kinds(header.version) else how
 
 
 def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
@@ -627,14 +704,13 @@ def check_layout(f: BinaryIO, file_size: int) -> ObjectHeader:
     file, not a flipped bit (``decode_object`` plus the hash does)."""
     header = read_header(f)
     pos = at = HEADER_SIZE  # where the next record starts; where ``f`` is
-    kinds: tuple[int, ...] = (KIND_RAW, KIND_GROUPED, KIND_XOR, KIND_SAME)
-    if header.version == VERSION_MODEL:
+    kinds = chunk_kinds(header.version)
+    if has_model(header.version):
         raw = _read_exact(f, _SECTION.size, "model section length")
         pos = at = HEADER_SIZE + _SECTION.size + _SECTION.unpack(raw)[0]
         if pos > file_size:
             raise _corrupt(f"torn: the file ends at byte {file_size}, inside the model section")
         f.seek(pos)
-        kinds = _KINDS
     for i in range(header.n_chunks):
         if pos + CHUNK_HEADER_SIZE > file_size:
             raise _corrupt(f"torn: the file ends at byte {file_size}, before chunk {i}")
@@ -706,8 +782,8 @@ def _decode_chunk(
     model: Model | None = None,
     per: int = 0,
 ) -> bytes:
-    """Logical bytes of one chunk record (``base_chunk`` given for XOR/SAME/MODEL kinds; a
-    MODEL chunk ``i`` starts at element ``i * per``)."""
+    """Logical bytes of one chunk record (``base_chunk`` given for XOR/SAME/MODEL/DIFF kinds;
+    a MODEL chunk ``i`` starts at element ``i * per``)."""
     if kind == KIND_RAW:
         if len(payload) != length:
             raise _corrupt(f"raw chunk {i} has {len(payload)} bytes, not {length}")
@@ -717,6 +793,8 @@ def _decode_chunk(
     dctx = getattr(_DCTX, "dctx", None)
     if dctx is None:
         dctx = _DCTX.dctx = zstandard.ZstdDecompressor()
+    if kind == KIND_DIFF and base_chunk is not None:
+        return streams.decode(payload, base_chunk, k, dctx)
     data = byte_ungroup(_unpack(dctx, payload, length, i), k)
     if kind == KIND_MODEL and model is not None and base_chunk is not None:
         return apply_residual(data, reconstruct(model, base_chunk, i * per), k)
@@ -728,14 +806,14 @@ def _records(
 ) -> Iterator[tuple[int, bytes, int, int, bytes | None]]:
     """(kind, payload, length, index, base chunk) per chunk record, validated (``f`` just
     after the header and model section)."""
-    kinds = _KINDS if header.version == VERSION_MODEL else _KINDS[:KIND_MODEL]
+    kinds = chunk_kinds(header.version)
     for i in range(header.n_chunks):
         length = header.chunk_length(i)
         kind, n = _CHUNK.unpack(_read_exact(f, CHUNK_HEADER_SIZE, f"chunk {i} header"))
         payload = _read_exact(f, n, f"chunk {i} payload")
         if kind not in kinds or (kind == KIND_SAME and n != 0):
             raise _corrupt(f"chunk {i} has unknown kind {kind} or bad length {n}")
-        base_chunk = cursor.chunk(i) if kind in (KIND_XOR, KIND_SAME, KIND_MODEL) else None
+        base_chunk = cursor.chunk(i) if kind in _BASE_KINDS else None
         yield kind, payload, length, i, base_chunk
     if f.read(1):
         raise _corrupt("trailing bytes after the last chunk")
