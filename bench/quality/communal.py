@@ -186,7 +186,7 @@ def full_inputs(args: argparse.Namespace) -> Inputs:
         contributors[t.name] = Entry(f"contrib/{t.name}", run.encoder, {t.name: run.head}, bench)
     heads = {t: c.heads[t] for t, c in contributors.items()}
     found = {}
-    for method in merges.GRID:
+    for method in args.methods or merges.GRID:
         path = args.results / f"merges-s{args.seed}" / f"{method}.json"
         if not path.is_file():
             continue
@@ -417,6 +417,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=stages.RESULTS, help="bench.quality's output")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-quality-communal"))
     p.add_argument("--out", type=Path, help="results JSON (default RESULTS/communal-s<seed>.json)")
+    p.add_argument("--methods", nargs="+", choices=sorted(merges.GRID),
+                   help="merges to record (default: every method bench.quality left)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="seconds-sized inputs made here")
     p.add_argument("--smoke-steps", type=int, default=3)
     args = p.parse_args(argv)
