@@ -281,7 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default="many,big", help="many,big,llama")
     p.add_argument("--llama-gb", type=float, default=20, help="llama: model size in GB")
     p.add_argument("--llama-shard-gb", type=float, default=5, help="llama: largest shard, GB")
-    p.add_argument("--llama-max-memory", default="2GB", help="llama: merge --max-memory")
+    p.add_argument("--llama-max-memory", default="auto", help="llama: merge bound (0.3x)")
     p.add_argument("--llama-reserve-gb", type=float, default=15, help="llama: disk left free")
     p.add_argument("--repeat", type=int, default=None, help="repeats (default 3; quick 1)")
     p.add_argument("--tools", default="potluck,git-lfs", help="potluck,git-lfs")

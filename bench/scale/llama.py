@@ -360,7 +360,7 @@ class Row:
     rss_git: int
     growth: int  # bytes the tool's store grew by (the clone: its whole store)
     ok: bool = True
-    note: str = ""
+    server_cpu_s: float = 0.0  # CPU of this process meanwhile: the giftless server's threads
 
 
 def store_bytes(path: Path, tool: str) -> int:
@@ -372,7 +372,7 @@ def measure(repo: Repo, label: str, cmds: list[list[str]], cwd: Path | None = No
     """Run ``cmds`` in order as one step (in ``cwd``, default the repository)."""
     where = cwd or repo.path
     before = store_bytes(repo.path, repo.tool.name)
-    cpu0, t0 = children_cpu_s(), time.perf_counter()
+    cpu0, self0, t0 = children_cpu_s(), _self_cpu(), time.perf_counter()
     with SplitRss() as rss:
         for cmd in cmds:
             rc, _ = run_command(cmd, where, repo.env, repo.timeout, repo.log, rss.watch)
@@ -380,7 +380,9 @@ def measure(repo: Repo, label: str, cmds: list[list[str]], cwd: Path | None = No
                 raise CommandError(f"`{' '.join(cmd)}` exited {rc}:\n{log_tail(repo.log)}")
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
     growth = store_bytes(repo.path, repo.tool.name) - before
-    return Row(repo.tool.name, label, wall, cpu, rss.peak["tool"], rss.peak["git"], growth)
+    row = Row(repo.tool.name, label, wall, cpu, rss.peak["tool"], rss.peak["git"], growth)
+    row.server_cpu_s = _self_cpu() - self0
+    return row
 
 
 # --------------------------------------------------------------------------- disk
@@ -454,6 +456,7 @@ def run_tool(ctx: Context, name: str, root: Path) -> None:
         row = measure(repo, label, cmds, cwd)
         ctx.rows.append(row)
         print(f"  {name}: {label}: {row.wall_s:.1f} s, load {load()}", file=sys.stderr)
+        save_json(ctx.rows, ctx.layout, ctx.args)  # what a cut-off run has so far
         return row
 
     for v, label in enumerate(VERSIONS):
@@ -480,9 +483,9 @@ def run_tool(ctx: Context, name: str, root: Path) -> None:
         merged = root / "merged"
         merge = ["potluck", "merge", "--method", "ties", "--base", f"{MODEL_DIR}@{commits[0]}"]
         merge += [f"{MODEL_DIR}@{commits[1]}", f"{MODEL_DIR}@{commits[3]}", "-o", str(merged)]
-        merge += ["-p", "density=0.2", "--max-memory", ctx.args.llama_max_memory]
-        merge += ["--workers", str(ctx.args.threads)]
-        row = step(f"potluck merge ties --max-memory {ctx.args.llama_max_memory}", [merge])
+        bound = merge_memory(ctx.args.llama_max_memory, ctx.layout)
+        merge += ["-p", "density=0.2", "--max-memory", bound, "--workers", str(ctx.args.threads)]
+        row = step(f"potluck merge ties --max-memory {bound}", [merge])
         row.ok = merged_complete(merged, ctx.layout)
         shutil.rmtree(merged, ignore_errors=True)
     step("push (4 commits)", [["git", "push", "-q", "origin", "main"]])
@@ -493,6 +496,13 @@ def run_tool(ctx: Context, name: str, root: Path) -> None:
     row = step("clone", [[*clone, str(bare), str(dest)]], cwd=root)
     row.growth = store_bytes(dest, name)
     row.ok = same_files(dest / MODEL_DIR, ctx.digests[3])
+
+
+def merge_memory(option: str, layout: Layout) -> str:
+    """``--max-memory`` of the merge: ``auto`` is the RSS target, 0.3x the checkpoint."""
+    if option != "auto":
+        return option
+    return f"{int(RSS_TARGET * layout.total_bytes / 10**6)}MB"
 
 
 def merged_complete(folder: Path, layout: Layout) -> bool:
@@ -543,13 +553,11 @@ def run(args: argparse.Namespace) -> int:
         for name in args.tools:
             (server.storage / LFS_ORG / name).mkdir(parents=True, exist_ok=True)
             ctx.server_url = server.url_for(LFS_ORG, name)
-            self_cpu0 = _self_cpu()
             with scratch(f"scale-llama-{name}-", args.workdir, args.keep) as root:
                 try:
                     run_tool(ctx, name, root)
                 except CommandError as exc:
                     print(f"  llama/{name}: {exc}", file=sys.stderr)
-            print(f"  {name}: server CPU {_self_cpu() - self_cpu0:.1f} s", file=sys.stderr)
             shutil.rmtree(server.storage / LFS_ORG / name, ignore_errors=True)
     report(rows, layout, args)
     return 0
@@ -668,6 +676,18 @@ def report(rows: list[Row], layout: Layout, args: argparse.Namespace) -> None:
     for name, value, ok in targets(rows, layout):
         mark = "-" if ok is None else "PASS" if ok else "FAIL"
         print(f"{mark:4}  {name}: {value}")
+    for label in ("push (4 commits)", "clone"):
+        cells = [
+            f"{tool} {r.server_cpu_s:.1f} s"
+            for tool in args.tools
+            if (r := find(rows, tool, label))
+        ]
+        print(f"server CPU (giftless, in this process) during {label}: {', '.join(cells)}")
+    save_json(rows, layout, args)
+
+
+def save_json(rows: list[Row], layout: Layout, args: argparse.Namespace) -> None:
+    """Every row so far to ``--json`` (suffixed ``-llama``)."""
     if args.json:
         path = args.json.with_name(args.json.stem + "-llama.json")
         data = {"bytes": layout.total_bytes, "rows": [dataclasses.asdict(r) for r in rows]}
