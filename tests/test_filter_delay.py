@@ -184,3 +184,29 @@ def test_checkout_with_everything_local_is_not_delayed(
     assert "status=delayed" not in text and "list_available_blobs" not in text
     assert {name: sha(repo / name) for name in SHARDS} == before
     assert srv.requests == []  # nothing asked of the remote
+
+
+def test_a_smudge_that_decodes_keeps_freed_buffers(
+    repo: Path, git: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter process decodes a checkpoint with freed multi-MiB buffers kept for reuse
+    (``reuse_freed_memory``, as transfers do); a file left as its manifest decodes nothing."""
+    import io
+
+    from potluck.git.filter import PotluckFilter
+    from potluck.git.repo import Repo
+    from potluck.remote import memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "reuse_freed_memory", lambda: calls.append(1) or True)
+    name = SHARDS[0]
+    manifest = git("git", "cat-file", "blob", f"HEAD:{name}").encode()
+    out = io.BytesIO()
+    PotluckFilter(Repo(repo)).smudge(name, io.BytesIO(manifest), out)
+    assert out.getvalue() == (repo / name).read_bytes() and calls == [1]
+
+    m = parse(manifest)
+    lost = manifest.replace(m.entries[-1].oid.encode(), b"0" * 64)  # an object no store has
+    out = io.BytesIO()
+    PotluckFilter(Repo(repo)).smudge(name, io.BytesIO(lost), out)
+    assert out.getvalue() == lost and calls == [1]

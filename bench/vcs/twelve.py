@@ -58,6 +58,8 @@ def run_tool(name: str, versions: list[Path], args: argparse.Namespace) -> list[
     steps: list[StepResult] = []
     with scratch(f"twelve-{name}-", args.workdir, keep=False) as root:
         repo = Repo(TOOLS[name], root, args.threads, args.timeout)
+        if name == "potluck" and args.potluck_src is not None:
+            repo.env["PYTHONPATH"] = str(args.potluck_src)  # before/after comparisons
         repo.setup()
         ckpt = repo.path / CKPT
         for n, path in enumerate(versions, 1):
@@ -112,6 +114,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument(
+        "--potluck-src",
+        type=Path,
+        help="run potluck from this source tree (PYTHONPATH; e.g. a `git archive` of a commit's "
+        "src/), as bench.remote --potluck-src",
+    )
     args = ap.parse_args()
     print(f"# load: {os.getloadavg()}")
     with scratch("twelve-ckpt-", args.workdir, keep=False) as tmp:

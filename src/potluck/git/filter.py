@@ -337,6 +337,7 @@ class PotluckFilter:
         """The checkpoint, or the manifest as it is when objects are missing (never a broken
         checkpoint)."""
         from potluck.ops.vcs import missing_objects, write_file
+        from potluck.remote.memory import reuse_freed_memory
 
         missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
         if missing:
@@ -347,4 +348,5 @@ class PotluckFilter:
             )  # fmt: skip
             dst.write(data)
             return
+        reuse_freed_memory()  # decoding churns through multi-MiB chunk buffers (this process)
         write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)
