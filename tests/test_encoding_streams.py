@@ -298,3 +298,23 @@ def test_xor_kind_still_allowed_in_version_3() -> None:
     new, base = golden_inputs()
     blob, _ = encode(new, base, 4096)
     assert decode(blob, base) == new
+
+
+@SETTINGS
+@given(st.integers(HEADER_SIZE, 292), st.integers(1, 255), st.booleans())
+def test_any_damage_is_a_corrupt_object_or_caught_by_the_hash(
+    at: int, flip: int, cut: bool
+) -> None:
+    """A flipped byte or a truncation anywhere after the header either raises
+    ``CorruptObjectError`` or decodes to bytes of the right length that the object's sha256
+    (checked by every read of the store) rejects: verbatim planes carry no checksum."""
+    new, base = golden_inputs()
+    blob = bytearray.fromhex(GOLDEN_V3)
+    damaged = (
+        bytes(blob[:at]) if cut else bytes(blob[:at] + bytes([blob[at] ^ flip]) + blob[at + 1 :])
+    )
+    try:
+        back = decode(damaged, base)
+    except CorruptObjectError:
+        return
+    assert len(back) == len(new) and back != new
