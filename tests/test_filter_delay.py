@@ -210,3 +210,58 @@ def test_a_smudge_that_decodes_keeps_freed_buffers(
     out = io.BytesIO()
     PotluckFilter(Repo(repo)).smudge(name, io.BytesIO(lost), out)
     assert out.getvalue() == lost and calls == [1]
+
+
+def test_a_smudge_is_answered_before_its_fetched_objects_are_stored(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The verified downloads a file was written from go into the store (``settle``) after
+    git has the file's answer: before the filter's next request, not before its reply."""
+    import io
+
+    from potluck.git.filter import PotluckFilter
+    from potluck.git.repo import Repo
+    from potluck.objects.manifest import Manifest
+    from potluck.ops.vcs import Wanted, store_fresh
+
+    source = Repo(repo)
+    target = tmp_path / "target"
+    target.mkdir()
+    run_in(target)("git", "init", "-q")
+    run_in(target)("potluck", "init")
+    events: list[str] = []
+
+    class Downloads:
+        """Hands out plain files of a manifest's objects as a fetch would (``fresh``)."""
+
+        def __init__(self) -> None:
+            self.wanted, self.fresh = Wanted(), {}
+
+        def __call__(self, m: Manifest, path: str) -> dict[str, Path]:
+            events.append(f"fetch {path}")
+            self.wanted.add_manifest(m, path)
+            for oid in dict.fromkeys(m.oids()):
+                self.fresh[oid] = tmp_path / oid
+                self.fresh[oid].write_bytes(source.odb.read_bytes(oid))
+            return dict(self.fresh)
+
+        def settle(self) -> None:
+            events.append("settle")
+            store_fresh(Repo(target).odb, self.wanted, self.fresh)
+            self.fresh = {}
+
+        def pull_hint(self) -> str:
+            return "pull"
+
+    filt = PotluckFilter(Repo(target), None, Downloads())
+    blob = {n: run_in(repo)("git", "cat-file", "blob", f"HEAD:{n}").encode() for n in SHARDS}
+    for name in SHARDS[:2]:
+        out = io.BytesIO()
+        filt.smudge(name, io.BytesIO(blob[name]), out)
+        assert out.getvalue() == (repo / name).read_bytes()
+    assert events == [f"fetch {SHARDS[0]}", "settle", f"fetch {SHARDS[1]}"]
+    out = io.BytesIO()
+    filt.clean("x.safetensors", io.BytesIO(blob[SHARDS[0]]), out)  # a manifest stays as it is
+    assert out.getvalue() == blob[SHARDS[0]] and events[-1] == "settle"
+    stored = Repo(target).odb
+    assert all(stored.has(o) for n in SHARDS[:2] for o in parse(blob[n]).oids())

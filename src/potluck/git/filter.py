@@ -88,7 +88,8 @@ def started_to_show() -> bool:
 class Fetcher(Protocol):
     """Where smudge gets missing objects: ``__call__`` fetches a file's objects and returns
     verified plain files for some of them (used as they are); ``settle`` is called once the
-    file is written (they are then in the store)."""
+    file is written, at the latest before the next request or when the process ends (the
+    objects are then in the store)."""
 
     def __call__(self, m: Manifest, path: str) -> Mapping[str, Path]: ...
 
@@ -172,6 +173,15 @@ class PotluckFilter:
         self._ready: dict[str, tuple[bytes, Manifest]] = {}
         self._fresh: dict[str, Path] = {}
         self._delay_ok: bool | None = None
+        #: fresh files written out whose settle (storing them) still runs: waited for before
+        #: the next request, so git has a file's status without waiting for the store
+        self._unsettled = False
+
+    def _settle(self) -> None:
+        """Wait until the fresh files of the files already answered are in the store."""
+        if self._unsettled and self.fetch is not None:
+            self._unsettled = False
+            self.fetch.settle()
 
     def _previous(self, pathname: str) -> Manifest | None:
         """The manifest last staged for this path: its tensors are the delta bases."""
@@ -189,6 +199,7 @@ class PotluckFilter:
         """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
         from potluck.ops.vcs.snapshot import Chain, cycles_uncollected, snapshot_stream
 
+        self._settle()  # objects fetched for an earlier smudge may be its delta bases
         head = src.read(len(MAGIC))
         if is_manifest(head):  # already clean (e.g. a file left as a manifest): keep it
             dst.write(head + src.read())
@@ -222,6 +233,7 @@ class PotluckFilter:
             src.read()
             self._serve_ready(pathname, dst)
             return False
+        self._settle()
         head = src.read(len(MAGIC))
         if not is_manifest(head):  # committed before it was tracked: pass through
             self._pass_through(head, src, dst)
@@ -257,6 +269,7 @@ class PotluckFilter:
         the files are then answered as their manifests, as ``smudge`` does."""
         if not self._delayed:
             return []
+        self._settle()  # one background store at a time
         batch, self._delayed = self._delayed, {}
         files = [(path, m) for path, (_, m) in batch.items()]
         try:
@@ -291,15 +304,15 @@ class PotluckFilter:
         return {}
 
     def _serve_ready(self, pathname: str, dst: BinaryIO) -> None:
-        """Answer a delayed path; after the last one, the batch's fresh files are settled."""
+        """Answer a delayed path; after the last one, the batch's fresh files are settled
+        (before the next request: ``_settle``)."""
         data, manifest = self._ready.pop(pathname)
         try:
             self._write(pathname, data, manifest, dst, self._fresh)
         finally:
             if not self._ready and not self._delayed and self._fresh:
                 self._fresh = {}
-                if self.fetch is not None:
-                    self.fetch.settle()
+                self._unsettled = True
 
     def _pass_through(self, head: bytes, src: BinaryIO, dst: BinaryIO) -> None:
         with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=str(self.repo.tmp_dir)) as spool:
@@ -323,8 +336,7 @@ class PotluckFilter:
         try:
             self._write(pathname, data, manifest, dst, fresh)
         finally:
-            if fresh and self.fetch is not None:
-                self.fetch.settle()
+            self._unsettled = self._unsettled or bool(fresh)
 
     def _write(
         self,
