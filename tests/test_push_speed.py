@@ -122,3 +122,20 @@ def test_corrupt_raw_chunk_is_not_uploaded(server: LfsServer, db: ObjectDB) -> N
     # giftless keeps what it got of a broken PUT: never the whole object
     sizes = [p.stat().st_size for p in server.storage.rglob(ref.oid)]
     assert all(size < ref.size for size in sizes)
+
+
+def test_the_pre_push_hook_imports_neither_lineage_nor_httpx_cli() -> None:
+    """What git's pre-push hook imports (the hook command, push, the records push) leaves out
+    the lineage digests (only computing a digest needs them) and httpx's command-line tool."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from potluck.cli import drivers\n"
+        "from potluck.git import evalsync, sync\n"
+        "from potluck.remote.lfs import LfsRemote\n"
+        "print([m for m in ('potluck.ops.lineage', 'httpx._main', 'rich') if sys.modules.get(m)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
