@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.common.measure import CommandError
 from bench.scale import llama
 from tests.conftest import Run
 
@@ -180,3 +181,15 @@ def test_history_checks_out_bit_exact_through_potluck(
         match, mismatch, errors = filecmp.cmpfiles(ref, model, files, shallow=False)
         assert (mismatch, errors) == ([], []) and len(match) == len(layout.shards) + 2
         git("git", "checkout", "-q", "main")
+
+
+def test_a_step_that_would_leave_under_the_floor_is_not_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(llama, "free_bytes", lambda where: 12 * llama.GB)
+    llama.ensure_room(7 * llama.GB, "the clone", tmp_path)  # leaves exactly the 5 GB floor
+    with pytest.raises(CommandError) as err:
+        llama.ensure_room(7 * llama.GB + 1, "the clone", tmp_path)
+    assert str(err.value) == (
+        "not started: the clone needs 7.0 GB of disk, 12.0 GB free and 5 GB must stay free"
+    )

@@ -405,6 +405,20 @@ def free_bytes(where: Path) -> int:
     return shutil.disk_usage(where).free
 
 
+FLOOR_GB = 5  # a step that would leave less free (others share the disk) is not started
+
+
+def ensure_room(nbytes: int, what: str, where: Path) -> None:
+    """Stop the replay before ``what`` when it would leave less than ``FLOOR_GB`` free (the
+    up-front check plans with the reserve; others may have used it since)."""
+    free = free_bytes(where)
+    if free - nbytes < FLOOR_GB * GB:
+        raise CommandError(
+            f"not started: {what} needs {nbytes / GB:.1f} GB of disk, {free / GB:.1f} GB free "
+            f"and {FLOOR_GB} GB must stay free"
+        )
+
+
 def largest_fitting(room: int, shard_gb: float) -> float:
     """The largest ``--llama-gb`` (0.5 GB steps) whose run needs at most ``room`` bytes."""
     best, gb = 0.0, 0.5
@@ -480,6 +494,7 @@ def run_tool(ctx: Context, name: str, root: Path) -> None:
     row.ok = same_files(model, ctx.digests[0])
     step("checkout v3 (back)", [["git", "checkout", "-q", "main"]])
     if potluck:
+        ensure_room(ctx.layout.total_bytes, "the merge output", root)
         merged = root / "merged"
         merge = ["potluck", "merge", "--method", "ties", "--base", f"{MODEL_DIR}@{commits[0]}"]
         merge += [f"{MODEL_DIR}@{commits[1]}", f"{MODEL_DIR}@{commits[3]}", "-o", str(merged)]
@@ -488,9 +503,12 @@ def run_tool(ctx: Context, name: str, root: Path) -> None:
         row = step(f"potluck merge ties --max-memory {bound}", [merge])
         row.ok = merged_complete(merged, ctx.layout)
         shutil.rmtree(merged, ignore_errors=True)
+    local = dir_bytes(repo.path / (".git/potluck" if potluck else ".git/lfs"))
+    ensure_room(local, "the server's copy of the store", root)
     step("push (4 commits)", [["git", "push", "-q", "origin", "main"]])
     shutil.rmtree(repo.path)  # the clone needs the disk
     repo.path.mkdir()
+    ensure_room(2 * ctx.layout.total_bytes, "the clone", root)
     dest = root / "clone"
     clone = ["potluck", "clone"] if potluck else ["git", "clone", "-q"]
     row = step("clone", [[*clone, str(bare), str(dest)]], cwd=root)
