@@ -14,6 +14,7 @@ Writes ``rebase-s<seed>.json`` in ``--out`` and prints one line per (contributor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -48,9 +49,11 @@ def move_base(tasks: list[data.Task], cfg: finetune.FinetuneConfig, folder: Path
     return time.perf_counter() - t0
 
 
-def finetune_from(weights: Path, task: data.Task, cfg: finetune.FinetuneConfig, out: Path) -> float:
+def finetune_from(
+    weights: Path, task: data.Task, cfg: finetune.FinetuneConfig, out: Path
+) -> tuple[float, float]:
     """Fine-tune ``weights`` on ``task`` with the contributors' recipe; encoder + head to
-    ``out``; the seconds spent."""
+    ``out``; (wall seconds, CPU seconds of this process) spent training."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -58,7 +61,7 @@ def finetune_from(weights: Path, task: data.Task, cfg: finetune.FinetuneConfig, 
     encoder = model.load_encoder(weights)
     head = torch.nn.Linear(int(encoder.config.hidden_size), len(task.label_names))
     lengths = [len(ids) for ids in tok(task.train.texts)["input_ids"]]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     encoder.train()
     finetune.train_loop(
         encoder, [head], list(encoder.parameters()), [task],
@@ -67,11 +70,11 @@ def finetune_from(weights: Path, task: data.Task, cfg: finetune.FinetuneConfig, 
         schedule=lambda s: finetune._schedule(s, cfg), log_every=100, label="refit ",
     )  # fmt: skip
     encoder.train(False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     out.mkdir(parents=True, exist_ok=True)
     model.save_encoder(encoder.state_dict(), out / "encoder.safetensors")
     _save_heads({task.name: head}, out)
-    return seconds
+    return seconds, cpu
 
 
 class NotCached(RuntimeError):
@@ -92,16 +95,19 @@ def cached_only(cfg: finetune.FinetuneConfig, root: Path) -> finetune.Finetuned:
     return stages.cached_finetune(cfg, root)
 
 
-def _port(patch: Path, v1: Path, v2: Path, method: str, folder: Path) -> tuple[Path, float, int]:
-    """Rebase ``patch`` onto v2 with ``method`` and apply it: (encoder, seconds, conflicts)."""
+def _port(
+    patch: Path, v1: Path, v2: Path, method: str, folder: Path
+) -> tuple[Path, float, float, int]:
+    """Rebase ``patch`` onto v2 with ``method`` and apply it: (encoder, wall seconds, CPU
+    seconds, conflicts)."""
     from potluck.ops.patch import apply_patch
     from potluck.ops.patch.rebase import rebase_patch
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = rebase_patch(patch, v1, v2, folder / f"{method}.patch", method=method)
     enc = folder / f"{method}.safetensors"
     apply_patch(v2, folder / f"{method}.patch", enc)
-    return enc, time.perf_counter() - t0, len(report.conflicts)
+    return enc, time.perf_counter() - t0, time.process_time() - c0, len(report.conflicts)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,6 +115,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="contributor fine-tune steps")
     p.add_argument("--move-steps", type=int, default=100, help="base move: steps per task")
+    p.add_argument("--refit-steps", type=int, help="re-fine-tune steps (default: --steps)")
     p.add_argument("--methods", nargs="+", default=["ta", "ties"])
     p.add_argument("--out", type=Path, default=stages.RESULTS)
     return p.parse_args(argv)
@@ -147,12 +154,14 @@ def _contributor(task: data.Task, args: argparse.Namespace, root: Path, sc: _Sco
     sc.row(task.name, "v1 + patch (original)", run.encoder, head, run.meta.get("train_s"))
     sc.row(task.name, "v2, old head", v2, head, None)
     for method in args.methods:
-        enc, sec, conflicts = _port(work / "contrib.patch", v1, v2, method, work)
-        sc.row(task.name, f"rebase {method}", enc, head, sec, conflicts=conflicts)
-    refit_s = finetune_from(v2, task, cfg, work / "refit")
-    refit_head = finetune.load_head(work / "refit" / f"head-{task.name}.safetensors")
-    sc.row(task.name, "re-fine-tune from v2", work / "refit" / "encoder.safetensors", refit_head,
-           refit_s)  # fmt: skip
+        enc, sec, cpu, conflicts = _port(work / "contrib.patch", v1, v2, method, work)
+        sc.row(task.name, f"rebase {method}", enc, head, sec, cpu_s=cpu, conflicts=conflicts)
+    refit_cfg = dataclasses.replace(cfg, steps=args.refit_steps or args.steps)
+    refit_s, refit_cpu = finetune_from(v2, task, refit_cfg, work / f"refit-{refit_cfg.steps}")
+    refit = work / f"refit-{refit_cfg.steps}"
+    refit_head = finetune.load_head(refit / f"head-{task.name}.safetensors")
+    sc.row(task.name, f"re-fine-tune from v2 ({refit_cfg.steps} steps)",
+           refit / "encoder.safetensors", refit_head, refit_s, cpu_s=refit_cpu)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in contributors:
         _contributor(task, args, root, sc)
     out = {"seed": args.seed, "steps": args.steps, "move_steps": args.move_steps,
+           "refit_steps": args.refit_steps or args.steps,
            "move_s": round(move_s, 1), "v2_movers": v2_movers, "rows": sc.rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rebase-s{args.seed}.json").write_text(json.dumps(out, indent=2) + "\n")
