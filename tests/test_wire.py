@@ -198,3 +198,38 @@ def test_host_refusing_the_index_ref_gets_plain_objects(
     save_st(tmp_path / "v1.safetensors", m1)
     run_in(fresh)("git", "checkout", "-q", "HEAD~1")
     assert sha(fresh / FILE) == sha(tmp_path / "v1.safetensors")
+
+
+def test_clone_reads_the_wire_index_its_own_fetch_brought(
+    repo: Path, git: Run, hub: Path, rng, tmp_path: Path
+) -> None:
+    """``potluck clone`` fetches the wire index (and the evaluation records) with the commits:
+    its checkout starts no ``git fetch``, yet decodes the objects that only travelled encoded;
+    afterwards ``git fetch`` moves the records, not the index."""
+    import os
+    import subprocess
+
+    m1 = model(rng, d=128)
+    commit_model(git, repo, m1, "v1")
+    git("git", "push", "-q", "origin", "main")
+    commit_model(git, repo, sparse_edit(m1, "embed", 4), "v2")
+    git("git", "push", "-q", "origin", "main")
+    index = wire_index(hub)
+    encoded_only = [o for o in parse_blob(hub, "main").oids() if o in index]
+    assert encoded_only and not set(encoded_only) & set(remote_objects(hub))  # no plain copy
+    trace = tmp_path / "trace"
+    fresh = tmp_path / "fresh"
+    env = dict(os.environ, GIT_TRACE=str(trace))
+    subprocess.run(["potluck", "clone", str(hub), str(fresh)], cwd=tmp_path, env=env, check=True)
+    assert sha(fresh / FILE) == sha(repo / FILE)
+    runs = [ln for ln in trace.read_text().splitlines() if "built-in: git " in ln]
+    assert sum(" git clone " in ln for ln in runs) == 1
+    assert not [ln for ln in runs if " git fetch " in ln]
+    refspecs = run_in(fresh)("git", "config", "--get-all", "remote.origin.fetch").split()
+    assert refspecs == [
+        "+refs/potluck/evals*:refs/potluck/remotes/origin/evals*",
+        "+refs/heads/*:refs/remotes/origin/*",
+    ]
+    assert run_in(fresh)("git", "rev-parse", "refs/potluck/remotes/origin/wire").strip() == (
+        run_in(hub)("git", "rev-parse", "refs/potluck/wire").strip()
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from potluck.errors import GitError, IntegrityError, PotluckError, RemoteError, UserError
 from potluck.fileio import atomic_writer
-from potluck.git import wireindex
+from potluck.git import evalsync, wireindex
 from potluck.git.diskspace import check_space, disk_errors
 from potluck.git.plumbing import Git
 from potluck.git.remotes import RemoteSpec, git_remote_url, open_object_remote
@@ -40,6 +41,10 @@ from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 log = logging.getLogger("potluck")
 FETCH_ON_CHECKOUT = "potluck.fetchOnCheckout"
 ENCODED_TRANSFER = "potluck.encodedTransfer"
+#: set by ``clone`` for its checkout: the git remote whose wire index came with the clone's own
+#: fetch, so the filter reads that copy instead of fetching it again
+WIRE_FETCHED_ENV = "POTLUCK_WIRE_FETCHED"
+CLONE_REMOTE = "origin"
 #: objects at the tips of what the git remote has that a push checks on the object remote
 TIP_SAMPLE = 100
 MAX_TIPS = 32
@@ -415,8 +420,14 @@ def clone(
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not empty", hint="pick a new directory")
     branch_args = ["--branch", branch] if branch else []
-    Git(Path.cwd()).run("clone", "--no-checkout", *branch_args, "--", url, str(directory))
-    repo = Repo(directory)
+    wire = _wire_refspec(CLONE_REMOTE)  # the wire index and the records come with the commits
+    extra = ["-c", f"remote.{CLONE_REMOTE}.fetch={wire}"]
+    extra += ["-c", f"remote.{CLONE_REMOTE}.fetch={evalsync.fetch_refspec(CLONE_REMOTE)}"]
+    Git(Path.cwd()).run(
+        "clone", "--no-checkout", *extra, *branch_args, "--", url, str(directory)
+    )  # fmt: skip
+    repo = Repo(directory)  # `git fetch` keeps moving the records, not the index (potluck does)
+    repo.git.run_proc("config", "--fixed-value", "--unset", f"remote.{CLONE_REMOTE}.fetch", wire)
     install(repo)
     if no_data:
         repo.git.config_set(FETCH_ON_CHECKOUT, "false")
@@ -456,10 +467,19 @@ def _check_fetched(repo: Repo) -> None:
         )
 
 
+def _wire_refspec(remote: str) -> str:
+    """The refspec that copies ``remote``'s wire index to its tracking ref (a glob: a remote
+    without an index is no error)."""
+    return f"+{wireindex.REF}*:{wireindex.tracking_ref(remote)}*"
+
+
 def _checkout(git: Git, *args: str) -> None:
     """Run a checkout with stderr passed through: the filter's warnings (files left as
-    manifests, and why) reach the user."""
-    code = subprocess.run(git.command(*args), cwd=git.cwd, stdin=subprocess.DEVNULL).returncode
+    manifests, and why) reach the user. Its filter uses the wire index the clone fetched."""
+    env = {**os.environ, WIRE_FETCHED_ENV: CLONE_REMOTE}
+    code = subprocess.run(
+        git.command(*args), cwd=git.cwd, stdin=subprocess.DEVNULL, env=env
+    ).returncode
     if code != 0:
         raise GitError(f"`git {' '.join(args)}` failed with exit code {code}", hint="see above")
 
@@ -523,7 +543,7 @@ class CheckoutFetcher:
             with disk_errors(self.repo, f"fetching the objects of {path}"):
                 if self._remote is None or self._index is None:
                     spec, self._remote = open_object_remote(self.repo.git, self.remote_name)
-                    self._index = wireindex.fetch_index(self.repo.git, spec.name)
+                    self._index = self._wire_index(spec.name)
                 tmp = self.repo.tmp_dir / "incoming"
                 fresh: dict[str, Path] = {}
                 stats = fetch_objects(
@@ -544,6 +564,14 @@ class CheckoutFetcher:
         log.info("%s: fetched %d objects (%d bytes)", path, stats.objects, stats.bytes)
         self._store_in_background(wanted, fresh)
         return fresh
+
+    def _wire_index(self, remote: str) -> dict[str, WireEntry]:
+        """``remote``'s wire index: the copy ``clone`` fetched with the commits moments ago
+        (``WIRE_FETCHED_ENV`` names the remote), else fetched now. Either way only hints."""
+        git = self.repo.git
+        if os.environ.get(WIRE_FETCHED_ENV) == remote:
+            return wireindex.read_index(git, git.rev_parse(wireindex.tracking_ref(remote)))
+        return wireindex.fetch_index(git, remote)
 
     def pull_hint(self) -> str:
         """What to run to get the tensors of a file left as a manifest (``pull_hint``)."""
