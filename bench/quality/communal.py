@@ -294,6 +294,9 @@ def build_repo(inp: Inputs, root: Path) -> Workspace:
     root.mkdir(parents=True)
     ws = Workspace(root)
     ws.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the suite's loader
+    ws.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # bench.common.env.cpu_threads' settings
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        ws.env[var] = "2"
     ws.run("git", "init", "-q", "-b", "main")
     ws.run("potluck", "init")
     ws.run("potluck", "track", "*.safetensors")
