@@ -194,6 +194,7 @@ def full_inputs(args: argparse.Namespace) -> Inputs:
         if "weights" in best and Path(best["weights"]).is_file():
             found[method] = Entry(f"merge/{method}", Path(best["weights"]), heads,
                                   dict(best.get("test", {})), float(best["val_mean"]))  # fmt: skip
+    found.update(merge_here(args, tasks, contributors))
     if not found:
         raise NotCached(f"no merges in {args.results}/merges-s{args.seed}/; run bench.quality")
     probes = probe_heads(tasks, args.seed, args.work / "probes")
@@ -202,6 +203,27 @@ def full_inputs(args: argparse.Namespace) -> Inputs:
     bench = {t: float(known[t]["test_acc"]) for t in probes if t in known}
     base = Entry("main", model.base_weights(), probes, bench)
     return Inputs(tasks, probes, base, contributors, found)
+
+
+def merge_here(
+    args: argparse.Namespace, tasks: Sequence[data.Task], contributors: Mapping[str, Entry]
+) -> dict[str, Entry]:
+    """``--merge-here`` methods (no statistics): bench.quality's grid search on validation
+    (``merges.grid_search``) run here into ``--work``, the best point scored on test."""
+    if not args.merge_here:
+        return {}
+    heads = {t: c.heads[t] for t, c in contributors.items()}
+    loaded = {t: finetune.load_head(p) for t, p in heads.items()}
+    val, test = stages.Evaluator(tasks, "val"), stages.Evaluator(tasks, "test")
+    mc = [merges.Contributor(t, c.encoder, c.heads[t], {}) for t, c in contributors.items()]
+    out = {}
+    (args.work / "merges").mkdir(parents=True, exist_ok=True)
+    for method in args.merge_here:
+        best = merges.grid_search(method, mc, args.work / "merges", lambda w: val.scores(w, loaded),
+                                  args.seed)  # fmt: skip
+        w = Path(best["weights"])
+        out[method] = Entry(f"merge/{method}", w, heads, test.scores(w, loaded), best["val_mean"])
+    return out
 
 
 def smoke_finetune(task: data.Task, seed: int, steps: int, out: Path) -> Entry:
@@ -422,6 +444,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="results JSON (default RESULTS/communal-s<seed>.json)")
     p.add_argument("--methods", nargs="+", choices=sorted(merges.GRID),
                    help="merges to record (default: every method bench.quality left)")  # fmt: skip
+    p.add_argument("--merge-here", nargs="+", default=[],
+                   choices=sorted(set(merges.GRID) - set(merges.STATS_KIND)),
+                   help="also merge with these methods here (grid on validation), e.g. when "
+                        "bench.quality has not left them")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="seconds-sized inputs made here")
     p.add_argument("--smoke-steps", type=int, default=3)
     args = p.parse_args(argv)
