@@ -38,7 +38,8 @@ describes (``structdetect.best_model``) and only when that is smaller. A delta c
 as a difference (kind 5) instead of an XOR (kind 2) only when a sample of the chunk says it is
 smaller (the whole chunk when it is small); an object with such a chunk gets version 3 (or 4
 with a model), written over the header once the chunks are out. Every other object is version
-1, byte for byte as before, so readers that know versions 1 and 2 read all of those.
+1 or 2, byte for byte as before (readers that know only those read all of them and refuse the
+others as an unsupported version).
 
 zstd frames carry their content size and a checksum. Nothing here holds more than a couple of
 chunks in memory, whatever the object size or the depth of the delta chain.
@@ -99,8 +100,8 @@ _MODEL_GOOD_ENOUGH = 0.25
 # Between those, a compressed sample of the chunk decides whether a full standalone try can pay.
 _SAMPLE_BYTES = 256 * 1024
 _SAMPLE_MARGIN = 0.05
-# XOR or difference: spans of a chunk compressed both ways decide (the whole chunk, both ways,
-# when it is under _DIFF_SPANS spans); a difference must be this much smaller to be chosen.
+# XOR or difference: _DIFF_SPANS spans of a chunk compressed both ways decide (the whole chunk,
+# when it is under twice that); a difference must be this much smaller to be chosen.
 _DIFF_SPAN = 32 * 1024
 _DIFF_SPANS = 4
 _DIFF_MARGIN = 0.99
