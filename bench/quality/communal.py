@@ -309,10 +309,16 @@ def _commit(ws: Workspace, encoder: Path, heads: Mapping[str, Path], message: st
     return ws.head()
 
 
-def build_repo(inp: Inputs, root: Path) -> Workspace:
-    """The scratch repository (module docstring): main, contrib/*, merge/*."""
+def build_repo(inp: Inputs, root: Path, keep_records: bool = True) -> Workspace:
+    """The scratch repository (module docstring): main, contrib/*, merge/*. With
+    ``keep_records``, the evaluation records of a previous repository at ``root`` are fetched
+    into the new one (``refs/potluck/evals``: ``eval run`` / ``gate`` find them cached for the
+    same weights and suite digests)."""
+    old = root.with_name(root.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if root.exists():
-        shutil.rmtree(root)
+        root.rename(old)
     root.mkdir(parents=True)
     ws = Workspace(root)
     ws.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the suite's loader
@@ -338,6 +344,11 @@ def build_repo(inp: Inputs, root: Path) -> Workspace:
             f"merge: {method} of {', '.join(branches)} (best grid point on validation)",
         )
     ws.run("git", "switch", "-q", "main")
+    if old.exists():
+        if keep_records and ws.run("git", "-C", str(old), "rev-parse", "-q", "--verify",
+                                   "refs/potluck/evals", check=False).strip():  # fmt: skip
+            ws.run("git", "fetch", "-q", str(old), "+refs/potluck/evals:refs/potluck/evals")
+        shutil.rmtree(old)
     return ws
 
 
@@ -367,9 +378,10 @@ def evaluate_all(ws: Workspace, inp: Inputs, suites: Path) -> dict[str, float]:
     runs += [(m.branch, suites / "suite.yaml") for m in inp.merges.values()]
     for rev, suite in runs:
         t0 = time.perf_counter()
-        potluck_json(ws, "eval", "run", str(suite), rev)
+        got = potluck_json(ws, "eval", "run", str(suite), rev)
         times[rev] = round(time.perf_counter() - t0, 1)
-        log(f"  potluck eval run {suite.name} {rev}: {times[rev]} s")
+        hits = sum(bool(r["cached"]) for r in got)
+        log(f"  potluck eval run {suite.name} {rev}: {times[rev]} s ({hits}/{len(got)} cached)")
     return times
 
 
@@ -448,6 +460,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    choices=sorted(set(merges.GRID) - set(merges.STATS_KIND)),
                    help="also merge with these methods here (grid on validation), e.g. when "
                         "bench.quality has not left them")  # fmt: skip
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="do not carry the previous run's records over (every model re-run)",
+    )
     p.add_argument("--smoke", action="store_true", help="seconds-sized inputs made here")
     p.add_argument("--smoke-steps", type=int, default=3)
     args = p.parse_args(argv)
@@ -468,7 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     suites = args.work / "suite"
     write_suites(inp.tasks, suites, args.tolerance, args.seed)
     t1 = time.perf_counter()
-    ws = build_repo(inp, args.work / "repo")
+    ws = build_repo(inp, args.work / "repo", keep_records=not args.fresh)
     t2 = time.perf_counter()
     eval_s = evaluate_all(ws, inp, suites)
     t3 = time.perf_counter()
