@@ -182,7 +182,9 @@ def full_inputs(args: argparse.Namespace) -> Inputs:
         run = cached_only(
             stages.finetune_config(t.name, args.seed, 200), args.results / "finetunes"
         )
-        bench = {t.name: individual[t.name]} if t.name in individual else {}
+        # results-s<seed>.json's "individual" (stages.Evaluator), else the run's own test_acc
+        acc = individual.get(t.name, run.meta.get("test_acc"))
+        bench = {} if acc is None else {t.name: float(acc)}
         contributors[t.name] = Entry(f"contrib/{t.name}", run.encoder, {t.name: run.head}, bench)
     heads = {t: c.heads[t] for t, c in contributors.items()}
     found = {}
