@@ -139,3 +139,54 @@ def test_the_pre_push_hook_imports_neither_lineage_nor_httpx_cli() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_encoded_objects_ride_in_the_same_batches(server: LfsServer, db: ObjectDB) -> None:
+    """Objects sent encoded (here: 10 that compress to far under half) are asked for in the
+    push's one existence check together with the plain ones: 160 objects, 2 batches."""
+    server.reset()
+    blobs = _blobs(4)
+    for n in range(10):  # compressible: a few bytes of noise in zeros
+        blobs[n] = bytes(6000) + blobs[n][:8]
+    wanted = _wanted(db, blobs)
+    remote = LfsRemote(server.url, RemoteOptions(workers=4))
+    server.reset_counters()
+    try:
+        report = push_objects(db, remote, wanted, encode=True)
+    finally:
+        remote.close()
+    assert len(report.encoded) == 10 and report.uploaded == N
+    assert _kinds(server) == {"batch": 2, "PUT": N, "verify": N}
+    stored = {p.name: p.read_bytes() for p in server.storage.rglob("*") if p.is_file()}
+    for entry in report.encoded:  # the wire object is the stored file, under its own sha256
+        assert hashlib.sha256(stored[entry.wire.oid]).hexdigest() == entry.wire.oid
+        assert db.store.open(entry.oid).read() == stored[entry.wire.oid]
+    plain = {hashlib.sha256(b).hexdigest(): b for b in blobs[10:]}
+    assert {k: stored[k] for k in plain} == plain
+
+
+def test_a_fetch_asks_encoded_objects_without_bases_with_the_plain_ones(
+    server: LfsServer, db: ObjectDB, tmp_path: Path
+) -> None:
+    """A fetch of 150 objects, 10 of them encoded with no delta base, asks 2 download
+    batches (not a third for the encoded ones) and stores exactly the pushed bytes."""
+    from potluck.ops.vcs.pushfetch import fetch_objects
+
+    server.reset()
+    blobs = _blobs(5)
+    for n in range(10):
+        blobs[n] = bytes(6000) + blobs[n][:8]
+    wanted = _wanted(db, blobs)
+    remote = LfsRemote(server.url, RemoteOptions(workers=4))
+    try:
+        index = {e.oid: e for e in push_objects(db, remote, wanted, encode=True).encoded}
+        assert len(index) == 10
+        other = ObjectDB(LocalStore(tmp_path / "other"), RepoConfig(chunk_bytes=4096), workers=2)
+        server.reset_counters()
+        stats = fetch_objects(other, remote, wanted, tmp_path / "tmp", index=index)
+    finally:
+        remote.close()
+    assert stats.objects == N and _kinds(server) == {"batch": 2, "GET": N}
+    assert {hashlib.sha256(b).hexdigest(): b for b in blobs} == {
+        r.oid: other.read_bytes(r.oid) for r in wanted.refs
+    }

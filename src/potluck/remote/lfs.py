@@ -125,10 +125,10 @@ class LfsRemote:
 
     def plan_upload(self, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
         """Refs the server lacks, asked with ``upload`` batches (an object of another size is
-        lacking too); their upload actions are kept for ``upload``, so a push asks one batch
-        per ``batch_size`` objects. A server that refuses the upload batch (HTTP 403: read-only
-        access) is asked with download batches instead, and the push fails only if something
-        must really be uploaded."""
+        lacking too); the answers are kept for ``upload`` (what to PUT, what is there), so a
+        push asks one batch per ``batch_size`` objects. A server that refuses the upload
+        batch (HTTP 403: read-only access) is asked with download batches instead, and the
+        push fails only if something must really be uploaded."""
         todo = unique_refs(refs)
         try:
             entries = self._checked_batch("upload", todo)
@@ -136,8 +136,8 @@ class LfsRemote:
             if e.data.get("status") != 403:
                 raise
             return self.missing(refs)
-        with self._plan_lock:
-            self._planned.update((o, e) for o, e in entries.items() if "upload" in e.actions)
+        with self._plan_lock:  # an answer without an upload action: there already, no PUT
+            self._planned.update(entries)
         return [r for r in refs if "upload" in entries[r.oid].actions]
 
     def upload(

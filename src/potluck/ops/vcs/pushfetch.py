@@ -126,10 +126,14 @@ def push_objects(
     sent (``PushReport.early``), so the caller can publish the index while they upload.
     """
     refs = sorted(wanted.refs)
-    view = verify_remote(_Planning(remote), refs, index or {})
+    index = index or {}
+    guesses = _encoded_guesses(odb, refs, index) if encode else {}
+    bases = _outside_bases(odb, refs, guesses)
+    planning = _Planning(remote, [e.wire for e in guesses.values()])
+    view = verify_remote(planning, [*refs, *bases], index)  # one existence check for all
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
-    encoded = _choose_encoded(odb, remote, refs, lacking, view, index or {}) if encode else {}
+    encoded = _choose_encoded(refs, lacking, view, guesses)
     plain = [r for r in lacking if r not in encoded]
     by_wire = {e.wire: e.oid for e in encoded.values()}
     wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
@@ -170,47 +174,75 @@ def _check_local(
         )
 
 
+def _encoded_guesses(
+    odb: ObjectDB, refs: Sequence[ObjectRef], index: Mapping[str, WireEntry]
+) -> dict[str, WireEntry]:
+    """The wire entry of every object that could travel encoded (stored at most
+    ``ENCODED_RATIO`` of its size), its delta base not checked yet; objects the remote's
+    index already lists are left out (they went encoded before, or are stale: plain then), and
+    so are objects missing here (``_check_local`` names them)."""
+    guesses: dict[str, WireEntry] = {}
+    for r in refs:
+        if r.oid not in index and odb.has(r.oid):
+            entry = encoded_candidate(odb, r, lambda _base: True)
+            if entry is not None:
+                guesses[r.oid] = entry
+    return guesses
+
+
+def _outside_bases(
+    odb: ObjectDB, refs: Sequence[ObjectRef], guesses: Mapping[str, WireEntry]
+) -> list[ObjectRef]:
+    """Delta bases of ``guesses`` that this push does not carry: whether the remote has them
+    is asked in the same existence check as the objects themselves."""
+    carried = {r.oid for r in refs}
+    sizes = {r.oid: r.size for r in refs}
+    bases: dict[str, ObjectRef] = {}
+    for oid, entry in guesses.items():
+        base = entry.base
+        if base is not None and base not in carried and odb.has(base):
+            bases.setdefault(base, ObjectRef(base, sizes[oid]))
+    return sorted(bases.values())
+
+
 def _choose_encoded(
-    odb: ObjectDB,
-    remote: ObjectRemote,
     refs: Sequence[ObjectRef],
     lacking: Sequence[ObjectRef],
     view: RemoteView,
-    index: Mapping[str, WireEntry],
+    guesses: Mapping[str, WireEntry],
 ) -> dict[ObjectRef, WireEntry]:
-    """Which lacking objects to send encoded: small enough, with a delta base that the remote
-    has (plain, or through a usable index entry) or gets in this push, and no stale index
-    entry (a new entry for the same id would compete with the stale one; plain bytes are
-    always found)."""
+    """Which lacking objects to send encoded: small enough (``guesses``), with a delta base
+    that the remote has (plain, or through a usable index entry) or gets in this push, and no
+    stale index entry (a new entry for the same id would compete with the stale one; plain
+    bytes are always found)."""
     coming = {r.oid for r in refs} | view.present
-    candidates = [r for r in lacking if r.oid not in view.stale]
-    bases: dict[str, ObjectRef] = {}
-    for r in candidates:
-        base = odb.header(r.oid).base_oid
-        if base is not None and base not in coming and odb.has(base):
-            bases[base] = ObjectRef(base, r.size)
-    asked = list(bases.values())
-    present = verify_remote(_Planning(remote), asked, index).present if bases else set()
     chosen: dict[ObjectRef, WireEntry] = {}
-    for r in candidates:
-        entry = encoded_candidate(odb, r, lambda b: b in coming or b in present)
-        if entry is not None:
+    for r in lacking:
+        entry = guesses.get(r.oid)
+        if entry is None or r.oid in view.stale:
+            continue
+        if entry.base is None or entry.base in coming:
             chosen[r] = entry
     return chosen
 
 
 class _Planning:
     """``remote`` for ``verify_remote`` during a push: where the remote can (``UploadPlanner``)
-    the existence check is the upload's own question, so the upload asks no second batch."""
+    the existence check is the upload's own question, so the upload asks no second batch;
+    ``extra`` (the wire objects the push may send) ride along in that first check, so their
+    upload asks none either."""
 
-    def __init__(self, remote: ObjectRemote) -> None:
+    def __init__(self, remote: ObjectRemote, extra: Sequence[ObjectRef] = ()) -> None:
         self._remote = remote
+        self._extra = list(extra)
         self.url = remote.url
 
     def missing(self, refs: Sequence[ObjectRef]) -> list[ObjectRef]:
-        if isinstance(self._remote, UploadPlanner):
-            return self._remote.plan_upload(refs)
-        return self._remote.missing(refs)
+        if not isinstance(self._remote, UploadPlanner):
+            return self._remote.missing(refs)
+        asked, self._extra = [*refs, *self._extra], []
+        keep = {r.oid for r in refs}
+        return [r for r in self._remote.plan_upload(asked) if r.oid in keep]
 
     def upload(self, refs: Sequence[ObjectRef], opener: Opener, on: OnBytes | None = None) -> Stats:
         return self._remote.upload(refs, opener, on)
@@ -360,8 +392,9 @@ def _fetch_planned(
     fresh: dict[str, Path] | None,
     stats: TransferStats,
 ) -> None:
-    """One try: plain objects, then the encoded ones level by level. With ``fresh``, plain
-    objects stay files there, except the delta bases the encoded ones decode through."""
+    """One try: plain objects with the encoded ones that need nothing fetched first, then
+    the other encoded ones level by level. With ``fresh``, plain objects stay files there,
+    except the delta bases the encoded ones decode through."""
     plain, levels = plan_fetch(todo, index, odb.has)
     bases = {entry.base for level in levels for _, entry in level}
     keep = fresh
@@ -382,9 +415,21 @@ def _fetch_planned(
             quick=True,
         )
 
-    if plain:
-        _add(stats, remote.download(plain, sink, tmp_dir, on_bytes))
-    for level in levels:
+    # encoded objects whose base is local (or that have none) come in the plain objects'
+    # batches; the others level by level, after their bases
+    first = levels[0] if levels else []
+    ready = {e.wire: (r, e) for r, e in first if e.base is None or odb.has(e.base)}
+    later = [[(r, e) for r, e in first if e.wire not in ready], *levels[1:]]
+
+    def sink_first(ref: ObjectRef, path: Path) -> None:
+        if ref in ready:
+            _store_wire(odb, ready, ref, path)
+        else:
+            sink(ref, path)
+
+    if plain or ready:
+        _add(stats, remote.download([*plain, *ready], sink_first, tmp_dir, on_bytes))
+    for level in filter(None, later):
         by_wire = {entry.wire: (ref, entry) for ref, entry in level}
         sink_level = functools.partial(_store_wire, odb, by_wire)
         _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
