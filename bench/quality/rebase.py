@@ -199,4 +199,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    model.cpu_threads(2)  # OMP_WAIT_POLICY=PASSIVE: without it, 5-10x slower under load here
     raise SystemExit(main())
