@@ -308,3 +308,44 @@ def test_lineage_of_a_patch_finds_its_base_in_the_repository(repo: Path, git: Ru
     assert doc["edges"][0]["parents"] == [
         {"commit": c1, "digest": _digest(v1), "ref": f"m.safetensors@{c1[:10]}"}
     ]
+
+
+def test_commit_digest_tells_apart_files_whose_tensor_names_collide(repo: Path, git: Run) -> None:
+    """Two checkpoints of one commit that both hold a tensor ``weight`` (task heads, say): a
+    change of either changes the commit's weights digest, and no such digest is the digest of
+    one file's tensors alone. Shards of one model (no shared name) keep the sharding-independent
+    digest."""
+    from potluck.git.evalstore import digest_at
+
+    head = {"weight": np.ones((2, 3), np.float32), "bias": np.zeros(2, np.float32)}
+    save_st(repo / "x.safetensors", head)
+    save_st(repo / "y.safetensors", {k: v + 1 for k, v in head.items()})
+    git("git", "add", "x.safetensors")
+    c1 = commit(git, "y.safetensors", "two heads")
+    save_st(repo / "x.safetensors", {k: v + 2 for k, v in head.items()})
+    c2 = commit(git, "x.safetensors", "x changed")
+    r = Repo(repo)
+    d1, d2 = digest_at(r, c1), digest_at(r, c2)
+    assert d1 != d2
+    assert d1 not in {_digest(head), _digest({k: v + 1 for k, v in head.items()})}
+    # qualified by path: the digest of the two files' tensors under "<path>:<name>"
+    assert d1 == _digest(
+        {f"{p}:{n}": a for p, t in (("x.safetensors", head),
+                                   ("y.safetensors", {k: v + 1 for k, v in head.items()}))
+         for n, a in t.items()}
+    )  # fmt: skip
+
+
+def test_digest_of_colliding_checkpoints_without_labels_is_refused() -> None:
+    from potluck.errors import UserError
+    from potluck.objects.manifest import Manifest, TensorEntry
+    from potluck.ops.lineage import manifests_digest
+
+    def m(oid: str) -> Manifest:
+        return Manifest("safetensors", 4, (TensorEntry("weight", "F32", (1,), oid, 4),))
+
+    with pytest.raises(UserError, match="tensor 'weight' is in two of the checkpoints"):
+        manifests_digest([m("a" * 64), m("b" * 64)], lambda _m, _n: np.zeros(1))
+    assert manifests_digest([m("a" * 64), m("b" * 64)], lambda _m, _n: np.zeros(1), ["x", "y"]) != (
+        manifests_digest([m("a" * 64), m("c" * 64)], lambda _m, _n: np.zeros(1), ["x", "y"])
+    )

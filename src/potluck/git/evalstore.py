@@ -49,6 +49,7 @@ def digest_at(repo: Repo, rev: str, paths: Sequence[str] = ()) -> str:
     blobs = repo.git.list_blobs(commit, list(paths) or None)
     sizes = repo.git.object_sizes([oid for _, oid in blobs])
     manifests: list[Manifest] = []
+    labels: list[str] = []
     with repo.git.batch() as cat:
         for path, oid in blobs:
             if sizes.get(oid, MAX_MANIFEST_BYTES + 1) > MAX_MANIFEST_BYTES:
@@ -56,6 +57,7 @@ def digest_at(repo: Repo, rev: str, paths: Sequence[str] = ()) -> str:
             data = cat.get(oid)
             if data is not None and is_manifest(data):
                 manifests.append(parse(data, f"{rev}:{path}"))
+                labels.append(path)
     if not manifests:
         raise UserError(
             f"{rev} holds no checkpoint stored by potluck"
@@ -66,7 +68,7 @@ def digest_at(repo: Repo, rev: str, paths: Sequence[str] = ()) -> str:
     from potluck.ops.lineage import manifests_digest  # here: git's pre-push hook imports this
     from potluck.ops.vcs import load_tensors  # module only to push records (0.1-0.2 s less)
 
-    return manifests_digest(manifests, lambda m, n: load_tensors(m, repo.odb, [n])[n])
+    return manifests_digest(manifests, lambda m, n: load_tensors(m, repo.odb, [n])[n], labels)
 
 
 def _hash_blob(git: Git, data: bytes) -> str:

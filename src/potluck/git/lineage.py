@@ -104,17 +104,19 @@ def version_at(repo: Repo, commit: str, path: str) -> ModelVersion | None:
     """The model ``path`` (file or directory) at ``commit``; None when it has no checkpoint
     stored by potluck there."""
     manifests: list[Manifest] = []
+    labels: list[str] = []
     for p, blob in _weight_blobs(repo, commit, path):
         data = repo.git.show_blob(blob)
         if data is not None and is_manifest(data):
             manifests.append(parse(data, f"{commit}:{p}"))
+            labels.append(p)
     if not manifests:
         return None
 
     def read_view(m: Manifest, name: str) -> Any:
         return TensorLoader(m, repo.odb).load([name])[name]
 
-    hashes = manifest_hashes(manifests, read_view)
+    hashes = manifest_hashes(manifests, read_view, labels)
     single = len(manifests) == 1 and path.endswith(_WEIGHT_SUFFIXES)
     beside = f"{path}.{LINEAGE_FILE}" if single else f"{path.rstrip('/')}/{LINEAGE_FILE}"
     lineage_blob = repo.git.show_blob(f"{commit}:{beside}")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 
 import numpy as np
 
+from potluck.errors import UserError
 from potluck.objects.manifest import Manifest
 from potluck.ops.models.sources import ModelSource, open_input
 from potluck.tensors.digests import weights_digest
@@ -65,20 +66,52 @@ def weights_digest_of(source: ModelSource | str | os.PathLike[str]) -> str:
 ViewReader = Callable[[Manifest, str], np.ndarray]
 
 
-def manifest_hashes(manifests: Iterable[Manifest], read_view: ViewReader) -> TensorHashes:
+def manifest_hashes(
+    manifests: Iterable[Manifest], read_view: ViewReader, labels: Sequence[str] | None = None
+) -> TensorHashes:
     """{name: (dtype, shape, sha256)} of the tensors the manifests describe (all shards): the
-    tensor entries' oids, and ``read_view(manifest, name)`` hashed for each view."""
+    tensor entries' oids, and ``read_view(manifest, name)`` hashed for each view.
+
+    Shards of one model never share a name, so their digest is the model's whatever the
+    sharding. Separate checkpoints can (task heads that all hold ``weight``): when a name comes
+    from two manifests, every tensor is keyed ``"<label>:<name>"`` (``labels``: one per
+    manifest, e.g. its path) so that no file's change goes unseen; without labels such a
+    collision is refused."""
+    parts = [_hashes_of(m, read_view) for m in manifests]
+    seen: set[str] = set()
+    collides = False
+    for part in parts:
+        collides = collides or not seen.isdisjoint(part)
+        seen.update(part)
+    if not collides:
+        return {name: h for part in parts for name, h in part.items()}
+    if labels is None or len(labels) != len(parts) or len(set(labels)) != len(parts):
+        name = next(n for i, p in enumerate(parts) for n in p if any(n in q for q in parts[:i]))
+        raise UserError(
+            f"tensor {name!r} is in two of the checkpoints whose digest was asked for",
+            hint="give one model's files (its path) at a time",
+            tensor=name,
+        )
+    return {
+        f"{label}:{n}": h
+        for label, part in zip(labels, parts, strict=True)
+        for n, h in part.items()
+    }
+
+
+def _hashes_of(m: Manifest, read_view: ViewReader) -> TensorHashes:
     out: TensorHashes = {}
-    for m in manifests:
-        backing = {v.storage for v in m.views}
-        for name, e in m.tensors().items():
-            if name not in backing:
-                out[name] = (e.dtype, tuple(e.shape), e.oid)
-        for v in m.views:
-            out[v.name] = (v.dtype, tuple(v.shape), array_sha256(read_view(m, v.name)))
+    backing = {v.storage for v in m.views}
+    for name, e in m.tensors().items():
+        if name not in backing:
+            out[name] = (e.dtype, tuple(e.shape), e.oid)
+    for v in m.views:
+        out[v.name] = (v.dtype, tuple(v.shape), array_sha256(read_view(m, v.name)))
     return out
 
 
-def manifests_digest(manifests: Iterable[Manifest], read_view: ViewReader) -> str:
+def manifests_digest(
+    manifests: Iterable[Manifest], read_view: ViewReader, labels: Sequence[str] | None = None
+) -> str:
     """The weights digest of the model the manifests describe (see ``manifest_hashes``)."""
-    return _digest(manifest_hashes(manifests, read_view))
+    return _digest(manifest_hashes(manifests, read_view, labels))
