@@ -4,7 +4,6 @@ giftless server. A base sent in the same push holds the index back until the end
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +12,12 @@ import pytest
 
 from potluck.config import RepoConfig
 from potluck.ops.vcs.odb import ObjectDB
-from potluck.ops.vcs.pushfetch import PushReport, Wanted, Where, push_objects
+from potluck.ops.vcs.pushfetch import PushReport, push_objects
 from potluck.ops.vcs.wire import WireEntry
 from potluck.remote import ObjectRef, RemoteOptions
 from potluck.remote.lfs import LfsRemote
 from potluck.store.local import LocalStore
+from test_fetch_fresh import _put, _wanted
 from testsupport.servers import LfsServer
 
 
@@ -25,20 +25,6 @@ from testsupport.servers import LfsServer
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LfsServer]:
     with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
         yield srv
-
-
-def _put(db: ObjectDB, data: bytes, base: str | None = None) -> ObjectRef:
-    oid = hashlib.sha256(data).hexdigest()
-    db.put(oid, lambda: [data], size=len(data), itemsize=4, base_oid=base)
-    return ObjectRef(oid, len(data))
-
-
-def _wanted(refs: list[ObjectRef]) -> Wanted:
-    wanted = Wanted()
-    for n, ref in enumerate(refs):
-        wanted.refs[ref] = Where("model.safetensors", f"t{n}")
-        wanted.itemsizes[ref.oid] = 4
-    return wanted
 
 
 Calls = list[tuple[tuple[WireEntry, ...], list[str]]]
