@@ -210,6 +210,34 @@ def test_merge_from_revisions_holds_a_few_blocks(
     assert got["w"].tobytes() == want.tobytes()
 
 
+def test_ties_trim_from_revisions_holds_a_few_blocks(
+    history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_blocks: None
+) -> None:
+    """TIES with trimming in row blocks: where each trim cuts is found a block at a time (a few
+    passes), never from a whole float64 copy of a task vector; the result is the whole-tensor
+    merge's, bit for bit."""
+    from potluck.merging import MERGE_METHODS
+
+    monkeypatch.chdir(history)
+    config = parse_config(
+        {"merge_method": "ties", "base_model": "m.safetensors@HEAD~1",
+         "parameters": {"density": 0.3},
+         "models": [{"model": "m.safetensors@HEAD"}, {"model": "m.safetensors@HEAD~1"}]},
+        where="test",
+    )  # fmt: skip
+    out = tmp_path / "merged"
+    peak = _peak(lambda: merge_run.run_merge(config, out, opener=open_model, workers=1))
+    # before: |tau| of the whole 1M-element tensor as float64 (8 MiB) per model
+    assert peak < ELEMENTS * 4, peak
+    v1, v2 = _versions()
+    from safetensors.numpy import load_file
+
+    got = load_file(str(out / "model.safetensors"))["w"]
+    ties = MERGE_METHODS.get("ties")
+    want = ties.merge([v2["w"], v1["w"]], v1["w"], None, name="w", seed=0, density=0.3)
+    assert got.tobytes() == np.asarray(want).astype(np.float32).tobytes()
+
+
 def test_spilled_tensor_leaves_no_file_when_its_object_is_corrupt(
     history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_blocks: None
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -293,3 +295,36 @@ def test_empty_and_scalar_tensors(shape: tuple[int, ...]) -> None:
         params.update(ONE_MODEL.get(name, {}))
         out = method.merge(ms, base, None, name="w", seed=0, **params)
         assert out.shape == shape
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=hnp.arrays(
+        np.float64,
+        st.integers(1, 3000),
+        elements=st.one_of(
+            st.floats(0, 1e6, allow_nan=False), st.sampled_from([0.0, 1.0, 2.0**-30])
+        ),
+    ),
+    density=st.floats(0.0005, 0.9995),
+    block=st.integers(1, 3000),
+    gather=st.sampled_from([0, 3, 1 << 16]),
+)
+def test_streamed_cut_is_the_whole_array_cut(
+    values: np.ndarray, density: float, block: int, gather: int
+) -> None:
+    """The trim cut found block by block from a histogram of bit patterns (bounded memory) is
+    ``magnitude_cut``'s on the whole array (partition), whatever the blocks and however many
+    values tie; ``gather`` forces each depth of the digit walk."""
+    from potluck.merging import steps
+
+    def blocks() -> Iterator[np.ndarray]:
+        return (values[i : i + block] for i in range(0, values.size, block))
+
+    old = steps._GATHER_AT_MOST
+    steps._GATHER_AT_MOST = gather
+    try:
+        got = steps.streamed_cut(blocks, values.size, density)
+    finally:
+        steps._GATHER_AT_MOST = old
+    assert got == steps.magnitude_cut(values.copy(), density)

@@ -12,7 +12,7 @@ merges any row range; the pieces are bit-identical to ``MergeMethod.merge`` on t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from potluck.merging.base import MergeInputs, MergeMethod, all_values, model_value
 from potluck.merging.lines import scale_task_vector
-from potluck.merging.steps import TrimCut, apply_cut, magnitude_cut, rescale
+from potluck.merging.steps import TrimCut, apply_cut, rescale, streamed_cut
 from potluck.merging.task_arithmetic import generalized_task_arithmetic
 from potluck.merging.validate import COMPUTE_DTYPE
 
@@ -58,8 +58,10 @@ class BlockMerge:
         models: Sequence[np.ndarray],
         base: np.ndarray | None,
         done: Callable[[int], None] | None = None,
+        step: int | None = None,
     ) -> None:
-        """Read the whole inputs once, one model at a time (TIES: where each trim cuts);
+        """Read the whole inputs, one model at a time (TIES: where each trim cuts, from
+        ``step`` rows at a time: a few passes over each model, never a whole float64 copy);
         ``done(i)`` is called when model ``i`` has been read."""
         one_row = [m[:1] for m in models]  # validates weights, dtypes and parameters cheaply
         self.method.merge(
@@ -69,12 +71,10 @@ class BlockMerge:
         if self.trim_density is None:
             return
         assert base is not None
+        rows = max(1, step or len(base))
         for i, m in enumerate(models):
-            mags = np.subtract(m, base, dtype=COMPUTE_DTYPE).reshape(-1)
-            np.abs(mags, out=mags)
             density = self.trim_density[i if len(self.trim_density) > 1 else 0]
-            self.cuts.append(magnitude_cut(mags, density, name=self.name))
-            del mags
+            self.cuts.append(streamed_cut(_magnitudes(m, base, rows), m.size, density))
             if done is not None:
                 done(i)
         self.used = [0] * len(models)
@@ -106,6 +106,20 @@ class BlockMerge:
     ) -> np.ndarray:
         kept, self.used[i] = apply_cut(tau, self.cuts[i], self.used[i])
         return rescale(kept, tau, model_value(p, "density", i), str(p["rescale"]))
+
+
+def _magnitudes(
+    model: np.ndarray, base: np.ndarray, rows: int
+) -> Callable[[], Iterator[np.ndarray]]:
+    """The blocks of ``|model - base|`` (float64, ``rows`` rows each, flat order), anew on
+    each call."""
+
+    def blocks() -> Iterator[np.ndarray]:
+        for r in range(0, max(1, len(base)), rows):
+            mags = np.subtract(model[r : r + rows], base[r : r + rows], dtype=COMPUTE_DTYPE)
+            yield np.abs(mags, out=mags).reshape(-1)
+
+    return blocks
 
 
 def blockwise(

@@ -9,6 +9,7 @@ https://arxiv.org/abs/2406.11617). Arrays of shape ``(k, *shape)`` hold one row 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,57 @@ def magnitude_cut(mags: np.ndarray, density: float, *, name: str = "") -> TrimCu
     threshold = float(mags[kth])
     above = int(np.count_nonzero(mags[kth + 1 :] > threshold))
     return TrimCut(threshold, k - above)
+
+
+#: ``streamed_cut`` gathers the values of a histogram bin once it holds at most this many.
+_GATHER_AT_MOST = 1 << 16
+
+
+def streamed_cut(
+    blocks: Callable[[], Iterator[np.ndarray]], size: int, density: float, *, name: str = ""
+) -> TrimCut:
+    """``magnitude_cut`` of the concatenation of the blocks ``blocks()`` yields (flat,
+    contiguous float64 ``|τ|``, in flat order; ``blocks`` is called again for each pass), holding
+    one block and a 65536-bin histogram at a time: the same ``TrimCut``, bit for bit.
+
+    Non-negative float64 values order as their bit patterns read as unsigned integers, so the
+    k-th largest is found digit by digit (16 bits a pass, from the top), until the bin that
+    holds it is small enough to gather and select in: usually two passes over the data.
+    """
+    if size <= 0:
+        raise ValueError("streamed_cut needs at least one value")
+    k = keep_count(density, size)
+    prefix, shift, above = 0, 64, 0  # ``above``: values known to be larger than the cut
+    while shift > 0:
+        shift -= 16
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for bits in _patterns(blocks, prefix, shift + 16):
+            counts += np.bincount((bits >> np.uint64(shift)) & np.uint64(0xFFFF), minlength=1 << 16)
+        from_top = np.cumsum(counts[::-1])
+        j = int(np.searchsorted(from_top, k - above))  # first digit (from the top) reaching k
+        digit = (1 << 16) - 1 - j
+        above += int(from_top[j] - counts[digit])
+        prefix = (prefix << 16) | digit
+        if shift and counts[digit] <= _GATHER_AT_MOST:
+            gathered = np.concatenate([*_patterns(blocks, prefix, shift), np.zeros(0, np.uint64)])
+            need = k - above
+            gathered.partition(gathered.size - need)
+            cut = gathered[gathered.size - need]
+            above += int(np.count_nonzero(gathered > cut))
+            return TrimCut(float(cut.view(np.float64)), k - above)
+    return TrimCut(float(np.uint64(prefix).view(np.float64)), k - above)
+
+
+def _patterns(
+    blocks: Callable[[], Iterator[np.ndarray]], prefix: int, shift: int
+) -> Iterator[np.ndarray]:
+    """The bit patterns (uint64) of each block's values whose top ``64 - shift`` bits are
+    ``prefix`` (all of them when ``shift`` is 64)."""
+    for block in blocks():
+        bits = np.ascontiguousarray(block, dtype=np.float64).reshape(-1).view(np.uint64)
+        if shift < 64:
+            bits = bits[(bits >> np.uint64(shift)) == np.uint64(prefix)]
+        yield bits
 
 
 def apply_cut(tau: np.ndarray, cut: TrimCut | None, used: int = 0) -> tuple[np.ndarray, int]:

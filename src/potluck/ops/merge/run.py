@@ -242,12 +242,15 @@ class _Runner:
                 self.budget.release(held)
             return
         row = max(1, job.out.size // job.out.shape[0])
-        step = max(1, BLOCK_ELEMENTS // row)
+        step = max(1, self._block_elements(n_in) // row)
         held = self.budget.acquire(min(job.out.size, step * row) * n_in * WORK_BYTES_PER_ELEMENT)
         inputs = [*job.models, *([job.base] if job.base else [])]
         try:
             bm.prepare(
-                models, base, lambda i: self.sources[job.models[i][0]].release(job.models[i][1])
+                models,
+                base,
+                lambda i: self.sources[job.models[i][0]].release(job.models[i][1]),
+                step=step,
             )
             for r in range(0, job.out.shape[0], step):
                 part = None if base is None else base[r : r + step]
@@ -257,6 +260,13 @@ class _Runner:
                     self.sources[model].release(name, r * nbytes, step * nbytes)
         finally:
             self.budget.release(held)
+
+    def _block_elements(self, n_in: int) -> int:
+        """Elements per input in one row block: ``BLOCK_ELEMENTS``, fewer when the memory
+        budget would not hold a block of that many (a block of one row at least)."""
+        if self.budget.total is None:
+            return BLOCK_ELEMENTS
+        return max(1, min(BLOCK_ELEMENTS, self.budget.total // (n_in * WORK_BYTES_PER_ELEMENT)))
 
     def _read(self, model: str, name: str, method: MergeMethod) -> np.ndarray:
         arr = self.sources[model].read(name)
