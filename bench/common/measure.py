@@ -64,6 +64,10 @@ class TreeRssSampler:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
+        self._record(procs)
+
+    def _record(self, procs: list[psutil.Process]) -> None:
+        """Take one sample of ``procs`` (the watched process first, then its descendants)."""
         sizes = []
         for proc in procs:
             with contextlib.suppress(psutil.Error):

@@ -33,7 +33,6 @@ import os
 import resource
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +43,8 @@ from threadpoolctl import threadpool_limits
 
 from bench.common.llama import llama_config, llama_shapes
 from bench.common.measure import (
-    SAMPLE_INTERVAL_S,
     CommandError,
+    TreeRssSampler,
     capture,
     children_cpu_s,
     dir_bytes,
@@ -305,47 +304,21 @@ def owner(proc: psutil.Process) -> str:
     return "git"
 
 
-class SplitRss:
-    """Samples a process tree every ~20 ms: peak summed RSS of the tool's processes and of
-    git's, separately."""
+class SplitRss(TreeRssSampler):
+    """Samples a process tree every ~20 ms (``TreeRssSampler``): peak summed RSS of the tool's
+    processes and of git's, separately, in ``split``."""
 
     def __init__(self) -> None:
-        self.peak = {"tool": 0, "git": 0}
-        self._root: psutil.Process | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
+        self.split = {"tool": 0, "git": 0}
 
-    def __enter__(self) -> SplitRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def watch(self, pid: int) -> None:
-        with contextlib.suppress(psutil.Error):
-            self._root = psutil.Process(pid)
-        self._sample()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL_S):
-            self._sample()
-
-    def _sample(self) -> None:
-        root = self._root
-        if root is None:
-            return
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return
+    def _record(self, procs: list[psutil.Process]) -> None:
         sums = {"tool": 0, "git": 0}
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 sums[owner(proc)] += proc.memory_info().rss
         for key, value in sums.items():
-            self.peak[key] = max(self.peak[key], value)
+            self.split[key] = max(self.split[key], value)
 
 
 @dataclasses.dataclass
@@ -380,7 +353,7 @@ def measure(repo: Repo, label: str, cmds: list[list[str]], cwd: Path | None = No
                 raise CommandError(f"`{' '.join(cmd)}` exited {rc}:\n{log_tail(repo.log)}")
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
     growth = store_bytes(repo.path, repo.tool.name) - before
-    row = Row(repo.tool.name, label, wall, cpu, rss.peak["tool"], rss.peak["git"], growth)
+    row = Row(repo.tool.name, label, wall, cpu, rss.split["tool"], rss.split["git"], growth)
     row.server_cpu_s = _self_cpu() - self0
     return row
 
