@@ -758,18 +758,6 @@ class _BaseCursor:
         return data
 
 
-def _unpack(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, index: int) -> bytes:
-    try:
-        if zstandard.frame_content_size(payload) != length:
-            raise _corrupt(f"chunk {index} frame does not declare {length} bytes")
-        data = dctx.decompress(payload, max_output_size=length)
-    except zstandard.ZstdError as e:
-        raise _corrupt(f"chunk {index} does not decompress: {e}") from e
-    if len(data) != length:
-        raise _corrupt(f"chunk {index} decompresses to {len(data)} bytes, not {length}")
-    return data
-
-
 _DCTX = threading.local()
 
 
@@ -796,7 +784,7 @@ def _decode_chunk(
         dctx = _DCTX.dctx = zstandard.ZstdDecompressor()
     if kind == KIND_DIFF and base_chunk is not None:
         return streams.decode(payload, base_chunk, k, dctx)
-    data = byte_ungroup(_unpack(dctx, payload, length, i), k)
+    data = byte_ungroup(streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k)
     if kind == KIND_MODEL and model is not None and base_chunk is not None:
         return apply_residual(data, reconstruct(model, base_chunk, i * per), k)
     return data if base_chunk is None else xor_bytes(data, base_chunk)

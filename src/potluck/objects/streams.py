@@ -106,21 +106,29 @@ def encode(
 
 def _plane(body: bytes, method: int, count: int, i: int, dctx: zstandard.ZstdDecompressor) -> bytes:
     """The ``count`` bytes of plane ``i`` from its stored ``body``."""
-    import zstandard
-
     if method == METHOD_RAW and len(body) == count:
         return body
     if method != METHOD_ZSTD:
         raise _corrupt(f"difference chunk plane {i} has method {method}, length {len(body)}")
+    return decompress_exact(dctx, body, count, f"difference chunk plane {i}")
+
+
+def decompress_exact(
+    dctx: zstandard.ZstdDecompressor, frame: bytes, length: int, what: str
+) -> bytes:
+    """The ``length`` bytes the zstd ``frame`` of ``what`` (a chunk, a plane) holds; a frame
+    that declares another size, does not decompress or yields another length is corrupt."""
+    import zstandard
+
     try:
-        if zstandard.frame_content_size(body) != count:
-            raise _corrupt(f"difference chunk plane {i} does not declare {count} bytes")
-        plane = dctx.decompress(body, max_output_size=count)
+        if zstandard.frame_content_size(frame) != length:
+            raise _corrupt(f"{what} frame does not declare {length} bytes")
+        data = dctx.decompress(frame, max_output_size=length)
     except zstandard.ZstdError as e:
-        raise _corrupt(f"difference chunk plane {i} does not decompress: {e}") from e
-    if len(plane) != count:
-        raise _corrupt(f"difference chunk plane {i} holds {len(plane)} bytes, not {count}")
-    return plane
+        raise _corrupt(f"{what} does not decompress: {e}") from e
+    if len(data) != length:
+        raise _corrupt(f"{what} decompresses to {len(data)} bytes, not {length}")
+    return data
 
 
 def decode(
