@@ -43,9 +43,9 @@ from potluck.config import RepoConfig
 from potluck.objects.encoding import decode_object, encode_object, rechunk
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.store.memory import MemoryStore
+from potluck.tensors.dtypes import itemsize
 
 FINETUNES = paths.RESULTS / "quality" / "finetunes"
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _encode(new: Tensor, old: Tensor, diff: bool, cfg: RepoConfig) -> bytes:
     encode_object(
         rechunk([new.data], cfg.chunk_bytes),
         size=len(new.data),
-        itemsize=ITEMSIZE.get(new.dtype, 1),
+        itemsize=itemsize(new.dtype),
         chunk_size=cfg.chunk_bytes,
         level=cfg.zstd_level,
         out=out,
@@ -122,7 +122,7 @@ def changed_bytes(pairs: list[tuple[Tensor, Tensor]]) -> int:
 
     total = 0
     for new, old in pairs:
-        k = ITEMSIZE.get(new.dtype, 1)
+        k = itemsize(new.dtype)
         kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[k]
         a, b = np.frombuffer(new.data, kind), np.frombuffer(old.data, kind)
         total += k * int(np.count_nonzero(a != b))
@@ -150,7 +150,7 @@ def put_stored(pairs: list[tuple[Tensor, Tensor]], cfg: RepoConfig) -> int:
     db = ObjectDB(MemoryStore(), cfg, workers=1)
     total = 0
     for new, old in pairs:
-        k = ITEMSIZE.get(new.dtype, 1)
+        k = itemsize(new.dtype)
         base = hashlib.sha256(old.data).hexdigest()
         db.put(base, lambda d=old.data: [d], size=len(old.data), itemsize=k)
         oid = hashlib.sha256(new.data).hexdigest()
@@ -176,7 +176,7 @@ def standalone(path: Path, cfg: RepoConfig) -> tuple[int, int]:
     grouped = 0
     for t in read_tensors(path).values():
         out = io.BytesIO()
-        k = ITEMSIZE.get(t.dtype, 1)
+        k = itemsize(t.dtype)
         encode_object(
             rechunk([t.data], cfg.chunk_bytes),
             size=len(t.data),
