@@ -127,18 +127,14 @@ def test_corrupt_raw_chunk_is_not_uploaded(server: LfsServer, db: ObjectDB) -> N
 def test_the_pre_push_hook_imports_neither_lineage_nor_httpx_cli() -> None:
     """What git's pre-push hook imports (the hook command, push, the records push) leaves out
     the lineage digests (only computing a digest needs them) and httpx's command-line tool."""
-    import subprocess
-    import sys
+    from test_cli_lazy import loaded_after
 
-    code = (
-        "import sys\n"
+    imports = (
         "from potluck.cli import drivers\n"
         "from potluck.git import evalsync, sync\n"
-        "from potluck.remote.lfs import LfsRemote\n"
-        "print([m for m in ('potluck.ops.lineage', 'httpx._main', 'rich') if sys.modules.get(m)])\n"
+        "from potluck.remote.lfs import LfsRemote"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert loaded_after(imports, ("potluck.ops.lineage", "httpx._main", "rich")) == []
 
 
 def test_encoded_objects_ride_in_the_same_batches(server: LfsServer, db: ObjectDB) -> None:
