@@ -52,3 +52,17 @@ def test_a_filter_adding_safetensors_does_not_import_numpy(tmp_path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_git_starts_its_filter_process_without_click(tmp_path) -> None:
+    """``git-potluck filter-process`` (started for every add and checkout) loads no click, and
+    an error still ends as the CLI's would: a message on stderr and the error's exit code."""
+    assert loaded_after("from potluck.cli import entry, filter_entry", ("click",)) == []
+    code = "import sys\nsys.argv = ['git-potluck', 'filter-process']\n"
+    code += "from potluck.cli import entry\nentry.main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("potluck: error: `git rev-parse --show-toplevel")
+    assert "not a git repository" in proc.stderr and "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,8 @@ from potluck.objects.encoding import (
     KIND_RAW,
     KIND_SAME,
     KIND_XOR,
+    TINY_CHUNK,
+    TINY_LEVEL,
     EncodeStats,
     byte_group,
     byte_ungroup,
@@ -511,7 +514,10 @@ def test_thread_pool_decode_matches_sequential() -> None:
 @given(
     st.sampled_from([1, 2, 4, 8]),
     st.lists(
-        st.tuples(st.integers(1, 300), st.sampled_from(["zeros", "ramp", "noise"])),
+        st.tuples(
+            st.integers(1, 300) | st.integers(4097, 5000),
+            st.sampled_from(["zeros", "ramp", "noise"]),
+        ),
         min_size=1,
         max_size=12,
     ),
@@ -531,13 +537,28 @@ def test_encode_small_many_writes_what_encode_object_writes(
             datas.append(bytes(i % 7 for i in range(size)))
         else:
             datas.append(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    cs = 1 << 16  # sizes both sides of TINY_CHUNK (tiny ones are compressed at TINY_LEVEL)
     got = encode_small_many(
-        [memoryview(d) for d in datas], itemsize=itemsize, chunk_size=4096, level=1
+        [memoryview(d) for d in datas], itemsize=itemsize, chunk_size=cs, level=1
     )
     for data, out in zip(datas, got, strict=True):
         one = io.BytesIO()
-        encode_object([data], size=len(data), itemsize=itemsize, chunk_size=4096, level=1, out=one)
+        encode_object([data], size=len(data), itemsize=itemsize, chunk_size=cs, level=1, out=one)
         assert out == one.getvalue()
+
+
+@pytest.mark.parametrize("size", [TINY_CHUNK, TINY_CHUNK + 4])
+def test_a_tiny_chunk_is_compressed_at_the_fast_level(size: int) -> None:
+    """A standalone chunk of at most ``TINY_CHUNK`` bytes is zstd at ``TINY_LEVEL`` of its
+    grouped bytes; a larger one at the configured level (the reference: zstd itself)."""
+    data = (np.arange(size // 4, dtype="<f4") % 3).tobytes()
+    one = io.BytesIO()
+    encode_object([data], size=size, itemsize=4, chunk_size=1 << 16, level=9, out=one)
+    level = TINY_LEVEL if size <= TINY_CHUNK else 9
+    zc = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    payload = zc.compress(byte_group(data, 4))
+    assert len(payload) < 0.5 * size
+    assert one.getvalue()[HEADER_SIZE:] == struct.pack("<BI", KIND_GROUPED, len(payload)) + payload
 
 
 @pytest.mark.parametrize("size", [0, 6, 4100])

@@ -129,6 +129,13 @@ class TestStoreContract:
         for call in (store.has, store.open, store.stored_size, store.delete, store.writer):
             with pytest.raises(UserError, match="invalid object id"):
                 call(bad)  # type: ignore[arg-type]
+        good = oid_of(b"fine")
+        for many in (
+            lambda: store.has_many([good, bad]),  # type: ignore[list-item]
+            lambda: store.write_many([(good, b"fine"), (bad, b"x")]),  # type: ignore[list-item]
+        ):
+            with pytest.raises(UserError, match=f"invalid object id {bad!r}"):
+                many()
 
     def test_missing_oid(self, store: ObjectStore) -> None:
         oid = oid_of(b"nowhere")

@@ -128,3 +128,21 @@ def test_textconv_wants_a_file_or_fill_cache(repo: Path, args: list[str]) -> Non
     proc = subprocess.run(["potluck", "textconv", *args], cwd=repo, capture_output=True)
     assert proc.returncode == 2
     assert b"give a FILE, or --fill-cache alone" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "noted"),
+    [(["false", "true"], True), (["true", "false"], False), ([None], True), (["0"], False)],
+)
+def test_the_cache_switch_is_read_as_git_reads_it(
+    repo: Path, git: Run, rng: np.random.Generator, values: list[str | None], noted: bool
+) -> None:
+    """The last of several values wins, and a key with no value is a true boolean."""
+    git("git", "config", "--unset-all", "diff.potluck.cachetextconv")
+    config = repo / ".git" / "config"
+    lines = "".join(
+        "\tcachetextconv\n" if v is None else f"\tcachetextconv = {v}\n" for v in values
+    )
+    config.write_text(config.read_text() + '[diff "potluck"]\n' + lines)
+    blobs = _history(repo, git, rng, steps=1)
+    assert set(_notes(git)) == (set(blobs) if noted else set())

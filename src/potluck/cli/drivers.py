@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from potluck.cli.filter_entry import checkout_fetcher, serve_filter_process
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import (
     echo,
@@ -23,8 +24,7 @@ from potluck.cli.render import (
     textconv_text,
 )
 from potluck.errors import PotluckError
-from potluck.git.filter import Fetcher, FetcherOnFirstUse, PotluckFilter, started_to_show
-from potluck.git.filter_process import serve_stdio
+from potluck.git.filter import PotluckFilter, started_to_show
 from potluck.git.from_lfs import MAX_POINTER_BYTES, is_pointer
 from potluck.git.plumbing import Git
 from potluck.git.repo import Repo
@@ -32,33 +32,11 @@ from potluck.git.textconv_cache import TextconvCache
 from potluck.objects.manifest import is_manifest, parse
 
 
-def _checkout_fetcher(repo: Repo) -> FetcherOnFirstUse:
-    """The smudge filter's fetcher, made (and ``git.sync`` imported) on first use."""
-
-    def make() -> Fetcher:
-        from potluck.git import sync
-
-        return sync.CheckoutFetcher(repo)
-
-    return FetcherOnFirstUse(make)
-
-
 @cli.command(name="filter-process", hidden=True)
 @handle_errors
 def filter_process() -> None:
     """git's long-running clean/smudge filter (filter.potluck.process)."""
-    repo = Repo(".")
-    fetcher = _checkout_fetcher(repo)
-    show_only = started_to_show()
-    cache = None if show_only else TextconvCache(repo.git, textconv_text)
-    try:
-        with repo.git.batch() as batch:
-            code = serve_stdio(PotluckFilter(repo, batch, fetcher, show_only, cache), err)
-    finally:
-        fetcher.close()
-    if cache is not None:  # git waits for its filter to exit: the notes are there when it ends
-        cache.flush()
-    sys.exit(code)
+    sys.exit(serve_filter_process())
 
 
 @cli.command(name="clean", hidden=True)
@@ -80,7 +58,7 @@ def clean(path: str) -> None:
 def smudge(path: str) -> None:
     """Per-file smudge filter (stdin manifest → stdout checkpoint)."""
     repo = Repo(".")
-    fetcher = _checkout_fetcher(repo)
+    fetcher = checkout_fetcher(repo)
     try:
         smudger = PotluckFilter(repo, None, fetcher, started_to_show())
         smudger.smudge(path, sys.stdin.buffer, sys.stdout.buffer)

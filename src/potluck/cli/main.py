@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import select
 import sys
@@ -13,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from potluck.cli.render import SafeFormatter, echo, safe_field, safe_text
+from potluck.cli.render import configure_logging, echo, safe_field, safe_text
 from potluck.errors import PotluckError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -182,14 +181,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 )  # fmt: skip
 def cli(verbose: int, quiet: bool) -> None:
     """potluck: version, patch, merge and compose ML checkpoints with git."""
-    level = (
-        logging.ERROR
-        if quiet
-        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter("potluck: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    configure_logging(verbose, quiet)
 
 
 def main() -> None:

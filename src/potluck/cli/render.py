@@ -17,8 +17,6 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any
 
-import click
-
 if TYPE_CHECKING:
     from potluck.git.inspect import FileDiff
     from potluck.objects.manifest import Manifest
@@ -81,17 +79,34 @@ def safe_field(text: object) -> str:
 def echo(text: object = "", *, err: bool = False) -> None:
     """Print one human-readable message (stdout, or stderr with ``err``) through
     ``safe_text``."""
+    import click
+
     click.echo(safe_text(str(text)), err=err)
 
 
 def secho(text: object, *, err: bool = False, **style: Any) -> None:
     """``echo`` with click's colours and styles (``fg=``, ``bold=``…)."""
+    import click
+
     click.secho(safe_text(str(text)), err=err, **style)
 
 
 def err(msg: str) -> None:
     """Print to stderr (through ``safe_text``)."""
     print(safe_text(msg), file=sys.stderr)
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Log records to stderr through ``SafeFormatter`` (``potluck: message``): errors only
+    when ``quiet``, else warnings, ``verbose`` 1 info, 2 debug."""
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("potluck: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class SafeFormatter(logging.Formatter):
@@ -117,6 +132,8 @@ def _redacted(obj: Any) -> Any:
 
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (URL secrets redacted; ``json`` escapes the rest)."""
+    import click
+
     click.echo(json.dumps(_redacted(obj), indent=2, sort_keys=True, default=str))
 
 

@@ -148,6 +148,16 @@ class Git:
         """Absolute path of the worktree's top-level directory."""
         return Path(self._run_text("rev-parse", "--show-toplevel"))
 
+    def toplevel_and_common_dir(self) -> tuple[Path, Path]:
+        """``toplevel()`` and ``common_dir()`` from one ``git rev-parse``."""
+        out = self._run_text(
+            "rev-parse", "--show-toplevel", "--path-format=absolute", "--git-common-dir"
+        )
+        lines = out.split("\n")
+        if len(lines) != 2:  # a newline inside a path: ask one at a time
+            return self.toplevel(), Git(self.toplevel()).common_dir()
+        return Path(lines[0]), Path(lines[1])
+
     def git_dir(self) -> Path:
         """Absolute path of this worktree's git directory (``.git/worktrees/X`` in worktrees)."""
         return Path(self._run_text("rev-parse", "--absolute-git-dir"))

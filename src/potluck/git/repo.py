@@ -25,10 +25,8 @@ class Repo:
     """Paths and handles of one repository. Cheap to create; holds no open processes."""
 
     def __init__(self, cwd: Path | str = ".") -> None:
-        probe = Git(Path(cwd))
-        self.root = probe.toplevel()
+        self.root, self.common_dir = Git(Path(cwd)).toplevel_and_common_dir()
         self.git = Git(self.root)
-        self.common_dir = self.git.common_dir()
         self.potluck_dir = self.common_dir / "potluck"
         self.config = RepoConfig.load(self.root)
         self.store = LocalStore(self.potluck_dir / "objects")

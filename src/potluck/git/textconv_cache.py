@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -78,10 +79,19 @@ class TextconvCache:
 
 
 def _settings(git: Git) -> str | None:
-    """The configured textconv command when the cache is on, else None."""
-    if (git.config_get(ENABLED_KEY) or "").lower() not in ("true", "yes", "on", "1"):
+    """The configured textconv command when the cache is on, else None (both keys read by
+    one ``git config``; the last value of a key wins, as for ``git config --get``)."""
+    pattern = "^(" + "|".join(re.escape(k) for k in (ENABLED_KEY, COMMAND_KEY)) + ")$"
+    proc = git.run_proc("config", "-z", "--get-regexp", pattern)
+    values: dict[str, str | None] = {}
+    for item in proc.stdout.split(b"\0") if proc.returncode == 0 else []:
+        if item:
+            key, newline, value = item.decode("utf-8", "surrogateescape").partition("\n")
+            values[key.lower()] = value if newline else None  # no value: a true boolean
+    enabled = values.get(ENABLED_KEY.lower(), "")
+    if enabled is not None and enabled.lower() not in ("true", "yes", "on", "1"):
         return None
-    return git.config_get(COMMAND_KEY) or None
+    return values.get(COMMAND_KEY.lower()) or None
 
 
 def _existing(git: Git, validity: str) -> tuple[str | None, dict[str, str]]:
@@ -109,7 +119,13 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
     validity = _settings(git)
     if validity is None:
         return 0
-    fmt = git.run("rev-parse", "--show-object-format").decode().strip() or "sha1"
+    fmt, _, git_dir = (
+        git.run("rev-parse", "--show-object-format", "--absolute-git-dir")
+        .decode("utf-8", "surrogateescape")
+        .rstrip("\n")
+        .partition("\n")
+    )
+    fmt = fmt.strip() or "sha1"
     old, notes = _existing(git, validity)
     fresh: dict[str, bytes] = {}
     for text, manifest in manifests:
@@ -118,7 +134,7 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
             fresh[oid] = render(manifest)
     if not fresh:
         return 0
-    notes.update(_write_blobs(git, fresh))
+    notes.update(_write_blobs(git, fresh, Path(git_dir)))
     tree_input = "".join(f"100644 blob {blob}\t{oid}\n" for oid, blob in sorted(notes.items()))
     tree = git.run("mktree", input=tree_input.encode("ascii")).decode().strip()
     commit = git.run("commit-tree", tree, "-m", validity, env=_IDENTITY).decode().strip()
@@ -130,17 +146,24 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
     return len(fresh)
 
 
-def _write_blobs(git: Git, texts: dict[str, bytes]) -> dict[str, str]:
-    """Store each text as a blob (one ``hash-object`` for all); {key: blob id}."""
-    with tempfile.TemporaryDirectory(prefix="potluck-textconv-", dir=git.git_dir()) as tmp:
-        paths = []
-        for i, text in enumerate(texts.values()):
-            path = Path(tmp) / str(i)
-            path.write_bytes(text)
-            paths.append(str(path))
+def _write_blobs(git: Git, texts: dict[str, bytes], git_dir: Path) -> dict[str, str]:
+    """Store each text as a blob (one ``hash-object`` for all: a single text through its
+    stdin, several through files in a scratch directory of ``git_dir``); {key: blob id}."""
+    if len(texts) == 1:
         out = git.run(
-            "hash-object", "-w", "--no-filters", "--stdin-paths", input="\n".join(paths).encode()
+            "hash-object", "-w", "--no-filters", "--stdin", input=next(iter(texts.values()))
         )
+    else:
+        with tempfile.TemporaryDirectory(prefix="potluck-textconv-", dir=git_dir) as tmp:
+            paths = []
+            for i, text in enumerate(texts.values()):
+                path = Path(tmp) / str(i)
+                path.write_bytes(text)
+                paths.append(str(path))
+            out = git.run(
+                "hash-object", "-w", "--no-filters", "--stdin-paths",
+                input="\n".join(paths).encode(),
+            )  # fmt: skip
     ids = out.decode().split()
     if len(ids) != len(texts):
         raise PotluckError(f"git hash-object stored {len(ids)} of {len(texts)} texts")

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from potluck.errors import MissingObjectError, UserError
 
@@ -30,6 +30,20 @@ def validate_oid(oid: object) -> str:
             oid=oid,
         )
     return oid
+
+
+_OID_RUN = re.compile(r"[0-9a-f]*")
+
+
+def validate_oids(oids: Iterable[object]) -> list[str]:
+    """``validate_oid`` of each of ``oids`` (the list of them): one pattern match over all of
+    them when they are well-formed strings, the first bad one named as ``validate_oid`` does."""
+    out = list(oids)
+    if all(isinstance(o, str) and len(o) == 64 for o in out):
+        strings = cast(list[str], out)
+        if _OID_RUN.fullmatch("".join(strings)):
+            return strings
+    return [validate_oid(o) for o in out]
 
 
 def missing(oid: str) -> MissingObjectError:

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.store.base import Quarantined, missing, validate_oid
+from potluck.store.base import Quarantined, missing, validate_oid, validate_oids
 from potluck.store.pack import Pack, PackWriter
 from potluck.store.packs import PackSet
 
@@ -122,18 +122,25 @@ class LocalStore:
             self.packs.refresh()
         found: set[str] = set()
         rest: list[str] = []
-        for oid in oids:
-            if self._where(bytes.fromhex(validate_oid(oid)), False) is not None:
+        where = self._where
+        for oid in validate_oids(oids):
+            if where(bytes.fromhex(oid), False) is not None:
                 found.add(oid)
             else:
                 rest.append(oid)
         return found | self._loose_among(rest)
 
     def _loose_among(self, oids: Iterable[str]) -> set[str]:
-        """The ``oids`` (valid ones) stored as loose files, by listing their fan-out dirs."""
+        """The ``oids`` (valid ones) stored as loose files, by listing the fan-out dirs that
+        exist and then those of them the ``oids`` fall in."""
+        try:
+            fans = set(os.listdir(self._base))
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
         by_fan: dict[str, list[str]] = {}
         for oid in oids:
-            by_fan.setdefault(oid[:2], []).append(oid)
+            if (fan := oid[:2]) in fans:
+                by_fan.setdefault(fan, []).append(oid)
         found: set[str] = set()
         for fan, members in by_fan.items():
             try:
@@ -148,8 +155,9 @@ class LocalStore:
         into the batch's pack (an id stored already, or earlier in ``objects``, is skipped)."""
         batch = self._batch
         packed: list[tuple[str, bytes]] = []
-        for oid, data in objects:
-            validate_oid(oid)
+        items = list(objects)
+        validate_oids(oid for oid, _ in items)
+        for oid, data in items:
             if batch is None or durable or len(data) > PACK_OBJECT_MAX:
                 with self.writer(oid, durable) as f:
                     f.write(data)
