@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import httpx
 import tenacity
 
+from potluck import workers
 from potluck.errors import IntegrityError, MissingObjectError, PotluckError
 from potluck.remote.base import ObjectRef, OnBytes, RemoteOptions, Sink, TransferStats
 
@@ -119,7 +120,7 @@ class Engine:
     def __init__(self, options: RemoteOptions, url: str) -> None:
         self.options = options
         self.url = url
-        self._pool = ThreadPoolExecutor(options.workers, thread_name_prefix="potluck-remote")
+        self._pool = workers.pool(options.workers, "potluck-remote")
 
     def close(self) -> None:
         """Stop the worker threads (waits for running transfers)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from potluck import workers
 from potluck.errors import UserError
 from potluck.merging import MERGE_METHODS, MergeMethod
 from potluck.merging.blockwise import blockwise
@@ -195,7 +196,7 @@ class _Runner:
             return
         with (
             one_blas_thread(),
-            ThreadPoolExecutor(self.workers, thread_name_prefix="potluck-merge") as pool,
+            workers.pool(self.workers, "potluck-merge") as pool,
         ):
             pending: set[Future[None]] = set()
             for job in jobs:

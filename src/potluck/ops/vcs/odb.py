@@ -15,11 +15,11 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 import zstandard
 
+from potluck import workers
 from potluck.config import RepoConfig
 from potluck.errors import CorruptObjectError, MissingObjectError
 from potluck.objects import structured
@@ -41,9 +41,9 @@ from potluck.store.base import ObjectStore
 log = logging.getLogger("potluck")
 
 
-@dataclass(frozen=True)
-class PutResult:
-    """What ``ObjectDB.put`` did: ``new`` is False when the object already existed."""
+class PutResult(NamedTuple):
+    """What ``ObjectDB.put`` did: ``new`` is False when the object already existed (a tuple:
+    one is made per tensor, and a file may have tens of thousands)."""
 
     oid: str
     new: bool
@@ -81,7 +81,7 @@ class ObjectDB:
         if self.workers <= 1:
             return None
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="potluck-hash")
+            self._hasher = workers.pool(1, "potluck-hash")
         return self._hasher
 
     def _pool(self) -> ThreadPoolExecutor | None:
@@ -89,7 +89,7 @@ class ObjectDB:
         if self.workers <= 1:
             return None
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="potluck-enc")
+            self._executor = workers.pool(self.workers, "potluck-enc")
         return self._executor
 
     def has(self, oid: str) -> bool:
