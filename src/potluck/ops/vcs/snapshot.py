@@ -319,7 +319,13 @@ def _stream_small(
         base = prev[key].oid if key is not None and key in prev else None
         items.append(SmallObject(sha256(piece).hexdigest(), piece, _element_size(seg), base))
     results = odb.put_small_many(items, durable=False)
-    return [_record(res, seg, stats) for res, seg in zip(results, run, strict=True)]
+    new = [res for res in results if res.new]  # ``_record`` of each, summed
+    stats.segments += len(run)
+    stats.logical_bytes += total
+    stats.new_objects += len(new)
+    stats.stored_bytes += sum(res.stored for res in new)
+    stats.batched += len(new)  # each is at most SMALL_SEGMENT < BATCH_DURABLE_BELOW bytes
+    return [(res.oid, res.new) for res in results]
 
 
 def _named(seg: Segment) -> str | None:
