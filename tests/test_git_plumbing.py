@@ -68,6 +68,8 @@ def test_layout_and_worktrees(repo: Path, tmp_path: Path) -> None:
     assert wt.toplevel() == (tmp_path / "wt").resolve()
     assert wt.git_dir() == (repo / ".git" / "worktrees" / "wt").resolve()
     assert wt.common_dir() == (repo / ".git").resolve()
+    for g in (git, wt):  # one rev-parse for both: the same answers
+        assert g.toplevel_and_common_dir() == (g.toplevel(), g.common_dir())
 
 
 def test_rev_parse_and_history(repo: Path) -> None:
@@ -117,6 +119,21 @@ def test_config(repo: Path) -> None:
     assert git.config_unset("potluck.x") is True
     assert git.config_unset("potluck.x") is False
     assert git.config_get("potluck.x") is None
+
+
+def test_config_matching_reads_keys_as_git_config_get_does(repo: Path) -> None:
+    git = Git(repo)
+    assert git.config_matching(["potluck.a", "potluck.b"]) == {}
+    sh(repo, "config", "--add", "potluck.a", "first")
+    sh(repo, "config", "--add", "potluck.a", "last wins")
+    cfg = repo / ".git" / "config"
+    cfg.write_text(cfg.read_text() + "[Potluck]\n\tB\n\tc = other key\n")
+    got = git.config_matching(["potluck.a", "potluck.b"])
+    assert got == {"potluck.a": "last wins", "potluck.b": None}
+    assert got["potluck.a"] == git.config_get("potluck.a")
+    cfg.write_text(cfg.read_text() + "[broken\n")
+    with pytest.raises(GitError, match="bad config line"):
+        git.config_matching(["potluck.a"])
 
 
 # -- index, trees and blobs -----------------------------------------------------------------

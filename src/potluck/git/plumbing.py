@@ -228,6 +228,23 @@ class Git:
             raise self._error(args, proc.returncode, proc.stderr)
         return _decode(proc.stdout).rstrip("\n")
 
+    def config_matching(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """The values of ``keys`` (all scopes) read by one ``git config``, by lower-case key:
+        the last value of a key wins, as for ``config_get``; a key set without a value (a
+        true boolean) maps to None; keys not set are absent."""
+        pattern = "^(" + "|".join(re.escape(k) for k in keys) + ")$"
+        args = ["config", "-z", "--get-regexp", pattern]
+        proc = self.run_proc(*args)
+        if proc.returncode == 1:
+            return {}
+        if proc.returncode != 0:
+            raise self._error(args, proc.returncode, proc.stderr)
+        values: dict[str, str | None] = {}
+        for item in _split_z(proc.stdout):
+            key, newline, value = item.partition("\n")
+            values[key.lower()] = value if newline else None
+        return values
+
     def config_set(self, key: str, value: str) -> None:
         """Set repository-local config ``key`` to ``value`` (replacing every existing value)."""
         self.run("config", "--local", "--replace-all", key, value)

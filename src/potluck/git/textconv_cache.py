@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -80,14 +79,8 @@ class TextconvCache:
 
 def _settings(git: Git) -> str | None:
     """The configured textconv command when the cache is on, else None (both keys read by
-    one ``git config``; the last value of a key wins, as for ``git config --get``)."""
-    pattern = "^(" + "|".join(re.escape(k) for k in (ENABLED_KEY, COMMAND_KEY)) + ")$"
-    proc = git.run_proc("config", "-z", "--get-regexp", pattern)
-    values: dict[str, str | None] = {}
-    for item in proc.stdout.split(b"\0") if proc.returncode == 0 else []:
-        if item:
-            key, newline, value = item.decode("utf-8", "surrogateescape").partition("\n")
-            values[key.lower()] = value if newline else None  # no value: a true boolean
+    one ``git config``; a key set without a value is a true boolean, as git reads it)."""
+    values = git.config_matching((ENABLED_KEY, COMMAND_KEY))
     enabled = values.get(ENABLED_KEY.lower(), "")
     if enabled is not None and enabled.lower() not in ("true", "yes", "on", "1"):
         return None
