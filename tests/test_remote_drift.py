@@ -44,8 +44,8 @@ def set_index(bare: Path, entries: list[WireEntry]) -> None:
     git.run("update-ref", "refs/potluck/wire", commit)
 
 
-def pushed(git: Run, repo: Path, rng: np.random.Generator) -> Manifest:
-    commit_model(git, repo, model(rng), "v1")
+def pushed(git: Run, repo: Path, rng: np.random.Generator, **extra: np.ndarray) -> Manifest:
+    commit_model(git, repo, dict(model(rng), **extra), "v1")
     git("git", "push", "-q", "origin", "main")
     return parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
 
@@ -56,9 +56,9 @@ def pushed(git: Run, repo: Path, rng: np.random.Generator) -> Manifest:
 def test_set_url_to_a_new_store_then_push_all_sends_everything_and_it_clones(
     repo: Path, git: Run, hub: Path, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    m = pushed(git, repo, rng)
+    m = pushed(git, repo, rng, mask=np.zeros(16384, np.float32))
     index = wire_index(hub)
-    assert index  # the zero biases and the header travelled encoded
+    assert index  # the zero tensors and the header travelled encoded
     store = tmp_path / "new-store"
     git("potluck", "remote", "set-url", "origin", f"file://{store}")
     out = git("potluck", "push", "origin", "--all", check=False)
@@ -98,7 +98,7 @@ def test_git_push_to_a_recreated_empty_remote_uploads_every_object(
 def test_push_verify_restores_objects_the_remote_lost(
     repo: Path, git: Run, hub: Path, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    m1 = dict(model(rng), extra=np.ones(256, np.float32))  # compresses: travels encoded
+    m1 = dict(model(rng), extra=np.ones(16384, np.float32))  # compresses: travels encoded
     commit_model(git, repo, m1, "v1")
     v1 = parse(git("git", "cat-file", "blob", f"HEAD:{FILE}").encode())
     m2 = {k: v for k, v in m1.items() if k != "extra"}

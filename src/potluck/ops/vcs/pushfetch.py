@@ -30,6 +30,7 @@ from potluck.ops.vcs.wire import (
     plan_fetch,
     store_encoded,
     verify_remote,
+    worth_encoding,
 )
 from potluck.remote import ObjectRef, ObjectRemote, TransferStats
 from potluck.remote.base import Opener, Sink, UploadPlanner
@@ -120,7 +121,8 @@ def push_objects(
     whose entry is stale goes again as plain bytes. Every object the remote lacks must be in
     the local store; if one is not, raise ``MissingObjectError`` naming file, tensor and commit
     before anything is uploaded. With ``encode``, objects whose stored file is much smaller
-    than their bytes travel encoded (``ops.vcs.wire``); the caller must then publish
+    than their bytes travel encoded (``ops.vcs.wire``) when together they save at least
+    ``ENCODED_MIN_GAIN`` of what the push would send plain; the caller must then publish
     ``PushReport.encoded``. Encoded objects go first: when every delta base they name was on
     the remote before this push, ``early`` gets their entries before the plain objects are
     sent (``PushReport.early``), so the caller can publish the index while they upload.
@@ -134,6 +136,8 @@ def push_objects(
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
     encoded = _choose_encoded(refs, lacking, view, guesses)
+    if not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
+        encoded = {}  # plain bytes only: no wire index to publish
     plain = [r for r in lacking if r not in encoded]
     by_wire = {e.wire: e.oid for e in encoded.values()}
     wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)

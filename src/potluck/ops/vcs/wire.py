@@ -32,6 +32,11 @@ from potluck.store.base import validate_oid
 INDEX_MAGIC = b"potluck wire index v1\n"
 #: send the encoded form only when it is at most this fraction of the plain bytes
 ENCODED_RATIO = 0.5
+#: a push sends encoded objects (and publishes a wire index for them) only when together they
+#: save at least this fraction of the bytes it would send plain; less is not worth a ref
+#: update on the remote and a decode on every receiver (a first push whose only compressible
+#: objects are a few KiB of zero biases or a file's JSON header sends everything plain)
+ENCODED_MIN_GAIN = 0.01
 #: the deepest delta chain an index may make a receiver fetch (a sender's own chains are never
 #: deeper than ``max_delta_depth``, at most ``MAX_DELTA_DEPTH``)
 MAX_CHAIN = MAX_DELTA_DEPTH
@@ -100,6 +105,13 @@ def encoded_candidate(
         while buf := f.read(1 << 20):
             h.update(buf)
     return WireEntry(ref.oid, ObjectRef(h.hexdigest(), stored), head.base_oid)
+
+
+def worth_encoding(entries: Iterable[tuple[ObjectRef, WireEntry]], plain_bytes: int) -> bool:
+    """Whether sending ``entries`` (object, wire entry) encoded saves at least
+    ``ENCODED_MIN_GAIN`` of ``plain_bytes``, what the push would send with every object plain."""
+    saved = sum(ref.size - entry.wire.size for ref, entry in entries)
+    return saved > 0 and saved >= ENCODED_MIN_GAIN * plain_bytes
 
 
 def check_header(entry: WireEntry, head: ObjectHeader, size: int) -> None:
