@@ -189,15 +189,14 @@ def test_row_sparse_delta_factors_only_changed_rows(tmp_path: Path) -> None:
     save_file(base, str(tmp_path / "b.safetensors"))
     save_file(target, str(tmp_path / "t.safetensors"))
     fp16 = 2 * 12 * 32
+    budget = header_estimate(["emb.weight"]) + array_cost("emb.weight", 5) + fp16 // 2
     info = create_patch(
-        tmp_path / "b.safetensors",
-        tmp_path / "t.safetensors",
-        tmp_path / "p.patch",
-        budget=header_estimate(["emb.weight"]) + array_cost("emb.weight", 5) + fp16 // 2,
+        tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "p.patch", budget=budget
     )
     p = patch_info(tmp_path / "p.patch")["tensors"]["emb.weight"]
     assert p["params"]["rows"] == "changed"
-    assert p["bytes"] <= fp16 // 2
+    assert (tmp_path / "p.patch").stat().st_size <= budget
+    assert p["bytes"] < 12 * 32 * 4  # factors of the changed rows, less than those rows exactly
     assert info.entries[0].relative_error is not None and info.entries[0].relative_error < 0.5
 
 
@@ -220,3 +219,25 @@ def test_negative_or_nan_tolerance_refused(models: tuple[Path, Path]) -> None:
         with pytest.raises(UserError, match=want):
             create_patch(base, target, base.parent / "bad.patch", max_error=bad)
     assert not (base.parent / "bad.patch").exists()
+
+
+def test_the_bytes_the_header_estimate_leaves_go_to_the_tensors(
+    models: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``header_estimate`` is an upper bound: what the real header leaves of the budget is
+    spent on the next hull steps (``budget.refill``), re-encoding only those tensors. The
+    reference is the same patch with nothing refilled: smaller, and with a larger error."""
+    base, target = models
+    budget = parse_budget("x16", FP16)
+
+    def made(name: str) -> tuple[int, float]:
+        info = create_patch(base, target, tmp_path / name, budget="x16", check=True)
+        assert info.quality is not None
+        return info.size, sum(t.error_norm**2 for t in info.quality.tensors)
+
+    refilled, refilled_error = made("refilled.patch")
+    monkeypatch.setattr("potluck.ops.patch.create.refill", lambda plan, room: [])
+    first, first_error = made("first.patch")
+    assert first < refilled <= budget
+    assert refilled_error < first_error
+    assert refilled == (tmp_path / "refilled.patch").stat().st_size

@@ -51,7 +51,9 @@ __all__ = [
     "header_estimate",
     "matrix_curve",
     "parse_budget",
+    "patch_size",
     "plan_patch",
+    "refill",
     "tensor_curve",
 ]
 
@@ -118,6 +120,9 @@ class Plan:
     header_bytes: int = 0
     budget: int | None = None
     fp16_delta_bytes: int = 0
+    #: the allocation's state (each tensor's hull and the index of its pick), kept for ``refill``
+    curves: dict[str, TensorCurve] = field(default_factory=dict, repr=False)
+    at: dict[str, int] = field(default_factory=dict, repr=False)
 
     def rule(self, name: str) -> list[tuple[str, str, Mapping[str, object]]]:
         """The one codec rule that encodes ``name`` as planned (an fnmatch-escaped pattern)."""
@@ -332,13 +337,38 @@ def allocate(curves: Sequence[TensorCurve], budget: int | None, max_error: float
         raise _too_small(budget, used, header, max_error)
     if budget is not None:
         used = _greedy(ordered, at, budget - used) + used
-    plan = Plan(budget=budget, header_bytes=header)
+    plan = Plan(budget=budget, header_bytes=header, curves={c.name: c for c in ordered}, at=at)
     plan.fp16_delta_bytes = sum(c.fp16_bytes for c in ordered)
     for c in ordered:
-        opt = c.options[at[c.name]]
-        plan.choices[c.name] = Choice(opt.codec, opt.params, opt.nbytes, _rel(c, opt))
+        _choose(plan, c)
     plan.payload_bytes = used - header
     return plan
+
+
+def _choose(plan: Plan, c: TensorCurve) -> None:
+    opt = c.options[plan.at[c.name]]
+    plan.choices[c.name] = Choice(opt.codec, opt.params, opt.nbytes, _rel(c, opt))
+
+
+def refill(plan: Plan, room: int) -> list[str]:
+    """Spend ``room`` more bytes as ``allocate`` spends the budget (the next hull steps by error
+    reduction per byte) and return the tensors whose choice changed, by name. ``create_patch``
+    calls it with what the real header left of the budget (``header_estimate`` is an upper
+    bound, so a plan never overshoots but leaves bytes unspent)."""
+    before = dict(plan.at)
+    plan.payload_bytes += _greedy(list(plan.curves.values()), plan.at, room)
+    changed = sorted(name for name, i in plan.at.items() if i != before[name])
+    for name in changed:
+        _choose(plan, plan.curves[name])
+    return changed
+
+
+def patch_size(contents: PatchContents) -> int:
+    """The size of the file ``contents`` would be written as (header and payload arrays)."""
+    header = len(next(iter(patch_bytes(contents))))
+    return header + sum(
+        int(a.nbytes) for p in contents.payloads.values() for a in p.arrays.values()
+    )
 
 
 def _greedy(curves: Sequence[TensorCurve], at: dict[str, int], room: int) -> int:
@@ -470,9 +500,7 @@ def check_fits(plan: Plan, contents: PatchContents) -> None:
     if plan.budget is None:
         return
     header = len(next(iter(patch_bytes(contents))))
-    size = header + sum(
-        int(a.nbytes) for p in contents.payloads.values() for a in p.arrays.values()
-    )
+    size = patch_size(contents)
     if size > plan.budget:
         raise UserError(
             f"--budget {plan.budget} bytes is too small for the patch potluck planned: its "

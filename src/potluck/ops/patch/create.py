@@ -31,7 +31,7 @@ from potluck.codecs.rules import Rule
 from potluck.fileio import file_sha256
 from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
-from potluck.ops.patch.budget import Plan, check_fits, plan_patch
+from potluck.ops.patch.budget import Plan, check_fits, patch_size, plan_patch, refill
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
@@ -156,14 +156,10 @@ def create_patch(
             enc.changed(name, base, target, chosen, default, seed, check)
         for name in added:
             enc.added(name, target, seed, check)
+        contents = enc.contents(plan, added, removed, description)
+        if plan is not None and plan.budget is not None:
+            contents = _spend_slack(plan, enc, contents, (base, target, default, seed, check))
     payloads = enc.payloads
-    if plan is not None:
-        for name, choice in plan.choices.items():
-            if name in payloads:
-                payloads[name].meta["predicted_error"] = choice.predicted_error
-    contents = PatchContents(
-        payloads, enc.base, enc.result, added, removed, dict(description or {})
-    )
     if plan is not None:
         check_fits(plan, contents)
     size = write_patch(out_path, contents)
@@ -221,6 +217,22 @@ class _Encoded:
         if check:
             self.quality.append(_measure(name, self.payloads[name], old, new))
 
+    def contents(
+        self,
+        plan: Plan | None,
+        added: list[str],
+        removed: list[str],
+        description: Mapping[str, Any] | None,
+    ) -> PatchContents:
+        """The patch as encoded so far (with the plan's predicted errors in the meta)."""
+        if plan is not None:
+            for name, choice in plan.choices.items():
+                if name in self.payloads:
+                    self.payloads[name].meta["predicted_error"] = choice.predicted_error
+        return PatchContents(
+            self.payloads, self.base, self.result, added, removed, dict(description or {})
+        )
+
     def added(self, name: str, target: ModelSource, seed: int, check: bool) -> None:
         """Store a tensor only TARGET has, whole (``full``)."""
         new = target.read(name)
@@ -230,6 +242,43 @@ class _Encoded:
         self.result[name] = target.sha256(name, new)
         if check:
             self.quality.append(_measure(name, self.payloads[name], None, new))
+
+
+_Inputs = tuple[ModelSource, ModelSource, tuple[str, Mapping[str, object]], int, bool]
+
+
+def _spend_slack(
+    plan: Plan, enc: _Encoded, contents: PatchContents, inputs: _Inputs
+) -> PatchContents:
+    """Spend what the real header left of the budget (``budget.refill``: the plan's header
+    estimate is an upper bound), re-encoding only the tensors whose choice changes; the first
+    encoding is kept when the result would not fit (the estimates of a step's bytes are upper
+    bounds too, so it does). Deterministic: the real header depends only on the inputs."""
+    room = 0 if plan.budget is None else plan.budget - patch_size(contents)
+    if plan.budget is None or room <= 0:
+        return contents
+    state = (dict(plan.at), dict(plan.choices), plan.payload_bytes)
+    changed = refill(plan, room)
+    if not changed:
+        return contents
+    base, target, default, seed, check = inputs
+    kept = {n: (enc.payloads[n], enc.result.get(n)) for n in changed}
+    quality = list(enc.quality)
+    enc.quality = [q for q in enc.quality if q.name not in kept]
+    for name in changed:
+        enc.result.pop(name, None)
+        enc.changed(name, base, target, plan.rule(name), default, seed, check)
+    again = enc.contents(plan, contents.added, contents.removed, contents.description)
+    if patch_size(again) <= plan.budget:
+        return again
+    plan.at, plan.choices, plan.payload_bytes = state
+    enc.quality = quality
+    for name, (payload, result) in kept.items():
+        enc.payloads[name] = payload
+        enc.result.pop(name, None)
+        if result is not None:
+            enc.result[name] = result
+    return enc.contents(plan, contents.added, contents.removed, contents.description)
 
 
 def _measure(name: str, payload: Payload, old: np.ndarray | None, new: np.ndarray) -> TensorQuality:
