@@ -44,11 +44,17 @@ from bench.quality.patches import fp16_delta_bytes  # noqa: E402
 FINETUNES = stages.RESULTS / "finetunes"
 
 
-def cached_runs(tasks: list[str], seeds: list[int]) -> list[tuple[str, int, int, Path]]:
-    """(task, seed, steps, folder) of each cached full fine-tune (no LoRA) of ``tasks``."""
+def cached_runs(
+    tasks: list[str], seeds: list[int], recipe: str = "base"
+) -> list[tuple[str, int, int, Path]]:
+    """(task, seed, steps, folder) of each cached full fine-tune (no LoRA) of ``tasks`` made
+    with ``recipe`` (``base``, or ``lpft``: the head started from the probe)."""
     out = []
+    head_init = "probe" if recipe == "lpft" else ""
     for meta_p in sorted(FINETUNES.glob("*/meta.json")):
         cfg = json.loads(meta_p.read_text())["config"]
+        if cfg.get("head_init", "") != head_init:
+            continue
         if cfg["task"] in tasks and cfg["seed"] in seeds and not cfg.get("lora_rank"):
             out.append((cfg["task"], cfg["seed"], cfg["steps"], meta_p.parent))
     return out
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default=",".join(data.TASKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budgets", default="x8,x16,x32,x64")
+    ap.add_argument("--recipe", choices=("base", "lpft"), default="base")
     ap.add_argument("--gram", action="store_true", help="also budgets weighted by Gram stats")
     ap.add_argument("--gram-n", type=int, default=64)
     ap.add_argument("--json", type=Path)
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    runs = cached_runs(args.tasks.split(","), [int(s) for s in args.seeds.split(",")])
+    runs = cached_runs(args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.recipe)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for task_name, seed, steps, folder in runs:
