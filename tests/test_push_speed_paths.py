@@ -1,5 +1,7 @@
-"""Push paths that decide how much work a push does besides moving bytes: encoded transfer only
-when it pays for its wire index. Request counts and bytes are asserted, never wall time."""
+"""Push paths that decide how much work a push (and a later clone) does besides moving bytes:
+encoded transfer only when it pays for its wire index, and deltas only when small enough that a
+fresh clone fetching their bases too stays near the plain size. Request counts and bytes are
+asserted, never wall time."""
 
 from __future__ import annotations
 
@@ -12,7 +14,14 @@ import pytest
 from potluck.config import RepoConfig
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.pushfetch import Wanted, Where, push_objects
-from potluck.ops.vcs.wire import ENCODED_MIN_GAIN, WireEntry, worth_encoding
+from potluck.ops.vcs.wire import (
+    DELTA_RATIO,
+    ENCODED_MIN_GAIN,
+    ENCODED_RATIO,
+    WireEntry,
+    encoded_candidate,
+    worth_encoding,
+)
 from potluck.remote import ObjectRef, RemoteOptions
 from potluck.remote.lfs import LfsRemote
 from potluck.store.local import LocalStore
@@ -30,8 +39,20 @@ def db(tmp_path: Path) -> ObjectDB:
     return ObjectDB(LocalStore(tmp_path / "objects"), RepoConfig(chunk_bytes=16384), workers=1)
 
 
-def _put(db: ObjectDB, data: bytes) -> ObjectRef:
-    return ObjectRef(db.put_bytes(data, itemsize=4).oid, len(data))
+def _put(db: ObjectDB, data: bytes, base: str | None = None) -> ObjectRef:
+    oid = hashlib.sha256(data).hexdigest()
+    db.put(oid, lambda: [data], size=len(data), itemsize=4, base_oid=base)
+    return ObjectRef(oid, len(data))
+
+
+def _versions(db: ObjectDB, every: int) -> tuple[ObjectRef, ObjectRef]:
+    """v1 (noise) and v2 with every ``every``-th element redrawn, stored as a delta on v1."""
+    rng = np.random.default_rng(7)
+    v1 = rng.normal(size=16384).astype(np.float32)
+    v2 = v1.copy()
+    v2[::every] = rng.normal(size=v2[::every].shape).astype(np.float32)
+    base = _put(db, v1.tobytes())
+    return base, _put(db, v2.tobytes(), base=base.oid)
 
 
 def _wanted(refs: list[ObjectRef]) -> Wanted:
@@ -97,3 +118,26 @@ def test_worth_encoding_needs_the_minimum_gain() -> None:
     assert worth_encoding([(ref, entry)], plain)
     assert not worth_encoding([(ref, entry)], plain + 1)
     assert not worth_encoding([], 0)
+
+
+def test_a_dense_delta_goes_plain_a_sparse_one_encoded(db: ObjectDB) -> None:
+    """A delta that is over DELTA_RATIO of its object (a dense fine-tuning step) is sent
+    plain: a fresh clone would otherwise download its base as well (up to 1.5 times the
+    plain bytes) and decode the chain. A small delta still travels encoded."""
+    _, dense = _versions(db, 3)
+    ratio = db.store.stored_size(dense.oid) / dense.size
+    assert DELTA_RATIO < ratio <= ENCODED_RATIO
+    assert encoded_candidate(db, dense, lambda _b: True) is None
+    base, sparse = _versions(db, 10)
+    assert db.store.stored_size(sparse.oid) <= DELTA_RATIO * sparse.size
+    entry = encoded_candidate(db, sparse, lambda _b: True)
+    assert entry is not None and entry.base == base.oid
+
+
+def test_a_push_sends_a_dense_delta_as_plain_bytes(server: LfsServer, db: ObjectDB) -> None:
+    server.reset()
+    base, dense = _versions(db, 3)
+    report, announced = _push(server, db, [base, dense])
+    assert report.encoded == () and announced == []
+    assert sorted(_puts(server)) == sorted([base.oid, dense.oid])
+    assert server.bytes_received == base.size + dense.size

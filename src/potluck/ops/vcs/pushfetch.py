@@ -182,9 +182,9 @@ def _encoded_guesses(
     odb: ObjectDB, refs: Sequence[ObjectRef], index: Mapping[str, WireEntry]
 ) -> dict[str, WireEntry]:
     """The wire entry of every object that could travel encoded (stored at most
-    ``ENCODED_RATIO`` of its size), its delta base not checked yet; objects the remote's
-    index already lists are left out (they went encoded before, or are stale: plain then), and
-    so are objects missing here (``_check_local`` names them)."""
+    ``ENCODED_RATIO`` of its size, ``DELTA_RATIO`` for a delta), its delta base not checked
+    yet; objects the remote's index already lists are left out (they went encoded before, or
+    are stale: plain then), and so are objects missing here (``_check_local`` names them)."""
     guesses: dict[str, WireEntry] = {}
     for r in refs:
         if r.oid not in index and odb.has(r.oid):

@@ -32,6 +32,10 @@ from potluck.store.base import validate_oid
 INDEX_MAGIC = b"potluck wire index v1\n"
 #: send the encoded form only when it is at most this fraction of the plain bytes
 ENCODED_RATIO = 0.5
+#: ... and a delta only when it is at most this fraction: a receiver without the delta base (a
+#: fresh clone, when the base is an older version nothing current uses) downloads the base
+#: too, up to 1 + DELTA_RATIO times the plain bytes, and decodes the chain
+DELTA_RATIO = 0.25
 #: a push sends encoded objects (and publishes a wire index for them) only when together they
 #: save at least this fraction of the bytes it would send plain; less is not worth a ref
 #: update on the remote and a decode on every receiver (a first push whose only compressible
@@ -90,14 +94,16 @@ def encoded_candidate(
     odb: ObjectDB, ref: ObjectRef, base_available: Callable[[str], bool]
 ) -> WireEntry | None:
     """The wire entry for sending ``ref`` encoded, or None when plain bytes are better: the
-    stored file must be at most ``ENCODED_RATIO`` of the plain size and its delta base (if
-    any) must be on the remote once this push is done."""
+    stored file must be at most ``ENCODED_RATIO`` of the plain size (``DELTA_RATIO`` for a
+    delta) and its delta base (if any) must be on the remote once this push is done."""
     if ref.size == 0:
         return None
     stored = odb.store.stored_size(ref.oid)
     if stored > ENCODED_RATIO * ref.size:
         return None
     head = odb.header(ref.oid)
+    if head.base_oid is not None and stored > DELTA_RATIO * ref.size:
+        return None
     if head.base_oid is not None and not base_available(head.base_oid):
         return None
     h = hashlib.sha256()
