@@ -13,7 +13,7 @@ import pytest
 
 from potluck.config import RepoConfig
 from potluck.ops.vcs.odb import ObjectDB
-from potluck.ops.vcs.pushfetch import Wanted, Where, push_objects
+from potluck.ops.vcs.pushfetch import push_objects
 from potluck.ops.vcs.wire import (
     DELTA_RATIO,
     ENCODED_MIN_GAIN,
@@ -25,6 +25,7 @@ from potluck.ops.vcs.wire import (
 from potluck.remote import ObjectRef, RemoteOptions
 from potluck.remote.lfs import LfsRemote
 from potluck.store.local import LocalStore
+from test_fetch_fresh import _put, _wanted
 from testsupport.servers import LfsServer
 
 
@@ -39,12 +40,6 @@ def db(tmp_path: Path) -> ObjectDB:
     return ObjectDB(LocalStore(tmp_path / "objects"), RepoConfig(chunk_bytes=16384), workers=1)
 
 
-def _put(db: ObjectDB, data: bytes, base: str | None = None) -> ObjectRef:
-    oid = hashlib.sha256(data).hexdigest()
-    db.put(oid, lambda: [data], size=len(data), itemsize=4, base_oid=base)
-    return ObjectRef(oid, len(data))
-
-
 def _versions(db: ObjectDB, every: int) -> tuple[ObjectRef, ObjectRef]:
     """v1 (noise) and v2 with every ``every``-th element redrawn, stored as a delta on v1."""
     rng = np.random.default_rng(7)
@@ -53,14 +48,6 @@ def _versions(db: ObjectDB, every: int) -> tuple[ObjectRef, ObjectRef]:
     v2[::every] = rng.normal(size=v2[::every].shape).astype(np.float32)
     base = _put(db, v1.tobytes())
     return base, _put(db, v2.tobytes(), base=base.oid)
-
-
-def _wanted(refs: list[ObjectRef]) -> Wanted:
-    wanted = Wanted()
-    for n, ref in enumerate(refs):
-        wanted.refs[ref] = Where("model.safetensors", f"t{n}")
-        wanted.itemsizes[ref.oid] = 4
-    return wanted
 
 
 def _push(server: LfsServer, db: ObjectDB, refs: list[ObjectRef]) -> tuple[object, list[object]]:
