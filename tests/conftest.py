@@ -115,3 +115,13 @@ def model(rng: np.random.Generator, n_layers: int = 3, d: int = 64) -> dict[str,
         out[f"layers.{i}.w"] = rng.normal(0, 0.02, (d, d)).astype(np.float32)
         out[f"layers.{i}.b"] = np.zeros(d, np.float32)
     return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A giftless Git LFS server on loopback, one per test module (``testsupport.servers``;
+    a module may define its own ``server``)."""
+    from testsupport.servers import LfsServer
+
+    with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
+        yield srv

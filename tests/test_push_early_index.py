@@ -4,11 +4,9 @@ giftless server. A base sent in the same push holds the index back until the end
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from potluck.config import RepoConfig
 from potluck.ops.vcs.odb import ObjectDB
@@ -19,13 +17,6 @@ from potluck.remote.lfs import LfsRemote
 from potluck.store.local import LocalStore
 from test_fetch_fresh import _put, _wanted
 from testsupport.servers import LfsServer
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LfsServer]:
-    with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
-        yield srv
-
 
 Calls = list[tuple[tuple[WireEntry, ...], list[str]]]
 

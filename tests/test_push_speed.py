@@ -44,12 +44,6 @@ def _where(n: int) -> object:
     return Where("model.safetensors", f"t{n}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> LfsServer:
-    with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
-        yield srv
-
-
 @pytest.fixture
 def db(tmp_path: Path) -> ObjectDB:
     return ObjectDB(LocalStore(tmp_path / "objects"), RepoConfig(chunk_bytes=4096), workers=2)

@@ -29,12 +29,6 @@ from test_fetch_fresh import _put, _wanted
 from testsupport.servers import LfsServer
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> LfsServer:
-    with LfsServer(tmp_path_factory.mktemp("lfs")) as srv:
-        yield srv
-
-
 @pytest.fixture
 def db(tmp_path: Path) -> ObjectDB:
     return ObjectDB(LocalStore(tmp_path / "objects"), RepoConfig(chunk_bytes=16384), workers=1)
