@@ -365,10 +365,15 @@ def refill(plan: Plan, room: int) -> list[str]:
 
 def patch_size(contents: PatchContents) -> int:
     """The size of the file ``contents`` would be written as (header and payload arrays)."""
-    header = len(next(iter(patch_bytes(contents))))
-    return header + sum(
-        int(a.nbytes) for p in contents.payloads.values() for a in p.arrays.values()
-    )
+    return _header_size(contents) + _array_bytes(contents)
+
+
+def _header_size(contents: PatchContents) -> int:
+    return len(next(iter(patch_bytes(contents))))
+
+
+def _array_bytes(contents: PatchContents) -> int:
+    return sum(int(a.nbytes) for p in contents.payloads.values() for a in p.arrays.values())
 
 
 def _greedy(curves: Sequence[TensorCurve], at: dict[str, int], room: int) -> int:
@@ -499,8 +504,8 @@ def check_fits(plan: Plan, contents: PatchContents) -> None:
     the plan's budget (the header estimate was too low); the error names the size it needs."""
     if plan.budget is None:
         return
-    header = len(next(iter(patch_bytes(contents))))
-    size = patch_size(contents)
+    header = _header_size(contents)
+    size = header + _array_bytes(contents)
     if size > plan.budget:
         raise UserError(
             f"--budget {plan.budget} bytes is too small for the patch potluck planned: its "

@@ -158,7 +158,8 @@ def create_patch(
             enc.added(name, target, seed, check)
         contents = enc.contents(plan, added, removed, description)
         if plan is not None and plan.budget is not None:
-            contents = _spend_slack(plan, enc, contents, (base, target, default, seed, check))
+            inputs = (base, target, default, seed, check)
+            contents = _spend_slack(plan, plan.budget, enc, contents, inputs)
     payloads = enc.payloads
     if plan is not None:
         check_fits(plan, contents)
@@ -248,14 +249,14 @@ _Inputs = tuple[ModelSource, ModelSource, tuple[str, Mapping[str, object]], int,
 
 
 def _spend_slack(
-    plan: Plan, enc: _Encoded, contents: PatchContents, inputs: _Inputs
+    plan: Plan, budget: int, enc: _Encoded, contents: PatchContents, inputs: _Inputs
 ) -> PatchContents:
-    """Spend what the real header left of the budget (``budget.refill``: the plan's header
+    """Spend what the real header left of ``budget`` (``budget.refill``: the plan's header
     estimate is an upper bound), re-encoding only the tensors whose choice changes; the first
-    encoding is kept when the result would not fit (the estimates of a step's bytes are upper
-    bounds too, so it does). Deterministic: the real header depends only on the inputs."""
-    room = 0 if plan.budget is None else plan.budget - patch_size(contents)
-    if plan.budget is None or room <= 0:
+    encoding is kept when the result would not fit (the new choices' header entries can take
+    more than their estimate). Deterministic: the real header depends only on the inputs."""
+    room = budget - patch_size(contents)
+    if room <= 0:
         return contents
     state = (dict(plan.at), dict(plan.choices), plan.payload_bytes)
     changed = refill(plan, room)
@@ -269,7 +270,7 @@ def _spend_slack(
         enc.result.pop(name, None)
         enc.changed(name, base, target, plan.rule(name), default, seed, check)
     again = enc.contents(plan, contents.added, contents.removed, contents.description)
-    if patch_size(again) <= plan.budget:
+    if patch_size(again) <= budget:
         return again
     plan.at, plan.choices, plan.payload_bytes = state
     enc.quality = quality
