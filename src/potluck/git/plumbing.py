@@ -155,7 +155,8 @@ class Git:
         )
         lines = out.split("\n")
         if len(lines) != 2:  # a newline inside a path: ask one at a time
-            return self.toplevel(), Git(self.toplevel()).common_dir()
+            top = self.toplevel()
+            return top, Git(top).common_dir()
         return Path(lines[0]), Path(lines[1])
 
     def git_dir(self) -> Path:

@@ -637,11 +637,8 @@ def _compress_grouped(datas: Sequence[Chunk], itemsize: int, level: int) -> list
     """The grouped-zstd payload of each of ``datas`` (``_ChunkEncoder.standalone``'s): tiny
     ones at ``TINY_LEVEL``, the others at ``level``, each kind in one batch call."""
     tiny = [k for k, data in enumerate(datas) if len(data) <= TINY_CHUNK]
-    if len(tiny) == len(datas):
-        return _compress_all(_compressor(TINY_LEVEL), [_grouped(d, itemsize) for d in datas])
+    rest = [k for k, data in enumerate(datas) if len(data) > TINY_CHUNK]
     out: list[bytes] = [b""] * len(datas)
-    small = set(tiny)
-    rest = [k for k in range(len(datas)) if k not in small]
     for members, lvl in ((tiny, TINY_LEVEL), (rest, level)):
         payloads = _compress_all(_compressor(lvl), [_grouped(datas[k], itemsize) for k in members])
         for k, payload in zip(members, payloads, strict=True):
