@@ -16,7 +16,7 @@ test split with the fine-tune's own head:
   of the fine-tune's change of the model's outputs the patch reproduces; 1 = all of it).
 
     .venv/bin/python -m bench.patch.curves [--tasks ...] [--seeds 0,1,2] [--budgets x16,x32]
-        [--gram] [--json PATH]
+        [--gram] [--sign] [--json PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from bench.common import data, finetune, model  # noqa: E402
 from bench.patch.budget import fixed_rules  # noqa: E402
 from bench.quality import report, stages  # noqa: E402
 from bench.quality.patches import fp16_delta_bytes  # noqa: E402
+from potluck.codecs.rules import Rule  # noqa: E402
+from potluck.ops.patch.tune_scales import TuneSettings  # noqa: E402
 
 FINETUNES = stages.RESULTS / "finetunes"
 
@@ -60,15 +62,56 @@ def cached_runs(
     return out
 
 
-def settings(budgets: list[str], gram: Path | None) -> list[tuple[str, dict[str, Any]]]:
-    """(label, create_patch keywords) of each setting measured."""
+def sign_rules(codec: str, params: dict[str, Any]) -> list[Rule]:
+    """``codec`` (a sign codec) on every matrix but the word embedding, which keeps the fixed
+    recipe's low rank over its changed rows (a sparse-row delta: 1 bit an entry would spend
+    most of the patch on unchanged rows); norms and biases exact."""
+    fixed = fixed_rules(12)
+    return [*fixed[:3], ("*", codec, params)]
+
+
+def settings(
+    budgets: list[str], gram: Path | None, tune: TuneSettings | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, create_patch keywords) of each setting measured; with ``tune`` also BitDelta
+    and ComPEFT (``sign_rules``), with the weight-space scales and with the scales tuned on
+    the fine-tune's outputs (``ops.patch.tune_scales``)."""
     rows: list[tuple[str, dict[str, Any]]] = [
         ("lowrank r=12 F16 (fixed)", {"rules": fixed_rules(12)})
     ]
     rows += [(f"budget {b}", {"budget": b}) for b in budgets]
     if gram is not None:
         rows += [(f"budget {b} gram", {"budget": b, "gram": gram}) for b in budgets]
+    if tune is not None:
+        for label, codec, params in SIGN_SETTINGS:
+            rows.append((label, {"rules": sign_rules(codec, params)}))
+            rows.append((f"{label} tuned", {"rules": sign_rules(codec, params), "tune": tune}))
     return rows
+
+
+#: (label, codec, params) of the sign-codec settings: BitDelta as published (one scale per
+#: matrix) and ComPEFT at its paper's untuned setting (density 0.1, α = 1 times σ(Δ)).
+SIGN_SETTINGS = [
+    ("bitdelta", "bitdelta", {}),
+    ("ComPEFT d=0.1", "ternary", {"density": 0.1}),
+]
+
+
+def eval_target(folder: Path, task: data.Task, work: Path, n: int) -> tuple[Path, TuneSettings]:
+    """The fine-tune as a model directory (its encoder and the base's config and tokenizer)
+    and the settings to tune scales on its first ``n`` training texts (a JSONL file)."""
+    out = work / "ft-model"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model.model_dir().iterdir():
+        if f.is_file() and f.name != "model.safetensors" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f)
+    weights = out / "model.safetensors"
+    if not weights.exists():
+        weights.symlink_to((folder / "encoder.safetensors").resolve())
+    texts = work / "tune.jsonl"
+    rows = [json.dumps({"text": t}) for t in task.train.texts[:n]]
+    texts.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return out, TuneSettings(str(texts), max_samples=n, batch_size=16, threads=1)
 
 
 def gram_file(folder: Path, task: data.Task, work: Path, n: int) -> Path:
@@ -112,11 +155,15 @@ def one_run(
     gram = (
         gram_file(folder, task, work / f"{task_name}-s{seed}", args.gram_n) if args.gram else None
     )
+    tune = None
+    if args.sign:
+        ft_dir, tune = eval_target(folder, task, work / f"{task_name}-s{seed}", args.gram_n)
     rows = []
-    for label, kw in settings(args.budgets.split(","), gram):
+    for label, kw in settings(args.budgets.split(","), gram, tune):
         patch, out = work / "p.potluck", work / "patched.safetensors"
+        target = ft_dir if "tune" in kw else ft_p
         t0 = time.perf_counter()
-        info = create_patch(base_p, ft_p, patch, seed=seed, **kw)
+        info = create_patch(base_p, target, patch, seed=seed, **kw)
         create_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         apply_patch(base_p, patch, out)
@@ -131,6 +178,8 @@ def one_run(
             "agree": float(np.mean(_pred(e, head) == pred_ft)),
             "shift_kept": 1 - float(np.linalg.norm(e - e_ft)) / shift if shift else 1.0,
             "create_s": round(create_s, 1), "apply_s": round(apply_s, 1),
+            "sign_tensors": sum(e.codec in ("bitdelta", "ternary") for e in info.entries),
+            "tuning": None if info.scales is None else info.scales.record(),
         }  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -175,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="x8,x16,x32,x64")
     ap.add_argument("--recipe", choices=("base", "lpft"), default="base")
     ap.add_argument("--gram", action="store_true", help="also budgets weighted by Gram stats")
-    ap.add_argument("--gram-n", type=int, default=64)
+    ap.add_argument("--gram-n", type=int, default=64, help="training texts for --gram/--sign")
+    ap.add_argument(
+        "--sign", action="store_true",
+        help="also BitDelta and ComPEFT, with weight-space scales and tuned on --gram-n texts",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch

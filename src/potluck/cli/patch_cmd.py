@@ -32,9 +32,12 @@ from potluck.ops.patch import (
     stack_patches,
 )
 from potluck.ops.patch.evaluate import check_eval_target, eval_patch
+from potluck.ops.patch.tune_scales import ScaleTuning, TuneSettings
 from potluck.ops.patch.weights import StatsLookup
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+#: Codecs whose scales --eval tunes (``codecs.SignScaledCodec``).
+SIGN_CODECS = ("bitdelta", "ternary")
 
 
 def is_directory_ref(spec: str, model: ModelSource) -> bool:
@@ -124,6 +127,20 @@ def patch() -> None:
     help="With --budget/--max-error: weight each tensor's error by its effect on the layer's "
     "outputs, from a `potluck stats gram` file (--embeddings there covers embeddings).",
 )
+@click.option(
+    "--tune-scales/--no-tune-scales",
+    default=True,
+    show_default=True,
+    help="With --eval: tune the scales of sign-coded tensors (bitdelta, ternary) on TARGET's "
+    "outputs (ComPEFT's α grid, then BitDelta's scale distillation).",
+)
+@click.option(
+    "--distill-steps",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="With --eval: Adam steps of the scale distillation (0: the α grid only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def create_cmd(
@@ -147,20 +164,24 @@ def create_cmd(
     budget: str | None,
     max_error: float | None,
     gram_file: str | None,
+    tune_scales: bool,
+    distill_steps: int,
     as_json: bool,
 ) -> None:
-    """Write a patch turning BASE into TARGET (files, model directories or PATH@REV)."""
+    """Write a patch turning BASE into TARGET (files, model directories or PATH@REV).
+
+    With --eval, the scales of sign-coded tensors (bitdelta, ternary) are tuned on TARGET's
+    outputs; with --check, the change in outputs is reported; with --budget/--max-error, the
+    errors are weighted by Gram matrices of TARGET on those inputs."""
     flags = {"rank": rank, "density": density, "bits": bits}
     if budget is not None or max_error is not None:
         _refuse_codec_choice(flags, rules)
     described = {"author": author, "task": task, "license": license_}
     parsed = [parse_rule(r) for r in rules]
     weighting = budget is not None or max_error is not None
-    if eval_file is not None and not check and not weighting:
-        raise UserError(
-            "--eval needs --check (or --budget/--max-error, whose errors it then weights)",
-            hint="add --check",
-        )
+    tune = _tune_settings(
+        eval_file, check, weighting, codec, parsed, tune_scales, distill_steps, eval_max, threads
+    )
     if eval_file is not None and gram_file is not None and weighting:
         raise UserError(
             "--eval and --gram both weight the budget's errors; pass one of them",
@@ -189,6 +210,7 @@ def create_cmd(
             budget=budget,
             max_error=max_error,
             stats=stats,
+            tune=tune,
         )
         if eval_file is not None and info.quality is not None:
             outputs = eval_patch(
@@ -201,6 +223,41 @@ def create_cmd(
         emit_json(create_json(info))
         return
     _render_create(info)
+
+
+def _tune_settings(
+    eval_file: str | None,
+    check: bool,
+    weighting: bool,
+    codec: str,
+    rules: list[Rule],
+    tune_scales: bool,
+    distill_steps: int,
+    eval_max: int,
+    threads: int,
+) -> TuneSettings | None:
+    """What --eval tunes, or ``None``; --eval that would do nothing is refused, as are the
+    tuning options given without --eval."""
+    ctx = click.get_current_context()
+    given = [
+        f"--{k.replace('_', '-')}"
+        for k in ("tune_scales", "distill_steps")
+        if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if eval_file is None:
+        if given:
+            raise UserError(f"{', '.join(given)} needs --eval", hint="add --eval FILE")
+        return None
+    signs = weighting or any(c in SIGN_CODECS for c in [codec, *(r[1] for r in rules)])
+    if not (check or weighting or (signs and tune_scales)):
+        raise UserError(
+            "--eval needs --check, --budget/--max-error (whose errors it then weights) or a "
+            f"sign codec ({', '.join(SIGN_CODECS)}) whose scales it tunes",
+            hint="add --check",
+        )
+    if not (signs and tune_scales):
+        return None
+    return TuneSettings(eval_file, distill_steps, max_samples=eval_max, threads=threads)
 
 
 def _eval_gram(model_dir: Path, data: str, max_samples: int, tmp: Path) -> StatsLookup:
@@ -267,7 +324,33 @@ def create_json(info: PatchInfo) -> dict[str, Any]:
         "removed": info.removed,
         "unchanged": info.unchanged,
         "check": None if info.quality is None else info.quality.to_dict(),
+        "scales_tuned": None if info.scales is None else _tuning_json(info.scales),
     }
+
+
+def _tuning_json(t: ScaleTuning) -> dict[str, Any]:
+    return {
+        **t.record(),
+        "kept": t.kept,
+        "tuned": t.tensors,
+        "skipped": t.skipped,
+        "seconds": t.seconds,
+    }
+
+
+def _render_tuning(t: ScaleTuning) -> None:
+    how = [] if t.alpha is None else [f"ComPEFT α ×{t.alpha:g}"]
+    how.append(f"BitDelta distillation, {t.steps} steps" if t.steps else "no distillation")
+    less = 1 - t.loss_after / t.loss_before if t.loss_before > 0 else 0.0
+    echo(
+        f"scales tuned on {t.samples} --eval examples: {len(t.tensors)} tensors "
+        f"({'; '.join(how)}): output MSE {t.loss_before:.4g} → {t.loss_after:.4g} "
+        f"({less:.1%} less), {t.seconds:.1f} s"
+    )
+    if not t.kept:
+        echo("the tuned scales were not kept: the patch would have outgrown --budget")
+    if t.skipped:
+        echo(f"not tuned (no such parameter in TARGET's model): {', '.join(t.skipped)}")
 
 
 def _render_create(info: PatchInfo) -> None:
@@ -286,6 +369,8 @@ def _render_create(info: PatchInfo) -> None:
         f"patch {_fmt_bytes(info.size)} for {_fmt_bytes(full)} of changed tensors "
         f"({ratio:.1f}x) → {info.path}"
     )
+    if info.scales is not None:
+        _render_tuning(info.scales)
     if info.quality is not None:
         _render_check(info.quality)
 

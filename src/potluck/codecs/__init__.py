@@ -30,7 +30,7 @@ from potluck.codecs.mask import TaskMaskCodec
 from potluck.codecs.qlowrank import QLowRankCodec
 from potluck.codecs.quant import QuantCodec
 from potluck.codecs.rules import DEFAULT_RULES, choose_codec
-from potluck.codecs.sign import BitDeltaCodec, TernaryCodec
+from potluck.codecs.sign import BitDeltaCodec, SignScaledCodec, TernaryCodec
 from potluck.codecs.sparse import DareCodec, ThresholdCodec, TopKCodec
 from potluck.params import Param
 from potluck.registry import Registry
@@ -44,6 +44,7 @@ __all__ = [
     "LossyCodec",
     "Param",
     "Payload",
+    "SignScaledCodec",
     "UpdateCodec",
     "choose_codec",
     "decode_payload",

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
 
 from potluck.codecs.base import (
     Arrays,
+    ErrorReport,
     LossyCodec,
     Meta,
     Payload,
+    compute_dtype,
+    error_report,
     get_array,
     malformed,
 )
 from potluck.codecs.bits import pack_2bit, pack_bits, unpack_2bit, unpack_bits
 from potluck.codecs.sparse import keep_count, top_k_positions
 from potluck.params import Param, ParamValue
+from potluck.tensors.dtypes import from_numpy
 
 
 def ternary_signs(delta: np.ndarray, density: float) -> np.ndarray:
@@ -42,7 +47,48 @@ def ternary_scale(delta: np.ndarray, signs: np.ndarray, mode: str, alpha: float)
     return alpha * float(kept.mean()) if kept.size else 0.0
 
 
-class TernaryCodec(LossyCodec):
+class SignScaledCodec(LossyCodec):
+    """A codec whose Δ̂ is fixed signs times scales, Δ̂ = (S_g · α_g) per scale group g.
+
+    ``sign_parts`` gives the decomposition (S as a (groups, per-group) matrix in the compute
+    dtype, α by group); ``rescaled`` is the same payload with other scales — what tuning the
+    scales on data (BitDelta's scale distillation, ComPEFT's α) changes. The payload layout
+    stays this codec's: callers never build the arrays themselves.
+    """
+
+    #: Name of the payload array holding the scales.
+    scale_array: ClassVar[str]
+
+    def sign_parts(self, payload: Payload, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(S, α): Δ̂ = (S * α[:, None]).reshape(base.shape), in the compute dtype."""
+        self._check_decodable(payload, base)
+        ct = compute_dtype(from_numpy(base.dtype), codec=self.name, name="<payload>")
+        return self._sign_parts(payload, base.astype(ct))
+
+    def rescaled(
+        self, payload: Payload, scales: np.ndarray, new: np.ndarray, base: np.ndarray
+    ) -> Payload:
+        """``payload`` with ``scales`` (one per group, finite) and its error against ``new``
+        re-measured; the bytes it takes do not change."""
+        signs, old = self.sign_parts(payload, base)
+        scales = np.asarray(scales, dtype=np.float64).reshape(-1)
+        if scales.shape != old.shape or not np.all(np.isfinite(scales)):
+            raise ValueError(f"{self.name}: {old.size} finite scales expected")
+        ct = signs.dtype
+        arrays = dict(payload.arrays)
+        arrays[self.scale_array] = scales.astype(arrays[self.scale_array].dtype)
+        stored = arrays[self.scale_array].astype(ct)
+        approx = (signs * stored[:, None]).reshape(base.shape)
+        delta = new.astype(ct) - base.astype(ct)
+        kept = 1.0 if payload.error is None else payload.error.kept_fraction
+        error: ErrorReport = error_report(delta, approx, kept)
+        return dataclasses.replace(payload, arrays=arrays, meta=dict(payload.meta), error=error)
+
+    def _sign_parts(self, payload: Payload, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class TernaryCodec(SignScaledCodec):
     """ComPEFT (Yadav et al. 2023): keep the top-``density`` |Δ|, store only their signs
     (2 bits each, 0 → −1, 1 → 0, 2 → +1, four per byte) and one scale per tensor,
     Δ̂ = scale · sign.
@@ -53,6 +99,7 @@ class TernaryCodec(LossyCodec):
     """
 
     name: ClassVar[str] = "ternary"
+    scale_array: ClassVar[str] = "scale"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2311.13171"
     params: ClassVar[tuple[Param, ...]] = (
         Param(
@@ -89,6 +136,14 @@ class TernaryCodec(LossyCodec):
         out: np.ndarray = (signs * scale[0]).reshape(base.shape)
         return out
 
+    def _sign_parts(self, payload: Payload, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        codes = unpack_2bit(get_array(payload, "signs", np.uint8), base.size, self.name)
+        if np.any(codes > 2):
+            raise malformed(self.name, "sign code 3 is not used")
+        scale = get_array(payload, "scale", base.dtype, (1,))
+        signs = codes.astype(base.dtype) - base.dtype.type(1)
+        return signs.reshape(1, -1), scale.astype(base.dtype)
+
 
 def _matrices(a: np.ndarray, per_row: bool = False) -> np.ndarray:
     """``a`` as (k, m·n) rows, one per matrix: k = prod(shape[:-2]), or 1 when ndim ≤ 2; with
@@ -110,7 +165,7 @@ def bitdelta_sq_error(a: np.ndarray) -> float:
     return float(max(np.sum(x * x) - x.shape[1] * np.sum(alpha**2), 0.0))
 
 
-class BitDeltaCodec(LossyCodec):
+class BitDeltaCodec(SignScaledCodec):
     """BitDelta (Liu et al. 2024): Δ̂ = α · sign(Δ), 1 bit per element (sign(0) taken as +1),
     packed eight per byte, and one scale α = mean |Δ| per matrix.
 
@@ -123,6 +178,7 @@ class BitDeltaCodec(LossyCodec):
     """
 
     name: ClassVar[str] = "bitdelta"
+    scale_array: ClassVar[str] = "scales"
     reference_url: ClassVar[str | None] = "https://arxiv.org/abs/2402.10193"
     params: ClassVar[tuple[Param, ...]] = (
         Param(str, "matrix", "one scale per matrix or per row", choices=("matrix", "row"),
@@ -147,6 +203,11 @@ class BitDeltaCodec(LossyCodec):
         return arrays, {}, 1.0
 
     def _delta_hat(self, payload: Payload, base: np.ndarray) -> np.ndarray:
+        signs, scales = self._sign_parts(payload, base)
+        out: np.ndarray = (signs * scales[:, None]).reshape(base.shape)
+        return out
+
+    def _sign_parts(self, payload: Payload, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         positive = unpack_bits(get_array(payload, "signs", np.uint8), base.size, self.name)
         scales_mode = payload.meta.get("scales", "matrix")
         if scales_mode not in ("matrix", "row"):
@@ -154,5 +215,4 @@ class BitDeltaCodec(LossyCodec):
         mats = _matrices(base, scales_mode == "row")
         scales = get_array(payload, "scales", base.dtype, (mats.shape[0],))
         signs = np.where(positive, base.dtype.type(1), base.dtype.type(-1)).astype(base.dtype)
-        out: np.ndarray = (signs.reshape(mats.shape) * scales[:, None]).reshape(base.shape)
-        return out
+        return signs.reshape(mats.shape), scales.astype(base.dtype)

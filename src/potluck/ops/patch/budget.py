@@ -325,13 +325,19 @@ def _start(curve: TensorCurve, max_error: float | None) -> int:
     return len(curve.options) - 1
 
 
-def allocate(curves: Sequence[TensorCurve], budget: int | None, max_error: float | None) -> Plan:
-    """Choose an option per tensor (module docstring); ``budget`` in bytes of the whole file.
+def allocate(
+    curves: Sequence[TensorCurve],
+    budget: int | None,
+    max_error: float | None,
+    reserve: int = 0,
+) -> Plan:
+    """Choose an option per tensor (module docstring); ``budget`` in bytes of the whole file,
+    ``reserve`` of them kept for header entries written later (counted as fixed overhead).
 
     A budget below the smallest feasible patch is a ``UserError`` naming that size."""
     ordered = sorted(curves, key=lambda c: c.name)
     at = {c.name: _start(c, max_error) for c in ordered}
-    header = header_estimate([c.name for c in ordered])
+    header = header_estimate([c.name for c in ordered]) + reserve
     used = header + sum(c.options[at[c.name]].nbytes for c in ordered)
     if budget is not None and used > budget:
         raise _too_small(budget, used, header, max_error)

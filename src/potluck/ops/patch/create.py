@@ -5,10 +5,11 @@ name rules; ``patch_info`` summarises a patch file. Models are ``ModelSource``s
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,27 @@ from potluck.codecs import (
 )
 from potluck.codecs.base import Done
 from potluck.codecs.rules import Rule
+from potluck.errors import UserError
 from potluck.fileio import file_sha256
 from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
-from potluck.ops.patch.budget import Plan, check_fits, patch_size, plan_patch, refill
+from potluck.ops.patch.budget import (
+    Plan,
+    allocate,
+    check_fits,
+    patch_size,
+    plan_patch,
+    refill,
+)
 from potluck.ops.patch.card import relation
 from potluck.ops.patch.check import QualityReport, TensorQuality, measure, summarize
 from potluck.ops.patch.fileformat import PatchContents, read_patch, write_patch
+from potluck.ops.patch.tune_scales import (
+    ScaleTuning,
+    TuneSettings,
+    tune_sign_scales,
+    tuning_bytes,
+)
 from potluck.ops.patch.weights import StatsLookup
 
 __all__ = ["PatchEntry", "PatchInfo", "create_patch", "encode_tensor", "patch_info"]
@@ -64,6 +79,7 @@ class PatchInfo:
     unchanged: int
     base_digest: str
     quality: QualityReport | None = None
+    scales: ScaleTuning | None = None
 
 
 def _select(names: Sequence[str], glob: str | None) -> list[str]:
@@ -113,6 +129,7 @@ def create_patch(
     budget: str | int | None = None,
     max_error: float | None = None,
     stats: StatsLookup | None = None,
+    tune: TuneSettings | None = None,
 ) -> PatchInfo:
     """Write a patch turning the model BASE into TARGET (paths or ``ModelSource``s).
 
@@ -126,7 +143,9 @@ def create_patch(
     tensor) replace the rules: ``ops.patch.budget`` picks each tensor's codec and records its
     predicted error in the payload's meta (``predicted_error``). ``stats`` (Gram statistics by
     tensor name, e.g. ``StatsFile.tensor_stats``) weights the allocation's errors by their
-    effect on each layer's outputs (``ops.patch.weights``).
+    effect on each layer's outputs (``ops.patch.weights``). ``tune`` (an ``--eval`` file) tunes
+    the scales of sign-coded tensors (``bitdelta``, ``ternary``) on TARGET's outputs
+    (``ops.patch.tune_scales``; recorded in the description as ``scales_tuned``).
     """
     default = (default_codec, dict(params or {}))
     CODECS.get(default_codec)
@@ -151,6 +170,8 @@ def create_patch(
                 seed=seed,
                 stats=stats,
             )
+            if tune is not None:
+                plan = _room_for_tuning(plan, max_error)
         for name in common:
             chosen = rules if plan is None or name not in plan.choices else plan.rule(name)
             enc.changed(name, base, target, chosen, default, seed, check)
@@ -159,7 +180,12 @@ def create_patch(
         contents = enc.contents(plan, added, removed, description)
         if plan is not None and plan.budget is not None:
             inputs = (base, target, default, seed, check)
-            contents = _spend_slack(plan, plan.budget, enc, contents, inputs)
+            extra = _no_extra if tune is None else _tuning_extra
+            contents = _spend_slack(plan, plan.budget, enc, contents, inputs, extra)
+        scales = None
+        if tune is not None:
+            limit = None if plan is None else plan.budget
+            contents, scales = _tune(enc, (base, target), tune, Path(out_path), contents, limit)
     payloads = enc.payloads
     if plan is not None:
         check_fits(plan, contents)
@@ -173,7 +199,66 @@ def create_patch(
         unchanged=len(common) - (len(payloads) - len(added)),
         base_digest=contents.base_digest,
         quality=summarize(enc.quality) if check else None,
+        scales=scales,
     )
+
+
+def _no_extra(_contents: PatchContents) -> int:
+    return 0
+
+
+def _tuning_extra(contents: PatchContents) -> int:
+    return tuning_bytes(p.codec for p in contents.payloads.values())
+
+
+def _room_for_tuning(plan: Plan, max_error: float | None) -> Plan:
+    """The plan again with header room for what tuning adds (``tuning_bytes``), when it
+    chose sign-coded tensors (a few rounds: the room can change the choices). A budget too
+    small for that room keeps the plan as it was (the tuned scales are then not kept)."""
+    if plan.budget is None:
+        return plan
+    reserve = 0
+    for _ in range(3):
+        need = tuning_bytes(c.codec for c in plan.choices.values())
+        if need <= reserve:
+            break
+        reserve = need
+        try:
+            plan = allocate(list(plan.curves.values()), plan.budget, max_error, reserve)
+        except UserError:
+            break
+    return plan
+
+
+def _tune(
+    enc: _Encoded,
+    models: tuple[ModelSource, ModelSource],
+    tune: TuneSettings,
+    out: Path,
+    contents: PatchContents,
+    budget: int | None,
+) -> tuple[PatchContents, ScaleTuning | None]:
+    """Tune the sign-coded payloads' scales; record it in the description; re-measure. With
+    a budget the tuned patch must fit (``_room_for_tuning`` keeps room); else the untuned
+    payloads are kept and the report says so (``kept=False``)."""
+    base, target = models
+    tuned, report = tune_sign_scales(base, target, enc.payloads, tune, out.resolve().parent)
+    if report is None:
+        return contents, None
+    payloads = {**enc.payloads, **tuned}
+    description = {**contents.description, "scales_tuned": report.record()}
+    again = dataclasses.replace(contents, payloads=payloads, description=description)
+    if budget is not None and patch_size(again) > budget:
+        return contents, dataclasses.replace(report, kept=False)
+    enc.payloads.update(tuned)
+    if enc.quality:
+        enc.quality = [
+            _measure(q.name, tuned[q.name], base.read(q.name), target.read(q.name))
+            if q.name in tuned
+            else q
+            for q in enc.quality
+        ]
+    return again, report
 
 
 @dataclass
@@ -249,13 +334,19 @@ _Inputs = tuple[ModelSource, ModelSource, tuple[str, Mapping[str, object]], int,
 
 
 def _spend_slack(
-    plan: Plan, budget: int, enc: _Encoded, contents: PatchContents, inputs: _Inputs
+    plan: Plan,
+    budget: int,
+    enc: _Encoded,
+    contents: PatchContents,
+    inputs: _Inputs,
+    extra: Callable[[PatchContents], int],
 ) -> PatchContents:
     """Spend what the real header left of ``budget`` (``budget.refill``: the plan's header
     estimate is an upper bound), re-encoding only the tensors whose choice changes; the first
     encoding is kept when the result would not fit (the new choices' header entries can take
-    more than their estimate). Deterministic: the real header depends only on the inputs."""
-    room = budget - patch_size(contents)
+    more than their estimate). ``extra(contents)``: bytes a later step adds (scale tuning's
+    record). Deterministic: the real header depends only on the inputs."""
+    room = budget - patch_size(contents) - extra(contents)
     if room <= 0:
         return contents
     state = (dict(plan.at), dict(plan.choices), plan.payload_bytes)
@@ -270,7 +361,7 @@ def _spend_slack(
         enc.result.pop(name, None)
         enc.changed(name, base, target, plan.rule(name), default, seed, check)
     again = enc.contents(plan, contents.added, contents.removed, contents.description)
-    if patch_size(again) <= budget:
+    if patch_size(again) + extra(again) <= budget:
         return again
     plan.at, plan.choices, plan.payload_bytes = state
     enc.quality = quality

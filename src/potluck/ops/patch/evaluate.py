@@ -26,17 +26,27 @@ import numpy as np
 from potluck.errors import UserError
 from potluck.formats.safetensors import write_safetensors
 from potluck.ops.models.sources import CONFIG_FILES, ModelSource
-from potluck.ops.models.torchdata import load_batches, require_torch
+from potluck.ops.models.torchdata import load_batches, load_pretrained, require_torch
 from potluck.ops.patch.apply import apply_patch
 from potluck.ops.patch.check import OutputChange, compare_outputs
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_eval_target", "eval_patch", "model_outputs", "pick_head"]
+__all__ = [
+    "HEADS",
+    "check_eval_target",
+    "eval_patch",
+    "head_output",
+    "load_model",
+    "model_outputs",
+    "pick_head",
+    "target_directory",
+    "torch_threads",
+]
 
 #: (transformers auto class, task, what the per-example output vector is), by head.
-_HEADS = {
+HEADS = {
     "classification": ("AutoModelForSequenceClassification", "logits"),
     "causal_lm": ("AutoModelForCausalLM", "mean-pooled logits"),
     "base": ("AutoModel", "mean-pooled last hidden state"),
@@ -87,25 +97,39 @@ def model_outputs(model: Any, head: str, batches: list[dict[str, torch.Tensor]])
     with torch.no_grad():
         for batch in batches:
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            out = model(input_ids=ids, attention_mask=mask)
-            if head == "classification":
-                rows.append(out.logits.to(torch.float64))
-            elif head == "causal_lm":
-                rows.append(_pooled(out.logits, mask))
-            else:
-                rows.append(_pooled(out.last_hidden_state, mask))
+            rows.append(head_output(model(input_ids=ids, attention_mask=mask), head, mask))
     return torch.cat(rows).numpy() if rows else np.zeros((0, 0))
 
 
-def _load(model_dir: Path, head: str) -> Any:
-    import transformers
+def head_output(out: Any, head: str, mask: torch.Tensor) -> torch.Tensor:
+    """[B, D] float64 per-example outputs of one forward's result ``out`` (module doc)."""
+    import torch
 
-    cls = getattr(transformers, _HEADS[head][0])
-    return cls.from_pretrained(model_dir, local_files_only=True)
+    if head == "classification":
+        logits: torch.Tensor = out.logits.to(torch.float64)
+        return logits
+    if head == "causal_lm":
+        return _pooled(out.logits, mask)
+    return _pooled(out.last_hidden_state, mask)
+
+
+def load_model(model_dir: Path, head: str) -> Any:
+    """The model of ``model_dir`` with the transformers class of ``head`` (``pick_head``),
+    loaded quietly; weights the checkpoint lacks (transformers would draw them at random) are
+    a ``UserError`` naming them."""
+    model, missing = load_pretrained(HEADS[head][0], model_dir)
+    if model is None or missing:
+        what = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise UserError(
+            f"{model_dir}: the checkpoint does not fit its config"
+            + (f" (missing {what})" if missing else ""),
+            hint="check that config.json belongs to these weights",
+        )
+    return model
 
 
 def _run(model_dir: Path, head: str, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    return model_outputs(_load(model_dir, head), head, batches)
+    return model_outputs(load_model(model_dir, head), head, batches)
 
 
 def _copy_config(src: Path, dst: Path) -> None:
@@ -114,7 +138,7 @@ def _copy_config(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _target_dir(target: ModelSource, cfg_dir: Path, tmp: Path) -> Path:
+def target_directory(target: ModelSource, cfg_dir: Path, tmp: Path) -> Path:
     """TARGET's directory on disk, or a temporary one with its tensors and config files."""
     if Path(target.label).is_dir():
         return Path(target.label)
@@ -128,7 +152,8 @@ def _target_dir(target: ModelSource, cfg_dir: Path, tmp: Path) -> Path:
 
 
 @contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, restoring the count afterwards."""
     import torch
 
     before = torch.get_num_threads()
@@ -168,15 +193,15 @@ def eval_patch(
     parent = Path(patch_path).resolve().parent
     with (
         tempfile.TemporaryDirectory(prefix=".potluck-eval-", dir=parent) as tmp_name,
-        _threads(threads),
+        torch_threads(threads),
     ):
         tmp = Path(tmp_name)
-        want = _run(_target_dir(target, cfg_dir, tmp), head, batches)
+        want = _run(target_directory(target, cfg_dir, tmp), head, batches)
         patched = tmp / "patched"
         patched.mkdir()
         apply_patch(base, patch_path, patched / "model.safetensors", directory=False, card=False)
         _copy_config(cfg_dir, patched)
         got = _run(patched, head, batches)
     return compare_outputs(
-        want, got, task=head, output=_HEADS[head][1], classify=head == "classification"
+        want, got, task=head, output=HEADS[head][1], classify=head == "classification"
     )
