@@ -307,6 +307,8 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
     if a.dtype not in (np.float16, np.float32, np.float64):
         a = a.astype(np.float32)
+    elif not a.flags.writeable:  # a read-only mapping of the file: torch wants its own copy
+        a = a.copy()
     return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
 
