@@ -250,3 +250,16 @@ def test_tuning_options_and_eval_refusals(dense: tuple[Path, Path, Path], tmp_pa
     )
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_output_in_a_missing_folder_is_refused_before_any_work(
+    dense: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, target, data = dense
+    out = tmp_path / "no-such-dir" / "p.patch"
+    for extra in ([], ["--eval", str(data)]):
+        args = ["patch", "create", str(base), str(target), "-o", str(out), "--codec", "bitdelta"]
+        res = CliRunner().invoke(cli, [*args, *extra])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert f"cannot write {out}: {out.parent} does not exist" in res.output
+        assert not out.parent.exists()

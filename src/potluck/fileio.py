@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from potluck.errors import UserError
+
 __all__ = ["atomic_dir", "atomic_writer", "current_umask", "file_sha256", "publish_mode"]
 
 
@@ -41,10 +43,25 @@ def publish_mode(path: str | os.PathLike[str]) -> None:
     os.chmod(p, full & ~current_umask())
 
 
+def check_output_dir(path: str | os.PathLike[str]) -> None:
+    """A ``UserError`` unless the folder that is to hold the file ``path`` exists (and is a
+    folder): checked before work whose result goes there, not after it."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UserError(
+            f"cannot write {path}: {parent} {what}",
+            hint="create the folder first, or pick another output path",
+            path=str(path),
+        )
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A temp file next to ``path``, moved over it with ``os.replace`` only on success."""
+    """A temp file next to ``path``, moved over it with ``os.replace`` only on success; a
+    missing or unwritable folder is a ``UserError`` naming it (``check_output_dir``)."""
     target = Path(path)
+    check_output_dir(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -30,7 +30,7 @@ from potluck.codecs import (
 from potluck.codecs.base import Done
 from potluck.codecs.rules import Rule
 from potluck.errors import UserError
-from potluck.fileio import file_sha256
+from potluck.fileio import check_output_dir, file_sha256
 from potluck.ops.models import sources
 from potluck.ops.models.sources import ModelInput, ModelSource, open_input
 from potluck.ops.patch.budget import (
@@ -149,6 +149,7 @@ def create_patch(
     """
     default = (default_codec, dict(params or {}))
     CODECS.get(default_codec)
+    check_output_dir(out_path)  # before any work: its result goes there
     enc = _Encoded()
     with ExitStack() as stack:
         base = open_input(base_path, stack)
