@@ -124,7 +124,9 @@ class TestStoreContract:
             f.seek(0, os.SEEK_END)
         assert read(store, oid) == b"HEADbody"
 
-    @pytest.mark.parametrize("bad", ["", "abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65, None])
+    @pytest.mark.parametrize(
+        "bad", ["", "abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65, "0" * 62 + "  ", None]
+    )
     def test_invalid_oid(self, store: ObjectStore, bad: object) -> None:
         for call in (store.has, store.open, store.stored_size, store.delete, store.writer):
             with pytest.raises(UserError, match="invalid object id"):

@@ -19,10 +19,12 @@ import pytest
 
 import test_store_contract as contract
 from conftest import Run, save_st
+from potluck.errors import UserError
 from potluck.objects.manifest import parse
 from potluck.store import LocalStore, ObjectStore, validate_oid
+from potluck.store.base import raw_oids
 from potluck.store.local import PACK_MIN
-from potluck.store.pack import Pack
+from potluck.store.pack import Pack, PackWriter
 
 FILE = "m.safetensors"
 N = PACK_MIN + 20  # tensors in a file: enough for its add to make a pack
@@ -85,6 +87,38 @@ def test_a_batch_is_one_pack_readable_before_it_ends_and_by_other_stores(tmp_pat
             with store.writer(oid, durable=False) as f:
                 f.write(data)
     assert len(packs(root)) == 2 and contract.read(other, oid) == data and other.has(oid)
+
+
+def test_add_many_keeps_the_first_of_each_id_and_indexes_what_add_would(tmp_path: Path) -> None:
+    """``PackWriter.add_many`` (records built in bulk) writes the pack ``add`` one by one
+    writes: the first bytes of an id win, within one call and against earlier ones, and the
+    finished pack's index finds every object at its bytes."""
+    objs = [oid_of(i) for i in range(40)]
+    raw = [(bytes.fromhex(oid), data) for oid, data in objs]
+    bulk, single = PackWriter(tmp_path / "a"), PackWriter(tmp_path / "b")
+    calls = [raw[:5], [*raw[5:20], (raw[7][0], b"not these"), raw[2]], [], raw[20:]]
+    for call in calls:
+        bulk.add_many(call)
+        for digest, data in call:
+            single.add(digest, data)
+    assert bulk.objects() == single.objects() and len(bulk) == len(objs)
+    done = [w.finish(tmp_path / f"pack-{i}") for i, w in enumerate((bulk, single))]
+    assert done[0] is not None and done[1] is not None
+    assert done[0].read_bytes() == done[1].read_bytes()
+    pack = Pack.load(done[0])
+    assert pack.problem is None
+    for digest, data in raw:
+        at = pack.find(digest)
+        assert at is not None and pack.read(*at) == data
+
+
+def test_raw_oids_are_the_digests_of_valid_ids_and_name_the_first_bad_one() -> None:
+    oids = [oid_of(i)[0] for i in range(5)]
+    assert raw_oids(oids) == (oids, [bytes.fromhex(o) for o in oids])
+    assert raw_oids([]) == ([], [])
+    for bad in ("0" * 62 + "  ", oids[0].upper(), "0" * 63 + "g"):
+        with pytest.raises(UserError, match=f"invalid object id {bad!r}"):
+            raw_oids([*oids, bad, "also bad"])
 
 
 def test_a_small_batch_is_written_as_loose_files(tmp_path: Path) -> None:

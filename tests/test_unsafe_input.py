@@ -22,11 +22,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import BIN, run_in
-from potluck.cli.render import emit_json, redact, safe_field, safe_text
+from potluck.cli.render import emit_json, redact, safe_field, safe_text, tensor_lines
 from potluck.config import ConfigError, RepoConfig
 from potluck.errors import GitError, UserError
 from potluck.git import setup
 from potluck.git.plumbing import Git
+from potluck.objects.manifest import Manifest, TensorEntry
 from testsupport.servers import LfsServer, lfs, lfs_server  # noqa: F401
 
 ESC_TITLE = "\x1b]0;pwned-title\x07"
@@ -149,6 +150,26 @@ def test_safe_text_and_safe_field() -> None:
     assert safe_text(raw) == "a\nb\tc\\rd\\x1b[31m\\x9b\\x7f\\x00\\u202e\\u2066\\u2028\\xff é ✓"
     assert safe_field("a\nb\tc") == "a\\nb\\tc"
     assert safe_field("plain name.weight") == "plain name.weight"
+
+
+@pytest.mark.parametrize("odd", [None, *NAMES, "a://b", "k=v"])
+def test_tensor_lines_make_every_field_safe_whether_or_not_all_are_plain(odd: str | None) -> None:
+    """``tensor_lines`` checks the fields of all tensors at once and makes each safe only when
+    one needs it: the text is ``safe_field`` of each field either way."""
+    names = ["b.weight", "a.bias", "c"] + ([] if odd is None else [odd])
+    entries = tuple(
+        TensorEntry(name, "F32", (i, 2) if i else (), f"{i:02x}" * 32, 8 * i)
+        for i, name in enumerate(names)
+    )
+    m = Manifest("safetensors", 100, entries)
+    rows = [
+        f"{safe_field(e.name)}  {safe_field(e.dtype)}[{','.join(map(str, e.shape))}]  "
+        f"{safe_field(e.oid[:16])}"
+        for e in sorted(entries, key=lambda e: e.name)
+    ]
+    assert tensor_lines(m) == "\n".join(["# safetensors, 100 bytes", *rows])
+    if odd is not None and odd in NAMES:
+        assert NAMES[odd] in tensor_lines(m)
 
 
 # -- 12: a newline in a path (the add is in the fixture) --------------------------------------

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,9 +72,14 @@ def safe_field(text: object) -> str:
     """One value inside a layout (a name, a path): like ``safe_text``, and newlines and tabs
     are escaped too, so a value can never start a line of its own."""
     text = str(text)
-    if text.isascii() and text.isprintable() and "://" not in text and "=" not in text:
+    if _is_plain(text):
         return text  # nothing to escape or redact (most tensor names)
     return redact(_UNSAFE_FIELD.sub(_escape_char, text))
+
+
+def _is_plain(text: str) -> bool:
+    """Whether ``safe_field`` leaves ``text`` as it is (printable ASCII, nothing to redact)."""
+    return text.isascii() and text.isprintable() and "://" not in text and "=" not in text
 
 
 def echo(text: object = "", *, err: bool = False) -> None:
@@ -189,14 +195,37 @@ def echo_textconv(m: Manifest) -> None:
     sys.stdout.buffer.flush()
 
 
+def _all_plain(fields: list[str]) -> bool:
+    """Whether ``safe_field`` leaves every one of ``fields`` as it is: checked on them joined by
+    a space, which no escape or redaction rule can match across."""
+    return _is_plain(" ".join(fields))
+
+
+def _tensor_rows(m: Manifest) -> list[str]:
+    """``name  dtype[shape]  oid-prefix`` of each tensor, by name (every field made safe: one
+    check for all of them when none needs it, as in most files)."""
+    tensors = m.tensors()
+    names = sorted(tensors)
+    entries = [tensors[name] for name in names]
+    prefixes = [e.oid[:16] for e in entries]
+    plain = _all_plain(names) and _all_plain([e.dtype for e in entries]) and _all_plain(prefixes)
+    f: Callable[[object], str] = str if plain else safe_field
+    shapes: dict[tuple[int, ...], str] = {}
+    rows = []
+    for name, e, prefix in zip(names, entries, prefixes, strict=True):
+        shape = shapes.get(e.shape)
+        if shape is None:
+            shape = shapes[e.shape] = ",".join(map(str, e.shape))
+        rows.append(f"{f(name)}  {f(e.dtype)}[{shape}]  {f(prefix)}")
+    return rows
+
+
 def tensor_lines(m: Manifest | None) -> str:
     """Text form of a manifest for line diffs: ``name  dtype[shape]  oid-prefix`` per tensor."""
     if m is None:
         return ""
     f = safe_field
-    lines = [f"# {f(m.format)}, {m.size} bytes"]
-    for name, e in sorted(m.tensors().items()):
-        lines.append(f"{f(name)}  {f(e.dtype)}[{','.join(map(str, e.shape))}]  {f(e.oid[:16])}")
+    lines = [f"# {f(m.format)}, {m.size} bytes", *_tensor_rows(m)]
     for v in sorted(m.views, key=lambda v: v.name):
         shape = ",".join(map(str, v.shape))
         lines.append(f"{f(v.name)}  {f(v.dtype)}[{shape}]  view of {f(v.storage)}")

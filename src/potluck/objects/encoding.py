@@ -54,6 +54,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
+from operator import itemgetter, methodcaller
 from typing import BinaryIO
 
 import zstandard
@@ -608,50 +609,61 @@ def encode_small_many(
     All are compressed by zstd's batch call (C threads, no Python per object), which is what
     makes a file of many thousand small tensors cheap to add; nothing here imports numpy.
     """
-    lengths: set[int] = set()
-    for i, data in enumerate(datas):
-        n = len(data)
+    lengths = list(map(len, datas))
+    _check_small(lengths, itemsize, chunk_size)
+    packed = _compress_grouped(datas, lengths, itemsize, level)
+    heads = {
+        n: _HEADER.pack(MAGIC, VERSION, itemsize, 0, 0, n, chunk_size, _ZERO_DIGEST)
+        for n in set(lengths)
+    }
+    raw_heads = {n: head + _CHUNK.pack(KIND_RAW, n) for n, head in heads.items()}
+    group, record = KIND_GROUPED, _CHUNK.pack
+    return [
+        raw_heads[n] + data
+        if len(payload) >= _RAW_RATIO * n
+        else b"".join((heads[n], record(group, len(payload)), payload))
+        for data, n, payload in zip(datas, lengths, packed, strict=True)
+    ]
+
+
+def _check_small(lengths: list[int], itemsize: int, chunk_size: int) -> None:
+    """Refuse a length that is not a positive multiple of ``itemsize`` of at most one chunk."""
+    sizes = set(lengths)
+    if all(0 < n <= chunk_size and n % itemsize == 0 for n in sizes):
+        return
+    for i, n in enumerate(lengths):
         if not 0 < n <= chunk_size or n % itemsize:
             raise ValueError(
                 f"object {i}: length {n} is not a positive multiple of {itemsize} "
                 f"of at most one chunk ({chunk_size})"
             )
-        lengths.add(n)
-    packed = _compress_grouped(datas, itemsize, level)
-    heads = {
-        n: _HEADER.pack(MAGIC, VERSION, itemsize, 0, 0, n, chunk_size, _ZERO_DIGEST)
-        for n in lengths
-    }
-    raw, group, record = KIND_RAW, KIND_GROUPED, _CHUNK.pack
-    out: list[bytes] = []
-    for data, payload in zip(datas, packed, strict=True):
-        n = len(data)
-        if len(payload) >= _RAW_RATIO * n:
-            out.append(b"".join((heads[n], record(raw, n), data)))
-        else:
-            out.append(b"".join((heads[n], record(group, len(payload)), payload)))
-    return out
 
 
-def _compress_grouped(datas: Sequence[Chunk], itemsize: int, level: int) -> list[bytes]:
+def _compress_grouped(
+    datas: Sequence[Chunk], lengths: list[int], itemsize: int, level: int
+) -> list[bytes]:
     """The grouped-zstd payload of each of ``datas`` (``_ChunkEncoder.standalone``'s): tiny
     ones at ``TINY_LEVEL``, the others at ``level``, each kind in one batch call."""
-    tiny = [k for k, data in enumerate(datas) if len(data) <= TINY_CHUNK]
-    rest = [k for k, data in enumerate(datas) if len(data) > TINY_CHUNK]
+    grouped = _grouped_all(datas, itemsize)
+    if max(lengths, default=0) <= TINY_CHUNK:  # (a file of many small tensors)
+        return _compress_all(_compressor(TINY_LEVEL), grouped)
+    tiny = [k for k, n in enumerate(lengths) if n <= TINY_CHUNK]
+    rest = [k for k, n in enumerate(lengths) if n > TINY_CHUNK]
     out: list[bytes] = [b""] * len(datas)
     for members, lvl in ((tiny, TINY_LEVEL), (rest, level)):
-        payloads = _compress_all(_compressor(lvl), [_grouped(datas[k], itemsize) for k in members])
+        payloads = _compress_all(_compressor(lvl), [grouped[k] for k in members])
         for k, payload in zip(members, payloads, strict=True):
             out[k] = payload
     return out
 
 
-def _grouped(data: Chunk, itemsize: int) -> bytes:
-    """``byte_group`` by slicing (as fast as numpy for a small buffer, and numpy-free)."""
+def _grouped_all(datas: Sequence[Chunk], itemsize: int) -> list[bytes]:
+    """``byte_group`` of each of ``datas`` by slicing, in C-level maps (no Python frame per
+    item; as fast as numpy for small buffers, and numpy-free)."""
     if itemsize == 1:
-        return bytes(data)
-    whole = data if isinstance(data, bytes) else bytes(data)
-    return b"".join([whole[i::itemsize] for i in range(itemsize)])
+        return list(map(bytes, datas))
+    planes = itemgetter(*[slice(i, None, itemsize) for i in range(itemsize)])
+    return list(map(b"".join, map(planes, map(bytes, datas))))
 
 
 def _compress_all(cctx: zstandard.ZstdCompressor, items: list[bytes]) -> list[bytes]:
@@ -661,7 +673,10 @@ def _compress_all(cctx: zstandard.ZstdCompressor, items: list[bytes]) -> list[by
     multi = getattr(cctx, "multi_compress_to_buffer", None)
     if multi is None:
         return [cctx.compress(x) for x in items]
-    return [segment.tobytes() for segment in multi(items, threads=-1)]
+    return list(map(_tobytes, multi(items, threads=-1)))
+
+
+_tobytes = methodcaller("tobytes")
 
 
 # --- decoding -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.store.base import Quarantined, missing, validate_oid, validate_oids
+from potluck.store.base import Quarantined, missing, raw_oids, validate_oid
 from potluck.store.pack import Pack, PackWriter
 from potluck.store.packs import PackSet
 
@@ -53,6 +53,14 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _columns(
+    packed: list[tuple[str, bytes, bytes]], skip: set[str]
+) -> tuple[list[str], list[bytes]]:
+    """The ids and raw digests of the ``packed`` objects not in ``skip``."""
+    rows = [(oid, digest) for oid, digest, _ in packed if oid not in skip]
+    return [oid for oid, _ in rows], [digest for _, digest in rows]
 
 
 class _PackedWrite:
@@ -120,15 +128,20 @@ class LocalStore:
         fan-out directory the rest fall in (not a stat per object)."""
         if self._batch is None:
             self.packs.refresh()
+        valid, digests = raw_oids(oids)
+        packed = self._packed_among(valid, digests)
+        return packed | self._loose_among(o for o in valid if o not in packed)
+
+    def _packed_among(self, oids: list[str], digests: list[bytes], batch: bool = True) -> set[str]:
+        """The ``oids`` (with their raw ``digests``) in a known pack or (with ``batch``) in the
+        batch being written."""
+        finds = [pack.find for pack in self.packs.packs.values()]
+        if batch and self._batch is not None and len(self._batch):
+            finds.append(self._batch.find)
         found: set[str] = set()
-        rest: list[str] = []
-        where = self._where
-        for oid in validate_oids(oids):
-            if where(bytes.fromhex(oid), False) is not None:
-                found.add(oid)
-            else:
-                rest.append(oid)
-        return found | self._loose_among(rest)
+        for find in finds:
+            found.update(o for o, d in zip(oids, digests, strict=True) if find(d) is not None)
+        return found
 
     def _loose_among(self, oids: Iterable[str]) -> set[str]:
         """The ``oids`` (valid ones) stored as loose files, by listing the fan-out dirs that
@@ -153,24 +166,25 @@ class LocalStore:
     def write_many(self, objects: Iterable[tuple[str, bytes]], durable: bool = True) -> None:
         """Write each object; inside ``batch()`` with ``durable`` False, small ones go straight
         into the batch's pack (an id stored already, or earlier in ``objects``, is skipped)."""
-        batch = self._batch
-        packed: list[tuple[str, bytes]] = []
         items = list(objects)
-        validate_oids(oid for oid, _ in items)
-        for oid, data in items:
-            if batch is None or durable or len(data) > PACK_OBJECT_MAX:
+        oids, digests = raw_oids(oid for oid, _ in items)
+        batch = self._batch
+        if batch is None or durable:
+            for oid, data in items:
+                with self.writer(oid, durable) as f:
+                    f.write(data)
+            return
+        packed: list[tuple[str, bytes, bytes]] = []
+        for oid, digest, (_, data) in zip(oids, digests, items, strict=True):
+            if len(data) > PACK_OBJECT_MAX:
                 with self.writer(oid, durable) as f:
                     f.write(data)
             else:
-                packed.append((oid, data))
-        if batch is None or not packed:
-            return
-        loose = self._loose_among(oid for oid, _ in packed)
-        batch.add_many(
-            (digest, data)
-            for oid, data in packed
-            if oid not in loose and self.packs.find(digest := bytes.fromhex(oid), False) is None
-        )
+                packed.append((oid, digest, data))
+        if packed:
+            stored = self._loose_among(oid for oid, _, _ in packed)
+            stored |= self._packed_among(*_columns(packed, stored), batch=False)
+            batch.add_many((digest, data) for oid, digest, data in packed if oid not in stored)
 
     def open(self, oid: str) -> BinaryIO:
         """Open the object for reading (a packed object is read into memory: it is small).

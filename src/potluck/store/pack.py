@@ -25,6 +25,8 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterable
+from itertools import accumulate, chain, repeat
+from operator import add
 from pathlib import Path
 from typing import BinaryIO
 
@@ -232,17 +234,36 @@ class PackWriter:
             self._pos += RECORD_SIZE + len(data)
 
     def add_many(self, objects: Iterable[tuple[bytes, bytes | memoryview]]) -> None:
-        """``add`` of each ``(raw id, bytes)``, written with one call."""
+        """``add`` of each ``(raw id, bytes)``, written with one call (the records, their
+        offsets and the index entries made by C-level maps: a file of many small tensors
+        adds tens of thousands at once)."""
         with self._lock:
-            parts: list[bytes | memoryview] = []
-            for digest, data in objects:
-                if digest in self._entries:
-                    continue
-                parts.append(_RECORD.pack(RECORD_MAGIC, digest, len(data)))
-                parts.append(data)
-                self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
-                self._pos += RECORD_SIZE + len(data)
-            self._file.write(b"".join(parts))
+            digests, datas = self._unseen(objects)
+            if not digests:
+                return
+            lengths = list(map(len, datas))
+            ends = list(accumulate(map(add, lengths, repeat(RECORD_SIZE)), initial=self._pos))
+            starts = map(add, ends[:-1], repeat(RECORD_SIZE))
+            self._entries.update(zip(digests, zip(starts, lengths, strict=True), strict=True))
+            heads = map(_RECORD.pack, repeat(RECORD_MAGIC), digests, lengths)
+            self._file.write(b"".join(chain.from_iterable(zip(heads, datas, strict=True))))
+            self._pos = ends[-1]
+
+    def _unseen(
+        self, objects: Iterable[tuple[bytes, bytes | memoryview]]
+    ) -> tuple[list[bytes], list[bytes | memoryview]]:
+        """The ids and bytes of ``objects`` not in the pack yet, each id once (the first)."""
+        items = list(objects)
+        digests = [digest for digest, _ in items]
+        if len(set(digests)) == len(digests) and self._entries.keys().isdisjoint(digests):
+            return digests, [data for _, data in items]
+        seen = set(self._entries)
+        kept = []
+        for digest, data in items:
+            if digest not in seen:
+                seen.add(digest)
+                kept.append((digest, data))
+        return [digest for digest, _ in kept], [data for _, data in kept]
 
     def find(self, digest: bytes) -> tuple[int, int] | None:
         """(offset, length) of an object added to this pack, or None."""
@@ -272,7 +293,7 @@ class PackWriter:
         if not self._entries:
             self.discard()
             return None
-        index = b"".join(_ENTRY.pack(d, off, n) for d, (off, n) in sorted(self._entries.items()))
+        index = self._index()
         count = len(self._entries)
         checksum = _index_checksum(index, self._pos, count)
         self._file.write(index)
@@ -286,6 +307,12 @@ class PackWriter:
         os.chmod(self.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         os.replace(self.tmp, dest)
         return dest
+
+    def _index(self) -> bytes:
+        """The index of the objects added: their entries sorted by id."""
+        digests = sorted(self._entries)
+        offsets, lengths = zip(*map(self._entries.__getitem__, digests), strict=True)
+        return b"".join(map(_ENTRY.pack, digests, offsets, lengths))
 
     def discard(self) -> None:
         """Remove the unfinished pack."""

@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import repeat
 from typing import BinaryIO, NamedTuple
 
 import zstandard
@@ -217,33 +218,40 @@ class ObjectDB:
         at most one chunk each: those that are new and have no usable base are encoded together
         (``encode_small_many``) and written to the store at once; the others (present already,
         a delta candidate, repeated in ``items``) take ``put``'s own way."""
-        cs = self.config.chunk_bytes
-        wanted = {it.oid for it in items} | {it.base_oid for it in items if it.base_oid}
+        wanted = {it.oid for it in items}
+        wanted.update(it.base_oid for it in items if it.base_oid)
         present = self.store.has_many(wanted)
-        together: dict[int, list[int]] = {}  # itemsize -> indexes encoded together
-        claimed: set[str] = set()
-        for k, it in enumerate(items):
-            base = it.base_oid if it.base_oid != it.oid else None
-            if it.oid in present or it.oid in claimed or (base is not None and base in present):
-                continue
-            if 0 < len(it.data) <= cs:
-                claimed.add(it.oid)
-                together.setdefault(it.itemsize, []).append(k)
         results: dict[int, PutResult] = {}
-        for itemsize, members in together.items():
+        for itemsize, members in self._together(items, present).items():
+            oids = [items[k].oid for k in members]
             files = encode_small_many(
                 [items[k].data for k in members],
                 itemsize=itemsize,
-                chunk_size=cs,
+                chunk_size=self.config.chunk_bytes,
                 level=self.config.zstd_level,
             )
-            written = list(zip(members, files, strict=True))
-            self.store.write_many(((items[k].oid, f) for k, f in written), durable)
-            for k, f in written:
-                results[k] = PutResult(items[k].oid, True, len(f), 0)
+            self.store.write_many(zip(oids, files, strict=True), durable)
+            made = map(PutResult, oids, repeat(True), map(len, files), repeat(0))
+            results.update(zip(members, made, strict=True))
+        if len(results) == len(items):
+            return [results[k] for k in range(len(items))]
         return [
             results[k] if k in results else self._put_one(it, durable) for k, it in enumerate(items)
         ]
+
+    def _together(self, items: Sequence[SmallObject], present: set[str]) -> dict[int, list[int]]:
+        """{itemsize: indexes of ``items``} of those ``put_small_many`` encodes together: new,
+        without a stored base, the first of their id, at most one chunk long."""
+        cs = self.config.chunk_bytes
+        together: dict[int, list[int]] = {}
+        claimed: set[str] = set()
+        for k, (oid, data, itemsize, base) in enumerate(items):
+            if oid in present or oid in claimed or (base != oid and base in present):
+                continue  # stored, repeated, or a delta candidate (``put`` decides)
+            if 0 < len(data) <= cs:
+                claimed.add(oid)
+                together.setdefault(itemsize, []).append(k)
+        return together
 
     def _put_one(self, it: SmallObject, durable: bool) -> PutResult:
         data = it.data

@@ -15,8 +15,10 @@ import gc
 import hashlib
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import methodcaller
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
@@ -311,13 +313,10 @@ def _stream_small(
     if len(buf) < total:
         for seg in run:  # name the segment the stream ends in
             _check_length(buf[seg.offset - run[0].offset :][: seg.length], seg, name)
-    view, start, sha256 = memoryview(buf), run[0].offset, hashlib.sha256
-    items = []
-    for seg in run:
-        piece = view[seg.offset - start : seg.offset - start + seg.length]
-        key = _named(seg)
-        base = prev[key].oid if key is not None and key in prev else None
-        items.append(SmallObject(sha256(piece).hexdigest(), piece, _element_size(seg), base))
+    view, start = memoryview(buf), run[0].offset
+    pieces = [view[seg.offset - start : seg.offset - start + seg.length] for seg in run]
+    oids = list(map(_hexdigest, map(hashlib.sha256, pieces)))
+    items = list(map(SmallObject, oids, pieces, _element_sizes(run), _bases(run, prev)))
     results = odb.put_small_many(items, durable=False)
     new = [res for res in results if res.new]  # ``_record`` of each, summed
     stats.segments += len(run)
@@ -326,6 +325,30 @@ def _stream_small(
     stats.stored_bytes += sum(res.stored for res in new)
     stats.batched += len(new)  # each is at most SMALL_SEGMENT < BATCH_DURABLE_BELOW bytes
     return [(res.oid, res.new) for res in results]
+
+
+_hexdigest = methodcaller("hexdigest")
+
+
+def _element_sizes(run: list[Segment]) -> list[int]:
+    """``_element_size`` of each segment of ``run`` (looked up once per dtype)."""
+    sizes: dict[str | None, int] = {}
+    out = []
+    for seg in run:
+        dtype = seg.dtype if isinstance(seg, TensorSegment) else None
+        size = sizes.get(dtype)
+        if size is None:
+            size = sizes[dtype] = _element_size(seg)
+        out.append(size)
+    return out
+
+
+def _bases(run: list[Segment], prev: dict[str, TensorEntry]) -> Iterable[str | None]:
+    """The delta base of each segment of ``run``: the object of the tensor of the same name in
+    the previous version (None for raw bytes, a new name, or no previous version)."""
+    if not prev:
+        return repeat(None, len(run))
+    return [prev[key].oid if (key := _named(seg)) in prev else None for seg in run]
 
 
 def _named(seg: Segment) -> str | None:
