@@ -32,7 +32,8 @@ def test_hooks_and_drivers_do_not_import_the_heavy_commands() -> None:
 
 def test_a_filter_adding_safetensors_does_not_import_numpy(tmp_path) -> None:
     """numpy costs a git filter's start a tenth of a second; the clean of a safetensors file
-    of small tensors (no deltas, no statistics) runs without it."""
+    of small tensors (no deltas, no statistics) runs without it, and without the zip and
+    pickle readers of the other formats."""
     code = (
         "import io, pathlib, sys\n"
         "from potluck.cli import drivers\n"
@@ -48,7 +49,8 @@ def test_a_filter_adding_safetensors_does_not_import_numpy(tmp_path) -> None:
         f"tmp = pathlib.Path({str(tmp_path)!r})\n"
         "m, _ = snapshot_stream(io.BytesIO(data), db, None, name='x', spill_dir=tmp)\n"
         "dumps(m)\n"
-        "print(sorted(m for m in ('numpy', 'ml_dtypes') if m in sys.modules))\n"
+        "heavy = ('numpy', 'ml_dtypes', 'zipfile', 'pickle', 'potluck.formats.torch_zip')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -539,3 +539,13 @@ def test_corrupted_files_raise_only_format_errors(
     except FormatError:
         return
     assert b"".join(data[s.offset : s.offset + s.length] for s in layout.segments) == data
+
+
+def test_deferred_formats_are_the_classes_they_stand_for() -> None:
+    """pytorch and npz are imported on first use (git's filter starts without zipfile and
+    pickle): their stand-ins answer as the classes do, and detection returns the class."""
+    for name, cls in (("pytorch", TorchZipFormat), ("npz", NpzFormat)):
+        stand_in = FORMATS.get(name)
+        assert stand_in.name == cls.name == name
+        assert stand_in.needs_random_access is cls.needs_random_access
+        assert not stand_in.sniff(b"\x00" * 16, 16)

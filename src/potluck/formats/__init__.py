@@ -6,17 +6,20 @@ register through the ``potluck.formats`` entry-point group.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from potluck.errors import FormatError, PotluckError
 from potluck.formats.base import CheckpointFormat, Layout, naming
-from potluck.formats.npz import NpzFormat
 from potluck.formats.safetensors import SafetensorsFormat
-from potluck.formats.torch_zip import TorchZipFormat
 from potluck.registry import Registry
+
+if TYPE_CHECKING:  # imported when first used (``_Deferred``, ``__getattr__``)
+    from potluck.formats.npz import NpzFormat
+    from potluck.formats.torch_zip import TorchZipFormat
 
 __all__ = [
     "FORMATS",
@@ -30,10 +33,50 @@ __all__ = [
 #: Bytes of a file's beginning that ``sniff`` gets to see.
 HEAD_SIZE = 4096
 
+#: built-in formats whose module is imported on first use: {class name: module}
+_DEFERRED = {
+    "TorchZipFormat": "potluck.formats.torch_zip",
+    "NpzFormat": "potluck.formats.npz",
+}
+
+
+def __getattr__(name: str) -> object:
+    """``NpzFormat`` and ``TorchZipFormat``, imported when first asked for."""
+    if name in _DEFERRED:
+        return getattr(importlib.import_module(_DEFERRED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Deferred:
+    """A built-in format made (its module imported: zipfile, pickle) only when a file is not
+    one of the formats tried before it: git's filter cleans a safetensors file without them."""
+
+    def __init__(self, name: str, cls: str, needs_random_access: bool) -> None:
+        self.name = name
+        self.needs_random_access = needs_random_access  # the class's own (a test checks)
+        self._cls = cls
+        self._format: CheckpointFormat | None = None
+
+    def get(self) -> CheckpointFormat:
+        """The format itself (made on the first call)."""
+        if self._format is None:
+            module = importlib.import_module(_DEFERRED[self._cls])
+            self._format = cast(CheckpointFormat, getattr(module, self._cls)())
+        return self._format
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """The format's ``sniff``."""
+        return self.get().sniff(head, size)
+
+    def scan(self, f: BinaryIO, size: int) -> Layout:
+        """The format's ``scan``."""
+        return self.get().scan(f, size)
+
+
 FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format", "potluck.formats")
 FORMATS.register("safetensors", SafetensorsFormat())
-FORMATS.register("pytorch", TorchZipFormat())
-FORMATS.register("npz", NpzFormat())
+FORMATS.register("pytorch", _Deferred("pytorch", "TorchZipFormat", needs_random_access=True))
+FORMATS.register("npz", _Deferred("npz", "NpzFormat", needs_random_access=True))
 
 
 def detect(head: bytes, size: int) -> CheckpointFormat | None:
@@ -53,7 +96,7 @@ def _first_match(
     for _name, fmt in formats:
         try:
             if fmt.sniff(head, size):
-                return fmt
+                return _made(fmt)
         except Exception:  # a sniff must not raise; a broken plugin just does not match
             continue
     return None
@@ -116,5 +159,10 @@ def _by_extension(name: str) -> CheckpointFormat | None:
     why a file that looks like one of ours is not valid (e.g. a truncated safetensors)."""
     for ext, fmt in _EXTENSIONS.items():
         if name.endswith(ext):
-            return FORMATS.get(fmt)
+            return _made(FORMATS.get(fmt))
     return None
+
+
+def _made(fmt: CheckpointFormat) -> CheckpointFormat:
+    """The format itself for a deferred built-in one."""
+    return fmt.get() if isinstance(fmt, _Deferred) else fmt

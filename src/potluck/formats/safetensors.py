@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from potluck.errors import FormatError
@@ -180,15 +181,30 @@ def _decode_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _tensor_segments(header: dict[str, Any], data_start: int, size: int) -> list[TensorSegment]:
-    """Tensor segments in offset order, checking they cover the data region exactly."""
+def _tensor_segments(
+    header: dict[str, Any], data_start: int, size: int | None
+) -> tuple[list[TensorSegment], int]:
+    """Tensor segments in offset order, checking they cover the data region exactly, and the
+    file size (``size``, or when None the one the entries imply: where the last one ends)."""
     entries = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         dtype, shape, begin, end = _parse_entry(name, entry)
         entries.append((begin, end, name, dtype, shape))
-    entries.sort(key=lambda e: (e[0], e[1]))
+    entries.sort(key=_BY_OFFSETS)
+    if size is None:
+        size = data_start + max((end for _, end, _, _, _ in entries), default=0)
+    return _tiled(entries, data_start, size), size
+
+
+_BY_OFFSETS = itemgetter(0, 1)
+
+
+def _tiled(
+    entries: list[tuple[int, int, str, str, tuple[int, ...]]], data_start: int, size: int
+) -> list[TensorSegment]:
+    """The segments of the sorted ``entries``, which must tile the data region exactly."""
     pos = 0
     out: list[TensorSegment] = []
     for begin, end, name, dtype, shape in entries:
@@ -219,11 +235,12 @@ def _tensor_segments(header: dict[str, Any], data_start: int, size: int) -> list
     return out
 
 
-def _layout(header: dict[str, Any], n: int, size: int) -> Layout:
-    """The layout of a file of ``size`` bytes whose ``n``-byte header decodes to ``header``."""
+def _layout(header: dict[str, Any], n: int, size: int | None) -> Layout:
+    """The layout of a file of ``size`` bytes (None: the size the header implies) whose
+    ``n``-byte header decodes to ``header``."""
     metadata = _parse_metadata(header["__metadata__"]) if "__metadata__" in header else {}
-    segments: list[Segment] = [RawSegment(0, 8 + n)]
-    segments.extend(_tensor_segments(header, 8 + n, size))
+    tensors, size = _tensor_segments(header, 8 + n, size)
+    segments: list[Segment] = [RawSegment(0, 8 + n), *tensors]
     return Layout(_FMT, size, check_tiling(_FMT, size, segments), metadata=metadata)
 
 
@@ -266,23 +283,7 @@ class SafetensorsFormat:
         (n,) = struct.unpack_from("<Q", prefix)
         if n > MAX_HEADER_SIZE or len(prefix) != 8 + n:
             return self.scan(io.BytesIO(prefix), len(prefix))  # says what is wrong
-        header = _decode_header(prefix[8:])
-        ends = [0]
-        try:
-            for key, entry in header.items():
-                if key != "__metadata__":
-                    ends.append(int(entry["data_offsets"][1]))
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            ArithmeticError,
-            RecursionError,
-        ):
-            pass  # ``scan`` reports what is wrong with the header
-        return _layout(header, n, len(prefix) + max(0, *ends))
+        return _layout(_decode_header(prefix[8:]), n, None)
 
 
 def scan_own_file(path: str | os.PathLike[str], what: str, hint: str) -> Layout:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from potluck.errors import PotluckError
+from potluck.errors import GitError, PotluckError
 from potluck.git.plumbing import Git
 from potluck.objects.manifest import Manifest
 
@@ -87,23 +87,37 @@ def _settings(git: Git) -> str | None:
     return values.get(COMMAND_KEY.lower()) or None
 
 
-def _existing(git: Git, validity: str) -> tuple[str | None, dict[str, str]]:
-    """(the cache commit, its notes {blob id: text blob id}); no notes when it was made for
+def _where(git: Git) -> tuple[str, Path, str | None]:
+    """(the object format, the absolute git directory, the cache's commit or None), from one
+    ``git rev-parse``: it prints the first two, then the commit when the ref names one."""
+    args = (
+        "rev-parse", "--show-object-format", "--absolute-git-dir",
+        "--verify", "--quiet", "--end-of-options", f"{NOTES_REF}^{{commit}}",
+    )  # fmt: skip
+    proc = git.run_proc(*args)
+    lines = proc.stdout.decode("utf-8", "surrogateescape").rstrip("\n").split("\n")
+    if proc.returncode not in (0, 1) or len(lines) < 2 + (proc.returncode == 0):
+        raise GitError(f"`git {' '.join(args)}` failed ({proc.returncode})")
+    commit = lines.pop() if proc.returncode == 0 else None
+    return lines[0].strip() or "sha1", Path("\n".join(lines[1:])), commit
+
+
+def _existing(git: Git, commit: str | None, validity: str) -> dict[str, str]:
+    """The notes {blob id: text blob id} of the cache ``commit``; none when it was made for
     another command (git would not use them either)."""
-    commit = git.rev_parse(f"{NOTES_REF}^{{commit}}")
     if commit is None:
-        return None, {}
+        return {}
     raw = git.run("cat-file", "commit", commit).decode("utf-8", "replace")
     message = raw.split("\n\n", 1)[1] if "\n\n" in raw else ""
     subject = " ".join(message.split("\n\n", 1)[0].split("\n")).strip()
     if subject != validity.strip():
-        return commit, {}
+        return {}
     notes: dict[str, str] = {}
     listing = git.run("ls-tree", "-r", "-z", commit).decode("ascii", "replace")
     for line in filter(None, listing.split("\0")):
         meta, path = line.split("\t", 1)
         notes[path.replace("/", "")] = meta.split()[2]
-    return commit, notes
+    return notes
 
 
 def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) -> int:
@@ -112,14 +126,8 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
     validity = _settings(git)
     if validity is None:
         return 0
-    fmt, _, git_dir = (
-        git.run("rev-parse", "--show-object-format", "--absolute-git-dir")
-        .decode("utf-8", "surrogateescape")
-        .rstrip("\n")
-        .partition("\n")
-    )
-    fmt = fmt.strip() or "sha1"
-    old, notes = _existing(git, validity)
+    fmt, git_dir, old = _where(git)
+    notes = _existing(git, old, validity)
     fresh: dict[str, bytes] = {}
     for text, manifest in manifests:
         oid = blob_id(text, fmt)
@@ -127,7 +135,7 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
             fresh[oid] = render(manifest)
     if not fresh:
         return 0
-    notes.update(_write_blobs(git, fresh, Path(git_dir)))
+    notes.update(_write_blobs(git, fresh, git_dir))
     tree_input = "".join(f"100644 blob {blob}\t{oid}\n" for oid, blob in sorted(notes.items()))
     tree = git.run("mktree", input=tree_input.encode("ascii")).decode().strip()
     commit = git.run("commit-tree", tree, "-m", validity, env=_IDENTITY).decode().strip()

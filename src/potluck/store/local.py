@@ -183,7 +183,8 @@ class LocalStore:
                 packed.append((oid, digest, data))
         if packed:
             stored = self._loose_among(oid for oid, _, _ in packed)
-            stored |= self._packed_among(*_columns(packed, stored), batch=False)
+            if self.packs.packs:
+                stored |= self._packed_among(*_columns(packed, stored), batch=False)
             batch.add_many((digest, data) for oid, digest, data in packed if oid not in stored)
 
     def open(self, oid: str) -> BinaryIO:
