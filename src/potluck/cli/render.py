@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -209,15 +208,16 @@ def _tensor_rows(m: Manifest) -> list[str]:
     entries = [tensors[name] for name in names]
     prefixes = [e.oid[:16] for e in entries]
     plain = _all_plain(names) and _all_plain([e.dtype for e in entries]) and _all_plain(prefixes)
-    f: Callable[[object], str] = str if plain else safe_field
-    shapes: dict[tuple[int, ...], str] = {}
-    rows = []
-    for name, e, prefix in zip(names, entries, prefixes, strict=True):
-        shape = shapes.get(e.shape)
-        if shape is None:
-            shape = shapes[e.shape] = ",".join(map(str, e.shape))
-        rows.append(f"{f(name)}  {f(e.dtype)}[{shape}]  {f(prefix)}")
-    return rows
+    if not plain:
+        f = safe_field
+        return [
+            f"{f(name)}  {f(e.dtype)}[{','.join(map(str, e.shape))}]  {f(prefix)}"
+            for name, e, prefix in zip(names, entries, prefixes, strict=True)
+        ]
+    return [
+        f"{name}  {e.dtype}[{','.join(map(str, e.shape))}]  {prefix}"
+        for name, e, prefix in zip(names, entries, prefixes, strict=True)
+    ]
 
 
 def tensor_lines(m: Manifest | None) -> str:
