@@ -10,7 +10,9 @@ random BERTs built here (no downloads).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,20 +73,36 @@ def _eval_npz(path: Path, n: int = 12) -> dict[str, np.ndarray]:
     return data
 
 
+def _classifier_pair(
+    root: Path, seed: int, labels: int, change: Callable[[Any, Any], None], n: int
+) -> tuple[Path, Path, Path]:
+    """BASE and TARGET tiny BERT classifiers (TARGET: ``change(model, generator)`` applied to
+    BASE's weights, under no_grad) in ``root``, and ``n`` eval inputs."""
+    config = {"hidden_size": 16, "num_hidden_layers": 1, "pad_token_id": 0, "num_labels": labels}
+    model = tiny_bert(seed, vocab_size=len(MOVIE_WORDS), classifier=True, **config)
+    base = save_tiny(model, root / "base", MOVIE_WORDS)
+    with torch.no_grad():
+        change(model, torch.Generator().manual_seed(seed + 2))
+    target = save_tiny(model, root / "target", MOVIE_WORDS)
+    _eval_npz(root / "eval.npz", n=n)
+    return base, target, root / "eval.npz"
+
+
+def _head_change(model: Any, gen: Any) -> None:
+    w = model.classifier.weight
+    w += 0.3 * torch.randn(w.shape, generator=gen) + 0.2 * w.abs().mean()
+
+
+def _dense_change(model: Any, gen: Any) -> None:
+    for _name, p in sorted(model.named_parameters()):
+        if p.ndim == 2:
+            p += 0.05 * torch.randn(p.shape, generator=gen)
+
+
 @pytest.fixture(scope="module")
 def head_only(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """BASE and TARGET classifiers differing only in ``classifier.weight``, and eval inputs."""
-    root = tmp_path_factory.mktemp("tune")
-    config = {"hidden_size": 16, "num_hidden_layers": 1, "pad_token_id": 0, "num_labels": 4}
-    model = tiny_bert(0, vocab_size=len(MOVIE_WORDS), classifier=True, **config)
-    base = save_tiny(model, root / "base", MOVIE_WORDS)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        w = model.classifier.weight
-        w += 0.3 * torch.randn(w.shape, generator=gen) + 0.2 * w.abs().mean()
-    target = save_tiny(model, root / "target", MOVIE_WORDS)
-    _eval_npz(root / "eval.npz")
-    return base, target, root / "eval.npz"
+    return _classifier_pair(tmp_path_factory.mktemp("tune"), 0, 4, _head_change, 12)
 
 
 def _features(target: Path, data: Path) -> np.ndarray:
@@ -159,18 +177,7 @@ def _logits(model_dir: Path, data: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """BASE and TARGET classifiers, every matrix changed, and eval inputs."""
-    root = tmp_path_factory.mktemp("tune_dense")
-    config = {"hidden_size": 16, "num_hidden_layers": 1, "pad_token_id": 0, "num_labels": 3}
-    model = tiny_bert(1, vocab_size=len(MOVIE_WORDS), classifier=True, **config)
-    base = save_tiny(model, root / "base", MOVIE_WORDS)
-    gen = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for _name, p in sorted(model.named_parameters()):
-            if p.ndim == 2:
-                p += 0.05 * torch.randn(p.shape, generator=gen)
-    target = save_tiny(model, root / "target", MOVIE_WORDS)
-    _eval_npz(root / "eval.npz", n=16)
-    return base, target, root / "eval.npz"
+    return _classifier_pair(tmp_path_factory.mktemp("tune_dense"), 1, 3, _dense_change, 16)
 
 
 def _cli(*args: str) -> dict:
