@@ -17,6 +17,7 @@ import click
 
 from potluck.cli.main import cli, handle_errors
 from potluck.cli.render import echo, emit_json, secho
+from potluck.codecs import CODECS, SignScaledCodec
 from potluck.codecs.rules import Rule
 from potluck.errors import UserError
 from potluck.git.inspect import split_rev
@@ -36,8 +37,6 @@ from potluck.ops.patch.tune_scales import ScaleTuning, TuneSettings
 from potluck.ops.patch.weights import StatsLookup
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
-#: Codecs whose scales --eval tunes (``codecs.SignScaledCodec``).
-SIGN_CODECS = ("bitdelta", "ternary")
 
 
 def is_directory_ref(spec: str, model: ModelSource) -> bool:
@@ -248,11 +247,12 @@ def _tune_settings(
         if given:
             raise UserError(f"{', '.join(given)} needs --eval", hint="add --eval FILE")
         return None
-    signs = weighting or any(c in SIGN_CODECS for c in [codec, *(r[1] for r in rules)])
+    sign_codecs = [n for n, c in CODECS.items() if isinstance(c, SignScaledCodec)]
+    signs = weighting or any(c in sign_codecs for c in [codec, *(r[1] for r in rules)])
     if not (check or weighting or (signs and tune_scales)):
         raise UserError(
             "--eval needs --check, --budget/--max-error (whose errors it then weights) or a "
-            f"sign codec ({', '.join(SIGN_CODECS)}) whose scales it tunes",
+            f"sign codec ({', '.join(sorted(sign_codecs))}) whose scales it tunes",
             hint="add --check",
         )
     if not (signs and tune_scales):
