@@ -27,7 +27,6 @@ transformers are imported inside functions (the ``stats`` extra).
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -66,7 +65,8 @@ __all__ = [
     "tuning_bytes",
 ]
 
-#: Multipliers of the ternary (ComPEFT) scales tried, ×1 first (kept on ties).
+#: Multipliers of the ternary (ComPEFT) scales tried, ×1 first (kept on ties; its loss is
+#: the starting one, not computed again).
 ALPHAS = (1.0, 0.5, 0.75, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
 #: Adam's learning rate on the scales' log-multipliers.
 LEARNING_RATE = 0.02
@@ -169,7 +169,6 @@ class _Student:
     base: dict[str, torch.Tensor]
     signs: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]  # the starting scales, float64
-    shapes: dict[str, tuple[int, ...]]
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def weights(self, mult: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
@@ -180,7 +179,7 @@ class _Student:
         for name, pname in self.params.items():
             m = 1.0 if mult is None else mult.get(name, 1.0)
             scale = (self.scales[name] * m * torch.exp(self.logs[name])).to(self.base[name].dtype)
-            delta = (self.signs[name] * scale[:, None]).reshape(self.shapes[name])
+            delta = (self.signs[name] * scale[:, None]).reshape(self.base[name].shape)
             out[pname] = self.base[name] + delta
         return out
 
@@ -247,8 +246,8 @@ def tune_sign_scales(
             want = [head_output(model(**_inputs(b)), head, b["attention_mask"]) for b in batches]
         student = _student(model, head, base, payloads, names)
         before = student.loss(batches, want)
-        alpha = _grid_alpha(student, batches, want, payloads)
-        best = _distill(student, batches, want, settings.steps)
+        alpha, start = _grid_alpha(student, batches, want, payloads, before)
+        best = _distill(student, batches, want, settings.steps, start)
         student.logs = best.logs
         after = best.loss
         tuned = {n: _rescaled(student, n, payloads[n], best, base, target) for n in student.params}
@@ -281,7 +280,7 @@ def _student(
     shapes = {n: tuple(base.info(n).shape) for n in payloads if n in have}
     mapped = param_names(model, sorted(shapes), shapes)
     params = dict(model.named_parameters())
-    st = _Student(model, head, {}, {}, {}, {}, {})
+    st = _Student(model, head, {}, {}, {}, {})
     for name, pname in mapped.items():
         old = base.read(name)
         p = payloads[name]
@@ -295,7 +294,6 @@ def _student(
         st.base[name] = _tensor(old, dtype)
         st.signs[name] = _tensor(signs, dtype)
         st.scales[name] = torch.from_numpy(scales.astype(np.float64))
-        st.shapes[name] = tuple(old.shape)
         st.logs[name] = torch.zeros(scales.shape, dtype=torch.float64)
     return st
 
@@ -317,19 +315,21 @@ def _grid_alpha(
     batches: list[dict[str, torch.Tensor]],
     want: list[torch.Tensor],
     payloads: Mapping[str, Payload],
-) -> float | None:
-    """ComPEFT's α: the multiplier of ``ALPHAS`` of the ternary scales with the least loss."""
+    start: float,
+) -> tuple[float | None, float]:
+    """ComPEFT's α, the multiplier of ``ALPHAS`` of the ternary scales with the least loss
+    (``None`` without ternary tensors), and that loss; ``start`` is the loss at ×1."""
     ternary = [n for n in student.params if payloads[n].codec == "ternary"]
     if not ternary:
-        return None
-    best, best_loss = 1.0, math.inf
-    for a in ALPHAS:
+        return None, start
+    best, best_loss = 1.0, start
+    for a in ALPHAS[1:]:
         loss = student.loss(batches, want, dict.fromkeys(ternary, a))
         if loss < best_loss:
             best, best_loss = a, loss
     for n in ternary:
         student.scales[n] = student.scales[n] * best
-    return best
+    return best, best_loss
 
 
 @dataclass
@@ -339,13 +339,18 @@ class _Best:
 
 
 def _distill(
-    student: _Student, batches: list[dict[str, torch.Tensor]], want: list[torch.Tensor], steps: int
+    student: _Student,
+    batches: list[dict[str, torch.Tensor]],
+    want: list[torch.Tensor],
+    steps: int,
+    start: float,
 ) -> _Best:
     """BitDelta's scale distillation: ``steps`` Adam steps on the log-multipliers; the best
-    log-multipliers seen on the whole eval set (checked every ``_CHECK`` steps and at the end)."""
+    log-multipliers seen on the whole eval set (checked after every quarter of the steps and at
+    the end), the starting ones (whose loss is ``start``) included."""
     import torch
 
-    best = _Best(student.loss(batches, want), {n: t.clone() for n, t in student.logs.items()})
+    best = _Best(start, {n: t.clone() for n, t in student.logs.items()})
     if steps == 0 or not student.params:
         return best
     logs = list(student.logs.values())
