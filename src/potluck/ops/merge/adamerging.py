@@ -15,10 +15,16 @@ step as in the authors' code. Only the encoder (the tensors under the model's
 learned λ become per-model ``weight`` conditions (one ``{filter, value}`` per tensor, longest
 names first, so no name matches another's filter; other tensors, the heads, get ``init``) and
 are appended as JSON comments to the configuration text that ``potluck-merge.yaml`` records.
+
+The optimisation itself is ``learn_layerwise``, which takes each task's forward as a function
+of the merged tensors: a caller whose models are not Hugging Face classifiers (bench/quality's
+mean-pooled sentence encoder with a linear head per task) learns λ with the same loop and
+passes them to ``run_merge`` as ``weight`` conditions (``weight_conditions``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +40,7 @@ from potluck.ops.models.torchdata import architectures, load_batches, load_pretr
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["learn_adamerging", "weight_conditions"]
+__all__ = ["Forward", "learn_adamerging", "learn_layerwise", "weight_conditions"]
 
 _CLASSIFIER = "AutoModelForSequenceClassification"
 
@@ -128,8 +134,6 @@ def _learn(
     base: str, refs: list[str], files: list[str], p: dict[str, Any]
 ) -> list[dict[str, float]]:
     """λ per model and shared tensor, learned as the module docstring says."""
-    import torch
-
     heads = [_classifier(ref) for ref in refs]
     prefix = str(getattr(heads[0], "base_model_prefix", "")) + "."
     names = [n for n in _shared_names(base, refs) if n.startswith(prefix)]  # the encoder
@@ -144,25 +148,69 @@ def _learn(
         ft = _tensors(ref, names)
         taus.append({n: ft[n] - theta0[n] for n in names})
     batches = [
-        load_batches(f, ref, int(p["max_samples"]), int(p["batch_size"]), int(p["max_length"]))[0]
+        [
+            _unlabelled(b)
+            for b in load_batches(
+                f, ref, int(p["max_samples"]), int(p["batch_size"]), int(p["max_length"])
+            )[0]
+        ]
         for f, ref in zip(files, refs, strict=True)
     ]
+    forwards = [_logits_of(model) for model in heads]
+    out = learn_layerwise(
+        theta0, taus, forwards, batches, steps=int(p["steps"]), lr=float(p["lr"]),
+        init=float(p["init"]),
+    )  # fmt: skip
+    return [{n: float(out[t, i]) for i, n in enumerate(names)} for t in range(len(refs))]
+
+
+Forward = Callable[[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]], "torch.Tensor"]
+"""``forward(params, batch) -> logits [B, C]``: one task's prediction with the merged tensors."""
+
+
+def learn_layerwise(
+    theta0: Mapping[str, torch.Tensor],
+    taus: Sequence[Mapping[str, torch.Tensor]],
+    forwards: Sequence[Forward],
+    batches: Sequence[Sequence[dict[str, torch.Tensor]]],
+    *,
+    steps: int,
+    lr: float,
+    init: float,
+) -> np.ndarray:
+    """AdaMerging's layer-wise coefficients λ [T, L] (L = the tensors of ``theta0``, in its
+    order), learned on unlabelled batches.
+
+    Adam on λ (starting at ``init``) minimises Σₜ mean entropy of softmax(``forwards[t]``(θ(λ),
+    batch)), θ(λ)_ℓ = θ₀,ℓ + Σₛ λₛ,ℓ·τₛ,ℓ, with task t's batch ``step % len(batches[t])`` at each
+    step; λ is clamped to [0, 1] after every step (the authors' code). ``forwards[t]`` is task
+    t's model with its own head: the Hugging Face classifier of a ``potluck merge`` input, or any
+    other model (e.g. a pooled sentence encoder and a linear head) a caller builds.
+    """
+    import torch
+
+    if not (len(taus) == len(forwards) == len(batches)) or any(not b for b in batches):
+        raise UserError(
+            f"adamerging: {len(taus)} task vectors, {len(forwards)} models and "
+            f"{len(batches)} data sets (each non-empty) must match"
+        )
+    names = list(theta0)
     torch.manual_seed(0)
-    lam = torch.full((len(refs), len(names)), float(p["init"]), requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=float(p["lr"]))
-    for step in range(int(p["steps"])):
+    lam = torch.full((len(taus), len(names)), init, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    for step in range(steps):
         params = _merged(theta0, taus, names, lam)
         loss = sum(
-            _entropy(model, params, _unlabelled(b[step % len(b)]))
-            for model, b in zip(heads, batches, strict=True)
+            _entropy(fwd(params, b[step % len(b)]))
+            for fwd, b in zip(forwards, batches, strict=True)
         )
         opt.zero_grad()
         loss.backward()  # type: ignore[union-attr]
         opt.step()
         with torch.no_grad():
             lam.clamp_(0.0, 1.0)
-    out = lam.detach().double().numpy()
-    return [{n: float(out[t, i]) for i, n in enumerate(names)} for t in range(len(refs))]
+    out: np.ndarray = lam.detach().double().numpy()
+    return out
 
 
 def _classifier(ref: str) -> Any:
@@ -181,8 +229,8 @@ def _classifier(ref: str) -> Any:
 
 
 def _merged(
-    theta0: dict[str, torch.Tensor],
-    taus: list[dict[str, torch.Tensor]],
+    theta0: Mapping[str, torch.Tensor],
+    taus: Sequence[Mapping[str, torch.Tensor]],
     names: list[str],
     lam: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
@@ -196,9 +244,21 @@ def _unlabelled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _entropy(model: Any, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> Any:
+def _logits_of(model: Any) -> Forward:
+    """The forward of a Hugging Face classifier under the merged tensors (others its own)."""
     import torch
 
-    logits = torch.func.functional_call(model, params, args=(), kwargs=batch, strict=False).logits
+    def forward(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(model, params, args=(), kwargs=batch, strict=False)
+        logits: torch.Tensor = out.logits
+        return logits
+
+    return forward
+
+
+def _entropy(logits: torch.Tensor) -> Any:
+    """Mean entropy of softmax(logits) over the batch, in float64 (``prediction_entropy``)."""
+    import torch
+
     logp = torch.log_softmax(logits.double(), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
