@@ -52,7 +52,13 @@ GRID: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
         ({"base_method": "task_arithmetic", "lambda": lam, "k": 2}, {"weight": 1.0})
         for lam in (0.5, 1.0)
     ] + [({"base_method": "ties", "lambda": 1.0, "k": 2}, {"weight": 1.0, "density": 0.2})],
+    # AdaMerging, layer-wise (added after the issue-16 runs): λ learned on each task's unlabelled
+    # training texts with the bench's own forward (``adamerging``), 100 Adam steps from the
+    # paper's init 0.3; lr is the grid (the paper: 1e-3 over 500 steps)
+    "adamerging": [({"init": 0.3, "lr": lr, "steps": 100}, {}) for lr in (1e-3, 1e-2)],
 }  # fmt: skip
+#: Methods whose per-model weights are learned before the merge (grid point → config).
+LEARNED = ("adamerging",)
 STATS_KIND = {"fisher": "fisher", "regmean": "gram", "regmean_emb": "gram_emb"}
 #: Methods whose merge is θ_base + s·M with M independent of the grid's scale parameter ``s``
 #: (Iso-C and Iso-CTS: θ_base + α·σ̄·U·Vᵀ per matrix, θ_base + α·mean τ elsewhere): the first
@@ -97,14 +103,20 @@ def merge_config(
     return cfg
 
 
+#: Merge worker processes (``--threads`` of ``python -m bench.quality`` sets it).
+WORKERS = 2
+
+
 def run_one(cfg: Mapping[str, Any], out: Path) -> Path:
-    """Run ``potluck merge`` on ``cfg``; the merged weights file."""
+    """Run ``potluck merge`` on ``cfg`` (bench records under ``adamerging`` left out); the
+    merged weights file."""
     from potluck.ops.merge.config import parse_config
     from potluck.ops.merge.run import run_merge
 
     if out.exists():
         shutil.rmtree(out)
-    run_merge(parse_config(dict(cfg)), out, workers=2)
+    merge_cfg = {k: v for k, v in cfg.items() if k != "adamerging"}
+    run_merge(parse_config(merge_cfg), out, workers=WORKERS)
     files = sorted(out.glob("*.safetensors"))
     if len(files) != 1:
         raise RuntimeError(f"{out}: expected one safetensors file, got {files}")
@@ -149,6 +161,10 @@ def grid_search(
     for i, (top, per_model) in enumerate(GRID[method]):
         t0 = time.perf_counter()
         cfg = merge_config(method, top, per_model, contributors, seed)
+        if method in LEARNED:
+            from . import adamerging
+
+            cfg = adamerging.with_learned_weights(cfg, contributors, seed)
         if key and first:
             weights = scaled_copy(first[0], float(top[key]) / first[1], work / f"{method}-{i}")
         else:

@@ -52,6 +52,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true",
                    help="LoRA contributors (finetune.lora_recipe) instead of full fine-tunes; "
                         "results-lora-s<seed>.json, merges in merges-lora-s<seed>/")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads and merge workers (fine-tunes keep their own setting)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    merges.WORKERS = args.threads
     clock = Stopwatch({})
     start = time.perf_counter()
     t0 = time.perf_counter()
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         clock.stage("patches", t0)
     clock.stage("total", start)
     results["times_s"] = clock.times
-    results["machine"] = {"platform": platform.platform(), "threads": 2,
+    results["machine"] = {"platform": platform.platform(), "threads": args.threads,
                           "torch": torch.__version__}  # fmt: skip
     results["variant"] = "lora" if args.lora else "full"
     results["recipe"] = "lora" if args.lora else args.recipe
