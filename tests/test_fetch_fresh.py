@@ -1,7 +1,8 @@
 """A checkout's fetch leaves plain objects as verified files ("fresh") even when some objects
 come encoded through the wire index: only the encoded objects and their delta bases go into
 the store during the download (issue 19: one tiny encoded bias sent every plain object of a
-clone through the store's encoder)."""
+clone through the store's encoder). A standalone encoded object is left decoded too (its
+encoded file also goes into the store as it came), so the checkout does not decode it again."""
 
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def test_plain_objects_stay_fresh_beside_encoded_ones(tmp_path: Path) -> None:
         fetch_objects(receiver, remote, _wanted(refs), tmp_path / "tmp", index=index, fresh=fresh)
     finally:
         remote.close()
-    assert set(fresh) == {refs[2].oid}  # the base v1 went to the store: v2 decodes through it
+    # the base v1 went to the store only: v2 decodes through it
+    assert set(fresh) == {refs[2].oid, refs[3].oid}
     assert fresh[refs[2].oid].read_bytes() == other
+    assert fresh[refs[3].oid].read_bytes() == zeros
     assert [receiver.has(r.oid) for r in refs] == [True, True, False, True]
     assert receiver.read_bytes(refs[1].oid) == v2.tobytes()
     assert receiver.read_bytes(refs[3].oid) == zeros

@@ -132,8 +132,10 @@ def test_the_pre_push_hook_imports_neither_lineage_nor_httpx_cli() -> None:
 
 
 def test_encoded_objects_ride_in_the_same_batches(server: LfsServer, db: ObjectDB) -> None:
-    """Objects sent encoded (here: 10 that compress to far under half) are asked for in the
-    push's one existence check together with the plain ones: 160 objects, 2 batches."""
+    """Objects that could travel encoded on their own (here: 10 that compress to far under
+    half) are asked for in the push's one existence check together with the others: 160
+    objects, 2 batches; then all 150 stored files travel as one bundle (one batch, PUT and
+    verify)."""
     server.reset()
     blobs = _blobs(4)
     for n in range(10):  # compressible: a few bytes of noise in zeros
@@ -145,21 +147,22 @@ def test_encoded_objects_ride_in_the_same_batches(server: LfsServer, db: ObjectD
         report = push_objects(db, remote, wanted, encode=True)
     finally:
         remote.close()
-    assert len(report.encoded) == 10 and report.uploaded == N
-    assert _kinds(server) == {"batch": 2, "PUT": N, "verify": N}
+    assert len(report.encoded) == N and report.uploaded == N and report.bundles == 1
+    assert _kinds(server) == {"batch": 3, "PUT": 1, "verify": 1}
     stored = {p.name: p.read_bytes() for p in server.storage.rglob("*") if p.is_file()}
-    for entry in report.encoded:  # the wire object is the stored file, under its own sha256
-        assert hashlib.sha256(stored[entry.wire.oid]).hexdigest() == entry.wire.oid
-        assert db.store.open(entry.oid).read() == stored[entry.wire.oid]
-    plain = {hashlib.sha256(b).hexdigest(): b for b in blobs[10:]}
-    assert {k: stored[k] for k in plain} == plain
+    for entry in report.encoded:  # each object's stored file, under its wire object's sha256
+        wire = stored[entry.wire.oid]
+        assert hashlib.sha256(wire).hexdigest() == entry.wire.oid
+        start, length = entry.span or (0, len(wire))
+        assert db.store.open(entry.oid).read() == wire[start : start + length]
+    assert len({e.wire for e in report.encoded}) == 1
 
 
 def test_a_fetch_asks_encoded_objects_without_bases_with_the_plain_ones(
     server: LfsServer, db: ObjectDB, tmp_path: Path
 ) -> None:
-    """A fetch of 150 objects, 10 of them encoded with no delta base, asks 2 download
-    batches (not a third for the encoded ones) and stores exactly the pushed bytes."""
+    """A fetch of 150 objects in one bundle asks 1 download batch and 1 GET and stores exactly
+    the pushed bytes."""
     from potluck.ops.vcs.pushfetch import fetch_objects
 
     server.reset()
@@ -170,13 +173,13 @@ def test_a_fetch_asks_encoded_objects_without_bases_with_the_plain_ones(
     remote = LfsRemote(server.url, RemoteOptions(workers=4))
     try:
         index = {e.oid: e for e in push_objects(db, remote, wanted, encode=True).encoded}
-        assert len(index) == 10
+        assert len(index) == N and len({e.wire for e in index.values()}) == 1
         other = ObjectDB(LocalStore(tmp_path / "other"), RepoConfig(chunk_bytes=4096), workers=2)
         server.reset_counters()
         stats = fetch_objects(other, remote, wanted, tmp_path / "tmp", index=index)
     finally:
         remote.close()
-    assert stats.objects == N and _kinds(server) == {"batch": 2, "GET": N}
+    assert stats.objects == 1 and _kinds(server) == {"batch": 1, "GET": 1}
     assert {hashlib.sha256(b).hexdigest(): b for b in blobs} == {
         r.oid: other.read_bytes(r.oid) for r in wanted.refs
     }

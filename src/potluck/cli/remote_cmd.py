@@ -58,13 +58,16 @@ def push(remote: str | None, everything: bool, verify: bool, as_json: bool) -> N
                 "bytes": report.bytes,
                 "already_there": report.already_there,
                 "encoded": len(report.encoded),
+                "bundles": report.bundles,
                 "stale_index_entries": report.stale,
             }
         )
         return
     echo(
         f"potluck: {spec.url}: uploaded {report.uploaded} objects "
-        f"({human_bytes(report.bytes)}; {len(report.encoded)} as deltas or compressed), "
+        f"({human_bytes(report.bytes)}; {len(report.encoded)} as deltas or compressed"
+        + (f", in {report.bundles} bundle{'s' * (report.bundles != 1)}" if report.bundles else "")
+        + "), "
         f"{report.already_there} already there"
         + (
             f"; {report.stale} stale wire index entries re-sent as plain bytes"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +21,14 @@ from typing import BinaryIO
 from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError, PotluckError
 from potluck.objects.encoding import decode_object, read_header
 from potluck.objects.manifest import Manifest, TensorEntry
+from potluck.ops.vcs.bundle import (
+    BUNDLE_MIN_OBJECTS,
+    Bundle,
+    pieces,
+    plan_bundles,
+    seal_bundles,
+    store_member_fresh,
+)
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.wire import (
     MAX_CHAIN,
@@ -102,6 +110,7 @@ class PushReport:
     encoded: tuple[WireEntry, ...] = ()
     stale: int = 0
     early: bool = False  # ``encoded`` went to the ``early`` callback
+    bundles: int = 0  # wire objects holding several objects' stored files (``ops.vcs.bundle``)
 
 
 def push_objects(
@@ -120,10 +129,12 @@ def push_objects(
     the wire ``index`` counts only when its wire object and base chain are really there; one
     whose entry is stale goes again as plain bytes. Every object the remote lacks must be in
     the local store; if one is not, raise ``MissingObjectError`` naming file, tensor and commit
-    before anything is uploaded. With ``encode``, objects whose stored file is much smaller
-    than their bytes travel encoded (``ops.vcs.wire``) when together they save at least
-    ``ENCODED_MIN_GAIN`` of what the push would send plain; the caller must then publish
-    ``PushReport.encoded``. Encoded objects go first: when every delta base they name was on
+    before anything is uploaded. With ``encode``, a push of at least ``BUNDLE_MIN_OBJECTS``
+    standalone objects sends their stored files in bundles (``ops.vcs.bundle``: a few wire
+    objects, nothing decoded); otherwise objects whose stored file is much smaller than their
+    bytes travel encoded (``ops.vcs.wire``) when together they save at least
+    ``ENCODED_MIN_GAIN`` of what the push would send plain. Either way the caller must then
+    publish ``PushReport.encoded``. Encoded objects go first: when every delta base they name was on
     the remote before this push, ``early`` gets their entries before the plain objects are
     sent (``PushReport.early``), so the caller can publish the index while they upload.
     """
@@ -136,20 +147,31 @@ def push_objects(
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
     encoded = _choose_encoded(refs, lacking, view, guesses)
-    if not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
-        encoded = {}  # plain bytes only: no wire index to publish
-    plain = [r for r in lacking if r not in encoded]
-    by_wire = {e.wire: e.oid for e in encoded.values()}
-    wire_stats = remote.upload(list(by_wire), lambda w: odb.store.open(by_wire[w]), on_bytes)
+    alone = [r for r in lacking if r not in encoded or encoded[r].base is None]
+    bundles, plain = _bundled(odb, wanted, alone, view) if encode else ([], [])
+    if bundles:  # standalone objects go in the bundles; only deltas travel encoded alone
+        encoded = {r: e for r, e in encoded.items() if e.base is not None}
+    else:
+        plain = [r for r in lacking if r not in encoded]
+        if not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
+            encoded, plain = {}, lacking  # plain bytes only: no wire index to publish
+    entries = [*encoded.values(), *seal_bundles(odb, bundles)]
+    openers = _wire_openers(odb, encoded, bundles, entries)
+    sent: set[ObjectRef] = set()
+
+    def open_wire(w: ObjectRef) -> AbstractContextManager[BinaryIO]:
+        sent.add(w)
+        return openers[w]()
+
+    wire_stats = remote.upload(list(openers), open_wire, on_bytes)
     sending = {r.oid for r in lacking}
-    announce = bool(encoded) and all(
-        e.base is None or e.base not in sending for e in encoded.values()
-    )
+    announce = bool(entries) and all(e.base is None or e.base not in sending for e in entries)
     if early is not None and announce:
-        early(tuple(encoded.values()))
+        early(tuple(entries))
     announce = announce and early is not None
     stats = remote.upload(plain, lambda ref: _open_logical(odb, ref), on_bytes)
-    there = len(refs) - len(lacking) + stats.skipped
+    carried = sum(1 for e in entries if e.wire in sent)
+    there = len(refs) - len(lacking) + stats.skipped + len(entries) - carried
     stale = sum(1 for r in lacking if r.oid in view.stale)
     if stale:
         log.warning(
@@ -157,9 +179,44 @@ def push_objects(
             stale, remote.url,
         )  # fmt: skip
     return PushReport(
-        len(refs), stats.objects + wire_stats.objects, stats.bytes + wire_stats.bytes, there,
-        tuple(encoded.values()), stale, announce,
+        len(refs), stats.objects + carried, stats.bytes + wire_stats.bytes, there,
+        tuple(entries), stale, announce, len(bundles),
     )  # fmt: skip
+
+
+def _bundled(
+    odb: ObjectDB, wanted: Wanted, plain: Sequence[ObjectRef], view: RemoteView
+) -> tuple[list[Bundle], list[ObjectRef]]:
+    """Bundles of the standalone objects among ``plain`` (in checkpoint order: a file's
+    tensors travel together) and what stays plain: delta objects, objects with a stale index
+    entry, and everything when there are fewer than ``BUNDLE_MIN_OBJECTS`` to bundle."""
+    todo = set(plain)
+    candidates = [r for r in wanted.refs if r in todo and r.oid not in view.stale]
+    if len(candidates) < BUNDLE_MIN_OBJECTS:
+        return [], list(plain)
+    bundles, deltas = plan_bundles(odb, candidates)
+    if sum(len(b.members) for b in bundles) < BUNDLE_MIN_OBJECTS:
+        return [], list(plain)
+    rest = set(deltas) | {r for r in plain if r.oid in view.stale}
+    return bundles, [r for r in plain if r in rest]
+
+
+def _wire_openers(
+    odb: ObjectDB,
+    encoded: Mapping[ObjectRef, WireEntry],
+    bundles: Sequence[Bundle],
+    entries: Sequence[WireEntry],
+) -> dict[ObjectRef, Callable[[], AbstractContextManager[BinaryIO]]]:
+    """Each wire object to upload and how to open its bytes: a stored file, or a bundle."""
+    openers: dict[ObjectRef, Callable[[], AbstractContextManager[BinaryIO]]] = {
+        e.wire: functools.partial(odb.store.open, e.oid) for e in encoded.values()
+    }
+    wires = [e.wire for e in entries[len(encoded) :]]
+    first = 0
+    for bundle in bundles:  # seal_bundles gives one entry per member, bundle by bundle
+        openers[wires[first]] = functools.partial(_open_bundle, odb, bundle)
+        first += len(bundle.members)
+    return openers
 
 
 def _check_local(
@@ -258,6 +315,16 @@ class _Planning:
 
     def close(self) -> None:
         self._remote.close()
+
+
+@contextmanager
+def _open_bundle(odb: ObjectDB, bundle: Bundle) -> Iterator[BinaryIO]:
+    """A read-only stream of a bundle's bytes (called again when the upload is retried)."""
+    stream = _ChunkReader(pieces(odb, bundle))
+    try:
+        yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
+    finally:
+        stream.close()
 
 
 @contextmanager
@@ -422,40 +489,68 @@ def _fetch_planned(
     # encoded objects whose base is local (or that have none) come in the plain objects'
     # batches; the others level by level, after their bases
     first = levels[0] if levels else []
-    ready = {e.wire: (r, e) for r, e in first if e.base is None or odb.has(e.base)}
-    later = [[(r, e) for r, e in first if e.wire not in ready], *levels[1:]]
+    ready = _by_wire(p for p in first if p[1].base is None or odb.has(p[1].base))
+    later = [[p for p in first if p[1].wire not in ready], *levels[1:]]
+    store = functools.partial(_store_wire, odb, tmp_dir / "fresh", keep, bases)
 
     def sink_first(ref: ObjectRef, path: Path) -> None:
         if ref in ready:
-            _store_wire(odb, ready, ref, path)
+            store(ready, ref, path)
         else:
             sink(ref, path)
 
     if plain or ready:
         _add(stats, remote.download([*plain, *ready], sink_first, tmp_dir, on_bytes))
     for level in filter(None, later):
-        by_wire = {entry.wire: (ref, entry) for ref, entry in level}
-        sink_level = functools.partial(_store_wire, odb, by_wire)
-        _add(stats, remote.download(list(by_wire), sink_level, tmp_dir, on_bytes))
+        by_wire = _by_wire(level)
+        _add(
+            stats,
+            remote.download(list(by_wire), functools.partial(store, by_wire), tmp_dir, on_bytes),
+        )
 
 
-WireLevel = Mapping[ObjectRef, tuple[ObjectRef, WireEntry]]
+WireLevel = Mapping[ObjectRef, list[tuple[ObjectRef, WireEntry]]]
 
 
-def _store_wire(odb: ObjectDB, by_wire: WireLevel, w: ObjectRef, path: Path) -> None:
-    """Store one downloaded wire object; any failure names the index entry (logical id and
-    wire object) so that the fetch can fall back to the plain bytes."""
-    ref, entry = by_wire[w]
-    try:
-        store_encoded(odb, entry, ref.size, path)
-    except PotluckError as e:
-        raise CorruptObjectError(
-            f"wire object {w.oid[:12]} does not give object {ref.oid[:12]}: {e.message}",
-            hint="the remote's wire index is wrong; push the object again from a clone that "
-            "has it (`potluck push --verify`)",
-            oid=ref.oid,
-            wire=w.oid,
-        ) from e
+def _by_wire(
+    pairs: Iterable[tuple[ObjectRef, WireEntry]],
+) -> dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]]:
+    """Wire object → the (object, entry) pairs it carries (several for a bundle)."""
+    out: dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]] = {}
+    for ref, entry in pairs:
+        out.setdefault(entry.wire, []).append((ref, entry))
+    return out
+
+
+def _store_wire(
+    odb: ObjectDB,
+    fresh_dir: Path,
+    keep: dict[str, Path] | None,
+    bases: set[str | None],
+    by_wire: WireLevel,
+    w: ObjectRef,
+    path: Path,
+) -> None:
+    """Store the objects one downloaded wire object carries; any failure names the index
+    entry (logical id and wire object) so that the fetch can fall back to the plain bytes.
+    With ``keep``, a standalone object no other one decodes through is also left decoded in
+    ``fresh_dir`` (its encoded file goes into the store as it came)."""
+    for ref, entry in by_wire[w]:
+        try:
+            if keep is not None and entry.base is None and ref.oid not in bases:
+                dest = fresh_dir / ref.oid
+                store_member_fresh(odb, entry, ref.size, path, dest)
+                keep[ref.oid] = dest
+            else:
+                store_encoded(odb, entry, ref.size, path)
+        except PotluckError as e:
+            raise CorruptObjectError(
+                f"wire object {w.oid[:12]} does not give object {ref.oid[:12]}: {e.message}",
+                hint="the remote's wire index is wrong; push the object again from a clone "
+                "that has it (`potluck push --verify`)",
+                oid=ref.oid,
+                wire=w.oid,
+            ) from e
 
 
 def _failed_entries(
@@ -463,17 +558,24 @@ def _failed_entries(
 ) -> set[str]:
     """Logical ids whose index entry ``err`` condemns: an entry whose wire object is missing
     or bad, and a wanted object whose delta base could not be had (it is then fetched as
-    plain bytes itself)."""
-    by_wire = {e.wire.oid: e.oid for e in usable.values()}
+    plain bytes itself). When one object of a wire object does not decode, only its own
+    entry is condemned (the other members of a bundle are still good)."""
+    wire, logical = err.data.get("wire"), err.data.get("oid")
+    entry = usable.get(str(logical))
+    if not isinstance(err, MissingObjectError) and entry is not None and entry.wire.oid == wire:
+        return {entry.oid}
+    by_wire: dict[str, set[str]] = {}
+    for e in usable.values():
+        by_wire.setdefault(e.wire.oid, set()).add(e.oid)
     named = [*err.data.get("oids", ()), err.data.get("oid"), err.data.get("wire")]
     bad = set()
     for oid in filter(None, named):
         if oid in by_wire:
-            bad.add(by_wire[oid])
+            bad |= by_wire[oid]
         elif owners.get(oid, oid) != oid:
             bad.add(owners[oid])
-    if not isinstance(err, MissingObjectError) and err.data.get("wire") in by_wire:
-        bad.add(str(err.data.get("oid")))
+    if not isinstance(err, MissingObjectError) and wire in by_wire:
+        bad.add(str(logical))
     return bad & set(usable)
 
 

@@ -8,6 +8,15 @@ Git LFS object), so an encoded object travels under the hash of its *encoded* by
     potluck wire index v1
     <logical oid> <wire oid> <wire size> <base oid or ->
 
+A **bundle** (``ops.vcs.bundle``) is one wire object holding the stored files of many
+standalone objects end to end, so a push of a whole checkpoint makes a few requests instead of
+two per tensor; its members' lines (format v2) add where each one's file lies in it::
+
+    potluck wire index v2
+    <logical oid> <wire oid> <wire size> <base oid or -> [<offset> <length>]
+
+An index without bundle members is written as v1, byte for byte as before.
+
 The index is published next to the commits (``git.wireindex`` keeps it in a git ref) only
 after every object it names has been uploaded. A receiver downloads the base chain first,
 checks each encoded object's header against the index, stores it, then decodes it once to
@@ -20,6 +29,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from potluck.config import MAX_DELTA_DEPTH
 from potluck.errors import CorruptObjectError, FormatError, UserError
@@ -30,6 +40,8 @@ from potluck.remote import ObjectRef, ObjectRemote
 from potluck.store.base import validate_oid
 
 INDEX_MAGIC = b"potluck wire index v1\n"
+#: an index with bundle members (lines with an offset and a length into their wire object)
+INDEX_MAGIC_V2 = b"potluck wire index v2\n"
 #: send the encoded form only when it is at most this fraction of the plain bytes
 ENCODED_RATIO = 0.5
 #: ... and a delta only when it is at most this fraction: a receiver without the delta base (a
@@ -50,31 +62,36 @@ MAX_STORED_DEPTH = 2 * MAX_DELTA_DEPTH
 
 @dataclass(frozen=True)
 class WireEntry:
-    """One encoded object on a remote: logical id, the wire object, and its delta base."""
+    """One encoded object on a remote: logical id, the wire object, and its delta base;
+    ``span`` (offset, length) when the object's file is one member of a bundle."""
 
     oid: str
     wire: ObjectRef
     base: str | None
+    span: tuple[int, int] | None = None
 
     def line(self) -> str:
         """The index line of this entry."""
-        return f"{self.oid} {self.wire.oid} {self.wire.size} {self.base or '-'}"
+        text = f"{self.oid} {self.wire.oid} {self.wire.size} {self.base or '-'}"
+        return text if self.span is None else f"{text} {self.span[0]} {self.span[1]}"
+
+    @property
+    def length(self) -> int:
+        """Bytes of this object's encoded file (the whole wire object, or its span)."""
+        return self.wire.size if self.span is None else self.span[1]
 
 
 def parse_index(data: bytes) -> dict[str, WireEntry]:
-    """Entries of one index blob; ``FormatError`` on anything malformed."""
-    if not data.startswith(INDEX_MAGIC):
+    """Entries of one index blob (v1, or v2 with bundle members); ``FormatError`` on anything
+    malformed, a member's span outside its wire object included."""
+    v2 = data.startswith(INDEX_MAGIC_V2)
+    if not (v2 or data.startswith(INDEX_MAGIC)):
         raise FormatError("not a potluck wire index", hint="the remote's index ref is damaged")
     out: dict[str, WireEntry] = {}
     for n, line in enumerate(data[len(INDEX_MAGIC) :].decode("ascii", "replace").splitlines()):
         fields = line.split(" ")
         try:
-            oid, wire, size, base = fields
-            entry = WireEntry(
-                validate_oid(oid),
-                ObjectRef(validate_oid(wire), int(size)),
-                None if base == "-" else validate_oid(base),
-            )
+            entry = _parse_line(fields, v2)
         except (ValueError, UserError) as e:
             raise FormatError(
                 f"wire index line {n + 2} is malformed: {line[:120]!r}",
@@ -84,10 +101,27 @@ def parse_index(data: bytes) -> dict[str, WireEntry]:
     return out
 
 
+def _parse_line(fields: Sequence[str], v2: bool) -> WireEntry:
+    """One index line's entry; ``ValueError`` / ``UserError`` when malformed."""
+    if len(fields) not in ((4, 6) if v2 else (4,)):
+        raise ValueError(f"{len(fields)} fields")
+    oid, wire, size, base = fields[:4]
+    ref = ObjectRef(validate_oid(wire), int(size))
+    span = None
+    if len(fields) == 6:
+        offset, length = int(fields[4]), int(fields[5])
+        if offset < 0 or length < HEADER_SIZE or offset + length > ref.size:
+            raise ValueError(f"span {offset}+{length} outside a wire object of {ref.size} bytes")
+        span = (offset, length)
+    return WireEntry(validate_oid(oid), ref, None if base == "-" else validate_oid(base), span)
+
+
 def dump_index(entries: Iterable[WireEntry]) -> bytes:
-    """Canonical index text: sorted by logical id."""
-    lines = sorted({e.oid: e.line() for e in entries}.items())
-    return INDEX_MAGIC + "".join(line + "\n" for _, line in lines).encode("ascii")
+    """Canonical index text: sorted by logical id; v1 unless some entry is a bundle member."""
+    unique = {e.oid: e for e in entries}
+    magic = INDEX_MAGIC_V2 if any(e.span for e in unique.values()) else INDEX_MAGIC
+    lines = sorted((oid, e.line()) for oid, e in unique.items())
+    return magic + "".join(line + "\n" for _, line in lines).encode("ascii")
 
 
 def encoded_candidate(
@@ -132,26 +166,42 @@ def check_header(entry: WireEntry, head: ObjectHeader, size: int) -> None:
 
 
 def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> None:
-    """Put a downloaded encoded object into the store as ``entry.oid``, then decode it once
-    (its base must be here) to prove it yields the logical bytes; on failure nothing stays.
+    """Put a downloaded encoded object (the wire file at ``path``, or ``entry.span`` of it)
+    into the store as ``entry.oid``, then decode it once (its base must be here) to prove it
+    yields the logical bytes; on failure nothing stays.
 
     Its delta chain in this store must not be deeper than ``MAX_STORED_DEPTH``; the header
     records the chain's real depth here (a sender's base may be stored differently)."""
+    offset = entry.span[0] if entry.span else 0
     with open(path, "rb") as f:
+        f.seek(offset)
         head = read_header(f)
         check_header(entry, head, size)
         depth = _depth_on(odb, entry)
-        f.seek(0 if depth == head.depth else HEADER_SIZE)
+        f.seek(offset if depth == head.depth else offset + HEADER_SIZE)
+        left = entry.length - (0 if depth == head.depth else HEADER_SIZE)
         with odb.store.writer(entry.oid, durable=False) as out:  # can be fetched again
             if depth != head.depth:
                 write_header(out, replace(head, depth=depth))
-            while buf := f.read(1 << 20):
-                out.write(buf)
+            copy_exact(f, out, left)
     try:
         odb.verify(entry.oid)
     except Exception:
         odb.store.delete(entry.oid)
         raise
+
+
+def copy_exact(src: BinaryIO, out: BinaryIO, n: int) -> None:
+    """Copy the next ``n`` bytes of ``src`` to ``out``; ``CorruptObjectError`` if it ends first."""
+    while n > 0:
+        buf = src.read(min(n, 1 << 20))
+        if not buf:
+            raise CorruptObjectError(
+                f"the wire object ends {n} bytes early",
+                hint="the remote's wire index is wrong; push the object again",
+            )
+        out.write(buf)
+        n -= len(buf)
 
 
 def _depth_on(odb: ObjectDB, entry: WireEntry) -> int:

@@ -1,0 +1,181 @@
+"""Bundles: many stored objects sent as one wire object, so a push of a whole checkpoint makes
+a few requests instead of two per tensor (an LFS upload and its verify).
+
+A push sends every standalone object it must upload (no delta base) as its stored file, the
+bytes already in the local store: nothing is decoded to send it, and a receiver stores it as
+it came (decoding it once to check it). Files of at most ``BUNDLE_BYTES / 2`` are laid end to
+end, in the order the checkpoint lists them, in bundles of at most ``BUNDLE_BYTES``; a larger
+one travels alone. Each member gets a wire index entry with its span in the bundle
+(``ops.vcs.wire``); the bundle is named by the sha256 of all its bytes, like any LFS object.
+
+A receiver that needs one member downloads the whole bundle (at most ``BUNDLE_BYTES``); members
+of one file sit together, so a checkout of one file rarely downloads another file's tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from potluck import workers
+from potluck.errors import CorruptObjectError
+from potluck.objects.encoding import decode_object, read_header
+from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.wire import WireEntry, check_header, copy_exact
+from potluck.remote import ObjectRef
+
+__all__ = [
+    "BUNDLE_BYTES",
+    "BUNDLE_MIN_OBJECTS",
+    "Bundle",
+    "plan_bundles",
+    "seal_bundles",
+    "store_member_fresh",
+]
+
+#: the largest bundle; a stored file over half of it travels alone
+BUNDLE_BYTES = 64 << 20
+#: a push bundles its standalone objects only when it sends at least this many (fewer cost
+#: few requests, and bundling means a wire index to publish)
+BUNDLE_MIN_OBJECTS = 32
+_PIECE = 8 << 20
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Objects sent together: each logical object and the size of its stored file."""
+
+    members: tuple[tuple[ObjectRef, int], ...]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the bundle: its members' stored files end to end."""
+        return sum(n for _, n in self.members)
+
+
+def plan_bundles(odb: ObjectDB, refs: Sequence[ObjectRef]) -> tuple[list[Bundle], list[ObjectRef]]:
+    """Split ``refs`` (objects to upload, in checkpoint order) into bundles of their stored
+    files, and the objects that must travel as plain bytes (delta objects: their stored
+    file needs a base the receiver may lack)."""
+    bundles: list[Bundle] = []
+    plain: list[ObjectRef] = []
+    current: list[tuple[ObjectRef, int]] = []
+    filled = 0
+    for ref in refs:
+        if odb.header(ref.oid).base_oid is not None:
+            plain.append(ref)
+            continue
+        stored = odb.store.stored_size(ref.oid)
+        if stored > BUNDLE_BYTES // 2:
+            bundles.append(Bundle(((ref, stored),)))
+            continue
+        if filled + stored > BUNDLE_BYTES:
+            bundles.append(Bundle(tuple(current)))
+            current, filled = [], 0
+        current.append((ref, stored))
+        filled += stored
+    if current:
+        bundles.append(Bundle(tuple(current)))
+    return bundles, plain
+
+
+def seal_bundles(odb: ObjectDB, bundles: Sequence[Bundle], threads: int = 2) -> list[WireEntry]:
+    """The wire entries of ``bundles``: each bundle hashed (on ``threads`` threads; sha256 and
+    file reads release the GIL), a lone member as a plain encoded entry, the others with spans."""
+    with workers.pool(max(1, threads), "potluck-bundle") as pool:
+        digests = list(pool.map(lambda b: _digest(odb, b), bundles))
+    entries: list[WireEntry] = []
+    for bundle, digest in zip(bundles, digests, strict=True):
+        wire = ObjectRef(digest, bundle.size)
+        if len(bundle.members) == 1:
+            entries.append(WireEntry(bundle.members[0][0].oid, wire, None))
+            continue
+        offset = 0
+        for ref, stored in bundle.members:
+            entries.append(WireEntry(ref.oid, wire, None, (offset, stored)))
+            offset += stored
+    return entries
+
+
+def _digest(odb: ObjectDB, bundle: Bundle) -> str:
+    h = hashlib.sha256()
+    for piece in pieces(odb, bundle):
+        h.update(piece)
+    return h.hexdigest()
+
+
+def pieces(odb: ObjectDB, bundle: Bundle) -> Iterator[bytes]:
+    """The bundle's bytes: each member's stored file, checked to have the size planned."""
+    for ref, stored in bundle.members:
+        with odb.store.open(ref.oid) as f:
+            left = stored
+            while left > 0:
+                buf = f.read(min(left, _PIECE))
+                if not buf:
+                    break
+                left -= len(buf)
+                yield buf
+            if left or f.read(1):
+                raise CorruptObjectError(
+                    f"local object {ref.oid[:12]} changed size while it was being sent",
+                    hint="run the push again; `potluck fsck` checks the store",
+                    oid=ref.oid,
+                )
+
+
+class _Span:
+    """``length`` bytes of ``f`` from its current position, as a read-only stream."""
+
+    def __init__(self, f: BinaryIO, length: int) -> None:
+        self._f, self._left = f, length
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        buf = self._f.read(self._left if n < 0 else min(n, self._left))
+        self._left -= len(buf)
+        return buf
+
+
+def store_member_fresh(odb: ObjectDB, entry: WireEntry, size: int, path: Path, dest: Path) -> None:
+    """A downloaded standalone encoded object (``entry``, in the wire file ``path``): decode
+    it into ``dest`` (its logical bytes, for a checkout to use at once) while hashing, and,
+    when it yields exactly ``entry.oid``, put its encoded file into the store unchanged (no
+    re-encoding). On a mismatch nothing stays and ``CorruptObjectError`` names the object."""
+    offset = entry.span[0] if entry.span else 0
+    tmp = dest.with_name(dest.name + ".part")
+    h, n = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as f, open(tmp, "wb") as out:
+            f.seek(offset)
+            check_header(entry, read_header(f), size)
+            f.seek(offset)
+            for chunk in decode_object(_Span(f, entry.length), _no_base):  # type: ignore[arg-type]
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+        if n != size or h.hexdigest() != entry.oid:
+            raise CorruptObjectError(
+                f"wire object {entry.wire.oid[:12]} gives {n} bytes hashing to "
+                f"{h.hexdigest()[:12]}, not object {entry.oid[:12]}",
+                hint="the remote's wire index is wrong; push the object again",
+                oid=entry.oid,
+            )
+        with open(path, "rb") as f, odb.store.writer(entry.oid, durable=False) as w:
+            f.seek(offset)
+            copy_exact(f, w, entry.length)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _no_base(oid: str) -> Iterator[bytes]:
+    raise CorruptObjectError(
+        f"a bundle member refers to delta base {oid[:12]}",
+        hint="the remote's wire index is wrong; push the object again",
+        oid=oid,
+    )
