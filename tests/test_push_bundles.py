@@ -242,3 +242,53 @@ def test_git_push_to_lfs_sends_few_requests_and_clones_bit_exact(
     assert sha(clone / FILE) == sha(repo / FILE)
     assert [m for m, p, _ in lfs_server.requests if "batch" not in p] == ["GET"]
     run_in(clone)("potluck", "fsck")
+
+
+def test_a_damaged_bundle_refuses_only_the_members_it_damages(
+    tmp_path: Path, small_bundles: None
+) -> None:
+    """A flipped byte inside one member of a bundle on the remote: the bundle is not hashed
+    on the way in (each member is checked by its own id), so the damaged member alone is
+    refused and named, and the bundle's other members are stored."""
+    blobs = _blobs(40)
+    _, wanted, index = _push(tmp_path, blobs)
+    refs = list(wanted.refs)
+    victim = next(r for r in refs if index[r.oid].span and index[r.oid].span[0] > 0)
+    offset, length = index[victim.oid].span or (0, 0)
+    path = next((tmp_path / "remote").rglob(index[victim.oid].wire.oid))
+    data = bytearray(path.read_bytes())
+    data[offset + length - 5] ^= 0x10  # inside the member's last chunk
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    receiver = _db(tmp_path / "receiver")
+    rest = Wanted({r: w for r, w in wanted.refs.items() if r != victim})
+    remote = open_remote((tmp_path / "remote").as_uri())
+    try:
+        with pytest.raises(MissingObjectError) as err:
+            fetch_objects(receiver, remote, wanted, tmp_path / "tmp", index=index)
+        fetch_objects(receiver, remote, rest, tmp_path / "tmp", index=index)
+    finally:
+        remote.close()
+    assert err.value.data["oids"] == [victim.oid]
+    assert [r for r in refs if not receiver.has(r.oid)] == [victim]
+
+
+def test_an_upload_trusts_a_bundle_hash_but_checks_its_length() -> None:
+    """``read_exact`` skips the sha256 of a stream marked as hashed by its maker (a bundle
+    just sealed from immutable stored files) and still refuses a short one."""
+    import io
+
+    from potluck.errors import IntegrityError
+    from potluck.remote.transfer import read_exact
+
+    data = b"x" * 100
+    ref = ObjectRef(hashlib.sha256(b"something else").hexdigest(), 100)
+    stream = io.BytesIO(data)
+    stream.hashed = ref.oid  # type: ignore[attr-defined]
+    assert b"".join(read_exact(stream, ref)) == data
+    with pytest.raises(IntegrityError, match="hash"):
+        list(read_exact(io.BytesIO(data), ref))
+    short = io.BytesIO(data[:60])
+    short.hashed = ref.oid  # type: ignore[attr-defined]
+    with pytest.raises(IntegrityError, match="ended after 60 bytes"):
+        list(read_exact(short, ref))

@@ -234,6 +234,28 @@ class TestRemoteContract:
         assert sink.got == {good: objects[good]}
         assert remote.missing([good, bad]) == ([] if how == "same-size" else [bad])
 
+    def test_sink_checks_hands_same_size_bytes_to_the_sink_and_still_checks_sizes(
+        self, remote: ObjectRemote, backend: Backend, tmp_path: Path
+    ) -> None:
+        """A ref listed in ``sink_checks`` (a bundle, whose members the sink checks one by
+        one) is not hashed: bytes of the right size reach the sink as they are; a wrong size
+        is still refused. Refs not listed are hashed as always."""
+        objects = blobs(CHUNK + 10, 300, seed=8)
+        listed, other = list(objects)
+        remote.upload([listed, other], opener(objects))
+        backend.overwrite(listed.oid, b"Y" * listed.size)
+        backend.overwrite(other.oid, b"Z" * other.size)
+        tmp_dir = tmp_path / "dl"
+        sink = Collector(tmp_dir)
+        remote.download([listed], sink, tmp_dir, sink_checks={listed.oid})
+        assert sink.got == {listed: b"Y" * listed.size}
+        with pytest.raises(IntegrityError, match=other.oid):
+            remote.download([other], Collector(tmp_dir), tmp_dir, sink_checks={listed.oid})
+        backend.overwrite(listed.oid, b"Y" * (listed.size - 1))
+        with pytest.raises(IntegrityError, match=listed.oid):
+            remote.download([listed], Collector(tmp_dir), tmp_dir, sink_checks={listed.oid})
+        assert stray_files(tmp_dir) == []
+
     def test_absent_and_wrong_size_objects_together(
         self, remote: ObjectRemote, backend: Backend, tmp_path: Path
     ) -> None:

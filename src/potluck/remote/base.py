@@ -7,7 +7,7 @@ Batch API over HTTP) and ``fsspec_remote`` (any fsspec filesystem: file, s3, mem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +125,15 @@ class ObjectRemote(Protocol):
         sink: Sink,
         tmp_dir: Path,
         on_bytes: OnBytes | None = None,
+        *,
+        sink_checks: Collection[str] = (),
     ) -> TransferStats:
         """Fetch every ref into ``tmp_dir/<oid>.part``, verify it, then hand it to ``sink``.
 
         Raises ``MissingObjectError`` (``data["oids"]``: all absent oids) before downloading
-        anything, and ``IntegrityError`` when the remote's bytes do not match the ref.
+        anything, and ``IntegrityError`` when the remote's bytes do not match the ref. Refs
+        whose oid is in ``sink_checks`` are checked for size only: the sink checks what it
+        uses of them (a bundle: each member it takes against the member's own id).
         """
         ...
 

@@ -9,7 +9,7 @@ byte is written and hashes right, else discarded, so no half-written object is e
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,8 +108,11 @@ class FsspecRemote:
         sink: Sink,
         tmp_dir: Path,
         on_bytes: OnBytes | None = None,
+        *,
+        sink_checks: Collection[str] = (),
     ) -> TransferStats:
-        """Fetch, verify and sink every ref; absent objects are reported before any transfer."""
+        """Fetch, verify and sink every ref; absent objects are reported before any transfer
+        (``sink_checks``: see ``ObjectRemote.download``)."""
         todo = unique_refs(refs)
         sizes = self._sizes(todo)
         absent = [r.oid for r, size in zip(todo, sizes, strict=True) if size is None]
@@ -131,7 +134,8 @@ class FsspecRemote:
             def open_body(offset: int) -> AbstractContextManager[Body]:
                 return self._open_body(ref, offset)
 
-            self._engine.download(ref, tmp_dir, open_body, sink, meter)
+            hashed = ref.oid not in sink_checks
+            self._engine.download(ref, tmp_dir, open_body, sink, meter, hashed=hashed)
 
         self._engine.map(one, todo)
         return meter.stats

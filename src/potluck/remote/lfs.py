@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -161,8 +161,11 @@ class LfsRemote:
         sink: Sink,
         tmp_dir: Path,
         on_bytes: OnBytes | None = None,
+        *,
+        sink_checks: Collection[str] = (),
     ) -> TransferStats:
-        """Fetch, verify and sink every ref; absent objects are reported before any transfer."""
+        """Fetch, verify and sink every ref; absent objects are reported before any transfer
+        (``sink_checks``: see ``ObjectRemote.download``)."""
         todo = unique_refs(refs)
         entries = self._batch("download", todo)
         absent = [r.oid for r in todo if (e := entries[r.oid].error) and e[0] in GONE]
@@ -181,7 +184,8 @@ class LfsRemote:
             def open_body(offset: int) -> AbstractContextManager[Body]:
                 return self._get(ref, box, offset)
 
-            self._engine.download(ref, tmp_dir, open_body, sink, meter)
+            hashed = ref.oid not in sink_checks
+            self._engine.download(ref, tmp_dir, open_body, sink, meter, hashed=hashed)
 
         self._engine.map(one, todo)
         return meter.stats

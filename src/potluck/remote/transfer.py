@@ -186,11 +186,19 @@ class Engine:
             ) from None
 
     def download(
-        self, ref: ObjectRef, tmp_dir: Path, open_body: OpenBody, sink: Sink, meter: Meter
+        self,
+        ref: ObjectRef,
+        tmp_dir: Path,
+        open_body: OpenBody,
+        sink: Sink,
+        meter: Meter,
+        *,
+        hashed: bool = True,
     ) -> None:
-        """Fetch ``ref`` into ``tmp_dir/<oid>.part`` (resuming), verify it, then ``sink`` it."""
+        """Fetch ``ref`` into ``tmp_dir/<oid>.part`` (resuming), verify it (its size only
+        when not ``hashed``: the sink checks what it uses), then ``sink`` it."""
         part = tmp_dir / f"{ref.oid}.part"
-        fetch = _Fetch(ref, part, open_body, meter, self.url)
+        fetch = _Fetch(ref, part, open_body, meter, self.url, hashed)
         try:
             self.retry(fetch.attempt, f"download of object {ref.oid} from {self.url}")
         except IntegrityError as e:
@@ -213,18 +221,28 @@ class _Fetch:
     """One object's download attempts, resuming from what ``part`` already holds."""
 
     def __init__(
-        self, ref: ObjectRef, part: Path, open_body: OpenBody, meter: Meter, url: str
+        self,
+        ref: ObjectRef,
+        part: Path,
+        open_body: OpenBody,
+        meter: Meter,
+        url: str,
+        hashed: bool = True,
     ) -> None:
         self.ref = ref
+        self.hashed = hashed
         self.url = url
         self.part = part
         self.open_body = open_body
         self.meter = meter
         self.fresh_mismatches = 0
 
+    def _hasher(self) -> Any:
+        return hashlib.sha256() if self.hashed else _SizeOnly(self.ref.oid)
+
     def _prefix(self) -> tuple[int, Any]:
         """Bytes already in ``part`` and their running hash (a longer file is discarded)."""
-        hasher = hashlib.sha256()
+        hasher = self._hasher()
         try:
             have = self.part.stat().st_size
         except FileNotFoundError:
@@ -232,6 +250,8 @@ class _Fetch:
         if have > self.ref.size:
             self.part.unlink()
             return 0, hasher
+        if not self.hashed:
+            return have, hasher
         with self.part.open("rb") as f:
             while piece := f.read(CHUNK):
                 hasher.update(piece)
@@ -246,7 +266,7 @@ class _Fetch:
             try:
                 with self.open_body(have) as (start, chunks):
                     if start != have:  # the server ignored the range: start over
-                        have, hasher, resumed = 0, hashlib.sha256(), False
+                        have, hasher, resumed = 0, self._hasher(), False
                     have = self._write(chunks, have, hasher)
             except RetryableError as e:
                 if e.integrity:
@@ -285,28 +305,46 @@ class _Fetch:
         return have
 
 
+class _SizeOnly:
+    """A stand-in for sha256 where the sink checks the bytes (``Engine.download(hashed=False)``):
+    it reports the expected id, so only the size is checked here."""
+
+    def __init__(self, oid: str) -> None:
+        self._oid = oid
+
+    def update(self, data: bytes) -> None:
+        """Nothing to do."""
+
+    def hexdigest(self) -> str:
+        """The id the object is expected to have."""
+        return self._oid
+
+
 def read_exact(stream: Any, ref: ObjectRef) -> Iterator[bytes]:
     """Yield ``ref.size`` bytes of ``stream`` in pieces of what its ``read`` returns (at most
     ``SEND_PIECE`` bytes; bytes pass through uncopied), checking their sha256 on the way.
 
     The hash is checked before the last piece is yielded, so a bad local object fails the
     upload before it completes. Raises ``IntegrityError`` for a short or mismatching stream.
+    A stream whose ``hashed`` attribute is ``ref.oid`` was just hashed by its maker from
+    immutable files (a bundle, ``ops.vcs.bundle``): only its length is checked.
     """
-    hasher = hashlib.sha256()
+    hasher = None if getattr(stream, "hashed", None) == ref.oid else hashlib.sha256()
     left = ref.size
     while left > 0:
         piece = stream.read(min(SEND_PIECE, left))
         if not piece:
             raise _local_bad(ref.oid, f"its stream ended after {ref.size - left} bytes")
         piece = bytes(piece)
-        hasher.update(piece)
+        if hasher is not None:
+            hasher.update(piece)
         left -= len(piece)
         if left == 0:
             break
         yield piece
     else:
         piece = b""
-    if hasher.hexdigest() != ref.oid:
+    if hasher is not None and hasher.hexdigest() != ref.oid:
         raise _local_bad(ref.oid, f"its bytes hash to {hasher.hexdigest()}")
     if piece:
         yield piece

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +214,7 @@ def _wire_openers(
     wires = [e.wire for e in entries[len(encoded) :]]
     first = 0
     for bundle in bundles:  # seal_bundles gives one entry per member, bundle by bundle
-        openers[wires[first]] = functools.partial(_open_bundle, odb, bundle)
+        openers[wires[first]] = functools.partial(_open_bundle, odb, bundle, wires[first])
         first += len(bundle.members)
     return openers
 
@@ -309,18 +309,25 @@ class _Planning:
         return self._remote.upload(refs, opener, on)
 
     def download(
-        self, refs: Sequence[ObjectRef], sink: Sink, tmp: Path, on: OnBytes | None = None
+        self,
+        refs: Sequence[ObjectRef],
+        sink: Sink,
+        tmp: Path,
+        on: OnBytes | None = None,
+        *,
+        sink_checks: Collection[str] = (),
     ) -> Stats:
-        return self._remote.download(refs, sink, tmp, on)
+        return self._remote.download(refs, sink, tmp, on, sink_checks=sink_checks)
 
     def close(self) -> None:
         self._remote.close()
 
 
 @contextmanager
-def _open_bundle(odb: ObjectDB, bundle: Bundle) -> Iterator[BinaryIO]:
+def _open_bundle(odb: ObjectDB, bundle: Bundle, wire: ObjectRef) -> Iterator[BinaryIO]:
     """A read-only stream of a bundle's bytes (called again when the upload is retried)."""
     stream = _ChunkReader(pieces(odb, bundle))
+    stream.hashed = wire.oid  # seal_bundles hashed these same files: the upload checks sizes
     try:
         yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
     finally:
@@ -378,6 +385,7 @@ class _ChunkReader:
     as it came when it fits (no copy), else the next ``n`` bytes of it."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.hashed: str | None = None  # see ``remote.transfer.read_exact``
         self._chunks = chunks
         self._buf = b""
         self._pos = 0
@@ -500,13 +508,15 @@ def _fetch_planned(
             sink(ref, path)
 
     if plain or ready:
-        _add(stats, remote.download([*plain, *ready], sink_first, tmp_dir, on_bytes))
+        checks = {w.oid for w in ready}  # the sink checks each object it takes by its own id
+        got = remote.download([*plain, *ready], sink_first, tmp_dir, on_bytes, sink_checks=checks)
+        _add(stats, got)
     for level in filter(None, later):
         by_wire = _by_wire(level)
-        _add(
-            stats,
-            remote.download(list(by_wire), functools.partial(store, by_wire), tmp_dir, on_bytes),
-        )
+        checks = {w.oid for w in by_wire}
+        store_level = functools.partial(store, by_wire)
+        got = remote.download(list(by_wire), store_level, tmp_dir, on_bytes, sink_checks=checks)
+        _add(stats, got)
 
 
 WireLevel = Mapping[ObjectRef, list[tuple[ObjectRef, WireEntry]]]
