@@ -14,7 +14,7 @@ import pytest
 from conftest import Run, run_in
 from potluck.config import RepoConfig
 from potluck.errors import FormatError, MissingObjectError
-from potluck.ops.vcs import bundle
+from potluck.ops.vcs import bundle, pushfetch
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.pushfetch import Wanted, Where, fetch_objects, push_objects
 from potluck.ops.vcs.wire import INDEX_MAGIC, INDEX_MAGIC_V2, WireEntry, dump_index, parse_index
@@ -24,6 +24,7 @@ from test_sync import FILE, commit_model, sha
 from testsupport.servers import LfsServer, lfs_server  # noqa: F401
 
 SMALL_BUNDLE = 64 << 10  # 64 KiB: a few bundles of the objects below
+SMALL_MEMBER = 40 << 10  # the 48 KiB object goes alone, as plain bytes
 
 
 def _db(root: Path) -> ObjectDB:
@@ -31,7 +32,7 @@ def _db(root: Path) -> ObjectDB:
 
 
 def _blobs(n: int, seed: int = 3) -> list[bytes]:
-    """``n`` float32 noise tensors of 1-9 KiB, and one of 48 KiB (over half a small bundle)."""
+    """``n`` float32 noise tensors of 1-9 KiB, and one of 48 KiB (over ``SMALL_MEMBER``)."""
     rng = np.random.default_rng(seed)
     out = [rng.standard_normal(256 * (1 + k % 9), dtype=np.float32).tobytes() for k in range(n)]
     out.insert(n // 2, rng.standard_normal(12288, dtype=np.float32).tobytes())
@@ -50,15 +51,11 @@ def _wanted(db: ObjectDB, blobs: list[bytes], base: dict[int, str] | None = None
 
 
 def _greedy(sizes: list[int], limit: int) -> list[list[int]]:
-    """The packing a reader expects: in order, a new bundle when the next file would overflow,
-    a file over half the limit alone."""
+    """The packing a reader expects: in order, a new bundle when the next file would overflow."""
     groups: list[list[int]] = []
     cur: list[int] = []
     for i, s in enumerate(sizes):
-        if s > limit // 2:
-            groups.append([i])
-            continue
-        if sum(sizes[j] for j in cur) + s > limit:
+        if cur and sum(sizes[j] for j in cur) + s > limit:
             groups.append(cur)
             cur = []
         cur.append(i)
@@ -68,6 +65,7 @@ def _greedy(sizes: list[int], limit: int) -> list[list[int]]:
 @pytest.fixture
 def small_bundles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bundle, "BUNDLE_BYTES", SMALL_BUNDLE)
+    monkeypatch.setattr(pushfetch, "BUNDLE_MEMBER_MAX", SMALL_MEMBER)
 
 
 def _push(tmp_path: Path, blobs: list[bytes]) -> tuple[ObjectDB, Wanted, dict[str, WireEntry]]:
@@ -91,10 +89,12 @@ def test_a_push_lays_the_stored_files_end_to_end_in_checkpoint_order(
 ) -> None:
     blobs = _blobs(60)
     db, wanted, index = _push(tmp_path, blobs)
-    order = [r.oid for r in wanted.refs]
+    big = next(r for r in wanted.refs if r.size > SMALL_MEMBER)
+    assert big.oid not in index and _remote_file(tmp_path, big.oid) == blobs[30]  # plain, alone
+    order = [r.oid for r in wanted.refs if r != big]
     stored = [db.store.open(o).read() for o in order]
     expected = _greedy([len(s) for s in stored], SMALL_BUNDLE)
-    assert len(expected) > 3 and any(len(g) == 1 for g in expected)
+    assert len(expected) > 3
     wires: list[str] = []
     for group in expected:
         data = b"".join(stored[i] for i in group)
@@ -108,7 +108,7 @@ def test_a_push_lays_the_stored_files_end_to_end_in_checkpoint_order(
             assert entry.span == (None if len(group) == 1 else (offset, len(stored[i])))
             offset += len(stored[i])
     assert sorted(wires) == sorted({e.wire.oid for e in index.values()})
-    # nothing else went: no object under its own (logical) id
+    # no bundled object went under its own (logical) id
     assert not any((tmp_path / "remote").rglob(order[0]))
 
 
@@ -124,13 +124,13 @@ def test_a_fetch_from_bundles_is_bit_exact_and_keeps_the_encoded_files(
         stats = fetch_objects(receiver, remote, wanted, tmp_path / "tmp", index=index, fresh=fresh)
     finally:
         remote.close()
-    assert stats.objects == len({e.wire for e in index.values()})
+    assert stats.objects == len({e.wire for e in index.values()}) + 1  # and the big one
     for ref in wanted.refs:
         data = blobs[[r.oid for r in wanted.refs].index(ref.oid)]
         assert fresh[ref.oid].read_bytes() == data
-        # stored exactly as the sender stored it (not encoded again), and it decodes right
-        assert receiver.store.open(ref.oid).read() == db.store.open(ref.oid).read()
-        assert receiver.read_bytes(ref.oid) == data
+        if ref.oid in index:  # stored as the sender stored it (not encoded again)
+            assert receiver.store.open(ref.oid).read() == db.store.open(ref.oid).read()
+            assert receiver.read_bytes(ref.oid) == data
 
 
 def test_a_partial_fetch_stores_only_the_wanted_members(

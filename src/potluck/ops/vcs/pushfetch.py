@@ -22,6 +22,7 @@ from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectErro
 from potluck.objects.encoding import decode_object, read_header
 from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.vcs.bundle import (
+    BUNDLE_MEMBER_MAX,
     BUNDLE_MIN_OBJECTS,
     Bundle,
     pieces,
@@ -147,14 +148,12 @@ def push_objects(
     lacking = [r for r in refs if r.oid not in view.present]
     _check_local(odb, remote, wanted, lacking)
     encoded = _choose_encoded(refs, lacking, view, guesses)
-    alone = [r for r in lacking if r not in encoded or encoded[r].base is None]
-    bundles, plain = _bundled(odb, wanted, alone, view) if encode else ([], [])
-    if bundles:  # standalone objects go in the bundles; only deltas travel encoded alone
-        encoded = {r: e for r, e in encoded.items() if e.base is not None}
-    else:
-        plain = [r for r in lacking if r not in encoded]
-        if not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
-            encoded, plain = {}, lacking  # plain bytes only: no wire index to publish
+    bundles = _bundled(odb, wanted, lacking, view) if encode else []
+    bundled = {ref for b in bundles for ref, _ in b.members}
+    encoded = {r: e for r, e in encoded.items() if r not in bundled}
+    plain = [r for r in lacking if r not in encoded and r not in bundled]
+    if not bundles and not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
+        encoded, plain = {}, lacking  # plain bytes only: no wire index to publish
     entries = [*encoded.values(), *seal_bundles(odb, bundles)]
     openers = _wire_openers(odb, encoded, bundles, entries)
     sent: set[ObjectRef] = set()
@@ -185,20 +184,17 @@ def push_objects(
 
 
 def _bundled(
-    odb: ObjectDB, wanted: Wanted, plain: Sequence[ObjectRef], view: RemoteView
-) -> tuple[list[Bundle], list[ObjectRef]]:
-    """Bundles of the standalone objects among ``plain`` (in checkpoint order: a file's
-    tensors travel together) and what stays plain: delta objects, objects with a stale index
-    entry, and everything when there are fewer than ``BUNDLE_MIN_OBJECTS`` to bundle."""
-    todo = set(plain)
-    candidates = [r for r in wanted.refs if r in todo and r.oid not in view.stale]
+    odb: ObjectDB, wanted: Wanted, lacking: Sequence[ObjectRef], view: RemoteView
+) -> list[Bundle]:
+    """Bundles of the small standalone objects among ``lacking`` (in checkpoint order: a
+    file's tensors travel together; none with a stale index entry), or none when fewer than
+    ``BUNDLE_MIN_OBJECTS`` qualify."""
+    todo = {r for r in lacking if r.size <= BUNDLE_MEMBER_MAX and r.oid not in view.stale}
+    candidates = [r for r in wanted.refs if r in todo]
     if len(candidates) < BUNDLE_MIN_OBJECTS:
-        return [], list(plain)
-    bundles, deltas = plan_bundles(odb, candidates)
-    if sum(len(b.members) for b in bundles) < BUNDLE_MIN_OBJECTS:
-        return [], list(plain)
-    rest = set(deltas) | {r for r in plain if r.oid in view.stale}
-    return bundles, [r for r in plain if r in rest]
+        return []
+    bundles = plan_bundles(odb, candidates)
+    return bundles if sum(len(b.members) for b in bundles) >= BUNDLE_MIN_OBJECTS else []
 
 
 def _wire_openers(
