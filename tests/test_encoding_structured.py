@@ -170,7 +170,11 @@ def _round_naive(x: float, dtype: str) -> int:
 
 @pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
 @pytest.mark.parametrize("scales", [False, True])
-def test_reconstruction_matches_naive_float64_loop(dtype: str, scales: bool) -> None:
+@pytest.mark.parametrize("block", [1 << 18, 5])  # whole pieces; blocks ending inside rows
+def test_reconstruction_matches_naive_float64_loop(
+    dtype: str, scales: bool, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(structured, "BLOCK_ELEMENTS", block)
     m, n, r = 7, 11, 3
     rng = np.random.default_rng(3)
     base = base_matrix(dtype, 4, (m, n))

@@ -231,14 +231,35 @@ def round_bits(x: F64, dtype: str) -> NDArray[np.unsignedinteger]:  # type: igno
     return (b >> np.uint32(16)).astype(np.uint16)
 
 
+#: elements reconstructed at once: the float64 work arrays of a block are a few MiB, not the
+#: ~45 MB a whole 4 MiB chunk of bf16 needed (every element is computed on its own, and the
+#: low-rank term row by row exactly, so the block size never changes a bit)
+BLOCK_ELEMENTS = 1 << 18
+
+
 def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
     """Bit patterns of the reconstruction of elements ``[start, start + len(base)/itemsize)``
-    (``base`` holds the base's bytes of those elements)."""
+    (``base`` holds the base's bytes of those elements), ``BLOCK_ELEMENTS`` at a time."""
     import numpy as np
 
-    count = len(base) // model.itemsize
+    k = model.itemsize
+    count = len(base) // k
     if count == 0:
         return b""
+    view = memoryview(base).cast("B")
+    out = np.empty(count, np.uint32 if model.dtype == "F32" else np.uint16)
+    for s in range(0, count, BLOCK_ELEMENTS):
+        e = min(count, s + BLOCK_ELEMENTS)
+        out[s:e] = _reconstruct_block(model, view[s * k : e * k], start + s, e - s)
+    return out.tobytes()
+
+
+def _reconstruct_block(
+    model: Model, base: memoryview, start: int, count: int
+) -> NDArray[np.unsignedinteger]:  # type: ignore[type-arg]
+    """``reconstruct`` of ``count`` elements from ``start``: their bit patterns."""
+    import numpy as np
+
     n = model.n
     r0, r1 = start // n, (start + count - 1) // n + 1
     off = start - r0 * n  # the elements are [off, off + count) of rows r0..r1, flattened
@@ -253,7 +274,7 @@ def reconstruct(model: Model, base: bytes | memoryview, start: int) -> bytes:
         with _one_blas_thread():  # chunks decode in parallel already; the sum is exact anyway
             term = np.matmul(factors[0][r0:r1], factors[1].T)
         np.add(x, term.reshape(-1)[off : off + count], out=x)
-    return round_bits(x, model.dtype).tobytes()
+    return round_bits(x, model.dtype)
 
 
 class _OneBlasThread:

@@ -144,7 +144,7 @@ class ObjectDB:
             several = read_header(f).n_chunks > 1  # one chunk: no hand-off to the pools
             f.seek(0)
             h = _BackgroundHash(self._hash_pool() if verify and several else None)
-            for chunk in decode_object(f, self._open_base, self._pool() if several else None):
+            for chunk in decode_object(f, self._open_base, self._pool() if several else None, 2):
                 if verify:
                     h.update(chunk)
                 yield chunk
@@ -352,7 +352,7 @@ class _BackgroundHash:
     """sha256 of a stream of chunks, computed on a single worker thread (so in order) while the
     caller goes on; at most ``window`` chunks wait. Without a pool it hashes inline."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None, window: int = 8) -> None:
+    def __init__(self, pool: ThreadPoolExecutor | None, window: int = 2) -> None:
         self.h = hashlib.sha256()
         self.pool = pool
         self.window = window
