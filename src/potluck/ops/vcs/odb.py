@@ -42,6 +42,12 @@ from potluck.store.base import ObjectStore
 log = logging.getLogger("potluck")
 
 
+#: chunks a read keeps in flight, decoding ahead and waiting to be hashed: 2 keeps two decode
+#: workers busy, and each chunk in flight is a few MiB of the filter's RSS (bf16 checkouts of
+#: GPT-2 peaked at 0.3-0.4x the file with 4 and 8)
+READ_WINDOW = 2
+
+
 class PutResult(NamedTuple):
     """What ``ObjectDB.put`` did: ``new`` is False when the object already existed (a tuple:
     one is made per tensor, and a file may have tens of thousands)."""
@@ -144,7 +150,8 @@ class ObjectDB:
             several = read_header(f).n_chunks > 1  # one chunk: no hand-off to the pools
             f.seek(0)
             h = _BackgroundHash(self._hash_pool() if verify and several else None)
-            for chunk in decode_object(f, self._open_base, self._pool() if several else None, 2):
+            pool = self._pool() if several else None
+            for chunk in decode_object(f, self._open_base, pool, READ_WINDOW):
                 if verify:
                     h.update(chunk)
                 yield chunk
@@ -352,7 +359,7 @@ class _BackgroundHash:
     """sha256 of a stream of chunks, computed on a single worker thread (so in order) while the
     caller goes on; at most ``window`` chunks wait. Without a pool it hashes inline."""
 
-    def __init__(self, pool: ThreadPoolExecutor | None, window: int = 2) -> None:
+    def __init__(self, pool: ThreadPoolExecutor | None, window: int = READ_WINDOW) -> None:
         self.h = hashlib.sha256()
         self.pool = pool
         self.window = window
