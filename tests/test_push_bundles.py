@@ -185,6 +185,17 @@ def test_a_member_that_does_not_decode_is_the_only_one_refused(
         if a != b and a.size == b.size and index[a.oid].wire == index[b.oid].wire
     )
     index[victim.oid] = WireEntry(victim.oid, index[donor.oid].wire, None, index[donor.oid].span)
+    err, receiver = _fetch_all_then_all_but(tmp_path, wanted, index, victim)
+    name = wanted.refs[victim].tensor
+    assert err.data["oids"] == [victim.oid] and f"tensor {name!r}" in err.message
+    assert [r for r in refs if not receiver.has(r.oid)] == [victim]
+
+
+def _fetch_all_then_all_but(
+    tmp_path: Path, wanted: Wanted, index: dict[str, WireEntry], victim: ObjectRef
+) -> tuple[MissingObjectError, ObjectDB]:
+    """Fetch everything into a new store (which must fail, ``victim`` absent), then all the
+    other objects; the error and the store."""
     receiver = _db(tmp_path / "receiver")
     rest = Wanted({r: w for r, w in wanted.refs.items() if r != victim})
     remote = open_remote((tmp_path / "remote").as_uri())
@@ -195,9 +206,7 @@ def test_a_member_that_does_not_decode_is_the_only_one_refused(
         fetch_objects(receiver, remote, rest, tmp_path / "tmp", index=index)
     finally:
         remote.close()
-    name = wanted.refs[victim].tensor
-    assert err.value.data["oids"] == [victim.oid] and f"tensor {name!r}" in err.value.message
-    assert [r for r in refs if not receiver.has(r.oid)] == [victim]
+    return err.value, receiver
 
 
 def test_index_v2_round_trips_and_spans_are_checked() -> None:
@@ -260,16 +269,8 @@ def test_a_damaged_bundle_refuses_only_the_members_it_damages(
     data[offset + length - 5] ^= 0x10  # inside the member's last chunk
     path.chmod(0o644)
     path.write_bytes(bytes(data))
-    receiver = _db(tmp_path / "receiver")
-    rest = Wanted({r: w for r, w in wanted.refs.items() if r != victim})
-    remote = open_remote((tmp_path / "remote").as_uri())
-    try:
-        with pytest.raises(MissingObjectError) as err:
-            fetch_objects(receiver, remote, wanted, tmp_path / "tmp", index=index)
-        fetch_objects(receiver, remote, rest, tmp_path / "tmp", index=index)
-    finally:
-        remote.close()
-    assert err.value.data["oids"] == [victim.oid]
+    err, receiver = _fetch_all_then_all_but(tmp_path, wanted, index, victim)
+    assert err.data["oids"] == [victim.oid]
     assert [r for r in refs if not receiver.has(r.oid)] == [victim]
 
 

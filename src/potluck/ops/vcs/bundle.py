@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from potluck import workers
-from potluck.errors import CorruptObjectError
+from potluck.errors import CorruptObjectError, PotluckError
 from potluck.objects.encoding import decode_object, read_header
 from potluck.ops.vcs.odb import ObjectDB
-from potluck.ops.vcs.wire import WireEntry, check_header, copy_exact
+from potluck.ops.vcs.wire import WireEntry, check_header, copy_exact, store_encoded
 from potluck.remote import ObjectRef
 
 __all__ = [
@@ -38,9 +39,13 @@ __all__ = [
     "BUNDLE_MEMBER_MAX",
     "BUNDLE_MIN_OBJECTS",
     "Bundle",
+    "ChunkReader",
+    "group_by_wire",
+    "open_bundle",
     "plan_bundles",
     "seal_bundles",
     "store_member_fresh",
+    "store_wire",
 ]
 
 #: the largest bundle
@@ -182,3 +187,92 @@ def _no_base(oid: str) -> Iterator[bytes]:
         hint="the remote's wire index is wrong; push the object again",
         oid=oid,
     )
+
+
+class ChunkReader:
+    """A read-only stream over an iterator of byte chunks. ``read(n)`` hands out a whole chunk
+    as it came when it fits (no copy), else the next ``n`` bytes of it."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.hashed: str | None = None  # see ``remote.transfer.read_exact``
+        self._chunks = chunks
+        self._buf = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (fewer at a chunk's end; ``b""`` at the end of the stream)."""
+        while self._pos >= len(self._buf):
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return b""
+            self._buf, self._pos = nxt, 0
+        if self._pos == 0 and (n < 0 or n >= len(self._buf)):
+            out, self._buf = self._buf, b""
+            return out
+        end = len(self._buf) if n < 0 else self._pos + n
+        out = self._buf[self._pos : end]
+        self._pos += len(out)
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
+@contextmanager
+def open_bundle(odb: ObjectDB, bundle: Bundle, wire: ObjectRef) -> Iterator[BinaryIO]:
+    """A read-only stream of a bundle's bytes (called again when the upload is retried)."""
+    stream = ChunkReader(pieces(odb, bundle))
+    stream.hashed = wire.oid  # seal_bundles hashed these same files: the upload checks sizes
+    try:
+        yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
+    finally:
+        stream.close()
+
+
+WireLevel = Mapping[ObjectRef, list[tuple[ObjectRef, WireEntry]]]
+
+
+def group_by_wire(
+    pairs: Iterable[tuple[ObjectRef, WireEntry]],
+) -> dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]]:
+    """Wire object → the (object, entry) pairs it carries (several for a bundle)."""
+    out: dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]] = {}
+    for ref, entry in pairs:
+        out.setdefault(entry.wire, []).append((ref, entry))
+    return out
+
+
+def store_wire(
+    odb: ObjectDB,
+    fresh_dir: Path,
+    keep: dict[str, Path] | None,
+    bases: set[str | None],
+    by_wire: WireLevel,
+    w: ObjectRef,
+    path: Path,
+) -> None:
+    """Store the objects one downloaded wire object carries; any failure names the index
+    entry (logical id and wire object) so that the fetch can fall back to the plain bytes.
+    With ``keep``, a standalone object no other one decodes through is also left decoded in
+    ``fresh_dir`` (its encoded file goes into the store as it came)."""
+    for ref, entry in by_wire[w]:
+        try:
+            if keep is not None and entry.base is None and ref.oid not in bases:
+                dest = fresh_dir / ref.oid
+                store_member_fresh(odb, entry, ref.size, path, dest)
+                keep[ref.oid] = dest
+            else:
+                store_encoded(odb, entry, ref.size, path)
+        except PotluckError as e:
+            raise CorruptObjectError(
+                f"wire object {w.oid[:12]} does not give object {ref.oid[:12]}: {e.message}",
+                hint="the remote's wire index is wrong; push the object again from a clone "
+                "that has it (`potluck push --verify`)",
+                oid=ref.oid,
+                wire=w.oid,
+            ) from e

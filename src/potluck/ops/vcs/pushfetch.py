@@ -12,23 +12,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError, PotluckError
+from potluck.errors import CorruptObjectError, IntegrityError, MissingObjectError
 from potluck.objects.encoding import decode_object, read_header
 from potluck.objects.manifest import Manifest, TensorEntry
 from potluck.ops.vcs.bundle import (
     BUNDLE_MEMBER_MAX,
     BUNDLE_MIN_OBJECTS,
     Bundle,
-    pieces,
+    ChunkReader,
+    group_by_wire,
+    open_bundle,
     plan_bundles,
     seal_bundles,
-    store_member_fresh,
+    store_wire,
 )
 from potluck.ops.vcs.odb import ObjectDB
 from potluck.ops.vcs.wire import (
@@ -37,7 +39,6 @@ from potluck.ops.vcs.wire import (
     WireEntry,
     encoded_candidate,
     plan_fetch,
-    store_encoded,
     verify_remote,
     worth_encoding,
 )
@@ -210,7 +211,7 @@ def _wire_openers(
     wires = [e.wire for e in entries[len(encoded) :]]
     first = 0
     for bundle in bundles:  # seal_bundles gives one entry per member, bundle by bundle
-        openers[wires[first]] = functools.partial(_open_bundle, odb, bundle, wires[first])
+        openers[wires[first]] = functools.partial(open_bundle, odb, bundle, wires[first])
         first += len(bundle.members)
     return openers
 
@@ -320,22 +321,11 @@ class _Planning:
 
 
 @contextmanager
-def _open_bundle(odb: ObjectDB, bundle: Bundle, wire: ObjectRef) -> Iterator[BinaryIO]:
-    """A read-only stream of a bundle's bytes (called again when the upload is retried)."""
-    stream = _ChunkReader(pieces(odb, bundle))
-    stream.hashed = wire.oid  # seal_bundles hashed these same files: the upload checks sizes
-    try:
-        yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
-    finally:
-        stream.close()
-
-
-@contextmanager
 def _open_logical(odb: ObjectDB, ref: ObjectRef) -> Iterator[BinaryIO]:
     """A read-only stream of an object's logical bytes. It is not re-hashed here: the remote
     layer hashes what it sends and fails before the last byte when it does not match, so a
     corrupt local object is never uploaded whole."""
-    stream = _ChunkReader(_named(_logical_chunks(odb, ref.oid), ref.oid))
+    stream = ChunkReader(_named(_logical_chunks(odb, ref.oid), ref.oid))
     try:
         yield stream  # type: ignore[misc]  # read(n) is all the remote layer calls
     finally:
@@ -374,40 +364,6 @@ def _named(chunks: Iterator[bytes], oid: str) -> Iterator[bytes]:
             "another clone",
             oid=oid,
         ) from e
-
-
-class _ChunkReader:
-    """A read-only stream over an iterator of byte chunks. ``read(n)`` hands out a whole chunk
-    as it came when it fits (no copy), else the next ``n`` bytes of it."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.hashed: str | None = None  # see ``remote.transfer.read_exact``
-        self._chunks = chunks
-        self._buf = b""
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (fewer at a chunk's end; ``b""`` at the end of the stream)."""
-        while self._pos >= len(self._buf):
-            nxt = next(self._chunks, None)
-            if nxt is None:
-                return b""
-            self._buf, self._pos = nxt, 0
-        if self._pos == 0 and (n < 0 or n >= len(self._buf)):
-            out, self._buf = self._buf, b""
-            return out
-        end = len(self._buf) if n < 0 else self._pos + n
-        out = self._buf[self._pos : end]
-        self._pos += len(out)
-        return out
-
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
 
 
 def fetch_objects(
@@ -493,9 +449,9 @@ def _fetch_planned(
     # encoded objects whose base is local (or that have none) come in the plain objects'
     # batches; the others level by level, after their bases
     first = levels[0] if levels else []
-    ready = _by_wire(p for p in first if p[1].base is None or odb.has(p[1].base))
+    ready = group_by_wire(p for p in first if p[1].base is None or odb.has(p[1].base))
     later = [[p for p in first if p[1].wire not in ready], *levels[1:]]
-    store = functools.partial(_store_wire, odb, tmp_dir / "fresh", keep, bases)
+    store = functools.partial(store_wire, odb, tmp_dir / "fresh", keep, bases)
 
     def sink_first(ref: ObjectRef, path: Path) -> None:
         if ref in ready:
@@ -508,55 +464,11 @@ def _fetch_planned(
         got = remote.download([*plain, *ready], sink_first, tmp_dir, on_bytes, sink_checks=checks)
         _add(stats, got)
     for level in filter(None, later):
-        by_wire = _by_wire(level)
+        by_wire = group_by_wire(level)
         checks = {w.oid for w in by_wire}
         store_level = functools.partial(store, by_wire)
         got = remote.download(list(by_wire), store_level, tmp_dir, on_bytes, sink_checks=checks)
         _add(stats, got)
-
-
-WireLevel = Mapping[ObjectRef, list[tuple[ObjectRef, WireEntry]]]
-
-
-def _by_wire(
-    pairs: Iterable[tuple[ObjectRef, WireEntry]],
-) -> dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]]:
-    """Wire object → the (object, entry) pairs it carries (several for a bundle)."""
-    out: dict[ObjectRef, list[tuple[ObjectRef, WireEntry]]] = {}
-    for ref, entry in pairs:
-        out.setdefault(entry.wire, []).append((ref, entry))
-    return out
-
-
-def _store_wire(
-    odb: ObjectDB,
-    fresh_dir: Path,
-    keep: dict[str, Path] | None,
-    bases: set[str | None],
-    by_wire: WireLevel,
-    w: ObjectRef,
-    path: Path,
-) -> None:
-    """Store the objects one downloaded wire object carries; any failure names the index
-    entry (logical id and wire object) so that the fetch can fall back to the plain bytes.
-    With ``keep``, a standalone object no other one decodes through is also left decoded in
-    ``fresh_dir`` (its encoded file goes into the store as it came)."""
-    for ref, entry in by_wire[w]:
-        try:
-            if keep is not None and entry.base is None and ref.oid not in bases:
-                dest = fresh_dir / ref.oid
-                store_member_fresh(odb, entry, ref.size, path, dest)
-                keep[ref.oid] = dest
-            else:
-                store_encoded(odb, entry, ref.size, path)
-        except PotluckError as e:
-            raise CorruptObjectError(
-                f"wire object {w.oid[:12]} does not give object {ref.oid[:12]}: {e.message}",
-                hint="the remote's wire index is wrong; push the object again from a clone "
-                "that has it (`potluck push --verify`)",
-                oid=ref.oid,
-                wire=w.oid,
-            ) from e
 
 
 def _failed_entries(
