@@ -293,3 +293,29 @@ def test_an_upload_trusts_a_bundle_hash_but_checks_its_length() -> None:
     short.hashed = ref.oid  # type: ignore[attr-defined]
     with pytest.raises(IntegrityError, match="ended after 60 bytes"):
         list(read_exact(short, ref))
+
+
+def test_a_host_refusing_the_index_ref_gets_the_bundled_objects_plain(
+    repo: Path, git: Run, hub: Path, tmp_path: Path
+) -> None:
+    """Bundles need the wire index; a host whose hook refuses ``refs/potluck/wire`` gets every
+    object as its own plain LFS object instead, and a clone is bit-exact."""
+    from test_sync import remote_objects, wire_index
+
+    hook = hub / "hooks" / "update"
+    hook.write_text('#!/bin/sh\ncase "$1" in refs/potluck/*) echo "no, thanks"; exit 1;; esac\n')
+    hook.chmod(0o755)
+    rng = np.random.default_rng(12)
+    tensors = {f"t{n:02d}": rng.standard_normal((8, 32), dtype=np.float32) for n in range(40)}
+    commit_model(git, repo, tensors, "v1")
+    out = git("git", "push", "origin", "main", check=False)
+    assert "refused refs/potluck/wire" in out
+    assert wire_index(hub) == {}
+    from potluck.objects.manifest import parse
+
+    m = parse(run_in(hub)("git", "cat-file", "blob", f"main:{FILE}").encode())
+    stored = remote_objects(hub)
+    assert all(stored[e.oid] == e.size for e in m.entries)  # every object there, plain
+    fresh = tmp_path / "fresh"
+    run_in(tmp_path)("potluck", "clone", str(hub), str(fresh))
+    assert sha(fresh / FILE) == sha(repo / FILE)
