@@ -91,10 +91,13 @@ def plan_bundles(odb: ObjectDB, refs: Sequence[ObjectRef]) -> list[Bundle]:
     return bundles
 
 
-def seal_bundles(odb: ObjectDB, bundles: Sequence[Bundle], threads: int = 2) -> list[WireEntry]:
-    """The wire entries of ``bundles``: each bundle hashed (on ``threads`` threads; sha256 and
-    file reads release the GIL), a lone member as a plain encoded entry, the others with spans."""
-    with workers.pool(max(1, threads), "potluck-bundle") as pool:
+def seal_bundles(odb: ObjectDB, bundles: Sequence[Bundle]) -> list[WireEntry]:
+    """The wire entries of ``bundles``: each bundle hashed (on the object database's worker
+    count of threads, at most one per bundle: sha256 and file reads release the GIL), a lone
+    member as a plain encoded entry, the others with spans."""
+    if not bundles:
+        return []
+    with workers.pool(max(1, min(odb.workers, len(bundles))), "potluck-bundle") as pool:
         digests = list(pool.map(lambda b: _digest(odb, b), bundles))
     entries: list[WireEntry] = []
     for bundle, digest in zip(bundles, digests, strict=True):
