@@ -10,8 +10,8 @@ gets a wire index entry with its span in the bundle (``ops.vcs.wire``); the bund
 the sha256 of all its bytes, like any LFS object. Larger objects keep travelling one by one as
 plain bytes: for them the request is cheap next to the bytes, and a receiver of plain bytes
 only hashes them (a stored file must be decoded, and written to the store besides the
-checkout's copy; measured on GPT-2, sending every tensor in bundles cost a clone 1.5-2 s of
-CPU more for a push about 0.5 s faster: docs/benchmarks.md, session 8).
+checkout's copy; measured on GPT-2, sending every tensor in bundles cost a clone 1.7 s of
+CPU more on average for a push about 0.5 s faster: docs/benchmarks.md, session 8).
 
 A receiver that needs one member downloads the whole bundle (at most ``BUNDLE_BYTES``); members
 of one file sit together, so a checkout of one file rarely downloads another file's tensors.
