@@ -11,7 +11,7 @@ the sha256 of all its bytes, like any LFS object. Larger objects keep travelling
 plain bytes: for them the request is cheap next to the bytes, and a receiver of plain bytes
 only hashes them (a stored file must be decoded, and written to the store besides the
 checkout's copy; measured on GPT-2, sending every tensor in bundles cost a clone 1.7 s of
-CPU more on average for a push about 0.5 s faster: docs/benchmarks.md, session 8).
+CPU more on average for a push 0.4 s faster: docs/benchmarks.md, session 8).
 
 A receiver that needs one member downloads the whole bundle (at most ``BUNDLE_BYTES``); members
 of one file sit together, so a checkout of one file rarely downloads another file's tensors.
