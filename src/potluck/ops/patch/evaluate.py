@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEADS",
+    "check_eval_sizes",
     "check_eval_target",
     "eval_patch",
     "head_output",
@@ -164,6 +165,12 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def check_eval_sizes(max_samples: int, batch_size: int, threads: int) -> None:
+    """Refuse an ``--eval`` run with fewer than one example, batch item or thread."""
+    if min(max_samples, batch_size, threads) < 1:
+        raise UserError("--eval-max, the batch size and --threads must be at least 1")
+
+
 def eval_patch(
     base: ModelSource,
     target: ModelSource,
@@ -184,8 +191,7 @@ def eval_patch(
     ``threads`` torch threads (restored afterwards), in eval mode without gradients.
     """
     cfg_dir = check_eval_target(target)
-    if max_samples < 1 or batch_size < 1 or threads < 1:
-        raise UserError("--eval-max, the batch size and --threads must be at least 1")
+    check_eval_sizes(max_samples, batch_size, threads)
     head = pick_head(cfg_dir)
     batches, _labels = load_batches(data, cfg_dir, max_samples, batch_size, max_length)
     if not batches:

@@ -42,6 +42,7 @@ from potluck.fileio import file_sha256
 from potluck.ops.models.sources import ModelSource
 from potluck.ops.models.torchdata import load_batches
 from potluck.ops.patch.evaluate import (
+    check_eval_sizes,
     check_eval_target,
     head_output,
     load_model,
@@ -90,8 +91,7 @@ class TuneSettings:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise UserError(f"--distill-steps {self.steps}: must be 0 or more")
-        if min(self.max_samples, self.batch_size, self.threads) < 1:
-            raise UserError("--eval-max, the batch size and --threads must be at least 1")
+        check_eval_sizes(self.max_samples, self.batch_size, self.threads)
 
 
 @dataclass(frozen=True)
