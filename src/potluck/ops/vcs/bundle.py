@@ -40,6 +40,7 @@ __all__ = [
     "BUNDLE_MIN_OBJECTS",
     "Bundle",
     "ChunkReader",
+    "bundle_entries",
     "group_by_wire",
     "open_bundle",
     "plan_bundles",
@@ -91,24 +92,25 @@ def plan_bundles(odb: ObjectDB, refs: Sequence[ObjectRef]) -> list[Bundle]:
     return bundles
 
 
-def seal_bundles(odb: ObjectDB, bundles: Sequence[Bundle]) -> list[WireEntry]:
-    """The wire entries of ``bundles``: each bundle hashed (on the object database's worker
-    count of threads, at most one per bundle: sha256 and file reads release the GIL), a lone
-    member as a plain encoded entry, the others with spans."""
+def seal_bundles(odb: ObjectDB, bundles: Sequence[Bundle]) -> list[ObjectRef]:
+    """The wire object of each bundle: its bytes hashed (on the object database's worker
+    count of threads, at most one per bundle: sha256 and file reads release the GIL)."""
     if not bundles:
         return []
     with workers.pool(max(1, min(odb.workers, len(bundles))), "potluck-bundle") as pool:
         digests = list(pool.map(lambda b: _digest(odb, b), bundles))
-    entries: list[WireEntry] = []
-    for bundle, digest in zip(bundles, digests, strict=True):
-        wire = ObjectRef(digest, bundle.size)
-        if len(bundle.members) == 1:
-            entries.append(WireEntry(bundle.members[0][0].oid, wire, None))
-            continue
-        offset = 0
-        for ref, stored in bundle.members:
-            entries.append(WireEntry(ref.oid, wire, None, (offset, stored)))
-            offset += stored
+    return [ObjectRef(d, b.size) for b, d in zip(bundles, digests, strict=True)]
+
+
+def bundle_entries(bundle: Bundle, wire: ObjectRef) -> list[WireEntry]:
+    """The wire index entries of ``bundle`` sent as ``wire``: a lone member as a plain
+    encoded entry, the others with their spans."""
+    if len(bundle.members) == 1:
+        return [WireEntry(bundle.members[0][0].oid, wire, None)]
+    entries, offset = [], 0
+    for ref, stored in bundle.members:
+        entries.append(WireEntry(ref.oid, wire, None, (offset, stored)))
+        offset += stored
     return entries
 
 

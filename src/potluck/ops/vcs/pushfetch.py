@@ -26,6 +26,7 @@ from potluck.ops.vcs.bundle import (
     BUNDLE_MIN_OBJECTS,
     Bundle,
     ChunkReader,
+    bundle_entries,
     group_by_wire,
     open_bundle,
     plan_bundles,
@@ -155,8 +156,12 @@ def push_objects(
     plain = [r for r in lacking if r not in encoded and r not in bundled]
     if not bundles and not worth_encoding(encoded.items(), sum(r.size for r in lacking)):
         encoded, plain = {}, lacking  # plain bytes only: no wire index to publish
-    entries = [*encoded.values(), *seal_bundles(odb, bundles)]
-    openers = _wire_openers(odb, encoded, bundles, entries)
+    sealed = list(zip(bundles, seal_bundles(odb, bundles), strict=True))
+    openers: dict[ObjectRef, Callable[[], AbstractContextManager[BinaryIO]]] = {
+        **{e.wire: functools.partial(odb.store.open, e.oid) for e in encoded.values()},
+        **{w: functools.partial(open_bundle, odb, b, w) for b, w in sealed},
+    }
+    entries = [*encoded.values(), *(e for b, w in sealed for e in bundle_entries(b, w))]
     sent: set[ObjectRef] = set()
 
     def open_wire(w: ObjectRef) -> AbstractContextManager[BinaryIO]:
@@ -196,24 +201,6 @@ def _bundled(
         return []
     bundles = plan_bundles(odb, candidates)
     return bundles if sum(len(b.members) for b in bundles) >= BUNDLE_MIN_OBJECTS else []
-
-
-def _wire_openers(
-    odb: ObjectDB,
-    encoded: Mapping[ObjectRef, WireEntry],
-    bundles: Sequence[Bundle],
-    entries: Sequence[WireEntry],
-) -> dict[ObjectRef, Callable[[], AbstractContextManager[BinaryIO]]]:
-    """Each wire object to upload and how to open its bytes: a stored file, or a bundle."""
-    openers: dict[ObjectRef, Callable[[], AbstractContextManager[BinaryIO]]] = {
-        e.wire: functools.partial(odb.store.open, e.oid) for e in encoded.values()
-    }
-    wires = [e.wire for e in entries[len(encoded) :]]
-    first = 0
-    for bundle in bundles:  # seal_bundles gives one entry per member, bundle by bundle
-        openers[wires[first]] = functools.partial(open_bundle, odb, bundle, wires[first])
-        first += len(bundle.members)
-    return openers
 
 
 def _check_local(
