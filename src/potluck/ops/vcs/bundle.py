@@ -30,7 +30,7 @@ from typing import BinaryIO
 from potluck import workers
 from potluck.errors import CorruptObjectError, PotluckError
 from potluck.objects.encoding import decode_object, read_header
-from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.odb import ObjectDB, copy_range
 from potluck.ops.vcs.wire import WireEntry, check_header, copy_exact, store_encoded
 from potluck.remote import ObjectRef
 
@@ -125,14 +125,12 @@ def pieces(odb: ObjectDB, bundle: Bundle) -> Iterator[bytes]:
     """The bundle's bytes: each member's stored file, checked to have the size planned."""
     for ref, stored in bundle.members:
         with odb.store.open(ref.oid) as f:
-            left = stored
-            while left > 0:
-                buf = f.read(min(left, _PIECE))
-                if not buf:
-                    break
-                left -= len(buf)
-                yield buf
-            if left or f.read(1):
+            try:
+                yield from copy_range(f, 0, stored, _PIECE)
+                whole = not f.read(1)
+            except EOFError:
+                whole = False
+            if not whole:
                 raise CorruptObjectError(
                     f"local object {ref.oid[:12]} changed size while it was being sent",
                     hint="run the push again; `potluck fsck` checks the store",
@@ -179,8 +177,7 @@ def store_member_fresh(odb: ObjectDB, entry: WireEntry, size: int, path: Path, d
                 oid=entry.oid,
             )
         with open(path, "rb") as f, odb.store.writer(entry.oid, durable=False) as w:
-            f.seek(offset)
-            copy_exact(f, w, entry.length)
+            copy_exact(f, w, offset, entry.length)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from potluck.config import MAX_DELTA_DEPTH
 from potluck.errors import CorruptObjectError, FormatError, UserError
 from potluck.objects.encoding import HEADER_SIZE, ObjectHeader, read_header
 from potluck.objects.encoding import _write_header as write_header
-from potluck.ops.vcs.odb import ObjectDB
+from potluck.ops.vcs.odb import ObjectDB, copy_range
 from potluck.remote import ObjectRef, ObjectRemote
 from potluck.store.base import validate_oid
 
@@ -178,12 +178,11 @@ def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> Non
         head = read_header(f)
         check_header(entry, head, size)
         depth = _depth_on(odb, entry)
-        f.seek(offset if depth == head.depth else offset + HEADER_SIZE)
-        left = entry.length - (0 if depth == head.depth else HEADER_SIZE)
+        skip = 0 if depth == head.depth else HEADER_SIZE
         with odb.store.writer(entry.oid, durable=False) as out:  # can be fetched again
-            if depth != head.depth:
+            if skip:
                 write_header(out, replace(head, depth=depth))
-            copy_exact(f, out, left)
+            copy_exact(f, out, offset + skip, entry.length - skip)
     try:
         odb.verify(entry.oid)
     except Exception:
@@ -191,17 +190,17 @@ def store_encoded(odb: ObjectDB, entry: WireEntry, size: int, path: Path) -> Non
         raise
 
 
-def copy_exact(src: BinaryIO, out: BinaryIO, n: int) -> None:
-    """Copy the next ``n`` bytes of ``src`` to ``out``; ``CorruptObjectError`` if it ends first."""
-    while n > 0:
-        buf = src.read(min(n, 1 << 20))
-        if not buf:
-            raise CorruptObjectError(
-                f"the wire object ends {n} bytes early",
-                hint="the remote's wire index is wrong; push the object again",
-            )
-        out.write(buf)
-        n -= len(buf)
+def copy_exact(src: BinaryIO, out: BinaryIO, offset: int, n: int) -> None:
+    """Copy ``n`` bytes of the wire file ``src`` from ``offset`` to ``out``;
+    ``CorruptObjectError`` if it ends first."""
+    try:
+        for buf in copy_range(src, offset, n, 1 << 20):
+            out.write(buf)
+    except EOFError as e:
+        raise CorruptObjectError(
+            f"the wire object is short: {e}",
+            hint="the remote's wire index is wrong; push the object again",
+        ) from e
 
 
 def _depth_on(odb: ObjectDB, entry: WireEntry) -> int:
