@@ -22,6 +22,8 @@ from potluck.objects.encoding import (
     KIND_RAW,
     KIND_SAME,
     KIND_XOR,
+    SMALL_SAMPLE_MIN,
+    SMALL_SAMPLES,
     TINY_CHUNK,
     TINY_LEVEL,
     EncodeStats,
@@ -559,6 +561,55 @@ def test_a_tiny_chunk_is_compressed_at_the_fast_level(size: int) -> None:
     payload = zc.compress(byte_group(data, 4))
     assert len(payload) < 0.5 * size
     assert one.getvalue()[HEADER_SIZE:] == struct.pack("<BI", KIND_GROUPED, len(payload)) + payload
+
+
+def _alone(data: bytes, itemsize: int, cs: int) -> bytes:
+    one = io.BytesIO()
+    encode_object([data], size=len(data), itemsize=itemsize, chunk_size=cs, level=1, out=one)
+    return one.getvalue()
+
+
+def _kind(obj: bytes) -> int:
+    return obj[HEADER_SIZE]
+
+
+def _batch(count: int, ramps: set[int]) -> list[bytes]:
+    """``count`` buffers of 1100 random bytes, except those at ``ramps`` (very compressible)."""
+    rng = np.random.default_rng(count)
+    ramp = bytes(i % 7 for i in range(1100))
+    return [ramp if k in ramps else rng.bytes(1100) for k in range(count)]
+
+
+def test_a_large_batch_whose_sample_does_not_compress_is_stored_raw() -> None:
+    """In a batch of ``SMALL_SAMPLE_MIN`` or more objects, ``SMALL_SAMPLES`` evenly spaced ones
+    are compressed first; when none of them saves anything, every object is written raw (a
+    compressible one between the sampled positions too) and still decodes to its bytes."""
+    count, cs = SMALL_SAMPLE_MIN + 5, 1 << 16
+    step = count // SMALL_SAMPLES
+    hidden = {1, step + 1, 5 * step + 3}  # never a multiple of ``step``: not sampled
+    datas = _batch(count, hidden)
+    got = encode_small_many(datas, itemsize=4, chunk_size=cs, level=1)
+    assert {_kind(obj) for obj in got} == {KIND_RAW}
+    for k, (data, obj) in enumerate(zip(datas, got, strict=True)):
+        assert b"".join(decode_object(io.BytesIO(obj), _no_base)) == data
+        if k not in hidden:  # what the object alone gives: zstd does not shrink noise
+            assert obj == _alone(data, 4, cs)
+    assert _kind(_alone(datas[1], 4, cs)) == KIND_GROUPED  # alone, it would be compressed
+
+
+def test_a_large_batch_with_a_compressible_sampled_object_is_encoded_as_each_alone() -> None:
+    count, cs = SMALL_SAMPLE_MIN, 1 << 16
+    step = count // SMALL_SAMPLES
+    datas = _batch(count, {3 * step, 3 * step + 1})  # the first is sampled
+    got = encode_small_many(datas, itemsize=4, chunk_size=cs, level=1)
+    assert [obj == _alone(data, 4, cs) for data, obj in zip(datas, got, strict=True)] == [
+        True
+    ] * count
+    assert _kind(got[3 * step + 1]) == KIND_GROUPED
+
+
+def _no_base(oid: str) -> Iterator[bytes]:
+    raise AssertionError(f"a standalone object asked for a base {oid}")
 
 
 @pytest.mark.parametrize("size", [0, 6, 4100])

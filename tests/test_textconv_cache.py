@@ -146,3 +146,55 @@ def test_the_cache_switch_is_read_as_git_reads_it(
     config.write_text(config.read_text() + '[diff "potluck"]\n' + lines)
     blobs = _history(repo, git, rng, steps=1)
     assert set(_notes(git)) == (set(blobs) if noted else set())
+
+
+def _manifest(git: Run, rng: np.random.Generator, repo: Path, tag: float) -> bytes:
+    """A manifest blob's text (cleaned by the filter: ``git add`` of a fresh checkpoint)."""
+    weights = model(rng, n_layers=1, d=4)
+    weights["layers.0.b"] = weights["layers.0.b"] + tag
+    save_st(repo / NAME, weights)
+    git("git", "add", NAME)
+    return git("git", "cat-file", "blob", f":{NAME}").encode()
+
+
+def test_notes_prepared_in_the_background_are_committed_once_each(
+    repo: Path, git: Run, rng: np.random.Generator
+) -> None:
+    """``note`` prepares each manifest's text on the cache's thread; ``flush`` commits one note
+    per distinct manifest (a repeated one once), each the text ``render`` gives."""
+    from potluck.git.plumbing import Git
+    from potluck.git.textconv_cache import TextconvCache
+    from potluck.objects.manifest import parse
+
+    texts = [_manifest(git, rng, repo, tag) for tag in (1.0, 2.0)]
+    git("git", "update-ref", "-d", NOTES_REF)  # ``git add`` noted them: start with no cache
+    cache = TextconvCache(Git(repo), lambda m: ("|".join(m.tensors()) + "\n").encode())
+    for text in (*texts, texts[0]):
+        cache.note(text, parse(text))
+    assert cache.flush() == 2
+    notes = _notes(git)
+    assert set(notes) == {blob_id(t) for t in texts}
+    for text in texts:
+        expected = "|".join(parse(text).tensors()) + "\n"
+        assert git("git", "cat-file", "blob", notes[blob_id(text)]) == expected
+    assert cache.flush() == 0  # nothing noted since
+
+
+def test_a_note_that_fails_in_the_background_leaves_the_cache_as_it_was(
+    repo: Path, git: Run, rng: np.random.Generator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from potluck.git.plumbing import Git
+    from potluck.git.textconv_cache import TextconvCache
+    from potluck.objects.manifest import Manifest, parse
+
+    text = _manifest(git, rng, repo, 3.0)
+    git("git", "update-ref", "-d", NOTES_REF)
+
+    def broken(m: Manifest) -> bytes:
+        raise OSError("disk full")
+
+    cache = TextconvCache(Git(repo), broken)
+    cache.note(text, parse(text))
+    assert cache.flush() == 0
+    assert git("git", "rev-parse", "--verify", "--quiet", NOTES_REF, check=False) == ""
+    assert "the textconv cache was not updated (disk full)" in caplog.text

@@ -8,9 +8,13 @@ blob, which is what made a first ``git log -p`` hundreds of times slower than gi
 potluck writes those notes itself wherever it holds a manifest anyway: the filter notes every
 manifest it cleans (``git add``) or smudges (checkout) and writes them in one notes commit when
 git's filter process ends; ``potluck textconv --fill-cache`` does it for the whole history (a
-clone). The notes are git's own cache format, which git reads and extends: a notes tree
-(blob id → text), committed without parent under the message by which git tells that the cache
-belongs to the configured textconv command. Notes of a cache made for another command are
+clone). The filter renders and stores each note's text on a background thread as soon as the
+manifest is noted, while git is still busy with the filter's answer (hashing it, the next
+file), so the end of ``git add`` waits only for the notes commit.
+
+The notes are git's own cache format, which git reads and extends: a notes tree (blob id →
+text), committed without parent under the message by which git tells that the cache belongs to
+the configured textconv command. Notes of a cache made for another command are
 dropped, as git drops them. A failure to write the cache is logged and otherwise ignored: it
 is only a cache.
 """
@@ -20,7 +24,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from potluck.errors import GitError, PotluckError
@@ -53,28 +60,94 @@ def blob_id(data: bytes, object_format: str = "sha1") -> str:
 
 
 class TextconvCache:
-    """Notes to add to the cache: ``note`` each manifest blob met, ``flush`` once at the end."""
+    """Notes to add to the cache: ``note`` each manifest blob met, ``flush`` once at the end.
+
+    A noted manifest is prepared on one background thread at once: its blob id computed, its
+    text rendered and stored as a blob unless the cache has it (the settings and the cache's
+    notes read by the first preparation). ``flush`` waits for that and commits the notes.
+    """
 
     def __init__(self, git: Git, render: Render) -> None:
         self.git = git
         self.render = render
-        self._pending: dict[bytes, Manifest] = {}  # manifest text -> parsed manifest
+        self._lock = threading.Lock()
+        self._queue: list[tuple[bytes, Manifest]] = []  # noted, not yet prepared
+        self._jobs: list[Future[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        # the worker's own (read by ``flush`` only once every job has ended)
+        self._looked = False  # whether ``_target`` is known (None: the cache is off)
+        self._target: _Target | None = None
+        self._fresh: dict[str, str] = {}  # manifest blob id -> text blob id, stored already
 
     def note(self, text: bytes, manifest: Manifest) -> None:
-        """Remember the manifest blob ``text`` (parsed: ``manifest``) for ``flush``."""
-        self._pending[text] = manifest
+        """Remember the manifest blob ``text`` (parsed: ``manifest``) and start preparing it."""
+        with self._lock:
+            self._queue.append((text, manifest))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="potluck-textconv")
+            self._jobs.append(self._pool.submit(self._prepare))
+
+    def _prepare(self) -> None:
+        """Render and store the text of every manifest queued now (one ``hash-object``)."""
+        with self._lock:
+            queued, self._queue = self._queue, []
+        if not queued:
+            return
+        if not self._looked:
+            self._target, self._looked = _target(self.git), True
+        target, texts = self._target, {}
+        if target is None:
+            return
+        for text, manifest in queued:
+            oid = blob_id(text, target.fmt)
+            if oid not in target.notes and oid not in self._fresh and oid not in texts:
+                texts[oid] = self.render(manifest)
+        if texts:
+            self._fresh.update(_write_blobs(self.git, texts, target.git_dir))
 
     def flush(self) -> int:
         """Write the notes of every manifest noted since the last flush; return how many were
         new (0 when the cache is off or the textconv command is not configured)."""
-        pending, self._pending = self._pending, {}
-        if not pending:
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+            pool, self._pool = self._pool, None
+        if pool is None:
             return 0
         try:
-            return fill(self.git, ((t, m) for t, m in pending.items()), self.render)
+            for job in jobs:
+                job.result()
+            fresh, target = self._fresh, self._target
+            if not fresh or target is None:
+                return 0
+            return _commit(self.git, target, fresh)
         except (PotluckError, OSError) as e:
             log.warning("potluck: the textconv cache was not updated (%s)", e)
             return 0
+        finally:
+            pool.shutdown()
+            self._fresh, self._target, self._looked = {}, None, False
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where the notes go: the cache's validity (the textconv command), the object format,
+    the git directory, the cache's commit (None: no cache yet) and its notes."""
+
+    validity: str
+    fmt: str
+    git_dir: Path
+    commit: str | None
+    notes: dict[str, str]
+
+
+def _target(git: Git) -> _Target | None:
+    """The cache as it is now, None when it is off (one ``git config``, one ``rev-parse``,
+    and with a cache ``cat-file`` plus ``ls-tree``)."""
+    validity = _settings(git)
+    if validity is None:
+        return None
+    fmt, git_dir, old = _where(git)
+    return _Target(validity, fmt, git_dir, old, _existing(git, old, validity))
 
 
 def _settings(git: Git) -> str | None:
@@ -123,23 +196,27 @@ def _existing(git: Git, commit: str | None, validity: str) -> dict[str, str]:
 def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) -> int:
     """Add a note for each ``(manifest blob text, parsed manifest)`` that the cache lacks;
     return how many were added. One notes commit for all of them."""
-    validity = _settings(git)
-    if validity is None:
+    target = _target(git)
+    if target is None:
         return 0
-    fmt, git_dir, old = _where(git)
-    notes = _existing(git, old, validity)
-    fresh: dict[str, bytes] = {}
+    texts: dict[str, bytes] = {}
     for text, manifest in manifests:
-        oid = blob_id(text, fmt)
-        if oid not in notes and oid not in fresh:
-            fresh[oid] = render(manifest)
-    if not fresh:
+        oid = blob_id(text, target.fmt)
+        if oid not in target.notes and oid not in texts:
+            texts[oid] = render(manifest)
+    if not texts:
         return 0
-    notes.update(_write_blobs(git, fresh, git_dir))
+    return _commit(git, target, _write_blobs(git, texts, target.git_dir))
+
+
+def _commit(git: Git, target: _Target, fresh: dict[str, str]) -> int:
+    """Commit the cache's notes plus ``fresh`` ({manifest blob id: text blob id}) as the new
+    cache, unless another writer moved it meanwhile; how many notes were added."""
+    notes = {**target.notes, **fresh}
     tree_input = "".join(f"100644 blob {blob}\t{oid}\n" for oid, blob in sorted(notes.items()))
     tree = git.run("mktree", input=tree_input.encode("ascii")).decode().strip()
-    commit = git.run("commit-tree", tree, "-m", validity, env=_IDENTITY).decode().strip()
-    expected = old or "0" * len(commit)  # none yet: the ref must not exist
+    commit = git.run("commit-tree", tree, "-m", target.validity, env=_IDENTITY).decode().strip()
+    expected = target.commit or "0" * len(commit)  # none yet: the ref must not exist
     proc = git.run_proc("update-ref", "-m", "potluck textconv cache", NOTES_REF, commit, expected)
     if proc.returncode != 0:  # another writer (git log -p, a second filter) came first
         log.info("potluck: the textconv cache changed meanwhile; these notes wait for next time")

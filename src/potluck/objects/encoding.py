@@ -113,6 +113,14 @@ _DIFF_MARGIN = 0.99
 # file of many thousand small tensors is added about a tenth faster.
 TINY_CHUNK = 16 * 1024
 TINY_LEVEL = -1
+# A batch of at least SMALL_SAMPLE_MIN small objects (``encode_small_many``) is first compressed
+# at every k-th of them, SMALL_SAMPLES in all: when not one of those saves more than 2 %, the
+# whole batch is stored raw without compressing the rest. Random-looking tensors then cost no
+# zstd work (it was a fifth of the CPU of adding 20k of them); a compressible object the sample
+# misses in such a batch is stored raw (with no sampled hit, fewer than about 3/64 of the batch
+# are compressible at 95 % confidence).
+SMALL_SAMPLES = 64
+SMALL_SAMPLE_MIN = 4 * SMALL_SAMPLES
 
 Chunk = bytes | bytearray | memoryview
 OpenBase = Callable[[str], Iterator[bytes]]
@@ -608,10 +616,12 @@ def encode_small_many(
 
     All are compressed by zstd's batch call (C threads, no Python per object), which is what
     makes a file of many thousand small tensors cheap to add; nothing here imports numpy.
+    One exception to "exactly": in a batch of at least ``SMALL_SAMPLE_MIN`` objects of which no
+    sampled one compresses (``_compress_sampled``), every object is written raw.
     """
     lengths = list(map(len, datas))
     _check_small(lengths, itemsize, chunk_size)
-    packed = _compress_grouped(datas, lengths, itemsize, level)
+    packed = _compress_sampled(datas, lengths, itemsize, level)
     heads = {
         n: _HEADER.pack(MAGIC, VERSION, itemsize, 0, 0, n, chunk_size, _ZERO_DIGEST)
         for n in set(lengths)
@@ -620,10 +630,28 @@ def encode_small_many(
     group, record = KIND_GROUPED, _CHUNK.pack
     return [
         raw_heads[n] + data
-        if len(payload) >= _RAW_RATIO * n
+        if payload is None or len(payload) >= _RAW_RATIO * n
         else b"".join((heads[n], record(group, len(payload)), payload))
         for data, n, payload in zip(datas, lengths, packed, strict=True)
     ]
+
+
+def _compress_sampled(
+    datas: Sequence[Chunk], lengths: list[int], itemsize: int, level: int
+) -> list[bytes] | list[None]:
+    """``_compress_grouped`` of all ``datas``, or (None: store raw) of none when the batch has
+    at least ``SMALL_SAMPLE_MIN`` objects and not one of ``SMALL_SAMPLES`` evenly spaced ones
+    saves more than ``1 - _RAW_RATIO`` of its bytes."""
+    count = len(datas)
+    if count < SMALL_SAMPLE_MIN:
+        return _compress_grouped(datas, lengths, itemsize, level)
+    picks = range(0, count, count // SMALL_SAMPLES)
+    sample = _compress_grouped(
+        [datas[k] for k in picks], [lengths[k] for k in picks], itemsize, level
+    )
+    if all(len(p) >= _RAW_RATIO * lengths[k] for k, p in zip(picks, sample, strict=True)):
+        return [None] * count
+    return _compress_grouped(datas, lengths, itemsize, level)
 
 
 def _check_small(lengths: list[int], itemsize: int, chunk_size: int) -> None:
