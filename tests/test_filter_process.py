@@ -69,6 +69,35 @@ def test_packet_round_trip(body: bytes, chunks: list[int], reads: int) -> None:
     assert pktline.read_packet(stream) == b"after"
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.binary(min_size=1, max_size=300), max_size=12),
+    sizes=st.lists(st.integers(min_value=1, max_value=900), min_size=1, max_size=6),
+)
+def test_readinto_fills_buffers_across_packets_and_stops_at_the_flush(
+    parts: list[bytes], sizes: list[int]
+) -> None:
+    """``readinto`` (packets that fit read straight into the buffer, the others through the
+    reader's own) gives the body in order, whatever the buffer sizes, and leaves what follows
+    the flush packet unread; a stream cut inside a packet is an ``EOFError``."""
+    out = io.BytesIO()
+    for part in parts:
+        pktline.write_packet(out, part)
+    pktline.write_flush(out)
+    pktline.write_text(out, "after")
+    stream = io.BytesIO(out.getvalue())
+    reader, got, i = PacketReader(stream), bytearray(), 0
+    while n := reader.readinto(buf := bytearray(sizes[i % len(sizes)])):
+        got += buf[:n]
+        i += 1
+    assert bytes(got) == b"".join(parts)
+    assert pktline.read_text(stream) == "after"
+    if parts:
+        cut = io.BytesIO(out.getvalue()[: 4 + len(parts[0]) - 1])
+        with pytest.raises(EOFError):
+            PacketReader(cut).readinto(bytearray(1000))
+
+
 def test_packet_reader_apis() -> None:
     out = io.BytesIO()
     for part in (b"hello ", b"wor", b"ld"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from potluck.errors import FormatError
 from potluck.objects.manifest import Manifest, RawEntry, TensorEntry, dumps, parse
@@ -69,3 +71,46 @@ def test_records_must_be_one_per_line_even_when_the_lines_join_into_valid_json()
 def test_a_shape_is_a_list_of_non_negative_integers(shape: bytes) -> None:
     with pytest.raises(FormatError, match="bad shape"):
         parse(GOLDEN.replace(b'"shape":[3,4]', b'"shape":' + shape))
+
+
+def _reference_line(e: RawEntry | TensorEntry) -> str:
+    """A manifest line as the format defines it: the record through ``json.dumps``."""
+    import json
+
+    if isinstance(e, RawEntry):
+        record: dict[str, object] = {"raw": e.oid, "size": e.size}
+    else:
+        record = {
+            "tensor": e.name, "dtype": e.dtype, "shape": list(e.shape), "oid": e.oid,
+            "size": e.size,
+        }  # fmt: skip
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True)
+
+
+_NAMES = st.text(min_size=1, max_size=8) | st.sampled_from(['a"b', "\\", "\x1b]0;t\x07", "é"])
+_DIMS = st.lists(st.integers(0, 9) | st.booleans(), max_size=3).map(tuple)
+_ENTRIES = st.lists(
+    st.builds(RawEntry, st.just(A), st.integers(0, 99))
+    | st.builds(
+        TensorEntry,
+        _NAMES,
+        st.sampled_from(["F32", "BF16"]),
+        _DIMS,
+        st.just(B),
+        st.integers(0, 99) | st.booleans(),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(derandomize=True, deadline=None, max_examples=150)
+@given(_ENTRIES)
+def test_entry_lines_are_the_records_through_json_dumps(
+    entries: list[RawEntry | TensorEntry],
+) -> None:
+    """The entries' lines (tensor entries formatted together in bulk) are exactly the records
+    through ``json.dumps``: names escaped, a bool dimension or size printed as JSON's bool."""
+    m = Manifest("safetensors", 0, tuple(entries))
+    lines = dumps(m).decode("ascii").split("\n")[2:-1]
+    assert lines == [_reference_line(e) for e in entries]

@@ -201,12 +201,24 @@ def _mixed_file(rng: np.random.Generator, scale: float) -> bytes:
     return st_bytes(tensors, names)
 
 
+class _Trickle:
+    """A stream with ``read`` only (no ``readinto``), giving at most 1000 bytes a call."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self._f.read(1000 if n < 0 else min(n, 1000))
+
+
+@pytest.mark.parametrize("stream", [io.BytesIO, _Trickle])
 def test_stream_snapshot_of_many_small_tensors_stores_the_same_objects(
-    rng, tmp_path, monkeypatch
+    rng, tmp_path, monkeypatch, stream
 ) -> None:
     """The streamed add stores runs of small tensors together (``put_small_many``); its
     manifests and every object's bytes equal those of the add one object at a time, also for
-    a second version whose changed tensors are stored as deltas against the first."""
+    a second version whose changed tensors are stored as deltas against the first (from a
+    file, and from a stream that only has ``read`` and answers in small pieces)."""
     from potluck.ops.vcs.snapshot import snapshot_stream
     from potluck.store.local import LocalStore
 
@@ -225,7 +237,7 @@ def test_stream_snapshot_of_many_small_tensors_stores_the_same_objects(
     one_by_one = ObjectDB(MemoryStore(), RepoConfig(), workers=1)
     prev_s = prev_f = None
     for data in (v1, v2):
-        ms, _ = snapshot_stream(io.BytesIO(data), by_stream, prev_s, name="x", spill_dir=tmp_path)
+        ms, _ = snapshot_stream(stream(data), by_stream, prev_s, name="x", spill_dir=tmp_path)
         mf, _ = snapshot(io.BytesIO(data), len(data), one_by_one, prev_f, name="x")
         assert dumps(ms) == dumps(mf)
         out = io.BytesIO()

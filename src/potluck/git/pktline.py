@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from potluck.errors import GitError
 
@@ -44,6 +44,12 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 def read_packet(stream: BinaryIO) -> bytes | None:
     """Read one packet: its data, or None for a flush packet. ``EOFError`` at end of stream."""
+    size = _data_size(stream)
+    return None if size is None else _read_exact(stream, size)
+
+
+def _data_size(stream: BinaryIO) -> int | None:
+    """Read a packet's length: the size of its data, None for a flush packet."""
     head = stream.read(4)
     if len(head) < 4:
         if head:
@@ -64,7 +70,17 @@ def read_packet(stream: BinaryIO) -> bytes | None:
             f"unsupported pkt-line length {size}",
             hint="the other side is not speaking the git pkt-line protocol",
         )
-    return _read_exact(stream, size - 4)
+    return size - 4
+
+
+def _readinto_exact(stream: BinaryIO, out: memoryview) -> None:
+    """Fill ``out`` from ``stream``; ``EOFError`` if the stream ends first."""
+    got, fill = 0, cast(io.BufferedIOBase, stream).readinto  # a binary file has it
+    while got < len(out):
+        n = fill(out[got:])
+        if not n:
+            raise EOFError(f"pkt-line stream ended after {got} of {len(out)} bytes")
+        got += n
 
 
 def read_text(stream: BinaryIO) -> str | None:
@@ -177,10 +193,23 @@ class PacketReader(io.BufferedIOBase):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readinto(self, buffer: Buffer, /) -> int:
-        """Fill ``buffer`` as far as the body allows; return the number of bytes written."""
+        """Fill ``buffer`` as far as the body allows; return the number of bytes written. A
+        packet that fits in what is left of ``buffer`` is read straight into it."""
         out = memoryview(buffer).cast("B")
         got = 0
-        while got < len(out) and self._fill():
+        while got < len(out):
+            if self._pos >= len(self._packet):
+                if self.done:
+                    break
+                size = _data_size(self._stream)
+                if size is None:
+                    self.done = True
+                    break
+                if size <= len(out) - got:
+                    _readinto_exact(self._stream, out[got : got + size])
+                    got += size
+                    continue
+                self._packet, self._pos = memoryview(_read_exact(self._stream, size)), 0
             take = min(len(out) - got, len(self._packet) - self._pos)
             out[got : got + take] = self._packet[self._pos : self._pos + take]
             self._pos += take

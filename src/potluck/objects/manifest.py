@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring_ascii as _quote
+from operator import attrgetter
 from typing import Any
 
 from potluck.errors import FormatError
@@ -40,7 +41,7 @@ class RawEntry:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorEntry:
     """One tensor's (or storage's) little-endian bytes."""
 
@@ -49,6 +50,11 @@ class TensorEntry:
     shape: tuple[int, ...]
     oid: str
     size: int
+
+    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], oid: str, size: int):
+        # Fields set through ``__dict__`` (as ``TensorSegment``: one entry per tensor).
+        d = self.__dict__
+        d["name"], d["dtype"], d["shape"], d["oid"], d["size"] = name, dtype, shape, oid, size
 
 
 Entry = RawEntry | TensorEntry
@@ -112,6 +118,32 @@ def _entry_line(e: Entry) -> str:
     return _dumps(_entry_record(e))
 
 
+_TENSOR_LINE = '{{"tensor":{},"dtype":{},"shape":[{}],"oid":{},"size":{}}}'.format
+_TENSOR_FIELDS = attrgetter("name", "dtype", "shape", "oid", "size")
+
+
+def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
+    """``_entry_line`` of each entry, the tensor entries formatted together (C-level maps over
+    their fields; each distinct shape printed once) when every size and dimension is an int."""
+    tensors = [e for e in entries if type(e) is TensorEntry]
+    if not tensors:
+        return list(map(_entry_line, entries))
+    names, dtypes, shapes, oids, sizes = zip(*map(_TENSOR_FIELDS, tensors), strict=True)
+    printed = {shape: _shape_text(shape) for shape in set(shapes)}
+    if set(map(type, sizes)) != {int} or None in printed.values():
+        return list(map(_entry_line, entries))
+    quoted = map(_quote, names), map(_quote, dtypes), map(printed.__getitem__, shapes)
+    lines = iter(list(map(_TENSOR_LINE, *quoted, map(_quote, oids), sizes)))
+    if len(tensors) == len(entries):
+        return list(lines)
+    return [next(lines) if type(e) is TensorEntry else _entry_line(e) for e in entries]
+
+
+def _shape_text(shape: tuple[int, ...]) -> str | None:
+    """The dimensions joined by commas, None unless each is an int (not a bool)."""
+    return ",".join(map(str, shape)) if set(map(type, shape)) <= _INT_ONLY else None
+
+
 def _view_record(v: View) -> dict[str, Any]:
     return {
         "view": v.name,
@@ -127,7 +159,7 @@ def dumps(m: Manifest) -> bytes:
     """Canonical bytes of a manifest."""
     head = {"format": m.format, "size": m.size, "metadata": dict(sorted(m.metadata.items()))}
     lines = [MAGIC.decode().rstrip("\n"), _dumps(head)]
-    lines += [_entry_line(e) for e in m.entries]
+    lines += _entry_lines(m.entries)
     lines += [_dumps(_view_record(v)) for v in sorted(m.views, key=lambda v: v.name)]
     return ("\n".join(lines) + "\n").encode("ascii")
 

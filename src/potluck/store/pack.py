@@ -246,7 +246,8 @@ class PackWriter:
             starts = map(add, ends[:-1], repeat(RECORD_SIZE))
             self._entries.update(zip(digests, zip(starts, lengths, strict=True), strict=True))
             heads = map(_RECORD.pack, repeat(RECORD_MAGIC), digests, lengths)
-            self._file.write(b"".join(chain.from_iterable(zip(heads, datas, strict=True))))
+            # through the file's buffer: no joined copy of the whole run (and its page faults)
+            self._file.writelines(chain.from_iterable(zip(heads, datas, strict=True)))
             self._pos = ends[-1]
 
     def _unseen(

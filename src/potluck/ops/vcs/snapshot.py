@@ -157,6 +157,25 @@ class Chain:
         out, self.first = self.first[:n], self.first[n:]
         return out
 
+    def readinto(self, out: memoryview) -> int:
+        """Fill ``out`` (less only where the stream ends); return how many bytes came. A stream
+        with ``readinto`` (a git packet reader, a file) fills it directly: one copy."""
+        got = min(len(self.first), len(out))
+        out[:got] = self.first[:got]
+        self.first = self.first[got:]
+        fill = getattr(self.rest, "readinto", None)  # ``Readable`` needs only ``read``
+        while got < len(out):
+            if fill is not None:
+                n = fill(out[got:])
+            else:
+                piece = self.rest.read(len(out) - got)
+                n = len(piece)
+                out[got : got + n] = piece
+            if not n:
+                break
+            got += n
+        return got
+
 
 def snapshot_stream(
     src: Readable,
@@ -309,7 +328,8 @@ def _stream_small(
     """Read a run of small consecutive segments at once, hash each and store them together
     (``ObjectDB.put_small_many``); returns (oid, created) of each."""
     total = sum(seg.length for seg in run)
-    buf = _read_exact(data, total)
+    buf = bytearray(total)
+    del buf[data.readinto(memoryview(buf)) :]  # what the stream had
     if len(buf) < total:
         for seg in run:  # name the segment the stream ends in
             _check_length(buf[seg.offset - run[0].offset :][: seg.length], seg, name)
@@ -356,7 +376,9 @@ def _named(seg: Segment) -> str | None:
     return seg.name if isinstance(seg, TensorSegment) else None
 
 
-def _check_length(buf: bytes, seg: Segment, name: str, short: int | None = None) -> None:
+def _check_length(
+    buf: bytes | bytearray, seg: Segment, name: str, short: int | None = None
+) -> None:
     missing = short if short is not None else seg.length - len(buf)
     if missing:
         what = f"tensor {seg.name!r}" if isinstance(seg, TensorSegment) else "the header"
