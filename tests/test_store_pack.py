@@ -24,7 +24,7 @@ from potluck.objects.manifest import parse
 from potluck.store import LocalStore, ObjectStore, validate_oid
 from potluck.store.base import raw_oids
 from potluck.store.local import PACK_MIN
-from potluck.store.pack import Pack, PackWriter
+from potluck.store.pack import ENTRY_SIZE, TAIL_SIZE, Pack, PackWriter
 
 FILE = "m.safetensors"
 N = PACK_MIN + 20  # tensors in a file: enough for its add to make a pack
@@ -110,6 +110,29 @@ def test_add_many_keeps_the_first_of_each_id_and_indexes_what_add_would(tmp_path
     for digest, data in raw:
         at = pack.find(digest)
         assert at is not None and pack.read(*at) == data
+
+
+def test_a_forgotten_object_is_left_out_of_the_index(tmp_path: Path) -> None:
+    """The index is the sorted entries of what was added (packed as it is added); after
+    ``forget`` it is rebuilt from what is left: the same bytes as a pack that never had it."""
+    objs = [(bytes.fromhex(oid), data) for oid, data in (oid_of(i) for i in range(30))]
+    kept, gone = [*objs[:10], *objs[11:]], objs[10]
+    forgetting, reference = PackWriter(tmp_path / "a"), PackWriter(tmp_path / "b")
+    forgetting.add_many(objs)
+    assert forgetting.forget(gone[0]) and not forgetting.forget(gone[0])
+    for digest, data in objs:
+        reference.add(digest, data)
+    reference.forget(gone[0])
+    done = [w.finish(tmp_path / f"pack-{i}") for i, w in enumerate((forgetting, reference))]
+    assert done[0] is not None and done[1] is not None
+    pack = Pack.load(done[0])
+    assert pack.problem is None and pack.find(gone[0]) is None
+    assert [pack.read(*at) for at in map(pack.find, (d for d, _ in kept)) if at] == [
+        data for _, data in kept
+    ]
+    ids = sorted(d for d, _ in kept)
+    index = done[0].read_bytes()[-(len(ids) * ENTRY_SIZE + TAIL_SIZE) : -TAIL_SIZE]
+    assert [index[i : i + 32] for i in range(0, len(index), ENTRY_SIZE)] == ids
 
 
 def test_raw_oids_are_the_digests_of_valid_ids_and_name_the_first_bad_one() -> None:
@@ -409,3 +432,50 @@ def test_merge_packs_makes_one_with_the_newest_time(tmp_path: Path) -> None:
     assert sorted(reader.iter_oids()) == sorted(objs)
     for oid, data in objs.items():
         assert contract.read(reader, oid) == data and contract.read(store, oid) == data
+
+
+def test_records_are_synced_ahead_and_finish_still_syncs_the_whole_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``SYNC_AHEAD`` bytes of records a background ``fdatasync`` starts (never two at
+    once); ``finish`` waits for it and fsyncs the whole file before the rename."""
+    import os
+
+    import potluck.store.pack as pack_mod
+
+    calls: list[str] = []
+    real_datasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(pack_mod, "SYNC_AHEAD", 5000)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("ahead") or real_datasync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    objs = [(bytes.fromhex(oid), data * 100) for oid, data in (oid_of(i) for i in range(40))]
+    writer = PackWriter(tmp_path / "tmp")
+    for k in range(0, 40, 4):
+        writer.add_many(objs[k : k + 4])
+    done = writer.finish(tmp_path / "pack")
+    assert done is not None and calls[-1] == "fsync" and calls.count("fsync") == 1
+    assert 1 <= calls.count("ahead") <= sum(len(d) for _, d in objs) // 5000
+    pack = Pack.load(done)
+    assert pack.problem is None
+    assert all(pack.read(*at) == data for d, data in objs if (at := pack.find(d)))
+
+
+def test_a_failed_background_sync_fails_the_durable_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import potluck.store.pack as pack_mod
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(pack_mod, "SYNC_AHEAD", 100)
+    monkeypatch.setattr(os, "fdatasync", broken)
+    writer = PackWriter(tmp_path / "tmp")
+    writer.add_many([(bytes.fromhex(oid), data * 10) for oid, data in map(oid_of, range(5))])
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.finish(tmp_path / "pack")
+    writer.discard()
+    assert not list((tmp_path / "tmp").iterdir()) and not (tmp_path / "pack").exists()

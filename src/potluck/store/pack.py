@@ -206,10 +206,17 @@ def _walk_records(f: BinaryIO, size: int) -> tuple[bytes, int]:
     return index, pos
 
 
+#: Once this many record bytes are written and not yet synced, a thread starts an
+#: ``fdatasync`` of the pack (one at a time): the disk writes of a large add overlap its work,
+#: so ``finish``'s fsync has little left to wait for.
+SYNC_AHEAD = 4 << 20
+
+
 class PackWriter:
     """Builds one pack in ``tmp_dir``: ``add`` appends records, ``finish`` writes the index,
     fsyncs once and renames the file into ``pack_dir``. Objects added are readable (``find``,
-    ``read``) before the pack is finished; ``discard`` leaves nothing."""
+    ``read``) before the pack is finished; ``discard`` leaves nothing. The records are synced
+    ahead in the background as they grow (``SYNC_AHEAD``)."""
 
     def __init__(self, tmp_dir: Path) -> None:
         tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +226,13 @@ class PackWriter:
         self._file.write(_HEAD.pack(MAGIC, VERSION))
         self._pos = HEAD_SIZE
         self._entries: dict[bytes, tuple[int, int]] = {}
+        #: the index entry of each object added, packed as it is added (``_index`` sorts them);
+        #: None once ``forget`` has dropped one (``_index`` then packs ``_entries`` instead)
+        self._records: list[bytes] | None = []
         self._lock = threading.Lock()
+        self._synced = 0  # record bytes a started sync covers
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -231,7 +244,10 @@ class PackWriter:
                 return
             self._file.write(_RECORD.pack(RECORD_MAGIC, digest, len(data)) + data)
             self._entries[digest] = (self._pos + RECORD_SIZE, len(data))
+            if self._records is not None:
+                self._records.append(_ENTRY.pack(digest, self._pos + RECORD_SIZE, len(data)))
             self._pos += RECORD_SIZE + len(data)
+            self._sync_ahead()
 
     def add_many(self, objects: Iterable[tuple[bytes, bytes | memoryview]]) -> None:
         """``add`` of each ``(raw id, bytes)``, written with one call (the records, their
@@ -243,12 +259,43 @@ class PackWriter:
                 return
             lengths = list(map(len, datas))
             ends = list(accumulate(map(add, lengths, repeat(RECORD_SIZE)), initial=self._pos))
-            starts = map(add, ends[:-1], repeat(RECORD_SIZE))
+            starts = list(map(add, ends[:-1], repeat(RECORD_SIZE)))
             self._entries.update(zip(digests, zip(starts, lengths, strict=True), strict=True))
+            if self._records is not None:
+                self._records += map(_ENTRY.pack, digests, starts, lengths)
             heads = map(_RECORD.pack, repeat(RECORD_MAGIC), digests, lengths)
             # through the file's buffer: no joined copy of the whole run (and its page faults)
             self._file.writelines(chain.from_iterable(zip(heads, datas, strict=True)))
             self._pos = ends[-1]
+            self._sync_ahead()
+
+    def _sync_ahead(self) -> None:
+        """Start syncing the records written so far on a thread, when ``SYNC_AHEAD`` bytes
+        wait for it and no earlier sync still runs (the caller holds the lock)."""
+        if self._syncer is not None:
+            if self._syncer.is_alive():
+                return
+            self._syncer.join()
+            self._syncer = None
+        if self._pos - self._synced < SYNC_AHEAD:
+            return
+        self._file.flush()
+        self._synced = self._pos
+        fd = self._file.fileno()
+        self._syncer = threading.Thread(target=self._datasync, args=(fd,), daemon=True)
+        self._syncer.start()
+
+    def _datasync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:  # raised by ``finish`` when the pack is to be durable
+            self._sync_error = e
+
+    def _wait_for_sync(self) -> None:
+        """Wait until the background sync, if one runs, has ended."""
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
 
     def _unseen(
         self, objects: Iterable[tuple[bytes, bytes | memoryview]]
@@ -277,7 +324,11 @@ class PackWriter:
     def forget(self, digest: bytes) -> bool:
         """Leave an added object out of the index (its bytes stay, unreferenced)."""
         with self._lock:
-            return self._entries.pop(digest, None) is not None
+            if digest not in self._entries:
+                return False
+            del self._entries[digest]
+            self._records = None
+            return True
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of an added object."""
@@ -294,6 +345,9 @@ class PackWriter:
         if not self._entries:
             self.discard()
             return None
+        self._wait_for_sync()
+        if durable and self._sync_error is not None:
+            raise self._sync_error
         index = self._index()
         count = len(self._entries)
         checksum = _index_checksum(index, self._pos, count)
@@ -311,12 +365,14 @@ class PackWriter:
 
     def _index(self) -> bytes:
         """The index of the objects added: their entries sorted by id."""
-        digests = sorted(self._entries)
-        offsets, lengths = zip(*map(self._entries.__getitem__, digests), strict=True)
-        return b"".join(map(_ENTRY.pack, digests, offsets, lengths))
+        if self._records is not None:  # an entry starts with its id: sorting sorts by id
+            return b"".join(sorted(self._records))
+        items = sorted(self._entries.items())
+        return b"".join([_ENTRY.pack(digest, offset, n) for digest, (offset, n) in items])
 
     def discard(self) -> None:
         """Remove the unfinished pack."""
+        self._wait_for_sync()  # the thread uses the file's descriptor
         if not self._file.closed:
             self._file.close()
         self.tmp.unlink(missing_ok=True)
