@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from json.encoder import encode_basestring_ascii as _quote
-from operator import attrgetter
 from typing import Any
 
 from potluck.errors import FormatError
@@ -118,25 +117,25 @@ def _entry_line(e: Entry) -> str:
     return _dumps(_entry_record(e))
 
 
-_TENSOR_LINE = '{{"tensor":{},"dtype":{},"shape":[{}],"oid":{},"size":{}}}'.format
-_TENSOR_FIELDS = attrgetter("name", "dtype", "shape", "oid", "size")
-
-
 def _entry_lines(entries: tuple[Entry, ...]) -> list[str]:
-    """``_entry_line`` of each entry, the tensor entries formatted together (C-level maps over
-    their fields; each distinct shape printed once) when every size and dimension is an int."""
+    """``_entry_line`` of each entry; the tensor entries' lines in one comprehension, each
+    distinct shape printed once, when every size and dimension is an int (else entry by entry:
+    ``_entry_line`` then prints what JSON would)."""
     tensors = [e for e in entries if type(e) is TensorEntry]
-    if not tensors:
+    shapes = {e.shape for e in tensors}
+    printed = {shape: _shape_text(shape) for shape in shapes}
+    if not tensors or None in printed.values() or {type(e.size) for e in tensors} != {int}:
         return list(map(_entry_line, entries))
-    names, dtypes, shapes, oids, sizes = zip(*map(_TENSOR_FIELDS, tensors), strict=True)
-    printed = {shape: _shape_text(shape) for shape in set(shapes)}
-    if set(map(type, sizes)) != {int} or None in printed.values():
-        return list(map(_entry_line, entries))
-    quoted = map(_quote, names), map(_quote, dtypes), map(printed.__getitem__, shapes)
-    lines = iter(list(map(_TENSOR_LINE, *quoted, map(_quote, oids), sizes)))
+    q = _quote
+    lines = [
+        f'{{"tensor":{q(e.name)},"dtype":{q(e.dtype)},"shape":[{printed[e.shape]}],'
+        f'"oid":{q(e.oid)},"size":{e.size}}}'
+        for e in tensors
+    ]
     if len(tensors) == len(entries):
-        return list(lines)
-    return [next(lines) if type(e) is TensorEntry else _entry_line(e) for e in entries]
+        return lines
+    made = iter(lines)
+    return [next(made) if type(e) is TensorEntry else _entry_line(e) for e in entries]
 
 
 def _shape_text(shape: tuple[int, ...]) -> str | None:
