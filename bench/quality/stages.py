@@ -192,17 +192,39 @@ def _hashes(weights: Path, names: Sequence[str]) -> dict[str, str]:
 def contributor_stats(
     run: finetune.Finetuned, task: data.Task, out_dir: Path, fisher_n: int, gram_n: int
 ) -> dict[str, Path]:
-    """Fisher and Gram statistics of a contributor's fine-tune on its own training data."""
-    import torch
+    """Fisher and Gram statistics of a contributor's fine-tune on its own training data.
 
-    from potluck.ops.merge.stats_torch import fisher_diag, gram_matrices, input_axes
-    from potluck.ops.merge.statsfile import write_stats
+    Gram (``gram``; ``gram_emb`` adds the embeddings' lookup counts): ``potluck stats gram``'s
+    own path (``grams.gram_stats``) on the first ``gram_n`` training texts, no labels. Fisher:
+    ``fisher_diag`` with the bench's loss — the cross-entropy of the contributor's own head on
+    the mean-pooled embedding, on the first ``fisher_n`` training examples **with their labels**
+    (``potluck stats fisher`` needs a Hugging Face sequence classifier, whose head is not this
+    one)."""
+    from . import grams
 
     paths = {k: out_dir / f"{task.name}.{k}.stats" for k in ("fisher", "gram", "gram_emb")}
-    todo = [(k, n) for k, n in (("fisher", fisher_n), ("gram", gram_n), ("gram_emb", gram_n))
-            if not paths[k].is_file()]  # fmt: skip
-    if not todo:
-        return paths
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for kind in ("gram", "gram_emb"):
+        if not paths[kind].is_file():
+            t0 = time.perf_counter()
+            texts = task.train.texts[:gram_n]
+            grams.gram_stats(run.encoder, texts, paths[kind], embeddings=kind == "gram_emb",
+                             max_length=MAX_LENGTH)  # fmt: skip
+            log(f"  {kind} stats {task.name}: {len(texts)} texts, {time.perf_counter() - t0:.0f} s")
+    if not paths["fisher"].is_file():
+        _fisher_stats(run, task, paths["fisher"], fisher_n)
+    return paths
+
+
+def _fisher_stats(run: finetune.Finetuned, task: data.Task, path: Path, n: int) -> None:
+    """``path``: the empirical diagonal Fisher of the contributor's encoder under its own head
+    on the first ``n`` labelled training examples (one backward pass per example)."""
+    import torch
+
+    from potluck.ops.merge.stats_torch import fisher_diag
+    from potluck.ops.merge.statsfile import write_stats
+
+    t0 = time.perf_counter()
     tok, enc = model.load_tokenizer(), model.load_encoder(run.encoder)
     head = finetune.load_head(run.head)
 
@@ -211,26 +233,13 @@ def contributor_stats(
         pooled = model.mean_pool(m(**inputs).last_hidden_state, batch["attention_mask"])
         return torch.nn.functional.cross_entropy(head(pooled), batch["labels"], reduction="sum")
 
-    def forward(m: Any, batch: Mapping[str, Any]) -> Any:
-        return m(**{k: v for k, v in batch.items() if k != "labels"})
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, n in todo:
-        t0 = time.perf_counter()
-        batches = list(_batches(task, tok, n, 1 if kind == "fisher" else 16))
-        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-        if kind == "fisher":
-            tensors = fisher_diag(enc, batches, nll)
-            axes = None
-        else:  # gram_emb: the same Grams plus the embeddings' lookup counts
-            emb = kind == "gram_emb"
-            tensors = gram_matrices(enc, batches, forward, embeddings=emb)
-            axes = {k: v for k, v in input_axes(enc, embeddings=emb).items() if k in tensors}
-        write_stats(
-            paths[kind], kind.removesuffix("_emb"), tensors, samples=min(n, len(task.train)),
-            tokens=tokens,
-            model_sha256=_hashes(run.encoder, list(tensors)), input_axes=axes,
-            description={"tool": "bench.quality", "task": task.name, "split": "train"},
-        )  # fmt: skip
-        log(f"  {kind} stats {task.name}: {n} examples, {time.perf_counter() - t0:.0f} s")
-    return paths
+    batches = list(_batches(task, tok, n, 1))
+    tensors = fisher_diag(enc, batches, nll)
+    write_stats(
+        path, "fisher", tensors, samples=min(n, len(task.train)),
+        tokens=int(sum(int(b["attention_mask"].sum()) for b in batches)),
+        model_sha256=_hashes(run.encoder, list(tensors)),
+        description={"tool": "bench.quality", "task": task.name, "split": "train",
+                     "loss": "own head on mean-pooled embedding, training labels"},
+    )  # fmt: skip
+    log(f"  fisher stats {task.name}: {n} examples, {time.perf_counter() - t0:.0f} s")
