@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 from operator import itemgetter, methodcaller
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -207,13 +207,43 @@ def byte_ungroup(buf: Chunk, itemsize: int) -> bytes:
     """Inverse of ``byte_group``."""
     if itemsize == 1:
         return bytes(buf)
+    return bytes(_ungrouped(buf, itemsize).tobytes())
+
+
+def _ungrouped(buf: Chunk, itemsize: int) -> Any:
+    """``byte_ungroup`` as a new writable uint8 array (itemsize 2 to 8), not yet copied out."""
     import numpy as np
 
     planes = np.frombuffer(buf, np.uint8).reshape(itemsize, -1)
     out = np.empty((planes.shape[1], itemsize), np.uint8)
     for i in range(itemsize):  # one strided copy per plane beats a transposed tobytes()
         out[:, i] = planes[i]
-    return out.tobytes()
+    return out.reshape(-1)
+
+
+def _xor_into(out: Any, other: Chunk) -> None:
+    """``out`` (a writable uint8 array) ^= ``other`` (as long), eight bytes at a time."""
+    import numpy as np
+
+    y = np.frombuffer(other, np.uint8)
+    n8 = len(out) // 8 * 8
+    np.bitwise_xor(out[:n8].view(np.uint64), y[:n8].view(np.uint64), out=out[:n8].view(np.uint64))
+    np.bitwise_xor(out[n8:], y[n8:], out=out[n8:])
+
+
+def _ungroup_xor(grouped: bytes, itemsize: int, base: Chunk | None) -> bytes:
+    """``byte_ungroup(grouped)``, XORed with ``base`` when given: the XOR is done in the
+    ungrouped work array, so a decoded chunk costs one work array and its bytes, not four
+    chunk-sized buffers (the same bits as ``xor_bytes(byte_ungroup(...), base)``)."""
+    if itemsize == 1:
+        return grouped if base is None else xor_bytes(grouped, base)
+    out = _ungrouped(grouped, itemsize)
+    del grouped  # the caller passed its only reference: freed before the copy out
+    if base is not None:
+        if len(base) != len(out):
+            raise ValueError(f"xor_bytes needs equal lengths, got {len(out)} and {len(base)}")
+        _xor_into(out, base)
+    return bytes(out.tobytes())
 
 
 def xor_bytes(a: Chunk, b: Chunk) -> bytes:
@@ -229,6 +259,22 @@ def xor_bytes(a: Chunk, b: Chunk) -> bytes:
     np.bitwise_xor(x[:n8].view(np.uint64), y[:n8].view(np.uint64), out=out[:n8].view(np.uint64))
     np.bitwise_xor(x[n8:], y[n8:], out=out[n8:])
     return out.tobytes()
+
+
+def grouped_xor(a: Chunk, b: Chunk, itemsize: int) -> Any:
+    """``byte_group(xor_bytes(a, b), itemsize)`` as one buffer (a uint8 array for itemsize 2 to
+    8): the XOR is written grouped, so one chunk-sized buffer is made instead of three."""
+    if itemsize == 1:
+        return xor_bytes(a, b)
+    if len(a) != len(b):
+        raise ValueError(f"xor_bytes needs equal lengths, got {len(a)} and {len(b)}")
+    import numpy as np
+
+    x = np.frombuffer(a, np.uint8).reshape(-1, itemsize).T
+    y = np.frombuffer(b, np.uint8).reshape(-1, itemsize).T
+    out = np.empty(x.shape, np.uint8)
+    np.bitwise_xor(x, y, out=out)
+    return out.reshape(-1)
 
 
 def rechunk(pieces: Iterable[Chunk], chunk_size: int) -> Iterator[bytes]:
@@ -317,7 +363,7 @@ class _ChunkEncoder:
 
     def xor(self, chunk: Chunk, base: Chunk) -> bytes:
         """The XOR-delta payload (kind 2)."""
-        return self.cctx.compress(byte_group(xor_bytes(chunk, base), self.itemsize))
+        return self.cctx.compress(grouped_xor(chunk, base, self.itemsize))
 
     def delta(self, chunk: bytes, base: bytes, diff: bool) -> tuple[int, bytes]:
         """The XOR delta, or with ``diff`` (itemsize 2 or 4) the difference streams when they
@@ -851,10 +897,13 @@ def _decode_chunk(
         dctx = _DCTX.dctx = zstandard.ZstdDecompressor()
     if kind == KIND_DIFF and base_chunk is not None:
         return streams.decode(payload, base_chunk, k, dctx)
-    data = byte_ungroup(streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k)
     if kind == KIND_MODEL and model is not None and base_chunk is not None:
+        data = byte_ungroup(streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k)
         return apply_residual(data, reconstruct(model, base_chunk, i * per), k)
-    return data if base_chunk is None else xor_bytes(data, base_chunk)
+    # passed on as a temporary: ``_ungroup_xor`` holds the only reference and frees it early
+    return _ungroup_xor(
+        streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k, base_chunk
+    )
 
 
 def _records(

@@ -73,6 +73,7 @@ def undo_zigzag_diff(z: Any, base: bytes | memoryview, itemsize: int) -> bytes:
     np.right_shift(z, 1, out=z)
     np.negative(low, out=low)  # 0 or all ones, modulo 2**w
     np.bitwise_xor(z, low, out=z)  # d
+    del low  # before the copy out: a decoded chunk then holds two chunk-sized buffers, not three
     np.add(z, np.frombuffer(base, _UINT[itemsize]), out=z)
     return bytes(z.tobytes())
 
@@ -90,6 +91,7 @@ def encode(
         raise ValueError(f"need equal lengths divisible by {itemsize}, got {len(new)}, {len(base)}")
     z = zigzag_diff(new, base, itemsize)
     planes = np.ascontiguousarray(z.view(np.uint8).reshape(-1, itemsize).T)
+    del z  # freed before the planes are compressed (one chunk-sized buffer less at a time)
     heads = [bytes([TRANSFORM_DIFF])]
     bodies: list[bytes | memoryview] = []
     for plane in planes:

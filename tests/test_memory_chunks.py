@@ -1,0 +1,121 @@
+"""Chunk work buffers (issue 19, the filter's memory): the fused helpers give the bytes of the
+plain ones, and encoding or decoding one chunk holds at most two chunk-sized buffers at once."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import zstandard
+
+from potluck.objects import streams
+from potluck.objects.encoding import (
+    KIND_DIFF,
+    KIND_GROUPED,
+    KIND_XOR,
+    _decode_chunk,
+    _EncoderPool,
+    _ungroup_xor,
+    byte_group,
+    byte_ungroup,
+    grouped_xor,
+    xor_bytes,
+)
+
+CHUNK = 4 << 20
+
+
+def _naive_group(data: bytes, k: int) -> bytes:
+    """Byte grouping by slicing (the reference)."""
+    return b"".join(data[i::k] for i in range(k))
+
+
+def _naive_xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("count", [0, 1, 3, 17, 1001])
+def test_grouped_xor_is_group_of_xor(k: int, count: int) -> None:
+    rng = np.random.default_rng(count * 10 + k)
+    a = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    b = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    got = bytes(memoryview(grouped_xor(a, b, k)).cast("B"))
+    assert got == _naive_group(_naive_xor(a, b), k)
+    assert got == byte_group(xor_bytes(a, b), k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("count", [0, 1, 3, 17, 1001])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_ungroup_xor_is_xor_of_ungroup(k: int, count: int, with_base: bool) -> None:
+    rng = np.random.default_rng(count * 10 + k)
+    plain = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    base = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    grouped = _naive_group(plain, k)
+    got = _ungroup_xor(grouped, k, base if with_base else None)
+    assert isinstance(got, bytes)
+    assert got == (_naive_xor(plain, base) if with_base else plain)
+    assert byte_ungroup(grouped, k) == plain
+
+
+def test_mismatched_lengths_are_refused() -> None:
+    with pytest.raises(ValueError):
+        grouped_xor(b"abcd", b"ab", 2)
+    with pytest.raises(ValueError):
+        _ungroup_xor(b"abcd", 2, b"ab")
+
+
+def _bf16_pair(dense: bool) -> tuple[bytes, bytes]:
+    """A 4 MiB chunk of bf16 weights and an update of it (dense: every weight moves a little;
+    else 1 % of them flip a bit)."""
+    rng = np.random.default_rng(7)
+    n = CHUNK // 2
+    f = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    base = (f.view(np.uint32) >> 16).astype(np.uint16)
+    if dense:
+        g = f + (rng.standard_normal(n) * 5e-4).astype(np.float32)
+        new = (g.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        new = base.copy()
+        new[rng.choice(n, n // 100, replace=False)] ^= 1
+    return new.tobytes(), base.tobytes()
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    """Peak bytes Python and numpy allocate while ``fn`` runs (after one warm-up call)."""
+    fn()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_delta_chunk_round_trip_holds_two_chunks(dense: bool) -> None:
+    new, base = _bf16_pair(dense)
+    kind, payload = _EncoderPool(2, 3, diff=True).encode(new, base)
+    assert kind == (KIND_DIFF if dense else KIND_XOR)
+    assert _decode_chunk(kind, payload, len(new), 0, 2, base) == new
+    # the reference decoder, step by step
+    if kind == KIND_XOR:
+        plain = byte_ungroup(zstandard.ZstdDecompressor().decompress(payload), 2)
+        assert xor_bytes(plain, base) == new
+    else:
+        assert streams.decode(payload, base, 2, zstandard.ZstdDecompressor()) == new
+    limit = 2.5 * CHUNK  # two chunk-sized buffers and change (three or four before)
+    assert _peak(lambda: _EncoderPool(2, 3, diff=True).encode(new, base)) < limit
+    assert _peak(lambda: _decode_chunk(kind, payload, len(new), 0, 2, base)) < limit
+
+
+def test_standalone_chunk_decode_holds_two_chunks() -> None:
+    new, _ = _bf16_pair(False)
+    kind, payload = _EncoderPool(2, 3).encode(new, None)
+    assert kind == KIND_GROUPED
+    assert _decode_chunk(kind, payload, len(new), 0, 2, None) == new
+    assert _peak(lambda: _decode_chunk(kind, payload, len(new), 0, 2, None)) < 2.5 * CHUNK
