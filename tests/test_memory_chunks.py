@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from potluck.objects import streams
+from potluck.objects import streams, structured
 from potluck.objects.encoding import (
     KIND_DIFF,
     KIND_GROUPED,
@@ -119,3 +119,55 @@ def test_standalone_chunk_decode_holds_two_chunks() -> None:
     assert kind == KIND_GROUPED
     assert _decode_chunk(kind, payload, len(new), 0, 2, None) == new
     assert _peak(lambda: _decode_chunk(kind, payload, len(new), 0, 2, None)) < 2.5 * CHUNK
+
+
+def _naive_zigzag(new: bytes, recon: bytes, k: int) -> bytes:
+    """``structured.residual`` element by element (the reference)."""
+    bits, out = 8 * k, bytearray()
+    for at in range(0, len(new), k):
+        d = (
+            int.from_bytes(new[at : at + k], "little")
+            - int.from_bytes(recon[at : at + k], "little")
+        ) % (1 << bits)
+        signed = d - (1 << bits) if d >> (bits - 1) else d
+        out += (((signed << 1) ^ (signed >> (bits - 1))) % (1 << bits)).to_bytes(k, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("block", [1 << 16, 3])  # whole; blocks that end inside the data
+def test_residual_in_blocks_matches_naive(
+    k: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(structured, "BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(k + block)
+    count = 257
+    new = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    recon = rng.integers(0, 256, count * k, dtype=np.uint8).tobytes()
+    new = bytes(recon[: 4 * k]) + new[4 * k :]  # a few zero differences too
+    res = structured.residual(new, recon, k)
+    assert res == _naive_zigzag(new, recon, k)
+    dtype = np.uint16 if k == 2 else np.uint32
+    assert structured.residual(new, np.frombuffer(recon, dtype).copy(), k) == res
+    assert structured.apply_residual(res, recon, k) == new
+    assert structured.add_residual(res, np.frombuffer(recon, dtype).copy(), k) == new
+
+
+def test_reconstruct_array_is_reconstruct() -> None:
+    rng = np.random.default_rng(5)
+    m, n, r = 9, 13, 2
+    limit = 1 << structured.factor_bits(r)
+    model = structured.Model(
+        "BF16",
+        m,
+        n,
+        u=rng.integers(1 - limit, limit, (m, r)).astype(np.int32),
+        v=rng.integers(1 - limit, limit, (n, r)).astype(np.int32),
+        eu=rng.integers(-40, -20, m).astype(np.int8),
+        ev=rng.integers(-40, -20, n).astype(np.int8),
+    )
+    base = rng.integers(0, 1 << 14, m * n, dtype=np.uint16).tobytes()
+    arr = structured.reconstruct_array(model, base[20:], 10)
+    assert arr.dtype == np.uint16 and arr.flags.writeable
+    assert arr.tobytes() == structured.reconstruct(model, base[20:], 10)
+    assert structured.reconstruct(model, b"", 0) == b""

@@ -64,9 +64,9 @@ from potluck.objects import streams
 from potluck.objects.structured import HEAD_SIZE as MODEL_HEAD_SIZE
 from potluck.objects.structured import (
     Model,
-    apply_residual,
+    add_residual,
     parse_model,
-    reconstruct,
+    reconstruct_array,
     residual,
     section_length,
 )
@@ -207,7 +207,9 @@ def byte_ungroup(buf: Chunk, itemsize: int) -> bytes:
     """Inverse of ``byte_group``."""
     if itemsize == 1:
         return bytes(buf)
-    return bytes(_ungrouped(buf, itemsize).tobytes())
+    out = _ungrouped(buf, itemsize)
+    del buf  # a temporary argument is freed before the copy out
+    return bytes(out.tobytes())
 
 
 def _ungrouped(buf: Chunk, itemsize: int) -> Any:
@@ -406,7 +408,7 @@ class _ChunkEncoder:
         chunk: no other kind comes near), else the smaller of it and ``against``."""
         if chunk == base:
             return KIND_SAME, b""
-        res = residual(chunk, reconstruct(model, base, start), self.itemsize)
+        res = residual(chunk, reconstruct_array(model, base, start), self.itemsize)
         packed = self.cctx.compress(byte_group(res, self.itemsize))
         if len(packed) <= _MODEL_GOOD_ENOUGH * len(chunk):
             return KIND_MODEL, packed
@@ -898,8 +900,11 @@ def _decode_chunk(
     if kind == KIND_DIFF and base_chunk is not None:
         return streams.decode(payload, base_chunk, k, dctx)
     if kind == KIND_MODEL and model is not None and base_chunk is not None:
-        data = byte_ungroup(streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k)
-        return apply_residual(data, reconstruct(model, base_chunk, i * per), k)
+        return add_residual(  # temporaries: each is freed as soon as it is used up
+            byte_ungroup(streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k),
+            reconstruct_array(model, base_chunk, i * per),
+            k,
+        )
     # passed on as a temporary: ``_ungroup_xor`` holds the only reference and frees it early
     return _ungroup_xor(
         streams.decompress_exact(dctx, payload, length, f"chunk {i}"), k, base_chunk
