@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["pool", "share_one_arena"]
+__all__ = ["pool", "release_free_memory", "share_one_arena"]
 
 _M_ARENA_MAX = -8  # glibc's malloc.h
 _shared = False
@@ -40,3 +40,23 @@ def pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A thread pool of ``workers`` threads named ``name-N``, sharing one malloc arena."""
     share_one_arena()
     return ThreadPoolExecutor(workers, thread_name_prefix=name)
+
+
+def release_free_memory() -> bool:
+    """Give the memory glibc keeps free back to the system (``malloc_trim``: also the free
+    pages inside the heap, which plain ``free`` never returns). Called once a file is cleaned
+    or smudged: what the file's chunk buffers left behind is then not counted in this process's
+    RSS while git (or the textconv notes' git commands) goes on. True when it ran; a no-op
+    without glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return False
+    if trim is None:
+        return False
+    trim(0)
+    return True

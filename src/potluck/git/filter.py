@@ -198,6 +198,7 @@ class PotluckFilter:
     def clean(self, pathname: str, src: BinaryIO, dst: BinaryIO) -> None:
         """Store the checkpoint read from ``src`` and write its manifest to ``dst``."""
         from potluck.ops.vcs.snapshot import Chain, cycles_uncollected, snapshot_stream
+        from potluck.workers import release_free_memory
 
         self._settle()  # objects fetched for an earlier smudge may be its delta bases
         head = src.read(len(MAGIC))
@@ -213,6 +214,7 @@ class PotluckFilter:
                 spill_dir=self.repo.tmp_dir,
             )
             text = dumps(manifest)
+        release_free_memory()  # the chunk buffers' pages, while git and the notes go on
         dst.write(text)
         if self.textconv is not None:
             self.textconv.note(text, manifest)
@@ -350,6 +352,7 @@ class PotluckFilter:
         checkpoint)."""
         from potluck.ops.vcs import missing_objects, write_file
         from potluck.remote.memory import reuse_freed_memory
+        from potluck.workers import release_free_memory
 
         missing = [o for o in missing_objects(manifest, self.repo.odb) if o not in fresh]
         if missing:
@@ -361,4 +364,7 @@ class PotluckFilter:
             dst.write(data)
             return
         reuse_freed_memory()  # decoding churns through multi-MiB chunk buffers (this process)
-        write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)
+        try:
+            write_file(manifest, self.repo.odb, dst, path=pathname, fresh=fresh)
+        finally:
+            release_free_memory()  # kept for reuse within the file only

@@ -63,6 +63,14 @@ def _floats(raw: NDArray[np.generic], dtype: str) -> F32:
     return wide.view(np.float32)
 
 
+def _finite(raw: NDArray[np.generic], dtype: str) -> bool:
+    """Whether every element of a matrix as stored is finite (checked in row blocks)."""
+    import numpy as np
+
+    m, n = raw.shape
+    return all(bool(np.isfinite(_floats(raw[a:b], dtype)).all()) for a, b in _row_blocks(m, n))
+
+
 def _row_blocks(m: int, n: int) -> Iterator[tuple[int, int]]:
     step = max(1, _BLOCK // n)
     for a in range(0, m, step):
@@ -89,17 +97,19 @@ def _mgs(y: F64) -> F64:
 
 
 class _Delta:
-    """``new - old`` of two float32 matrices, in float64 row blocks."""
+    """``new - old`` of two matrices as stored (``_raw``), in float64 row blocks: each block
+    is converted on its own (exact), so no float32 copy of a whole matrix is held."""
 
-    def __init__(self, old: F32, new: F32) -> None:
-        self.old, self.new = old, new
+    def __init__(self, old: NDArray[np.generic], new: NDArray[np.generic], dtype: str) -> None:
+        self.old, self.new, self.dtype = old, new, dtype
         self.m, self.n = old.shape
 
     def blocks(self) -> Iterator[tuple[int, int, F64]]:
         import numpy as np
 
         for a, b in _row_blocks(self.m, self.n):
-            yield a, b, self.new[a:b].astype(np.float64) - self.old[a:b]
+            new = _floats(self.new[a:b], self.dtype)
+            yield a, b, new.astype(np.float64) - _floats(self.old[a:b], self.dtype)
 
     def times(self, wt: F64) -> F64:
         """``D @ wt.T`` for ``wt`` of shape (k, n)."""
@@ -231,14 +241,13 @@ def candidates(old_bits: bytes, new_bits: bytes, dtype: str, shape: tuple[int, i
     rank = _sample_rank(ds, m, n)
     if not (kind or rank):
         return []
-    old = _floats(_raw(old_bits, dtype, shape), dtype)
-    new = _floats(_raw(new_bits, dtype, shape), dtype)
-    if not (np.isfinite(old).all() and np.isfinite(new).all()):
+    old_raw, new_raw = _raw(old_bits, dtype, shape), _raw(new_bits, dtype, shape)
+    if not (_finite(old_raw, dtype) and _finite(new_raw, dtype)):
         return []
     found: list[Model] = []
     if kind:
-        found.append(_scales(old, new, kind, dtype))
-    model = _lowrank(_Delta(old, new), rank, dtype) if rank else None
+        found.append(_scales(_floats(old_raw, dtype), _floats(new_raw, dtype), kind, dtype))
+    model = _lowrank(_Delta(old_raw, new_raw, dtype), rank, dtype) if rank else None
     if model is not None:
         found.append(model)
     return found

@@ -327,24 +327,30 @@ class ObjectDB:
         """``_encode`` of a matrix held in memory with its base (both at most
         ``structured.MAX_ELEMENTS`` elements), with a model when one pays."""
         new = b"".join(chunks())
+        size = len(new)
         old = b"".join(self.read_chunks(base[0]))
         k = structured.DTYPE_ITEMSIZE[dtype]
         cctx = zstandard.ZstdCompressor(level=self.config.zstd_level)
         m, n = shape
         model = best_model(old, new, dtype, (m, n), cctx.compress, byte_group, xor_bytes)
+        # the whole matrices are needed only to choose the model: the encoder gets the new bytes
+        # from ``chunks()`` again and the base cut into chunks, so neither is held twice
+        del new
         cs = self.config.chunk_bytes
+        base_chunks = _chunks_of(old, cs)
+        del old
         with self.store.writer(oid, durable=durable) as out:
             stats = encode_object(
-                [new],
-                size=len(new),
+                chunks(),
+                size=size,
                 itemsize=k,
                 chunk_size=cs,
                 level=self.config.zstd_level,
                 out=out,
-                base=iter([old]),
+                base=base_chunks,
                 base_oid=base[0],
                 base_depth=base[1],
-                executor=self._pool() if len(new) > cs else None,
+                executor=self._pool() if size > cs else None,
                 model=model,
             )
         return PutResult(oid, True, stats.stored_size, stats.depth)
@@ -353,6 +359,17 @@ class ObjectDB:
         """Store a small byte string; returns its id."""
         oid = hashlib.sha256(data).hexdigest()
         return self.put(oid, lambda: [data], size=len(data), itemsize=itemsize)
+
+
+def _chunks_of(data: bytes, size: int) -> Iterator[bytes]:
+    """``data`` cut into pieces of ``size`` bytes, each let go of once it has been taken (the
+    caller drops ``data``: the pieces then replace it)."""
+    return _taken(deque(data[at : at + size] for at in range(0, len(data), size)))
+
+
+def _taken(pieces: deque[bytes]) -> Iterator[bytes]:
+    while pieces:
+        yield pieces.popleft()
 
 
 class _BackgroundHash:
