@@ -5,6 +5,8 @@ tree, and `potluck fsck --repair` does all of it in one run."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -28,6 +30,7 @@ from potluck.git.repo import Repo
 from potluck.objects.encoding import check_layout, encode_object
 from potluck.objects.manifest import Manifest, RawEntry, dumps, parse, parse_lenient
 from potluck.ops.vcs import ObjectDB
+from potluck.ops.vcs.odb import SmallObject
 from potluck.store import MemoryStore
 
 FILE = "m.safetensors"
@@ -362,6 +365,41 @@ def test_odb_has_quarantines_a_torn_object_and_put_writes_it_again() -> None:
         f"corrupt object: torn: the file ends at byte {len(whole) - 1}, inside chunk 2",
     )
     assert odb2.put_bytes(data, itemsize=4).new and odb2.read_bytes(oid) == data
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_odb_has_many_is_has_of_each_and_quarantines_a_torn_object(
+    tmp_path: Path, packed: bool
+) -> None:
+    """``ObjectDB.has_many`` (one look at the store for all ids) answers what ``has`` of each
+    answers in a fresh process: absent ids and a torn object are left out, the torn one is
+    quarantined, repeated ids count once; loose and packed objects alike."""
+    from potluck.store.local import LocalStore
+
+    config = RepoConfig(chunk_bytes=4096)
+    odb = ObjectDB(LocalStore(tmp_path / "s", pack_min=1), config, workers=1)
+    datas = [np.full(300 + 50 * i, i, np.float32).tobytes() for i in range(6)]
+    items = [SmallObject(hashlib.sha256(d).hexdigest(), d, 4) for d in datas]
+    with odb.store.batch() if packed else contextlib.nullcontext():
+        oids = [r.oid for r in odb.put_small_many(items, durable=not packed)]
+    assert bool(odb.store.packs.packs) == packed  # type: ignore[attr-defined]
+    torn = oids[2]
+    with odb.store.open(torn) as f:
+        whole = f.read()
+    odb.store.delete(torn)
+    with odb.store.writer(torn) as w:
+        w.write(whole[:-1])
+    absent = "0" * 64
+    asked = [*oids, absent, oids[0]]
+    fresh, reference = (ObjectDB(odb.store, config, workers=1) for _ in range(2))
+    expected = {oid for oid in asked if reference.has(oid)}
+    assert expected == set(oids) - {torn}
+    for q in odb.store.quarantined():  # put back: ``has_many`` must find it torn by itself
+        odb.store.delete(q.oid)
+    with odb.store.writer(torn) as w:
+        w.write(whole[:-1])
+    assert fresh.has_many(asked) == expected
+    assert [q.oid for q in odb.store.quarantined()].count(torn) == 2
 
 
 def test_damaged_manifest_text_is_read_leniently_or_salvaged() -> None:

@@ -19,8 +19,10 @@ COPY = 4 << 20
 
 
 def missing_objects(m: Manifest, odb: ObjectDB) -> list[str]:
-    """Ids of objects the manifest needs that the store does not have."""
-    return [oid for oid in dict.fromkeys(m.oids()) if not odb.has(oid)]
+    """Ids of objects the manifest needs that the store does not have (whole), in file order."""
+    oids = list(dict.fromkeys(m.oids()))
+    have = odb.has_many(oids)
+    return [oid for oid in oids if oid not in have]
 
 
 def _describe(m: Manifest, oid: str) -> str:

@@ -113,6 +113,23 @@ class ObjectDB:
             self.quarantine(oid, problem)
         return problem is None
 
+    def has_many(self, oids: Iterable[str]) -> set[str]:
+        """The ``oids`` that ``has`` calls present and whole, with one look at the store for all
+        of them (``store.has_many``: one pack-directory check, not a stat per object); the
+        first-time layout check and the quarantine of a torn object are ``has``'s."""
+        wanted = list(dict.fromkeys(oids))
+        present = self.store.has_many(wanted)
+        whole: set[str] = set()
+        for oid in wanted:
+            if oid not in present:
+                continue
+            problem = None if oid in self._whole else self.layout_problem(oid)
+            if problem:
+                self.quarantine(oid, problem)
+            elif problem is None:  # "": gone since the look (absent)
+                whole.add(oid)
+        return whole
+
     def layout_problem(self, oid: str) -> str | None:
         """None when the object is present and whole (remembered), "" when it is absent, else
         what is wrong with its file."""

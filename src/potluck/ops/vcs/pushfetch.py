@@ -206,7 +206,8 @@ def _bundled(
 def _check_local(
     odb: ObjectDB, remote: ObjectRemote, wanted: Wanted, lacking: Sequence[ObjectRef]
 ) -> None:
-    absent = [r for r in lacking if not odb.has(r.oid)]
+    have = odb.has_many(r.oid for r in lacking)
+    absent = [r for r in lacking if r.oid not in have]
     if absent:
         first = wanted.refs[absent[0]]
         raise MissingObjectError(
@@ -375,12 +376,14 @@ def fetch_objects(
     delta bases of objects fetched encoded: those must be in the store to decode them): the
     caller can use them at once and must then call ``store_fresh``.
     """
-    lacking = [r for r in sorted(wanted.refs) if not odb.has(r.oid)]
+    here = odb.has_many(r.oid for r in wanted.refs)
+    lacking = [r for r in sorted(wanted.refs) if r.oid not in here]
     stats = TransferStats(skipped=len(wanted.refs) - len(lacking))
     tmp_dir.mkdir(parents=True, exist_ok=True)
     usable = dict(index or {})
     while True:
-        todo = [r for r in lacking if not odb.has(r.oid) and r.oid not in (fresh or {})]
+        here = odb.has_many(r.oid for r in lacking)
+        todo = [r for r in lacking if r.oid not in here and r.oid not in (fresh or {})]
         owners = _owners(todo, usable)
         try:
             with _name_missing(wanted, owners):
