@@ -214,8 +214,8 @@ class PotluckFilter:
                 spill_dir=self.repo.tmp_dir,
             )
             text = dumps(manifest)
-        release_free_memory()  # the chunk buffers' pages, while git and the notes go on
         dst.write(text)
+        release_free_memory()  # the chunk buffers' pages (git has its answer) before the notes
         if self.textconv is not None:
             self.textconv.note(text, manifest)
 
