@@ -392,3 +392,23 @@ def test_real_git_pipes_are_widened(filtered_repo: Path) -> None:
     (root / "pipes.txt").unlink()
     git(root, "checkout", "--", "pipes.txt")
     assert (root / "pipes.txt").read_bytes() == f"{PIPE_BYTES} {PIPE_BYTES}".encode()
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (b"", "potluck filter: git closed the pipe during the handshake"),
+        (b"garbage", "potluck filter: invalid pkt-line length b'garb'"),
+    ],
+)
+def test_the_filter_process_exits_with_its_code_and_flushed_message(
+    tmp_path: Path, stdin: bytes, message: str
+) -> None:
+    """``git-potluck filter-process`` skips the interpreter's teardown (``os._exit``) but
+    still exits 1 on a broken handshake, with its message flushed to stderr."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    proc = subprocess.run(
+        ["git-potluck", "filter-process"], input=stdin, cwd=tmp_path, capture_output=True
+    )
+    assert (proc.returncode, proc.stdout) == (1, b"")
+    assert proc.stderr.decode().splitlines()[0] == message
