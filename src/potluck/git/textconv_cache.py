@@ -6,11 +6,11 @@ ref ``refs/notes/textconv/potluck``, but only after it has started one textconv 
 blob, which is what made a first ``git log -p`` hundreds of times slower than git-lfs's.
 
 potluck writes those notes itself wherever it holds a manifest anyway: the filter notes every
-manifest it cleans (``git add``) or smudges (checkout) and writes them in one notes commit when
-git's filter process ends; ``potluck textconv --fill-cache`` does it for the whole history (a
-clone). The filter renders and stores each note's text on a background thread as soon as the
-manifest is noted, while git is still busy with the filter's answer (hashing it, the next
-file), so the end of ``git add`` waits only for the notes commit.
+manifest it cleans (``git add``) or smudges (checkout); ``potluck textconv --fill-cache`` does
+it for the whole history (a clone). The filter renders and stores each note's text on a
+background thread as soon as the manifest is noted, while git is still busy with the filter's
+answer (hashing it, the next file), and commits the new notes there once nothing more is
+queued; the filter's exit waits for that thread, so the notes are there when git ends.
 
 The notes are git's own cache format, which git reads and extends: a notes tree (blob id →
 text), committed without parent under the message by which git tells that the cache belongs to
@@ -27,7 +27,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from potluck.errors import GitError, PotluckError
@@ -64,7 +64,8 @@ class TextconvCache:
 
     A noted manifest is prepared on one background thread at once: its blob id computed, its
     text rendered and stored as a blob unless the cache has it (the settings and the cache's
-    notes read by the first preparation). ``flush`` waits for that and commits the notes.
+    notes read by the first preparation), and once nothing more is queued the new notes are
+    committed. ``flush`` waits for that (and commits what is left).
     """
 
     def __init__(self, git: Git, render: Render) -> None:
@@ -77,7 +78,8 @@ class TextconvCache:
         # the worker's own (read by ``flush`` only once every job has ended)
         self._looked = False  # whether ``_target`` is known (None: the cache is off)
         self._target: _Target | None = None
-        self._fresh: dict[str, str] = {}  # manifest blob id -> text blob id, stored already
+        self._fresh: dict[str, str] = {}  # manifest blob id -> text blob id, not committed
+        self._added = 0  # notes committed since the last flush
 
     def note(self, text: bytes, manifest: Manifest) -> None:
         """Remember the manifest blob ``text`` (parsed: ``manifest``) and start preparing it."""
@@ -104,6 +106,22 @@ class TextconvCache:
                 texts[oid] = self.render(manifest)
         if texts:
             self._fresh.update(_write_blobs(self.git, texts, target.git_dir))
+        with self._lock:
+            idle = not self._queue
+        if idle:  # else the job of what was queued meanwhile commits it all
+            self._commit_fresh()
+
+    def _commit_fresh(self) -> None:
+        """Commit the notes stored since the last commit (the worker's, or ``flush``'s)."""
+        fresh, target = self._fresh, self._target
+        if not fresh or target is None:
+            return
+        self._fresh = {}
+        done = _commit(self.git, target, fresh)
+        if done is None:  # another writer moved the cache: read it again for later notes
+            self._looked = False
+        else:
+            self._target, self._added = done, self._added + len(fresh)
 
     def flush(self) -> int:
         """Write the notes of every manifest noted since the last flush; return how many were
@@ -116,16 +134,14 @@ class TextconvCache:
         try:
             for job in jobs:
                 job.result()
-            fresh, target = self._fresh, self._target
-            if not fresh or target is None:
-                return 0
-            return _commit(self.git, target, fresh)
+            self._commit_fresh()
+            return self._added
         except (PotluckError, OSError) as e:
             log.warning("potluck: the textconv cache was not updated (%s)", e)
             return 0
         finally:
             pool.shutdown()
-            self._fresh, self._target, self._looked = {}, None, False
+            self._fresh, self._target, self._looked, self._added = {}, None, False, 0
 
 
 @dataclass(frozen=True)
@@ -206,12 +222,13 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
             texts[oid] = render(manifest)
     if not texts:
         return 0
-    return _commit(git, target, _write_blobs(git, texts, target.git_dir))
+    done = _commit(git, target, _write_blobs(git, texts, target.git_dir))
+    return 0 if done is None else len(texts)
 
 
-def _commit(git: Git, target: _Target, fresh: dict[str, str]) -> int:
+def _commit(git: Git, target: _Target, fresh: dict[str, str]) -> _Target | None:
     """Commit the cache's notes plus ``fresh`` ({manifest blob id: text blob id}) as the new
-    cache, unless another writer moved it meanwhile; how many notes were added."""
+    cache, unless another writer moved it meanwhile (None); the cache as it is then."""
     notes = {**target.notes, **fresh}
     tree_input = "".join(f"100644 blob {blob}\t{oid}\n" for oid, blob in sorted(notes.items()))
     tree = git.run("mktree", input=tree_input.encode("ascii")).decode().strip()
@@ -220,8 +237,8 @@ def _commit(git: Git, target: _Target, fresh: dict[str, str]) -> int:
     proc = git.run_proc("update-ref", "-m", "potluck textconv cache", NOTES_REF, commit, expected)
     if proc.returncode != 0:  # another writer (git log -p, a second filter) came first
         log.info("potluck: the textconv cache changed meanwhile; these notes wait for next time")
-        return 0
-    return len(fresh)
+        return None
+    return replace(target, commit=commit, notes=notes)
 
 
 def _write_blobs(git: Git, texts: dict[str, bytes], git_dir: Path) -> dict[str, str]:
