@@ -34,6 +34,7 @@ from potluck.ops.merge.config import parse_config
 from potluck.ops.models import sources
 from potluck.ops.patch import apply_patch, create_patch
 from tests.conftest import isolated_env, run_in, save_st
+from testsupport.memory import traced_peak
 
 MiB = 1 << 20
 BLOCK = 64 << 10
@@ -91,15 +92,7 @@ def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(merge_run, "BLOCK_ELEMENTS", BLOCK // 4)
 
 
-def _peak(fn: Callable[[], object]) -> int:
-    """Peak bytes traced while ``fn`` runs (numpy registers its buffers with tracemalloc)."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+_peak = traced_peak  # numpy registers its buffers with tracemalloc
 
 
 def _peak_beside_zstd(fn: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> int:

@@ -3,7 +3,6 @@ plain ones, and encoding or decoding one chunk holds at most two chunk-sized buf
 
 from __future__ import annotations
 
-import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +22,7 @@ from potluck.objects.encoding import (
     grouped_xor,
     xor_bytes,
 )
+from testsupport.memory import traced_peak
 
 CHUNK = 4 << 20
 
@@ -86,14 +86,7 @@ def _bf16_pair(dense: bool) -> tuple[bytes, bytes]:
 
 def _peak(fn: Callable[[], object]) -> int:
     """Peak bytes Python and numpy allocate while ``fn`` runs (after one warm-up call)."""
-    fn()
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return traced_peak(fn, warm_up=True)
 
 
 @pytest.mark.parametrize("dense", [False, True])
