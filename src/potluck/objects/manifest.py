@@ -105,15 +105,8 @@ def _entry_record(e: Entry) -> dict[str, Any]:
 
 
 def _entry_line(e: Entry) -> str:
-    """``_dumps(_entry_record(e))``, written out directly (a manifest has one per tensor):
-    strings go through the JSON encoder's own ASCII escaping, so the text is the same."""
-    if type(e) is TensorEntry and type(e.size) is int:
-        shape = ",".join(map(str, e.shape))
-        if not shape or shape.replace(",", "").isdigit():  # every dimension printed an int
-            return (
-                f'{{"tensor":{_quote(e.name)},"dtype":{_quote(e.dtype)},"shape":[{shape}],'
-                f'"oid":{_quote(e.oid)},"size":{e.size}}}'
-            )
+    """One entry's line: its record through ``_dumps`` (the tensor entries of a manifest take
+    ``_entry_lines``' bulk way, which prints the same text)."""
     return _dumps(_entry_record(e))
 
 
