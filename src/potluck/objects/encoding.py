@@ -693,13 +693,23 @@ def _compress_sampled(
     count = len(datas)
     if count < SMALL_SAMPLE_MIN:
         return _compress_grouped(datas, lengths, itemsize, level)
-    picks = range(0, count, count // SMALL_SAMPLES)
+    step = count // SMALL_SAMPLES
+    picks = range(0, count, step)
     sample = _compress_grouped(
         [datas[k] for k in picks], [lengths[k] for k in picks], itemsize, level
     )
     if all(len(p) >= _RAW_RATIO * lengths[k] for k, p in zip(picks, sample, strict=True)):
         return [None] * count
-    return _compress_grouped(datas, lengths, itemsize, level)
+    rest = [k for k in range(count) if k % step]  # the sampled ones are compressed already
+    out: list[bytes] = [b""] * count
+    for k, payload in zip(picks, sample, strict=True):
+        out[k] = payload
+    others = _compress_grouped(
+        [datas[k] for k in rest], [lengths[k] for k in rest], itemsize, level
+    )
+    for k, payload in zip(rest, others, strict=True):
+        out[k] = payload
+    return out
 
 
 def _check_small(lengths: list[int], itemsize: int, chunk_size: int) -> None:
