@@ -25,7 +25,7 @@ import hashlib
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,13 +97,10 @@ class TextconvCache:
             return
         if not self._looked:
             self._target, self._looked = _target(self.git), True
-        target, texts = self._target, {}
+        target = self._target
         if target is None:
             return
-        for text, manifest in queued:
-            oid = blob_id(text, target.fmt)
-            if oid not in target.notes and oid not in self._fresh and oid not in texts:
-                texts[oid] = self.render(manifest)
+        texts = _new_texts(target, queued, self.render, self._fresh)
         if texts:
             self._fresh.update(_write_blobs(self.git, texts, target.git_dir))
         with self._lock:
@@ -215,15 +212,27 @@ def fill(git: Git, manifests: Iterable[tuple[bytes, Manifest]], render: Render) 
     target = _target(git)
     if target is None:
         return 0
-    texts: dict[str, bytes] = {}
-    for text, manifest in manifests:
-        oid = blob_id(text, target.fmt)
-        if oid not in target.notes and oid not in texts:
-            texts[oid] = render(manifest)
+    texts = _new_texts(target, manifests, render)
     if not texts:
         return 0
     done = _commit(git, target, _write_blobs(git, texts, target.git_dir))
     return 0 if done is None else len(texts)
+
+
+def _new_texts(
+    target: _Target,
+    manifests: Iterable[tuple[bytes, Manifest]],
+    render: Render,
+    stored: Container[str] = (),
+) -> dict[str, bytes]:
+    """{manifest blob id: rendered text} of each manifest that neither the cache nor
+    ``stored`` (texts stored already, not yet committed) has a note for, each once."""
+    texts: dict[str, bytes] = {}
+    for text, manifest in manifests:
+        oid = blob_id(text, target.fmt)
+        if oid not in target.notes and oid not in stored and oid not in texts:
+            texts[oid] = render(manifest)
+    return texts
 
 
 def _commit(git: Git, target: _Target, fresh: dict[str, str]) -> _Target | None:
